@@ -1,9 +1,15 @@
 """The Llama-family decoder as a Flax NNX module with stacked per-layer weights.
 
-Every per-layer linear weight is stored stacked, `[L, in, out]`, and the forward pass walks the
-layers in a Python-unrolled loop reading `W[l]`. FACTS.md measured this as the fastest batch-1
-decode formulation on the H100 (2.2-2.3 TB/s, against 0.88 TB/s for `lax.scan`), and the stacked
-layout is also what the fused-switch kernel updates in one launch.
+The forward pass walks the layers in a Python-unrolled loop reading `W[l]` (FACTS.md: `lax.scan`
+over layers costs 2.6x at batch-1 decode on the H100). Each linear weight is held in one of two
+layouts, chosen per backend because each is the fast one on its own device:
+
+- "stacked": one `[L, in, out]` array per module. Fastest on the H100 (FACTS.md: 5.6-5.8 ms vs
+  6.3 ms for per-layer arrays on the 7B shape), and what the fused-switch kernel updates.
+- "list": a tuple of L `[in, out]` arrays. On the XLA CPU backend a slice of a stacked weight is
+  copied before the dot (measured: 51 ms vs 4.6 ms for 30 SmolLM2-sized matmuls).
+
+`W[l]` reads the same in both, so the forward pass does not care.
 
 Adapters enter through one seam: every linear module is applied by a `LinearFn`
 `(name, layer, x, w) -> y`. The backbone's is `x @ w`; an adapter runtime wraps it to add
@@ -28,6 +34,13 @@ LinearFn = Callable[[str, int, jax.Array, jax.Array], jax.Array]
 LINEAR_NAMES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+LAYOUTS = ("stacked", "list")
+
+
+def default_layout() -> str:
+  return "list" if jax.default_backend() == "cpu" else "stacked"
+
+
 def plain_linear(name: str, layer: int, x: jax.Array, w: jax.Array) -> jax.Array:
   """The backbone's linear: x [..., in] @ w [in, out]."""
   del name, layer
@@ -38,14 +51,18 @@ class LlamaModel(nnx.Module):
   """Llama / Mistral / SmolLM2 decoder.
 
   Parameters (all `nnx.Param`):
-    embed: [V, D]; q, k, v, o, gate, up, down: [L, in, out]; attn_norm, ffn_norm: [L, D];
+    embed: [V, D]; q, k, v, o, gate, up, down: [L, in, out] (or L x [in, out], see the module
+    docstring); attn_norm, ffn_norm: [L, D];
     final_norm: [D]; lm_head: [D, V] unless the config ties it to `embed`.
   """
 
   def __init__(self, cfg: ModelConfig, *, weights: Mapping[str, np.ndarray | jax.Array] | None = None,
-               dtype: jnp.dtype = jnp.float32, seed: int = 0):
+               dtype: jnp.dtype = jnp.float32, seed: int = 0, layout: str | None = None):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
+    self.layout = layout or default_layout()
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"layout={self.layout!r} must be one of {LAYOUTS}")
     shapes = self.param_shapes(cfg)
     if weights is None:
       weights = _random_weights(cfg, shapes, self.dtype, seed)
@@ -56,6 +73,8 @@ class LlamaModel(nnx.Module):
       arr = jnp.asarray(weights[name], self.dtype)
       if arr.shape != shape:
         raise ValueError(f"weight {name!r} has shape {arr.shape}, the config needs {shape}")
+      if self.layout == "list" and name in LINEAR_NAMES:
+        arr = tuple(arr[l] for l in range(cfg.layers))
       setattr(self, name, nnx.Param(arr))
     self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(cfg)))
 
@@ -71,8 +90,10 @@ class LlamaModel(nnx.Module):
       shapes["lm_head"] = (cfg.hidden, cfg.vocab_size)
     return shapes
 
-  def linear_weight(self, name: str) -> nnx.Param:
-    return getattr(self, name)
+  def linear_weight(self, name: str) -> jax.Array:
+    """The stacked [L, in, out] weight of one linear module, whatever the layout."""
+    value = getattr(self, name)[...]
+    return jnp.stack(value) if isinstance(value, tuple) else value
 
   def __call__(self, tokens: jax.Array, cache: KVCache, *, linear: LinearFn = plain_linear,
                all_logits: bool = False) -> tuple[jax.Array, KVCache]:

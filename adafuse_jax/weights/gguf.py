@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Protocol
 
 import gguf
 import numpy as np
@@ -11,6 +11,14 @@ import numpy as np
 from adafuse_jax.config import ModelConfig, RopeScaling
 from adafuse_jax.errors import ModelFileError
 from adafuse_jax.weights import tokenizer as tokenizer_lib
+
+class Progress(Protocol):
+  """The part of a tqdm bar the loaders use."""
+
+  def reset(self, total: int | None = None) -> None: ...
+
+  def update(self, n: int = 1) -> bool | None: ...
+
 
 # GGUF per-block tensor name -> our linear module name.
 _LINEAR_TENSORS = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
@@ -71,16 +79,18 @@ def config_from_fields(fields: dict, tensor_names: set[str], path: str) -> Model
       name=str(_field(fields, "general.name", os.path.basename(path))))
 
 
-def load_gguf(path: str, progress: Callable[[int], None] | None = None
+def load_gguf(path: str, progress: Progress | None = None
               ) -> tuple[ModelConfig, dict[str, np.ndarray], tokenizer_lib.Tokenizer]:
   """Reads config, f32 weights in our layout (linear weights stacked [L, in, out]) and tokenizer.
 
   Args:
     path: a .gguf file.
-    progress: called with the number of tensors just processed (for a progress bar).
+    progress: a tqdm-like bar, reset to the tensor count and advanced per tensor.
   """
   reader = open_reader(path)
   tensors = {t.name: t for t in reader.tensors}
+  if progress is not None:
+    progress.reset(total=len(tensors))
   cfg = config_from_fields(reader.fields, set(tensors), path)
 
   def get(name: str) -> np.ndarray:
@@ -93,7 +103,7 @@ def load_gguf(path: str, progress: Callable[[int], None] | None = None
       raise ModelFileError(f"cannot read tensor {name!r} of {path!r} ({e}); the file may be"
                            " truncated: copy it again") from None
     if progress is not None:
-      progress(1)
+      progress.update(1)
     return np.asarray(arr, np.float32).reshape(tuple(reversed([int(d) for d in t.shape])))
 
   weights: dict[str, np.ndarray] = {"embed": get("token_embd.weight"),
@@ -119,6 +129,3 @@ def load_gguf(path: str, progress: Callable[[int], None] | None = None
     raise ModelFileError(f"{path!r} has no tokenizer metadata ({e})") from None
   return cfg, weights, tok
 
-
-def count_tensors(path: str) -> int:
-  return len(open_reader(path).tensors)

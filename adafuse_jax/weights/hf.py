@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Callable
 
 import numpy as np
 from safetensors import safe_open
@@ -12,6 +11,7 @@ from safetensors import safe_open
 from adafuse_jax.config import ModelConfig, RopeScaling
 from adafuse_jax.errors import ModelFileError
 from adafuse_jax.weights import tokenizer as tokenizer_lib
+from adafuse_jax.weights.gguf import Progress
 
 SUPPORTED_TYPES = ("llama", "mistral")
 _HF_LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -64,7 +64,7 @@ def _tensor_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
   return out
 
 
-def load_hf(folder: str | pathlib.Path, progress: Callable[[int], None] | None = None
+def load_hf(folder: str | pathlib.Path, progress: Progress | None = None
             ) -> tuple[ModelConfig, dict[str, np.ndarray], tokenizer_lib.Tokenizer | None]:
   """Reads config, f32 weights in our layout, and the tokenizer if the folder has one."""
   folder = pathlib.Path(folder)
@@ -74,6 +74,8 @@ def load_hf(folder: str | pathlib.Path, progress: Callable[[int], None] | None =
     raise ModelFileError(f"cannot read {str(folder / 'config.json')!r}: {e}") from None
   cfg = config_from_hf(raw, folder.name)
   files = _tensor_files(folder)
+  if progress is not None:
+    progress.reset(total=len(files))
   handles: dict[pathlib.Path, object] = {}
 
   def get(name: str) -> np.ndarray:
@@ -88,7 +90,7 @@ def load_hf(folder: str | pathlib.Path, progress: Callable[[int], None] | None =
       raise ModelFileError(f"cannot read {name!r} from {str(path)!r} ({e}); the file may be"
                            " truncated: copy it again") from None
     if progress is not None:
-      progress(1)
+      progress.update(1)
     return np.asarray(arr.astype("float32"))
 
   weights = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight")}
@@ -104,6 +106,3 @@ def load_hf(folder: str | pathlib.Path, progress: Callable[[int], None] | None =
   tok = tokenizer_lib.from_hf_folder(folder, raw) if (folder / "tokenizer.json").exists() else None
   return cfg, weights, tok
 
-
-def count_tensors(folder: str | pathlib.Path) -> int:
-  return len(_tensor_files(pathlib.Path(folder)))

@@ -70,20 +70,18 @@ def load_model(spec: str | None = None, *, dtype: jnp.dtype = jnp.float32, seed:
   if path.suffix == ".gguf" or path.is_file():
     if not path.exists():
       raise ModelFileError(f"model file {spec!r} does not exist")
-    total = gguf_lib.count_tensors(str(path))
     reader_fn = gguf_lib.load_gguf
   elif path.is_dir():
     if not (path / "config.json").exists():
       raise ModelFileError(f"folder {spec!r} has no config.json; a Hugging Face model folder"
                            " needs config.json and *.safetensors")
-    total = hf_lib.count_tensors(path)
     reader_fn = hf_lib.load_hf
   else:
     raise UserError(f"unknown --model {spec!r}: give a .gguf file, a Hugging Face folder,"
                     f" 'default', or a preset ({', '.join(PRESETS)})")
-  with tqdm(total=total, desc=f"loading {path.name}", unit="tensor", disable=not progress,
+  with tqdm(desc=f"loading {path.name}", unit="tensor", disable=not progress,
             leave=False) as bar:
-    cfg, weights, tok = reader_fn(str(path), progress=bar.update)
+    cfg, weights, tok = reader_fn(str(path), progress=bar)
   check_finite(weights, spec)
   return LoadedModel(LlamaModel(cfg, weights=weights, dtype=dtype), tok, str(path))
 

@@ -1,0 +1,142 @@
+"""`python -m adafuse_jax.decode`: generate text with a Llama-family model (CLI only).
+
+With nothing but a prompt it runs the embedded SmolLM2-135M-Instruct on the CPU:
+
+    python -m adafuse_jax.decode "The capital of France is"
+    python -m adafuse_jax.decode --chat "What is 2+2?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from adafuse_jax.errors import UserError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m adafuse_jax.decode",
+      description="Generate text with a Llama-family model; streams the text, then prints one"
+                  " line of measured figures (prompt tokens, prefill ms, decode ms/token, tokens/s).",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("prompt", nargs="*", help="prompt text; several prompts decode as one batch")
+  p.add_argument("--prompts-file", help="a file with one prompt per line (decoded as one batch)")
+  p.add_argument("--chat", action="store_true",
+                 help="wrap each prompt as a user message in the model's chat template")
+  p.add_argument("--model", default="default",
+                 help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file, or a Hugging Face"
+                      " folder with config.json + *.safetensors")
+  p.add_argument("--dtype", choices=DTYPES, default="auto",
+                 help="parameter dtype; auto = float32 on the CPU, bfloat16 on a GPU")
+  p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per prompt")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
+  p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+  p.add_argument("--quiet", action="store_true", help="no progress bar while loading")
+  return p
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+  prompts = list(args.prompt)
+  if args.prompts_file:
+    try:
+      with open(args.prompts_file, encoding="utf-8") as f:
+        prompts += [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+      raise UserError(f"cannot read --prompts-file {args.prompts_file!r}: {e.strerror}") from None
+  if not prompts or any(not p.strip() for p in prompts):
+    raise UserError("empty prompt: give some text, e.g."
+                    " python -m adafuse_jax.decode \"The capital of France is\"")
+  return prompts
+
+
+def run(args: argparse.Namespace) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from adafuse_jax.generate import Generator, generate
+  from adafuse_jax.sampling import SamplingConfig
+  from adafuse_jax.weights import load_model
+
+  prompts = _prompts(args)
+  sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
+  dtype = args.dtype
+  if dtype == "auto":
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=not (args.quiet or args.json))
+  tok = loaded.tokenizer
+  if tok is None:
+    raise UserError(f"--model {args.model!r} has no tokenizer; a Hugging Face folder needs"
+                    " tokenizer.json")
+  texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
+           for p in prompts]
+  ids = [tok.encode(t) for t in texts]
+
+  stream = not args.json and len(prompts) == 1
+  shown = [""]
+  generated: list[int] = []
+
+  def on_token(row: int, token: int) -> None:
+    generated.append(token)
+    text = tok.decode(generated)
+    if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for the rest
+      return
+    sys.stdout.write(text[len(shown[0]):])
+    sys.stdout.flush()
+    shown[0] = text
+
+  if stream:
+    sys.stdout.write(prompts[0] if not args.chat else "")
+    sys.stdout.flush()
+  pad_id = min(tok.eos_ids) if tok.eos_ids else 0
+  res = generate(Generator(loaded.model), ids, max_new_tokens=args.max_new_tokens,
+                 sampling=sampling, seed=args.seed, stop_ids=tok.eos_ids, pad_id=pad_id,
+                 on_token=on_token if stream else None)
+  completions = [tok.decode(t) for t in res.tokens]
+  return {
+      "model": loaded.source, "device": str(jax.devices()[0].device_kind),
+      "backend": jax.default_backend(), "dtype": dtype, "prompts": prompts,
+      "completions": completions, "generated_tokens": [len(t) for t in res.tokens],
+      "stop_reasons": res.stop_reasons, "prompt_tokens": res.prompt_tokens,
+      "prefill_ms": round(res.prefill_ms, 3),
+      "decode_ms_per_token": round(res.decode_ms_per_token, 3),
+      "tokens_per_s": round(res.tokens_per_s, 2), "compile_s": round(res.compile_s, 3),
+      "streamed": stream,
+  }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  try:
+    result = run(args)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("\ninterrupted", file=sys.stderr)
+    return 130
+  if args.json:
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+  if not result["streamed"]:
+    for prompt, completion in zip(result["prompts"], result["completions"]):
+      print(f"--- {prompt}\n{completion}")
+  else:
+    print()
+  print(f"[{sum(result['prompt_tokens'])} prompt tokens | prefill {result['prefill_ms']:.1f} ms |"
+        f" decode {result['decode_ms_per_token']:.2f} ms/token ({result['tokens_per_s']:.1f} tokens/s)"
+        f" | {sum(result['generated_tokens'])} tokens | compile {result['compile_s']:.1f} s |"
+        f" {result['backend']} {result['dtype']}]")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
