@@ -65,8 +65,11 @@ def run(args: argparse.Namespace) -> dict:
   from adafuse_jax.sampling import SamplingConfig
   from adafuse_jax.weights import load_model
 
+  # Check the cheap arguments before spending seconds on loading the model.
   prompts = _prompts(args)
   sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
+  if args.max_new_tokens < 1:
+    raise UserError(f"--max-new-tokens={args.max_new_tokens} (max_new_tokens) must be at least 1")
   dtype = args.dtype
   if dtype == "auto":
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"

@@ -19,6 +19,7 @@ merged into `w`.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping
 
 import jax
@@ -92,7 +93,7 @@ class LlamaModel(nnx.Module):
 
   def linear_weight(self, name: str) -> jax.Array:
     """The stacked [L, in, out] weight of one linear module, whatever the layout."""
-    value = getattr(self, name)[...]
+    value = getattr(self, name).get_value()
     return jnp.stack(value) if isinstance(value, tuple) else value
 
   def __call__(self, tokens: jax.Array, cache: KVCache, *, linear: LinearFn = plain_linear,
@@ -155,7 +156,10 @@ def _random_weights(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], dty
       out[name] = jnp.ones(shape, dtype)
       continue
     fan_in = shape[-2] if len(shape) >= 2 and name != "embed" else shape[-1]
-    gen = jax.jit(lambda k, s=shape, f=fan_in: (jax.random.normal(k, s, jnp.float32)
-                                                 / np.sqrt(f)).astype(dtype))
-    out[name] = gen(jax.random.fold_in(key, i))
+    out[name] = _normal(jax.random.fold_in(key, i), shape, dtype, 1.0 / np.sqrt(fan_in))
   return out
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype, scale: float) -> jax.Array:
+  return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)

@@ -1,0 +1,56 @@
+"""`python -m adafuse_jax.decode`: output, JSON, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "adafuse_jax.decode", *args], capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_json_chat_answer_and_figures():
+  out = run_cli("--chat", "--json", "--max-new-tokens", "20", "What is 2+2?")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout)
+  assert "4" in result["completions"][0]
+  assert result["prompt_tokens"][0] > 10 and result["decode_ms_per_token"] > 0
+  assert result["prefill_ms"] > 0 and result["tokens_per_s"] > 0
+
+
+def test_streaming_prints_text_then_one_figures_line():
+  out = run_cli("--max-new-tokens", "8", "--quiet", "The capital of France is")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert lines[0].startswith("The capital of France is") and "Paris" in lines[0]
+  assert "prefill" in lines[-1] and "ms/token" in lines[-1] and "tokens/s" in lines[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    ((" ",), "empty prompt"),
+    (("--model", "/nonexistent/model.gguf", "hi"), "does not exist"),
+    (("--model", "no-such-model", "hi"), "unknown --model"),
+    (("--temperature", "-1", "hi"), "temperature"),
+    (("--max-new-tokens", "0", "hi"), "max_new_tokens"),
+    (("x " * 9000,), "context is 8192"),
+])
+def test_bad_input_is_one_line_error_exit_2(args, message):
+  out = run_cli(*args)
+  assert out.returncode == 2, (out.stdout, out.stderr)
+  assert "Traceback" not in out.stderr
+  error_lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1 and message in error_lines[0], out.stderr
+  assert out.stderr.rstrip().endswith(error_lines[0])
+
+
+def test_help_documents_every_option():
+  out = run_cli("--help")
+  assert out.returncode == 0
+  for flag in ("--chat", "--model", "--dtype", "--max-new-tokens", "--temperature", "--top-p",
+               "--seed", "--json"):
+    assert flag in out.stdout

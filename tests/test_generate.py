@@ -1,0 +1,78 @@
+"""Generation: sampling, batching with ragged prompts, stop conditions, input checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adafuse_jax.errors import UserError
+from adafuse_jax.generate import Generator, generate, prompt_bucket
+from adafuse_jax.model import LlamaModel
+from adafuse_jax.sampling import SamplingConfig, sample
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_gen():
+  return Generator(LlamaModel(tiny_config(), seed=11))
+
+
+def test_batched_ragged_greedy_equals_one_at_a_time(tiny_gen):
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(3, 97, n).tolist() for n in (3, 9, 5)]
+  together = generate(tiny_gen, prompts, max_new_tokens=12).tokens
+  alone = [generate(tiny_gen, [p], max_new_tokens=12).tokens[0] for p in prompts]
+  assert together == alone
+
+
+def test_stop_token_ends_only_its_row(tiny_gen):
+  prompts = [[5, 6, 7], [8, 9]]
+  free = generate(tiny_gen, prompts, max_new_tokens=10).tokens
+  stop = free[0][3]
+  res = generate(tiny_gen, prompts, max_new_tokens=10, stop_ids=frozenset({stop}))
+  assert res.tokens[0] == free[0][:free[0].index(stop)]
+  assert res.stop_reasons[0] == "eos"
+  assert len(res.tokens[1]) == 10 or stop in free[1]
+
+
+def test_sampling_is_seeded_and_temperature_changes_output(tiny_gen):
+  cfg = SamplingConfig(temperature=1.5, top_p=0.95)
+  a = generate(tiny_gen, [[4, 5, 6]], max_new_tokens=16, sampling=cfg, seed=1).tokens
+  b = generate(tiny_gen, [[4, 5, 6]], max_new_tokens=16, sampling=cfg, seed=1).tokens
+  c = generate(tiny_gen, [[4, 5, 6]], max_new_tokens=16, sampling=cfg, seed=2).tokens
+  assert a == b and a != c
+
+
+def test_top_p_keeps_only_the_nucleus():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  draws = jax.vmap(lambda k: sample(logits, k, SamplingConfig(temperature=1.0, top_p=0.7)))(
+      jax.random.split(jax.random.key(0), 512))
+  assert set(np.unique(draws).tolist()) == {0, 1}
+  greedy = sample(logits, jax.random.key(0), SamplingConfig())
+  assert greedy.tolist() == [0]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_settings_are_rejected(bad):
+  with pytest.raises(UserError):
+    SamplingConfig(**bad)
+
+
+def test_bad_prompts_are_rejected(tiny_gen):
+  with pytest.raises(UserError, match="empty"):
+    generate(tiny_gen, [[]], max_new_tokens=4)
+  with pytest.raises(UserError, match="context is 128"):
+    generate(tiny_gen, [list(range(3, 90)) * 2], max_new_tokens=4)
+  with pytest.raises(UserError, match="max_new_tokens"):
+    generate(tiny_gen, [[3]], max_new_tokens=0)
+
+
+def test_max_new_tokens_is_capped_by_the_context(tiny_gen):
+  res = generate(tiny_gen, [list(range(3, 93))], max_new_tokens=100)
+  assert len(res.tokens[0]) == 128 - 90
+
+
+def test_prompt_buckets():
+  assert [prompt_bucket(n) for n in (1, 16, 17, 100, 2048)] == [16, 16, 32, 128, 2048]

@@ -1,0 +1,163 @@
+"""Loaders and the tokenizer: GGUF (real), Hugging Face folders (written here), bad files."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from adafuse_jax.errors import ModelFileError, UserError
+from adafuse_jax.weights import load_model
+from tests import numpy_reference
+from tests.conftest import tiny_config
+from tests.test_model import full_logits
+
+
+@pytest.mark.parametrize("text", [
+    "Hello, world!", "naïve café — 日本語テキスト 🚀 emoji", "def f(x):\n\treturn x ** 2  # sq\n",
+    "1234567890 and 3.14159", "   leading and trailing spaces   ", "tabs\tand\n\nnewlines\r\n"])
+def test_tokenizer_round_trip(default_model, text):
+  tok = default_model.tokenizer
+  assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_splits_digits_one_by_one(default_model):
+  tok = default_model.tokenizer
+  ids = tok.encode("12345")
+  assert len(ids) == 5
+  assert [tok.decode([i]) for i in ids] == list("12345")
+
+
+def test_chat_template_special_tokens_map_to_their_ids(default_model):
+  tok = default_model.tokenizer
+  text = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
+  ids = tok.encode(text)
+  assert ids[0] == 1  # <|im_start|>
+  assert ids.count(1) == 3 and ids.count(2) == 2  # system, user, assistant / two <|im_end|>
+  assert tok.token_to_id("<|im_end|>") == 2 and 2 in tok.eos_ids
+  assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_greedy_chat_answer_makes_sense(default_model):
+  from adafuse_jax.generate import Generator, generate
+
+  tok = default_model.tokenizer
+  ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}]))
+  res = generate(Generator(default_model.model), [ids], max_new_tokens=24, stop_ids=tok.eos_ids,
+                 pad_id=2)
+  answer = tok.decode(res.tokens[0])
+  assert res.stop_reasons == ["eos"]
+  assert "4" in answer and "answer" in answer.lower(), answer
+
+
+def _write_hf_folder(folder: pathlib.Path, cfg, rng, shards: int = 1, nan: bool = False):
+  """A random Llama checkpoint in Hugging Face layout (weights [out, in])."""
+  t = {"model.embed_tokens.weight": rng.normal(size=(cfg.vocab_size, cfg.hidden)),
+       "model.norm.weight": 1 + 0.1 * rng.normal(size=cfg.hidden),
+       "lm_head.weight": rng.normal(size=(cfg.vocab_size, cfg.hidden)) * 0.1}
+  hf = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+        "down": "mlp.down_proj"}
+  for l in range(cfg.layers):
+    for name, (i, o) in cfg.linear_shapes().items():
+      t[f"model.layers.{l}.{hf[name]}.weight"] = rng.normal(size=(o, i)) / np.sqrt(i)
+    t[f"model.layers.{l}.input_layernorm.weight"] = 1 + 0.1 * rng.normal(size=cfg.hidden)
+    t[f"model.layers.{l}.post_attention_layernorm.weight"] = 1 + 0.1 * rng.normal(size=cfg.hidden)
+  if nan:
+    t["model.layers.1.mlp.up_proj.weight"][3, 4] = np.nan
+  t = {k: v.astype(np.float32) for k, v in t.items()}
+  names = sorted(t)
+  if shards == 1:
+    save_file(t, str(folder / "model.safetensors"))
+  else:
+    weight_map = {}
+    for s in range(shards):
+      part = names[s::shards]
+      fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+      save_file({k: t[k] for k in part}, str(folder / fname))
+      weight_map.update({k: fname for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  (folder / "config.json").write_text(json.dumps({
+      "model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden,
+      "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+      "num_key_value_heads": cfg.kv_heads, "intermediate_size": cfg.ffn,
+      "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_base,
+      "max_position_embeddings": cfg.max_context, "tie_word_embeddings": False,
+      "eos_token_id": 2}))
+  return t
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_hf_folder_loads_and_matches_numpy_reference(tmp_path, shards):
+  cfg = tiny_config()
+  raw = _write_hf_folder(tmp_path, cfg, np.random.default_rng(shards), shards=shards)
+  loaded = load_model(str(tmp_path), progress=False)
+  assert loaded.model.cfg.replace(name="tiny") == cfg
+  w = {"embed": raw["model.embed_tokens.weight"], "final_norm": raw["model.norm.weight"],
+       "lm_head": raw["lm_head.weight"]}
+  hf = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+        "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+  for l in range(cfg.layers):
+    for n, h in hf.items():
+      w[f"{l}.{n}"] = raw[f"model.layers.{l}.{h}.weight"].astype(np.float64)
+  tokens = np.array([5, 17, 3, 88, 42, 9, 61], np.int32)
+  ref = numpy_reference.forward(tokens, w, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
+                                eps=cfg.rms_eps, base=cfg.rope_base, interleaved=False, tied=False)
+  got = np.asarray(full_logits(loaded.model, tokens[None])[0])
+  np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_folder_with_nan_weight_is_rejected(tmp_path):
+  _write_hf_folder(tmp_path, tiny_config(), np.random.default_rng(0), nan=True)
+  with pytest.raises(ModelFileError, match="'up'.*NaN"):
+    load_model(str(tmp_path), progress=False)
+
+
+def test_hf_folder_without_config_is_rejected(tmp_path):
+  with pytest.raises(ModelFileError, match="config.json"):
+    load_model(str(tmp_path), progress=False)
+
+
+def test_missing_and_unknown_models_are_rejected(tmp_path):
+  with pytest.raises(ModelFileError, match="does not exist"):
+    load_model(str(tmp_path / "nope.gguf"), progress=False)
+  with pytest.raises(UserError, match="unknown --model"):
+    load_model("not-a-model", progress=False)
+
+
+def test_truncated_gguf_is_rejected(tmp_path):
+  from adafuse_jax.weights import default_model_path
+
+  src = pathlib.Path(default_model_path()).read_bytes()
+  for cut in (1000, len(src) // 2):
+    bad = tmp_path / f"cut{cut}.gguf"
+    bad.write_bytes(src[:cut])
+    with pytest.raises(ModelFileError, match="truncated|corrupt"):
+      load_model(str(bad), progress=False)
+
+
+def test_non_llama_gguf_is_rejected(tmp_path):
+  path = tmp_path / "gpt2.gguf"
+  writer = gguf.GGUFWriter(str(path), arch="gpt2")
+  writer.add_block_count(1)
+  writer.add_tensor("token_embd.weight", np.ones((4, 8), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(ModelFileError, match="'gpt2'.*only Llama"):
+    load_model(str(path), progress=False)
+
+
+def test_preset_builds_seeded_random_model_without_tokenizer():
+  a = load_model("smollm2-135m", seed=7, progress=False)
+  b = load_model("smollm2-135m", seed=7, progress=False)
+  assert a.tokenizer is None
+  np.testing.assert_array_equal(a.model.linear_weight("q"), b.model.linear_weight("q"))
+  assert float(jnp.std(a.model.linear_weight("q"))) > 0
