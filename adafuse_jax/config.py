@@ -126,3 +126,82 @@ def preset(name: str) -> ModelConfig:
     return PRESETS[name]
   except KeyError:
     raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+MODES = ("backbone", "lora", "layerwise", "pregated")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+  """Which linear modules carry LoRA experts, and how tokens are routed to them.
+
+  Attributes:
+    mode: "backbone" (no adapters), "lora" (one plain LoRA, no router), "layerwise" (a top-k
+      router at every adapted module, MoLA/MixLoRA style), "pregated" (one router at the first
+      adapted module decides experts and gates once for every layer: AdaFuse/LoRA-Switch).
+    modules: adapted modules, any subset of q, k, v, o, gate, up, down.
+    num_experts: E experts per adapted module and layer (forced to 1 for "lora").
+    rank: r of every expert.
+    alpha: LoRA scaling numerator; deltas are scaled by alpha / rank.
+    top_k: experts per token (forced to 1 for "lora").
+    per_layer_gates: "pregated" only: experts are still chosen once, but one matmul at the first
+      layer gives each layer its own gates over those experts.
+    router_init_std: std of the routers' initial weights.
+  """
+
+  mode: str = "pregated"
+  modules: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+  num_experts: int = 8
+  rank: int = 16
+  alpha: float = 32.0
+  top_k: int = 2
+  per_layer_gates: bool = False
+  router_init_std: float = 0.02
+
+  def __post_init__(self) -> None:
+    from adafuse_jax.model.llama import LINEAR_NAMES  # the model defines the module names
+
+    if self.mode not in MODES:
+      raise UserError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+    unknown = [m for m in self.modules if m not in LINEAR_NAMES]
+    if unknown:
+      raise UserError(f"unknown adapted module(s) {unknown}; choose from {', '.join(LINEAR_NAMES)}")
+    if len(set(self.modules)) != len(self.modules):
+      raise UserError(f"adapted modules {self.modules} name a module twice")
+    if self.mode != "backbone" and not self.modules:
+      raise UserError("no adapted modules: name at least one of q, k, v, o, gate, up, down")
+    if self.rank <= 0:
+      raise UserError(f"rank={self.rank} must be positive")
+    if self.num_experts <= 0:
+      raise UserError(f"num_experts={self.num_experts} must be positive")
+    if self.top_k <= 0:
+      raise UserError(f"top_k={self.top_k} must be positive")
+    if self.mode in ("layerwise", "pregated") and self.top_k > self.num_experts:
+      raise UserError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}; lower"
+                      " --top-k or raise --experts")
+    if self.per_layer_gates and self.mode != "pregated":
+      raise UserError("per_layer_gates applies to mode 'pregated' only")
+    if self.mode == "lora":
+      # One plain LoRA is a pool of one expert that every token uses with gate 1.
+      object.__setattr__(self, "num_experts", 1)
+      object.__setattr__(self, "top_k", 1)
+    # Keep the modules in the model's order so that "first adapted module" is well defined.
+    object.__setattr__(self, "modules", tuple(m for m in LINEAR_NAMES if m in self.modules))
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def replace(self, **changes: Any) -> "AdapterConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["modules"] = list(self.modules)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+    d = dict(d)
+    d["modules"] = tuple(d.get("modules", ()))
+    return cls(**d)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from adafuse_jax.adapters import MixtureOfLoRA
 from adafuse_jax.errors import UserError
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.llama import LinearFn, LlamaModel, plain_linear
@@ -48,6 +49,8 @@ class GenerationResult:
     prefill_ms: prefill of the whole batch, first token sampled, excluding compilation.
     decode_ms_per_token: median wall time of one decode step (whole batch).
     compile_s: time spent compiling prefill and step.
+    routes: per generated position, (experts [B, k], gates [B, k]) that produced it (with a
+      router; the first entry is the prompt's last token).
   """
 
   tokens: list[list[int]]
@@ -57,6 +60,7 @@ class GenerationResult:
   decode_ms_per_token: float
   decode_steps: int
   compile_s: float
+  routes: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
 
   @property
   def tokens_per_s(self) -> float:
@@ -66,34 +70,50 @@ class GenerationResult:
 
 
 class Generator:
-  """Compiles and runs prefill / decode steps of one model.
+  """Compiles and runs prefill / decode steps of one model, with or without dynamic adapters.
 
   Args:
     model: the decoder; its parameters are split out once and passed to the compiled steps.
-    linear: the adapter seam (see `LlamaModel`); the backbone's plain matmul by default.
+    adapters: an expert pool + routers applied unmerged in every step, or None (backbone).
   """
 
-  def __init__(self, model: LlamaModel, *, linear: LinearFn = plain_linear):
+  def __init__(self, model: LlamaModel, *, adapters: MixtureOfLoRA | None = None):
     self.cfg = model.cfg
     self.dtype = model.dtype
     self.graphdef, self.params = nnx.split(model)
-    self.linear = linear
+    self.adapters_graphdef, self.adapter_params = (nnx.split(adapters) if adapters is not None
+                                                   else (None, None))
     self._compiled: dict[tuple, Callable] = {}
 
-  def _forward(self, params, tokens, cache, key, sampling: SamplingConfig):
+  def _forward(self, params, adapter_params, tokens, cache, key, sampling: SamplingConfig):
     model = nnx.merge(self.graphdef, params)
-    logits, cache = model(tokens, cache, linear=self.linear)
-    return sample(logits, key, sampling), logits, cache
+    runtime = None
+    linear: LinearFn = plain_linear
+    if adapter_params is not None:
+      runtime = nnx.merge(self.adapters_graphdef, adapter_params).runtime()
+      linear = runtime
+    logits, cache = model(tokens, cache, linear=linear)
+    routing = None
+    if runtime is not None and runtime.first_route is not None:
+      b, t = tokens.shape
+      route = runtime.first_route
+      experts = route.experts.reshape(b, t, -1)[:, -1]
+      gates = route.gates.reshape(b, t, *route.gates.shape[1:])[:, -1]
+      routing = (experts, gates)
+    return sample(logits, key, sampling), logits, cache, routing
 
   def compiled(self, batch: int, length: int, cache_len: int, sampling: SamplingConfig) -> Callable:
-    """AOT-compiled `(params, tokens [B, length], cache, key) -> (next [B], logits [B, V], cache)`."""
+    """AOT-compiled `(params, adapter_params, tokens [B, length], cache, key)` ->
+    `(next [B], logits [B, V], cache, routing)`; routing is (experts [B, k], gates [B, k]) of the
+    last position, or None without a router."""
     sig = (batch, length, cache_len, sampling)
     if sig not in self._compiled:
       cache = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, cache_len, self.dtype))
       tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
       key = jax.eval_shape(lambda: jax.random.key(0))
-      fn = jax.jit(self._forward, static_argnums=(4,), donate_argnums=(2,))
-      self._compiled[sig] = fn.lower(self.params, tokens, cache, key, sampling).compile()
+      fn = jax.jit(self._forward, static_argnums=(5,), donate_argnums=(3,))
+      self._compiled[sig] = fn.lower(self.params, self.adapter_params, tokens, cache, key,
+                                     sampling).compile()
     return self._compiled[sig]
 
   def new_cache(self, batch: int, cache_len: int, pad: Sequence[int] | None = None) -> KVCache:
@@ -101,10 +121,13 @@ class Generator:
                           pad=None if pad is None else jnp.asarray(pad, jnp.int32))
 
   def forward(self, tokens: jax.Array, cache: KVCache, key: jax.Array,
-              sampling: SamplingConfig = SamplingConfig()) -> tuple[jax.Array, jax.Array, KVCache]:
-    """Runs tokens [B, T] through the model at the cache's next slots (the cache is donated)."""
+              sampling: SamplingConfig = SamplingConfig()):
+    """Runs tokens [B, T] through the model at the cache's next slots (the cache is donated).
+
+    Returns (next [B], logits [B, V], cache, routing), as `compiled`.
+    """
     fn = self.compiled(tokens.shape[0], tokens.shape[1], cache.max_len, sampling)
-    return fn(self.params, tokens, cache, key)
+    return fn(self.params, self.adapter_params, tokens, cache, key)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, list[int]]:
@@ -163,8 +186,10 @@ def generate(gen: Generator, prompts: Sequence[Sequence[int]], *, max_new_tokens
   cache = gen.new_cache(batch, cache_len, pads)
   jax.block_until_ready(cache)
   t0 = time.perf_counter()
-  nxt, _, cache = prefill_fn(gen.params, jnp.asarray(tokens), cache, jax.random.fold_in(base_key, 0))
+  nxt, _, cache, routing = prefill_fn(gen.params, gen.adapter_params, jnp.asarray(tokens), cache,
+                                      jax.random.fold_in(base_key, 0))
   nxt_host = np.asarray(nxt)
+  routes: list[tuple[np.ndarray, np.ndarray]] = []
   prefill_ms = (time.perf_counter() - t0) * 1e3
 
   out: list[list[int]] = [[] for _ in prompts]
@@ -172,6 +197,8 @@ def generate(gen: Generator, prompts: Sequence[Sequence[int]], *, max_new_tokens
   done = np.zeros(batch, bool)
   step_times: list[float] = []
   for step in range(max_new_tokens):
+    if routing is not None:
+      routes.append((np.asarray(routing[0]), np.asarray(routing[1])))
     for row, tok in enumerate(nxt_host.tolist()):
       if done[row]:
         continue
@@ -184,11 +211,11 @@ def generate(gen: Generator, prompts: Sequence[Sequence[int]], *, max_new_tokens
     if done.all() or step == max_new_tokens - 1:
       break
     t0 = time.perf_counter()
-    nxt, _, cache = step_fn(gen.params, jnp.asarray(nxt_host[:, None]), cache,
-                            jax.random.fold_in(base_key, step + 1))
+    nxt, _, cache, routing = step_fn(gen.params, gen.adapter_params, jnp.asarray(nxt_host[:, None]),
+                                     cache, jax.random.fold_in(base_key, step + 1))
     nxt_host = np.asarray(nxt)
     step_times.append(time.perf_counter() - t0)
   decode_ms = float(np.median(step_times) * 1e3) if step_times else 0.0
   return GenerationResult(tokens=out, prompt_tokens=[len(p) for p in prompts], stop_reasons=reasons,
                           prefill_ms=prefill_ms, decode_ms_per_token=decode_ms,
-                          decode_steps=len(step_times), compile_s=compile_s)
+                          decode_steps=len(step_times), compile_s=compile_s, routes=routes)

@@ -66,10 +66,10 @@ def test_kv_cache_decode_matches_full_forward_per_position(layout):
   gen = Generator(model)
   cache = gen.new_cache(2, 32)
   key = jax.random.key(0)
-  _, logits, cache = gen.forward(jnp.asarray(tokens[:, :5]), cache, key)
+  _, logits, cache, _ = gen.forward(jnp.asarray(tokens[:, :5]), cache, key)
   got = [np.asarray(logits)]
   for t in range(5, 13):
-    _, logits, cache = gen.forward(jnp.asarray(tokens[:, t:t + 1]), cache, key)
+    _, logits, cache, _ = gen.forward(jnp.asarray(tokens[:, t:t + 1]), cache, key)
     got.append(np.asarray(logits))
   chex.assert_trees_all_close(np.stack(got, axis=1), want[:, 4:], atol=1e-5, rtol=1e-5)
 
@@ -81,10 +81,10 @@ def test_real_model_cached_decode_matches_full_forward(default_model, gpl3_text)
   gen = Generator(model)
   cache = gen.new_cache(1, 128)
   key = jax.random.key(0)
-  _, logits, cache = gen.forward(jnp.asarray(tokens[:, :4]), cache, key)
+  _, logits, cache, _ = gen.forward(jnp.asarray(tokens[:, :4]), cache, key)
   got = [np.asarray(logits)[0]]
   for t in range(4, 10):
-    _, logits, cache = gen.forward(jnp.asarray(tokens[:, t:t + 1]), cache, key)
+    _, logits, cache, _ = gen.forward(jnp.asarray(tokens[:, t:t + 1]), cache, key)
     got.append(np.asarray(logits)[0])
   np.testing.assert_allclose(np.stack(got), want[3:], atol=2e-4, rtol=1e-4)
 
@@ -96,7 +96,7 @@ def test_left_padding_does_not_change_logits():
   want = np.asarray(full_logits(model, tokens))[0, -1]
   padded = np.concatenate([np.zeros((1, 5), np.int32), tokens], axis=1)
   gen = Generator(model)
-  _, got, _ = gen.forward(jnp.asarray(padded), gen.new_cache(1, 16, pad=[5]), jax.random.key(0))
+  _, got, _, _ = gen.forward(jnp.asarray(padded), gen.new_cache(1, 16, pad=[5]), jax.random.key(0))
   np.testing.assert_allclose(np.asarray(got)[0], want, atol=1e-5, rtol=1e-5)
 
 

@@ -1,0 +1,124 @@
+"""The dynamic adapter as a whole: expert pool + routers, and how a forward pass applies them.
+
+`MixtureOfLoRA` holds the weights. `AdapterRuntime` is the `LinearFn` handed to the decoder for
+one forward pass: it routes (once, for "pregated"; at every adapted module, for "layerwise") and
+adds the chosen experts' deltas to the backbone's matmul, unmerged. It lives for one trace only;
+what it routed is read back from it after the model call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from adafuse_jax.config import AdapterConfig, ModelConfig
+from adafuse_jax.experts import ExpertPool, expert_delta
+from adafuse_jax.routing import LayerwiseRouter, PreGateRouter, gates_for, top_k_gates
+
+
+class MixtureOfLoRA(nnx.Module):
+  """Expert pool + the router(s) that the adapter mode needs.
+
+  Attributes:
+    cfg: the AdapterConfig.
+    pool: ExpertPool.
+    router: PreGateRouter ("pregated"), LayerwiseRouter ("layerwise"), or None ("lora").
+  """
+
+  def __init__(self, model_cfg: ModelConfig, cfg: AdapterConfig, *, seed: int = 0,
+               dtype: jnp.dtype = jnp.float32, random_b: bool = False):
+    if cfg.mode == "backbone":
+      raise ValueError("mode 'backbone' has no adapters; pass adapters=None")
+    self.cfg = cfg
+    self.model_cfg = model_cfg
+    rngs = nnx.Rngs(params=seed)
+    self.pool = ExpertPool(model_cfg, cfg, rngs=rngs, dtype=dtype, random_b=random_b)
+    if cfg.mode == "pregated":
+      self.router = PreGateRouter(model_cfg, cfg, rngs=rngs, dtype=dtype)
+    elif cfg.mode == "layerwise":
+      self.router = LayerwiseRouter(model_cfg, cfg, rngs=rngs, dtype=dtype)
+    else:
+      self.router = None
+
+  def runtime(self) -> "AdapterRuntime":
+    return AdapterRuntime(self)
+
+
+@dataclasses.dataclass
+class Route:
+  """One routing decision. experts, gates: [N, k] (gates [N, L, k] with per-layer gates)."""
+
+  experts: jax.Array
+  gates: jax.Array
+  logits: jax.Array | None
+
+
+class AdapterRuntime:
+  """`LinearFn` for one forward pass: y = x @ w + (alpha / r) Σ_k g_k (x A_k) B_k.
+
+  Attributes after the call:
+    routes: every routing decision made, in order (one for "pregated", one per adapted module
+      and layer for "layerwise", none for "lora"); for aux losses and statistics.
+  """
+
+  def __init__(self, adapters: MixtureOfLoRA):
+    self.adapters = adapters
+    self.cfg = adapters.cfg
+    self.routes: list[Route] = []
+
+  @property
+  def first_route(self) -> Route | None:
+    return self.routes[0] if self.routes else None
+
+  def __call__(self, name: str, layer: int, x: jax.Array, w: jax.Array) -> jax.Array:
+    y = x @ w
+    if name not in self.cfg.modules:
+      return y
+    xf = x.reshape(-1, x.shape[-1])
+    experts, gates = self.route(name, layer, xf)
+    a, b = self.adapters.pool.factors(name, layer)
+    delta = expert_delta(xf, a, b, experts, gates) * self.cfg.scale
+    return y + delta.reshape(*x.shape[:-1], -1).astype(y.dtype)
+
+  def route(self, name: str, layer: int, xf: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Experts [N, k] and gates [N, k] for this module and layer."""
+    mode = self.cfg.mode
+    if mode == "lora":
+      n = xf.shape[0]
+      return jnp.zeros((n, 1), jnp.int32), jnp.ones((n, 1), jnp.float32)
+    if mode == "layerwise":
+      logits = self.adapters.router(name, layer, xf)
+      experts, gates = top_k_gates(logits, self.cfg.top_k)
+      self.routes.append(Route(experts, gates, logits))
+      return experts, gates
+    # pregated: decide at the first adapted module, reuse everywhere after.
+    if not self.routes:
+      logits, layer_logits = self.adapters.router(xf)
+      experts, gates = top_k_gates(logits, self.cfg.top_k)
+      if layer_logits is not None:
+        gates = gates_for(layer_logits, experts[:, None, :])  # [N, L, k]
+      self.routes.append(Route(experts, gates, logits))
+    route = self.routes[0]
+    gates = route.gates[:, layer] if route.gates.ndim == 3 else route.gates
+    return route.experts, gates
+
+
+def merge_lora(weights: dict[str, jax.Array], adapters: MixtureOfLoRA) -> dict[str, jax.Array]:
+  """Folds a plain LoRA (mode "lora") into stacked weights: W[l] + (alpha/r) A[l] B[l].
+
+  Args:
+    weights: module name -> stacked [L, in, out] weight.
+  Returns:
+    the same mapping with every adapted module merged (others untouched).
+  """
+  if adapters.cfg.mode != "lora":
+    raise ValueError("only a plain LoRA can be merged once; expert mixtures switch per token")
+  out = dict(weights)
+  for m in adapters.cfg.modules:
+    a, b = getattr(adapters.pool, f"A_{m}")[...], getattr(adapters.pool, f"B_{m}")[...]
+    delta = jnp.einsum("lir,lro->lio", a[:, 0].astype(jnp.float32), b[:, 0].astype(jnp.float32))
+    out[m] = (weights[m].astype(jnp.float32) + adapters.cfg.scale * delta).astype(weights[m].dtype)
+  return out

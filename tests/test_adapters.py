@@ -1,0 +1,177 @@
+"""Dynamic adapters: expert pools, pre-gating, layer-wise routing, LoRA, aux loss, gradients."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from adafuse_jax.adapters import MixtureOfLoRA, merge_lora
+from adafuse_jax.config import AdapterConfig
+from adafuse_jax.errors import UserError
+from adafuse_jax.experts import AdapterParam, expert_delta, expert_delta_reference
+from adafuse_jax.model import KVCache, LlamaModel
+from adafuse_jax.routing import load_balancing_loss, router_stats, top_k_gates
+from tests.conftest import tiny_config
+
+TOKENS = np.array([[5, 17, 3, 88, 42, 9, 61, 7], [1, 2, 3, 4, 5, 6, 7, 8]], np.int32)
+
+
+def logits_with(model: LlamaModel, adapters: MixtureOfLoRA | None, tokens=TOKENS):
+  cache = KVCache.create(model.cfg, tokens.shape[0], tokens.shape[1], model.dtype)
+  runtime = adapters.runtime() if adapters is not None else None
+  kwargs = {"linear": runtime} if runtime is not None else {}
+  logits, _ = model(jnp.asarray(tokens), cache, all_logits=True, **kwargs)
+  return logits, runtime
+
+
+@pytest.fixture(scope="module")
+def model():
+  return LlamaModel(tiny_config(), seed=5, layout="stacked")
+
+
+@pytest.mark.parametrize("mode, per_layer", [("lora", False), ("layerwise", False),
+                                             ("pregated", False), ("pregated", True)])
+def test_zero_b_pool_leaves_logits_equal_to_backbone(model, mode, per_layer):
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, per_layer_gates=per_layer)
+  base, _ = logits_with(model, None)
+  got, _ = logits_with(model, MixtureOfLoRA(model.cfg, cfg, seed=1))
+  chex.assert_trees_all_close(got, base, atol=1e-6)
+
+
+def test_random_pool_changes_logits(model):
+  cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4)
+  base, _ = logits_with(model, None)
+  got, _ = logits_with(model, MixtureOfLoRA(model.cfg, cfg, seed=1, random_b=True))
+  assert float(jnp.abs(got - base).max()) > 1e-2
+
+
+def test_pregated_with_one_expert_equals_lora(model):
+  pre = MixtureOfLoRA(model.cfg, AdapterConfig(mode="pregated", num_experts=1, top_k=1, rank=4),
+                      seed=2, random_b=True)
+  lora = MixtureOfLoRA(model.cfg, AdapterConfig(mode="lora", rank=4), seed=3)
+  nnx.update(lora.pool, nnx.state(pre.pool))
+  a, _ = logits_with(model, pre)
+  b, _ = logits_with(model, lora)
+  chex.assert_trees_all_close(a, b, atol=1e-6)
+
+
+def test_layerwise_with_pregate_router_everywhere_equals_pregated():
+  # One layer whose q, k, v all read the same normed hidden state: layer-wise routers that all
+  # equal the pre-gate router must pick the same experts and gates.
+  model = LlamaModel(tiny_config(layers=1), seed=6, layout="stacked")
+  modules = ("q", "k", "v")
+  pre = MixtureOfLoRA(model.cfg, AdapterConfig(mode="pregated", modules=modules, num_experts=5,
+                                               rank=3, router_init_std=1.0), seed=4, random_b=True)
+  lw = MixtureOfLoRA(model.cfg, AdapterConfig(mode="layerwise", modules=modules, num_experts=5,
+                                              rank=3), seed=9)
+  nnx.update(lw.pool, nnx.state(pre.pool))
+  for m in modules:
+    getattr(lw.router, f"w_{m}").set_value(pre.router.w[...][None])
+  a, rt_pre = logits_with(model, pre)
+  b, rt_lw = logits_with(model, lw)
+  chex.assert_trees_all_close(a, b, atol=1e-6)
+  assert len(rt_pre.routes) == 1 and len(rt_lw.routes) == 3
+  for r in rt_lw.routes:
+    chex.assert_trees_all_equal(r.experts, rt_pre.routes[0].experts)
+
+
+def test_top_k_picks_and_gate_sums():
+  logits = jnp.asarray([[0.1, 3.0, -1.0, 2.0], [5.0, 4.0, 3.0, -2.0]])
+  experts, gates = top_k_gates(logits, 2)
+  assert experts.tolist() == [[1, 3], [0, 1]]
+  chex.assert_trees_all_close(gates.sum(-1), jnp.ones(2), atol=1e-6)
+  want = jax.nn.softmax(jnp.asarray([3.0, 2.0]))
+  chex.assert_trees_all_close(gates[0], want, atol=1e-6)
+
+
+def test_per_layer_gates_differ_by_layer_but_share_experts(model):
+  cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, per_layer_gates=True,
+                      router_init_std=1.0)
+  _, rt = logits_with(model, MixtureOfLoRA(model.cfg, cfg, seed=1, random_b=True))
+  route = rt.routes[0]
+  chex.assert_shape(route.gates, (TOKENS.size, model.cfg.layers, 2))
+  chex.assert_trees_all_close(route.gates.sum(-1), jnp.ones((TOKENS.size, model.cfg.layers)),
+                              atol=1e-6)
+  assert float(jnp.abs(route.gates[:, 0] - route.gates[:, 1]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_expert_delta_gather_and_dense_paths_match_reference(n):
+  rng = np.random.default_rng(n)
+  e, d_in, r, d_out, k = 6, 12, 4, 10, 2
+  x = jnp.asarray(rng.normal(size=(n, d_in)), jnp.float32)
+  a = jnp.asarray(rng.normal(size=(e, d_in, r)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(e, r, d_out)), jnp.float32)
+  experts = jnp.asarray(np.stack([rng.permutation(e)[:k] for _ in range(n)]), jnp.int32)
+  gates = jax.nn.softmax(jnp.asarray(rng.normal(size=(n, k)), jnp.float32))
+  got = expert_delta(x, a, b, experts, gates)
+  want = expert_delta_reference(x, a, b, experts, gates)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_reach_routers_and_experts_not_the_backbone(model):
+  cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, router_init_std=0.5)
+  adapters = MixtureOfLoRA(model.cfg, cfg, seed=1, random_b=True)
+
+  def loss_fn(adapters, model):
+    logits, rt = logits_with(model, adapters)
+    aux = load_balancing_loss(rt.routes[0].logits, rt.routes[0].experts)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]) + 0.01 * aux
+
+  grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, AdapterParam))(adapters, model)
+  flat = dict(nnx.to_flat_state(grads))
+  names = {".".join(map(str, k)) for k in flat}
+  assert any(n.startswith("router.w") for n in names)
+  assert any(n.startswith("pool.A_q") for n in names) and any(n.startswith("pool.B_down") for n in names)
+  for k, v in flat.items():
+    assert float(jnp.abs(v[...]).max()) > 0, k
+  # The backbone is frozen: an optimizer over AdapterParam leaves its weights untouched.
+  import optax
+  before = model.linear_weight("q")
+  opt = nnx.Optimizer(adapters, optax.sgd(0.1), wrt=AdapterParam)
+  opt.update(adapters, grads)
+  chex.assert_trees_all_equal(model.linear_weight("q"), before)
+
+
+def test_aux_loss_matches_hand_computation():
+  logits = jnp.asarray([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0], [2.0, 0.0, 1.0]])
+  experts = jnp.asarray([[0], [1], [2], [0]])
+  p = np.exp(np.asarray(logits))
+  p /= p.sum(-1, keepdims=True)
+  f = np.array([2, 1, 1]) / 4
+  want = 3 * np.sum(f * p.mean(0))
+  np.testing.assert_allclose(float(load_balancing_loss(logits, experts)), want, rtol=1e-6)
+  stats = router_stats(logits, experts)
+  np.testing.assert_allclose(np.asarray(stats["load"]), f, rtol=1e-6)
+  assert 0 < float(stats["entropy"]) < np.log(3)
+
+
+def test_merge_lora_equals_unmerged(model):
+  lora = MixtureOfLoRA(model.cfg, AdapterConfig(mode="lora", rank=4), seed=3, random_b=True)
+  unmerged, _ = logits_with(model, lora)
+  weights = {m: model.linear_weight(m) for m in lora.cfg.modules}
+  merged_model = LlamaModel(model.cfg, weights={**{n: getattr(model, n).get_value() for n in
+                                                   LlamaModel.param_shapes(model.cfg)},
+                                                **merge_lora(weights, lora)}, layout="stacked")
+  merged, _ = logits_with(merged_model, None)
+  chex.assert_trees_all_close(merged, unmerged, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=9, num_experts=8), "larger than num_experts"),
+    (dict(rank=0), "rank=0"),
+    (dict(modules=("q", "attn")), "unknown adapted module"),
+    (dict(mode="moe"), "unknown mode"),
+    (dict(mode="layerwise", per_layer_gates=True), "'pregated' only"),
+])
+def test_bad_adapter_configs_are_rejected(kwargs, message):
+  with pytest.raises(UserError, match=message):
+    AdapterConfig(**kwargs)
+
+
+def test_modules_are_kept_in_model_order():
+  assert AdapterConfig(modules=("down", "q", "v")).modules == ("q", "v", "down")
