@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Sequence
 
+from adafuse_jax.config import MODES
 from adafuse_jax.errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -38,6 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
+  a = p.add_argument_group("dynamic adapters")
+  a.add_argument("--mode", choices=MODES, default=None,
+                 help="backbone (no adapters), lora, layerwise (router at every adapted module),"
+                      " pregated (route once, apply everywhere); default: the checkpoint's mode,"
+                      " or backbone without --adapters")
+  a.add_argument("--adapters", default=None,
+                 help="an adapter checkpoint folder, 'default' (the shipped SmolLM2 pool), or"
+                      " 'random[:SEED]' (a seeded random pool, for tests and benchmarks)")
+  a.add_argument("--experts", type=int, default=8, help="experts per module (random pools)")
+  a.add_argument("--rank", type=int, default=16, help="LoRA rank (random pools)")
+  a.add_argument("--top-k", type=int, default=2, help="experts per token (random pools)")
+  a.add_argument("--adapt-modules", default="q,k,v,o,gate,up,down",
+                 help="comma-separated adapted modules (random pools)")
+  a.add_argument("--per-layer-gates", action="store_true",
+                 help="pregated: one gate vector per layer (random pools)")
+  a.add_argument("--show-routing", action="store_true",
+                 help="print, per generated token, the experts and gates chosen")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
   p.add_argument("--quiet", action="store_true", help="no progress bar while loading")
   return p
@@ -57,10 +75,40 @@ def _prompts(args: argparse.Namespace) -> list[str]:
   return prompts
 
 
+def _adapter_config(args: argparse.Namespace):
+  from adafuse_jax.adapter_io import read_adapter_config
+  from adafuse_jax.config import AdapterConfig
+
+  mode = args.mode
+  saved = None
+  if args.adapters not in (None, "default") and not args.adapters.startswith("random"):
+    import pathlib
+    if pathlib.Path(args.adapters).exists():
+      saved, _ = read_adapter_config(args.adapters)
+  if mode is None:
+    mode = saved.mode if saved else ("pregated" if args.adapters else "backbone")
+  if saved is not None and saved.mode == mode:
+    return saved
+  modules = tuple(m.strip() for m in args.adapt_modules.split(",") if m.strip())
+  return AdapterConfig(mode=mode, modules=modules, num_experts=args.experts, rank=args.rank,
+                       top_k=args.top_k, per_layer_gates=args.per_layer_gates)
+
+
+def _routing_table(tok, res) -> list[dict]:
+  """Per generated token of row 0: its text, the experts that produced it, and their gates."""
+  rows = []
+  for token, (experts, gates) in zip(res.tokens[0], res.routes):
+    g = gates[0]
+    rows.append({"token": tok.decode([token]), "experts": experts[0].tolist(),
+                 "gates": [round(float(x), 3) for x in (g if g.ndim == 1 else g.mean(0))]})
+  return rows
+
+
 def run(args: argparse.Namespace) -> dict:
   import jax
   import jax.numpy as jnp
 
+  from adafuse_jax.adapter_io import resolve_adapters
   from adafuse_jax.generate import Generator, generate
   from adafuse_jax.sampling import SamplingConfig
   from adafuse_jax.weights import load_model
@@ -73,7 +121,10 @@ def run(args: argparse.Namespace) -> dict:
   dtype = args.dtype
   if dtype == "auto":
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  adapter_cfg = _adapter_config(args)
   loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=not (args.quiet or args.json))
+  adapters = resolve_adapters(args.adapters, adapter_cfg, loaded.model.cfg, dtype=jnp.dtype(dtype),
+                              seed=args.seed)
   tok = loaded.tokenizer
   if tok is None:
     raise UserError(f"--model {args.model!r} has no tokenizer; a Hugging Face folder needs"
@@ -99,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
     sys.stdout.write(prompts[0] if not args.chat else "")
     sys.stdout.flush()
   pad_id = min(tok.eos_ids) if tok.eos_ids else 0
-  res = generate(Generator(loaded.model), ids, max_new_tokens=args.max_new_tokens,
+  res = generate(Generator(loaded.model, adapters=adapters), ids, max_new_tokens=args.max_new_tokens,
                  sampling=sampling, seed=args.seed, stop_ids=tok.eos_ids, pad_id=pad_id,
                  on_token=on_token if stream else None)
   completions = [tok.decode(t) for t in res.tokens]
@@ -111,7 +162,8 @@ def run(args: argparse.Namespace) -> dict:
       "prefill_ms": round(res.prefill_ms, 3),
       "decode_ms_per_token": round(res.decode_ms_per_token, 3),
       "tokens_per_s": round(res.tokens_per_s, 2), "compile_s": round(res.compile_s, 3),
-      "streamed": stream,
+      "streamed": stream, "mode": adapter_cfg.mode,
+      "routing": _routing_table(tok, res) if args.show_routing else None,
   }
 
 
@@ -134,7 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"--- {prompt}\n{completion}")
   else:
     print()
-  print(f"[{sum(result['prompt_tokens'])} prompt tokens | prefill {result['prefill_ms']:.1f} ms |"
+  if result["routing"] is not None:
+    if not result["routing"]:
+      print("(no routing: this mode has no router)")
+    for row in result["routing"]:
+      print(f"  {row['token']!r:>16}  experts {row['experts']}  gates {row['gates']}")
+  print(f"[{result['mode']} | {sum(result['prompt_tokens'])} prompt tokens | prefill {result['prefill_ms']:.1f} ms |"
         f" decode {result['decode_ms_per_token']:.2f} ms/token ({result['tokens_per_s']:.1f} tokens/s)"
         f" | {sum(result['generated_tokens'])} tokens | compile {result['compile_s']:.1f} s |"
         f" {result['backend']} {result['dtype']}]")

@@ -1,0 +1,111 @@
+"""Saving and loading an expert pool + router checkpoint (orbax), with config checks.
+
+A checkpoint folder holds `adapter_config.json` (the AdapterConfig and the model shapes it was
+made for) and `state/` (orbax). Loading into a model of other shapes fails naming the mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from adafuse_jax.adapters import MixtureOfLoRA
+from adafuse_jax.config import AdapterConfig, ModelConfig
+from adafuse_jax.errors import ModelFileError, UserError
+
+CONFIG_FILE = "adapter_config.json"
+_SHAPE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn")
+
+
+def model_fingerprint(cfg: ModelConfig) -> dict[str, int]:
+  return {f: getattr(cfg, f) for f in _SHAPE_FIELDS}
+
+
+def save_adapters(path: str | pathlib.Path, adapters: MixtureOfLoRA) -> pathlib.Path:
+  """Writes the adapters to a new folder `path` (absolute or relative)."""
+  path = pathlib.Path(path).absolute()
+  path.mkdir(parents=True, exist_ok=True)
+  meta = {"adapter": adapters.cfg.to_dict(), "model": model_fingerprint(adapters.model_cfg)}
+  (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path / "state", nnx.state(adapters), force=True)
+    ckpt.wait_until_finished()
+  return path
+
+
+def read_adapter_config(path: str | pathlib.Path) -> tuple[AdapterConfig, dict]:
+  path = pathlib.Path(path)
+  if not (path / CONFIG_FILE).is_file():
+    raise ModelFileError(f"{str(path)!r} is not an adapter checkpoint (no {CONFIG_FILE}); pass a"
+                         " folder written by save_adapters or the training command")
+  try:
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    return AdapterConfig.from_dict(meta["adapter"]), meta["model"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ModelFileError(f"{str(path / CONFIG_FILE)!r} is corrupt ({e})") from None
+
+
+def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
+                  dtype: jnp.dtype = jnp.float32) -> MixtureOfLoRA:
+  """Restores adapters saved by `save_adapters` for a model of config `model_cfg`."""
+  path = pathlib.Path(path).absolute()
+  cfg, shapes = read_adapter_config(path)
+  want = model_fingerprint(model_cfg)
+  diffs = [f"{k}: checkpoint {shapes.get(k)} vs model {v}" for k, v in want.items()
+           if shapes.get(k) != v]
+  if diffs:
+    raise UserError(f"adapter checkpoint {str(path)!r} was made for another model ("
+                    + "; ".join(diffs) + "); load it with the model it was trained on")
+  abstract = nnx.eval_shape(lambda: MixtureOfLoRA(model_cfg, cfg, dtype=dtype))
+  graphdef, abstract_state = nnx.split(abstract)
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      state = ckpt.restore(path / "state", abstract_state)
+  except Exception as e:  # orbax raises many kinds on damaged or mismatched files
+    raise ModelFileError(f"cannot restore adapter checkpoint {str(path)!r}"
+                         f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it may be"
+                         " corrupt or incomplete") from None
+  return nnx.merge(graphdef, state)
+
+
+DEFAULT_POOL = pathlib.Path(__file__).parent / "pools" / "smollm2-135m"
+
+
+def resolve_adapters(spec: str | None, cfg: AdapterConfig, model_cfg: ModelConfig, *,
+                     dtype: jnp.dtype = jnp.float32, seed: int = 0) -> MixtureOfLoRA | None:
+  """Turns an `--adapters` spec into adapters for `cfg.mode` (None for "backbone").
+
+  spec: a checkpoint folder; "default" (the trained SmolLM2 pool shipped with the package);
+  "random" or "random:SEED" (a seeded random pool with non-zero B, for tests and benchmarks:
+  asked for explicitly, never a silent fallback); None with mode "backbone".
+  """
+  if cfg.mode == "backbone":
+    if spec is not None:
+      raise UserError("--adapters was given with --mode backbone; pick an adapter mode"
+                      " (lora, layerwise, pregated) or drop --adapters")
+    return None
+  if spec is None:
+    raise UserError(f"--mode {cfg.mode} needs adapters: pass --adapters PATH (a trained"
+                    " checkpoint), --adapters default, or --adapters random for a seeded random"
+                    " pool (tests and benchmarks only)")
+  if spec == "random" or spec.startswith("random:"):
+    try:
+      seed = int(spec.split(":", 1)[1]) if ":" in spec else seed
+    except ValueError:
+      raise UserError(f"--adapters {spec!r}: the seed after 'random:' must be an integer") from None
+    return MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, random_b=True)
+  path = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
+  if spec == "default" and not (path / CONFIG_FILE).is_file():
+    raise ModelFileError(f"no trained default pool is installed at {str(path)!r}; train one"
+                         " (see README, training) or pass --adapters random")
+  if not path.exists():
+    raise ModelFileError(f"adapter checkpoint {spec!r} does not exist")
+  saved_cfg, _ = read_adapter_config(path)
+  if saved_cfg.mode != cfg.mode:
+    raise UserError(f"adapter checkpoint {spec!r} was trained for mode {saved_cfg.mode!r}, not"
+                    f" {cfg.mode!r}; pass --mode {saved_cfg.mode} or another checkpoint")
+  return load_adapters(path, model_cfg, dtype=dtype)
