@@ -1,0 +1,217 @@
+"""`python -m adafuse_jax.bench`: every decode path side by side, against the physical floor.
+
+    python -m adafuse_jax.bench --preset llama2-7b --out docs/benchmarks/h100   # on the GPU
+    python -m adafuse_jax.bench --preset tiny --steps 5                         # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import pathlib
+import sys
+from typing import Sequence
+
+from adafuse_jax.errors import UserError
+
+TINY = dict(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128,
+            max_context=1024, name="tiny")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from adafuse_jax.benchmarks import BENCH_MODES
+  p = argparse.ArgumentParser(prog="python -m adafuse_jax.bench", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", default="llama2-7b",
+                 help="llama2-7b, mistral-7b (seeded random weights), smollm2-135m (the real"
+                      " embedded model), or tiny (CPU smoke test)")
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="auto: bfloat16 on a GPU, float32 on the CPU")
+  p.add_argument("--modes", default=",".join(BENCH_MODES), help="comma-separated decode paths")
+  p.add_argument("--layouts", default="auto",
+                 help="weight layouts for the backbone, comma-separated (stacked,list); auto ="
+                      " the backend's default only")
+  p.add_argument("--experts", type=int, default=8)
+  p.add_argument("--rank", type=int, default=16)
+  p.add_argument("--top-k", type=int, default=2)
+  p.add_argument("--adapt-modules", default="q,k,v,o,gate,up,down")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--cache-len", type=int, default=512,
+                 help="KV-cache slots; decode steps attend to the first half of them")
+  p.add_argument("--prefill", default="128,512,2048", help="prompt lengths to time prefill on")
+  p.add_argument("--prefill-modes", default="backbone,pregated,layerwise",
+                 help="modes whose prefill is timed")
+  p.add_argument("--steps", type=int, default=50, help="timed decode steps per mode (>= 20 for reports)")
+  p.add_argument("--warmup", type=int, default=5)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", help="folder for results.json and decode.png")
+  p.add_argument("--profile", help="folder for a JAX profiler trace of the run")
+  return p
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+  try:
+    values = tuple(int(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise UserError(f"--{name} takes comma-separated integers, got {text!r}") from None
+  if any(v <= 0 for v in values):
+    raise UserError(f"--{name} values must be positive, got {text!r}")
+  return values
+
+
+def run(args: argparse.Namespace) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from adafuse_jax import benchmarks as B
+  from adafuse_jax.config import PRESETS, AdapterConfig, ModelConfig
+  from adafuse_jax.model.llama import LlamaModel, default_layout
+  from adafuse_jax.weights import load_model
+
+  modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+  unknown = [m for m in modes if m not in B.BENCH_MODES]
+  if unknown:
+    raise UserError(f"unknown mode(s) {unknown}; choose from {', '.join(B.BENCH_MODES)}")
+  if args.batch < 1:
+    raise UserError(f"--batch={args.batch} must be at least 1")
+  if args.steps < 1 or args.warmup < 0:
+    raise UserError("--steps must be >= 1 and --warmup >= 0")
+  if args.preset not in PRESETS and args.preset != "tiny":
+    raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}, tiny")
+  prefill_lengths = _ints(args.prefill, "prefill") if args.prefill else ()
+  prefill_modes = {m.strip() for m in args.prefill_modes.split(",")}
+  modules = tuple(m.strip() for m in args.adapt_modules.split(",") if m.strip())
+  adapter_base = AdapterConfig(mode="pregated", modules=modules, num_experts=args.experts,
+                               rank=args.rank, top_k=args.top_k)  # validates E >= k etc.
+  dtype = jnp.dtype(args.dtype if args.dtype != "auto" else
+                    ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
+  layouts = ([default_layout()] if args.layouts == "auto" else
+             [x.strip() for x in args.layouts.split(",") if x.strip()])
+
+  def make_model(layout: str) -> LlamaModel:
+    if args.preset == "tiny":
+      return LlamaModel(ModelConfig(**TINY), dtype=dtype, seed=args.seed, layout=layout)
+    if args.preset == "smollm2-135m":
+      loaded = load_model("default", dtype=dtype, progress=False)
+      if loaded.model.layout == layout:
+        return loaded.model
+      weights = {n: getattr(loaded.model, n).get_value() for n in LlamaModel.param_shapes(loaded.model.cfg)}
+      weights.update({m: loaded.model.linear_weight(m) for m in ("q", "k", "v", "o", "gate", "up", "down")})
+      return LlamaModel(loaded.model.cfg, weights=weights, dtype=dtype, layout=layout)
+    return LlamaModel(PRESETS[args.preset], dtype=dtype, seed=args.seed, layout=layout)
+
+  if args.profile:
+    jax.profiler.start_trace(args.profile)
+  env = B.environment()
+  bw = B.copy_bandwidth(nbytes=(2 << 30) if jax.default_backend() != "cpu" else (64 << 20),
+                        dtype=dtype)
+  print(f"# {env['device']} | jax {env['jax']} | copy bandwidth {bw / 1e12:.3f} TB/s (read+write)",
+        file=sys.stderr)
+  rows = []
+  for layout in layouts:
+    model = make_model(layout)
+    cfg = model.cfg
+    for mode in (modes if layout == layouts[0] else ["backbone"]):
+      adapters = B.build_adapters(cfg, mode, adapter_base, dtype, args.seed)
+      run_model = model
+      if mode == "lora-merged":
+        run_model, adapters = B.merged_model(model, adapters), None
+      label = mode if len(layouts) == 1 else f"{mode}[{layout}]"
+      print(f"# measuring {label} ...", file=sys.stderr)
+      r = B.bench_mode(run_model, adapters, batch=args.batch, cache_len=args.cache_len,
+                       warmup=args.warmup, steps=args.steps,
+                       prefill_lengths=prefill_lengths if mode in prefill_modes else (),
+                       seed=args.seed)
+      acfg = None if mode in ("backbone", "lora-merged") else (
+          adapter_base.replace(mode="lora" if mode == "lora" else mode))
+      nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, args.batch, acfg)
+      r.update(mode=label, layout=layout, bytes_per_step=nbytes, floor_ms=nbytes / bw * 1e3,
+               effective_tb_s=nbytes / (r["decode"]["median_ms"] / 1e3) / 1e12)
+      rows.append(r)
+      del run_model, adapters
+      gc.collect()
+    del model
+    gc.collect()
+  if args.profile:
+    jax.profiler.stop_trace()
+  base = next((r for r in rows if r["mode"].startswith("backbone")), None)
+  for r in rows:
+    r["ratio_to_backbone"] = (r["decode"]["median_ms"] / base["decode"]["median_ms"]) if base else None
+  return {"environment": env, "preset": args.preset, "dtype": str(dtype),
+          "adapter": adapter_base.to_dict(), "batch": args.batch, "cache_len": args.cache_len,
+          "copy_bandwidth_tb_s": bw / 1e12, "peak_memory_bytes": B.peak_memory_bytes(),
+          "results": rows}
+
+
+def markdown(report: dict) -> str:
+  lines = [f"Preset `{report['preset']}`, {report['dtype']}, batch {report['batch']}, experts"
+           f" {report['adapter']['num_experts']}, rank {report['adapter']['rank']}, top-"
+           f"{report['adapter']['top_k']}, modules {','.join(report['adapter']['modules'])};"
+           f" {report['environment']['device']}, jax {report['environment']['jax']}, copy"
+           f" bandwidth {report['copy_bandwidth_tb_s']:.2f} TB/s.", "",
+           "| mode | ms/token (median) | p10-p90 | vs backbone | floor ms | % of copy bw |"
+           " kernels/step | compile s |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in report["results"]:
+    d = r["decode"]
+    ratio = f"{r['ratio_to_backbone']:.3f}x" if r["ratio_to_backbone"] else "-"
+    lines.append(f"| {r['mode']} | {d['median_ms']:.3f} | {d['p10_ms']:.3f}-{d['p90_ms']:.3f} |"
+                 f" {ratio} | {r['floor_ms']:.3f} |"
+                 f" {100 * r['effective_tb_s'] / report['copy_bandwidth_tb_s']:.0f}% |"
+                 f" {r['kernels_per_step']} | {r['compile_s']:.1f} |")
+  pre = [r for r in report["results"] if r["prefill"]]
+  if pre:
+    lengths = list(pre[0]["prefill"])
+    lines += ["", "| mode | " + " | ".join(f"prefill {n} ms" for n in lengths) + " |",
+              "|---|" + "---|" * len(lengths)]
+    for r in pre:
+      lines.append(f"| {r['mode']} | " + " | ".join(f"{r['prefill'][n]['median_ms']:.2f}"
+                                                    for n in lengths) + " |")
+  return "\n".join(lines)
+
+
+def plot(report: dict, path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = report["results"]
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  names = [r["mode"] for r in rows]
+  med = [r["decode"]["median_ms"] for r in rows]
+  err = [[m - r["decode"]["p10_ms"] for m, r in zip(med, rows)],
+         [r["decode"]["p90_ms"] - m for m, r in zip(med, rows)]]
+  ax.bar(names, med, yerr=err, color="#4C72B0", capsize=3)
+  floor = rows[0]["floor_ms"]
+  ax.axhline(floor, color="#C44E52", ls="--", label=f"backbone floor at copy bandwidth ({floor:.2f} ms)")
+  ax.set_ylabel("decode latency (ms/token, median, p10-p90)")
+  ax.set_title(f"{report['preset']} {report['dtype']} batch {report['batch']} —"
+               f" {report['environment']['device']}")
+  ax.legend()
+  plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    report = run(args)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  table = markdown(report)
+  print(table)
+  if args.out:
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "table.md").write_text(table + "\n")
+    plot(report, out / "decode.png")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,157 @@
+"""Measurement library behind `python -m adafuse_jax.bench`.
+
+Method: everything is compiled ahead of time (compile time reported apart), warm-up steps are
+discarded, every timed step ends with a device synchronisation, and the median with the
+10th/90th percentiles is reported. Inputs are seeded random weights (never zeros). The floor of
+a decode step is the bytes it must read divided by the device-to-device copy bandwidth measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+import re
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adafuse_jax.adapters import MixtureOfLoRA, merge_lora
+from adafuse_jax.config import AdapterConfig, ModelConfig
+from adafuse_jax.generate import Generator
+from adafuse_jax.model.llama import LINEAR_NAMES, LlamaModel
+from adafuse_jax.sampling import SamplingConfig
+
+# Decode paths the benchmark knows, in display order. "lora-merged" folds one LoRA into the
+# weights once (a backbone pass on other weights); the rest apply adapters unmerged.
+BENCH_MODES = ("backbone", "lora-merged", "lora", "pregated", "layerwise")
+
+
+@dataclasses.dataclass
+class Timing:
+  median_ms: float
+  p10_ms: float
+  p90_ms: float
+  n: int
+
+  @classmethod
+  def of(cls, seconds: list[float]) -> "Timing":
+    ms = np.asarray(seconds) * 1e3
+    return cls(float(np.median(ms)), float(np.percentile(ms, 10)), float(np.percentile(ms, 90)),
+               len(ms))
+
+
+def time_calls(fn: Callable[[], object], *, warmup: int, steps: int) -> Timing:
+  """Times `fn` (which must return device arrays) with a sync after every call."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return Timing.of(times)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, dtype=jnp.bfloat16, steps: int = 20) -> float:
+  """Device-to-device copy bandwidth in bytes/s, counting bytes read + written."""
+  n = nbytes // jnp.dtype(dtype).itemsize
+  x = jax.random.normal(jax.random.key(0), (n,), jnp.float32).astype(dtype)
+  fn = jax.jit(lambda a: a + jnp.asarray(1, dtype))  # one read + one write per element
+  t = time_calls(lambda: fn(x), warmup=3, steps=steps)
+  del x
+  return 2 * nbytes / (t.median_ms / 1e3)
+
+
+def count_kernels(compiled) -> int:
+  """Kernels launched by a compiled step: fusions, custom calls and library calls in ENTRY."""
+  text = compiled.as_text()
+  entry = text[text.find("ENTRY"):]
+  entry = entry[:entry.find("\n}")]
+  pattern = r"=\s*\S+\s+(fusion|custom-call|dot|convolution|copy|all-reduce|sort|scatter|gather)\("
+  return len(re.findall(pattern, entry))
+
+
+def decode_bytes(cfg: ModelConfig, dtype, cache_len: int, batch: int,
+                 adapter: AdapterConfig | None) -> int:
+  """Bytes one decode step must read: linear weights, head, one embedding row per token, the
+  KV cache, and the experts actually used (k per adapted module, or all E once the batch
+  touches them)."""
+  item = jnp.dtype(dtype).itemsize
+  total = cfg.linear_bytes(item) + cfg.hidden * cfg.vocab_size * item
+  total += 2 * cfg.layers * batch * cache_len * cfg.kv_dim * item
+  if adapter is not None and adapter.mode != "backbone":
+    used = min(adapter.num_experts, adapter.top_k * batch)
+    shapes = cfg.linear_shapes()
+    total += cfg.layers * used * adapter.rank * sum(i + o for m, (i, o) in shapes.items()
+                                                     if m in adapter.modules) * item
+  return total
+
+
+def build_adapters(model_cfg: ModelConfig, mode: str, base: AdapterConfig, dtype,
+                   seed: int) -> MixtureOfLoRA | None:
+  if mode == "backbone":
+    return None
+  cfg = base.replace(mode="lora" if mode.startswith("lora") else mode)
+  return MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, random_b=True)
+
+
+def merged_model(model: LlamaModel, adapters: MixtureOfLoRA) -> LlamaModel:
+  weights = {n: getattr(model, n).get_value() for n in LlamaModel.param_shapes(model.cfg)
+             if n not in LINEAR_NAMES}
+  weights.update(merge_lora({m: model.linear_weight(m) for m in LINEAR_NAMES}, adapters))
+  return LlamaModel(model.cfg, weights=weights, dtype=model.dtype, layout=model.layout)
+
+
+def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,
+               warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int) -> dict:
+  """Decode step and prefill timings of one model (+ adapters) configuration."""
+  gen = Generator(model, adapters=adapters)
+  sampling = SamplingConfig()
+  t0 = time.perf_counter()
+  step = gen.compiled(batch, 1, cache_len, sampling)
+  compile_s = time.perf_counter() - t0
+  rng = np.random.default_rng(seed)
+  state = {"cache": gen.new_cache(batch, cache_len),
+           "tok": jnp.asarray(rng.integers(0, model.cfg.vocab_size, (batch, 1)), jnp.int32)}
+  key = jax.random.key(seed)
+  # Start half-way into the cache, as after a prompt: attention reads a realistic prefix.
+  state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
+
+  def one_step():
+    nxt, _, cache, _ = step(gen.params, gen.adapter_params, state["tok"], state["cache"], key)
+    state["cache"], state["tok"] = cache, nxt[:, None]
+    return nxt
+
+  decode = time_calls(one_step, warmup=warmup, steps=steps)
+  result = {"decode": dataclasses.asdict(decode), "compile_s": compile_s,
+            "kernels_per_step": count_kernels(step)}
+  prefill = {}
+  for length in prefill_lengths:
+    fn = gen.compiled(batch, length, length, sampling)
+    tokens = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (batch, length)), jnp.int32)
+    caches = [gen.new_cache(batch, length) for _ in range(2 + min(steps, 5))]
+    it = iter(caches)
+    t = time_calls(lambda: fn(gen.params, gen.adapter_params, tokens, next(it), key)[0],
+                   warmup=2, steps=len(caches) - 2)
+    prefill[str(length)] = dataclasses.asdict(t)
+  result["prefill"] = prefill
+  return result
+
+
+def environment() -> dict:
+  dev = jax.devices()[0]
+  return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+          "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
+          "python": platform.python_version(), "command": " ".join(sys.argv),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def peak_memory_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
