@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from adafuse_jax.config import AdapterConfig, ModelConfig
-from adafuse_jax.experts import ExpertPool, expert_delta
+from adafuse_jax.experts import ExpertPool, dense_gates, expert_delta
 from adafuse_jax.routing import LayerwiseRouter, PreGateRouter, gates_for, top_k_gates
 
 
@@ -78,32 +78,39 @@ class AdapterRuntime:
     if name not in self.cfg.modules:
       return y
     xf = x.reshape(-1, x.shape[-1])
-    experts, gates = self.route(name, layer, xf)
+    experts, gates, dense = self.route(name, layer, xf)
     a, b = self.adapters.pool.factors(name, layer)
-    delta = expert_delta(xf, a, b, experts, gates) * self.cfg.scale
+    delta = expert_delta(xf, a, b, experts, gates, dense) * self.cfg.scale
     return y + delta.reshape(*x.shape[:-1], -1).astype(y.dtype)
 
-  def route(self, name: str, layer: int, xf: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Experts [N, k] and gates [N, k] for this module and layer."""
+  def route(self, name: str, layer: int, xf: jax.Array
+            ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Experts [N, k], gates [N, k] and dense gates [N, E] (or None) for this module and layer."""
     mode = self.cfg.mode
+    num_experts = self.cfg.num_experts
     if mode == "lora":
       n = xf.shape[0]
-      return jnp.zeros((n, 1), jnp.int32), jnp.ones((n, 1), jnp.float32)
+      experts, gates = jnp.zeros((n, 1), jnp.int32), jnp.ones((n, 1), jnp.float32)
+      return experts, gates, gates
     if mode == "layerwise":
       logits = self.adapters.router(name, layer, xf)
       experts, gates = top_k_gates(logits, self.cfg.top_k)
       self.routes.append(Route(experts, gates, logits))
-      return experts, gates
-    # pregated: decide at the first adapted module, reuse everywhere after.
+      return experts, gates, None
+    # pregated: decide at the first adapted module, reuse everywhere after, dense gates included.
     if not self.routes:
       logits, layer_logits = self.adapters.router(xf)
       experts, gates = top_k_gates(logits, self.cfg.top_k)
       if layer_logits is not None:
         gates = gates_for(layer_logits, experts[:, None, :])  # [N, L, k]
+        self._dense = dense_gates(experts[:, None, :], gates, num_experts)  # [N, L, E]
+      else:
+        self._dense = dense_gates(experts, gates, num_experts)
       self.routes.append(Route(experts, gates, logits))
     route = self.routes[0]
-    gates = route.gates[:, layer] if route.gates.ndim == 3 else route.gates
-    return route.experts, gates
+    if route.gates.ndim == 3:
+      return route.experts, route.gates[:, layer], self._dense[:, layer]
+    return route.experts, route.gates, self._dense
 
 
 def merge_lora(weights: dict[str, jax.Array], adapters: MixtureOfLoRA) -> dict[str, jax.Array]:
@@ -119,6 +126,6 @@ def merge_lora(weights: dict[str, jax.Array], adapters: MixtureOfLoRA) -> dict[s
   out = dict(weights)
   for m in adapters.cfg.modules:
     a, b = getattr(adapters.pool, f"A_{m}")[...], getattr(adapters.pool, f"B_{m}")[...]
-    delta = jnp.einsum("lir,lro->lio", a[:, 0].astype(jnp.float32), b[:, 0].astype(jnp.float32))
+    delta = jnp.einsum("lir,lro->lio", a[:, :, 0].astype(jnp.float32), b[:, 0].astype(jnp.float32))
     out[m] = (weights[m].astype(jnp.float32) + adapters.cfg.scale * delta).astype(weights[m].dtype)
   return out

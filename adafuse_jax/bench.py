@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> dict:
       r.update(mode=label, layout=layout, bytes_per_step=nbytes, floor_ms=nbytes / bw * 1e3,
                effective_tb_s=nbytes / (r["decode"]["median_ms"] / 1e3) / 1e12)
       rows.append(r)
+      print(f"#   {label}: {r['decode']['median_ms']:.3f} ms/token, floor {r['floor_ms']:.3f} ms,"
+            f" {r['kernels_per_step']} kernels, prefill "
+            + ", ".join(f"{n}: {t['median_ms']:.2f} ms" for n, t in r["prefill"].items()),
+            file=sys.stderr)
       del run_model, adapters
       gc.collect()
     del model

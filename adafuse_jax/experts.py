@@ -1,6 +1,10 @@
 """Pools of LoRA experts and the math that applies the chosen ones.
 
-Per adapted module m, the pool holds stacked `A[m]: [L, E, in, r]` and `B[m]: [L, E, r, out]`.
+Per adapted module m, the pool holds stacked `A[m]: [L, in, E, r]` and `B[m]: [L, E, r, out]`.
+A keeps `in` first so that one layer's A reshapes for free to `[in, E*r]` and B to `[E*r, out]`:
+the dense path runs all experts of a module as two plain matmuls, with no gather and no scatter
+(both cost more than the matmuls themselves at batch-1 decode on the H100: measured +121% over
+the backbone for the gather formulation, docs/benchmarks/h100-initial).
 B starts at zero, so an untrained pool leaves the model unchanged. Adapter weights are their own
 NNX Variable types (subclasses of `nnx.LoRAParam`): an optimizer (`nnx.Optimizer(..., wrt=
 AdapterParam)`) or a checkpoint selects them alone and the backbone's `nnx.Param`s stay frozen.
@@ -31,7 +35,7 @@ class ExpertPool(nnx.Module):
   """Stacked LoRA experts for every adapted module of every layer.
 
   Attributes (per adapted module m, e.g. `A_q`, `B_q`):
-    A_m: ExpertParam [L, E, in, r], Kaiming-style random.
+    A_m: ExpertParam [L, in, E, r], Kaiming-style random.
     B_m: ExpertParam [L, E, r, out], zeros (or random with `random_b`, for tests/benchmarks).
   """
 
@@ -42,7 +46,7 @@ class ExpertPool(nnx.Module):
     e, r, L = cfg.num_experts, cfg.rank, model_cfg.layers
     for m in cfg.modules:
       d_in, d_out = shapes[m]
-      a = jax.random.normal(rngs.params(), (L, e, d_in, r), jnp.float32) / jnp.sqrt(d_in)
+      a = jax.random.normal(rngs.params(), (L, d_in, e, r), jnp.float32) / jnp.sqrt(d_in)
       if random_b:
         b = jax.random.normal(rngs.params(), (L, e, r, d_out), jnp.float32) / jnp.sqrt(r)
         b = b * 0.5  # deltas of the backbone's order of magnitude would drown it
@@ -52,46 +56,57 @@ class ExpertPool(nnx.Module):
       setattr(self, f"B_{m}", ExpertParam(b.astype(dtype)))
 
   def factors(self, module: str, layer: int) -> tuple[jax.Array, jax.Array]:
-    """(A [E, in, r], B [E, r, out]) of one module at one layer."""
+    """(A [in, E, r], B [E, r, out]) of one module at one layer."""
     return getattr(self, f"A_{module}")[layer], getattr(self, f"B_{module}")[layer]
 
 
+def dense_gates(experts: jax.Array, gates: jax.Array, num_experts: int) -> jax.Array:
+  """Scatters top-k gates to all experts: experts, gates [..., k] -> [..., E] (0 if unchosen)."""
+  one_hot = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32)  # [..., k, E]
+  return jnp.einsum("...ke,...k->...e", one_hot, gates.astype(jnp.float32))
+
+
+def use_gather(num_tokens: int, top_k: int, num_experts: int) -> bool:
+  """Gather only when the tokens touch a small share of a large pool (E=64, say); the dense
+  path reads all E experts but runs as two plain matmuls."""
+  return num_tokens * top_k * 4 <= num_experts
+
+
 def expert_delta(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array,
-                 gates: jax.Array) -> jax.Array:
-  """Σ_k gates[..., k] · (x @ A[experts[..., k]]) @ B[experts[..., k]], unmerged.
+                 gates: jax.Array, dense: jax.Array | None = None) -> jax.Array:
+  """Σ_k gates[..., k] · (x @ A[:, experts[..., k]]) @ B[experts[..., k]], unmerged.
 
   Args:
     x: [N, in] tokens (flattened batch and time).
-    a: [E, in, r]; b: [E, r, out].
+    a: [in, E, r]; b: [E, r, out].
     experts: [N, k] int32 expert ids; gates: [N, k] weights.
+    dense: optional precomputed `dense_gates(experts, gates, E)` [N, E] (routing once per step
+      lets every module reuse it).
   Returns:
     [N, out] in x's dtype.
-
-  Few tokens (decode) gather the k chosen experts per token, reading only those. Many tokens
-  (prefill) run all E experts densely with the gates scattered to an [N, E] matrix (zero for
-  unchosen experts): the same numbers, with no [N, k, in, r] gather that would dwarf the matmul.
   """
   n, k = experts.shape
-  num_experts = a.shape[0]
-  if n * k < num_experts:
-    a_sel, b_sel = a[experts], b[experts]  # [N, k, in, r], [N, k, r, out]
-    h = jnp.einsum("ni,nkir->nkr", x, a_sel, preferred_element_type=jnp.float32)
+  d_in, num_experts, r = a.shape
+  if use_gather(n, k, num_experts):
+    a_sel, b_sel = a[:, experts], b[experts]  # [in, N, k, r], [N, k, r, out]
+    h = jnp.einsum("ni,inkr->nkr", x, a_sel, preferred_element_type=jnp.float32)
     h = h * gates[..., None].astype(jnp.float32)
     out = jnp.einsum("nkr,nkro->no", h.astype(x.dtype), b_sel, preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
-  dense_gates = jnp.zeros((n, num_experts), jnp.float32)
-  dense_gates = dense_gates.at[jnp.arange(n)[:, None], experts].add(gates.astype(jnp.float32))
-  h = jnp.einsum("ni,eir->ner", x, a, preferred_element_type=jnp.float32)
-  h = h * dense_gates[..., None]
-  out = jnp.einsum("ner,ero->no", h.astype(x.dtype), b, preferred_element_type=jnp.float32)
+  if dense is None:
+    dense = dense_gates(experts, gates, num_experts)
+  h = jnp.dot(x, a.reshape(d_in, num_experts * r), preferred_element_type=jnp.float32)
+  h = (h.reshape(n, num_experts, r) * dense[..., None]).reshape(n, num_experts * r)
+  out = jnp.dot(h.astype(x.dtype), b.reshape(num_experts * r, -1),
+                preferred_element_type=jnp.float32)
   return out.astype(x.dtype)
 
 
 def expert_delta_reference(x, a, b, experts, gates):
-  """Plain f32 loop over tokens and choices: the truth for tests."""
+  """Plain f32 loop over the k choices: the truth for tests. Shapes as `expert_delta`."""
   x, a, b = (t.astype(jnp.float32) for t in (x, a, b))
   out = jnp.zeros((x.shape[0], b.shape[-1]), jnp.float32)
   for j in range(experts.shape[1]):
     e = experts[:, j]
-    out = out + gates[:, j, None] * jnp.einsum("ni,nir,nro->no", x, a[e], b[e])
+    out = out + gates[:, j, None] * jnp.einsum("ni,inr,nro->no", x, a[:, e], b[e])
   return out

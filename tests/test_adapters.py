@@ -99,12 +99,12 @@ def test_per_layer_gates_differ_by_layer_but_share_experts(model):
   assert float(jnp.abs(route.gates[:, 0] - route.gates[:, 1]).max()) > 1e-3
 
 
-@pytest.mark.parametrize("n", [1, 3, 40])
-def test_expert_delta_gather_and_dense_paths_match_reference(n):
+@pytest.mark.parametrize("n, e", [(1, 6), (3, 6), (40, 6), (1, 64), (3, 64)])
+def test_expert_delta_gather_and_dense_paths_match_reference(n, e):
   rng = np.random.default_rng(n)
-  e, d_in, r, d_out, k = 6, 12, 4, 10, 2
+  d_in, r, d_out, k = 12, 4, 10, 2
   x = jnp.asarray(rng.normal(size=(n, d_in)), jnp.float32)
-  a = jnp.asarray(rng.normal(size=(e, d_in, r)), jnp.float32)
+  a = jnp.asarray(rng.normal(size=(d_in, e, r)), jnp.float32)
   b = jnp.asarray(rng.normal(size=(e, r, d_out)), jnp.float32)
   experts = jnp.asarray(np.stack([rng.permutation(e)[:k] for _ in range(n)]), jnp.int32)
   gates = jax.nn.softmax(jnp.asarray(rng.normal(size=(n, k)), jnp.float32))

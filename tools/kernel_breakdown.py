@@ -1,0 +1,77 @@
+"""Per-kernel time of decode steps, from a JAX profiler trace (GPU).
+
+    python tools/kernel_breakdown.py --preset llama2-7b --mode backbone --out DIR
+
+Runs warm decode steps under `jax.profiler.trace`, reads the Perfetto trace it writes, and prints
+the kernels grouped by name: count per step, total µs per step, share of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+
+from adafuse_jax import benchmarks as B
+from adafuse_jax.config import PRESETS, AdapterConfig
+from adafuse_jax.generate import Generator
+from adafuse_jax.model.llama import LlamaModel
+from adafuse_jax.sampling import SamplingConfig
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--preset", default="llama2-7b")
+  p.add_argument("--mode", default="backbone")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--cache-len", type=int, default=512)
+  p.add_argument("--out", required=True)
+  args = p.parse_args()
+  out = pathlib.Path(args.out)
+  model = LlamaModel(PRESETS[args.preset], dtype=jnp.bfloat16)
+  adapters = B.build_adapters(model.cfg, args.mode, AdapterConfig(), jnp.bfloat16, 0)
+  gen = Generator(model, adapters=adapters)
+  step = gen.compiled(1, 1, args.cache_len, SamplingConfig())
+  cache = gen.new_cache(1, args.cache_len)
+  tok = jnp.ones((1, 1), jnp.int32)
+  key = jax.random.key(0)
+  for _ in range(3):
+    nxt, _, cache, _ = step(gen.params, gen.adapter_params, tok, cache, key)
+  jax.block_until_ready(nxt)
+  with jax.profiler.trace(str(out / "trace"), create_perfetto_trace=True):
+    for _ in range(args.steps):
+      nxt, _, cache, _ = step(gen.params, gen.adapter_params, tok, cache, key)
+      jax.block_until_ready(nxt)
+  (out / f"hlo_{args.mode}.txt").write_text(step.as_text())
+  trace_file = sorted(glob.glob(str(out / "trace" / "**" / "*.json.gz"), recursive=True))[-1]
+  events = json.load(gzip.open(trace_file))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  # GPU kernels live on the device's stream threads; keep complete events with a duration.
+  pids = {e["pid"]: e["args"]["name"] for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpu_pids = {pid for pid, name in pids.items() if "gpu" in name.lower() or "/device" in name.lower()}
+  agg: dict[str, list[float]] = collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e:
+      name = re.sub(r"_\d+$", "", e["name"].split("(")[0])[:60]
+      agg[name].append(float(e["dur"]))
+  total = sum(sum(v) for v in agg.values()) / args.steps
+  lines = [f"mode {args.mode}: {sum(len(v) for v in agg.values()) / args.steps:.0f} GPU events/step,"
+           f" {total:.0f} µs busy/step", "| kernel | per step | µs/step | share |", "|---|---|---|---|"]
+  for name, durs in sorted(agg.items(), key=lambda kv: -sum(kv[1]))[:25]:
+    lines.append(f"| {name} | {len(durs) / args.steps:.0f} | {sum(durs) / args.steps:.0f} |"
+                 f" {100 * sum(durs) / args.steps / total:.1f}% |")
+  text = "\n".join(lines)
+  print(text)
+  (out / f"kernels_{args.mode}.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+  main()
