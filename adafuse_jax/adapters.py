@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from adafuse_jax.config import AdapterConfig, ModelConfig
-from adafuse_jax.experts import ExpertPool, dense_gates, expert_delta
+from adafuse_jax.experts import ExpertPool, dense_gates, expert_delta, use_gather
 from adafuse_jax.routing import LayerwiseRouter, PreGateRouter, gates_for, top_k_gates
 
 
@@ -43,8 +43,8 @@ class MixtureOfLoRA(nnx.Module):
     else:
       self.router = None
 
-  def runtime(self) -> "AdapterRuntime":
-    return AdapterRuntime(self)
+  def runtime(self, implementation: str = "xla") -> "AdapterRuntime":
+    return AdapterRuntime(self, implementation)
 
 
 @dataclasses.dataclass
@@ -56,32 +56,63 @@ class Route:
   logits: jax.Array | None
 
 
+IMPLEMENTATIONS = ("xla", "pallas")
+
+
 class AdapterRuntime:
   """`LinearFn` for one forward pass: y = x @ w + (alpha / r) Σ_k g_k (x A_k) B_k.
+
+  implementation: "xla" applies the experts with plain matmuls beside the base one; "pallas"
+  folds the expansion into the base matmul (`pallas_kernels.expert_matmul`), leaving one small
+  XLA shrink per module. "pallas" needs stacked weights (the GPU layout) and runs in the Pallas
+  interpreter on the CPU; pools too large for the dense path (see `use_gather`) stay on "xla".
 
   Attributes after the call:
     routes: every routing decision made, in order (one for "pregated", one per adapted module
       and layer for "layerwise", none for "lora"); for aux losses and statistics.
   """
 
-  def __init__(self, adapters: MixtureOfLoRA):
+  def __init__(self, adapters: MixtureOfLoRA, implementation: str = "xla"):
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS}")
     self.adapters = adapters
     self.cfg = adapters.cfg
+    self.implementation = implementation
     self.routes: list[Route] = []
 
   @property
   def first_route(self) -> Route | None:
     return self.routes[0] if self.routes else None
 
-  def __call__(self, name: str, layer: int, x: jax.Array, w: jax.Array) -> jax.Array:
-    y = x @ w
+  def __call__(self, name: str, layer: int, x: jax.Array, weights) -> jax.Array:
     if name not in self.cfg.modules:
-      return y
+      return x @ weights[layer]
     xf = x.reshape(-1, x.shape[-1])
     experts, gates, dense = self.route(name, layer, xf)
     a, b = self.adapters.pool.factors(name, layer)
+    if (self.implementation == "pallas" and not isinstance(weights, tuple)
+        and not use_gather(*experts.shape, self.cfg.num_experts)):
+      return self._fused(name, layer, x, xf, weights, experts, gates, dense)
+    y = x @ weights[layer]
     delta = expert_delta(xf, a, b, experts, gates, dense) * self.cfg.scale
     return y + delta.reshape(*x.shape[:-1], -1).astype(y.dtype)
+
+  def _fused(self, name, layer, x, xf, weights, experts, gates, dense):
+    from pallas_kernels.expert_matmul import fused_expert_matmul
+
+    if dense is None:
+      dense = dense_gates(experts, gates, self.cfg.num_experts)
+    pool = self.adapters.pool
+    a_all = getattr(pool, f"A_{name}")[...]  # [L, in, E, r]
+    b_all = getattr(pool, f"B_{name}")[...]  # [L, E, r, out]
+    num_layers, d_in, num_experts, r = a_all.shape
+    h = jnp.dot(xf, a_all[layer].reshape(d_in, num_experts * r), preferred_element_type=jnp.float32)
+    h = (h.reshape(-1, num_experts, r) * (dense * self.cfg.scale)[..., None]).reshape(
+        -1, num_experts * r)
+    y = fused_expert_matmul(xf, weights, layer, h.astype(xf.dtype),
+                            b_all.reshape(num_layers, num_experts * r, -1),
+                            interpret=jax.default_backend() == "cpu")
+    return y.reshape(*x.shape[:-1], -1)
 
   def route(self, name: str, layer: int, xf: jax.Array
             ) -> tuple[jax.Array, jax.Array, jax.Array | None]:

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--cache-len", type=int, default=512,
                  help="KV-cache slots; decode steps attend to the first half of them")
   p.add_argument("--prefill", default="128,512,2048", help="prompt lengths to time prefill on")
-  p.add_argument("--prefill-modes", default="backbone,pregated,layerwise",
+  p.add_argument("--prefill-modes", default="backbone,pregated,pregated-fused,layerwise",
                  help="modes whose prefill is timed")
   p.add_argument("--steps", type=int, default=50, help="timed decode steps per mode (>= 20 for reports)")
   p.add_argument("--warmup", type=int, default=5)
@@ -122,9 +122,9 @@ def run(args: argparse.Namespace) -> dict:
       r = B.bench_mode(run_model, adapters, batch=args.batch, cache_len=args.cache_len,
                        warmup=args.warmup, steps=args.steps,
                        prefill_lengths=prefill_lengths if mode in prefill_modes else (),
-                       seed=args.seed)
+                       seed=args.seed, implementation=B.split_mode(mode)[1])
       acfg = None if mode in ("backbone", "lora-merged") else (
-          adapter_base.replace(mode="lora" if mode == "lora" else mode))
+          adapter_base.replace(mode=B.split_mode(mode)[0]))
       nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, args.batch, acfg)
       r.update(mode=label, layout=layout, bytes_per_step=nbytes, floor_ms=nbytes / bw * 1e3,
                effective_tb_s=nbytes / (r["decode"]["median_ms"] / 1e3) / 1e12)

@@ -28,8 +28,18 @@ from adafuse_jax.model.llama import LINEAR_NAMES, LlamaModel
 from adafuse_jax.sampling import SamplingConfig
 
 # Decode paths the benchmark knows, in display order. "lora-merged" folds one LoRA into the
-# weights once (a backbone pass on other weights); the rest apply adapters unmerged.
-BENCH_MODES = ("backbone", "lora-merged", "lora", "pregated", "layerwise")
+# weights once (a backbone pass on other weights); the rest apply adapters unmerged, with plain
+# XLA matmuls or, for "-fused", with the Pallas kernel that folds the experts into the base
+# matmul (pallas_kernels/expert_matmul.py).
+BENCH_MODES = ("backbone", "lora-merged", "lora", "lora-fused", "pregated", "pregated-fused",
+               "layerwise", "layerwise-fused")
+
+
+def split_mode(mode: str) -> tuple[str, str]:
+  """'pregated-fused' -> ('pregated', 'pallas'); 'layerwise' -> ('layerwise', 'xla')."""
+  if mode.endswith("-fused"):
+    return mode[: -len("-fused")], "pallas"
+  return mode, "xla"
 
 
 @dataclasses.dataclass
@@ -104,7 +114,8 @@ def build_adapters(model_cfg: ModelConfig, mode: str, base: AdapterConfig, dtype
                    seed: int) -> MixtureOfLoRA | None:
   if mode == "backbone":
     return None
-  cfg = base.replace(mode="lora" if mode.startswith("lora") else mode)
+  adapter_mode, _ = split_mode(mode)
+  cfg = base.replace(mode="lora" if adapter_mode.startswith("lora") else adapter_mode)
   return MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, random_b=True)
 
 
@@ -116,9 +127,10 @@ def merged_model(model: LlamaModel, adapters: MixtureOfLoRA) -> LlamaModel:
 
 
 def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,
-               warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int) -> dict:
+               warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int,
+               implementation: str = "xla") -> dict:
   """Decode step and prefill timings of one model (+ adapters) configuration."""
-  gen = Generator(model, adapters=adapters)
+  gen = Generator(model, adapters=adapters, implementation=implementation)
   sampling = SamplingConfig()
   t0 = time.perf_counter()
   step = gen.compiled(batch, 1, cache_len, sampling)

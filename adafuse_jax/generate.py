@@ -75,9 +75,12 @@ class Generator:
   Args:
     model: the decoder; its parameters are split out once and passed to the compiled steps.
     adapters: an expert pool + routers applied unmerged in every step, or None (backbone).
+    implementation: how unmerged experts are applied: "xla" or "pallas" (fused kernel).
   """
 
-  def __init__(self, model: LlamaModel, *, adapters: MixtureOfLoRA | None = None):
+  def __init__(self, model: LlamaModel, *, adapters: MixtureOfLoRA | None = None,
+               implementation: str = "xla"):
+    self.implementation = implementation
     self.cfg = model.cfg
     self.dtype = model.dtype
     self.graphdef, self.params = nnx.split(model)
@@ -90,7 +93,7 @@ class Generator:
     runtime = None
     linear: LinearFn = plain_linear
     if adapter_params is not None:
-      runtime = nnx.merge(self.adapters_graphdef, adapter_params).runtime()
+      runtime = nnx.merge(self.adapters_graphdef, adapter_params).runtime(self.implementation)
       linear = runtime
     logits, cache = model(tokens, cache, linear=linear)
     routing = None

@@ -175,3 +175,20 @@ def test_bad_adapter_configs_are_rejected(kwargs, message):
 
 def test_modules_are_kept_in_model_order():
   assert AdapterConfig(modules=("down", "q", "v")).modules == ("q", "v", "down")
+
+
+@pytest.mark.parametrize("mode", ["lora", "pregated", "layerwise"])
+def test_fused_pallas_path_equals_xla_path(model, mode):
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5)
+  adapters = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True)
+  cache = lambda: KVCache.create(model.cfg, 2, 8, model.dtype)  # noqa: E731
+  want, _ = model(jnp.asarray(TOKENS), cache(), all_logits=True, linear=adapters.runtime("xla"))
+  fused = adapters.runtime("pallas")
+  got, _ = model(jnp.asarray(TOKENS), cache(), all_logits=True, linear=fused)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_implementation_is_rejected(model):
+  adapters = MixtureOfLoRA(model.cfg, AdapterConfig(mode="lora", rank=4), seed=1)
+  with pytest.raises(ValueError, match="implementation"):
+    adapters.runtime("cuda")

@@ -12,9 +12,10 @@ layouts, chosen per backend because each is the fast one on its own device:
 `W[l]` reads the same in both, so the forward pass does not care.
 
 Adapters enter through one seam: every linear module is applied by a `LinearFn`
-`(name, layer, x, w) -> y`. The backbone's is `x @ w`; an adapter runtime wraps it to add
-expert deltas (unmerged), to call a fused kernel, or leaves it alone when the experts were
-merged into `w`.
+`(name, layer, x, weights) -> y`, where `weights` is the module's whole weight (stacked or a
+tuple) so that a kernel can read layer `layer` in place. The backbone's is `x @ weights[layer]`;
+an adapter runtime adds expert deltas (unmerged), calls the fused kernel, or leaves it alone
+when the experts were merged into the weights.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ def default_layout() -> str:
   return "list" if jax.default_backend() == "cpu" else "stacked"
 
 
-def plain_linear(name: str, layer: int, x: jax.Array, w: jax.Array) -> jax.Array:
-  """The backbone's linear: x [..., in] @ w [in, out]."""
-  del name, layer
-  return x @ w
+def plain_linear(name: str, layer: int, x: jax.Array, weights) -> jax.Array:
+  """The backbone's linear: x [..., in] @ weights[layer] [in, out]."""
+  del name
+  return x @ weights[layer]
 
 
 class LlamaModel(nnx.Module):
@@ -122,18 +123,18 @@ class LlamaModel(nnx.Module):
     new_k, new_v = list(cache.k), list(cache.v)
     for l in range(cfg.layers):
       x = rms_norm(h, self.attn_norm[l], cfg.rms_eps)
-      q = linear("q", l, x, self.q[l]).reshape(b, t, cfg.heads, cfg.head_dim)
-      k = linear("k", l, x, self.k[l]).reshape(b, t, cfg.kv_heads, cfg.head_dim)
-      v = linear("v", l, x, self.v[l]).reshape(b, t, cfg.kv_heads, cfg.head_dim)
+      q = linear("q", l, x, self.q.get_value()).reshape(b, t, cfg.heads, cfg.head_dim)
+      k = linear("k", l, x, self.k.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
+      v = linear("v", l, x, self.v.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
       new_k[l] = jax.lax.dynamic_update_slice(new_k[l], k.astype(new_k[l].dtype), (0, start, 0, 0))
       new_v[l] = jax.lax.dynamic_update_slice(new_v[l], v.astype(new_v[l].dtype), (0, start, 0, 0))
       att = attention(q, new_k[l], new_v[l], mask).reshape(b, t, cfg.q_dim)
-      h = h + linear("o", l, att, self.o[l])
+      h = h + linear("o", l, att, self.o.get_value())
       x = rms_norm(h, self.ffn_norm[l], cfg.rms_eps)
-      act = swiglu(linear("gate", l, x, self.gate[l]), linear("up", l, x, self.up[l]))
-      h = h + linear("down", l, act, self.down[l])
+      act = swiglu(linear("gate", l, x, self.gate.get_value()), linear("up", l, x, self.up.get_value()))
+      h = h + linear("down", l, act, self.down.get_value())
 
     if not all_logits:
       h = h[:, -1]
