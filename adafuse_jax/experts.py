@@ -69,7 +69,7 @@ def dense_gates(experts: jax.Array, gates: jax.Array, num_experts: int) -> jax.A
 def use_gather(num_tokens: int, top_k: int, num_experts: int) -> bool:
   """Gather only when the tokens touch a small share of a large pool (E=64, say); the dense
   path reads all E experts but runs as two plain matmuls."""
-  return num_tokens * top_k * 4 <= num_experts
+  return num_tokens * top_k * 4 < num_experts
 
 
 def expert_delta(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array,

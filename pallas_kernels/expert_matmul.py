@@ -60,14 +60,14 @@ def _kernel(layer_ref,  # [1] int32
   rows = i * block_m + jnp.arange(block_m)
   cols = j * block_n + jnp.arange(block_n)
   row_mask, col_mask = rows < m_total, cols < n_total
-  w_layer, b_layer = w_ref.at[layer], b_ref.at[layer]
 
   def body(kb, acc):
     ks = kb * block_k + jnp.arange(block_k)
     k_mask = ks < k_total
     x = plgpu.load(x_ref.at[pl.ds(i * block_m, block_m), pl.ds(kb * block_k, block_k)],
                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-    w = plgpu.load(w_layer.at[pl.ds(kb * block_k, block_k), pl.ds(j * block_n, block_n)],
+    # One indexer per load (layer, rows, cols): the Triton lowering takes no chained views.
+    w = plgpu.load(w_ref.at[layer, pl.ds(kb * block_k, block_k), pl.ds(j * block_n, block_n)],
                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
     return acc + plgpu.dot(x, w).astype(jnp.float32)
 
@@ -76,7 +76,7 @@ def _kernel(layer_ref,  # [1] int32
   r_mask = jnp.arange(block_r) < r_total
   h = plgpu.load(h_ref.at[pl.ds(i * block_m, block_m), pl.ds(0, block_r)],
                  mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-  b = plgpu.load(b_layer.at[pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
+  b = plgpu.load(b_ref.at[layer, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
                  mask=r_mask[:, None] & col_mask[None, :], other=0.0)
   acc = acc + plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
   plgpu.store(o_ref.at[pl.ds(i * block_m, block_m), pl.ds(j * block_n, block_n)],
