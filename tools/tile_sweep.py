@@ -45,7 +45,7 @@ def main() -> None:
 
     candidates = [("xla", None)] + [
         (f"pallas bn={bn} bk={bk} w={nw} s={ns}", Tiles(16, bn, bk, nw, ns))
-        for bn, bk, nw, ns in itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (3, 4))]
+        for bn, bk, nw, ns in itertools.product((32, 64, 128), (128, 256), (4,), (3, 4))]
     for label, tiles in candidates:
       if tiles is None:
         fn = jax.jit(xla)
