@@ -37,7 +37,7 @@ def main() -> None:
   out = pathlib.Path(args.out)
   model = LlamaModel(PRESETS[args.preset], dtype=jnp.bfloat16)
   adapters = B.build_adapters(model.cfg, args.mode, AdapterConfig(), jnp.bfloat16, 0)
-  gen = Generator(model, adapters=adapters)
+  gen = Generator(model, adapters=adapters, implementation=B.split_mode(args.mode)[1])
   step = gen.compiled(1, 1, args.cache_len, SamplingConfig())
   cache = gen.new_cache(1, args.cache_len)
   tok = jnp.ones((1, 1), jnp.int32)
