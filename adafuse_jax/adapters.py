@@ -107,10 +107,9 @@ class AdapterRuntime:
     b_all = getattr(pool, f"B_{name}")[...]  # [L, E, r, out]
     num_layers, d_in, num_experts, r = a_all.shape
     h = jnp.dot(xf, a_all[layer].reshape(d_in, num_experts * r), preferred_element_type=jnp.float32)
-    h = (h.reshape(-1, num_experts, r) * (dense * self.cfg.scale)[..., None]).reshape(
-        -1, num_experts * r)
-    y = fused_expert_matmul(xf, weights, layer, h.astype(xf.dtype),
-                            b_all.reshape(num_layers, num_experts * r, -1),
+    # Per-column gates; identical for every module of a pre-gated step, so XLA computes them once.
+    g = jnp.repeat(dense.astype(jnp.float32), r, axis=-1) * self.cfg.scale
+    y = fused_expert_matmul(xf, weights, layer, h, g, b_all.reshape(num_layers, num_experts * r, -1),
                             interpret=jax.default_backend() == "cpu")
     return y.reshape(*x.shape[:-1], -1)
 

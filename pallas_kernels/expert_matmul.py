@@ -1,12 +1,14 @@
-"""Fused expert matmul for decode: y = x @ W[l] + h @ B[l], one kernel per linear module.
+"""Fused expert matmul for decode: y = x @ W[l] + (h ⊙ g) @ B[l], one kernel per linear module.
 
 The dynamic adapter's per-token cost at batch-1 decode is not bandwidth (two rank-16 experts
 add ~1% to the bytes read) but kernel launches: in plain XLA every adapted module adds a
 shrink, an expansion and an add, and the H100 sits idle between them
 (docs/benchmarks/h100/kernels_pregated.md). This kernel folds the expansion into the base
 matrix-vector product: each program owns a tile of output columns, streams its slice of `W[l]`
-once, and finishes with one more small dot against its slice of the experts' B. Only the
-shrink `h = gates ⊙ (x @ A)` (K x E·r, ~1% of W) stays outside, as one XLA matmul.
+once, and finishes with one more small dot against its slice of the experts' B, scaled by the
+per-column gates g (each expert's gate repeated over its r columns, the LoRA scale folded in;
+zero for experts a token did not choose). Only the shrink `h = x @ A` (K x E·r, ~1% of W)
+stays outside, as one XLA matmul; with pre-gating g is computed once per step for all layers.
 
 Layout: the weights stay stacked, `W: [L, K, N]`, `B: [L, R, N]` with R = E·r (a free reshape of
 the pool's `[L, E, r, N]`), and the layer arrives as a runtime scalar: no slice of the stacked
@@ -47,7 +49,8 @@ class Tiles:
 def _kernel(layer_ref,  # [1] int32
             x_ref,      # [M, K]
             w_ref,      # [L, K, N]
-            h_ref,      # [M, R]
+            h_ref,      # [M, R] f32 shrink x @ A
+            g_ref,      # [M, R] f32 per-column gates
             b_ref,      # [L, R, N]
             *out_refs,  # ([M, N] aliased input,) [M, N] output
             block_m: int, block_n: int, block_k: int, block_r: int):
@@ -74,8 +77,10 @@ def _kernel(layer_ref,  # [1] int32
   acc = jax.lax.fori_loop(0, pl.cdiv(k_total, block_k), body,
                           jnp.zeros((block_m, block_n), jnp.float32))
   r_mask = jnp.arange(block_r) < r_total
-  h = plgpu.load(h_ref.at[pl.ds(i * block_m, block_m), pl.ds(0, block_r)],
-                 mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+  hr_mask = row_mask[:, None] & r_mask[None, :]
+  h = plgpu.load(h_ref.at[pl.ds(i * block_m, block_m), pl.ds(0, block_r)], mask=hr_mask, other=0.0)
+  g = plgpu.load(g_ref.at[pl.ds(i * block_m, block_m), pl.ds(0, block_r)], mask=hr_mask, other=0.0)
+  h = h.astype(jnp.float32) * g.astype(jnp.float32)
   b = plgpu.load(b_ref.at[layer, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
                  mask=r_mask[:, None] & col_mask[None, :], other=0.0)
   acc = acc + plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
@@ -85,16 +90,17 @@ def _kernel(layer_ref,  # [1] int32
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def fused_expert_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h: jax.Array,
-                        b: jax.Array, *, out: jax.Array | None = None,
+                        g: jax.Array, b: jax.Array, *, out: jax.Array | None = None,
                         tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
-  """y = x @ w[layer] + h @ b[layer].
+  """y = x @ w[layer] + (h ⊙ g) @ b[layer].
 
   Args:
     x: [M, K] activations (M = tokens in the step; padded to tiles internally by masking).
     w: [L, K, N] stacked base weights.
     layer: which layer (a Python int or an int32 scalar; not a compile-time constant).
-    h: [M, R] gated shrink activations, `gates ⊙ (x @ A)`, R = E·r (any R; padded to a power
-      of two >= 16 by masking).
+    h: [M, R] shrink activations `x @ A[layer]` (f32 is best), R = E·r (any R; padded to a
+      power of two >= 16 by masking).
+    g: [M, R] per-column gates (f32): expert e's gate over its r columns, times alpha / r.
     b: [L, R, N] stacked expansion factors.
     out: optional [M, N] buffer the result is written into (aliased; tests pass one filled
       with NaN to prove every element is written).
@@ -112,12 +118,18 @@ def fused_expert_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h: j
     raise ValueError(f"b has shape {b.shape}, expected {(num_layers, r, n)} from w and h")
   if h.shape[0] != m:
     raise ValueError(f"h has {h.shape[0]} rows, x has {m}")
+  if g.shape != h.shape:
+    raise ValueError(f"g has shape {g.shape}, h has {h.shape}: one gate per shrink column")
+  if x.dtype != w.dtype:
+    # Triton's dot takes one element type; a silent upcast would double the bytes read.
+    raise ValueError(f"dtypes must match: x {x.dtype} vs w {w.dtype}; cast the activations to"
+                     " the weights' dtype")
   tiles = tiles or Tiles.get_default(m, n, k)
   block_r = max(16, pl.next_power_of_2(r))
   kernel = functools.partial(_kernel, block_m=tiles.block_m, block_n=tiles.block_n,
                              block_k=tiles.block_k, block_r=block_r)
   layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
-  operands = (layer_arr, x, w, h, b)
+  operands = (layer_arr, x, w, h, g, b)
   aliases = {}
   if out is not None:
     if out.shape != (m, n) or out.dtype != x.dtype:
@@ -135,7 +147,7 @@ def fused_expert_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h: j
   )(*operands)
 
 
-def fused_expert_matmul_reference(x, w, layer, h, b):
-  """Plain jnp, upcast to f32: x @ w[layer] + h @ b[layer]."""
+def fused_expert_matmul_reference(x, w, layer, h, g, b):
+  """Plain jnp, upcast to f32: x @ w[layer] + (h ⊙ g) @ b[layer]."""
   f32 = jnp.float32
-  return (x.astype(f32) @ w[layer].astype(f32) + h.astype(f32) @ b[layer].astype(f32))
+  return x.astype(f32) @ w[layer].astype(f32) + (h.astype(f32) * g.astype(f32)) @ b[layer].astype(f32)

@@ -18,8 +18,10 @@ INTERPRET = jax.default_backend() != "gpu"
 
 def _inputs(seed, m, k, n, r, layers, dtype):
   rng = np.random.default_rng(seed)
-  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32).astype(dtype)  # noqa: E731
-  return f(m, k), f(layers, k, n) / np.sqrt(k), f(m, r), f(layers, r, n) / np.sqrt(r)
+  f = lambda scale, *s: jnp.asarray(rng.normal(size=s) * scale, dtype)  # noqa: E731
+  h = jnp.asarray(rng.normal(size=(m, r)), jnp.float32)
+  g = jnp.asarray(rng.uniform(size=(m, r)) * (rng.uniform(size=(m, r)) > 0.5), jnp.float32)
+  return f(1.0, m, k), f(k ** -0.5, layers, k, n), h, g, f(r ** -0.5, layers, r, n)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -30,11 +32,11 @@ def _inputs(seed, m, k, n, r, layers, dtype):
     (64, 96, 33, 4, 2),      # batch 64, rank 4, one expert
 ])
 def test_matches_reference_on_ragged_shapes_with_poisoned_output(dtype, m, k, n, r, layers):
-  x, w, h, b = _inputs(m + k, m, k, n, r, layers, dtype)
+  x, w, h, g, b = _inputs(m + k, m, k, n, r, layers, dtype)
   layer = layers - 1
   poisoned = jnp.full((m, n), jnp.nan, dtype)
-  got = fused_expert_matmul(x, w, layer, h, b, out=poisoned, tiles=SMALL_TILES, interpret=INTERPRET)
-  want = fused_expert_matmul_reference(x, w, layer, h, b)
+  got = fused_expert_matmul(x, w, layer, h, g, b, out=poisoned, tiles=SMALL_TILES, interpret=INTERPRET)
+  want = fused_expert_matmul_reference(x, w, layer, h, g, b)
   assert not bool(jnp.isnan(got).any()), "an output element was never written"
   atol, rtol = TOL[dtype]
   got32 = got.astype(jnp.float32)
@@ -44,17 +46,21 @@ def test_matches_reference_on_ragged_shapes_with_poisoned_output(dtype, m, k, n,
 
 
 def test_layer_is_a_runtime_value_and_default_tiles_work():
-  x, w, h, b = _inputs(0, 1, 128, 96, 16, 4, jnp.float32)
-  fn = jax.jit(lambda layer: fused_expert_matmul(x, w, layer, h, b, interpret=INTERPRET))
+  x, w, h, g, b = _inputs(0, 1, 128, 96, 16, 4, jnp.float32)
+  fn = jax.jit(lambda layer: fused_expert_matmul(x, w, layer, h, g, b, interpret=INTERPRET))
   for layer in range(4):
     np.testing.assert_allclose(np.asarray(fn(jnp.int32(layer))),
-                               np.asarray(fused_expert_matmul_reference(x, w, layer, h, b)),
+                               np.asarray(fused_expert_matmul_reference(x, w, layer, h, g, b)),
                                atol=1e-4, rtol=1e-5)
 
 
 def test_shape_errors_name_the_mismatch():
-  x, w, h, b = _inputs(0, 2, 32, 16, 8, 2, jnp.float32)
+  x, w, h, g, b = _inputs(0, 2, 32, 16, 8, 2, jnp.float32)
   with pytest.raises(ValueError, match="K="):
-    fused_expert_matmul(x[:, :31], w, 0, h, b, interpret=INTERPRET)
+    fused_expert_matmul(x[:, :31], w, 0, h, g, b, interpret=INTERPRET)
   with pytest.raises(ValueError, match="b has shape"):
-    fused_expert_matmul(x, w, 0, h, b[:, :4], interpret=INTERPRET)
+    fused_expert_matmul(x, w, 0, h, g, b[:, :4], interpret=INTERPRET)
+  with pytest.raises(ValueError, match="one gate per shrink column"):
+    fused_expert_matmul(x, w, 0, h, g[:, :3], b, interpret=INTERPRET)
+  with pytest.raises(ValueError, match="dtypes must match"):
+    fused_expert_matmul(x.astype(jnp.bfloat16), w, 0, h, g, b, interpret=INTERPRET)
