@@ -57,6 +57,10 @@ class Route:
 
 
 IMPLEMENTATIONS = ("xla", "pallas")
+# The fused kernel is a matrix-vector design (narrow column tiles, 16-32 rows); for prompts XLA's
+# matmuls win (H100, 7B, prefill of 512 tokens: 64.1 ms fused vs 32.3 ms XLA,
+# docs/benchmarks/h100), so larger token counts take the XLA path.
+FUSED_MAX_TOKENS = 64
 
 
 class AdapterRuntime:
@@ -65,7 +69,8 @@ class AdapterRuntime:
   implementation: "xla" applies the experts with plain matmuls beside the base one; "pallas"
   folds the expansion into the base matmul (`pallas_kernels.expert_matmul`), leaving one small
   XLA shrink per module. "pallas" needs stacked weights (the GPU layout) and runs in the Pallas
-  interpreter on the CPU; pools too large for the dense path (see `use_gather`) stay on "xla".
+  interpreter on the CPU; prompts longer than FUSED_MAX_TOKENS and pools too large for the dense
+  path (see `use_gather`) stay on "xla".
 
   Attributes after the call:
     routes: every routing decision made, in order (one for "pregated", one per adapted module
@@ -91,6 +96,7 @@ class AdapterRuntime:
     experts, gates, dense = self.route(name, layer, xf)
     a, b = self.adapters.pool.factors(name, layer)
     if (self.implementation == "pallas" and not isinstance(weights, tuple)
+        and xf.shape[0] <= FUSED_MAX_TOKENS
         and not use_gather(*experts.shape, self.cfg.num_experts)):
       return self._fused(name, layer, x, xf, weights, experts, gates, dense)
     y = x @ weights[layer]
