@@ -31,8 +31,9 @@ def save_adapters(path: str | pathlib.Path, adapters: MixtureOfLoRA) -> pathlib.
   path.mkdir(parents=True, exist_ok=True)
   meta = {"adapter": adapters.cfg.to_dict(), "model": model_fingerprint(adapters.model_cfg)}
   (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+  # Checkpoints always hold the stacked layout, so they load on any backend.
   with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(path / "state", nnx.state(adapters), force=True)
+    ckpt.save(path / "state", nnx.state(adapters.with_layout("stacked")), force=True)
     ckpt.wait_until_finished()
   return path
 
@@ -60,7 +61,7 @@ def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
   if diffs:
     raise UserError(f"adapter checkpoint {str(path)!r} was made for another model ("
                     + "; ".join(diffs) + "); load it with the model it was trained on")
-  abstract = nnx.eval_shape(lambda: MixtureOfLoRA(model_cfg, cfg, dtype=dtype))
+  abstract = nnx.eval_shape(lambda: MixtureOfLoRA(model_cfg, cfg, dtype=dtype, layout="stacked"))
   graphdef, abstract_state = nnx.split(abstract)
   try:
     with ocp.StandardCheckpointer() as ckpt:
@@ -69,7 +70,9 @@ def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
     raise ModelFileError(f"cannot restore adapter checkpoint {str(path)!r}"
                          f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it may be"
                          " corrupt or incomplete") from None
-  return nnx.merge(graphdef, state)
+  from adafuse_jax.model.llama import default_layout
+
+  return nnx.merge(graphdef, state).with_layout(default_layout())
 
 
 DEFAULT_POOL = pathlib.Path(__file__).parent / "pools" / "smollm2-135m"

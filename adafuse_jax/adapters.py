@@ -29,19 +29,34 @@ class MixtureOfLoRA(nnx.Module):
   """
 
   def __init__(self, model_cfg: ModelConfig, cfg: AdapterConfig, *, seed: int = 0,
-               dtype: jnp.dtype = jnp.float32, random_b: bool = False):
+               dtype: jnp.dtype = jnp.float32, random_b: bool = False, layout: str | None = None):
     if cfg.mode == "backbone":
       raise ValueError("mode 'backbone' has no adapters; pass adapters=None")
     self.cfg = cfg
     self.model_cfg = model_cfg
     rngs = nnx.Rngs(params=seed)
-    self.pool = ExpertPool(model_cfg, cfg, rngs=rngs, dtype=dtype, random_b=random_b)
+    self.pool = ExpertPool(model_cfg, cfg, rngs=rngs, dtype=dtype, random_b=random_b, layout=layout)
     if cfg.mode == "pregated":
       self.router = PreGateRouter(model_cfg, cfg, rngs=rngs, dtype=dtype)
     elif cfg.mode == "layerwise":
       self.router = LayerwiseRouter(model_cfg, cfg, rngs=rngs, dtype=dtype)
     else:
       self.router = None
+
+  def with_layout(self, layout: str) -> "MixtureOfLoRA":
+    """The same adapters with the pool in another layout ("stacked" or "list")."""
+    if self.pool.layout == layout:
+      return self
+    out = nnx.eval_shape(lambda: MixtureOfLoRA(self.model_cfg, self.cfg, layout=layout))
+    for m in self.cfg.modules:
+      a, b = self.pool.stacked(m)
+      if layout == "list":
+        a, b = tuple(a[l] for l in range(a.shape[0])), tuple(b[l] for l in range(b.shape[0]))
+      getattr(out.pool, f"A_{m}").set_value(a)
+      getattr(out.pool, f"B_{m}").set_value(b)
+    if self.router is not None:
+      nnx.update(out.router, nnx.state(self.router))
+    return out
 
   def runtime(self, implementation: str = "xla") -> "AdapterRuntime":
     return AdapterRuntime(self, implementation)
@@ -109,8 +124,7 @@ class AdapterRuntime:
     if dense is None:
       dense = dense_gates(experts, gates, self.cfg.num_experts)
     pool = self.adapters.pool
-    a_all = getattr(pool, f"A_{name}")[...]  # [L, in, E, r]
-    b_all = getattr(pool, f"B_{name}")[...]  # [L, E, r, out]
+    a_all, b_all = pool.stacked(name)  # [L, in, E, r], [L, E, r, out]
     num_layers, d_in, num_experts, r = a_all.shape
     h = jnp.dot(xf, a_all[layer].reshape(d_in, num_experts * r), preferred_element_type=jnp.float32)
     # Per-column gates; identical for every module of a pre-gated step, so XLA computes them once.
@@ -161,7 +175,7 @@ def merge_lora(weights: dict[str, jax.Array], adapters: MixtureOfLoRA) -> dict[s
     raise ValueError("only a plain LoRA can be merged once; expert mixtures switch per token")
   out = dict(weights)
   for m in adapters.cfg.modules:
-    a, b = getattr(adapters.pool, f"A_{m}")[...], getattr(adapters.pool, f"B_{m}")[...]
+    a, b = adapters.pool.stacked(m)
     delta = jnp.einsum("lir,lro->lio", a[:, :, 0].astype(jnp.float32), b[:, 0].astype(jnp.float32))
     out[m] = (weights[m].astype(jnp.float32) + adapters.cfg.scale * delta).astype(weights[m].dtype)
   return out

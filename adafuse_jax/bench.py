@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
   if args.profile:
     jax.profiler.start_trace(args.profile)
   env = B.environment()
-  bw = B.copy_bandwidth(nbytes=(2 << 30) if jax.default_backend() != "cpu" else (64 << 20),
+  bw = B.copy_bandwidth(nbytes=(2 << 30) if jax.default_backend() != "cpu" else (256 << 20),
                         dtype=dtype)
   print(f"# {env['device']} | jax {env['jax']} | copy bandwidth {bw / 1e12:.3f} TB/s (read+write)",
         file=sys.stderr)

@@ -69,11 +69,14 @@ def time_calls(fn: Callable[[], object], *, warmup: int, steps: int) -> Timing:
 
 
 def copy_bandwidth(nbytes: int = 2 << 30, dtype=jnp.bfloat16, steps: int = 20) -> float:
-  """Device-to-device copy bandwidth in bytes/s, counting bytes read + written.
+  """Device-to-device copy bandwidth in bytes/s, counting bytes read + written (on the CPU:
+  the read bandwidth of a GEMV, see `_cpu_read_bandwidth`).
 
   The best of an element-wise pass (`a + 1`) over buffers of nbytes/2, nbytes and 2*nbytes:
   the floor must not be flattered by one slow size.
   """
+  if jax.default_backend() == "cpu":
+    return _cpu_read_bandwidth(nbytes, steps)
   best = 0.0
   for size in (nbytes // 2, nbytes, 2 * nbytes):
     n = size // jnp.dtype(dtype).itemsize
@@ -83,6 +86,21 @@ def copy_bandwidth(nbytes: int = 2 << 30, dtype=jnp.bfloat16, steps: int = 20) -
     best = max(best, 2 * size / (t.median_ms / 1e3))
     del x
   return best
+
+
+def _cpu_read_bandwidth(nbytes: int, steps: int) -> float:
+  """CPU: bytes/s read by a multi-threaded matrix-vector product over an f32 matrix of nbytes.
+
+  XLA:CPU runs an element-wise pass on one thread, which would understate the memory system;
+  a GEMV is what a decode step does and reads each byte once.
+  """
+  cols = 4096
+  rows = max(1, nbytes // (4 * cols))
+  w = jax.random.normal(jax.random.key(0), (rows, cols), jnp.float32)
+  x = jax.random.normal(jax.random.key(1), (1, rows), jnp.float32)
+  fn = jax.jit(lambda x, w: x @ w)
+  t = time_calls(lambda: fn(x, w), warmup=3, steps=steps)
+  return rows * cols * 4 / (t.median_ms / 1e3)
 
 
 def count_kernels(compiled) -> int:

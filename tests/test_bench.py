@@ -1,0 +1,40 @@
+"""`python -m adafuse_jax.bench` on the CPU: a tiny run writes valid results; bad arguments fail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "adafuse_jax.bench", *args], capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_tiny_run_writes_json_table_and_plot(tmp_path):
+  out = run_bench("--preset", "tiny", "--steps", "2", "--warmup", "1", "--prefill", "16",
+                  "--modes", "backbone,pregated,pregated-fused", "--out", str(tmp_path))
+  assert out.returncode == 0, out.stderr
+  report = json.loads((tmp_path / "results.json").read_text())
+  modes = [r["mode"] for r in report["results"]]
+  assert modes == ["backbone", "pregated", "pregated-fused"]
+  for r in report["results"]:
+    assert r["decode"]["median_ms"] > 0 and r["floor_ms"] > 0 and r["kernels_per_step"] > 0
+  assert report["environment"]["jax"] and report["copy_bandwidth_tb_s"] > 0
+  assert (tmp_path / "decode.png").stat().st_size > 1000
+  assert "| backbone |" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--preset", "gpt-5"), "unknown preset"),
+    (("--preset", "tiny", "--experts", "1", "--top-k", "2"), "larger than num_experts"),
+    (("--preset", "tiny", "--batch", "0"), "--batch=0"),
+    (("--preset", "tiny", "--modes", "turbo"), "unknown mode"),
+])
+def test_bad_arguments_are_rejected(args, message):
+  out = run_bench(*args)
+  assert out.returncode == 2
+  assert message in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,85 @@
+"""Builds docs/benchmarks/README.md from the recorded results (no number typed by hand).
+
+    python tools/render_bench_readme.py
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+sys.path.insert(0, str(ROOT.parents[1]))
+
+from adafuse_jax.bench import markdown  # noqa: E402
+
+INTRO = """# Benchmarks
+
+Every table below was written by the command shown with it (`python -m adafuse_jax.bench` or a
+script under `tools/`) and rendered into this page by `python tools/render_bench_readme.py`.
+Method: compile time apart, warm-up steps discarded, a device sync after every step, median and
+p10-p90; the floor is the bytes a decode step must read (linear weights, head, KV cache prefix,
+the experts used) divided by the copy bandwidth measured in the same run. Kernels/step counts the
+launches in the compiled step (fusions, custom calls, library calls).
+"""
+
+
+def section(folder: pathlib.Path, title: str) -> list[str]:
+  report = json.loads((folder / "results.json").read_text())
+  env = report["environment"]
+  cmd = env["command"].split("adafuse_jax/bench.py", 1)[-1].strip()
+  lines = [f"## {title}", "", f"- command: `python -m adafuse_jax.bench {cmd}`",
+           f"- device: {env['device']}; JAX {env['jax']} (jaxlib {env['jaxlib']}), Python"
+           f" {env['python']}; date {env['date']}", f"- files: `{folder.name}/`", "",
+           markdown(report), ""]
+  if (folder / "decode.png").exists():
+    lines += [f"![decode latency by mode]({folder.name}/decode.png)", ""]
+  for prof in sorted(folder.glob("kernels_*.md")):
+    lines += [f"Kernel time per decode step (`python tools/kernel_breakdown.py --mode"
+              f" {prof.stem[len('kernels_'):]}`):", "", prof.read_text().strip(), ""]
+  return lines
+
+
+def sweep_section(path: pathlib.Path) -> list[str]:
+  data = json.loads(path.read_text())
+  lines = ["## Fused expert matmul alone: tile sweep", "",
+           f"`python tools/tile_sweep.py` on {data['device']}, JAX {data['jax']}: all 32 layers of"
+           " one Llama-2-7B module shape in one jitted function, x of one token, E·r = 128.",
+           " Effective bandwidth counts the bytes of W and B read.", "",
+           "| module shape | XLA dot + dot + add ms (TB/s) | best Pallas tiles | Pallas ms (TB/s) |",
+           "|---|---|---|---|"]
+  shapes = dict.fromkeys(r["shape"] for r in data["rows"])
+  for shape in shapes:
+    rows = [r for r in data["rows"] if r["shape"] == shape and "ms" in r]
+    ref = next(r for r in rows if r["impl"] == "xla")
+    best = min((r for r in rows if r["impl"] != "xla"), key=lambda r: r["ms"])
+    lines.append(f"| {shape} | {ref['ms']:.3f} ({ref['tb_s']:.2f}) | {best['impl']} |"
+                 f" {best['ms']:.3f} ({best['tb_s']:.2f}) |")
+  return lines + [""]
+
+
+def main() -> None:
+  lines = [INTRO]
+  for name, title in (("h100", "H100: every decode path, latest run"),
+                      ("cpu", "CPU (2 cores): the real default model"),
+                      ("h100-initial", "H100: first run (gather formulation, both weight layouts)")):
+    if (ROOT / name / "results.json").exists():
+      lines += section(ROOT / name, title)
+  sweep = ROOT / "h100-fused" / "tile_sweep.json"
+  if sweep.exists():
+    lines += sweep_section(sweep)
+  (ROOT / "README.md").write_text("\n".join(lines))
+  print(f"wrote {ROOT / 'README.md'}")
+  # The project README shows the latest H100 decode table between its bench markers.
+  readme = ROOT.parents[1] / "README.md"
+  text = readme.read_text()
+  head, rest = text.split("<!-- bench:start -->", 1)
+  _, tail = rest.split("<!-- bench:end -->", 1)
+  table = markdown(json.loads((ROOT / "h100" / "results.json").read_text()))
+  readme.write_text(f"{head}<!-- bench:start -->\n{table}\n<!-- bench:end -->{tail}")
+  print(f"updated {readme}")
+
+
+if __name__ == "__main__":
+  main()
