@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from adafuse_jax.config import AdapterConfig, ModelConfig
+from adafuse_jax.model.llama import LINEAR_NAMES, LlamaModel
 from adafuse_jax.experts import ExpertPool, dense_gates, expert_delta, use_gather
 from adafuse_jax.routing import LayerwiseRouter, PreGateRouter, gates_for, top_k_gates
 
@@ -179,3 +180,11 @@ def merge_lora(weights: dict[str, jax.Array], adapters: MixtureOfLoRA) -> dict[s
     delta = jnp.einsum("lir,lro->lio", a[:, :, 0].astype(jnp.float32), b[:, 0].astype(jnp.float32))
     out[m] = (weights[m].astype(jnp.float32) + adapters.cfg.scale * delta).astype(weights[m].dtype)
   return out
+
+
+def merged_model(model: LlamaModel, adapters: MixtureOfLoRA) -> LlamaModel:
+  """A new model whose weights hold a plain LoRA folded in (same layout and dtype)."""
+  weights = {n: getattr(model, n).get_value() for n in LlamaModel.param_shapes(model.cfg)
+             if n not in LINEAR_NAMES}
+  weights.update(merge_lora({m: model.linear_weight(m) for m in LINEAR_NAMES}, adapters))
+  return LlamaModel(model.cfg, weights=weights, dtype=model.dtype, layout=model.layout)

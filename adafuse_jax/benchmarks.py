@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adafuse_jax.adapters import MixtureOfLoRA, merge_lora
+from adafuse_jax.adapters import MixtureOfLoRA, merged_model
 from adafuse_jax.config import AdapterConfig, ModelConfig
 from adafuse_jax.generate import Generator
-from adafuse_jax.model.llama import LINEAR_NAMES, LlamaModel
+from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.sampling import SamplingConfig
 
 # Decode paths the benchmark knows, in display order. "lora-merged" folds one LoRA into the
@@ -135,13 +135,6 @@ def build_adapters(model_cfg: ModelConfig, mode: str, base: AdapterConfig, dtype
   adapter_mode, _ = split_mode(mode)
   cfg = base.replace(mode="lora" if adapter_mode.startswith("lora") else adapter_mode)
   return MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, random_b=True)
-
-
-def merged_model(model: LlamaModel, adapters: MixtureOfLoRA) -> LlamaModel:
-  weights = {n: getattr(model, n).get_value() for n in LlamaModel.param_shapes(model.cfg)
-             if n not in LINEAR_NAMES}
-  weights.update(merge_lora({m: model.linear_weight(m) for m in LINEAR_NAMES}, adapters))
-  return LlamaModel(model.cfg, weights=weights, dtype=model.dtype, layout=model.layout)
 
 
 def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,

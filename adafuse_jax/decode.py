@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated adapted modules (random pools)")
   a.add_argument("--per-layer-gates", action="store_true",
                  help="pregated: one gate vector per layer (random pools)")
+  a.add_argument("--implementation", choices=("xla", "pallas"), default="xla",
+                 help="how unmerged experts are applied: plain XLA matmuls, or the Pallas kernel"
+                      " that folds them into the base matmul (GPU; interpreted on the CPU)")
+  a.add_argument("--merge", action="store_true",
+                 help="--mode lora: fold the LoRA into the weights once (a plain backbone pass)")
   a.add_argument("--show-routing", action="store_true",
                  help="print, per generated token, the experts and gates chosen")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -150,7 +155,14 @@ def run(args: argparse.Namespace) -> dict:
     sys.stdout.write(prompts[0] if not args.chat else "")
     sys.stdout.flush()
   pad_id = min(tok.eos_ids) if tok.eos_ids else 0
-  res = generate(Generator(loaded.model, adapters=adapters), ids, max_new_tokens=args.max_new_tokens,
+  model = loaded.model
+  if args.merge:
+    if adapter_cfg.mode != "lora":
+      raise UserError("--merge folds a plain LoRA into the weights; it needs --mode lora (expert"
+                      " mixtures switch per token)")
+    from adafuse_jax.adapters import merged_model
+    model, adapters = merged_model(model, adapters), None
+  res = generate(Generator(model, adapters=adapters, implementation=args.implementation), ids, max_new_tokens=args.max_new_tokens,
                  sampling=sampling, seed=args.seed, stop_ids=tok.eos_ids, pad_id=pad_id,
                  on_token=on_token if stream else None)
   completions = [tok.decode(t) for t in res.tokens]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adafuse_jax.adapters import MixtureOfLoRA, merge_lora
+from adafuse_jax.adapters import MixtureOfLoRA, merged_model
 from adafuse_jax.config import AdapterConfig
 from adafuse_jax.errors import UserError
 from adafuse_jax.experts import AdapterParam, expert_delta, expert_delta_reference
@@ -153,11 +153,7 @@ def test_aux_loss_matches_hand_computation():
 def test_merge_lora_equals_unmerged(model):
   lora = MixtureOfLoRA(model.cfg, AdapterConfig(mode="lora", rank=4), seed=3, random_b=True)
   unmerged, _ = logits_with(model, lora)
-  weights = {m: model.linear_weight(m) for m in lora.cfg.modules}
-  merged_model = LlamaModel(model.cfg, weights={**{n: getattr(model, n).get_value() for n in
-                                                   LlamaModel.param_shapes(model.cfg)},
-                                                **merge_lora(weights, lora)}, layout="stacked")
-  merged, _ = logits_with(merged_model, None)
+  merged, _ = logits_with(merged_model(model, lora), None)
   chex.assert_trees_all_close(merged, unmerged, atol=1e-4, rtol=1e-4)
 
 

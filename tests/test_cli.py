@@ -54,3 +54,30 @@ def test_help_documents_every_option():
   for flag in ("--chat", "--model", "--dtype", "--max-new-tokens", "--temperature", "--top-p",
                "--seed", "--json"):
     assert flag in out.stdout
+
+
+def test_adapter_modes_show_routing_and_merge():
+  out = run_cli("--json", "--mode", "pregated", "--adapters", "random:3", "--show-routing",
+                "--max-new-tokens", "4", "--experts", "4", "--rank", "4", "Hello")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout)
+  assert result["mode"] == "pregated" and len(result["routing"]) == result["generated_tokens"][0]
+  for row in result["routing"]:
+    assert len(row["experts"]) == 2 and abs(sum(row["gates"]) - 1) < 1e-2
+  merged = run_cli("--json", "--mode", "lora", "--adapters", "random:3", "--merge", "--rank", "4",
+                   "--max-new-tokens", "4", "Hello")
+  unmerged = run_cli("--json", "--mode", "lora", "--adapters", "random:3", "--rank", "4",
+                     "--max-new-tokens", "4", "Hello")
+  assert merged.returncode == 0 and unmerged.returncode == 0, merged.stderr + unmerged.stderr
+  assert json.loads(merged.stdout)["completions"] == json.loads(unmerged.stdout)["completions"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--mode", "layerwise", "hi"), "needs adapters"),
+    (("--mode", "pregated", "--adapters", "random", "--top-k", "9", "hi"), "larger than num_experts"),
+    (("--mode", "pregated", "--adapters", "random", "--merge", "hi"), "--merge"),
+    (("--adapters", "/no/such/ckpt", "--mode", "pregated", "hi"), "does not exist"),
+])
+def test_bad_adapter_arguments_exit_2(args, message):
+  out = run_cli(*args)
+  assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
