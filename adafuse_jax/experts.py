@@ -12,6 +12,8 @@ AdapterParam)`) or a checkpoint selects them alone and the backbone's `nnx.Param
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -83,6 +85,13 @@ def dense_gates(experts: jax.Array, gates: jax.Array, num_experts: int) -> jax.A
   return jnp.einsum("...ke,...k->...e", one_hot, gates.astype(jnp.float32))
 
 
+# How `expert_delta` applies experts: "auto" (gather for a few tokens on a large pool, dense
+# otherwise), "gather", "dense", or "slices" (one dynamic slice per chosen expert, batch-1
+# decode only). A benchmarking knob: ADAFUSE_EXPERT_PATH overrides it per process, so one run
+# can compare formulations (tools/xla_flags_probe.sh).
+EXPERT_PATH = os.environ.get("ADAFUSE_EXPERT_PATH", "auto")
+
+
 def use_gather(num_tokens: int, top_k: int, num_experts: int) -> bool:
   """Gather only when the tokens touch a small share of a large pool (E=64, say); the dense
   path reads all E experts but runs as two plain matmuls."""
@@ -104,7 +113,18 @@ def expert_delta(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array,
   """
   n, k = experts.shape
   d_in, num_experts, r = a.shape
-  if use_gather(n, k, num_experts):
+  path = EXPERT_PATH
+  if path == "auto":
+    path = "gather" if use_gather(n, k, num_experts) else "dense"
+  if path == "slices" and n == 1:
+    out = jnp.zeros((1, b.shape[-1]), jnp.float32)
+    for j in range(k):
+      a_j = jax.lax.dynamic_index_in_dim(a, experts[0, j], axis=1, keepdims=False)  # [in, r]
+      b_j = jax.lax.dynamic_index_in_dim(b, experts[0, j], axis=0, keepdims=False)  # [r, out]
+      h = jnp.dot(x, a_j, preferred_element_type=jnp.float32) * gates[0, j]
+      out = out + jnp.dot(h.astype(x.dtype), b_j, preferred_element_type=jnp.float32)
+    return out.astype(x.dtype)
+  if path == "gather":
     a_sel, b_sel = a[:, experts], b[experts]  # [in, N, k, r], [N, k, r, out]
     h = jnp.einsum("ni,inkr->nkr", x, a_sel, preferred_element_type=jnp.float32)
     h = h * gates[..., None].astype(jnp.float32)

@@ -99,8 +99,11 @@ def test_per_layer_gates_differ_by_layer_but_share_experts(model):
   assert float(jnp.abs(route.gates[:, 0] - route.gates[:, 1]).max()) > 1e-3
 
 
+@pytest.mark.parametrize("path", ["auto", "gather", "dense", "slices"])
 @pytest.mark.parametrize("n, e", [(1, 6), (3, 6), (40, 6), (1, 64), (3, 64)])
-def test_expert_delta_gather_and_dense_paths_match_reference(n, e):
+def test_expert_delta_paths_match_reference(n, e, path, monkeypatch):
+  import adafuse_jax.experts
+  monkeypatch.setattr(adafuse_jax.experts, "EXPERT_PATH", path)
   rng = np.random.default_rng(n)
   d_in, r, d_out, k = 12, 4, 10, 2
   x = jnp.asarray(rng.normal(size=(n, d_in)), jnp.float32)
