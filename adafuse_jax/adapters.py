@@ -16,7 +16,7 @@ from flax import nnx
 
 from adafuse_jax.config import AdapterConfig, ModelConfig
 from adafuse_jax.model.llama import LINEAR_NAMES, LlamaModel
-from adafuse_jax.experts import ExpertPool, dense_gates, expert_delta, use_gather
+from adafuse_jax.experts import ExpertPool, dense_gates, expert_delta, use_fused_kernel
 from adafuse_jax.routing import LayerwiseRouter, PreGateRouter, gates_for, top_k_gates
 
 
@@ -85,8 +85,8 @@ class AdapterRuntime:
   implementation: "xla" applies the experts with plain matmuls beside the base one; "pallas"
   folds the expansion into the base matmul (`pallas_kernels.expert_matmul`), leaving one small
   XLA shrink per module. "pallas" needs stacked weights (the GPU layout) and runs in the Pallas
-  interpreter on the CPU; prompts longer than FUSED_MAX_TOKENS and pools too large for the dense
-  path (see `use_gather`) stay on "xla".
+  interpreter on the CPU; prompts longer than FUSED_MAX_TOKENS and steps that touch a small
+  share of a large pool (see `use_fused_kernel`) stay on "xla".
 
   Attributes after the call:
     routes: every routing decision made, in order (one for "pregated", one per adapted module
@@ -113,7 +113,7 @@ class AdapterRuntime:
     a, b = self.adapters.pool.factors(name, layer)
     if (self.implementation == "pallas" and not isinstance(weights, tuple)
         and xf.shape[0] <= FUSED_MAX_TOKENS
-        and not use_gather(*experts.shape, self.cfg.num_experts)):
+        and use_fused_kernel(*experts.shape, self.cfg.num_experts)):
       return self._fused(name, layer, x, xf, weights, experts, gates, dense)
     y = x @ weights[layer]
     delta = expert_delta(xf, a, b, experts, gates, dense) * self.cfg.scale

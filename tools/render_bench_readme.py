@@ -66,6 +66,12 @@ def main() -> None:
                       ("h100-initial", "H100: first run (gather formulation, both weight layouts)")):
     if (ROOT / name / "results.json").exists():
       lines += section(ROOT / name, title)
+  probe = ROOT / "h100-expert-paths" / "probe.log"
+  if probe.exists():
+    lines += ["## H100: XLA formulations of the unmerged experts", "",
+              "`bash tools/expert_path_probe.sh OUT` (one process per `ADAFUSE_EXPERT_PATH`; the"
+              " backbone and the fused kernel in the first). Its log:", "", "```",
+              probe.read_text().strip(), "```", ""]
   sweep = ROOT / "h100-fused" / "tile_sweep.json"
   if sweep.exists():
     lines += sweep_section(sweep)
