@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> dict:
   import jax.numpy as jnp
 
   from adafuse_jax import benchmarks as B
+  from adafuse_jax.adapters import merged_model
   from adafuse_jax.config import PRESETS, AdapterConfig, ModelConfig
   from adafuse_jax.model.llama import LlamaModel, default_layout
   from adafuse_jax.weights import load_model
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
       adapters = B.build_adapters(cfg, mode, adapter_base, dtype, args.seed)
       run_model = model
       if mode == "lora-merged":
-        run_model, adapters = B.merged_model(model, adapters), None
+        run_model, adapters = merged_model(model, adapters), None
       label = mode if len(layouts) == 1 else f"{mode}[{layout}]"
       print(f"# measuring {label} ...", file=sys.stderr)
       r = B.bench_mode(run_model, adapters, batch=args.batch, cache_len=args.cache_len,

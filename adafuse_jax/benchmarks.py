@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adafuse_jax.adapters import MixtureOfLoRA, merged_model
+from adafuse_jax.adapters import MixtureOfLoRA
 from adafuse_jax.config import AdapterConfig, ModelConfig
 from adafuse_jax.generate import Generator
 from adafuse_jax.model.llama import LlamaModel
@@ -79,13 +79,15 @@ def copy_bandwidth(nbytes: int = 2 << 30, dtype=jnp.bfloat16, steps: int = 20) -
     return _cpu_read_bandwidth(nbytes, steps)
   best = 0.0
   for size in (nbytes // 2, nbytes, 2 * nbytes):
-    n = size // jnp.dtype(dtype).itemsize
-    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32).astype(dtype)
-    fn = jax.jit(lambda a: a + jnp.asarray(1, dtype))  # one read + one write per element
-    t = time_calls(lambda: fn(x), warmup=3, steps=steps)
+    t = _time_elementwise_pass(size // jnp.dtype(dtype).itemsize, dtype, steps)
     best = max(best, 2 * size / (t.median_ms / 1e3))
-    del x
   return best
+
+
+def _time_elementwise_pass(n: int, dtype, steps: int) -> Timing:
+  x = jax.random.normal(jax.random.key(0), (n,), jnp.float32).astype(dtype)
+  fn = jax.jit(lambda a: a + jnp.asarray(1, dtype))  # one read + one write per element
+  return time_calls(lambda: fn(x), warmup=3, steps=steps)
 
 
 def _cpu_read_bandwidth(nbytes: int, steps: int) -> float:

@@ -10,6 +10,7 @@ launch overhead is amortised as in a decode step) and reports ms and effective b
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import pathlib
@@ -37,11 +38,13 @@ def main() -> None:
     w = (jax.random.normal(key, (L, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
     b = (jax.random.normal(key, (L, R, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
     x = jax.random.normal(key, (1, k), jnp.bfloat16)
-    h = jax.random.normal(key, (1, R), jnp.bfloat16)
+    h = jax.random.normal(key, (1, R), jnp.float32)
+    g = jnp.ones((1, R), jnp.float32)
     nbytes = (w.size + b.size) * 2
 
-    def xla(x, w, h, b):
-      return sum((x @ w[l] + h @ b[l]).astype(jnp.float32) for l in range(L))
+    def xla(x, w, h, g, b):
+      hg = (h * g).astype(b.dtype)
+      return sum((x @ w[l] + hg @ b[l]).astype(jnp.float32) for l in range(L))
 
     candidates = [("xla", None)] + [
         (f"pallas bn={bn} bk={bk} w={nw} s={ns}", Tiles(16, bn, bk, nw, ns))
@@ -50,10 +53,10 @@ def main() -> None:
       if tiles is None:
         fn = jax.jit(xla)
       else:
-        fn = jax.jit(lambda x, w, h, b, t=tiles: sum(
-            fused_expert_matmul(x, w, l, h, b, tiles=t).astype(jnp.float32) for l in range(L)))
+        fn = jax.jit(lambda x, w, h, g, b, t=tiles: sum(
+            fused_expert_matmul(x, w, l, h, g, b, tiles=t).astype(jnp.float32) for l in range(L)))
       try:
-        t = time_calls(lambda: fn(x, w, h, b), warmup=3, steps=20)
+        t = time_calls(functools.partial(fn, x, w, h, g, b), warmup=3, steps=20)
       except Exception as e:  # a tile the lowering rejects: record and go on
         rows.append({"shape": name, "impl": label, "error": str(e).splitlines()[0][:120]})
         continue
@@ -64,7 +67,6 @@ def main() -> None:
     ref = next(r for r in rows if r["shape"] == name and r["impl"] == "xla")
     print(f"{name}: xla {ref['ms']:.3f} ms ({ref['tb_s']:.2f} TB/s) | best {best['impl']}"
           f" {best['ms']:.3f} ms ({best['tb_s']:.2f} TB/s)", flush=True)
-    del w, b
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "tile_sweep.json").write_text(json.dumps({"device": jax.devices()[0].device_kind,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from adafuse_jax.config import PRESETS, ModelConfig
+from adafuse_jax.config import PRESETS
 from adafuse_jax.errors import ModelFileError, UserError
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.weights import gguf as gguf_lib
