@@ -156,6 +156,9 @@ def run(args: argparse.Namespace) -> dict:
     sys.stdout.flush()
   pad_id = min(tok.eos_ids) if tok.eos_ids else 0
   model = loaded.model
+  if args.implementation == "pallas" and jax.default_backend() == "cpu" and not args.json:
+    print("note: on the CPU the weights are held per layer, so the experts take the XLA path;"
+          " --implementation pallas applies on a GPU", file=sys.stderr)
   if args.merge:
     if adapter_cfg.mode != "lora":
       raise UserError("--merge folds a plain LoRA into the weights; it needs --mode lora (expert"
