@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from adafuse_jax.config import AdapterConfig, ModelConfig
-from adafuse_jax.model.llama import LINEAR_NAMES, LlamaModel
+from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.experts import ExpertPool, dense_gates, expert_delta, use_fused_kernel
 from adafuse_jax.routing import LayerwiseRouter, PreGateRouter, gates_for, top_k_gates
 
@@ -184,7 +184,6 @@ def merge_lora(weights: dict[str, jax.Array], adapters: MixtureOfLoRA) -> dict[s
 
 def merged_model(model: LlamaModel, adapters: MixtureOfLoRA) -> LlamaModel:
   """A new model whose weights hold a plain LoRA folded in (same layout and dtype)."""
-  weights = {n: getattr(model, n).get_value() for n in LlamaModel.param_shapes(model.cfg)
-             if n not in LINEAR_NAMES}
-  weights.update(merge_lora({m: model.linear_weight(m) for m in LINEAR_NAMES}, adapters))
+  weights = model.stacked_weights()
+  weights.update(merge_lora(weights, adapters))
   return LlamaModel(model.cfg, weights=weights, dtype=model.dtype, layout=model.layout)

@@ -94,12 +94,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.preset == "tiny":
       return LlamaModel(ModelConfig(**TINY), dtype=dtype, seed=args.seed, layout=layout)
     if args.preset == "smollm2-135m":
-      loaded = load_model("default", dtype=dtype, progress=False)
-      if loaded.model.layout == layout:
-        return loaded.model
-      weights = {n: getattr(loaded.model, n).get_value() for n in LlamaModel.param_shapes(loaded.model.cfg)}
-      weights.update({m: loaded.model.linear_weight(m) for m in ("q", "k", "v", "o", "gate", "up", "down")})
-      return LlamaModel(loaded.model.cfg, weights=weights, dtype=dtype, layout=layout)
+      return load_model("default", dtype=dtype, progress=False).model.with_layout(layout)
     return LlamaModel(PRESETS[args.preset], dtype=dtype, seed=args.seed, layout=layout)
 
   if args.profile:

@@ -107,6 +107,9 @@ def test_layouts_agree_and_stacked_view():
   chex.assert_trees_all_close(full_logits(a, tokens), full_logits(b, tokens), atol=1e-6)
   chex.assert_trees_all_equal(a.linear_weight("down"), b.linear_weight("down"))
   chex.assert_shape(a.linear_weight("k"), (cfg.layers, cfg.hidden, cfg.kv_dim))
+  converted = a.with_layout("list")
+  assert converted.layout == "list" and isinstance(converted.q.get_value(), tuple)
+  chex.assert_trees_all_equal(converted.stacked_weights(), a.stacked_weights())
 
 
 def test_bf16_forward_is_finite_and_close_to_f32():

@@ -97,6 +97,17 @@ class LlamaModel(nnx.Module):
     value = getattr(self, name).get_value()
     return jnp.stack(value) if isinstance(value, tuple) else value
 
+  def stacked_weights(self) -> dict[str, jax.Array]:
+    """Every parameter by name, linear weights stacked [L, in, out] whatever the layout."""
+    return {n: (self.linear_weight(n) if n in LINEAR_NAMES else getattr(self, n).get_value())
+            for n in self.param_shapes(self.cfg)}
+
+  def with_layout(self, layout: str) -> "LlamaModel":
+    """The same model with its linear weights held in another layout."""
+    if layout == self.layout:
+      return self
+    return LlamaModel(self.cfg, weights=self.stacked_weights(), dtype=self.dtype, layout=layout)
+
   def __call__(self, tokens: jax.Array, cache: KVCache, *, linear: LinearFn = plain_linear,
                all_logits: bool = False) -> tuple[jax.Array, KVCache]:
     """Runs T new tokens per row through the decoder, writing them into the cache.
