@@ -118,13 +118,22 @@ def run(args: argparse.Namespace) -> dict:
       r = B.bench_mode(run_model, adapters, batch=args.batch, cache_len=args.cache_len,
                        warmup=args.warmup, steps=args.steps,
                        prefill_lengths=prefill_lengths if mode in prefill_modes else (),
-                       seed=args.seed, implementation=B.split_mode(mode)[1])
+                       seed=args.seed, implementation=B.split_mode(mode)[1],
+                       merge=mode in B.MERGED_MODES)
       acfg = None if mode in ("backbone", "lora-merged") else (
           adapter_base.replace(mode=B.split_mode(mode)[0]))
       nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, args.batch, acfg)
+      if mode in B.MERGED_MODES:
+        # The merged forward reads no experts; each switch moves the adapted weights twice.
+        r["floor_unchanged_ms"] = B.decode_bytes(cfg, dtype, args.cache_len // 2, 1, None) / bw * 1e3
+        nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, 1, None) + B.switch_bytes(
+            cfg, dtype, acfg)
       r.update(mode=label, layout=layout, bytes_per_step=nbytes, floor_ms=nbytes / bw * 1e3,
                effective_tb_s=nbytes / (r["decode"]["median_ms"] / 1e3) / 1e12)
       rows.append(r)
+      if "decode_unchanged" in r:
+        print(f"#   {label}: {r['decode_unchanged']['median_ms']:.3f} ms/token when nothing switches",
+              file=sys.stderr)
       print(f"#   {label}: {r['decode']['median_ms']:.3f} ms/token, floor {r['floor_ms']:.3f} ms,"
             f" {r['kernels_per_step']} kernels, prefill "
             + ", ".join(f"{n}: {t['median_ms']:.2f} ms" for n, t in r["prefill"].items()),
@@ -160,6 +169,17 @@ def markdown(report: dict) -> str:
                  f" {ratio} | {r['floor_ms']:.3f} |"
                  f" {100 * r['effective_tb_s'] / report['copy_bandwidth_tb_s']:.0f}% |"
                  f" {r['kernels_per_step']} | {r['compile_s']:.1f} |")
+  merged = [r for r in report["results"] if "decode_unchanged" in r]
+  if merged:
+    lines += ["", "Merged modes: a step that switches (new experts or gates: every step here) and"
+              " one where nothing changed; expected ms/token = s x switched + (1 - s) x unchanged"
+              " for a switch rate s.", "",
+              "| mode | switched ms | floor ms | unchanged ms | floor ms | share of timed steps"
+              " that switched |", "|---|---|---|---|---|---|"]
+    for r in merged:
+      lines.append(f"| {r['mode']} | {r['decode']['median_ms']:.3f} | {r['floor_ms']:.3f} |"
+                   f" {r['decode_unchanged']['median_ms']:.3f} | {r['floor_unchanged_ms']:.3f} |"
+                   f" {r['switched_share']:.2f} |")
   pre = [r for r in report["results"] if r["prefill"]]
   if pre:
     lengths = list(pre[0]["prefill"])

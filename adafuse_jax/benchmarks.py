@@ -31,12 +31,20 @@ from adafuse_jax.sampling import SamplingConfig
 # weights once (a backbone pass on other weights); the rest apply adapters unmerged, with plain
 # XLA matmuls or, for "-fused", with the Pallas kernel that folds the experts into the base
 # matmul (pallas_kernels/expert_matmul.py).
+# "pregated-merged" switches the token's experts into the weights every step with the SGMM
+# kernel (pallas_kernels/sgmm.py), "pregated-merged-xla" with plain XLA, then runs a backbone pass.
 BENCH_MODES = ("backbone", "lora-merged", "lora", "lora-fused", "pregated", "pregated-fused",
-               "layerwise", "layerwise-fused")
+               "pregated-merged", "pregated-merged-xla", "layerwise", "layerwise-fused")
+MERGED_MODES = ("pregated-merged", "pregated-merged-xla")
 
 
 def split_mode(mode: str) -> tuple[str, str]:
-  """'pregated-fused' -> ('pregated', 'pallas'); 'layerwise' -> ('layerwise', 'xla')."""
+  """'pregated-fused' -> ('pregated', 'pallas'); 'layerwise' -> ('layerwise', 'xla');
+  'pregated-merged' -> ('pregated', 'pallas'); 'pregated-merged-xla' -> ('pregated', 'xla')."""
+  if mode == "pregated-merged":
+    return "pregated", "pallas"
+  if mode == "pregated-merged-xla":
+    return "pregated", "xla"
   if mode.endswith("-fused"):
     return mode[: -len("-fused")], "pallas"
   return mode, "xla"
@@ -130,6 +138,17 @@ def decode_bytes(cfg: ModelConfig, dtype, cache_len: int, batch: int,
   return total
 
 
+def switch_bytes(cfg: ModelConfig, dtype, adapter: AdapterConfig) -> int:
+  """Bytes one merged switch moves: read W0 and write W for every adapted weight (+ the
+  experts' factors, read once)."""
+  item = jnp.dtype(dtype).itemsize
+  shapes = cfg.linear_shapes()
+  weights = sum(i * o for m, (i, o) in shapes.items() if m in adapter.modules)
+  experts = adapter.top_k * adapter.rank * sum(i + o for m, (i, o) in shapes.items()
+                                               if m in adapter.modules)
+  return cfg.layers * (2 * weights + experts) * item
+
+
 def build_adapters(model_cfg: ModelConfig, mode: str, base: AdapterConfig, dtype,
                    seed: int) -> MixtureOfLoRA | None:
   if mode == "backbone":
@@ -141,9 +160,15 @@ def build_adapters(model_cfg: ModelConfig, mode: str, base: AdapterConfig, dtype
 
 def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,
                warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int,
-               implementation: str = "xla") -> dict:
-  """Decode step and prefill timings of one model (+ adapters) configuration."""
-  gen = Generator(model, adapters=adapters, implementation=implementation)
+               implementation: str = "xla", merge: bool = False) -> dict:
+  """Decode step and prefill timings of one model (+ adapters) configuration.
+
+  With `merge`, the decode is timed twice: feeding back the sampled tokens (random weights pick
+  a new token, hence new experts and gates, nearly every step: every step switches) and feeding
+  one fixed token (nothing changes: no step switches), so that a measured switch rate s gives
+  the expected cost s * switched + (1 - s) * unchanged.
+  """
+  gen = Generator(model, adapters=adapters, implementation=implementation, merge=merge)
   sampling = SamplingConfig()
   t0 = time.perf_counter()
   step = gen.compiled(batch, 1, cache_len, sampling)
@@ -155,21 +180,32 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   # Start half-way into the cache, as after a prompt: attention reads a realistic prefix.
   state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
 
-  def one_step():
-    nxt, _, cache, _ = step(gen.params, gen.adapter_params, state["tok"], state["cache"], key)
-    state["cache"], state["tok"] = cache, nxt[:, None]
+  def one_step(feed_back: bool = True):
+    nxt, _, cache, _ = gen.run(step, state["tok"], state["cache"], key)
+    state["cache"] = cache
+    if feed_back:
+      state["tok"] = nxt[:, None]
     return nxt
 
+  switches0 = int(gen.switch_state.switches) if merge else 0
   decode = time_calls(one_step, warmup=warmup, steps=steps)
   result = {"decode": dataclasses.asdict(decode), "compile_s": compile_s,
             "kernels_per_step": count_kernels(step)}
+  if merge:
+    result["switched_share"] = (int(gen.switch_state.switches) - switches0) / (warmup + steps)
+    switches1 = int(gen.switch_state.switches)
+    state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
+    unchanged = time_calls(lambda: one_step(feed_back=False), warmup=warmup, steps=steps)
+    result["decode_unchanged"] = dataclasses.asdict(unchanged)
+    # The first of these steps may switch (to the fixed token's experts); the rest must not.
+    result["unchanged_switches"] = int(gen.switch_state.switches) - switches1
   prefill = {}
   for length in prefill_lengths:
     fn = gen.compiled(batch, length, length, sampling)
     tokens = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (batch, length)), jnp.int32)
     caches = [gen.new_cache(batch, length) for _ in range(2 + min(steps, 5))]
     it = iter(caches)
-    t = time_calls(lambda: fn(gen.params, gen.adapter_params, tokens, next(it), key)[0],
+    t = time_calls(lambda: gen.run(fn, tokens, next(it), key)[0],
                    warmup=2, steps=len(caches) - 2)
     prefill[str(length)] = dataclasses.asdict(t)
   result["prefill"] = prefill

@@ -75,12 +75,23 @@ class Generator:
   Args:
     model: the decoder; its parameters are split out once and passed to the compiled steps.
     adapters: an expert pool + routers applied unmerged in every step, or None (backbone).
-    implementation: how unmerged experts are applied: "xla" or "pallas" (fused kernel).
+    implementation: how experts are applied: "xla" or "pallas" (the fused expert matmul when
+      unmerged, the SGMM switch kernel when merged).
+    merge: decode by switching pre-gated experts into the weights every step
+      ("pregated-merged", see `adafuse_jax.switching`); prompts still run unmerged.
   """
 
   def __init__(self, model: LlamaModel, *, adapters: MixtureOfLoRA | None = None,
-               implementation: str = "xla"):
+               implementation: str = "xla", merge: bool = False):
     self.implementation = implementation
+    self.merge = merge
+    self.switch_state = None
+    if merge:
+      from adafuse_jax import switching
+      if adapters is None:
+        raise UserError("merged decoding needs adapters (a pre-gated expert pool)")
+      switching.check_mergeable(adapters.cfg)
+      self.switch_state = switching.initial_state(model, adapters)
     self.cfg = model.cfg
     self.dtype = model.dtype
     self.graphdef, self.params = nnx.split(model)
@@ -105,6 +116,17 @@ class Generator:
       routing = (experts, gates)
     return sample(logits, key, sampling), logits, cache, routing
 
+  def _merged_forward(self, params, adapter_params, state, tokens, cache, key,
+                      sampling: SamplingConfig):
+    from adafuse_jax import switching
+    model = nnx.merge(self.graphdef, params)
+    adapters = nnx.merge(self.adapters_graphdef, adapter_params)
+    experts, gates, _ = switching.route_token(model, adapters, tokens)
+    state = switching.switch(state, model, adapters, experts, gates, self.implementation)
+    logits, cache = model(tokens, cache, linear=switching.merged_linear(state.weights))
+    routing = (experts[None], gates[None])
+    return sample(logits, key, sampling), logits, cache, routing, state
+
   def compiled(self, batch: int, length: int, cache_len: int, sampling: SamplingConfig) -> Callable:
     """AOT-compiled `(params, adapter_params, tokens [B, length], cache, key)` ->
     `(next [B], logits [B, V], cache, routing)`; routing is (experts [B, k], gates [B, k]) of the
@@ -114,10 +136,32 @@ class Generator:
       cache = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, cache_len, self.dtype))
       tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
       key = jax.eval_shape(lambda: jax.random.key(0))
-      fn = jax.jit(self._forward, static_argnums=(5,), donate_argnums=(3,))
-      self._compiled[sig] = fn.lower(self.params, self.adapter_params, tokens, cache, key,
-                                     sampling).compile()
+      if self.merges(length):
+        if batch != 1:
+          raise UserError(f"merged decoding serves one sequence at a time (got a batch of {batch}):"
+                          " the tokens of a batch want different experts; decode batches unmerged")
+        fn = jax.jit(self._merged_forward, static_argnums=(6,), donate_argnums=(2, 4))
+        self._compiled[sig] = fn.lower(self.params, self.adapter_params, self.switch_state, tokens,
+                                       cache, key, sampling).compile()
+      else:
+        fn = jax.jit(self._forward, static_argnums=(5,), donate_argnums=(3,))
+        self._compiled[sig] = fn.lower(self.params, self.adapter_params, tokens, cache, key,
+                                       sampling).compile()
     return self._compiled[sig]
+
+  def merges(self, length: int) -> bool:
+    """Whether steps of this many tokens run merged (decode steps of a merging generator)."""
+    return self.merge and length == 1
+
+  def run(self, fn: Callable, tokens: jax.Array, cache: KVCache, key: jax.Array):
+    """Calls a compiled step (from `compiled`), carrying the merged weights when it merges.
+
+    Returns (next [B], logits [B, V], cache, routing)."""
+    if self.merges(tokens.shape[1]):
+      nxt, logits, cache, routing, self.switch_state = fn(
+          self.params, self.adapter_params, self.switch_state, tokens, cache, key)
+      return nxt, logits, cache, routing
+    return fn(self.params, self.adapter_params, tokens, cache, key)
 
   def new_cache(self, batch: int, cache_len: int, pad: Sequence[int] | None = None) -> KVCache:
     return KVCache.create(self.cfg, batch, cache_len, self.dtype,
@@ -130,7 +174,7 @@ class Generator:
     Returns (next [B], logits [B, V], cache, routing), as `compiled`.
     """
     fn = self.compiled(tokens.shape[0], tokens.shape[1], cache.max_len, sampling)
-    return fn(self.params, self.adapter_params, tokens, cache, key)
+    return self.run(fn, tokens, cache, key)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, list[int]]:
@@ -189,8 +233,8 @@ def generate(gen: Generator, prompts: Sequence[Sequence[int]], *, max_new_tokens
   cache = gen.new_cache(batch, cache_len, pads)
   jax.block_until_ready(cache)
   t0 = time.perf_counter()
-  nxt, _, cache, routing = prefill_fn(gen.params, gen.adapter_params, jnp.asarray(tokens), cache,
-                                      jax.random.fold_in(base_key, 0))
+  nxt, _, cache, routing = gen.run(prefill_fn, jnp.asarray(tokens), cache,
+                                   jax.random.fold_in(base_key, 0))
   nxt_host = np.asarray(nxt)
   routes: list[tuple[np.ndarray, np.ndarray]] = []
   prefill_ms = (time.perf_counter() - t0) * 1e3
@@ -214,8 +258,8 @@ def generate(gen: Generator, prompts: Sequence[Sequence[int]], *, max_new_tokens
     if done.all() or step == max_new_tokens - 1:
       break
     t0 = time.perf_counter()
-    nxt, _, cache, routing = step_fn(gen.params, gen.adapter_params, jnp.asarray(nxt_host[:, None]),
-                                     cache, jax.random.fold_in(base_key, step + 1))
+    nxt, _, cache, routing = gen.run(step_fn, jnp.asarray(nxt_host[:, None]), cache,
+                                     jax.random.fold_in(base_key, step + 1))
     nxt_host = np.asarray(nxt)
     step_times.append(time.perf_counter() - t0)
   decode_ms = float(np.median(step_times) * 1e3) if step_times else 0.0

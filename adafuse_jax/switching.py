@@ -1,0 +1,144 @@
+"""Decode mode "pregated-merged": route the token, switch the merged weights, run the backbone.
+
+Per decode step, inside one jitted function:
+1. the pre-gate router reads the token's hidden state at the first adapted module of layer 0
+   (`rms_norm(embed(token), attn_norm[0])`, the input of q/k/v) and picks k experts + gates;
+2. if the experts or gates differ from the previous step's, one SGMM launch
+   (`pallas_kernels.sgmm.switch_weights`) rebuilds every adapted weight of every layer as
+   `W = W0 + (alpha / r) Σ_j g_j A[e_j] B[e_j]` from the pristine base W0 (no drift; see the
+   kernel's docstring); otherwise nothing is touched;
+3. the forward pass is a plain backbone pass that reads the merged weights.
+
+The merged weights are a separate state (donated step to step), so the model's own parameters
+stay the pristine W0: prompts, where every token has its own experts, run unmerged on them.
+Merging serves one sequence at a time (a batch's tokens want different experts): batches use the
+unmerged paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from adafuse_jax.errors import UserError
+from adafuse_jax.model.layers import rms_norm
+from adafuse_jax.routing import gates_for, top_k_gates
+
+ATTENTION_INPUT_MODULES = ("q", "k", "v")
+
+
+@dataclasses.dataclass
+class SwitchState:
+  """What a merged decode carries from step to step.
+
+  Attributes:
+    weights: adapted module -> merged weight (stacked [L, in, out], or per-layer tuple on the CPU).
+    experts: [k] int32 experts merged now (sorted; -1 before the first switch).
+    coefs: [L, k] f32 coefficients merged now (gate x alpha / r).
+    switches: int32 count of steps that switched (for the switch rate).
+  """
+
+  weights: dict
+  experts: jax.Array
+  coefs: jax.Array
+  switches: jax.Array
+
+
+jax.tree_util.register_dataclass(SwitchState, data_fields=["weights", "experts", "coefs", "switches"],
+                                 meta_fields=[])
+
+
+def check_mergeable(adapter_cfg) -> None:
+  if adapter_cfg.mode != "pregated":
+    raise UserError(f"merged decoding switches pre-gated experts; mode {adapter_cfg.mode!r} cannot"
+                    " merge (use --mode pregated, or --merge with --mode lora for a one-off merge)")
+  first = next(m for m in ("q", "k", "v", "o", "gate", "up", "down") if m in adapter_cfg.modules)
+  if first not in ATTENTION_INPUT_MODULES:
+    raise UserError("merged decoding routes on layer 0's attention input, so q, k or v must be"
+                    f" adapted; got modules {','.join(adapter_cfg.modules)}")
+
+
+def initial_state(model, adapters) -> SwitchState:
+  """Merged weights = W0 (a copy), nothing merged yet: the first step switches."""
+  cfg = adapters.cfg
+  weights = {}
+  for m in cfg.modules:
+    value = getattr(model, m).get_value()
+    weights[m] = tuple(w.copy() for w in value) if isinstance(value, tuple) else value.copy()
+  return SwitchState(weights=weights, experts=jnp.full((cfg.top_k,), -1, jnp.int32),
+                     coefs=jnp.zeros((model.cfg.layers, cfg.top_k), jnp.float32),
+                     switches=jnp.zeros((), jnp.int32))
+
+
+def route_token(model, adapters, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Pre-gate one token. tokens [1, 1] -> (experts [k] sorted, gates [k] or [L, k], logits [1, E])."""
+  cfg = adapters.cfg
+  x = rms_norm(jnp.take(model.embed[...], tokens[:, -1], axis=0), model.attn_norm[0],
+               model.cfg.rms_eps)  # [1, D]
+  logits, layer_logits = adapters.router(x)
+  experts, gates = top_k_gates(logits, cfg.top_k)
+  # A canonical order (by expert id), so that the same set with the same gates is "unchanged".
+  order = jnp.argsort(experts[0])
+  experts = experts[0][order]
+  if layer_logits is not None:
+    gates = gates_for(layer_logits[0], jnp.broadcast_to(experts, (model.cfg.layers, cfg.top_k)))
+  else:
+    gates = gates[0][order]
+  return experts, gates, logits
+
+
+def switch(state: SwitchState, model, adapters, experts: jax.Array, gates: jax.Array,
+           implementation: str) -> SwitchState:
+  """Rebuilds the merged weights for the new experts/gates (no work when unchanged)."""
+  cfg = adapters.cfg
+  num_layers = model.cfg.layers
+  coefs = jnp.broadcast_to(gates if gates.ndim == 2 else gates[None], (num_layers, cfg.top_k))
+  coefs = coefs.astype(jnp.float32) * cfg.scale
+  changed = jnp.any(experts != state.experts) | jnp.any(coefs != state.coefs)
+  modules = cfg.modules
+  base = tuple(getattr(model, m).get_value() for m in modules)
+  current = tuple(state.weights[m] for m in modules)
+  if isinstance(base[0], tuple):
+    new = _switch_per_layer(current, base, adapters, modules, experts, coefs, changed)
+  else:
+    pools = [adapters.pool.stacked(m) for m in modules]
+    a_pools, b_pools = [p[0] for p in pools], [p[1] for p in pools]
+    if implementation == "pallas":
+      from pallas_kernels.sgmm import switch_weights
+      new = switch_weights(current, a_pools, b_pools, experts, coefs, changed, base,
+                           interpret=jax.default_backend() == "cpu")
+    else:
+      from pallas_kernels.sgmm import switch_weights_xla
+      new = switch_weights_xla(current, a_pools, b_pools, experts, coefs, changed, base)
+  return SwitchState(weights=dict(zip(modules, new)), experts=experts, coefs=coefs,
+                     switches=state.switches + changed.astype(jnp.int32))
+
+
+def _switch_per_layer(current, base, adapters, modules, experts, coefs, changed):
+  """The XLA switch on per-layer weights (the CPU layout): W[l] = W0[l] + Σ_j c A[l][:, e] B[l][e]."""
+
+  def apply(_):
+    out = []
+    for m, w0 in zip(modules, base):
+      layers = []
+      for l, w in enumerate(w0):
+        a, b = adapters.pool.factors(m, l)  # [in, E, r], [E, r, out]
+        a_sel = jnp.take(a, experts, axis=1).astype(jnp.float32) * coefs[l][None, :, None]
+        b_sel = jnp.take(b, experts, axis=0).astype(jnp.float32)
+        delta = jnp.einsum("ikr,kro->io", a_sel, b_sel)
+        layers.append((w.astype(jnp.float32) + delta).astype(w.dtype))
+      out.append(tuple(layers))
+    return tuple(out)
+
+  return jax.lax.cond(changed, apply, lambda _: tuple(current), None)
+
+
+def merged_linear(weights: dict):
+  """The LinearFn of a merged pass: adapted modules read the merged weights, others the model's."""
+
+  def linear(name: str, layer: int, x: jax.Array, w) -> jax.Array:
+    return x @ (weights[name] if name in weights else w)[layer]
+
+  return linear
