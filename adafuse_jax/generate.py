@@ -69,6 +69,17 @@ class GenerationResult:
     return 1000.0 * len(self.tokens) / self.decode_ms_per_token
 
 
+@dataclasses.dataclass(frozen=True)
+class MergedStep:
+  """The compiled halves of a merged decode step: route + switch, then the backbone pass."""
+
+  switch: Callable
+  forward: Callable
+
+  def as_text(self) -> str:
+    return self.switch.as_text() + "\n" + self.forward.as_text()
+
+
 class Generator:
   """Compiles and runs prefill / decode steps of one model, with or without dynamic adapters.
 
@@ -116,16 +127,21 @@ class Generator:
       routing = (experts, gates)
     return sample(logits, key, sampling), logits, cache, routing
 
-  def _merged_forward(self, params, adapter_params, state, tokens, cache, key,
-                      sampling: SamplingConfig):
+  def _switch(self, params, adapter_params, state, tokens):
+    """Routes the new token and rebuilds the merged weights (state donated, updated in place)."""
     from adafuse_jax import switching
     model = nnx.merge(self.graphdef, params)
     adapters = nnx.merge(self.adapters_graphdef, adapter_params)
     experts, gates, _ = switching.route_token(model, adapters, tokens)
     state = switching.switch(state, model, adapters, experts, gates, self.implementation)
-    logits, cache = model(tokens, cache, linear=switching.merged_linear(state.weights))
-    routing = (experts[None], gates[None])
-    return sample(logits, key, sampling), logits, cache, routing, state
+    return state, (experts[None], gates[None])
+
+  def _merged_forward(self, params, merged_weights, tokens, cache, key, sampling: SamplingConfig):
+    """A backbone pass whose adapted modules read the merged weights (passed in, not donated)."""
+    from adafuse_jax import switching
+    model = nnx.merge(self.graphdef, params)
+    logits, cache = model(tokens, cache, linear=switching.merged_linear(merged_weights))
+    return sample(logits, key, sampling), logits, cache
 
   def compiled(self, batch: int, length: int, cache_len: int, sampling: SamplingConfig) -> Callable:
     """AOT-compiled `(params, adapter_params, tokens [B, length], cache, key)` ->
@@ -140,9 +156,15 @@ class Generator:
         if batch != 1:
           raise UserError(f"merged decoding serves one sequence at a time (got a batch of {batch}):"
                           " the tokens of a batch want different experts; decode batches unmerged")
-        fn = jax.jit(self._merged_forward, static_argnums=(6,), donate_argnums=(2, 4))
-        self._compiled[sig] = fn.lower(self.params, self.adapter_params, self.switch_state, tokens,
-                                       cache, key, sampling).compile()
+        # Two compiled functions, dispatched back to back: XLA:GPU materialises a slice of a
+        # weight that was produced in the same program (a memcpy per layer and module, +1.3 ms
+        # per token for q,v on the 7B: docs/benchmarks/h100-merged/one_jit_kernels.md), while
+        # slices of a parameter feed the matmuls in place, as in the backbone.
+        switch = jax.jit(self._switch, donate_argnums=(2,)).lower(
+            self.params, self.adapter_params, self.switch_state, tokens).compile()
+        forward = jax.jit(self._merged_forward, static_argnums=(5,), donate_argnums=(3,)).lower(
+            self.params, self.switch_state.weights, tokens, cache, key, sampling).compile()
+        self._compiled[sig] = MergedStep(switch, forward)
       else:
         fn = jax.jit(self._forward, static_argnums=(5,), donate_argnums=(3,))
         self._compiled[sig] = fn.lower(self.params, self.adapter_params, tokens, cache, key,
@@ -157,9 +179,10 @@ class Generator:
     """Calls a compiled step (from `compiled`), carrying the merged weights when it merges.
 
     Returns (next [B], logits [B, V], cache, routing)."""
-    if self.merges(tokens.shape[1]):
-      nxt, logits, cache, routing, self.switch_state = fn(
-          self.params, self.adapter_params, self.switch_state, tokens, cache, key)
+    if isinstance(fn, MergedStep):
+      self.switch_state, routing = fn.switch(self.params, self.adapter_params, self.switch_state,
+                                             tokens)
+      nxt, logits, cache = fn.forward(self.params, self.switch_state.weights, tokens, cache, key)
       return nxt, logits, cache, routing
     return fn(self.params, self.adapter_params, tokens, cache, key)
 

@@ -32,22 +32,25 @@ def main() -> None:
   p.add_argument("--mode", default="backbone")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--cache-len", type=int, default=512)
+  p.add_argument("--adapt-modules", default="q,k,v,o,gate,up,down")
   p.add_argument("--out", required=True)
   args = p.parse_args()
   out = pathlib.Path(args.out)
   model = LlamaModel(PRESETS[args.preset], dtype=jnp.bfloat16)
-  adapters = B.build_adapters(model.cfg, args.mode, AdapterConfig(), jnp.bfloat16, 0)
-  gen = Generator(model, adapters=adapters, implementation=B.split_mode(args.mode)[1])
+  acfg = AdapterConfig(modules=tuple(args.adapt_modules.split(",")))
+  adapters = B.build_adapters(model.cfg, args.mode, acfg, jnp.bfloat16, 0)
+  gen = Generator(model, adapters=adapters, implementation=B.split_mode(args.mode)[1],
+                  merge=args.mode in B.MERGED_MODES)
   step = gen.compiled(1, 1, args.cache_len, SamplingConfig())
   cache = gen.new_cache(1, args.cache_len)
   tok = jnp.ones((1, 1), jnp.int32)
   key = jax.random.key(0)
   for _ in range(3):
-    nxt, _, cache, _ = step(gen.params, gen.adapter_params, tok, cache, key)
+    nxt, _, cache, _ = gen.run(step, tok, cache, key)
   jax.block_until_ready(nxt)
   with jax.profiler.trace(str(out / "trace"), create_perfetto_trace=True):
     for _ in range(args.steps):
-      nxt, _, cache, _ = step(gen.params, gen.adapter_params, tok, cache, key)
+      nxt, _, cache, _ = gen.run(step, tok, cache, key)
       jax.block_until_ready(nxt)
   (out / f"hlo_{args.mode}.txt").write_text(step.as_text())
   trace_file = sorted(glob.glob(str(out / "trace" / "**" / "*.json.gz"), recursive=True))[-1]

@@ -96,11 +96,13 @@ def main() -> None:
     coefs = jnp.asarray(rng.uniform(0.1, 1.0, (args.switches, L, args.top_k)), jnp.float32)
 
     def loop(switch, changed=True):
-      def run(weights):
+      # Pools and base are arguments, never closed over: captured they become 13 GB constants.
+      def run(weights, a, b, base, experts, coefs):
         def body(i, w):
           return tuple(switch(w, a, b, experts[i], coefs[i], changed, base))
         return jax.lax.fori_loop(0, args.switches, body, tuple(weights))
-      return jax.jit(run, donate_argnums=(0,))
+      jitted = jax.jit(run, donate_argnums=(0,))
+      return lambda w: jitted(w, a, b, base, experts, coefs)
 
     variants = [("xla", lambda w, a, b, e, c, ch, base: switch_weights_xla(w, a, b, e, c, ch, base))]
     tiles_list = TILE_CANDIDATES[:1] if args.quick else TILE_CANDIDATES
@@ -127,9 +129,9 @@ def main() -> None:
     rows.append({"config": cname, "variant": "pallas, unchanged (flag false)", "ms": sec * 1e3})
     print(json.dumps(rows[-1]), flush=True)
     # The HLO of one donated switch: no copy of any weight.
-    one = jax.jit(lambda w: switch_weights(w, a, b, experts[0], coefs[0], True, base),
+    one = jax.jit(lambda w, a, b, base, e, c: switch_weights(w, a, b, e, c, True, base),
                   donate_argnums=(0,))
-    hlo = one.lower(tuple(current)).compile().as_text()
+    hlo = one.lower(tuple(current), a, b, base, experts[0], coefs[0]).compile().as_text()
     copies = count_weight_copies(hlo, [w.shape for w in ws])
     aliased = "input_output_alias" in hlo
     rows.append({"config": cname, "variant": "hlo", "weight_copies": copies,
