@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="how unmerged experts are applied: plain XLA matmuls, or the Pallas kernel"
                       " that folds them into the base matmul (GPU; interpreted on the CPU)")
   a.add_argument("--merge", action="store_true",
-                 help="--mode lora: fold the LoRA into the weights once (a plain backbone pass)")
+                 help="--mode lora: fold the LoRA into the weights once; --mode pregated: switch"
+                      " each token's experts into the weights (pregated-merged: one SGMM launch,"
+                      " then a plain backbone pass; one prompt at a time)")
   a.add_argument("--show-routing", action="store_true",
                  help="print, per generated token, the experts and gates chosen")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -159,13 +161,19 @@ def run(args: argparse.Namespace) -> dict:
   if args.implementation == "pallas" and jax.default_backend() == "cpu" and not args.json:
     print("note: on the CPU the weights are held per layer, so the experts take the XLA path;"
           " --implementation pallas applies on a GPU", file=sys.stderr)
+  switch_per_token = False
   if args.merge:
-    if adapter_cfg.mode != "lora":
-      raise UserError("--merge folds a plain LoRA into the weights; it needs --mode lora (expert"
-                      " mixtures switch per token)")
-    from adafuse_jax.adapters import merged_model
-    model, adapters = merged_model(model, adapters), None
-  res = generate(Generator(model, adapters=adapters, implementation=args.implementation), ids, max_new_tokens=args.max_new_tokens,
+    if adapter_cfg.mode == "lora":
+      from adafuse_jax.adapters import merged_model
+      model, adapters = merged_model(model, adapters), None
+    elif adapter_cfg.mode == "pregated":
+      switch_per_token = True
+    else:
+      raise UserError(f"--merge needs --mode lora (merged once) or pregated (switched per token);"
+                      f" {adapter_cfg.mode!r} routes at every layer and cannot merge")
+  gen = Generator(model, adapters=adapters, implementation=args.implementation,
+                  merge=switch_per_token)
+  res = generate(gen, ids, max_new_tokens=args.max_new_tokens,
                  sampling=sampling, seed=args.seed, stop_ids=tok.eos_ids, pad_id=pad_id,
                  on_token=on_token if stream else None)
   completions = [tok.decode(t) for t in res.tokens]
@@ -177,7 +185,9 @@ def run(args: argparse.Namespace) -> dict:
       "prefill_ms": round(res.prefill_ms, 3),
       "decode_ms_per_token": round(res.decode_ms_per_token, 3),
       "tokens_per_s": round(res.tokens_per_s, 2), "compile_s": round(res.compile_s, 3),
-      "streamed": stream, "mode": adapter_cfg.mode,
+      "streamed": stream,
+      "mode": adapter_cfg.mode + ("-merged" if switch_per_token else ""),
+      "switches": int(gen.switch_state.switches) if switch_per_token else None,
       "routing": _routing_table(tok, res) if args.show_routing else None,
   }
 

@@ -70,12 +70,19 @@ def test_adapter_modes_show_routing_and_merge():
                      "--max-new-tokens", "4", "Hello")
   assert merged.returncode == 0 and unmerged.returncode == 0, merged.stderr + unmerged.stderr
   assert json.loads(merged.stdout)["completions"] == json.loads(unmerged.stdout)["completions"]
+  switched = run_cli("--json", "--mode", "pregated", "--adapters", "random:3", "--merge",
+                     "--adapt-modules", "q,v", "--rank", "4", "--max-new-tokens", "4", "Hello")
+  assert switched.returncode == 0, switched.stderr
+  result = json.loads(switched.stdout)
+  assert result["mode"] == "pregated-merged" and 1 <= result["switches"] <= 3
 
 
 @pytest.mark.parametrize("args, message", [
     (("--mode", "layerwise", "hi"), "needs adapters"),
     (("--mode", "pregated", "--adapters", "random", "--top-k", "9", "hi"), "larger than num_experts"),
-    (("--mode", "pregated", "--adapters", "random", "--merge", "hi"), "--merge"),
+    (("--mode", "layerwise", "--adapters", "random", "--merge", "hi"), "--merge"),
+    (("--mode", "pregated", "--adapters", "random", "--merge", "hi", "there"),
+     "one sequence at a time"),
     (("--adapters", "/no/such/ckpt", "--mode", "pregated", "hi"), "does not exist"),
 ])
 def test_bad_adapter_arguments_exit_2(args, message):

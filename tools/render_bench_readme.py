@@ -31,10 +31,11 @@ def section(folder: pathlib.Path, title: str) -> list[str]:
   cmd = env["command"].split("adafuse_jax/bench.py", 1)[-1].strip()
   lines = [f"## {title}", "", f"- command: `python -m adafuse_jax.bench {cmd}`",
            f"- device: {env['device']}; JAX {env['jax']} (jaxlib {env['jaxlib']}), Python"
-           f" {env['python']}; date {env['date']}", f"- files: `{folder.name}/`", "",
+           f" {env['python']}; date {env['date']}",
+           f"- files: `{folder.relative_to(ROOT)}/`", "",
            markdown(report), ""]
   if (folder / "decode.png").exists():
-    lines += [f"![decode latency by mode]({folder.name}/decode.png)", ""]
+    lines += [f"![decode latency by mode]({folder.relative_to(ROOT)}/decode.png)", ""]
   for prof in sorted(folder.glob("kernels_*.md")):
     lines += [f"Kernel time per decode step (`python tools/kernel_breakdown.py --mode"
               f" {prof.stem[len('kernels_'):]}`):", "", prof.read_text().strip(), ""]
@@ -66,6 +67,17 @@ def main() -> None:
                       ("h100-initial", "H100: first run (gather formulation, both weight layouts)")):
     if (ROOT / name / "results.json").exists():
       lines += section(ROOT / name, title)
+  for name, title in (("h100-merged/bench_all7", "H100: pregated-merged, experts on all 7 modules"),
+                      ("h100-merged/bench_qv", "H100: pregated-merged, experts on q and v")):
+    if (ROOT / name / "results.json").exists():
+      lines += section(ROOT / name, title)
+  one_jit = ROOT / "h100-merged" / "one_jit_kernels.md"
+  if one_jit.exists():
+    lines += ["### Why the merged step is two compiled calls", "", one_jit.read_text().strip(), ""]
+  sgmm = ROOT / "h100-sgmm" / "sgmm.md"
+  if sgmm.exists():
+    lines += ["## SGMM switch kernel alone (`python tools/sgmm_bench.py`)", "",
+              sgmm.read_text().strip(), ""]
   probe = ROOT / "h100-expert-paths" / "probe.log"
   if probe.exists():
     lines += ["## H100: XLA formulations of the unmerged experts", "",
