@@ -1,0 +1,1 @@
+"""Training and evaluation of expert pools + routers on a frozen backbone (`python -m train`)."""

@@ -1,0 +1,278 @@
+"""Training expert pools + routers on a frozen backbone with optax, checkpointed with orbax.
+
+Choices (stated, as the issue asks):
+- The backbone is frozen and held in the device's dtype (bf16 on a GPU, f32 on the CPU); the
+  adapter weights and the optimizer state are f32. The loss is computed in f32.
+- AdamW, linear warm-up then cosine decay, global-norm clipping at 1.0.
+- Loss = next-token cross-entropy + `aux_coef` x Switch-style load-balancing loss (mean over the
+  routing decisions of the step: one for "pregated", one per adapted module and layer for
+  "layerwise").
+- Mixed-domain batches: row i of step s reads domain (i + s) mod D at an offset drawn from
+  `default_rng([seed, s])`. The batch of a step depends on (seed, step) alone, so the data
+  position is the step, and a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from adafuse_jax.adapters import MixtureOfLoRA
+from adafuse_jax.config import AdapterConfig
+from adafuse_jax.errors import UserError
+from adafuse_jax.experts import AdapterParam
+from adafuse_jax.model.cache import KVCache
+from adafuse_jax.model.llama import LlamaModel
+from adafuse_jax.routing import load_balancing_loss
+
+TRAIN_MODES = ("lora", "layerwise", "pregated", "pregated-plg")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run. `mode` "pregated-plg" is pre-gating with per-layer gates."""
+
+  mode: str = "pregated"
+  modules: tuple[str, ...] = ("q", "k", "v", "o")
+  num_experts: int = 8
+  rank: int = 6
+  top_k: int = 2
+  steps: int = 400
+  batch: int = 16
+  seq_len: int = 256
+  lr: float = 1e-3
+  warmup: int = 40
+  weight_decay: float = 0.01
+  clip: float = 1.0
+  aux_coef: float = 0.01
+  eval_every: int = 100
+  eval_windows: int = 8
+  checkpoint_every: int = 100
+  keep: int = 3
+  seed: int = 0
+
+  def __post_init__(self) -> None:
+    if self.mode not in TRAIN_MODES:
+      raise UserError(f"unknown training mode {self.mode!r}; choose one of {', '.join(TRAIN_MODES)}")
+    for name in ("steps", "batch", "seq_len", "eval_every", "checkpoint_every", "keep"):
+      if getattr(self, name) < 1:
+        raise UserError(f"{name}={getattr(self, name)} must be at least 1")
+
+  def adapter_config(self) -> AdapterConfig:
+    """The adapters this run trains. "lora" gets rank E*r (the pool's trainable budget, less the
+    router's few parameters)."""
+    if self.mode == "lora":
+      return AdapterConfig(mode="lora", modules=self.modules, num_experts=1,
+                           rank=self.rank * self.num_experts, top_k=1,
+                           alpha=2.0 * self.rank * self.num_experts)
+    return AdapterConfig(mode="layerwise" if self.mode == "layerwise" else "pregated",
+                         modules=self.modules, num_experts=self.num_experts, rank=self.rank,
+                         top_k=self.top_k, per_layer_gates=self.mode == "pregated-plg",
+                         alpha=2.0 * self.rank)
+
+  def to_json(self) -> dict:
+    return {**dataclasses.asdict(self), "modules": list(self.modules)}
+
+
+def batch_at(streams: dict[str, np.ndarray], step: int, batch: int, seq_len: int, seed: int
+             ) -> np.ndarray:
+  """The [batch, seq_len + 1] token windows of one step (depends on seed and step only)."""
+  rng = np.random.default_rng([seed, step])
+  names = sorted(streams)
+  rows = []
+  for i in range(batch):
+    stream = streams[names[(i + step) % len(names)]]
+    start = int(rng.integers(0, len(stream) - seq_len - 1))
+    rows.append(stream[start:start + seq_len + 1])
+  return np.stack(rows).astype(np.int32)
+
+
+def eval_windows(stream: np.ndarray, count: int, seq_len: int) -> np.ndarray:
+  """Evenly spaced [count, seq_len + 1] windows of a held-out stream (fixed across runs)."""
+  count = max(1, min(count, (len(stream) - 1) // (seq_len + 1)))
+  starts = np.linspace(0, len(stream) - seq_len - 1, count).astype(int)
+  return np.stack([stream[s:s + seq_len + 1] for s in starts]).astype(np.int32)
+
+
+def forward_loss(model: LlamaModel, adapters: MixtureOfLoRA | None, windows: jax.Array,
+                 aux_coef: float = 0.0):
+  """Mean next-token cross-entropy of windows [B, T+1] (+ aux loss); returns (loss, metrics)."""
+  tokens, targets = windows[:, :-1], windows[:, 1:]
+  cache = KVCache.create(model.cfg, tokens.shape[0], tokens.shape[1], model.dtype)
+  if adapters is None:
+    logits, _ = model(tokens, cache, all_logits=True)
+    routes = []
+  else:
+    runtime = adapters.runtime("xla")
+    logits, _ = model(tokens, cache, linear=runtime, all_logits=True)
+    routes = runtime.routes
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+  num_experts = adapters.cfg.num_experts if adapters is not None else 1
+  if routes:
+    aux = jnp.mean(jnp.stack([load_balancing_loss(r.logits, r.experts) for r in routes]))
+    load = jnp.mean(jnp.stack([jax.nn.one_hot(r.experts, num_experts).sum((0, 1)) / r.experts.size
+                               for r in routes]), axis=0)
+  else:
+    aux, load = jnp.zeros(()), jnp.ones((num_experts,))
+  return ce + aux_coef * aux, {"ce": ce, "aux": aux, "load": load}
+
+
+def make_optimizer(adapters: MixtureOfLoRA, cfg: TrainConfig) -> nnx.Optimizer:
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup, cfg.steps),
+                                                max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.1)
+  tx = optax.chain(optax.clip_by_global_norm(cfg.clip),
+                   optax.adamw(schedule, weight_decay=cfg.weight_decay))
+  return nnx.Optimizer(adapters, tx, wrt=AdapterParam)
+
+
+@nnx.jit(static_argnums=(4,))
+def train_step(model, adapters, optimizer, windows, aux_coef: float):
+  def loss_fn(adapters):
+    return forward_loss(model, adapters, windows, aux_coef)
+
+  grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, AdapterParam), has_aux=True)
+  (loss, metrics), grads = grad_fn(adapters)
+  optimizer.update(adapters, grads)
+  return loss, metrics
+
+
+@nnx.jit
+def eval_loss(model, adapters, windows):
+  return forward_loss(model, adapters, windows)[1]["ce"]
+
+
+class CheckpointError(UserError):
+  """A checkpoint is missing, corrupt or made for another configuration."""
+
+
+class Trainer:
+  """Trains one adapter configuration on a frozen model, checkpointing to `workdir`.
+
+  Args:
+    model: the frozen backbone.
+    cfg: the run's settings.
+    train_streams / heldout_streams: domain -> token stream.
+    workdir: checkpoints (`ckpt/`) and the metrics log (`metrics.jsonl`).
+  """
+
+  def __init__(self, model: LlamaModel, cfg: TrainConfig, train_streams: dict[str, np.ndarray],
+               heldout_streams: dict[str, np.ndarray], workdir: str | pathlib.Path):
+    self.model, self.cfg = model, cfg
+    self.train_streams, self.heldout = train_streams, heldout_streams
+    self.workdir = pathlib.Path(workdir).absolute()
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    # Stacked pools whatever the backend: a Variable holding a per-layer tuple is not one leaf
+    # for optax, and training is not the latency-bound path the "list" layout serves.
+    self.adapters = MixtureOfLoRA(model.cfg, cfg.adapter_config(), seed=cfg.seed, layout="stacked")
+    self.optimizer = make_optimizer(self.adapters, cfg)
+    self.step = 0
+    self.manager = ocp.CheckpointManager(
+        self.workdir / "ckpt",
+        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True))
+    self._eval_sets = {d: jnp.asarray(eval_windows(s, cfg.eval_windows, cfg.seq_len))
+                       for d, s in heldout_streams.items()}
+
+  # --- checkpoints ------------------------------------------------------------------------------
+  def save(self) -> None:
+    state = {"adapters": nnx.state(self.adapters, AdapterParam),
+             "optimizer": nnx.state(self.optimizer.opt_state)}
+    self.manager.save(self.step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"step": self.step, "config": self.cfg.to_json(),
+                                "data_position": self.step})))
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int | None = None) -> int:
+    """Restores the latest (or the given) checkpoint; returns its step (0 when none exists)."""
+    steps = self.manager.all_steps()
+    if not steps:
+      if step is not None:
+        raise CheckpointError(f"no checkpoint in {self.workdir / 'ckpt'}; train first")
+      return 0
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint for step {step} in {self.workdir / 'ckpt'}; present:"
+                            f" {sorted(steps)}")
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds; name the file and the cure
+      raise CheckpointError(f"checkpoint step {step} in {self.workdir / 'ckpt'} is unreadable"
+                            f" ({type(e).__name__}); restore an earlier step with --resume-step"
+                            f" (present: {sorted(steps)})") from None
+    saved, ours = meta["config"], self.cfg.to_json()
+    for key in ("mode", "modules", "num_experts", "rank", "top_k"):
+      if saved.get(key) != ours.get(key):
+        raise CheckpointError(f"checkpoint step {step} was trained with {key}={saved.get(key)!r}"
+                              f" but this run has {key}={ours.get(key)!r}; use a fresh --workdir"
+                              " or the same settings")
+    target = {"adapters": nnx.state(self.adapters, AdapterParam),
+              "optimizer": nnx.state(self.optimizer.opt_state)}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      state = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint step {step} in {self.workdir / 'ckpt'} is corrupt"
+                            f" ({type(e).__name__}: {str(e)[:120]}); restore an earlier step with"
+                            f" --resume-step (present: {sorted(steps)})") from None
+    nnx.update(self.adapters, state["adapters"])
+    nnx.update(self.optimizer.opt_state, state["optimizer"])
+    self.step = int(meta["step"])
+    return self.step
+
+  # --- training ---------------------------------------------------------------------------------
+  def evaluate(self) -> dict[str, float]:
+    """Held-out perplexity per domain."""
+    return {d: float(math.exp(float(eval_loss(self.model, self.adapters, w))))
+            for d, w in self._eval_sets.items()}
+
+  def fit(self, until: int | None = None, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Trains from the current step to `until` (default cfg.steps); returns the losses."""
+    from tqdm import tqdm
+
+    cfg = self.cfg
+    until = cfg.steps if until is None else min(until, cfg.steps)
+    log = open(self.workdir / "metrics.jsonl", "a")
+    losses = []
+    bar = tqdm(total=until, initial=self.step, desc=f"train {cfg.mode}", disable=not progress,
+               dynamic_ncols=True)
+    t_last = time.perf_counter()
+    while self.step < until:
+      windows = jnp.asarray(batch_at(self.train_streams, self.step, cfg.batch, cfg.seq_len, cfg.seed))
+      loss, metrics = train_step(self.model, self.adapters, self.optimizer, windows, cfg.aux_coef)
+      loss = float(loss)
+      if not math.isfinite(loss):
+        raise UserError(f"loss became {loss} at step {self.step}; lower --lr (now {cfg.lr})")
+      self.step += 1
+      losses.append(loss)
+      now = time.perf_counter()
+      tok_s = cfg.batch * cfg.seq_len / max(now - t_last, 1e-9)
+      t_last = now
+      load = np.asarray(metrics["load"])
+      record = {"step": self.step, "loss": loss, "ce": float(metrics["ce"]),
+                "aux": float(metrics["aux"]), "tokens_per_s": tok_s, "load": load.round(4).tolist()}
+      if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+        record["eval_ppl"] = self.evaluate()
+      log.write(json.dumps(record) + "\n")
+      log.flush()
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", max_load=f"{load.max():.2f}")
+      bar.update(1)
+      if on_step is not None:
+        on_step(self.step, loss)
+      if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+        self.save()
+    bar.close()
+    log.close()
+    return losses
