@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -25,15 +26,20 @@ def model_fingerprint(cfg: ModelConfig) -> dict[str, int]:
   return {f: getattr(cfg, f) for f in _SHAPE_FIELDS}
 
 
-def save_adapters(path: str | pathlib.Path, adapters: MixtureOfLoRA) -> pathlib.Path:
-  """Writes the adapters to a new folder `path` (absolute or relative)."""
+def save_adapters(path: str | pathlib.Path, adapters: MixtureOfLoRA,
+                  dtype: jnp.dtype | None = None) -> pathlib.Path:
+  """Writes the adapters to a new folder `path` (absolute or relative); `dtype` casts the stored
+  weights (bf16 halves a shipped pool; loading casts back to the dtype asked for)."""
   path = pathlib.Path(path).absolute()
   path.mkdir(parents=True, exist_ok=True)
   meta = {"adapter": adapters.cfg.to_dict(), "model": model_fingerprint(adapters.model_cfg)}
   (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
   # Checkpoints always hold the stacked layout, so they load on any backend.
   with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(path / "state", nnx.state(adapters.with_layout("stacked")), force=True)
+    state = nnx.state(adapters.with_layout("stacked"))
+    if dtype is not None:
+      state = jax.tree.map(lambda x: x.astype(dtype), state)
+    ckpt.save(path / "state", state, force=True)
     ckpt.wait_until_finished()
   return path
 

@@ -46,7 +46,7 @@ class TrainConfig:
   mode: str = "pregated"
   modules: tuple[str, ...] = ("q", "k", "v", "o")
   num_experts: int = 8
-  rank: int = 6
+  rank: int = 8
   top_k: int = 2
   steps: int = 400
   batch: int = 16

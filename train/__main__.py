@@ -1,0 +1,214 @@
+"""`python -m train`: prepare data, train adapters, evaluate, or all of it in one command.
+
+    python -m train data                                   # fetch + tokenize the 5 domains (cached)
+    python -m train fit --mode pregated --workdir runs/pregated [--steps 400] [--resume-step N]
+    python -m train all --out docs/training --workdir runs [--export adafuse_jax/pools/smollm2-135m]
+
+`all` trains every mode (lora at the pool's parameter budget, layerwise, pregated, pregated with
+per-layer gates) on the frozen SmolLM2-135M, evaluates them and the backbone (per-domain
+held-out perplexity, exact match on math and analogies, routing per domain, switch rate), and
+writes results.json, results.md, routing heat maps and loss curves under --out. Runs resume from
+their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+from adafuse_jax.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from train.loop import TRAIN_MODES, TrainConfig
+
+  d = TrainConfig()
+  p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--cache", help="data folder (default ~/.cache/adafuse-jax/data or $ADAFUSE_DATA)")
+  sub = p.add_subparsers(dest="command", required=True)
+  sub.add_parser("data", help="fetch, split and tokenize the domains")
+  for name in ("fit", "all"):
+    s = sub.add_parser(name)
+    if name == "fit":
+      s.add_argument("--mode", choices=TRAIN_MODES, default="pregated")
+      s.add_argument("--resume-step", type=int, default=None,
+                     help="restore this checkpoint step rather than the latest")
+    else:
+      s.add_argument("--modes", default=",".join(TRAIN_MODES))
+      s.add_argument("--out", required=True, help="folder for results.json/.md and plots")
+      s.add_argument("--export", help="save the trained pregated pool here (bf16)")
+      s.add_argument("--math-items", type=int, default=200)
+      s.add_argument("--analogy-items", type=int, default=300)
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--modules", default=",".join(d.modules))
+    for field in ("num_experts", "rank", "top_k", "steps", "batch", "seq_len", "warmup",
+                  "eval_every", "checkpoint_every", "seed"):
+      s.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(d, field))
+    for field in ("lr", "aux_coef", "weight_decay"):
+      s.add_argument("--" + field.replace("_", "-"), type=float, default=getattr(d, field))
+    s.add_argument("--quiet", action="store_true")
+  return p
+
+
+def _config(args, mode: str):
+  from train.loop import TrainConfig
+
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  kw = {k: v for k, v in vars(args).items() if k in fields and k not in ("mode", "modules")}
+  return TrainConfig(mode=mode, modules=tuple(m.strip() for m in args.modules.split(",")), **kw)
+
+
+def _setup(args):
+  import jax
+  import jax.numpy as jnp
+
+  from adafuse_jax.weights import load_model
+  from train import data
+
+  cache = pathlib.Path(args.cache) if args.cache else data.default_cache()
+  data.prepare(cache, progress=not args.quiet)
+  dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  loaded = load_model(dtype=dtype, progress=not args.quiet)
+  return cache, loaded, data.load_streams(cache, "train"), data.load_streams(cache, "heldout")
+
+
+def fit(args, mode: str, loaded, train_streams, heldout):
+  from train.loop import Trainer
+
+  trainer = Trainer(loaded.model, _config(args, mode), train_streams, heldout,
+                    pathlib.Path(args.workdir) / mode if args.command == "all" else args.workdir)
+  start = trainer.restore(getattr(args, "resume_step", None))
+  if start:
+    print(f"# {mode}: resumed at step {start}", file=sys.stderr)
+  t0 = time.perf_counter()
+  trainer.fit(progress=not args.quiet)
+  return trainer, time.perf_counter() - t0
+
+
+def run_all(args) -> dict:
+  import numpy as np
+
+  from adafuse_jax.adapter_io import save_adapters
+  from adafuse_jax.benchmarks import environment
+  from train import eval as E
+
+  cache, loaded, train_streams, heldout = _setup(args)
+  model, tok = loaded.model, loaded.tokenizer
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  math_items = E.math_items(cache)[: args.math_items]
+  analogy_items = E.analogy_items(cache, args.analogy_items)
+  rows = {}
+  modes = ["backbone"] + [m.strip() for m in args.modes.split(",") if m.strip()]
+  for mode in modes:
+    adapters, train_s, params = None, 0.0, 0
+    if mode != "backbone":
+      trainer, train_s = fit(args, mode, loaded, train_streams, heldout)
+      adapters = trainer.adapters
+      params = int(sum(np.prod(x.shape) for x in __import__("jax").tree.leaves(
+          __import__("flax").nnx.state(adapters))))
+    t0 = time.perf_counter()
+    row = {"mode": mode, "trainable_params": params, "train_s": train_s,
+           "ppl": E.perplexities(model, adapters, heldout),
+           "math_em": E.exact_match(model, adapters, tok, math_items),
+           "analogy_em": E.exact_match(model, adapters, tok, analogy_items),
+           "routing": E.routing_by_domain(model, adapters, heldout)}
+    row["mean_ppl"] = float(np.mean(list(row["ppl"].values())))
+    row["eval_s"] = time.perf_counter() - t0
+    rows[mode] = row
+    print(f"# {mode}: mean ppl {row['mean_ppl']:.3f}, math {row['math_em']:.3f},"
+          f" analogies {row['analogy_em']:.3f}", file=sys.stderr)
+    if row["routing"]:
+      E.heatmap(row["routing"], out / f"routing_{mode}.png",
+                f"{mode}: expert load by domain (first adapted layer)")
+    if mode == "pregated" and args.export:
+      import jax.numpy as jnp
+      save_adapters(args.export, adapters, dtype=jnp.bfloat16)
+    # Written after every mode, so that a run cut short keeps what it measured.
+    report = {"environment": environment(), "config": _config(args, "pregated").to_json(),
+              "math_items": len(math_items), "analogy_items": len(analogy_items), "rows": rows}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(markdown(report))
+  loss_plot(pathlib.Path(args.workdir), [m for m in modes if m != "backbone"], out / "loss.png")
+  return report
+
+
+def markdown(report: dict) -> str:
+  rows = report["rows"]
+  domains = list(next(iter(rows.values()))["ppl"])
+  env = report["environment"]
+  cfg = report["config"]
+  lines = [f"Trained on {env['device']} (JAX {env['jax']}), {env['date']}; command: "
+           f"`{env['command']}`.", "",
+           f"Frozen SmolLM2-135M-Instruct; adapters on {','.join(cfg['modules'])}, E={cfg['num_experts']},"
+           f" r={cfg['rank']}, top-{cfg['top_k']} (lora: rank {cfg['rank'] * cfg['num_experts']}),"
+           f" {cfg['steps']} steps of {cfg['batch']} x {cfg['seq_len']} tokens, lr {cfg['lr']}.",
+           f" Exact match: {report['math_items']} math interpolate problems,"
+           f" {report['analogy_items']} analogies.", "",
+           "| mode | params | " + " | ".join(f"{d} ppl" for d in domains)
+           + " | mean ppl | math EM | analogy EM | switch rate (set / merge) |",
+           "|---|---|" + "---|" * (len(domains) + 4)]
+  for r in rows.values():
+    sw = r["routing"]
+    sw_text = f"{sw['switch_rate_set']:.2f} / {sw['switch_rate_merge']:.2f}" if sw else "-"
+    lines.append(f"| {r['mode']} | {r['trainable_params'] / 1e6:.2f}M | "
+                 + " | ".join(f"{r['ppl'][d]:.3f}" for d in domains)
+                 + f" | {r['mean_ppl']:.3f} | {100 * r['math_em']:.1f}% |"
+                 f" {100 * r['analogy_em']:.1f}% | {sw_text} |")
+  return "\n".join(lines) + "\n"
+
+
+def loss_plot(workdir: pathlib.Path, modes: list[str], path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for mode in modes:
+    log = workdir / mode / "metrics.jsonl"
+    if not log.exists():
+      continue
+    recs = [json.loads(l) for l in log.read_text().splitlines()]
+    steps = np.array([r["step"] for r in recs])
+    ce = np.array([r["ce"] for r in recs])
+    k = max(1, len(ce) // 40)
+    smooth = np.convolve(ce, np.ones(k) / k, mode="valid")
+    ax.plot(steps[k - 1:], smooth, label=mode)
+  ax.set_xlabel("step")
+  ax.set_ylabel("training cross-entropy (nats/token, smoothed)")
+  ax.set_title("Adapter training on the frozen SmolLM2-135M")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    if args.command == "data":
+      from train import data
+      manifest = data.prepare(pathlib.Path(args.cache) if args.cache else None)
+      print(json.dumps(manifest, indent=2))
+    elif args.command == "fit":
+      _, loaded, tr, ho = _setup(args)
+      trainer, secs = fit(args, args.mode, loaded, tr, ho)
+      print(json.dumps({"mode": args.mode, "step": trainer.step, "train_s": secs,
+                        "heldout_ppl": trainer.evaluate()}, indent=2))
+    else:
+      print(markdown(run_all(args)))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,168 @@
+"""Evaluation: per-domain held-out perplexity, exact match on gold answers, routing by domain.
+
+Exact match is scored by teacher forcing: greedy decoding of a prompt produces the gold answer
+(followed by the end of the line) exactly when every gold token is the argmax given the prompt
+and the gold tokens before it. One forward pass per batch of right-padded sequences gives that,
+with no generation loop and one compiled shape for every model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adafuse_jax.adapters import MixtureOfLoRA
+from adafuse_jax.model.cache import KVCache
+from adafuse_jax.model.llama import LlamaModel
+from train.loop import eval_windows, forward_loss
+
+EVAL_LEN = 96
+
+
+@nnx.jit
+def _ce(model, adapters, windows):
+  return forward_loss(model, adapters, windows)[1]["ce"]
+
+
+def perplexities(model: LlamaModel, adapters: MixtureOfLoRA | None,
+                 heldout: dict[str, np.ndarray], windows: int = 16, seq_len: int = 256
+                 ) -> dict[str, float]:
+  """Held-out perplexity per domain over `windows` evenly spaced windows."""
+  out = {}
+  for domain, stream in heldout.items():
+    w = eval_windows(stream, windows, seq_len)
+    losses = [float(_ce(model, adapters, jnp.asarray(w[i:i + 8]))) * len(w[i:i + 8])
+              for i in range(0, len(w), 8)]
+    out[domain] = math.exp(sum(losses) / len(w))
+  return out
+
+
+@nnx.jit
+def _argmax_logits(model, adapters, tokens):
+  cache = KVCache.create(model.cfg, tokens.shape[0], tokens.shape[1], model.dtype)
+  if adapters is None:
+    logits, _ = model(tokens, cache, all_logits=True)
+    return jnp.argmax(logits, -1), None
+  runtime = adapters.runtime("xla")
+  logits, _ = model(tokens, cache, linear=runtime, all_logits=True)
+  route = runtime.first_route
+  return jnp.argmax(logits, -1), (None if route is None else route.experts)
+
+
+def encode_items(tok, items: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+  """(prompt, gold continuation) pairs -> right-padded tokens [N, T] and a mask [N, T] of the
+  positions whose argmax must equal the next token (the gold continuation); T is the longest
+  item rounded up to a multiple of EVAL_LEN // 3."""
+  pad = min(tok.eos_ids)
+  encoded = []
+  for prompt, gold in items:
+    p = tok.encode(prompt)
+    full = tok.encode(prompt + gold)
+    if full[:len(p)] != p:  # the tokenizer merged across the boundary: score the gold alone
+      full = p + tok.encode(gold)
+    if len(full) == len(p):
+      raise ValueError(f"empty gold continuation for {prompt[-40:]!r}")
+    encoded.append((p, full))
+  step = EVAL_LEN // 3
+  length = -(-max(len(f) for _, f in encoded) // step) * step
+  rows, masks = [], []
+  for p, full in encoded:
+    row = np.full(length, pad, np.int32)
+    row[:len(full)] = full
+    mask = np.zeros(length, bool)
+    mask[len(p) - 1:len(full) - 1] = True  # logits at t predict token t + 1
+    rows.append(row)
+    masks.append(mask)
+  return np.stack(rows), np.stack(masks)
+
+
+def exact_match(model, adapters, tok, items: list[tuple[str, str]], batch: int = 32) -> float:
+  """Share of items whose gold continuation greedy decoding would produce exactly."""
+  tokens, masks = encode_items(tok, items)
+  hits = 0
+  for i in range(0, len(tokens), batch):
+    t, m = tokens[i:i + batch], masks[i:i + batch]
+    n = len(t)
+    if n < batch:  # one compiled shape: pad the last batch with copies
+      t = np.concatenate([t, np.repeat(t[:1], batch - n, 0)])
+    pred, _ = _argmax_logits(model, adapters, jnp.asarray(t))
+    pred = np.asarray(pred)[:n]
+    ok = (pred[:, :-1] == t[:n, 1:]) | ~m[:, :-1]
+    hits += int(ok.all(axis=1).sum())
+  return hits / len(items)
+
+
+def math_items(cache: pathlib.Path, shots: int = 3) -> list[tuple[str, str]]:
+  """The generator's interpolate problems as (few-shot prompt, " answer\\n")."""
+  qa = [json.loads(l) for l in (cache / "math_qa.heldout.jsonl").read_text().splitlines()]
+  prefix = "".join(f"Question: {p['q']}\nAnswer: {p['a']}\n" for p in qa[:shots])
+  return [(f"{prefix}Question: {p['q']}\nAnswer:", f" {p['a']}\n") for p in qa[shots:]]
+
+
+def analogy_items(cache: pathlib.Path, count: int = 300, seed: int = 0) -> list[tuple[str, str]]:
+  """Mikolov analogies "a is to b as c is to" -> " d" with a fixed two-shot prefix."""
+  lines = [l.split() for l in (cache / "questions-words.txt").read_text().splitlines()
+           if l and not l.startswith(":")]
+  rng = np.random.default_rng(seed)
+  picks = [lines[i] for i in rng.choice(len(lines), count + 2, replace=False)]
+  prefix = "".join(f"{a} is to {b} as {c} is to {d}.\n" for a, b, c, d in picks[:2])
+  return [(f"{prefix}{a} is to {b} as {c} is to", f" {d}") for a, b, c, d in picks[2:]]
+
+
+def routing_by_domain(model, adapters, heldout: dict[str, np.ndarray], windows: int = 8,
+                      seq_len: int = 256) -> dict:
+  """Expert load per domain ([D, E] shares of the top-k choices) and switch rates.
+
+  switch rate (set): how often a token's top-k set differs from the previous token's.
+  switch rate (merge): how often a merged decode must rebuild (set or gates differ).
+  """
+  if adapters is None or adapters.router is None:
+    return {}
+  num_experts = adapters.cfg.num_experts
+  loads, set_changes, merge_changes, pairs = [], 0, 0, 0
+  for domain, stream in heldout.items():
+    w = jnp.asarray(eval_windows(stream, windows, seq_len)[:, :-1])
+    runtime = adapters.runtime("xla")
+    cache = KVCache.create(model.cfg, w.shape[0], w.shape[1], model.dtype)
+    model(w, cache, linear=runtime, all_logits=True)
+    route = runtime.first_route
+    experts = np.asarray(route.experts).reshape(w.shape[0], w.shape[1], -1)
+    gates = np.asarray(route.gates).reshape(w.shape[0], w.shape[1], -1)
+    loads.append(np.bincount(experts.ravel(), minlength=num_experts) / experts.size)
+    order = np.argsort(experts, axis=-1)
+    e_sorted = np.take_along_axis(experts, order, -1)
+    g_sorted = np.take_along_axis(gates[..., :experts.shape[-1]], order, -1) if gates.ndim == 3 else None
+    set_diff = (e_sorted[:, 1:] != e_sorted[:, :-1]).any(-1)
+    gate_diff = (np.abs(g_sorted[:, 1:] - g_sorted[:, :-1]) > 0).any(-1) if g_sorted is not None else set_diff
+    set_changes += int(set_diff.sum())
+    merge_changes += int((set_diff | gate_diff).sum())
+    pairs += set_diff.size
+  return {"domains": list(heldout), "load": np.stack(loads).tolist(),
+          "switch_rate_set": set_changes / pairs, "switch_rate_merge": merge_changes / pairs}
+
+
+def heatmap(routing: dict, path: pathlib.Path, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  load = np.asarray(routing["load"])
+  fig, ax = plt.subplots(figsize=(1.0 + 0.7 * load.shape[1], 1.0 + 0.6 * load.shape[0]))
+  im = ax.imshow(load * 100, cmap="viridis", aspect="auto")
+  ax.set_xticks(range(load.shape[1]), [f"e{i}" for i in range(load.shape[1])])
+  ax.set_yticks(range(load.shape[0]), routing["domains"])
+  ax.set_xlabel("expert")
+  ax.set_ylabel("domain (held-out text)")
+  for (i, j), v in np.ndenumerate(load * 100):
+    ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="w" if v < 30 else "k", fontsize=8)
+  fig.colorbar(im, ax=ax, label="share of top-k choices (%)")
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
