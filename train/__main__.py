@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
       s.add_argument("--resume-step", type=int, default=None,
                      help="restore this checkpoint step rather than the latest")
     else:
-      s.add_argument("--modes", default=",".join(TRAIN_MODES))
+      s.add_argument("--modes", default=",".join(("backbone",) + TRAIN_MODES),
+                     help="rows of the table: backbone and/or training modes")
       s.add_argument("--out", required=True, help="folder for results.json/.md and plots")
       s.add_argument("--export", help="save the trained pregated pool here (bf16)")
       s.add_argument("--math-items", type=int, default=200)
@@ -105,8 +106,20 @@ def run_all(args) -> dict:
   math_items = E.math_items(cache)[: args.math_items]
   analogy_items = E.analogy_items(cache, args.analogy_items)
   rows = {}
-  modes = ["backbone"] + [m.strip() for m in args.modes.split(",") if m.strip()]
+  modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+  # Each mode's evaluated row is kept in the workdir: re-running the same command after a cut
+  # (a time limit, a lost machine) resumes training from the checkpoints and skips finished rows.
+  rows_dir = pathlib.Path(args.workdir) / "rows"
+  rows_dir.mkdir(parents=True, exist_ok=True)
   for mode in modes:
+    cached = rows_dir / f"{mode}.json"
+    if cached.exists():
+      rows[mode] = json.loads(cached.read_text())
+      print(f"# {mode}: evaluated earlier ({rows[mode]['environment']['date']}), kept", file=sys.stderr)
+      if rows[mode]["routing"]:
+        E.heatmap(rows[mode]["routing"], out / f"routing_{mode}.png",
+                  f"{mode}: expert load by domain (first adapted layer)")
+      continue
     adapters, train_s, params = None, 0.0, 0
     if mode != "backbone":
       trainer, train_s = fit(args, mode, loaded, train_streams, heldout)
@@ -121,7 +134,9 @@ def run_all(args) -> dict:
            "routing": E.routing_by_domain(model, adapters, heldout)}
     row["mean_ppl"] = float(np.mean(list(row["ppl"].values())))
     row["eval_s"] = time.perf_counter() - t0
+    row["environment"] = environment()
     rows[mode] = row
+    cached.write_text(json.dumps(row, indent=2))
     print(f"# {mode}: mean ppl {row['mean_ppl']:.3f}, math {row['math_em']:.3f},"
           f" analogies {row['analogy_em']:.3f}", file=sys.stderr)
     if row["routing"]:
@@ -144,8 +159,12 @@ def markdown(report: dict) -> str:
   domains = list(next(iter(rows.values()))["ppl"])
   env = report["environment"]
   cfg = report["config"]
-  lines = [f"Trained on {env['device']} (JAX {env['jax']}), {env['date']}; command: "
-           f"`{env['command']}`.", "",
+  devices = sorted({f"{r['environment']['device']} (JAX {r['environment']['jax']})"
+                    for r in rows.values() if "environment" in r})
+  lines = [f"Trained and evaluated on {', '.join(devices)}; finished {env['date']}; command:"
+           f" `python -m train {env['command'].split('train/__main__.py', 1)[-1].strip()}`"
+           " (resumable: rows finished by an earlier invocation of it are kept, each with its date"
+           " in results.json).", "",
            f"Frozen SmolLM2-135M-Instruct; adapters on {','.join(cfg['modules'])}, E={cfg['num_experts']},"
            f" r={cfg['rank']}, top-{cfg['top_k']} (lora: rank {cfg['rank'] * cfg['num_experts']}),"
            f" {cfg['steps']} steps of {cfg['batch']} x {cfg['seq_len']} tokens, lr {cfg['lr']}.",

@@ -115,6 +115,14 @@ def analogy_items(cache: pathlib.Path, count: int = 300, seed: int = 0) -> list[
   return [(f"{prefix}{a} is to {b} as {c} is to", f" {d}") for a, b, c, d in picks[2:]]
 
 
+@nnx.jit
+def _first_route(model, adapters, tokens):
+  runtime = adapters.runtime("xla")
+  cache = KVCache.create(model.cfg, tokens.shape[0], tokens.shape[1], model.dtype)
+  model(tokens, cache, linear=runtime, all_logits=True)
+  return runtime.first_route.experts, runtime.first_route.gates
+
+
 def routing_by_domain(model, adapters, heldout: dict[str, np.ndarray], windows: int = 8,
                       seq_len: int = 256) -> dict:
   """Expert load per domain ([D, E] shares of the top-k choices) and switch rates.
@@ -128,12 +136,9 @@ def routing_by_domain(model, adapters, heldout: dict[str, np.ndarray], windows: 
   loads, set_changes, merge_changes, pairs = [], 0, 0, 0
   for domain, stream in heldout.items():
     w = jnp.asarray(eval_windows(stream, windows, seq_len)[:, :-1])
-    runtime = adapters.runtime("xla")
-    cache = KVCache.create(model.cfg, w.shape[0], w.shape[1], model.dtype)
-    model(w, cache, linear=runtime, all_logits=True)
-    route = runtime.first_route
-    experts = np.asarray(route.experts).reshape(w.shape[0], w.shape[1], -1)
-    gates = np.asarray(route.gates).reshape(w.shape[0], w.shape[1], -1)
+    experts, gates = _first_route(model, adapters, w)
+    experts = np.asarray(experts).reshape(w.shape[0], w.shape[1], -1)
+    gates = np.asarray(gates).reshape(w.shape[0], w.shape[1], -1)
     loads.append(np.bincount(experts.ravel(), minlength=num_experts) / experts.size)
     order = np.argsort(experts, axis=-1)
     e_sorted = np.take_along_axis(experts, order, -1)
