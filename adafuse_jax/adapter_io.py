@@ -69,6 +69,10 @@ def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
                     + "; ".join(diffs) + "); load it with the model it was trained on")
   abstract = nnx.eval_shape(lambda: MixtureOfLoRA(model_cfg, cfg, dtype=dtype, layout="stacked"))
   graphdef, abstract_state = nnx.split(abstract)
+  # Restore onto this machine's device whatever device saved it (a GPU-trained pool on a CPU).
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
   try:
     with ocp.StandardCheckpointer() as ckpt:
       state = ckpt.restore(path / "state", abstract_state)

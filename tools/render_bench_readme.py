@@ -71,6 +71,9 @@ def main() -> None:
                       ("h100-merged/bench_qv", "H100: pregated-merged, experts on q and v")):
     if (ROOT / name / "results.json").exists():
       lines += section(ROOT / name, title)
+  expected = ROOT / "h100-merged" / "expected_cost.md"
+  if expected.exists():
+    lines += ["#" + expected.read_text().strip(), ""]
   one_jit = ROOT / "h100-merged" / "one_jit_kernels.md"
   if one_jit.exists():
     lines += ["### Why the merged step is two compiled calls", "", one_jit.read_text().strip(), ""]
