@@ -1,0 +1,115 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The fused switch, step by step
+#
+# With pre-gating, a token's experts and gates are known before its forward pass, so they can
+# be merged into the weights: `W = W0 + (alpha/r) Σ_j g_j A[e_j] B[e_j]` for every adapted
+# matrix of every layer, in **one** kernel launch (`pallas_kernels/sgmm.py`). Here it runs in
+# the Pallas interpreter on small shapes, against its plain-jnp reference.
+
+# %%
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+
+from pallas_kernels.sgmm import SwitchTiles, switch_weights, switch_weights_reference
+
+rng = np.random.default_rng(0)
+L, E, r = 2, 4, 8
+shapes = {"q": (40, 40), "k": (40, 24), "v": (40, 24), "down": (72, 40)}  # GQA-like, ragged
+w0 = [jnp.asarray(rng.normal(size=(L, i, o)), jnp.float32) for i, o in shapes.values()]
+a = [jnp.asarray(rng.normal(size=(L, i, E, r)) / np.sqrt(i), jnp.float32) for i, o in shapes.values()]
+b = [jnp.asarray(rng.normal(size=(L, E, r, o)), jnp.float32) for i, o in shapes.values()]
+
+# %% [markdown]
+# ## One switch: token t used experts (0, 2); token t+1 picks (1, 3)
+
+# %%
+tiles = SwitchTiles(block_m=16, block_n=16, row_steps=2)
+interpret = jax.default_backend() != "gpu"
+old = (jnp.array([0, 2], jnp.int32), jnp.full((L, 2), 0.5, jnp.float32))
+new = (jnp.array([1, 3], jnp.int32), jnp.asarray([[0.7, 0.3]] * L, jnp.float32))
+merged_old = switch_weights([x.copy() for x in w0], a, b, *old, True, w0, tiles=tiles, interpret=interpret)
+merged_new = switch_weights([x.copy() for x in merged_old], a, b, *new, True, w0, tiles=tiles,
+                            interpret=interpret)
+reference = switch_weights_reference(w0, a, b, *new, True, w0)
+for name, got, want in zip(shapes, merged_new, reference):
+  print(f"{name:>5}: max |kernel - reference| = {float(jnp.max(jnp.abs(got - want))):.2e}")
+
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+for ax, (title, m) in zip(axes, [("W0 (q, layer 0)", w0[0][0]),
+                                 ("ΔW after token t", merged_old[0][0] - w0[0][0]),
+                                 ("ΔW after the switch to t+1", merged_new[0][0] - w0[0][0])]):
+  im = ax.imshow(np.asarray(m), cmap="coolwarm")
+  ax.set_title(title)
+  ax.set_xlabel("output column")
+  ax.set_ylabel("input row")
+  fig.colorbar(im, ax=ax, fraction=0.046)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Nothing changed → nothing happens: with the `changed` flag false every program returns at
+# once and the (aliased) weights are untouched.
+
+# %%
+poisoned = [jnp.full_like(x, jnp.nan) for x in w0]
+same = switch_weights(poisoned, a, b, *new, False, w0, tiles=tiles, interpret=interpret)
+print("untouched:", all(bool(jnp.isnan(x).all()) for x in same))
+
+# %% [markdown]
+# ## The cost model: bytes moved per token on the Llama-2-7B shape (bf16)
+#
+# Unmerged experts read the backbone plus the k chosen experts; a merged step that switches
+# reads W0 and writes W for every adapted matrix, then runs a plain backbone pass. The floor
+# divides bytes by copy bandwidth (2.7 TB/s measured on the H100).
+
+# %%
+from adafuse_jax.benchmarks import decode_bytes, switch_bytes
+from adafuse_jax.config import PRESETS, AdapterConfig
+
+cfg = PRESETS["llama2-7b"]
+rows = []
+for label, modules in {"q,v": ("q", "v"), "q,k,v,o": ("q", "k", "v", "o"),
+                       "all 7": ("q", "k", "v", "o", "gate", "up", "down")}.items():
+  acfg = AdapterConfig(mode="pregated", modules=modules, num_experts=8, rank=16, top_k=2)
+  backbone = decode_bytes(cfg, jnp.bfloat16, 256, 1, None)
+  rows.append((label, backbone / 1e9, decode_bytes(cfg, jnp.bfloat16, 256, 1, acfg) / 1e9,
+               (backbone + switch_bytes(cfg, jnp.bfloat16, acfg)) / 1e9))
+labels = [r[0] for r in rows]
+x = np.arange(len(rows))
+fig, ax = plt.subplots(figsize=(7, 3.5))
+for i, (name, color) in enumerate([("backbone", "#4C72B0"), ("unmerged experts", "#55A868"),
+                                    ("merged, switching", "#C44E52")]):
+  ax.bar(x + (i - 1) * 0.27, [r[i + 1] for r in rows], 0.27, label=name, color=color)
+ax.set_xticks(x, labels)
+ax.set_xlabel("adapted modules (8 experts, rank 16, top-2)")
+ax.set_ylabel("bytes moved per decode step (GB)")
+ax.legend()
+ax.set_title("Llama-2-7B bf16, batch 1")
+plt.show()
+for r in rows:
+  print(f"{r[0]:>8}: backbone {r[1]:.2f} GB, unmerged {r[2]:.2f} GB, merged+switch {r[3]:.2f} GB")
+
+# %% [markdown]
+# Measured on the H100 (`docs/benchmarks/h100-sgmm/`): the kernel itself runs at the copy
+# bandwidth, so a switching step costs what its bytes say.
+
+# %%
+sgmm = json.loads(pathlib.Path("../docs/benchmarks/h100-sgmm/sgmm.json").read_text())
+for row in sgmm["rows"]:
+  if "of_copy" in row:
+    print(f"{row['config']:>14} | {row['variant']:<34} | {row['ms']:7.3f} ms | {100 * row['of_copy']:4.0f}% of copy")

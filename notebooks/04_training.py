@@ -1,0 +1,81 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Training an expert pool on the CPU, and the GPU run it scales to
+#
+# A few minutes on a laptop: prepare the five real domains (fetched once through the package
+# registries and cached), train a pre-gated pool on the frozen SmolLM2-135M for a handful of
+# steps, plot the loss and the domain x expert routing. Then the full GPU run recorded in
+# `docs/training/` (`python -m train all ...`).
+
+# %%
+import json
+import pathlib
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from adafuse_jax.weights import load_model
+from train import data
+from train.eval import heatmap, routing_by_domain
+from train.loop import TrainConfig, Trainer
+
+ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
+manifest = data.prepare(progress=False)
+for domain, info in manifest["domains"].items():
+  print(f"{domain:<12} {info['tokens']['train']:>8} train tokens  {info['tokens']['heldout']:>7} held out  ({info['licence']})")
+
+# %%
+loaded = load_model(progress=False)
+cache = data.default_cache()
+train_streams, heldout = data.load_streams(cache, "train"), data.load_streams(cache, "heldout")
+cfg = TrainConfig(mode="pregated", steps=24, batch=5, seq_len=64, lr=3e-3, warmup=4,
+                  eval_every=12, eval_windows=2, checkpoint_every=24)
+import tempfile
+workdir = pathlib.Path(tempfile.mkdtemp())
+trainer = Trainer(loaded.model, cfg, train_streams, heldout, workdir)
+before = trainer.evaluate()
+losses = trainer.fit(progress=False)
+after = trainer.evaluate()
+for d in before:
+  print(f"{d:<12} held-out ppl {before[d]:7.2f} -> {after[d]:7.2f}")
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 3.2))
+ax.plot(range(1, len(losses) + 1), losses, marker=".")
+ax.set_xlabel("step")
+ax.set_ylabel("training loss (nats/token)")
+ax.set_title("CPU: pre-gated pool, 24 steps of 5 x 64 tokens")
+plt.show()
+
+# %%
+routing = routing_by_domain(loaded.model, trainer.adapters, heldout, windows=2, seq_len=64)
+heatmap(routing, workdir / "routing.png", "CPU run: expert load by domain")
+from IPython.display import Image, display
+display(Image(filename=str(workdir / "routing.png")))
+print(f"switch rate: set {routing['switch_rate_set']:.2f}, set or gates {routing['switch_rate_merge']:.2f}")
+
+# %% [markdown]
+# ## The GPU run (H100, 300 steps of 16 x 256 tokens per mode)
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 3.6))
+for log in sorted((ROOT / "docs" / "training" / "metrics").glob("*.jsonl")):
+  recs = [json.loads(l) for l in log.read_text().splitlines()]
+  ce = np.array([r["ce"] for r in recs])
+  smooth = np.convolve(ce, np.ones(10) / 10, mode="valid")
+  ax.plot(np.arange(10, len(ce) + 1), smooth, label=log.stem)
+ax.set_xlabel("step")
+ax.set_ylabel("training cross-entropy (nats/token, 10-step mean)")
+ax.legend()
+plt.show()
+print((ROOT / "docs" / "training" / "results.md").read_text())
+display(Image(filename=str(ROOT / "docs" / "training" / "routing_pregated.png")))
