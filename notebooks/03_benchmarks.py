@@ -73,21 +73,23 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## Throughput
-# Tokens/s at batch 1 follow from the latencies above; batch sweeps (8, 32, 64) are not recorded
-# yet, so this plot shows what exists.
+# ## Throughput by batch size
+# Tokens/s = batch x 1000 / (ms per decode step), from the batch-1 run and the batch sweep in
+# `docs/benchmarks/h100-batch/`.
 
 # %%
-batches = sorted({r["batch"] for r in runs.values()})
-fig, ax = plt.subplots(figsize=(6, 3.2))
-for name, r in runs.items():
-  if r["environment"]["platform"] != "gpu":
-    continue
-  for row in r["results"]:
-    if row["mode"] == "backbone":
-      ax.scatter(r["batch"], 1000 * r["batch"] / row["decode"]["median_ms"], label=name)
-ax.set_xlabel("batch size (sequences)")
-ax.set_ylabel("backbone throughput (tokens/s)")
-ax.set_xticks(batches)
-ax.legend(fontsize=7)
+sweep = [runs["h100"]] + sorted((r for k, r in runs.items() if k.startswith("h100-batch/")),
+                                key=lambda r: r["batch"])
+modes = ["backbone", "pregated", "pregated-fused", "layerwise"]
+fig, ax = plt.subplots(figsize=(6.5, 3.6))
+for mode in modes:
+  pts = [(r["batch"], 1000 * r["batch"] / row["decode"]["median_ms"])
+         for r in sweep for row in r["results"] if row["mode"] == mode]
+  ax.plot(*zip(*pts), marker="o", label=mode)
+ax.set_xscale("log", base=2)
+ax.set_xticks([r["batch"] for r in sweep], [str(r["batch"]) for r in sweep])
+ax.set_xlabel("batch size (sequences decoded together)")
+ax.set_ylabel("decode throughput (tokens/s)")
+ax.set_title("Llama-2-7B bf16 on the H100, 8 experts r=16 top-2, all 7 modules")
+ax.legend()
 plt.show()

@@ -60,6 +60,31 @@ def sweep_section(path: pathlib.Path) -> list[str]:
   return lines + [""]
 
 
+def throughput_section(paths: list[pathlib.Path]) -> list[str]:
+  """Tokens/s by batch size and mode, and the share of the backbone's throughput kept."""
+  reports = [json.loads(p.read_text()) for p in paths]
+  modes = [r["mode"] for r in reports[-1]["results"]]
+  lines = ["## H100: throughput by batch size (Llama-2-7B bf16, 8 experts r=16 top-2, all 7"
+           " modules)", "",
+           "Decode tokens/s = batch x 1000 / (ms per step); in brackets the share of the backbone's"
+           " throughput in the same run. Batch 1 comes from the latest full run (`h100/`), the"
+           " others from `h100-batch/` (`python -m adafuse_jax.bench --batch B --modes " +
+           ",".join(modes) + " --prefill \"\" --steps 20`).", "",
+           "| batch | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+  for r in reports:
+    by_mode = {x["mode"]: x for x in r["results"]}
+    base = by_mode["backbone"]["decode"]["median_ms"]
+    cells = []
+    for m in modes:
+      if m not in by_mode:
+        cells.append("-")
+        continue
+      ms = by_mode[m]["decode"]["median_ms"]
+      cells.append(f"{1000 * r['batch'] / ms:.0f} ({100 * base / ms:.0f}%)")
+    lines.append(f"| {r['batch']} | " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
 def main() -> None:
   lines = [INTRO]
   for name, title in (("h100", "H100: every decode path, latest run"),
@@ -71,6 +96,12 @@ def main() -> None:
                       ("h100-merged/bench_qv", "H100: pregated-merged, experts on q and v")):
     if (ROOT / name / "results.json").exists():
       lines += section(ROOT / name, title)
+  batch_runs = sorted((ROOT / "h100-batch").glob("batch*/results.json"),
+                      key=lambda p: int(p.parent.name[len("batch"):]))
+  if batch_runs and (ROOT / "h100" / "results.json").exists():
+    lines += throughput_section([ROOT / "h100" / "results.json", *batch_runs])
+    for path in batch_runs:
+      lines += section(path.parent, f"H100: batch {path.parent.name[len('batch'):]}")
   expected = ROOT / "h100-merged" / "expected_cost.md"
   if expected.exists():
     lines += ["#" + expected.read_text().strip(), ""]
