@@ -75,7 +75,11 @@ def fetch_debs(cache: pathlib.Path) -> pathlib.Path:
   if done.exists():
     return root
   root.mkdir(parents=True, exist_ok=True)
-  _run(["apt-get", "download", *DEBS], cwd=root)
+  try:
+    _run(["apt-get", "download", *DEBS], cwd=root)
+  except SystemExit:  # a fresh machine may have no package lists yet
+    _run(["apt-get", "update", "-qq"])
+    _run(["apt-get", "download", *DEBS], cwd=root)
   for deb in sorted(root.glob("*.deb")):
     _run(["dpkg-deb", "-x", str(deb), str(root / "tree")])
   done.write_text("ok\n")
