@@ -59,8 +59,9 @@ class MixtureOfLoRA(nnx.Module):
       nnx.update(out.router, nnx.state(self.router))
     return out
 
-  def runtime(self, implementation: str = "xla") -> "AdapterRuntime":
-    return AdapterRuntime(self, implementation)
+  def runtime(self, implementation: str = "xla", sere: "SereSettings | None" = None
+              ) -> "AdapterRuntime":
+    return AdapterRuntime(self, implementation, sere)
 
 
 @dataclasses.dataclass
@@ -70,6 +71,16 @@ class Route:
   experts: jax.Array
   gates: jax.Array
   logits: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SereSettings:
+  """SERE re-routing of pre-gated choices (`adafuse_jax.sere`): similarity [E, E], the number
+  of primary choices per token S, and the threshold rho (1 = off)."""
+
+  similarity: jax.Array
+  primary_k: int = 1
+  rho: float = 0.5
 
 
 IMPLEMENTATIONS = ("xla", "pallas")
@@ -93,7 +104,12 @@ class AdapterRuntime:
       and layer for "layerwise", none for "lora"); for aux losses and statistics.
   """
 
-  def __init__(self, adapters: MixtureOfLoRA, implementation: str = "xla"):
+  def __init__(self, adapters: MixtureOfLoRA, implementation: str = "xla",
+               sere: SereSettings | None = None):
+    if sere is not None and adapters.cfg.mode != "pregated":
+      raise ValueError("SERE re-routes pre-gated choices; it needs mode 'pregated'")
+    self.sere = sere
+    self._batch_shape = None
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS}")
     self.adapters = adapters
@@ -109,6 +125,7 @@ class AdapterRuntime:
     if name not in self.cfg.modules:
       return x @ weights[layer]
     xf = x.reshape(-1, x.shape[-1])
+    self._batch_shape = x.shape[:-1]
     experts, gates, dense = self.route(name, layer, xf)
     a, b = self.adapters.pool.factors(name, layer)
     if (self.implementation == "pallas" and not isinstance(weights, tuple)
@@ -134,6 +151,18 @@ class AdapterRuntime:
                             interpret=jax.default_backend() == "cpu")
     return y.reshape(*x.shape[:-1], -1)
 
+  def _sere(self, experts: jax.Array) -> jax.Array:
+    """Re-routes per batch step: the rows of one position are decoded together (a decode step
+    of B sequences; for a prompt, position t of every row)."""
+    from adafuse_jax.sere import reroute
+
+    shape = self._batch_shape if len(self._batch_shape) == 2 else (experts.shape[0], 1)
+    e = experts.reshape(*shape, -1)  # [B, T, k]
+    sim = jnp.asarray(self.sere.similarity, jnp.float32)
+    e = jax.vmap(lambda et: reroute(et, sim, self.sere.primary_k, self.sere.rho),
+                 in_axes=1, out_axes=1)(e)
+    return e.reshape(experts.shape)
+
   def route(self, name: str, layer: int, xf: jax.Array
             ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Experts [N, k], gates [N, k] and dense gates [N, E] (or None) for this module and layer."""
@@ -154,6 +183,9 @@ class AdapterRuntime:
       experts, gates = top_k_gates(logits, self.cfg.top_k)
       if layer_logits is not None:
         gates = gates_for(layer_logits, experts[:, None, :])  # [N, L, k]
+      if self.sere is not None:  # after the gates: re-routing leaves the routing weights alone
+        experts = self._sere(experts)
+      if layer_logits is not None:
         self._dense = dense_gates(experts[:, None, :], gates, num_experts)  # [N, L, E]
       else:
         self._dense = dense_gates(experts, gates, num_experts)

@@ -88,13 +88,15 @@ class Generator:
     adapters: an expert pool + routers applied unmerged in every step, or None (backbone).
     implementation: how experts are applied: "xla" or "pallas" (the fused expert matmul when
       unmerged, the SGMM switch kernel when merged).
+    sere: SERE re-routing settings for pre-gated batches (`adafuse_jax.sere`), or None.
     merge: decode by switching pre-gated experts into the weights every step
       ("pregated-merged", see `adafuse_jax.switching`); prompts still run unmerged.
   """
 
   def __init__(self, model: LlamaModel, *, adapters: MixtureOfLoRA | None = None,
-               implementation: str = "xla", merge: bool = False):
+               implementation: str = "xla", merge: bool = False, sere=None):
     self.implementation = implementation
+    self.sere = sere  # adafuse_jax.adapters.SereSettings: batch-level re-routing (pregated)
     self.merge = merge
     self.switch_state = None
     if merge:
@@ -115,7 +117,8 @@ class Generator:
     runtime = None
     linear: LinearFn = plain_linear
     if adapter_params is not None:
-      runtime = nnx.merge(self.adapters_graphdef, adapter_params).runtime(self.implementation)
+      runtime = nnx.merge(self.adapters_graphdef, adapter_params).runtime(self.implementation,
+                                                                          self.sere)
       linear = runtime
     logits, cache = model(tokens, cache, linear=linear)
     routing = None
