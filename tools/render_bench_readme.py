@@ -129,7 +129,15 @@ def main() -> None:
   head, rest = text.split("<!-- bench:start -->", 1)
   _, tail = rest.split("<!-- bench:end -->", 1)
   table = markdown(json.loads((ROOT / "h100" / "results.json").read_text()))
-  readme.write_text(f"{head}<!-- bench:start -->\n{table}\n<!-- bench:end -->{tail}")
+  text = f"{head}<!-- bench:start -->\n{table}\n<!-- bench:end -->{tail}"
+  # ... and the training results table, as `python -m train all` wrote it.
+  training = ROOT.parents[1] / "docs" / "training" / "results.md"
+  if training.exists() and "<!-- training:start -->" in text:
+    head, rest = text.split("<!-- training:start -->", 1)
+    _, tail = rest.split("<!-- training:end -->", 1)
+    text = (f"{head}<!-- training:start -->\n{training.read_text().strip()}\n"
+            f"<!-- training:end -->{tail}")
+  readme.write_text(text)
   print(f"updated {readme}")
 
 
