@@ -37,8 +37,8 @@ for domain, info in manifest["domains"].items():
 loaded = load_model(progress=False)
 cache = data.default_cache()
 train_streams, heldout = data.load_streams(cache, "train"), data.load_streams(cache, "heldout")
-cfg = TrainConfig(mode="pregated", steps=24, batch=5, seq_len=64, lr=3e-3, warmup=4,
-                  eval_every=12, eval_windows=2, checkpoint_every=24)
+cfg = TrainConfig(mode="pregated", steps=16, batch=5, seq_len=64, lr=3e-3, warmup=4,
+                  eval_every=8, eval_windows=2, checkpoint_every=16)
 import tempfile
 workdir = pathlib.Path(tempfile.mkdtemp())
 trainer = Trainer(loaded.model, cfg, train_streams, heldout, workdir)
@@ -53,7 +53,7 @@ fig, ax = plt.subplots(figsize=(6, 3.2))
 ax.plot(range(1, len(losses) + 1), losses, marker=".")
 ax.set_xlabel("step")
 ax.set_ylabel("training loss (nats/token)")
-ax.set_title("CPU: pre-gated pool, 24 steps of 5 x 64 tokens")
+ax.set_title("CPU: pre-gated pool, 16 steps of 5 x 64 tokens")
 plt.show()
 
 # %%
