@@ -84,3 +84,24 @@ def test_bad_training_settings_are_rejected():
     TrainConfig(mode="moe")
   with pytest.raises(UserError, match="batch=0"):
     TrainConfig(batch=0)
+
+
+def test_teacher_forced_exact_match_equals_greedy_generation(default_model):
+  """The evaluation's exact match (one teacher-forced pass) says 'hit' exactly when greedy
+  generation produces the gold continuation."""
+  from adafuse_jax.generate import Generator, generate
+  from train.eval import item_hits
+
+  model, tok = default_model.model, default_model.tokenizer
+  shot = "Athens is to Greece as Baghdad is to Iraq.\n"
+  items = [(f"{shot}{a} is to {b} as {c} is to", f" {d}") for a, b, c, d in [
+      ("Berlin", "Germany", "Paris", "France"), ("Tokyo", "Japan", "Rome", "Italy"),
+      ("man", "woman", "king", "queen"), ("big", "bigger", "small", "smaller"),
+      ("Madrid", "Spain", "Oslo", "Norway"), ("cat", "kitten", "dog", "puppy")]]
+  hits = item_hits(model, None, tok, items, batch=4)
+  gen = Generator(model)
+  for (prompt, gold), hit in zip(items, hits):
+    gold_ids = tok.encode(prompt + gold)[len(tok.encode(prompt)):]
+    out = generate(gen, [tok.encode(prompt)], max_new_tokens=len(gold_ids)).tokens[0]
+    assert bool(hit) == (out == gold_ids), (prompt, gold, tok.decode(out))
+  assert hits.any() and not hits.all()  # the check is not vacuous either way

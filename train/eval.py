@@ -84,8 +84,13 @@ def encode_items(tok, items: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndar
 
 def exact_match(model, adapters, tok, items: list[tuple[str, str]], batch: int = 32) -> float:
   """Share of items whose gold continuation greedy decoding would produce exactly."""
+  return float(np.mean(item_hits(model, adapters, tok, items, batch)))
+
+
+def item_hits(model, adapters, tok, items: list[tuple[str, str]], batch: int = 32) -> np.ndarray:
+  """Per item: would greedy decoding produce the gold continuation exactly? [N] bool."""
   tokens, masks = encode_items(tok, items)
-  hits = 0
+  hits = []
   for i in range(0, len(tokens), batch):
     t, m = tokens[i:i + batch], masks[i:i + batch]
     n = len(t)
@@ -94,8 +99,8 @@ def exact_match(model, adapters, tok, items: list[tuple[str, str]], batch: int =
     pred, _ = _argmax_logits(model, adapters, jnp.asarray(t))
     pred = np.asarray(pred)[:n]
     ok = (pred[:, :-1] == t[:n, 1:]) | ~m[:, :-1]
-    hits += int(ok.all(axis=1).sum())
-  return hits / len(items)
+    hits.append(ok.all(axis=1))
+  return np.concatenate(hits)
 
 
 def math_items(cache: pathlib.Path, shots: int = 3) -> list[tuple[str, str]]:
