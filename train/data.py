@@ -45,6 +45,7 @@ LICENCES = {"code": "PSF-2.0 (Python standard library)", "computing": "GFDL-1.1+
 DEBS = ("dict-foldoc", "wordnet-base", "fortunes", "fortunes-min")
 HELDOUT_SHARE = 0.1
 MAX_CHARS = 3_000_000  # per domain: enough for a few thousand steps, small enough to cache fast
+DOMAIN_CHARS = {d: MAX_CHARS // 3 if d == "math" else MAX_CHARS for d in DOMAINS}
 MATH_MODULES = ("arithmetic__add_or_sub", "arithmetic__mul", "arithmetic__add_sub_multiple",
                 "algebra__linear_1d", "numbers__gcd", "comparison__pair")
 
@@ -86,9 +87,8 @@ def fetch_debs(cache: pathlib.Path) -> pathlib.Path:
   return root
 
 
-def code_docs(limit: int = MAX_CHARS) -> Iterator[tuple[str, str]]:
+def code_docs() -> Iterator[tuple[str, str]]:
   stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  total = 0
   for path in sorted(stdlib.rglob("*.py")):
     rel = path.relative_to(stdlib).as_posix()
     if rel.startswith(("site-packages", "test", "idlelib", "lib2to3", "tkinter")) or "/test" in rel:
@@ -97,16 +97,13 @@ def code_docs(limit: int = MAX_CHARS) -> Iterator[tuple[str, str]]:
     if not 500 <= len(text) <= 60_000:
       continue
     yield f"code/{rel}", text
-    total += len(text)
-    if total >= limit:
-      return
 
 
-def foldoc_docs(tree: pathlib.Path, limit: int = MAX_CHARS) -> Iterator[tuple[str, str]]:
+def foldoc_docs(tree: pathlib.Path) -> Iterator[tuple[str, str]]:
   raw = gzip.open(tree / "usr/share/dictd/foldoc.dict.dz", "rt", encoding="utf-8", errors="replace").read()
   # Entries start with an unindented headword line; the body is indented.
   entries = re.split(r"\n(?=\S)", raw)
-  total, block, name = 0, [], None
+  block, name = [], None
   for entry in entries:
     head = entry.split("\n", 1)[0].strip()
     if not head or head.startswith("00-database") or "\n" not in entry:
@@ -117,14 +114,10 @@ def foldoc_docs(tree: pathlib.Path, limit: int = MAX_CHARS) -> Iterator[tuple[st
     if len(block) == 8:
       text = "\n\n".join(block)
       yield f"computing/{name}", text
-      total += len(text)
       block, name = [], None
-      if total >= limit:
-        return
 
 
-def wordnet_docs(tree: pathlib.Path, limit: int = MAX_CHARS) -> Iterator[tuple[str, str]]:
-  total = 0
+def wordnet_docs(tree: pathlib.Path) -> Iterator[tuple[str, str]]:
   for pos in ("noun", "verb", "adj", "adv"):
     lines = (tree / f"usr/share/wordnet/data.{pos}").read_text(encoding="latin-1").splitlines()
     block: list[str] = []
@@ -139,14 +132,10 @@ def wordnet_docs(tree: pathlib.Path, limit: int = MAX_CHARS) -> Iterator[tuple[s
       if len(block) == 25:
         text = "\n".join(block)
         yield f"definitions/{pos}/{parts[0]}", text
-        total += len(text)
         block = []
-        if total >= limit:
-          return
 
 
-def fortune_docs(tree: pathlib.Path, limit: int = MAX_CHARS) -> Iterator[tuple[str, str]]:
-  total = 0
+def fortune_docs(tree: pathlib.Path) -> Iterator[tuple[str, str]]:
   folder = tree / "usr/share/games/fortunes"
   for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.suffix and
                      not p.name.endswith((".dat", ".u8"))):
@@ -155,9 +144,6 @@ def fortune_docs(tree: pathlib.Path, limit: int = MAX_CHARS) -> Iterator[tuple[s
     for i in range(0, len(items), 10):
       text = "\n\n".join(items[i:i + 10])
       yield f"quotes/{path.name}/{i}", text
-      total += len(text)
-      if total >= limit:
-        return
 
 
 def math_env(cache: pathlib.Path) -> pathlib.Path:
@@ -199,12 +185,17 @@ def math_problems(cache: pathlib.Path, which: str, per_module: int, seed: int) -
   return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def math_docs(cache: pathlib.Path, limit: int = MAX_CHARS // 3) -> Iterator[tuple[str, str]]:
+def math_docs(cache: pathlib.Path) -> Iterator[tuple[str, str]]:
   problems = math_problems(cache, "train", per_module=2500, seed=1)
-  total = 0
   for i in range(0, len(problems), 20):
-    text = "\n".join(f"Question: {p['q']}\nAnswer: {p['a']}" for p in problems[i:i + 20])
-    yield f"math/{i}", text
+    yield f"math/{i}", "\n".join(f"Question: {p['q']}\nAnswer: {p['a']}" for p in problems[i:i + 20])
+
+
+def capped(docs: Iterator[tuple[str, str]], limit: int) -> Iterator[tuple[str, str]]:
+  """The documents up to and including the one that brings the text to `limit` characters."""
+  total = 0
+  for doc_id, text in docs:
+    yield doc_id, text
     total += len(text)
     if total >= limit:
       return
@@ -250,7 +241,7 @@ def prepare(cache: pathlib.Path | None = None, progress: bool = True) -> dict:
   for domain in tqdm(DOMAINS, desc="domains", disable=not progress):
     streams: dict[str, list[int]] = {"train": [], "heldout": []}
     docs = {"train": 0, "heldout": 0}
-    for doc_id, text in sources[domain]():
+    for doc_id, text in capped(sources[domain](), DOMAIN_CHARS[domain]):
       split = "heldout" if is_heldout(doc_id) else "train"
       streams[split] += tok.encode(text) + [eos]
       docs[split] += 1
