@@ -180,8 +180,11 @@ for name in sys.argv[4:]:
 
 def math_problems(cache: pathlib.Path, which: str, per_module: int, seed: int) -> list[dict]:
   python = math_env(cache)
+  # The generator's output depends on set iteration order (hash randomisation), not only on the
+  # seed: pin the hash seed so that preparing twice gives the same problems.
   out = subprocess.run([str(python), "-c", _MATH_SCRIPT, str(seed), str(per_module), which,
-                        *MATH_MODULES], check=True, capture_output=True, text=True)
+                        *MATH_MODULES], check=True, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONHASHSEED": "0"})
   return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
