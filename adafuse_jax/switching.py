@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from adafuse_jax.errors import UserError
 from adafuse_jax.model.layers import rms_norm
+from adafuse_jax.model.llama import LINEAR_NAMES
 from adafuse_jax.routing import gates_for, top_k_gates
 
 ATTENTION_INPUT_MODULES = ("q", "k", "v")
@@ -54,7 +55,7 @@ def check_mergeable(adapter_cfg) -> None:
   if adapter_cfg.mode != "pregated":
     raise UserError(f"merged decoding switches pre-gated experts; mode {adapter_cfg.mode!r} cannot"
                     " merge (use --mode pregated, or --merge with --mode lora for a one-off merge)")
-  first = next(m for m in ("q", "k", "v", "o", "gate", "up", "down") if m in adapter_cfg.modules)
+  first = next(m for m in LINEAR_NAMES if m in adapter_cfg.modules)  # the forward pass's order
   if first not in ATTENTION_INPUT_MODULES:
     raise UserError("merged decoding routes on layer 0's attention input, so q, k or v must be"
                     f" adapted; got modules {','.join(adapter_cfg.modules)}")

@@ -93,7 +93,9 @@ def fit(args, mode: str, loaded, train_streams, heldout):
 
 
 def run_all(args) -> dict:
+  import jax
   import numpy as np
+  from flax import nnx
 
   from adafuse_jax.adapter_io import save_adapters
   from adafuse_jax.benchmarks import environment
@@ -124,8 +126,7 @@ def run_all(args) -> dict:
     if mode != "backbone":
       trainer, train_s = fit(args, mode, loaded, train_streams, heldout)
       adapters = trainer.adapters
-      params = int(sum(np.prod(x.shape) for x in __import__("jax").tree.leaves(
-          __import__("flax").nnx.state(adapters))))
+      params = int(sum(x.size for x in jax.tree.leaves(nnx.state(adapters))))
     t0 = time.perf_counter()
     row = {"mode": mode, "trainable_params": params, "train_s": train_s,
            "ppl": E.perplexities(model, adapters, heldout),

@@ -20,14 +20,9 @@ from flax import nnx
 from adafuse_jax.adapters import MixtureOfLoRA
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.llama import LlamaModel
-from train.loop import eval_windows, forward_loss
+from train.loop import eval_loss, eval_windows
 
 EVAL_LEN = 96
-
-
-@nnx.jit
-def _ce(model, adapters, windows):
-  return forward_loss(model, adapters, windows)[1]["ce"]
 
 
 def perplexities(model: LlamaModel, adapters: MixtureOfLoRA | None,
@@ -37,7 +32,7 @@ def perplexities(model: LlamaModel, adapters: MixtureOfLoRA | None,
   out = {}
   for domain, stream in heldout.items():
     w = eval_windows(stream, windows, seq_len)
-    losses = [float(_ce(model, adapters, jnp.asarray(w[i:i + 8]))) * len(w[i:i + 8])
+    losses = [float(eval_loss(model, adapters, jnp.asarray(w[i:i + 8]))) * len(w[i:i + 8])
               for i in range(0, len(w), 8)]
     out[domain] = math.exp(sum(losses) / len(w))
   return out
@@ -48,11 +43,9 @@ def _argmax_logits(model, adapters, tokens):
   cache = KVCache.create(model.cfg, tokens.shape[0], tokens.shape[1], model.dtype)
   if adapters is None:
     logits, _ = model(tokens, cache, all_logits=True)
-    return jnp.argmax(logits, -1), None
-  runtime = adapters.runtime("xla")
-  logits, _ = model(tokens, cache, linear=runtime, all_logits=True)
-  route = runtime.first_route
-  return jnp.argmax(logits, -1), (None if route is None else route.experts)
+  else:
+    logits, _ = model(tokens, cache, linear=adapters.runtime("xla"), all_logits=True)
+  return jnp.argmax(logits, -1)
 
 
 def encode_items(tok, items: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +89,7 @@ def item_hits(model, adapters, tok, items: list[tuple[str, str]], batch: int = 3
     n = len(t)
     if n < batch:  # one compiled shape: pad the last batch with copies
       t = np.concatenate([t, np.repeat(t[:1], batch - n, 0)])
-    pred, _ = _argmax_logits(model, adapters, jnp.asarray(t))
+    pred = _argmax_logits(model, adapters, jnp.asarray(t))
     pred = np.asarray(pred)[:n]
     ok = (pred[:, :-1] == t[:n, 1:]) | ~m[:, :-1]
     hits.append(ok.all(axis=1))
