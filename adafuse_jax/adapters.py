@@ -83,7 +83,13 @@ class SereSettings:
   rho: float = 0.5
 
 
-IMPLEMENTATIONS = ("xla", "pallas")
+# "pallas" runs decode steps on the gathered kernels (pallas_kernels/sgmv.py: only the step's
+# active experts are read, one shrink per group of modules sharing an input); "pallas-dense" on
+# the earlier dense kernel (pallas_kernels/expert_matmul.py: every expert's columns, one XLA
+# shrink per module), kept so that benchmarks compare the two in one run.
+IMPLEMENTATIONS = ("xla", "pallas", "pallas-dense")
+# Modules that read the same input in a Llama block: one shrink launch serves the group.
+SHARED_INPUT_GROUPS = (("q", "k", "v"), ("gate", "up"))
 # The fused kernel is a matrix-vector design (narrow column tiles, 16-32 rows); for prompts XLA's
 # matmuls win (H100, 7B, prefill of 512 tokens: 64.1 ms fused vs 32.3 ms XLA,
 # docs/benchmarks/h100), so larger token counts take the XLA path.
@@ -94,10 +100,11 @@ class AdapterRuntime:
   """`LinearFn` for one forward pass: y = x @ w + (alpha / r) Σ_k g_k (x A_k) B_k.
 
   implementation: "xla" applies the experts with plain matmuls beside the base one; "pallas"
-  folds the expansion into the base matmul (`pallas_kernels.expert_matmul`), leaving one small
-  XLA shrink per module. "pallas" needs stacked weights (the GPU layout) and runs in the Pallas
-  interpreter on the CPU; prompts longer than FUSED_MAX_TOKENS and steps that touch a small
-  share of a large pool (see `use_fused_kernel`) stay on "xla".
+  runs decode steps on the gathered kernels (`pallas_kernels.sgmv`): one shrink launch per
+  group of modules that share an input, reading only the step's active experts, then the base
+  matmul with the expansion folded in, one launch per module. "pallas" needs stacked weights
+  (the GPU layout) and runs in the Pallas interpreter on the CPU; prompts longer than
+  FUSED_MAX_TOKENS stay on "xla".
 
   Attributes after the call:
     routes: every routing decision made, in order (one for "pregated", one per adapted module
@@ -116,6 +123,8 @@ class AdapterRuntime:
     self.cfg = adapters.cfg
     self.implementation = implementation
     self.routes: list[Route] = []
+    self._active = None  # pre-gated: (ids, count, gate matrix) of the step, for the kernels
+    self._shrinks: dict = {}  # (layer, group) -> (input, shrink) of the gathered kernels
 
   @property
   def first_route(self) -> Route | None:
@@ -128,13 +137,48 @@ class AdapterRuntime:
     self._batch_shape = x.shape[:-1]
     experts, gates, dense = self.route(name, layer, xf)
     a, b = self.adapters.pool.factors(name, layer)
-    if (self.implementation == "pallas" and not isinstance(weights, tuple)
-        and xf.shape[0] <= FUSED_MAX_TOKENS
-        and use_fused_kernel(*experts.shape, self.cfg.num_experts)):
-      return self._fused(name, layer, x, xf, weights, experts, gates, dense)
+    if (self.implementation != "xla" and not isinstance(weights, tuple)
+        and xf.shape[0] <= FUSED_MAX_TOKENS):
+      if self.implementation == "pallas":
+        return self._gathered(name, layer, x, xf, weights, experts, gates)
+      if use_fused_kernel(*experts.shape, self.cfg.num_experts):
+        return self._fused(name, layer, x, xf, weights, experts, gates, dense)
     y = x @ weights[layer]
     delta = expert_delta(xf, a, b, experts, gates, dense) * self.cfg.scale
     return y + delta.reshape(*x.shape[:-1], -1).astype(y.dtype)
+
+  def _gathered(self, name, layer, x, xf, weights, experts, gates):
+    """Shrink of the active experts (one launch per group of modules sharing `x`), then the
+    base matmul and the expansion in one launch (pallas_kernels/sgmv.py)."""
+    from pallas_kernels.sgmv import active_experts, gathered_expand_matmul, gathered_shrink
+
+    interpret = jax.default_backend() == "cpu"
+    num_experts = self.cfg.num_experts
+    if self.cfg.mode == "pregated":
+      if self._active is None:
+        route = self.routes[0]  # full gates: [N, k] or per layer [N, L, k]
+        self._active = active_experts(route.experts, route.gates, num_experts)
+      active, group = self._active, self._group(name)
+    else:  # every module routes on its own (layerwise) or has the single expert (lora)
+      active, group = active_experts(experts, gates, num_experts), (name,)
+    ids, count, gmat = active
+    key = (layer, group)
+    cached = self._shrinks.get(key)
+    if cached is None or cached[0] is not x:
+      pools = [self.adapters.pool.stacked(m)[0] for m in group]
+      h = gathered_shrink(xf, pools, layer, ids, count, gmat, scale=self.cfg.scale,
+                          interpret=interpret)
+      self._shrinks[key] = cached = (x, h)
+    b_all = self.adapters.pool.stacked(name)[1]
+    y = gathered_expand_matmul(xf, weights, layer, cached[1], b_all, ids, count,
+                               group=group.index(name), interpret=interpret)
+    return y.reshape(*x.shape[:-1], -1)
+
+  def _group(self, name: str) -> tuple[str, ...]:
+    for group in SHARED_INPUT_GROUPS:
+      if name in group:
+        return tuple(m for m in group if m in self.cfg.modules)
+    return (name,)
 
   def _fused(self, name, layer, x, xf, weights, experts, gates, dense):
     from pallas_kernels.expert_matmul import fused_expert_matmul

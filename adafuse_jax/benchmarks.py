@@ -29,24 +29,29 @@ from adafuse_jax.sampling import SamplingConfig
 
 # Decode paths the benchmark knows, in display order. "lora-merged" folds one LoRA into the
 # weights once (a backbone pass on other weights); the rest apply adapters unmerged, with plain
-# XLA matmuls or, for "-fused", with the Pallas kernel that folds the experts into the base
-# matmul (pallas_kernels/expert_matmul.py).
+# XLA matmuls or, for "-fused", with the Pallas kernels that read only the step's active experts
+# and fold the expansion into the base matmul (pallas_kernels/sgmv.py); "-fused-dense" is the
+# earlier kernel that reads every expert's columns (pallas_kernels/expert_matmul.py).
 # "pregated-merged" switches the token's experts into the weights every step with the SGMM
 # kernel (pallas_kernels/sgmm.py), "pregated-merged-xla" with plain XLA, then runs a backbone pass.
 BENCH_MODES = ("backbone", "lora-merged", "lora", "lora-fused", "pregated", "pregated-fused",
-               "pregated-merged", "pregated-merged-xla", "layerwise", "layerwise-fused")
+               "pregated-fused-dense", "pregated-merged", "pregated-merged-xla", "layerwise",
+               "layerwise-fused")
 MERGED_MODES = ("pregated-merged", "pregated-merged-xla")
 
 
 def split_mode(mode: str) -> tuple[str, str]:
   """'pregated-fused' -> ('pregated', 'pallas'); 'layerwise' -> ('layerwise', 'xla');
-  'pregated-merged' -> ('pregated', 'pallas'); 'pregated-merged-xla' -> ('pregated', 'xla')."""
+  'pregated-merged' -> ('pregated', 'pallas'); 'pregated-merged-xla' -> ('pregated', 'xla');
+  'pregated-fused-dense' -> ('pregated', 'pallas-dense')."""
   if mode == "pregated-merged":
     return "pregated", "pallas"
   if mode == "pregated-merged-xla":
     return "pregated", "xla"
   if mode.endswith("-fused"):
     return mode[: -len("-fused")], "pallas"
+  if mode.endswith("-fused-dense"):
+    return mode[: -len("-fused-dense")], "pallas-dense"
   return mode, "xla"
 
 

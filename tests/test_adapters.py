@@ -176,9 +176,11 @@ def test_modules_are_kept_in_model_order():
   assert AdapterConfig(modules=("down", "q", "v")).modules == ("q", "v", "down")
 
 
-@pytest.mark.parametrize("mode", ["lora", "pregated", "layerwise"])
-def test_fused_pallas_path_equals_xla_path(model, mode):
-  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5)
+@pytest.mark.parametrize("mode, per_layer_gates", [("lora", False), ("pregated", False),
+                                                    ("pregated", True), ("layerwise", False)])
+def test_fused_pallas_path_equals_xla_path(model, mode, per_layer_gates):
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
+                      per_layer_gates=per_layer_gates)
   adapters = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True)
   cache = lambda: KVCache.create(model.cfg, 2, 8, model.dtype)  # noqa: E731
   want, _ = model(jnp.asarray(TOKENS), cache(), all_logits=True, linear=adapters.runtime("xla"))

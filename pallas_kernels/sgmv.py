@@ -1,0 +1,309 @@
+"""Unmerged experts that read only the experts a step uses: gathered shrink + fused expand.
+
+A decode step of N tokens (batch rows) with top-k routing touches at most `U = min(E, N·k)`
+distinct experts. The dense formulation (`expert_matmul.py`: every expert's columns, zero gates
+for the unchosen) reads the whole pool every step; for 8 rank-16 experts that is ~2% of the
+weights, but for 64 rank-64 experts the pool of a module is as large as the module itself, and
+only the experts in use should be read. Two kernels, BGMV/SGMV style (Punica), with the step's
+*active set* as the segment table:
+
+- `active_experts` (plain jnp, once per routing decision): the distinct experts in use, ascending,
+  padded to a static `U` (`ids [U]`, `count`), and the gate matrix `G [Lg, N, U]` that gives each
+  row its gate on each active expert (0 where the row did not choose it; Lg = L with per-layer
+  gates, else 1).
+- `gathered_shrink` (one launch per group of modules that read the same input: q/k/v, gate/up):
+  `h[g, s, :, u·r:(u+1)·r] = scale · G[:, u] ⊙ (x @ A_g[l][:, ids[u], :])` over the s-th slice of
+  the input dimension. Programs of inactive slots (u ≥ count) write zeros and read nothing. When
+  there are few active experts the input dimension is split over S programs (partial sums, added
+  by the expand kernel), so that a batch-1 step still spreads over enough SMs.
+- `gathered_expand_matmul` (one launch per module, replacing its base matmul):
+  `y = x @ W[l] + Σ_{u < count} (Σ_s h[g, s, :, u]) @ B[l, ids[u]]`. Each program streams its
+  column strip of `W[l]` once and then only the active experts' B tiles: a dynamic-length loop over
+  `count`, so fewer distinct experts (SERE) means fewer bytes.
+
+Layouts are the pools' (`adafuse_jax.experts`): A `[L, in, E, r]`, B `[L, E, r, out]`, W stacked
+`[L, in, out]`, and the layer is a runtime scalar: no slice or gather of the pools is ever
+materialised. Ranks that are not powers of two are padded to one (>= 16, Triton's smallest dot) by
+masking; so are all other edges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class SgmvTiles:
+  """Tile sizes (powers of two) and Triton launch settings.
+
+  block_n: output columns per expand program; block_k: the reduction step of both kernels;
+  shrink_k: input rows per shrink program (a multiple of block_k); min_programs: the shrink splits
+  the input dimension until it has about this many programs.
+  """
+
+  block_n: int = 64
+  block_k: int = 256
+  shrink_k: int = 512
+  min_programs: int = 96
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+def _rows_block(m: int) -> int:
+  return max(16, pl.next_power_of_2(m))
+
+
+def _rank_block(r: int) -> int:
+  return max(16, pl.next_power_of_2(r))
+
+
+def active_experts(experts: jax.Array, gates: jax.Array, num_experts: int,
+                   max_active: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The step's distinct experts and each row's gate on them.
+
+  Args:
+    experts: [N, k] int32 choices of the N rows.
+    gates: [N, k] or [N, L, k] (per-layer gates) weights of those choices.
+    num_experts: E.
+    max_active: U, the static number of slots (default min(E, N·k)).
+  Returns:
+    ids [U] int32 (active experts ascending, then unused ids as padding), count [1] int32 (how
+    many slots are active), gate matrix [Lg, N, U] f32 (Lg = L with per-layer gates, else 1).
+  """
+  n, k = experts.shape
+  u = max_active or min(num_experts, n * k)
+  present = jnp.zeros((num_experts,), jnp.int32).at[experts.reshape(-1)].max(1)
+  # Stable sort on "absent": active experts first, each group in ascending id.
+  ids = jnp.argsort(1 - present, stable=True)[:u].astype(jnp.int32)
+  count = jnp.minimum(present.sum(), u).astype(jnp.int32).reshape(1)
+  hit = (experts[..., None] == ids).astype(jnp.float32)  # [N, k, U]
+  if gates.ndim == 2:
+    gmat = jnp.einsum("nk,nku->nu", gates.astype(jnp.float32), hit)[None]
+  else:
+    gmat = jnp.einsum("nlk,nku->lnu", gates.astype(jnp.float32), hit)
+  return ids, count, gmat
+
+
+def shrink_splits(d_in: int, groups: int, slots: int, tiles: SgmvTiles) -> int:
+  """S, how many programs share one (module, slot)'s input dimension."""
+  most = pl.cdiv(d_in, tiles.shrink_k)
+  want = max(1, min(most, pl.cdiv(tiles.min_programs, groups * slots)))
+  # A power of two, so that the expand kernel can load all partial sums as one block.
+  return 1 << (want.bit_length() - 1)
+
+
+def _shrink_kernel(layer_ref, gate_layer_ref, ids_ref, count_ref, x_ref, g_ref, *refs,
+                   groups: int, rank: int, block_m: int, block_r: int, block_k: int,
+                   k_per_split: int, scale: float):
+  a_refs, h_ref = refs[:groups], refs[groups]
+  gi, u, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  m_total, k_total = x_ref.shape
+  rows = jnp.arange(block_m)
+  row_mask = rows < m_total
+  r_mask = jnp.arange(block_r) < rank
+  # h has exactly block_m rows and U·block_r columns: every store is a whole, unmasked tile
+  # (rows past M hold zeros: their x rows load as zeros).
+  out = h_ref.at[gi, s, pl.ds(0, block_m), pl.ds(u * block_r, block_r)]
+  active = u < count_ref[0]
+
+  @pl.when(jnp.logical_not(active))
+  def _():
+    plgpu.store(out, jnp.zeros((block_m, block_r), h_ref.dtype))
+
+  for g in range(groups):
+    @pl.when(active & (gi == g))
+    def _(a_ref=a_refs[g]):
+      layer, expert = layer_ref[0], ids_ref[u]
+      k0 = s * k_per_split
+
+      def body(t, acc):
+        ks = k0 + t * block_k + jnp.arange(block_k)
+        k_mask = ks < k_total  # k_per_split is a multiple of block_k: no overlap
+        x = plgpu.load(x_ref.at[pl.ds(0, block_m), pl.ds(k0 + t * block_k, block_k)],
+                       mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a = plgpu.load(a_ref.at[layer, pl.ds(k0 + t * block_k, block_k), expert,
+                                pl.ds(0, block_r)],
+                       mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        return acc + plgpu.dot(x, a.astype(x.dtype)).astype(jnp.float32)
+
+      acc = jax.lax.fori_loop(0, k_per_split // block_k, body,
+                              jnp.zeros((block_m, block_r), jnp.float32))
+      gate = plgpu.load(g_ref.at[gate_layer_ref[0], pl.ds(0, block_m), u], mask=row_mask,
+                        other=0.0)
+      acc = acc * (gate.astype(jnp.float32) * scale)[:, None]
+      plgpu.store(out, acc.astype(h_ref.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
+def gathered_shrink(x: jax.Array, a_pools: Sequence[jax.Array], layer: jax.Array | int,
+                    ids: jax.Array, count: jax.Array, gmat: jax.Array, *, scale: float = 1.0,
+                    tiles: SgmvTiles = SgmvTiles(), interpret: bool = False) -> jax.Array:
+  """Gated shrink of the active experts for modules that read the same input, in one launch.
+
+  Args:
+    x: [M, K] the modules' shared input (M <= 64: decode rows).
+    a_pools: G pools A [L, K, E, r] (same K, E and r).
+    layer: which layer (runtime scalar).
+    ids, count, gmat: from `active_experts` (gmat [Lg, M, U]).
+    scale: the LoRA scale alpha / r, folded in.
+  Returns:
+    h [G, S, M', U·r'] (M' = rows padded to >= 16, r' = rank padded to a power of two >= 16):
+    partial sums over S slices of K; f32 when S > 1, else x's dtype.
+  """
+  a_pools = tuple(a_pools)
+  m, k = x.shape
+  num_layers, k_a, num_experts, rank = a_pools[0].shape
+  u = ids.shape[0]
+  for i, a in enumerate(a_pools):
+    if a.shape != a_pools[0].shape:
+      raise ValueError(f"pool {i} has shape {a.shape}; a group shares {a_pools[0].shape}")
+  if k_a != k:
+    raise ValueError(f"x has K={k} but the pools have K={k_a}")
+  if gmat.shape[1:] != (m, u) or gmat.shape[0] not in (1, num_layers):
+    raise ValueError(f"gmat has shape {gmat.shape}, expected [1 or {num_layers}, {m}, {u}]")
+  if m > 64:
+    raise ValueError(f"{m} rows: the gathered kernels are for decode steps (<= 64 rows)")
+  groups = len(a_pools)
+  block_m, block_r = _rows_block(m), _rank_block(rank)
+  splits = shrink_splits(k, groups, u, tiles)
+  # Programs whose slice starts past K (possible when S is rounded) load zeros and write zeros.
+  k_per_split = pl.cdiv(pl.cdiv(k, splits), tiles.block_k) * tiles.block_k
+  layer = jnp.asarray(layer, jnp.int32).reshape(1)
+  gate_layer = layer if gmat.shape[0] > 1 else jnp.zeros((1,), jnp.int32)
+  out_dtype = jnp.float32 if splits > 1 else x.dtype
+  kernel = functools.partial(_shrink_kernel, groups=groups, rank=rank, block_m=block_m,
+                             block_r=block_r, block_k=tiles.block_k, k_per_split=k_per_split,
+                             scale=scale)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((groups, splits, block_m, u * block_r), out_dtype),
+      grid=(groups, u, splits),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret,
+      name="gathered_shrink",
+  )(layer, gate_layer, ids.astype(jnp.int32), count.astype(jnp.int32), x,
+    gmat.astype(jnp.float32), *a_pools)
+
+
+def _expand_kernel(layer_ref, ids_ref, count_ref, x_ref, w_ref, h_ref, b_ref, *out_refs,
+                   group: int, rank: int, splits: int, block_m: int, block_n: int,
+                   block_k: int, block_r: int):
+  o_ref = out_refs[-1]
+  m_total, k_total = x_ref.shape
+  n_total = o_ref.shape[1]
+  j = pl.program_id(0)
+  layer = layer_ref[0]
+  rows = jnp.arange(block_m)
+  cols = j * block_n + jnp.arange(block_n)
+  row_mask, col_mask = rows < m_total, cols < n_total
+
+  def base(kb, acc):
+    ks = kb * block_k + jnp.arange(block_k)
+    k_mask = ks < k_total
+    x = plgpu.load(x_ref.at[pl.ds(0, block_m), pl.ds(kb * block_k, block_k)],
+                   mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    w = plgpu.load(w_ref.at[layer, pl.ds(kb * block_k, block_k), pl.ds(j * block_n, block_n)],
+                   mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+    return acc + plgpu.dot(x, w).astype(jnp.float32)
+
+  acc = jax.lax.fori_loop(0, pl.cdiv(k_total, block_k), base,
+                          jnp.zeros((block_m, block_n), jnp.float32))
+  r_mask = jnp.arange(block_r) < rank
+
+  def expert(u, acc):
+    e = ids_ref[u]
+    h = plgpu.load(h_ref.at[jnp.int32(group), pl.ds(0, splits), pl.ds(0, block_m),
+                            pl.ds(u * block_r, block_r)]).astype(jnp.float32)
+    h = jnp.sum(h, axis=0) if splits > 1 else h.reshape(block_m, block_r)
+    b = plgpu.load(b_ref.at[layer, e, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
+                   mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+    return acc + plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
+
+  # A loop of runtime length: slots past `count` cost neither time nor bytes.
+  acc = jax.lax.fori_loop(0, count_ref[0], expert, acc)
+  plgpu.store(o_ref.at[pl.ds(0, block_m), pl.ds(j * block_n, block_n)],
+              acc.astype(o_ref.dtype), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("group", "tiles", "interpret"))
+def gathered_expand_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h: jax.Array,
+                           b: jax.Array, ids: jax.Array, count: jax.Array, *, group: int = 0,
+                           out: jax.Array | None = None, tiles: SgmvTiles = SgmvTiles(),
+                           interpret: bool = False) -> jax.Array:
+  """y = x @ w[layer] + Σ_{u < count} h[group, :, :, u] @ b[layer, ids[u]], one launch.
+
+  Args:
+    x: [M, K] activations (M <= 64).
+    w: [L, K, N] stacked base weights.
+    layer: which layer (runtime scalar).
+    h: [G, S, M', U·r'] from `gathered_shrink`; `group` picks this module's part.
+    b: [L, E, r, N] the module's expansion factors.
+    ids, count: from `active_experts`.
+    out: optional [M, N] buffer written in place (tests poison it with NaN).
+  Returns:
+    [M, N] in x's dtype, accumulated in f32.
+  """
+  m, k = x.shape
+  num_layers, k_w, n = w.shape
+  _, num_experts, rank, n_b = b.shape
+  block_m, block_r = _rows_block(m), _rank_block(rank)
+  u = ids.shape[0]
+  if k_w != k:
+    raise ValueError(f"x has K={k} but w has K={k_w}")
+  if b.shape[0] != num_layers or n_b != n:
+    raise ValueError(f"b has shape {b.shape}, expected [{num_layers}, E, r, {n}] from w")
+  if h.ndim != 4 or h.shape[2:] != (block_m, u * block_r) or not 0 <= group < h.shape[0]:
+    raise ValueError(f"h has shape {h.shape}; expected [G > {group}, S, {block_m}, {u * block_r}]"
+                     " from gathered_shrink with the same rows, rank and ids")
+  if x.dtype != w.dtype:
+    raise ValueError(f"dtypes must match: x {x.dtype} vs w {w.dtype}; cast the activations to"
+                     " the weights' dtype")
+  splits = h.shape[1]
+  if splits & (splits - 1):
+    raise ValueError(f"h has S={splits} partial sums; a power of two is needed (shrink_splits)")
+  block_n = tiles.block_n if n > 4096 else min(tiles.block_n, 32)
+  kernel = functools.partial(_expand_kernel, group=group, rank=rank, splits=splits,
+                             block_m=block_m, block_n=block_n, block_k=tiles.block_k,
+                             block_r=block_r)
+  layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+  operands = (layer_arr, ids.astype(jnp.int32), count.astype(jnp.int32), x, w, h, b)
+  aliases = {}
+  if out is not None:
+    if out.shape != (m, n) or out.dtype != x.dtype:
+      raise ValueError(f"out must be {(m, n)} {x.dtype}, got {out.shape} {out.dtype}")
+    operands, aliases = operands + (out,), {len(operands): 0}
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+      grid=(pl.cdiv(n, block_n),),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      input_output_aliases=aliases,
+      interpret=interpret,
+      name="gathered_expand_matmul",
+  )(*operands)
+
+
+def gathered_reference(x, w, layer, a, b, experts, gates, scale=1.0):
+  """Plain jnp in f32: x @ w[layer] + scale Σ_j gates[:, j] (x @ A[l, :, e_j]) @ B[l, e_j].
+
+  x [M, K]; w [L, K, N]; a [L, K, E, r]; b [L, E, r, N]; experts [M, k]; gates [M, k] or
+  [M, L, k].
+  """
+  f32 = jnp.float32
+  x, wl, al, bl = x.astype(f32), w[layer].astype(f32), a[layer].astype(f32), b[layer].astype(f32)
+  g = gates[:, layer] if gates.ndim == 3 else gates
+  y = x @ wl
+  for j in range(experts.shape[1]):
+    e = experts[:, j]
+    h = jnp.einsum("mk,mkr->mr", x, jnp.moveaxis(al[:, e], 1, 0))
+    y = y + scale * g[:, j, None].astype(f32) * jnp.einsum("mr,mrn->mn", h, bl[e])
+  return y
