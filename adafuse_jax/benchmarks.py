@@ -81,6 +81,24 @@ def time_calls(fn: Callable[[], object], *, warmup: int, steps: int) -> Timing:
   return Timing.of(times)
 
 
+def time_pipelined(fn: Callable[[], object], *, warmup: int, steps: int, repeats: int = 4
+                   ) -> Timing:
+  """Per-call time of `fn` dispatched `steps` times back to back with one sync at the end (the
+  way `generate` runs decode steps: the host enqueues a step while the device runs the previous
+  one). Median and spread over `repeats` such runs."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  per_call = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(steps):
+      out = fn()
+    jax.block_until_ready(out)
+    per_call.append((time.perf_counter() - t0) / steps)
+  return Timing.of(per_call)
+
+
 def copy_bandwidth(nbytes: int = 2 << 30, dtype=jnp.bfloat16, steps: int = 20) -> float:
   """Device-to-device copy bandwidth in bytes/s, counting bytes read + written (on the CPU:
   the read bandwidth of a GEMV, see `_cpu_read_bandwidth`).
@@ -169,6 +187,8 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
                implementation: str = "xla", merge: bool = False) -> dict:
   """Decode step and prefill timings of one model (+ adapters) configuration.
 
+  Decode steps are timed synced (one step, then wait: latency) and pipelined (steps dispatched
+  back to back, as `generate` runs them: throughput).
   With `merge`, the decode is timed twice: feeding back the sampled tokens (random weights pick
   a new token, hence new experts and gates, nearly every step: every step switches) and feeding
   one fixed token (nothing changes: no step switches), so that a measured switch rate s gives
@@ -199,6 +219,10 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
             "kernels_per_step": count_kernels(step)}
   if merge:
     result["switched_share"] = (int(gen.switch_state.switches) - switches0) / (warmup + steps)
+  state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
+  result["decode_pipelined"] = dataclasses.asdict(
+      time_pipelined(one_step, warmup=1, steps=min(steps, cache_len // 8), repeats=4))
+  if merge:
     switches1 = int(gen.switch_state.switches)
     state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
     unchanged = time_calls(lambda: one_step(feed_back=False), warmup=warmup, steps=steps)
