@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="modes whose prefill is timed")
   p.add_argument("--steps", type=int, default=50, help="timed decode steps per mode (>= 20 for reports)")
   p.add_argument("--warmup", type=int, default=5)
+  p.add_argument("--switch-rate", type=float, default=None,
+                 help="pregated-auto: the share of steps whose experts or gates change, for the"
+                      " merged candidate's expected cost (default 1.0: every step switches, as"
+                      " with random weights)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", help="folder for results.json and decode.png")
   p.add_argument("--profile", help="folder for a JAX profiler trace of the run")
@@ -74,6 +78,8 @@ def run(args: argparse.Namespace) -> dict:
   unknown = [m for m in modes if m not in B.BENCH_MODES]
   if unknown:
     raise UserError(f"unknown mode(s) {unknown}; choose from {', '.join(B.BENCH_MODES)}")
+  if args.switch_rate is not None and not 0.0 <= args.switch_rate <= 1.0:
+    raise UserError(f"--switch-rate={args.switch_rate} must be in [0, 1]")
   if args.batch < 1:
     raise UserError(f"--batch={args.batch} must be at least 1")
   if args.steps < 1 or args.warmup < 0:
@@ -115,15 +121,25 @@ def run(args: argparse.Namespace) -> dict:
         run_model, adapters = merged_model(model, adapters), None
       label = mode if len(layouts) == 1 else f"{mode}[{layout}]"
       print(f"# measuring {label} ...", file=sys.stderr)
+      implementation, merge, auto = B.split_mode(mode)[1], mode in B.MERGED_MODES, None
+      if implementation == "auto":
+        from adafuse_jax.autopath import choose_path
+        auto, _ = choose_path(run_model, adapters, batch=args.batch, cache_len=args.cache_len,
+                              switch_rate=args.switch_rate, seed=args.seed,
+                              log=lambda m: print(f"#   {m}", file=sys.stderr))
+        print(f"#   auto chose {auto.reason}", file=sys.stderr)
+        implementation, merge = auto.candidate.implementation, auto.candidate.merge
+        gc.collect()
       r = B.bench_mode(run_model, adapters, batch=args.batch, cache_len=args.cache_len,
                        warmup=args.warmup, steps=args.steps,
                        prefill_lengths=prefill_lengths if mode in prefill_modes else (),
-                       seed=args.seed, implementation=B.split_mode(mode)[1],
-                       merge=mode in B.MERGED_MODES)
+                       seed=args.seed, implementation=implementation, merge=merge)
+      if auto is not None:
+        r["auto"] = auto.to_dict()
       acfg = None if mode in ("backbone", "lora-merged") else (
           adapter_base.replace(mode=B.split_mode(mode)[0]))
       nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, args.batch, acfg)
-      if mode in B.MERGED_MODES:
+      if merge:
         # The merged forward reads no experts; each switch moves the adapted weights twice.
         r["floor_unchanged_ms"] = B.decode_bytes(cfg, dtype, args.cache_len // 2, 1, None) / bw * 1e3
         nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, 1, None) + B.switch_bytes(
@@ -176,6 +192,9 @@ def markdown(report: dict) -> str:
                  f" {ratio} | {pp['median_ms']:.3f} | {pratio} | {r['floor_ms']:.3f} |"
                  f" {100 * r['effective_tb_s'] / report['copy_bandwidth_tb_s']:.0f}% |"
                  f" {r['kernels_per_step']} | {r['compile_s']:.1f} |")
+  for r in report["results"]:
+    if r.get("auto"):
+      lines += ["", f"`{r['mode']}` chose **{r['auto']['path']}**: {r['auto']['reason']}."]
   merged = [r for r in report["results"] if "decode_unchanged" in r]
   if merged:
     lines += ["", "Merged modes: a step that switches (new experts or gates: every step here) and"

@@ -35,21 +35,24 @@ from adafuse_jax.sampling import SamplingConfig
 # "pregated-merged" switches the token's experts into the weights every step with the SGMM
 # kernel (pallas_kernels/sgmm.py), "pregated-merged-xla" with plain XLA, then runs a backbone pass.
 BENCH_MODES = ("backbone", "lora-merged", "lora", "lora-fused", "pregated", "pregated-fused",
-               "pregated-fused-dense", "pregated-merged", "pregated-merged-xla", "layerwise",
-               "layerwise-fused")
+               "pregated-fused-dense", "pregated-merged", "pregated-merged-xla", "pregated-auto",
+               "layerwise", "layerwise-fused")
 MERGED_MODES = ("pregated-merged", "pregated-merged-xla")
 
 
 def split_mode(mode: str) -> tuple[str, str]:
   """'pregated-fused' -> ('pregated', 'pallas'); 'layerwise' -> ('layerwise', 'xla');
   'pregated-merged' -> ('pregated', 'pallas'); 'pregated-merged-xla' -> ('pregated', 'xla');
-  'pregated-fused-dense' -> ('pregated', 'pallas-dense')."""
+  'pregated-fused-dense' -> ('pregated', 'pallas-dense'); 'pregated-auto' -> ('pregated', 'auto'):
+  `adafuse_jax.autopath` measures the candidates and picks one."""
   if mode == "pregated-merged":
     return "pregated", "pallas"
   if mode == "pregated-merged-xla":
     return "pregated", "xla"
   if mode.endswith("-fused"):
     return mode[: -len("-fused")], "pallas"
+  if mode.endswith("-auto"):
+    return mode[: -len("-auto")], "auto"
   if mode.endswith("-fused-dense"):
     return mode[: -len("-fused-dense")], "pallas-dense"
   return mode, "xla"

@@ -54,9 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated adapted modules (random pools)")
   a.add_argument("--per-layer-gates", action="store_true",
                  help="pregated: one gate vector per layer (random pools)")
-  a.add_argument("--implementation", choices=("xla", "pallas"), default="xla",
-                 help="how unmerged experts are applied: plain XLA matmuls, or the Pallas kernel"
-                      " that folds them into the base matmul (GPU; interpreted on the CPU)")
+  a.add_argument("--implementation", choices=("xla", "pallas", "auto"), default="xla",
+                 help="how experts are applied: plain XLA matmuls; the Pallas kernels that read"
+                      " only the step's experts and fold them into the base matmul (GPU;"
+                      " interpreted on the CPU); or auto: measure every path that can run this"
+                      " configuration (XLA, fused kernels, and for one pregated prompt the"
+                      " merged switch, costed at the switch rate of the prompt's routing) and"
+                      " use the fastest; prints the choice and why")
   a.add_argument("--merge", action="store_true",
                  help="--mode lora: fold the LoRA into the weights once; --mode pregated: switch"
                       " each token's experts into the weights (pregated-merged: one SGMM launch,"
@@ -153,15 +157,17 @@ def run(args: argparse.Namespace) -> dict:
     sys.stdout.flush()
     shown[0] = text
 
-  if stream:
-    sys.stdout.write(prompts[0] if not args.chat else "")
-    sys.stdout.flush()
   pad_id = min(tok.eos_ids) if tok.eos_ids else 0
   model = loaded.model
   if args.implementation == "pallas" and jax.default_backend() == "cpu" and not args.json:
     print("note: on the CPU the weights are held per layer, so the experts take the XLA path;"
           " --implementation pallas applies on a GPU", file=sys.stderr)
   switch_per_token = False
+  choice = None
+  if args.implementation == "auto" and args.merge:
+    raise UserError("--implementation auto decides whether to merge; drop --merge")
+  if args.implementation == "auto" and adapters is None:
+    raise UserError("--implementation auto chooses how experts are applied: it needs --adapters")
   if args.merge:
     if adapter_cfg.mode == "lora":
       from adafuse_jax.adapters import merged_model
@@ -171,8 +177,26 @@ def run(args: argparse.Namespace) -> dict:
     else:
       raise UserError(f"--merge needs --mode lora (merged once) or pregated (switched per token);"
                       f" {adapter_cfg.mode!r} routes at every layer and cannot merge")
-  gen = Generator(model, adapters=adapters, implementation=args.implementation,
-                  merge=switch_per_token)
+  if args.implementation == "auto":
+    from adafuse_jax.autopath import choose_path, prompt_switch_rate
+    from adafuse_jax.generate import CACHE_ROUND, prompt_bucket, round_up
+
+    longest = max(len(i) for i in ids)
+    new = min(args.max_new_tokens, model.cfg.max_context - longest)
+    cache_len = round_up(min(prompt_bucket(longest), model.cfg.max_context) + new, CACHE_ROUND)
+    rate = prompt_switch_rate(model, adapters, ids[0]) if len(ids) == 1 else None
+    log = None if args.json else (lambda m: print(m, file=sys.stderr))
+    choice, gen = choose_path(model, adapters, batch=len(ids), cache_len=max(cache_len, 128),
+                              switch_rate=rate, log=log)
+    switch_per_token = choice.candidate.merge
+    if not args.json:
+      print(f"auto chose {choice.reason}", file=sys.stderr)
+  else:
+    gen = Generator(model, adapters=adapters, implementation=args.implementation,
+                    merge=switch_per_token)
+  if stream:
+    sys.stdout.write(prompts[0] if not args.chat else "")
+    sys.stdout.flush()
   res = generate(gen, ids, max_new_tokens=args.max_new_tokens,
                  sampling=sampling, seed=args.seed, stop_ids=tok.eos_ids, pad_id=pad_id,
                  on_token=on_token if stream else None)
@@ -186,7 +210,9 @@ def run(args: argparse.Namespace) -> dict:
       "decode_ms_per_token": round(res.decode_ms_per_token, 3),
       "tokens_per_s": round(res.tokens_per_s, 2), "compile_s": round(res.compile_s, 3),
       "streamed": stream,
-      "mode": adapter_cfg.mode + ("-merged" if switch_per_token else ""),
+      "mode": (choice.candidate.name if choice else
+               adapter_cfg.mode + ("-merged" if switch_per_token else "")),
+      "auto": choice.to_dict() if choice else None,
       "switches": int(gen.switch_state.switches) if switch_per_token else None,
       "routing": _routing_table(tok, res) if args.show_routing else None,
   }

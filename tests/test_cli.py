@@ -79,7 +79,25 @@ def test_adapter_modes_show_routing_and_merge():
     (("--mode", "pregated", "--adapters", "random", "--merge", "hi", "there"),
      "one sequence at a time"),
     (("--adapters", "/no/such/ckpt", "--mode", "pregated", "hi"), "does not exist"),
+    (("--mode", "pregated", "--adapters", "random", "--merge", "--implementation", "auto", "hi"),
+     "drop --merge"),
+    (("--implementation", "auto", "hi"), "needs --adapters"),
 ])
 def test_bad_adapter_arguments_exit_2(args, message):
   out = run_cli(*args)
   assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_auto_measures_the_candidates_and_says_what_it_chose():
+  out = run_cli("--json", "--mode", "pregated", "--adapters", "random:2", "--implementation",
+                "auto", "--max-new-tokens", "3", "--experts", "4", "--rank", "4",
+                "--adapt-modules", "q,v", "The capital of France is")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout)
+  auto = result["auto"]
+  # On the CPU: plain XLA and (one pre-gated prompt, q/v adapted) the merged switch.
+  assert set(auto["expected_ms"]) == {"pregated", "pregated-merged"}
+  assert all(t > 0 for t in auto["expected_ms"].values())
+  assert auto["path"] == min(auto["expected_ms"], key=auto["expected_ms"].get) == result["mode"]
+  assert 0.0 <= auto["switch_rate"] <= 1.0 and auto["path"] in auto["reason"]
+  assert result["generated_tokens"] == [3]

@@ -1,0 +1,155 @@
+"""`auto`: choose the fastest decode path for one configuration by measuring the candidates.
+
+Which way of applying pre-gated experts is fastest depends on the hardware, the adapted
+modules, the rank, the batch and how often the routing changes: merging moves every adapted
+weight twice per switch (cheap for q/v only, twice a decode step for all 7 modules), the fused
+kernels add a shrink per module group, plain XLA adds launches. A cost model would have to know
+all of that; `choose_path` measures instead. Each candidate is compiled and timed for a few
+pipelined decode steps (as `generate` runs them); a merged candidate is timed switching on every
+step and switching on none, and its expected cost is `s · switched + (1 - s) · unchanged` for the
+switch rate s (measured on the prompt with the real router, see `prompt_switch_rate`, or 1.0 when
+unknown: the safe side). The winner's compiled Generator is returned, so nothing is compiled
+twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adafuse_jax.adapters import MixtureOfLoRA
+from adafuse_jax.errors import UserError
+from adafuse_jax.generate import Generator
+from adafuse_jax.model.llama import LlamaModel
+from adafuse_jax.sampling import SamplingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  name: str            # "pregated", "pregated-fused", "pregated-merged", ...
+  implementation: str  # "xla" | "pallas"
+  merge: bool
+
+
+@dataclasses.dataclass
+class PathChoice:
+  """The chosen decode path and the measurements behind it.
+
+  expected_ms: per candidate, the expected decode ms/token (pipelined); for merged candidates
+  also `switched_ms` / `unchanged_ms` in `details`.
+  """
+
+  candidate: Candidate
+  expected_ms: dict[str, float]
+  details: dict[str, dict[str, float]]
+  switch_rate: float | None
+  reason: str
+
+  def to_dict(self) -> dict:
+    return {"path": self.candidate.name, "implementation": self.candidate.implementation,
+            "merge": self.candidate.merge, "expected_ms": self.expected_ms,
+            "details": self.details, "switch_rate": self.switch_rate, "reason": self.reason}
+
+
+def candidates(model: LlamaModel, adapters: MixtureOfLoRA, batch: int) -> list[Candidate]:
+  """The decode paths that can run this configuration on this backend."""
+  from adafuse_jax import switching
+
+  mode = adapters.cfg.mode
+  out = [Candidate(mode, "xla", False)]
+  on_gpu = jax.default_backend() != "cpu"
+  if on_gpu and model.layout == "stacked":
+    out.append(Candidate(f"{mode}-fused", "pallas", False))
+  if mode == "pregated" and batch == 1:
+    try:
+      switching.check_mergeable(adapters.cfg)
+    except UserError:
+      pass
+    else:
+      out.append(Candidate(f"{mode}-merged", "pallas" if on_gpu else "xla", True))
+  return out
+
+
+def prompt_switch_rate(model: LlamaModel, adapters: MixtureOfLoRA,
+                       prompt: Sequence[int]) -> float | None:
+  """Share of consecutive prompt tokens whose pre-gated experts or gates differ (the rate at
+  which a merged decode of similar text would switch), from the real router. None for fewer
+  than 2 tokens or a mode without a pre-gate."""
+  from adafuse_jax import switching
+
+  if adapters.cfg.mode != "pregated" or len(prompt) < 2:
+    return None
+  route = jax.vmap(lambda t: switching.route_token(model, adapters, t.reshape(1, 1))[:2])
+  experts, gates = route(jnp.asarray(prompt, jnp.int32))
+  experts, gates = np.asarray(experts), np.asarray(gates, np.float32)
+  changed = (experts[1:] != experts[:-1]).reshape(len(prompt) - 1, -1).any(axis=1)
+  changed |= (gates[1:] != gates[:-1]).reshape(len(prompt) - 1, -1).any(axis=1)
+  return float(changed.mean())
+
+
+def _time_candidate(gen: Generator, batch: int, cache_len: int, steps: int, feed_back: bool,
+                    seed: int) -> float:
+  from adafuse_jax.benchmarks import time_pipelined
+
+  step = gen.compiled(batch, 1, cache_len, SamplingConfig())
+  rng = np.random.default_rng(seed)
+  state = {"cache": gen.new_cache(batch, cache_len),
+           "tok": jnp.asarray(rng.integers(0, gen.cfg.vocab_size, (batch, 1)), jnp.int32)}
+  key = jax.random.key(seed)
+
+  def one_step():
+    nxt, _, state["cache"], _ = gen.run(step, state["tok"], state["cache"], key)
+    if feed_back:
+      state["tok"] = nxt[:, None]
+    return nxt
+
+  return time_pipelined(one_step, warmup=2, steps=steps, repeats=3).median_ms
+
+
+def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
+                cache_len: int = 256, switch_rate: float | None = None, steps: int = 8,
+                sere=None, seed: int = 0, log=None) -> tuple[PathChoice, Generator]:
+  """Measures every candidate path and returns (choice, the winner's Generator).
+
+  Args:
+    model, adapters: the configuration.
+    batch, cache_len: the decode shape to measure (the shape that will be generated).
+    switch_rate: expected share of merged steps that switch; None = 1.0 (unknown).
+    steps: pipelined decode steps per timing (3 repeats, median).
+    sere: SERE settings for unmerged batch steps.
+    log: optional callable(str) for progress lines.
+  """
+  if steps * 3 + 2 >= cache_len:
+    raise UserError(f"cache_len={cache_len} is too short to time {steps} steps x 3")
+  expected, details, gens = {}, {}, {}
+  rate = 1.0 if switch_rate is None else float(switch_rate)
+  for cand in candidates(model, adapters, batch):
+    if log:
+      log(f"auto: measuring {cand.name} ...")
+    gen = Generator(model, adapters=adapters, implementation=cand.implementation,
+                    merge=cand.merge, sere=None if cand.merge else sere)
+    if cand.merge:
+      switched = _time_candidate(gen, batch, cache_len, steps, True, seed)
+      unchanged = _time_candidate(gen, batch, cache_len, steps, False, seed)
+      details[cand.name] = {"switched_ms": switched, "unchanged_ms": unchanged}
+      expected[cand.name] = rate * switched + (1 - rate) * unchanged
+    else:
+      expected[cand.name] = _time_candidate(gen, batch, cache_len, steps, True, seed)
+    gens[cand.name] = gen
+  best = min(expected, key=expected.get)
+  others = ", ".join(f"{n} {t:.2f}" for n, t in sorted(expected.items(), key=lambda kv: kv[1])
+                     if n != best)
+  why = (f"{best}: {expected[best]:.2f} ms/token measured (pipelined, batch {batch})"
+         + (f" vs {others}" if others else ", the only candidate"))
+  if any(c.merge for c in candidates(model, adapters, batch)):
+    why += (f"; merged cost at switch rate {rate:.2f}"
+            + (" (unknown: assumed every token switches)" if switch_rate is None else ""))
+  cand = next(c for c in candidates(model, adapters, batch) if c.name == best)
+  for name in list(gens):
+    if name != best:
+      del gens[name]  # frees a merged candidate's second copy of the weights
+  return PathChoice(cand, expected, details, switch_rate, why), gens[best]

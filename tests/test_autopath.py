@@ -1,0 +1,59 @@
+"""`adafuse_jax.autopath`: candidates, the prompt's switch rate, and the measured choice."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from adafuse_jax.adapters import MixtureOfLoRA
+from adafuse_jax.autopath import candidates, choose_path, prompt_switch_rate
+from adafuse_jax.config import AdapterConfig
+from adafuse_jax.errors import UserError
+from adafuse_jax.model.llama import LlamaModel
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+  return LlamaModel(tiny_config(), seed=3, layout="stacked")
+
+
+def _adapters(model, **kw):
+  cfg = AdapterConfig(mode=kw.pop("mode", "pregated"), num_experts=4, rank=4, top_k=2,
+                      modules=kw.pop("modules", ("q", "v")), router_init_std=0.5, **kw)
+  return MixtureOfLoRA(model.cfg, cfg, seed=1, random_b=True)
+
+
+def test_candidates_follow_mode_batch_and_backend(model):
+  names = lambda a, b: [c.name for c in candidates(model, a, b)]  # noqa: E731
+  assert names(_adapters(model), 1) == ["pregated", "pregated-merged"]  # CPU: no fused kernels
+  assert names(_adapters(model), 4) == ["pregated"]  # a batch wants different experts
+  assert names(_adapters(model, mode="layerwise"), 1) == ["layerwise"]
+
+
+def test_prompt_switch_rate(model):
+  adapters = _adapters(model)
+  assert prompt_switch_rate(model, adapters, [5, 5, 5, 5]) == 0.0  # same token, same route
+  rate = prompt_switch_rate(model, adapters, list(range(1, 40)))
+  assert 0.0 < rate <= 1.0
+  assert prompt_switch_rate(model, adapters, [7]) is None
+  assert prompt_switch_rate(model, _adapters(model, mode="layerwise"), [1, 2]) is None
+
+
+def test_choice_is_the_fastest_measured_and_its_generator_runs(model):
+  adapters = _adapters(model)
+  choice, gen = choose_path(model, adapters, batch=1, cache_len=128, switch_rate=0.5, steps=4)
+  assert set(choice.expected_ms) == {"pregated", "pregated-merged"}
+  assert choice.candidate.name == min(choice.expected_ms, key=choice.expected_ms.get)
+  merged = choice.details["pregated-merged"]
+  assert choice.expected_ms["pregated-merged"] == pytest.approx(
+      0.5 * merged["switched_ms"] + 0.5 * merged["unchanged_ms"])
+  assert gen.merge == choice.candidate.merge and "switch rate 0.50" in choice.reason
+  nxt, _, _, _ = gen.forward(jnp.ones((1, 1), jnp.int32), gen.new_cache(1, 128),
+                             __import__("jax").random.key(0))
+  assert nxt.shape == (1,)
+
+
+def test_too_short_cache_is_rejected(model):
+  with pytest.raises(UserError, match="cache_len"):
+    choose_path(model, _adapters(model), cache_len=16, steps=8)
