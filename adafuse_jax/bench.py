@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="pregated-auto: the share of steps whose experts or gates change, for the"
                       " merged candidate's expected cost (default 1.0: every step switches, as"
                       " with random weights)")
+  p.add_argument("--sere-rho", type=float, default=0.0,
+                 help="-sere modes: similarity threshold rho (0: every secondary choice moves to"
+                      " a primary expert; 1: off)")
+  p.add_argument("--sere-primary", type=int, default=1,
+                 help="-sere modes: primary choices per token S (< top-k)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", help="folder for results.json and decode.png")
   p.add_argument("--profile", help="folder for a JAX profiler trace of the run")
@@ -80,6 +85,10 @@ def run(args: argparse.Namespace) -> dict:
     raise UserError(f"unknown mode(s) {unknown}; choose from {', '.join(B.BENCH_MODES)}")
   if args.switch_rate is not None and not 0.0 <= args.switch_rate <= 1.0:
     raise UserError(f"--switch-rate={args.switch_rate} must be in [0, 1]")
+  if not 0.0 <= args.sere_rho <= 1.0:
+    raise UserError(f"--sere-rho={args.sere_rho} must be in [0, 1]")
+  if not 1 <= args.sere_primary:
+    raise UserError(f"--sere-primary={args.sere_primary} must be at least 1")
   if args.batch < 1:
     raise UserError(f"--batch={args.batch} must be at least 1")
   if args.steps < 1 or args.warmup < 0:
@@ -130,10 +139,16 @@ def run(args: argparse.Namespace) -> dict:
         print(f"#   auto chose {auto.reason}", file=sys.stderr)
         implementation, merge = auto.candidate.implementation, auto.candidate.merge
         gc.collect()
+      sere = None
+      if mode.endswith("-sere"):
+        sere = B.calibrated_sere(run_model, adapters, primary_k=args.sere_primary,
+                                 rho=args.sere_rho, seed=args.seed)
       r = B.bench_mode(run_model, adapters, batch=args.batch, cache_len=args.cache_len,
                        warmup=args.warmup, steps=args.steps,
                        prefill_lengths=prefill_lengths if mode in prefill_modes else (),
-                       seed=args.seed, implementation=implementation, merge=merge)
+                       seed=args.seed, implementation=implementation, merge=merge, sere=sere)
+      if sere is not None:
+        r["sere"] = {"rho": sere.rho, "primary_k": sere.primary_k}
       if auto is not None:
         r["auto"] = auto.to_dict()
       acfg = None if mode in ("backbone", "lora-merged") else (
@@ -181,8 +196,9 @@ def markdown(report: dict) -> str:
            " as `generate` runs them (the host enqueues a step while the device runs the last).",
            "",
            "| mode | synced ms/token (median) | p10-p90 | vs backbone | pipelined ms/token |"
-           " vs backbone | floor ms | % of copy bw (synced) | kernels/step | compile s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           " vs backbone | floor ms | % of copy bw (synced) | kernels/step | compile s |"
+           " distinct experts/step |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in report["results"]:
     d, pp = r["decode"], r["decode_pipelined"]
     ratio = f"{r['ratio_to_backbone']:.3f}x" if r["ratio_to_backbone"] else "-"
@@ -191,7 +207,8 @@ def markdown(report: dict) -> str:
     lines.append(f"| {r['mode']} | {d['median_ms']:.3f} | {d['p10_ms']:.3f}-{d['p90_ms']:.3f} |"
                  f" {ratio} | {pp['median_ms']:.3f} | {pratio} | {r['floor_ms']:.3f} |"
                  f" {100 * r['effective_tb_s'] / report['copy_bandwidth_tb_s']:.0f}% |"
-                 f" {r['kernels_per_step']} | {r['compile_s']:.1f} |")
+                 f" {r['kernels_per_step']} | {r['compile_s']:.1f} |"
+                 f" {r['distinct_experts'] if 'distinct_experts' in r else '-'} |")
   for r in report["results"]:
     if r.get("auto"):
       lines += ["", f"`{r['mode']}` chose **{r['auto']['path']}**: {r['auto']['reason']}."]

@@ -35,8 +35,8 @@ from adafuse_jax.sampling import SamplingConfig
 # "pregated-merged" switches the token's experts into the weights every step with the SGMM
 # kernel (pallas_kernels/sgmm.py), "pregated-merged-xla" with plain XLA, then runs a backbone pass.
 BENCH_MODES = ("backbone", "lora-merged", "lora", "lora-fused", "pregated", "pregated-fused",
-               "pregated-fused-dense", "pregated-merged", "pregated-merged-xla", "pregated-auto",
-               "layerwise", "layerwise-fused")
+               "pregated-fused-dense", "pregated-fused-sere", "pregated-merged",
+               "pregated-merged-xla", "pregated-auto", "layerwise", "layerwise-fused")
 MERGED_MODES = ("pregated-merged", "pregated-merged-xla")
 
 
@@ -51,6 +51,8 @@ def split_mode(mode: str) -> tuple[str, str]:
     return "pregated", "xla"
   if mode.endswith("-fused"):
     return mode[: -len("-fused")], "pallas"
+  if mode.endswith("-sere"):  # SERE re-routing on top of the path named before it
+    return split_mode(mode[: -len("-sere")])
   if mode.endswith("-auto"):
     return mode[: -len("-auto")], "auto"
   if mode.endswith("-fused-dense"):
@@ -185,9 +187,22 @@ def build_adapters(model_cfg: ModelConfig, mode: str, base: AdapterConfig, dtype
   return MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, random_b=True)
 
 
+def calibrated_sere(model: LlamaModel, adapters: MixtureOfLoRA, *, primary_k: int, rho: float,
+                    seed: int, tokens: int = 64):
+  """SERE settings whose expert similarity is calibrated (linear CKA, `adafuse_jax.sere`) on
+  random token ids through this model: for benchmarks of seeded random presets, where no
+  calibration text is meaningful. Real pools ship a similarity calibrated on text."""
+  from adafuse_jax.adapters import SereSettings
+  from adafuse_jax.sere import calibrate
+
+  ids = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, (1, tokens))
+  similarity = calibrate(model, adapters, jnp.asarray(ids, jnp.int32))
+  return SereSettings(similarity=jnp.asarray(similarity.mean(0)), primary_k=primary_k, rho=rho)
+
+
 def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,
                warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int,
-               implementation: str = "xla", merge: bool = False) -> dict:
+               implementation: str = "xla", merge: bool = False, sere=None) -> dict:
   """Decode step and prefill timings of one model (+ adapters) configuration.
 
   Decode steps are timed synced (one step, then wait: latency) and pipelined (steps dispatched
@@ -197,7 +212,7 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   one fixed token (nothing changes: no step switches), so that a measured switch rate s gives
   the expected cost s * switched + (1 - s) * unchanged.
   """
-  gen = Generator(model, adapters=adapters, implementation=implementation, merge=merge)
+  gen = Generator(model, adapters=adapters, implementation=implementation, merge=merge, sere=sere)
   sampling = SamplingConfig()
   t0 = time.perf_counter()
   step = gen.compiled(batch, 1, cache_len, sampling)
@@ -222,6 +237,14 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
             "kernels_per_step": count_kernels(step)}
   if merge:
     result["switched_share"] = (int(gen.switch_state.switches) - switches0) / (warmup + steps)
+  if adapters is not None and adapters.cfg.mode == "pregated" and not merge:
+    # Distinct experts the batch's tokens touch per step (what SERE cuts), over a few steps.
+    counts = []
+    for _ in range(8):
+      nxt, _, state["cache"], routing = gen.run(step, state["tok"], state["cache"], key)
+      state["tok"] = nxt[:, None]
+      counts.append(len(np.unique(np.asarray(routing[0]))))
+    result["distinct_experts"] = float(np.mean(counts))
   state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
   result["decode_pipelined"] = dataclasses.asdict(
       time_pipelined(one_step, warmup=1, steps=min(steps, cache_len // 8), repeats=4))
