@@ -200,12 +200,12 @@ def markdown(report: dict) -> str:
            " distinct experts/step |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in report["results"]:
-    d, pp = r["decode"], r["decode_pipelined"]
+    d, pp = r["decode"], r.get("decode_pipelined")  # runs before 2026-11-23 were synced only
     ratio = f"{r['ratio_to_backbone']:.3f}x" if r["ratio_to_backbone"] else "-"
     pratio = (f"{r['pipelined_ratio_to_backbone']:.3f}x" if r.get("pipelined_ratio_to_backbone")
               else "-")
     lines.append(f"| {r['mode']} | {d['median_ms']:.3f} | {d['p10_ms']:.3f}-{d['p90_ms']:.3f} |"
-                 f" {ratio} | {pp['median_ms']:.3f} | {pratio} | {r['floor_ms']:.3f} |"
+                 f" {ratio} | {pp['median_ms'] if pp else float('nan'):.3f} | {pratio} | {r['floor_ms']:.3f} |"
                  f" {100 * r['effective_tb_s'] / report['copy_bandwidth_tb_s']:.0f}% |"
                  f" {r['kernels_per_step']} | {r['compile_s']:.1f} |"
                  f" {r['distinct_experts'] if 'distinct_experts' in r else '-'} |")

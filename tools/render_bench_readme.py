@@ -18,8 +18,10 @@ INTRO = """# Benchmarks
 
 Every table below was written by the command shown with it (`python -m adafuse_jax.bench` or a
 script under `tools/`) and rendered into this page by `python tools/render_bench_readme.py`.
-Method: compile time apart, warm-up steps discarded, a device sync after every step, median and
-p10-p90; the floor is the bytes a decode step must read (linear weights, head, KV cache prefix,
+Method: compile time apart, warm-up steps discarded, median and p10-p90. Decode steps are timed
+two ways since 2026-11-23: *synced* (a device sync after every step: latency) and *pipelined*
+(steps dispatched back to back with one sync at the end, as `generate` runs them: the host
+enqueues step t+1 while the device runs step t). Earlier runs were synced only. The floor is the bytes a decode step must read (linear weights, head, KV cache prefix,
 the experts used) divided by the copy bandwidth measured in the same run. Kernels/step counts the
 launches in the compiled step (fusions, custom calls, library calls).
 """
@@ -85,9 +87,65 @@ def throughput_section(paths: list[pathlib.Path]) -> list[str]:
   return lines + [""]
 
 
+def pipelined_throughput_section() -> list[str]:
+  """Tokens/s (pipelined) by batch size, per expert configuration, from the runs that have it."""
+  groups = [("8 experts, rank 16", [ROOT / "h100-full", ROOT / "h100-pipelined" / "batch32",
+                                    ROOT / "h100-pipelined" / "batch64"]),
+            ("64 experts, rank 64", sorted((ROOT / "h100-e64r64").glob("batch*"),
+                                           key=lambda p: int(p.name[len("batch"):])))]
+  lines = ["## H100: decode throughput by batch size, pipelined (Llama-2-7B bf16, top-2, all 7"
+           " modules)", "",
+           "Tokens/s = batch x 1000 / (pipelined ms per step); in brackets the share of the"
+           " backbone's throughput in the same run; `distinct` is the mean number of distinct"
+           " experts a step touched (what SERE cuts: `-sere` = SERE with S = 1, rho = 0, the"
+           " similarity calibrated by linear CKA in the run). Each row is one run of"
+           " `python -m adafuse_jax.bench --batch B ...` (its section below has the command).", ""]
+  for title, folders in groups:
+    reports = [json.loads((f / "results.json").read_text()) for f in folders
+               if (f / "results.json").exists()]
+    if not reports:
+      continue
+    modes = list(dict.fromkeys(x["mode"] for r in reports for x in r["results"]
+                               if "decode_pipelined" in x and not x["mode"].startswith("lora")))
+    lines += [f"### {title}", "", "| batch | " + " | ".join(modes) + " |",
+              "|---|" + "---|" * len(modes)]
+    for r in reports:
+      by_mode = {x["mode"]: x for x in r["results"]}
+      base = by_mode["backbone"]["decode_pipelined"]["median_ms"]
+      cells = []
+      for m in modes:
+        x = by_mode.get(m)
+        if x is None:
+          cells.append("-")
+          continue
+        ms = x["decode_pipelined"]["median_ms"]
+        cell = f"{1000 * r['batch'] / ms:.0f} ({100 * base / ms:.0f}%)"
+        if "distinct_experts" in x:
+          cell += f", distinct {x['distinct_experts']:.1f}"
+        cells.append(cell)
+      lines.append(f"| {r['batch']} | " + " | ".join(cells) + " |")
+    lines.append("")
+  return lines
+
+
 def main() -> None:
   lines = [INTRO]
-  for name, title in (("h100", "H100: every decode path, latest run"),
+  if (ROOT / "h100-full" / "results.json").exists():
+    lines += section(ROOT / "h100-full", "H100: every decode path, latest full run (batch 1)")
+    lines += section(ROOT / "h100-full" / "prefill", "H100: prefill of 128 and 512 tokens")
+    lines += pipelined_throughput_section()
+    for folder in (*sorted((ROOT / "h100-pipelined").glob("batch*")),
+                   *sorted((ROOT / "h100-e64r64").glob("batch*"))):
+      lines += section(folder, f"H100: {folder.parent.name}, {folder.name}")
+    notes = ROOT / "h100-pipelined" / "README.md"
+    if notes.exists():
+      lines += ["## Why pipelined steps matter", "",
+                notes.read_text().split("\n\n", 2)[-1].strip(), ""]
+      for prof in sorted((ROOT / "h100-pipelined").glob("kernels_*.md")):
+        lines += [f"Kernel time per synced decode step (`python tools/kernel_breakdown.py --mode"
+                  f" {prof.stem[len('kernels_'):]}`):", "", prof.read_text().strip(), ""]
+    lines += ["# Earlier runs (synced timing only)", ""]
+  for name, title in (("h100", "H100: every decode path, run of 2026-11-22"),
                       ("cpu", "CPU (2 cores): the real default model"),
                       ("h100-initial", "H100: first run (gather formulation, both weight layouts)")):
     if (ROOT / name / "results.json").exists():
@@ -128,7 +186,13 @@ def main() -> None:
   text = readme.read_text()
   head, rest = text.split("<!-- bench:start -->", 1)
   _, tail = rest.split("<!-- bench:end -->", 1)
-  table = markdown(json.loads((ROOT / "h100" / "results.json").read_text()))
+  latest = ROOT / ("h100-full" if (ROOT / "h100-full").exists() else "h100")
+  table = markdown(json.loads((latest / "results.json").read_text()))
+  if (latest / "prefill" / "results.json").exists():
+    prefill = markdown(json.loads((latest / "prefill" / "results.json").read_text()))
+    table += "\n\nPrefill (same preset, another run):\n\n" + prefill.split("\n\n")[-1]
+  throughput = "\n".join(pipelined_throughput_section()[2:])
+  table += "\n\n" + throughput
   text = f"{head}<!-- bench:start -->\n{table}\n<!-- bench:end -->{tail}"
   # ... and the training results table, as `python -m train all` wrote it.
   training = ROOT.parents[1] / "docs" / "training" / "results.md"
