@@ -133,6 +133,11 @@ def main() -> None:
   if (ROOT / "h100-full" / "results.json").exists():
     lines += section(ROOT / "h100-full", "H100: every decode path, latest full run (batch 1)")
     lines += section(ROOT / "h100-full" / "prefill", "H100: prefill of 128 and 512 tokens")
+    if (ROOT / "h100-full" / "prefill2048" / "results.json").exists():
+      lines += section(ROOT / "h100-full" / "prefill2048", "H100: prefill of 2048 tokens")
+    if (ROOT / "h100-full" / "qv" / "results.json").exists():
+      lines += section(ROOT / "h100-full" / "qv", "H100: experts on q and v only, batch 1 (auto"
+                       " costs the merged path at the trained router's measured switch rate)")
     lines += pipelined_throughput_section()
     for folder in (*sorted((ROOT / "h100-pipelined").glob("batch*")),
                    *sorted((ROOT / "h100-e64r64").glob("batch*"))):
@@ -188,9 +193,10 @@ def main() -> None:
   _, tail = rest.split("<!-- bench:end -->", 1)
   latest = ROOT / ("h100-full" if (ROOT / "h100-full").exists() else "h100")
   table = markdown(json.loads((latest / "results.json").read_text()))
-  if (latest / "prefill" / "results.json").exists():
-    prefill = markdown(json.loads((latest / "prefill" / "results.json").read_text()))
-    table += "\n\nPrefill (same preset, another run):\n\n" + prefill.split("\n\n")[-1]
+  for sub in ("prefill", "prefill2048"):
+    if (latest / sub / "results.json").exists():
+      prefill = markdown(json.loads((latest / sub / "results.json").read_text()))
+      table += "\n\nPrefill (same preset, another run):\n\n" + prefill.split("\n\n")[-1]
   throughput = "\n".join(pipelined_throughput_section()[2:])
   table += "\n\n" + throughput
   text = f"{head}<!-- bench:start -->\n{table}\n<!-- bench:end -->{tail}"
