@@ -55,6 +55,24 @@ class SgmvTiles:
   num_warps: int = 4
   num_stages: int = 3
 
+  @classmethod
+  def for_shape(cls, rows: int, d_in: int, d_out: int) -> "SgmvTiles":
+    """Defaults per decode shape: the fastest tiles of the H100 sweep
+    (`python tools/sgmv_tile_sweep.py`, docs/benchmarks/h100-sgmv/) for the Llama-2-7B module
+    shapes at batch 1 (2 active experts) and batch 32 (8 active), by the nearest case."""
+    wide_out, wide_in = d_out > d_in, d_in > d_out
+    if rows <= 16:
+      if wide_out:    # gate/up
+        return cls(block_n=64, block_k=128, num_warps=2, num_stages=3)
+      if wide_in:     # down
+        return cls(block_n=32, block_k=256, num_warps=2, num_stages=4)
+      return cls(block_n=32, block_k=512, num_warps=2, num_stages=3)  # q/k/v/o
+    if wide_out:
+      return cls(block_n=32, block_k=128, num_warps=2, num_stages=3)
+    if wide_in:
+      return cls(block_n=64, block_k=256, num_warps=4, num_stages=4)
+    return cls(block_n=32, block_k=256, num_warps=4, num_stages=4)
+
 
 def _rows_block(m: int) -> int:
   return max(16, pl.next_power_of_2(m))
@@ -236,7 +254,7 @@ def _expand_kernel(layer_ref, ids_ref, count_ref, x_ref, w_ref, h_ref, b_ref, *o
 @functools.partial(jax.jit, static_argnames=("group", "tiles", "interpret"))
 def gathered_expand_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h: jax.Array,
                            b: jax.Array, ids: jax.Array, count: jax.Array, *, group: int = 0,
-                           out: jax.Array | None = None, tiles: SgmvTiles = SgmvTiles(),
+                           out: jax.Array | None = None, tiles: SgmvTiles | None = None,
                            interpret: bool = False) -> jax.Array:
   """y = x @ w[layer] + Σ_{u < count} h[group, :, :, u] @ b[layer, ids[u]], one launch.
 
@@ -248,6 +266,7 @@ def gathered_expand_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h
     b: [L, E, r, N] the module's expansion factors.
     ids, count: from `active_experts`.
     out: optional [M, N] buffer written in place (tests poison it with NaN).
+    tiles: tile sizes; `SgmvTiles.for_shape` when None.
   Returns:
     [M, N] in x's dtype, accumulated in f32.
   """
@@ -269,7 +288,8 @@ def gathered_expand_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h
   splits = h.shape[1]
   if splits & (splits - 1):
     raise ValueError(f"h has S={splits} partial sums; a power of two is needed (shrink_splits)")
-  block_n = tiles.block_n if n > 4096 else min(tiles.block_n, 32)
+  tiles = tiles or SgmvTiles.for_shape(m, k, n)
+  block_n = tiles.block_n
   kernel = functools.partial(_expand_kernel, group=group, rank=rank, splits=splits,
                              block_m=block_m, block_n=block_n, block_k=tiles.block_k,
                              block_r=block_r)
