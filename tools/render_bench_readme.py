@@ -62,6 +62,26 @@ def sweep_section(path: pathlib.Path) -> list[str]:
   return lines + [""]
 
 
+def sgmv_sweep_section(path: pathlib.Path) -> list[str]:
+  data = json.loads(path.read_text())
+  lines = ["## Gathered expand kernel alone: tile sweep", "",
+           f"`python tools/sgmv_tile_sweep.py` on {data['device']}, JAX {data['jax']}: all 32 layers"
+           " of one Llama-2-7B module shape in one jitted function; batch 1 reads 2 active experts,"
+           " batch 32 all 8 (rank 16). Bandwidth counts W and the active B. The best tiles per"
+           " case are the defaults (`SgmvTiles.for_shape`).", "",
+           "| module shape | decode | XLA x@W ms (TB/s) | best tiles | kernel ms (TB/s) |",
+           "|---|---|---|---|---|"]
+  cases = dict.fromkeys((r["shape"], r["situation"]) for r in data["rows"])
+  for shape, situation in cases:
+    rows = [r for r in data["rows"] if (r["shape"], r["situation"]) == (shape, situation)
+            and "ms" in r]
+    ref = next(r for r in rows if r["impl"].startswith("xla"))
+    best = min((r for r in rows if not r["impl"].startswith("xla")), key=lambda r: r["ms"])
+    lines.append(f"| {shape} | {situation} | {ref['ms']:.3f} ({ref['tb_s']:.2f}) | {best['impl']} |"
+                 f" {best['ms']:.3f} ({best['tb_s']:.2f}) |")
+  return lines + [""]
+
+
 def throughput_section(paths: list[pathlib.Path]) -> list[str]:
   """Tokens/s by batch size and mode, and the share of the backbone's throughput kept."""
   reports = [json.loads(p.read_text()) for p in paths]
@@ -131,7 +151,11 @@ def pipelined_throughput_section() -> list[str]:
 def main() -> None:
   lines = [INTRO]
   if (ROOT / "h100-full" / "results.json").exists():
-    lines += section(ROOT / "h100-full", "H100: every decode path, latest full run (batch 1)")
+    for sub in ("batch1", "batch32"):
+      if (ROOT / "h100-tuned" / sub / "results.json").exists():
+        lines += section(ROOT / "h100-tuned" / sub, f"H100: after tuning the gathered kernels'"
+                         f" tiles ({sub.replace('batch', 'batch ')}, latest)")
+    lines += section(ROOT / "h100-full", "H100: every decode path, full run (batch 1)")
     lines += section(ROOT / "h100-full" / "prefill", "H100: prefill of 128 and 512 tokens")
     if (ROOT / "h100-full" / "prefill2048" / "results.json").exists():
       lines += section(ROOT / "h100-full" / "prefill2048", "H100: prefill of 2048 tokens")
@@ -149,6 +173,8 @@ def main() -> None:
       for prof in sorted((ROOT / "h100-pipelined").glob("kernels_*.md")):
         lines += [f"Kernel time per synced decode step (`python tools/kernel_breakdown.py --mode"
                   f" {prof.stem[len('kernels_'):]}`):", "", prof.read_text().strip(), ""]
+    if (ROOT / "h100-sgmv" / "sgmv_tile_sweep.json").exists():
+      lines += sgmv_sweep_section(ROOT / "h100-sgmv" / "sgmv_tile_sweep.json")
     lines += ["# Earlier runs (synced timing only)", ""]
   for name, title in (("h100", "H100: every decode path, run of 2026-11-22"),
                       ("cpu", "CPU (2 cores): the real default model"),
@@ -197,6 +223,11 @@ def main() -> None:
     if (latest / sub / "results.json").exists():
       prefill = markdown(json.loads((latest / sub / "results.json").read_text()))
       table += "\n\nPrefill (same preset, another run):\n\n" + prefill.split("\n\n")[-1]
+  tuned = ROOT / "h100-tuned" / "batch1" / "results.json"
+  if tuned.exists():
+    table = ("Latest run, after tuning the gathered kernels' tiles"
+             " (`docs/benchmarks/h100-tuned/`):\n\n" + markdown(json.loads(tuned.read_text()))
+             + "\n\nThe full suite (every path, one run before the tuning):\n\n" + table)
   throughput = "\n".join(pipelined_throughput_section()[2:])
   table += "\n\n" + throughput
   text = f"{head}<!-- bench:start -->\n{table}\n<!-- bench:end -->{tail}"
