@@ -88,29 +88,26 @@ def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
 DEFAULT_POOL = pathlib.Path(__file__).parent / "pools" / "smollm2-135m"
 
 
-def resolve_adapters(spec: str | None, cfg: AdapterConfig, model_cfg: ModelConfig, *,
-                     dtype: jnp.dtype = jnp.float32, seed: int = 0) -> MixtureOfLoRA | None:
-  """Turns an `--adapters` spec into adapters for `cfg.mode` (None for "backbone").
-
-  spec: a checkpoint folder; "default" (the trained SmolLM2 pool shipped with the package);
-  "random" or "random:SEED" (a seeded random pool with non-zero B, for tests and benchmarks:
-  asked for explicitly, never a silent fallback); None with mode "backbone".
-  """
+def check_adapter_spec(spec: str | None, cfg: AdapterConfig) -> None:
+  """The checks of `resolve_adapters` that need no model (run before loading one): raises
+  UserError / ModelFileError naming what is wrong and the fix."""
   if cfg.mode == "backbone":
     if spec is not None:
       raise UserError("--adapters was given with --mode backbone; pick an adapter mode"
                       " (lora, layerwise, pregated) or drop --adapters")
-    return None
+    return
   if spec is None:
     raise UserError(f"--mode {cfg.mode} needs adapters: pass --adapters PATH (a trained"
                     " checkpoint), --adapters default, or --adapters random for a seeded random"
                     " pool (tests and benchmarks only)")
   if spec == "random" or spec.startswith("random:"):
-    try:
-      seed = int(spec.split(":", 1)[1]) if ":" in spec else seed
-    except ValueError:
-      raise UserError(f"--adapters {spec!r}: the seed after 'random:' must be an integer") from None
-    return MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, random_b=True)
+    if ":" in spec:
+      try:
+        int(spec.split(":", 1)[1])
+      except ValueError:
+        raise UserError(f"--adapters {spec!r}: the seed after 'random:' must be an integer"
+                        ) from None
+    return
   path = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
   if spec == "default" and not (path / CONFIG_FILE).is_file():
     raise ModelFileError(f"no trained default pool is installed at {str(path)!r}; train one"
@@ -121,4 +118,21 @@ def resolve_adapters(spec: str | None, cfg: AdapterConfig, model_cfg: ModelConfi
   if saved_cfg.mode != cfg.mode:
     raise UserError(f"adapter checkpoint {spec!r} was trained for mode {saved_cfg.mode!r}, not"
                     f" {cfg.mode!r}; pass --mode {saved_cfg.mode} or another checkpoint")
+
+
+def resolve_adapters(spec: str | None, cfg: AdapterConfig, model_cfg: ModelConfig, *,
+                     dtype: jnp.dtype = jnp.float32, seed: int = 0) -> MixtureOfLoRA | None:
+  """Turns an `--adapters` spec into adapters for `cfg.mode` (None for "backbone").
+
+  spec: a checkpoint folder; "default" (the trained SmolLM2 pool shipped with the package);
+  "random" or "random:SEED" (a seeded random pool with non-zero B, for tests and benchmarks:
+  asked for explicitly, never a silent fallback); None with mode "backbone".
+  """
+  check_adapter_spec(spec, cfg)
+  if cfg.mode == "backbone":
+    return None
+  if spec == "random" or spec.startswith("random:"):
+    seed = int(spec.split(":", 1)[1]) if ":" in spec else seed
+    return MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, random_b=True)
+  path = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
   return load_adapters(path, model_cfg, dtype=dtype)

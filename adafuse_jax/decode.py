@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from adafuse_jax.adapter_io import resolve_adapters
+  from adafuse_jax.adapter_io import check_adapter_spec, resolve_adapters
   from adafuse_jax.generate import Generator, generate
   from adafuse_jax.sampling import SamplingConfig
   from adafuse_jax.weights import load_model
@@ -133,6 +133,18 @@ def run(args: argparse.Namespace) -> dict:
   if dtype == "auto":
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   adapter_cfg = _adapter_config(args)
+  # Conflicts that need no model: report them before seconds of loading.
+  if args.implementation == "auto" and args.merge:
+    raise UserError("--implementation auto decides whether to merge; drop --merge")
+  if args.implementation == "auto" and args.adapters is None:
+    raise UserError("--implementation auto chooses how experts are applied: it needs --adapters")
+  if args.merge and args.mode == "layerwise":
+    raise UserError("--merge needs --mode lora (merged once) or pregated (switched per token);"
+                    " 'layerwise' routes at every layer and cannot merge")
+  if args.merge and args.mode == "pregated" and len(prompts) > 1:
+    raise UserError(f"merged decoding serves one sequence at a time (got {len(prompts)} prompts):"
+                    " the tokens of a batch want different experts; decode batches unmerged")
+  check_adapter_spec(args.adapters, adapter_cfg)
   loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=not (args.quiet or args.json))
   adapters = resolve_adapters(args.adapters, adapter_cfg, loaded.model.cfg, dtype=jnp.dtype(dtype),
                               seed=args.seed)
@@ -164,10 +176,6 @@ def run(args: argparse.Namespace) -> dict:
           " --implementation pallas applies on a GPU", file=sys.stderr)
   switch_per_token = False
   choice = None
-  if args.implementation == "auto" and args.merge:
-    raise UserError("--implementation auto decides whether to merge; drop --merge")
-  if args.implementation == "auto" and adapters is None:
-    raise UserError("--implementation auto chooses how experts are applied: it needs --adapters")
   if args.merge:
     if adapter_cfg.mode == "lora":
       from adafuse_jax.adapters import merged_model
