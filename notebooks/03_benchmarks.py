@@ -31,24 +31,36 @@ for name, r in runs.items():
 
 # %% [markdown]
 # ## Latency by mode, Llama-2-7B bf16, batch 1 (latest full run)
+# Two timings per mode: *synced* (one step, then wait: latency) and *pipelined* (steps dispatched
+# back to back, as `generate` runs them). The difference is host launch overhead that pipelining
+# hides behind the previous step's GPU work.
 
 # %%
-report = runs["h100"]
+report = runs["h100-full"]
 rows = report["results"]
 names = [r["mode"] for r in rows]
-med = np.array([r["decode"]["median_ms"] for r in rows])
-lo = med - np.array([r["decode"]["p10_ms"] for r in rows])
-hi = np.array([r["decode"]["p90_ms"] for r in rows]) - med
-fig, ax = plt.subplots(figsize=(9, 4))
-ax.bar(names, med, yerr=[lo, hi], capsize=3, color="#4C72B0")
+synced = np.array([r["decode"]["median_ms"] for r in rows])
+pipelined = np.array([r["decode_pipelined"]["median_ms"] for r in rows])
+x = np.arange(len(names))
+fig, ax = plt.subplots(figsize=(10, 4))
+ax.bar(x - 0.2, synced, 0.4, label="synced", color="#8C8C8C")
+ax.bar(x + 0.2, pipelined, 0.4, label="pipelined (generate)", color="#4C72B0")
 ax.axhline(rows[0]["floor_ms"], color="#C44E52", ls="--",
            label=f"backbone floor at measured copy bandwidth ({rows[0]['floor_ms']:.2f} ms)")
-ax.set_ylabel("decode latency (ms/token, median, p10-p90)")
+ax.set_xticks(x, names, rotation=25, ha="right")
+ax.set_ylabel("decode latency (ms/token, median)")
 ax.set_title(f"{report['preset']} {report['dtype']} on {report['environment']['device']}")
 ax.legend()
-plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
 fig.tight_layout()
 plt.show()
+
+# %%
+tuned = {r["mode"]: r for r in runs["h100-tuned/batch1"]["results"]}
+base = tuned["backbone"]["decode_pipelined"]["median_ms"]
+for mode, r in tuned.items():
+  ms = r["decode_pipelined"]["median_ms"]
+  print(f"{mode:<16} {ms:6.3f} ms/token pipelined  ({100 * (ms / base - 1):+.1f}% vs backbone)")
+print(tuned["pregated-auto"]["auto"]["reason"])
 
 # %% [markdown]
 # ## Merged switching: a step that switches vs one that does not
@@ -73,23 +85,41 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## Throughput by batch size
-# Tokens/s = batch x 1000 / (ms per decode step), from the batch-1 run and the batch sweep in
-# `docs/benchmarks/h100-batch/`.
+# ## Throughput by batch size (pipelined)
+# Tokens/s = batch x 1000 / (pipelined ms per decode step). Left: 8 experts of rank 16. Right: 64
+# experts of rank 64, where every distinct expert a step touches costs bandwidth, with SERE
+# re-routing (S = 1, rho = 0) cutting the distinct experts per step.
 
 # %%
-sweep = [runs["h100"]] + sorted((r for k, r in runs.items() if k.startswith("h100-batch/")),
-                                key=lambda r: r["batch"])
-modes = ["backbone", "pregated", "pregated-fused", "layerwise"]
-fig, ax = plt.subplots(figsize=(6.5, 3.6))
-for mode in modes:
-  pts = [(r["batch"], 1000 * r["batch"] / row["decode"]["median_ms"])
-         for r in sweep for row in r["results"] if row["mode"] == mode]
-  ax.plot(*zip(*pts), marker="o", label=mode)
-ax.set_xscale("log", base=2)
-ax.set_xticks([r["batch"] for r in sweep], [str(r["batch"]) for r in sweep])
-ax.set_xlabel("batch size (sequences decoded together)")
-ax.set_ylabel("decode throughput (tokens/s)")
-ax.set_title("Llama-2-7B bf16 on the H100, 8 experts r=16 top-2, all 7 modules")
-ax.legend()
+groups = {
+    "8 experts, rank 16": [runs[k] for k in ("h100-full", "h100-pipelined/batch32",
+                                             "h100-pipelined/batch64")],
+    "64 experts, rank 64": sorted((r for k, r in runs.items() if k.startswith("h100-e64r64/")),
+                                  key=lambda r: r["batch"]),
+}
+fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+for ax, (title, sweep) in zip(axes, groups.items()):
+  modes = dict.fromkeys(row["mode"] for r in sweep for row in r["results"]
+                        if row["mode"] in ("backbone", "pregated", "pregated-fused",
+                                           "pregated-fused-sere", "layerwise-fused"))
+  for mode in modes:
+    pts = [(r["batch"], 1000 * r["batch"] / row["decode_pipelined"]["median_ms"])
+           for r in sweep for row in r["results"] if row["mode"] == mode]
+    ax.plot(*zip(*pts), marker="o", label=mode)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks([r["batch"] for r in sweep], [str(r["batch"]) for r in sweep])
+  ax.set_xlabel("batch size (sequences decoded together)")
+  ax.set_ylabel("decode throughput (tokens/s)")
+  ax.set_title(f"Llama-2-7B bf16, H100: {title}")
+  ax.legend(fontsize=8)
+fig.tight_layout()
 plt.show()
+
+# %%
+for r in groups["64 experts, rank 64"]:
+  by_mode = {row["mode"]: row for row in r["results"]}
+  plain, sere = by_mode["pregated-fused"], by_mode["pregated-fused-sere"]
+  cut = 1 - sere["distinct_experts"] / plain["distinct_experts"]
+  speed = plain["decode_pipelined"]["median_ms"] / sere["decode_pipelined"]["median_ms"] - 1
+  print(f"batch {r['batch']:>2}: distinct experts per step {plain['distinct_experts']:.1f} ->"
+        f" {sere['distinct_experts']:.1f} with SERE ({100 * cut:.0f}% fewer), {100 * speed:+.0f}% tokens/s")
