@@ -244,35 +244,33 @@ class Trainer:
 
     cfg = self.cfg
     until = cfg.steps if until is None else min(until, cfg.steps)
-    log = open(self.workdir / "metrics.jsonl", "a")
     losses = []
-    bar = tqdm(total=until, initial=self.step, desc=f"train {cfg.mode}", disable=not progress,
-               dynamic_ncols=True)
-    t_last = time.perf_counter()
-    while self.step < until:
-      windows = jnp.asarray(batch_at(self.train_streams, self.step, cfg.batch, cfg.seq_len, cfg.seed))
-      loss, metrics = train_step(self.model, self.adapters, self.optimizer, windows, cfg.aux_coef)
-      loss = float(loss)
-      if not math.isfinite(loss):
-        raise UserError(f"loss became {loss} at step {self.step}; lower --lr (now {cfg.lr})")
-      self.step += 1
-      losses.append(loss)
-      now = time.perf_counter()
-      tok_s = cfg.batch * cfg.seq_len / max(now - t_last, 1e-9)
-      t_last = now
-      load = np.asarray(metrics["load"])
-      record = {"step": self.step, "loss": loss, "ce": float(metrics["ce"]),
-                "aux": float(metrics["aux"]), "tokens_per_s": tok_s, "load": load.round(4).tolist()}
-      if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-        record["eval_ppl"] = self.evaluate()
-      log.write(json.dumps(record) + "\n")
-      log.flush()
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", max_load=f"{load.max():.2f}")
-      bar.update(1)
-      if on_step is not None:
-        on_step(self.step, loss)
-      if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-        self.save()
-    bar.close()
-    log.close()
+    with open(self.workdir / "metrics.jsonl", "a") as log, tqdm(
+        total=until, initial=self.step, desc=f"train {cfg.mode}", disable=not progress,
+        dynamic_ncols=True) as bar:
+      t_last = time.perf_counter()
+      while self.step < until:
+        windows = jnp.asarray(batch_at(self.train_streams, self.step, cfg.batch, cfg.seq_len, cfg.seed))
+        loss, metrics = train_step(self.model, self.adapters, self.optimizer, windows, cfg.aux_coef)
+        loss = float(loss)
+        if not math.isfinite(loss):
+          raise UserError(f"loss became {loss} at step {self.step}; lower --lr (now {cfg.lr})")
+        self.step += 1
+        losses.append(loss)
+        now = time.perf_counter()
+        tok_s = cfg.batch * cfg.seq_len / max(now - t_last, 1e-9)
+        t_last = now
+        load = np.asarray(metrics["load"])
+        record = {"step": self.step, "loss": loss, "ce": float(metrics["ce"]),
+                  "aux": float(metrics["aux"]), "tokens_per_s": tok_s, "load": load.round(4).tolist()}
+        if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+          record["eval_ppl"] = self.evaluate()
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", max_load=f"{load.max():.2f}")
+        bar.update(1)
+        if on_step is not None:
+          on_step(self.step, loss)
+        if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+          self.save()
     return losses
