@@ -16,13 +16,22 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 
 def test_tiny_run_writes_json_table_and_plot(tmp_path):
   out = run_bench("--preset", "tiny", "--steps", "2", "--warmup", "1", "--prefill", "16",
-                  "--modes", "backbone,pregated,pregated-fused", "--out", str(tmp_path))
+                  "--batch", "4", "--modes",
+                  "backbone,pregated,pregated-fused,pregated-fused-sere,pregated-auto",
+                  "--out", str(tmp_path))
   assert out.returncode == 0, out.stderr
   report = json.loads((tmp_path / "results.json").read_text())
   modes = [r["mode"] for r in report["results"]]
-  assert modes == ["backbone", "pregated", "pregated-fused"]
+  assert modes == ["backbone", "pregated", "pregated-fused", "pregated-fused-sere", "pregated-auto"]
   for r in report["results"]:
     assert r["decode"]["median_ms"] > 0 and r["floor_ms"] > 0 and r["kernels_per_step"] > 0
+    assert r["decode_pipelined"]["median_ms"] > 0 and r["decode_pipelined"]["n"] == 4
+  by_mode = {r["mode"]: r for r in report["results"]}
+  # SERE with rho = 0 and S = 1: every secondary choice lands on a primary expert.
+  assert 1 <= by_mode["pregated-fused-sere"]["distinct_experts"] <= 4
+  assert by_mode["pregated-fused-sere"]["sere"] == {"rho": 0.0, "primary_k": 1}
+  auto = by_mode["pregated-auto"]["auto"]
+  assert auto["path"] in auto["expected_ms"] and "pregated-auto` chose" in out.stdout
   assert report["environment"]["jax"] and report["copy_bandwidth_tb_s"] > 0
   assert (tmp_path / "decode.png").stat().st_size > 1000
   assert "| backbone |" in out.stdout
@@ -33,6 +42,8 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path):
     (("--preset", "tiny", "--experts", "1", "--top-k", "2"), "larger than num_experts"),
     (("--preset", "tiny", "--batch", "0"), "--batch=0"),
     (("--preset", "tiny", "--modes", "turbo"), "unknown mode"),
+    (("--preset", "tiny", "--sere-rho", "1.5"), "--sere-rho"),
+    (("--preset", "tiny", "--switch-rate", "-0.1"), "--switch-rate"),
 ])
 def test_bad_arguments_are_rejected(args, message):
   out = run_bench(*args)
