@@ -93,21 +93,11 @@ def prompt_switch_rate(model: LlamaModel, adapters: MixtureOfLoRA,
 
 def _time_candidate(gen: Generator, batch: int, cache_len: int, steps: int, feed_back: bool,
                     seed: int) -> float:
-  from adafuse_jax.benchmarks import time_pipelined
+  from adafuse_jax.benchmarks import decode_stepper, time_pipelined
 
   step = gen.compiled(batch, 1, cache_len, SamplingConfig())
-  rng = np.random.default_rng(seed)
-  state = {"cache": gen.new_cache(batch, cache_len),
-           "tok": jnp.asarray(rng.integers(0, gen.cfg.vocab_size, (batch, 1)), jnp.int32)}
-  key = jax.random.key(seed)
-
-  def one_step():
-    nxt, _, state["cache"], _ = gen.run(step, state["tok"], state["cache"], key)
-    if feed_back:
-      state["tok"] = nxt[:, None]
-    return nxt
-
-  return time_pipelined(one_step, warmup=2, steps=steps, repeats=3).median_ms
+  one_step, _ = decode_stepper(gen, step, batch, cache_len, seed)
+  return time_pipelined(lambda: one_step(feed_back), warmup=2, steps=steps, repeats=3).median_ms
 
 
 def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,

@@ -200,6 +200,26 @@ def calibrated_sere(model: LlamaModel, adapters: MixtureOfLoRA, *, primary_k: in
   return SereSettings(similarity=jnp.asarray(similarity.mean(0)), primary_k=primary_k, rho=rho)
 
 
+def decode_stepper(gen: Generator, step, batch: int, cache_len: int, seed: int, start: int = 0
+                   ) -> tuple[Callable[..., jax.Array], dict]:
+  """`one_step(feed_back=True)` runs one compiled decode step on a fresh cache whose first
+  `start` slots count as filled, from a random token, feeding the sampled tokens back unless
+  told not to; returns it with its mutable state {"cache", "tok"}."""
+  rng = np.random.default_rng(seed)
+  state = {"cache": gen.new_cache(batch, cache_len),
+           "tok": jnp.asarray(rng.integers(0, gen.cfg.vocab_size, (batch, 1)), jnp.int32)}
+  state["cache"] = state["cache"].replace(length=jnp.asarray(start, jnp.int32))
+  key = jax.random.key(seed)
+
+  def one_step(feed_back: bool = True) -> jax.Array:
+    nxt, _, state["cache"], _ = gen.run(step, state["tok"], state["cache"], key)
+    if feed_back:
+      state["tok"] = nxt[:, None]
+    return nxt
+
+  return one_step, state
+
+
 def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,
                warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int,
                implementation: str = "xla", merge: bool = False, sere=None) -> dict:
@@ -218,18 +238,9 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   step = gen.compiled(batch, 1, cache_len, sampling)
   compile_s = time.perf_counter() - t0
   rng = np.random.default_rng(seed)
-  state = {"cache": gen.new_cache(batch, cache_len),
-           "tok": jnp.asarray(rng.integers(0, model.cfg.vocab_size, (batch, 1)), jnp.int32)}
-  key = jax.random.key(seed)
   # Start half-way into the cache, as after a prompt: attention reads a realistic prefix.
-  state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
-
-  def one_step(feed_back: bool = True):
-    nxt, _, cache, _ = gen.run(step, state["tok"], state["cache"], key)
-    state["cache"] = cache
-    if feed_back:
-      state["tok"] = nxt[:, None]
-    return nxt
+  one_step, state = decode_stepper(gen, step, batch, cache_len, seed, start=cache_len // 2)
+  key = jax.random.key(seed)
 
   switches0 = int(gen.switch_state.switches) if merge else 0
   decode = time_calls(one_step, warmup=warmup, steps=steps)

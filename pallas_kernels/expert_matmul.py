@@ -55,7 +55,7 @@ def _kernel(layer_ref,  # [1] int32
             *out_refs,  # ([M, N] aliased input,) [M, N] output
             block_m: int, block_n: int, block_k: int, block_r: int):
   o_ref = out_refs[-1]
-  m_total, k_total = x_ref.shape
+  m_total = x_ref.shape[0]
   n_total = o_ref.shape[1]
   r_total = h_ref.shape[1]
   i, j = pl.program_id(0), pl.program_id(1)
@@ -64,18 +64,8 @@ def _kernel(layer_ref,  # [1] int32
   cols = j * block_n + jnp.arange(block_n)
   row_mask, col_mask = rows < m_total, cols < n_total
 
-  def body(kb, acc):
-    ks = kb * block_k + jnp.arange(block_k)
-    k_mask = ks < k_total
-    x = plgpu.load(x_ref.at[pl.ds(i * block_m, block_m), pl.ds(kb * block_k, block_k)],
-                   mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-    # One indexer per load (layer, rows, cols): the Triton lowering takes no chained views.
-    w = plgpu.load(w_ref.at[layer, pl.ds(kb * block_k, block_k), pl.ds(j * block_n, block_n)],
-                   mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-    return acc + plgpu.dot(x, w).astype(jnp.float32)
-
-  acc = jax.lax.fori_loop(0, pl.cdiv(k_total, block_k), body,
-                          jnp.zeros((block_m, block_n), jnp.float32))
+  acc = base_tile(x_ref, w_ref, layer, i * block_m, j * block_n, row_mask, col_mask,
+                  block_m=block_m, block_n=block_n, block_k=block_k)
   r_mask = jnp.arange(block_r) < r_total
   hr_mask = row_mask[:, None] & r_mask[None, :]
   h = plgpu.load(h_ref.at[pl.ds(i * block_m, block_m), pl.ds(0, block_r)], mask=hr_mask, other=0.0)
@@ -86,6 +76,25 @@ def _kernel(layer_ref,  # [1] int32
   acc = acc + plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
   plgpu.store(o_ref.at[pl.ds(i * block_m, block_m), pl.ds(j * block_n, block_n)],
               acc.astype(o_ref.dtype), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def base_tile(x_ref, w_ref, layer, row0, col0, row_mask, col_mask, *, block_m: int,
+              block_n: int, block_k: int) -> jax.Array:
+  """Inside a kernel: the f32 tile `x[row0:+block_m] @ w[layer][:, col0:+block_n]`, streaming the
+  K dimension in `block_k` steps with masked loads (shared by the fused kernels)."""
+  k_total = x_ref.shape[1]
+
+  def body(kb, acc):
+    k_mask = kb * block_k + jnp.arange(block_k) < k_total
+    x = plgpu.load(x_ref.at[pl.ds(row0, block_m), pl.ds(kb * block_k, block_k)],
+                   mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    # One indexer per load (layer, rows, cols): the Triton lowering takes no chained views.
+    w = plgpu.load(w_ref.at[layer, pl.ds(kb * block_k, block_k), pl.ds(col0, block_n)],
+                   mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+    return acc + plgpu.dot(x, w).astype(jnp.float32)
+
+  return jax.lax.fori_loop(0, pl.cdiv(k_total, block_k), body,
+                           jnp.zeros((block_m, block_n), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.expert_matmul import base_tile
+
 
 @dataclasses.dataclass(frozen=True)
 class SgmvTiles:
@@ -90,7 +92,8 @@ def active_experts(experts: jax.Array, gates: jax.Array, num_experts: int,
     experts: [N, k] int32 choices of the N rows.
     gates: [N, k] or [N, L, k] (per-layer gates) weights of those choices.
     num_experts: E.
-    max_active: U, the static number of slots (default min(E, N·k)).
+    max_active: U, the static number of slots (default min(E, N·k)); it must be at least the
+      number of distinct experts chosen, which the default always is.
   Returns:
     ids [U] int32 (active experts ascending, then unused ids as padding), count [1] int32 (how
     many slots are active), gate matrix [Lg, N, U] f32 (Lg = L with per-layer gates, else 1).
@@ -215,7 +218,7 @@ def _expand_kernel(layer_ref, ids_ref, count_ref, x_ref, w_ref, h_ref, b_ref, *o
                    group: int, rank: int, splits: int, block_m: int, block_n: int,
                    block_k: int, block_r: int):
   o_ref = out_refs[-1]
-  m_total, k_total = x_ref.shape
+  m_total = x_ref.shape[0]
   n_total = o_ref.shape[1]
   j = pl.program_id(0)
   layer = layer_ref[0]
@@ -223,17 +226,8 @@ def _expand_kernel(layer_ref, ids_ref, count_ref, x_ref, w_ref, h_ref, b_ref, *o
   cols = j * block_n + jnp.arange(block_n)
   row_mask, col_mask = rows < m_total, cols < n_total
 
-  def base(kb, acc):
-    ks = kb * block_k + jnp.arange(block_k)
-    k_mask = ks < k_total
-    x = plgpu.load(x_ref.at[pl.ds(0, block_m), pl.ds(kb * block_k, block_k)],
-                   mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-    w = plgpu.load(w_ref.at[layer, pl.ds(kb * block_k, block_k), pl.ds(j * block_n, block_n)],
-                   mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-    return acc + plgpu.dot(x, w).astype(jnp.float32)
-
-  acc = jax.lax.fori_loop(0, pl.cdiv(k_total, block_k), base,
-                          jnp.zeros((block_m, block_n), jnp.float32))
+  acc = base_tile(x_ref, w_ref, layer, 0, j * block_n, row_mask, col_mask, block_m=block_m,
+                  block_n=block_n, block_k=block_k)
   r_mask = jnp.arange(block_r) < rank
 
   def expert(u, acc):
