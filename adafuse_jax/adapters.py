@@ -136,7 +136,6 @@ class AdapterRuntime:
     xf = x.reshape(-1, x.shape[-1])
     self._batch_shape = x.shape[:-1]
     experts, gates, dense = self.route(name, layer, xf)
-    a, b = self.adapters.pool.factors(name, layer)
     if (self.implementation != "xla" and not isinstance(weights, tuple)
         and xf.shape[0] <= FUSED_MAX_TOKENS):
       if self.implementation == "pallas":
@@ -144,6 +143,7 @@ class AdapterRuntime:
       if use_fused_kernel(*experts.shape, self.cfg.num_experts):
         return self._fused(name, layer, x, xf, weights, experts, gates, dense)
     y = x @ weights[layer]
+    a, b = self.adapters.pool.factors(name, layer)
     delta = expert_delta(xf, a, b, experts, gates, dense) * self.cfg.scale
     return y + delta.reshape(*x.shape[:-1], -1).astype(y.dtype)
 

@@ -64,13 +64,8 @@ def candidates(model: LlamaModel, adapters: MixtureOfLoRA, batch: int) -> list[C
   on_gpu = jax.default_backend() != "cpu"
   if on_gpu and model.layout == "stacked":
     out.append(Candidate(f"{mode}-fused", "pallas", False))
-  if mode == "pregated" and batch == 1:
-    try:
-      switching.check_mergeable(adapters.cfg)
-    except UserError:
-      pass
-    else:
-      out.append(Candidate(f"{mode}-merged", "pallas" if on_gpu else "xla", True))
+  if batch == 1 and switching.merge_blocker(adapters.cfg) is None:
+    out.append(Candidate(f"{mode}-merged", "pallas" if on_gpu else "xla", True))
   return out
 
 
@@ -117,7 +112,8 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
     raise UserError(f"cache_len={cache_len} is too short to time {steps} steps x 3")
   expected, details, gens = {}, {}, {}
   rate = 1.0 if switch_rate is None else float(switch_rate)
-  for cand in candidates(model, adapters, batch):
+  cands = candidates(model, adapters, batch)
+  for cand in cands:
     if log:
       log(f"auto: measuring {cand.name} ...")
     gen = Generator(model, adapters=adapters, implementation=cand.implementation,
@@ -135,10 +131,10 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
                      if n != best)
   why = (f"{best}: {expected[best]:.2f} ms/token measured (pipelined, batch {batch})"
          + (f" vs {others}" if others else ", the only candidate"))
-  if any(c.merge for c in candidates(model, adapters, batch)):
+  if any(c.merge for c in cands):
     why += (f"; merged cost at switch rate {rate:.2f}"
             + (" (unknown: assumed every token switches)" if switch_rate is None else ""))
-  cand = next(c for c in candidates(model, adapters, batch) if c.name == best)
+  cand = next(c for c in cands if c.name == best)
   for name in list(gens):
     if name != best:
       del gens[name]  # frees a merged candidate's second copy of the weights

@@ -204,7 +204,8 @@ def decode_stepper(gen: Generator, step, batch: int, cache_len: int, seed: int, 
                    ) -> tuple[Callable[..., jax.Array], dict]:
   """`one_step(feed_back=True)` runs one compiled decode step on a fresh cache whose first
   `start` slots count as filled, from a random token, feeding the sampled tokens back unless
-  told not to; returns it with its mutable state {"cache", "tok"}."""
+  told not to; returns it with its mutable state {"cache", "tok", "routing"} (the last step's
+  (experts, gates), or None without a router)."""
   rng = np.random.default_rng(seed)
   state = {"cache": gen.new_cache(batch, cache_len),
            "tok": jnp.asarray(rng.integers(0, gen.cfg.vocab_size, (batch, 1)), jnp.int32)}
@@ -212,7 +213,7 @@ def decode_stepper(gen: Generator, step, batch: int, cache_len: int, seed: int, 
   key = jax.random.key(seed)
 
   def one_step(feed_back: bool = True) -> jax.Array:
-    nxt, _, state["cache"], _ = gen.run(step, state["tok"], state["cache"], key)
+    nxt, _, state["cache"], state["routing"] = gen.run(step, state["tok"], state["cache"], key)
     if feed_back:
       state["tok"] = nxt[:, None]
     return nxt
@@ -252,9 +253,8 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
     # Distinct experts the batch's tokens touch per step (what SERE cuts), over a few steps.
     counts = []
     for _ in range(8):
-      nxt, _, state["cache"], routing = gen.run(step, state["tok"], state["cache"], key)
-      state["tok"] = nxt[:, None]
-      counts.append(len(np.unique(np.asarray(routing[0]))))
+      one_step()
+      counts.append(len(np.unique(np.asarray(state["routing"][0]))))
     result["distinct_experts"] = float(np.mean(counts))
   state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
   result["decode_pipelined"] = dataclasses.asdict(

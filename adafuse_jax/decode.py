@@ -138,12 +138,12 @@ def run(args: argparse.Namespace) -> dict:
     raise UserError("--implementation auto decides whether to merge; drop --merge")
   if args.implementation == "auto" and args.adapters is None:
     raise UserError("--implementation auto chooses how experts are applied: it needs --adapters")
-  if args.merge and args.mode == "layerwise":
-    raise UserError("--merge needs --mode lora (merged once) or pregated (switched per token);"
-                    " 'layerwise' routes at every layer and cannot merge")
-  if args.merge and args.mode == "pregated" and len(prompts) > 1:
-    raise UserError(f"merged decoding serves one sequence at a time (got {len(prompts)} prompts):"
-                    " the tokens of a batch want different experts; decode batches unmerged")
+  if args.merge and adapter_cfg.mode not in ("lora", "pregated"):
+    raise UserError(f"--merge needs --mode lora (merged once) or pregated (switched per token);"
+                    f" {adapter_cfg.mode!r} routes at every layer and cannot merge")
+  if args.merge and adapter_cfg.mode == "pregated":
+    from adafuse_jax import switching
+    switching.check_merged_batch(len(prompts))
   check_adapter_spec(args.adapters, adapter_cfg)
   loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=not (args.quiet or args.json))
   adapters = resolve_adapters(args.adapters, adapter_cfg, loaded.model.cfg, dtype=jnp.dtype(dtype),
@@ -180,21 +180,18 @@ def run(args: argparse.Namespace) -> dict:
     if adapter_cfg.mode == "lora":
       from adafuse_jax.adapters import merged_model
       model, adapters = merged_model(model, adapters), None
-    elif adapter_cfg.mode == "pregated":
+    else:  # pregated (other modes were refused before loading)
       switch_per_token = True
-    else:
-      raise UserError(f"--merge needs --mode lora (merged once) or pregated (switched per token);"
-                      f" {adapter_cfg.mode!r} routes at every layer and cannot merge")
   if args.implementation == "auto":
     from adafuse_jax.autopath import choose_path, prompt_switch_rate
-    from adafuse_jax.generate import CACHE_ROUND, prompt_bucket, round_up
+    from adafuse_jax.generate import decode_shape
 
-    longest = max(len(i) for i in ids)
-    new = min(args.max_new_tokens, model.cfg.max_context - longest)
-    cache_len = round_up(min(prompt_bucket(longest), model.cfg.max_context) + new, CACHE_ROUND)
+    # Measure at the shape that will be generated, so its compiled step is reused.
+    _, _, cache_len = decode_shape([len(i) for i in ids], args.max_new_tokens,
+                                   model.cfg.max_context)
     rate = prompt_switch_rate(model, adapters, ids[0]) if len(ids) == 1 else None
     log = None if args.json else (lambda m: print(m, file=sys.stderr))
-    choice, gen = choose_path(model, adapters, batch=len(ids), cache_len=max(cache_len, 128),
+    choice, gen = choose_path(model, adapters, batch=len(ids), cache_len=cache_len,
                               switch_rate=rate, log=log)
     switch_per_token = choice.candidate.merge
     if not args.json:

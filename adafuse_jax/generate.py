@@ -157,9 +157,8 @@ class Generator:
       tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
       key = jax.eval_shape(lambda: jax.random.key(0))
       if self.merges(length):
-        if batch != 1:
-          raise UserError(f"merged decoding serves one sequence at a time (got a batch of {batch}):"
-                          " the tokens of a batch want different experts; decode batches unmerged")
+        from adafuse_jax import switching
+        switching.check_merged_batch(batch)
         # Two compiled functions, dispatched back to back: XLA:GPU materialises a slice of a
         # weight that was produced in the same program (a memcpy per layer and module, +1.3 ms
         # per token for q,v on the 7B: docs/benchmarks/h100-merged/one_jit_kernels.md), while
@@ -204,6 +203,15 @@ class Generator:
     return self.run(fn, tokens, cache, key)
 
 
+def decode_shape(prompt_lengths: Sequence[int], max_new_tokens: int, max_context: int
+                 ) -> tuple[int, int, int]:
+  """(padded prompt length, new tokens that fit the context, KV-cache length) of a generation."""
+  longest = max(prompt_lengths)
+  max_new_tokens = min(max_new_tokens, max_context - longest)
+  length = min(prompt_bucket(longest), max_context)
+  return length, max_new_tokens, round_up(length + max_new_tokens, CACHE_ROUND)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, list[int]]:
   """Left-pads prompts to [B, length]; returns the array and the per-row pad counts."""
   rows, pads = [], []
@@ -244,10 +252,8 @@ def generate(gen: Generator, prompts: Sequence[Sequence[int]], *, max_new_tokens
   check_prompts(prompts, cfg.max_context)
   if max_new_tokens < 1:
     raise UserError(f"max_new_tokens={max_new_tokens} must be at least 1")
-  longest = max(len(p) for p in prompts)
-  max_new_tokens = min(max_new_tokens, cfg.max_context - longest)
-  length = min(prompt_bucket(longest), cfg.max_context)
-  cache_len = round_up(length + max_new_tokens, CACHE_ROUND)
+  length, max_new_tokens, cache_len = decode_shape([len(p) for p in prompts], max_new_tokens,
+                                                   cfg.max_context)
   batch = len(prompts)
   tokens, pads = left_pad(prompts, length, pad_id)
 

@@ -51,14 +51,29 @@ jax.tree_util.register_dataclass(SwitchState, data_fields=["weights", "experts",
                                  meta_fields=[])
 
 
-def check_mergeable(adapter_cfg) -> None:
+def merge_blocker(adapter_cfg) -> str | None:
+  """Why these adapters cannot be switched into the weights per token, or None if they can."""
   if adapter_cfg.mode != "pregated":
-    raise UserError(f"merged decoding switches pre-gated experts; mode {adapter_cfg.mode!r} cannot"
-                    " merge (use --mode pregated, or --merge with --mode lora for a one-off merge)")
+    return (f"merged decoding switches pre-gated experts; mode {adapter_cfg.mode!r} cannot"
+            " merge (use --mode pregated, or --merge with --mode lora for a one-off merge)")
   first = next(m for m in LINEAR_NAMES if m in adapter_cfg.modules)  # the forward pass's order
   if first not in ATTENTION_INPUT_MODULES:
-    raise UserError("merged decoding routes on layer 0's attention input, so q, k or v must be"
-                    f" adapted; got modules {','.join(adapter_cfg.modules)}")
+    return ("merged decoding routes on layer 0's attention input, so q, k or v must be"
+            f" adapted; got modules {','.join(adapter_cfg.modules)}")
+  return None
+
+
+def check_mergeable(adapter_cfg) -> None:
+  reason = merge_blocker(adapter_cfg)
+  if reason is not None:
+    raise UserError(reason)
+
+
+def check_merged_batch(batch: int) -> None:
+  """Merged decoding serves one sequence at a time."""
+  if batch != 1:
+    raise UserError(f"merged decoding serves one sequence at a time (got a batch of {batch}):"
+                    " the tokens of a batch want different experts; decode batches unmerged")
 
 
 def initial_state(model, adapters) -> SwitchState:

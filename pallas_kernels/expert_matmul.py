@@ -78,6 +78,11 @@ def _kernel(layer_ref,  # [1] int32
               acc.astype(o_ref.dtype), mask=row_mask[:, None] & col_mask[None, :])
 
 
+def dot_block(n: int) -> int:
+  """A block dimension covering n: a power of two, at least 16 (Triton's smallest dot)."""
+  return max(16, pl.next_power_of_2(n))
+
+
 def base_tile(x_ref, w_ref, layer, row0, col0, row_mask, col_mask, *, block_m: int,
               block_n: int, block_k: int) -> jax.Array:
   """Inside a kernel: the f32 tile `x[row0:+block_m] @ w[layer][:, col0:+block_n]`, streaming the
@@ -134,7 +139,7 @@ def fused_expert_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h: j
     raise ValueError(f"dtypes must match: x {x.dtype} vs w {w.dtype}; cast the activations to"
                      " the weights' dtype")
   tiles = tiles or Tiles.get_default(m, n, k)
-  block_r = max(16, pl.next_power_of_2(r))
+  block_r = dot_block(r)
   kernel = functools.partial(_kernel, block_m=tiles.block_m, block_n=tiles.block_n,
                              block_k=tiles.block_k, block_r=block_r)
   layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)

@@ -53,6 +53,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.expert_matmul import dot_block
+
 
 @dataclasses.dataclass(frozen=True)
 class SwitchTiles:
@@ -182,7 +184,7 @@ def switch_weights(weights: Sequence[jax.Array], a_pools: Sequence[jax.Array],
   _check(weights, a_pools, b_pools, base, experts, coefs)
   shapes = tuple(w.shape for w in weights)
   rank = a_pools[0].shape[-1]
-  block_r = max(16, pl.next_power_of_2(rank))
+  block_r = dot_block(rank)
   counts = [s[0] * _segment_tiles(s, tiles)[0] * _segment_tiles(s, tiles)[1] for s in shapes]
   starts = tuple(itertools.accumulate(counts, initial=0))
   kernel = functools.partial(_switch_kernel, shapes=shapes, has_base=base is not None,

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.expert_matmul import base_tile
+from pallas_kernels.expert_matmul import base_tile, dot_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +74,6 @@ class SgmvTiles:
     if wide_in:
       return cls(block_n=64, block_k=256, num_warps=4, num_stages=4)
     return cls(block_n=32, block_k=256, num_warps=4, num_stages=4)
-
-
-def _rows_block(m: int) -> int:
-  return max(16, pl.next_power_of_2(m))
-
-
-def _rank_block(r: int) -> int:
-  return max(16, pl.next_power_of_2(r))
 
 
 def active_experts(experts: jax.Array, gates: jax.Array, num_experts: int,
@@ -192,7 +184,7 @@ def gathered_shrink(x: jax.Array, a_pools: Sequence[jax.Array], layer: jax.Array
   if m > 64:
     raise ValueError(f"{m} rows: the gathered kernels are for decode steps (<= 64 rows)")
   groups = len(a_pools)
-  block_m, block_r = _rows_block(m), _rank_block(rank)
+  block_m, block_r = dot_block(m), dot_block(rank)
   splits = shrink_splits(k, groups, u, tiles)
   # Programs whose slice starts past K (possible when S is rounded) load zeros and write zeros.
   k_per_split = pl.cdiv(pl.cdiv(k, splits), tiles.block_k) * tiles.block_k
@@ -267,7 +259,7 @@ def gathered_expand_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h
   m, k = x.shape
   num_layers, k_w, n = w.shape
   _, num_experts, rank, n_b = b.shape
-  block_m, block_r = _rows_block(m), _rank_block(rank)
+  block_m, block_r = dot_block(m), dot_block(rank)
   u = ids.shape[0]
   if k_w != k:
     raise ValueError(f"x has K={k} but w has K={k_w}")

@@ -38,8 +38,14 @@ def section(folder: pathlib.Path, title: str) -> list[str]:
            markdown(report), ""]
   if (folder / "decode.png").exists():
     lines += [f"![decode latency by mode]({folder.relative_to(ROOT)}/decode.png)", ""]
+  return lines + kernel_profiles(folder, "Kernel time per decode step")
+
+
+def kernel_profiles(folder: pathlib.Path, caption: str) -> list[str]:
+  """The `tools/kernel_breakdown.py` tables recorded in a folder, each with its command."""
+  lines = []
   for prof in sorted(folder.glob("kernels_*.md")):
-    lines += [f"Kernel time per decode step (`python tools/kernel_breakdown.py --mode"
+    lines += [f"{caption} (`python tools/kernel_breakdown.py --mode"
               f" {prof.stem[len('kernels_'):]}`):", "", prof.read_text().strip(), ""]
   return lines
 
@@ -170,9 +176,7 @@ def main() -> None:
     if notes.exists():
       lines += ["## Why pipelined steps matter", "",
                 notes.read_text().split("\n\n", 2)[-1].strip(), ""]
-      for prof in sorted((ROOT / "h100-pipelined").glob("kernels_*.md")):
-        lines += [f"Kernel time per synced decode step (`python tools/kernel_breakdown.py --mode"
-                  f" {prof.stem[len('kernels_'):]}`):", "", prof.read_text().strip(), ""]
+      lines += kernel_profiles(ROOT / "h100-pipelined", "Kernel time per synced decode step")
     if (ROOT / "h100-sgmv" / "sgmv_tile_sweep.json").exists():
       lines += sgmv_sweep_section(ROOT / "h100-sgmv" / "sgmv_tile_sweep.json")
     lines += ["# Earlier runs (synced timing only)", ""]
