@@ -59,9 +59,9 @@ class MixtureOfLoRA(nnx.Module):
       nnx.update(out.router, nnx.state(self.router))
     return out
 
-  def runtime(self, implementation: str = "xla", sere: "SereSettings | None" = None
-              ) -> "AdapterRuntime":
-    return AdapterRuntime(self, implementation, sere)
+  def runtime(self, implementation: str = "xla", sere: "SereSettings | None" = None,
+              packed=None) -> "AdapterRuntime":
+    return AdapterRuntime(self, implementation, sere, packed)
 
 
 @dataclasses.dataclass
@@ -86,8 +86,9 @@ class SereSettings:
 # "pallas" runs decode steps on the gathered kernels (pallas_kernels/sgmv.py: only the step's
 # active experts are read, one shrink per group of modules sharing an input); "pallas-dense" on
 # the earlier dense kernel (pallas_kernels/expert_matmul.py: every expert's columns, one XLA
-# shrink per module), kept so that benchmarks compare the two in one run.
-IMPLEMENTATIONS = ("xla", "pallas", "pallas-dense")
+# shrink per module), kept so that benchmarks compare the two in one run. "packed" appends every
+# expert's A and the layer-wise routers to the backbone's matrices (adafuse_jax/packed.py).
+IMPLEMENTATIONS = ("xla", "pallas", "pallas-dense", "packed")
 # Modules that read the same input in a Llama block: one shrink launch serves the group.
 SHARED_INPUT_GROUPS = (("q", "k", "v"), ("gate", "up"))
 # The fused kernel is a matrix-vector design (narrow column tiles, 16-32 rows); for prompts XLA's
@@ -112,7 +113,7 @@ class AdapterRuntime:
   """
 
   def __init__(self, adapters: MixtureOfLoRA, implementation: str = "xla",
-               sere: SereSettings | None = None):
+               sere: SereSettings | None = None, packed=None):
     if sere is not None and adapters.cfg.mode != "pregated":
       raise ValueError("SERE re-routes pre-gated choices; it needs mode 'pregated'")
     self.sere = sere
@@ -125,12 +126,21 @@ class AdapterRuntime:
     self.routes: list[Route] = []
     self._active = None  # pre-gated: (ids, count, gate matrix) of the step, for the kernels
     self._shrinks: dict = {}  # (layer, group) -> (input, shrink) of the gathered kernels
+    self._groups = None  # "packed": one matmul per (layer, input group), see adafuse_jax.packed
+    if implementation == "packed":
+      from adafuse_jax.packed import GroupCache
+      if packed is None:
+        raise ValueError("implementation 'packed' needs the packed weights (adafuse_jax.packed."
+                         "pack(model, adapters)); Generator(implementation='packed') makes them")
+      self._groups = GroupCache(packed)
 
   @property
   def first_route(self) -> Route | None:
     return self.routes[0] if self.routes else None
 
   def __call__(self, name: str, layer: int, x: jax.Array, weights) -> jax.Array:
+    if self._groups is not None:
+      return self._packed(name, layer, x)
     if name not in self.cfg.modules:
       return x @ weights[layer]
     xf = x.reshape(-1, x.shape[-1])
@@ -146,6 +156,22 @@ class AdapterRuntime:
     a, b = self.adapters.pool.factors(name, layer)
     delta = expert_delta(xf, a, b, experts, gates, dense) * self.cfg.scale
     return y + delta.reshape(*x.shape[:-1], -1).astype(y.dtype)
+
+  def _packed(self, name: str, layer: int, x: jax.Array) -> jax.Array:
+    """Base output, every expert's shrink and (layer-wise) the router's logits from the one
+    packed matmul of x's input group; then the gated expansion as one small matmul."""
+    from adafuse_jax.packed import expand
+
+    y = self._groups.base(name, layer, x)
+    if name in self.cfg.modules:
+      xf = x.reshape(-1, x.shape[-1])
+      self._batch_shape = x.shape[:-1]
+      experts, gates, dense = self.route(name, layer, xf, x)
+      if dense is None:
+        dense = dense_gates(experts, gates, self.cfg.num_experts)
+      h = self._groups.shrink(name, layer, x)
+      y = y + expand(h, dense, self._groups.packed.b[name][layer], self.cfg.scale, x.dtype)
+    return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
 
   def _gathered(self, name, layer, x, xf, weights, experts, gates):
     """Shrink of the active experts (one launch per group of modules sharing `x`), then the
@@ -207,9 +233,10 @@ class AdapterRuntime:
                  in_axes=1, out_axes=1)(e)
     return e.reshape(experts.shape)
 
-  def route(self, name: str, layer: int, xf: jax.Array
+  def route(self, name: str, layer: int, xf: jax.Array, x: jax.Array | None = None
             ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Experts [N, k], gates [N, k] and dense gates [N, E] (or None) for this module and layer."""
+    """Experts [N, k], gates [N, k] and dense gates [N, E] (or None) for this module and layer.
+    x: the unflattened input, for the packed path's layer-wise router columns."""
     mode = self.cfg.mode
     num_experts = self.cfg.num_experts
     if mode == "lora":
@@ -217,7 +244,10 @@ class AdapterRuntime:
       experts, gates = jnp.zeros((n, 1), jnp.int32), jnp.ones((n, 1), jnp.float32)
       return experts, gates, gates
     if mode == "layerwise":
-      logits = self.adapters.router(name, layer, xf)
+      if self._groups is not None:
+        logits = self._groups.router_logits(name, layer, x)
+      else:
+        logits = self.adapters.router(name, layer, xf)
       experts, gates = top_k_gates(logits, self.cfg.top_k)
       self.routes.append(Route(experts, gates, logits))
       return experts, gates, None

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
         r["sere"] = {"rho": sere.rho, "primary_k": sere.primary_k}
       if auto is not None:
         r["auto"] = auto.to_dict()
-      acfg = None if mode in ("backbone", "lora-merged") else (
+      acfg = None if B.split_mode(mode)[0] in ("backbone", "lora-merged") else (
           adapter_base.replace(mode=B.split_mode(mode)[0]))
       nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, args.batch, acfg)
       if merge:
@@ -175,7 +175,8 @@ def run(args: argparse.Namespace) -> dict:
     gc.collect()
   if args.profile:
     jax.profiler.stop_trace()
-  base = next((r for r in rows if r["mode"].startswith("backbone")), None)
+  base = next((r for r in rows if r["mode"].startswith("backbone")
+               and not r["mode"].startswith("backbone-packed")), None)
   for r in rows:
     r["ratio_to_backbone"] = (r["decode"]["median_ms"] / base["decode"]["median_ms"]) if base else None
     r["pipelined_ratio_to_backbone"] = (

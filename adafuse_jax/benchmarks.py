@@ -34,9 +34,14 @@ from adafuse_jax.sampling import SamplingConfig
 # earlier kernel that reads every expert's columns (pallas_kernels/expert_matmul.py).
 # "pregated-merged" switches the token's experts into the weights every step with the SGMM
 # kernel (pallas_kernels/sgmm.py), "pregated-merged-xla" with plain XLA, then runs a backbone pass.
-BENCH_MODES = ("backbone", "lora-merged", "lora", "lora-fused", "pregated", "pregated-fused",
-               "pregated-fused-dense", "pregated-fused-sere", "pregated-merged",
-               "pregated-merged-xla", "pregated-auto", "layerwise", "layerwise-fused")
+# "-packed" appends every expert's A (and the layer-wise routers) to the backbone's matrices, one
+# XLA matmul per input group (adafuse_jax/packed.py); "backbone-packed" is the backbone with
+# q/k/v and gate/up fused the same way.
+BENCH_MODES = ("backbone", "backbone-packed", "lora-merged", "lora", "lora-fused", "lora-packed",
+               "pregated", "pregated-fused", "pregated-fused-dense", "pregated-packed",
+               "pregated-fused-sere", "pregated-packed-sere", "pregated-merged",
+               "pregated-merged-xla", "pregated-auto", "layerwise", "layerwise-fused",
+               "layerwise-packed")
 MERGED_MODES = ("pregated-merged", "pregated-merged-xla")
 
 
@@ -51,6 +56,8 @@ def split_mode(mode: str) -> tuple[str, str]:
     return "pregated", "xla"
   if mode.endswith("-fused"):
     return mode[: -len("-fused")], "pallas"
+  if mode.endswith("-packed"):
+    return mode[: -len("-packed")], "packed"
   if mode.endswith("-sere"):  # SERE re-routing on top of the path named before it
     return split_mode(mode[: -len("-sere")])
   if mode.endswith("-auto"):
@@ -180,9 +187,9 @@ def switch_bytes(cfg: ModelConfig, dtype, adapter: AdapterConfig) -> int:
 
 def build_adapters(model_cfg: ModelConfig, mode: str, base: AdapterConfig, dtype,
                    seed: int) -> MixtureOfLoRA | None:
-  if mode == "backbone":
-    return None
   adapter_mode, _ = split_mode(mode)
+  if adapter_mode == "backbone":
+    return None
   cfg = base.replace(mode="lora" if adapter_mode.startswith("lora") else adapter_mode)
   return MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, random_b=True)
 

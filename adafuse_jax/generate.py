@@ -100,6 +100,9 @@ class Generator:
     self.sere = sere  # adafuse_jax.adapters.SereSettings: batch-level re-routing (pregated)
     self.merge = merge
     self.switch_state = None
+    if merge and implementation == "packed":
+      raise UserError("implementation 'packed' applies experts unmerged; merged decoding switches"
+                      " with 'pallas' (SGMM kernel) or 'xla'")
     if merge:
       from adafuse_jax import switching
       if adapters is None:
@@ -111,16 +114,25 @@ class Generator:
     self.graphdef, self.params = nnx.split(model)
     self.adapters_graphdef, self.adapter_params = (nnx.split(adapters) if adapters is not None
                                                    else (None, None))
+    # "packed": a copy of the weights with the experts' A (and layer-wise routers) appended,
+    # read by the compiled steps instead of the model's own matrices (adafuse_jax/packed.py).
+    self.packed = None
+    if implementation == "packed":
+      from adafuse_jax.packed import pack
+      self.packed = pack(model, adapters)
     self._compiled: dict[tuple, Callable] = {}
 
-  def _forward(self, params, adapter_params, tokens, cache, key, sampling: SamplingConfig):
+  def _forward(self, params, adapter_params, packed, tokens, cache, key, sampling: SamplingConfig):
     model = nnx.merge(self.graphdef, params)
     runtime = None
     linear: LinearFn = plain_linear
     if adapter_params is not None:
-      runtime = nnx.merge(self.adapters_graphdef, adapter_params).runtime(self.implementation,
-                                                                          self.sere)
+      runtime = nnx.merge(self.adapters_graphdef, adapter_params).runtime(
+          self.implementation, self.sere, packed=packed)
       linear = runtime
+    elif packed is not None:
+      from adafuse_jax.packed import PackedBackbone
+      linear = PackedBackbone(packed)
     logits, cache = model(tokens, cache, linear=linear)
     routing = None
     if runtime is not None and runtime.first_route is not None:
@@ -148,7 +160,7 @@ class Generator:
     return sample(logits, key, sampling), logits, cache
 
   def compiled(self, batch: int, length: int, cache_len: int, sampling: SamplingConfig) -> Callable:
-    """AOT-compiled `(params, adapter_params, tokens [B, length], cache, key)` ->
+    """AOT-compiled `(params, adapter_params, packed, tokens [B, length], cache, key)` ->
     `(next [B], logits [B, V], cache, routing)`; routing is (experts [B, k], gates [B, k]) of the
     last position, or None without a router."""
     sig = (batch, length, cache_len, sampling)
@@ -169,9 +181,9 @@ class Generator:
             self.params, self.switch_state.weights, tokens, cache, key, sampling).compile()
         self._compiled[sig] = MergedStep(switch, forward)
       else:
-        fn = jax.jit(self._forward, static_argnums=(5,), donate_argnums=(3,))
-        self._compiled[sig] = fn.lower(self.params, self.adapter_params, tokens, cache, key,
-                                       sampling).compile()
+        fn = jax.jit(self._forward, static_argnums=(6,), donate_argnums=(4,))
+        self._compiled[sig] = fn.lower(self.params, self.adapter_params, self.packed, tokens,
+                                       cache, key, sampling).compile()
     return self._compiled[sig]
 
   def merges(self, length: int) -> bool:
@@ -187,7 +199,7 @@ class Generator:
                                              tokens)
       nxt, logits, cache = fn.forward(self.params, self.switch_state.weights, tokens, cache, key)
       return nxt, logits, cache, routing
-    return fn(self.params, self.adapter_params, tokens, cache, key)
+    return fn(self.params, self.adapter_params, self.packed, tokens, cache, key)
 
   def new_cache(self, batch: int, cache_len: int, pad: Sequence[int] | None = None) -> KVCache:
     return KVCache.create(self.cfg, batch, cache_len, self.dtype,

@@ -189,6 +189,44 @@ def test_fused_pallas_path_equals_xla_path(model, mode, per_layer_gates):
   chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["stacked", "list"])
+@pytest.mark.parametrize("mode, per_layer_gates, modules", [
+    ("lora", False, ("q", "v")), ("pregated", False, ("q", "k", "v", "o", "gate", "up", "down")),
+    ("pregated", True, ("k", "up", "down")), ("layerwise", False, ("q", "k", "v", "o", "gate",
+                                                                   "up", "down"))])
+def test_packed_path_equals_xla_path(model, layout, mode, per_layer_gates, modules):
+  from adafuse_jax.packed import pack
+
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
+                      per_layer_gates=per_layer_gates, modules=modules)
+  m = model.with_layout(layout)
+  adapters = MixtureOfLoRA(m.cfg, cfg, seed=8, random_b=True, layout=layout)
+  cache = lambda: KVCache.create(m.cfg, 2, 8, m.dtype)  # noqa: E731
+  want_rt = adapters.runtime("xla")
+  want, _ = m(jnp.asarray(TOKENS), cache(), all_logits=True, linear=want_rt)
+  got_rt = adapters.runtime("packed", packed=pack(m, adapters))
+  got, _ = m(jnp.asarray(TOKENS), cache(), all_logits=True, linear=got_rt)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+  assert len(got_rt.routes) == len(want_rt.routes)
+  for a, b in zip(got_rt.routes, want_rt.routes):
+    np.testing.assert_array_equal(a.experts, b.experts)
+
+
+def test_packed_backbone_equals_backbone(model):
+  from adafuse_jax.packed import PackedBackbone, pack
+
+  want, _ = logits_with(model, None)
+  cache = KVCache.create(model.cfg, 2, 8, model.dtype)
+  got, _ = model(jnp.asarray(TOKENS), cache, all_logits=True, linear=PackedBackbone(pack(model)))
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_runtime_needs_packed_weights(model):
+  adapters = MixtureOfLoRA(model.cfg, AdapterConfig(mode="lora", rank=4), seed=1)
+  with pytest.raises(ValueError, match="packed weights"):
+    adapters.runtime("packed")
+
+
 def test_unknown_implementation_is_rejected(model):
   adapters = MixtureOfLoRA(model.cfg, AdapterConfig(mode="lora", rank=4), seed=1)
   with pytest.raises(ValueError, match="implementation"):

@@ -1,0 +1,202 @@
+"""Packed projections: the backbone's weights, every expert's A and the layer-wise routers of
+the modules that read the same input, concatenated into one matrix per layer.
+
+Why: at batch-1 decode an adapted module's extra work is tiny (E·r = 128 columns beside 4096),
+but as separate XLA ops it costs launches and, worse, XLA:GPU turns a matrix-vector product with
+few output columns (a router `x @ [in, E]`, a shrink `x @ [in, E·r]`) into a column reduction
+that reads its operand slowly (docs/benchmarks/h100-layerwise: 12.5 of the layer-wise step's
+19 ms). Appended to the backbone's matrix they ride in the GEMV that streams the weights anyway:
+
+  group (q, k, v), per layer:  x @ [W_q | W_k | W_v | A_q | A_k | A_v | R_q | R_k | R_v]
+                                    base outputs      all experts' shrink   router logits
+
+then per adapted module the gates select the experts (dense over E, zeros elsewhere) and one
+small matmul expands: y = base + (alpha/r) · (h ⊙ gates) @ B_flat, B_flat = B[l] as [E·r, out].
+Reading every expert's A and B costs E·r·(in+out) bytes per module (~5% of the weights at E=8,
+r=16 on the 7B shape), paid to run with no gather and no router launch at all. The same packing
+serves the backbone (q/k/v and gate/up as one matmul each) and prompts, where the extra columns
+are ~3% more FLOPs.
+
+The packing is a copy of the adapted groups' weights, made once per Generator (the model's
+own matrices are then not read by the compiled steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from adafuse_jax.config import ModelConfig
+
+# Modules of a Llama block that read the same input, in the order the block calls them.
+INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+def group_of(name: str) -> tuple[str, ...]:
+  return next(g for g in INPUT_GROUPS if name in g)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """Columns [start, start + width) of a group's packed output."""
+
+  start: int
+  width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PackLayout:
+  """Where each module's base output, shrink and router logits sit in its group's columns.
+
+  base, shrink, router: (module name -> Segment) per group (key: group tuple).
+  """
+
+  columns: dict
+  base: dict
+  shrink: dict
+  router: dict
+
+
+def pack_layout(model_cfg: ModelConfig, adapter_modules: tuple[str, ...], expert_cols: int,
+                router_cols: int) -> PackLayout:
+  """Column layout: per group, base outputs, then E·r shrink columns per adapted module, then
+  router_cols router logits per adapted module (0 for a pre-gated or plain LoRA pool)."""
+  shapes = model_cfg.linear_shapes()
+  columns, base, shrink, router = {}, {}, {}, {}
+  for group in INPUT_GROUPS:
+    col = 0
+    for m in group:
+      base[m] = Segment(col, shapes[m][1])
+      col += shapes[m][1]
+    for m in group:
+      if m in adapter_modules:
+        shrink[m] = Segment(col, expert_cols)
+        col += expert_cols
+    for m in group:
+      if m in adapter_modules and router_cols:
+        router[m] = Segment(col, router_cols)
+        col += router_cols
+    columns[group] = col
+  return PackLayout(columns, base, shrink, router)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass
+class PackedWeights:
+  """Per group, the packed matrices; per adapted module, B flattened.
+
+  w: group tuple -> [L, in, columns] (or a tuple of L [in, columns] in the "list" layout).
+  b: module -> [L, E·r, out] (or a tuple of L [E·r, out]).
+  layout: the PackLayout (static).
+  """
+
+  w: dict
+  b: dict
+  layout: PackLayout
+
+  def tree_flatten(self):
+    wk, bk = tuple(self.w), tuple(self.b)
+    return ([self.w[k] for k in wk], [self.b[k] for k in bk]), (wk, bk, self.layout)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    wk, bk, layout = aux
+    return cls(dict(zip(wk, children[0])), dict(zip(bk, children[1])), layout)
+
+
+def pack(model, adapters=None) -> PackedWeights:
+  """Packs a model's linear weights (and an adapter pool's A, B and layer-wise routers).
+
+  Args:
+    model: a LlamaModel (any layout; the packing follows it).
+    adapters: a MixtureOfLoRA or None (the backbone alone, q/k/v and gate/up fused).
+  """
+  cfg = model.cfg
+  modules = adapters.cfg.modules if adapters is not None else ()
+  layerwise = adapters is not None and adapters.cfg.mode == "layerwise"
+  e = adapters.cfg.num_experts if adapters is not None else 0
+  r = adapters.cfg.rank if adapters is not None else 0
+  layout = pack_layout(cfg, modules, e * r, e if layerwise else 0)
+  dtype = model.dtype
+  w, b = {}, {}
+  for group in INPUT_GROUPS:
+    parts = [model.linear_weight(m) for m in group]  # [L, in, out]
+    for m in group:
+      if m in modules:
+        a = adapters.pool.stacked(m)[0]  # [L, in, E, r]
+        parts.append(a.reshape(*a.shape[:2], e * r))
+    for m in group:
+      if m in layout.router:
+        parts.append(getattr(adapters.router, f"w_{m}").get_value())  # [L, in, E]
+    w[group] = _concat(parts, dtype, model.layout)
+  for m in modules:
+    bm = adapters.pool.stacked(m)[1]  # [L, E, r, out]
+    bm = bm.reshape(bm.shape[0], e * r, bm.shape[-1]).astype(dtype)
+    b[m] = tuple(bm[l] for l in range(bm.shape[0])) if model.layout == "list" else bm
+  return PackedWeights(w, b, layout)
+
+
+def _concat(parts, dtype, layout: str):
+  out = jnp.concatenate([p.astype(dtype) for p in parts], axis=-1)
+  return tuple(out[l] for l in range(out.shape[0])) if layout == "list" else out
+
+
+class GroupCache:
+  """One packed matmul per (layer, group) of a forward pass: the first module of a group
+  computes it, the others read it back (keyed on the input's identity, so a different input
+  recomputes)."""
+
+  def __init__(self, packed: PackedWeights):
+    self.packed = packed
+    self._out: dict = {}
+
+  def __call__(self, name: str, layer: int, x: jax.Array) -> jax.Array:
+    """Packed output [N, columns] in f32 for x [..., in]."""
+    group = group_of(name)
+    cached = self._out.get((layer, group))
+    if cached is None or cached[0] is not x:
+      xf = x.reshape(-1, x.shape[-1])
+      out = jnp.dot(xf, self.packed.w[group][layer], preferred_element_type=jnp.float32)
+      self._out[(layer, group)] = cached = (x, out)
+    return cached[1]
+
+  def base(self, name: str, layer: int, x: jax.Array) -> jax.Array:
+    """The backbone's output of module `name`: [N, out] in f32."""
+    seg = self.packed.layout.base[name]
+    return self(name, layer, x)[:, seg.start:seg.start + seg.width]
+
+  def shrink(self, name: str, layer: int, x: jax.Array) -> jax.Array:
+    """x @ A for every expert of `name`: [N, E·r] in f32."""
+    seg = self.packed.layout.shrink[name]
+    return self(name, layer, x)[:, seg.start:seg.start + seg.width]
+
+  def router_logits(self, name: str, layer: int, x: jax.Array) -> jax.Array:
+    """The layer-wise router's logits of `name`: [N, E] in f32."""
+    seg = self.packed.layout.router[name]
+    return self(name, layer, x)[:, seg.start:seg.start + seg.width]
+
+
+class PackedBackbone:
+  """`LinearFn` of the backbone on packed weights (q/k/v and gate/up one matmul each)."""
+
+  def __init__(self, packed: PackedWeights):
+    self.groups = GroupCache(packed)
+
+  def __call__(self, name: str, layer: int, x: jax.Array, weights) -> jax.Array:
+    del weights  # the packed copy is read instead
+    y = self.groups.base(name, layer, x)
+    return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
+
+
+def expand(h: jax.Array, dense: jax.Array, b_flat: jax.Array, scale: float,
+           dtype: jnp.dtype) -> jax.Array:
+  """Σ_e dense[:, e] · h_e @ B_e as one matmul.
+
+  h: [N, E·r] shrink of every expert (f32); dense: [N, E] gates (0 for unchosen experts);
+  b_flat: [E·r, out]. Returns [N, out] f32.
+  """
+  n, num_experts = dense.shape
+  hg = h.reshape(n, num_experts, -1) * (dense[..., None] * scale)
+  return jnp.dot(hg.reshape(n, -1).astype(dtype), b_flat, preferred_element_type=jnp.float32)
