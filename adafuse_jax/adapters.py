@@ -133,6 +133,7 @@ class AdapterRuntime:
         raise ValueError("implementation 'packed' needs the packed weights (adafuse_jax.packed."
                          "pack(model, adapters)); Generator(implementation='packed') makes them")
       self._groups = GroupCache(packed)
+    self._deltas: dict = {}  # "packed": (layer, group) -> (input, {module: delta})
 
   @property
   def first_route(self) -> Route | None:
@@ -160,17 +161,29 @@ class AdapterRuntime:
   def _packed(self, name: str, layer: int, x: jax.Array) -> jax.Array:
     """Base output, every expert's shrink and (layer-wise) the router's logits from the one
     packed matmul of x's input group; then the gated expansion as one small matmul."""
-    from adafuse_jax.packed import expand
+    from adafuse_jax.packed import expand, group_of
 
     y = self._groups.base(name, layer, x)
     if name in self.cfg.modules:
-      xf = x.reshape(-1, x.shape[-1])
-      self._batch_shape = x.shape[:-1]
-      experts, gates, dense = self.route(name, layer, xf, x)
-      if dense is None:
-        dense = dense_gates(experts, gates, self.cfg.num_experts)
-      h = self._groups.shrink(name, layer, x)
-      y = y + expand(h, dense, self._groups.packed.b[name][layer], self.cfg.scale, x.dtype)
+      key = (layer, group_of(name))
+      cached = self._deltas.get(key)
+      if cached is None or cached[0] is not x:
+        # Every adapted module of the group at once, routed in module order (as the model
+        # calls them), expansions of equal width batched into one matmul.
+        xf = x.reshape(-1, x.shape[-1])
+        self._batch_shape = x.shape[:-1]
+        packed, deltas = self._groups.packed, {}
+        for batch in packed.layout.expand_batches[key[1]]:
+          dense, h = [], []
+          for m in batch:
+            experts, gates, d = self.route(m, layer, xf, x)
+            dense.append(dense_gates(experts, gates, self.cfg.num_experts) if d is None else d)
+            h.append(self._groups.shrink(m, layer, x))
+          out = expand(jnp.stack(h, 1), jnp.stack(dense, 1), packed.b[batch][layer],
+                       self.cfg.scale, x.dtype)
+          deltas.update({m: out[:, i] for i, m in enumerate(batch)})
+        self._deltas[key] = cached = (x, deltas)
+      y = y + cached[1][name]
     return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
 
   def _gathered(self, name, layer, x, xf, weights, experts, gates):

@@ -3,7 +3,8 @@
 Which way of applying pre-gated experts is fastest depends on the hardware, the adapted
 modules, the rank, the batch and how often the routing changes: merging moves every adapted
 weight twice per switch (cheap for q/v only, twice a decode step for all 7 modules), the fused
-kernels add a shrink per module group, plain XLA adds launches. A cost model would have to know
+kernels add a shrink per module group and run outside XLA's command buffers, packed weights read
+every expert's A and B, plain XLA adds launches. A cost model would have to know
 all of that; `choose_path` measures instead. Each candidate is compiled and timed for a few
 pipelined decode steps (as `generate` runs them); a merged candidate is timed switching on every
 step and switching on none, and its expected cost is `s · switched + (1 - s) · unchanged` for the
@@ -31,7 +32,7 @@ from adafuse_jax.sampling import SamplingConfig
 @dataclasses.dataclass(frozen=True)
 class Candidate:
   name: str            # "pregated", "pregated-fused", "pregated-merged", ...
-  implementation: str  # "xla" | "pallas"
+  implementation: str  # "xla" | "pallas" | "packed"
   merge: bool
 
 
@@ -60,7 +61,7 @@ def candidates(model: LlamaModel, adapters: MixtureOfLoRA, batch: int) -> list[C
   from adafuse_jax import switching
 
   mode = adapters.cfg.mode
-  out = [Candidate(mode, "xla", False)]
+  out = [Candidate(mode, "xla", False), Candidate(f"{mode}-packed", "packed", False)]
   on_gpu = jax.default_backend() != "cpu"
   if on_gpu and model.layout == "stacked":
     out.append(Candidate(f"{mode}-fused", "pallas", False))

@@ -54,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated adapted modules (random pools)")
   a.add_argument("--per-layer-gates", action="store_true",
                  help="pregated: one gate vector per layer (random pools)")
-  a.add_argument("--implementation", choices=("xla", "pallas", "auto"), default="xla",
-                 help="how experts are applied: plain XLA matmuls; the Pallas kernels that read"
+  a.add_argument("--implementation", choices=("packed", "xla", "pallas", "auto"), default=None,
+                 help="how the matmuls and experts are applied: packed (the default unless"
+                      " --merge): every expert's A and the layer-wise routers appended to the"
+                      " backbone's matrices, q/k/v and gate/up one matmul each, one small"
+                      " expansion per module (fastest measured, CPU and H100; holds a packed copy"
+                      " of the weights instead of the model's); xla: plain XLA matmuls beside"
+                      " the backbone's; pallas: the Pallas kernels that read"
                       " only the step's experts and fold them into the base matmul (GPU;"
                       " interpreted on the CPU); or auto: measure every path that can run this"
                       " configuration (XLA, fused kernels, and for one pregated prompt the"
@@ -133,7 +138,13 @@ def run(args: argparse.Namespace) -> dict:
   if dtype == "auto":
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   adapter_cfg = _adapter_config(args)
+  if args.implementation is None:  # merging switches weights in place: the SGMM kernel's job
+    args.implementation = ("pallas" if jax.default_backend() != "cpu" else "xla") if args.merge \
+        else "packed"
   # Conflicts that need no model: report them before seconds of loading.
+  if args.implementation == "packed" and args.merge:
+    raise UserError("--merge folds experts into the weights; --implementation packed applies"
+                    " them unmerged: drop one (--merge switches with pallas or xla)")
   if args.implementation == "auto" and args.merge:
     raise UserError("--implementation auto decides whether to merge; drop --merge")
   if args.implementation == "auto" and args.adapters is None:

@@ -118,8 +118,13 @@ class Generator:
     # read by the compiled steps instead of the model's own matrices (adafuse_jax/packed.py).
     self.packed = None
     if implementation == "packed":
+      from adafuse_jax.model.llama import LINEAR_NAMES
       from adafuse_jax.packed import pack
       self.packed = pack(model, adapters)
+      # The steps read the packed copy only: hold no second reference to the model's matrices
+      # (dropping the model then frees them; a 7B in bf16 needs one copy, not two).
+      for name in LINEAR_NAMES:
+        self.params[name] = self.params[name].replace(value=jnp.zeros((0,), model.dtype))
     self._compiled: dict[tuple, Callable] = {}
 
   def _forward(self, params, adapter_params, packed, tokens, cache, key, sampling: SamplingConfig):

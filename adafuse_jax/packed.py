@@ -50,13 +50,17 @@ class Segment:
 class PackLayout:
   """Where each module's base output, shrink and router logits sit in its group's columns.
 
-  base, shrink, router: (module name -> Segment) per group (key: group tuple).
+  columns: group tuple -> number of packed columns.
+  base, shrink, router: module name -> Segment.
+  expand_batches: per group, the adapted modules whose expansions run as one batched matmul
+    (same output width: q/k/v of a model without GQA, gate/up always).
   """
 
   columns: dict
   base: dict
   shrink: dict
   router: dict
+  expand_batches: dict
 
 
 def pack_layout(model_cfg: ModelConfig, adapter_modules: tuple[str, ...], expert_cols: int,
@@ -64,8 +68,13 @@ def pack_layout(model_cfg: ModelConfig, adapter_modules: tuple[str, ...], expert
   """Column layout: per group, base outputs, then E·r shrink columns per adapted module, then
   router_cols router logits per adapted module (0 for a pre-gated or plain LoRA pool)."""
   shapes = model_cfg.linear_shapes()
-  columns, base, shrink, router = {}, {}, {}, {}
+  columns, base, shrink, router, batches = {}, {}, {}, {}, {}
   for group in INPUT_GROUPS:
+    by_width: dict[int, list[str]] = {}
+    for m in group:
+      if m in adapter_modules:
+        by_width.setdefault(shapes[m][1], []).append(m)
+    batches[group] = tuple(tuple(ms) for ms in by_width.values())
     col = 0
     for m in group:
       base[m] = Segment(col, shapes[m][1])
@@ -79,7 +88,7 @@ def pack_layout(model_cfg: ModelConfig, adapter_modules: tuple[str, ...], expert
         router[m] = Segment(col, router_cols)
         col += router_cols
     columns[group] = col
-  return PackLayout(columns, base, shrink, router)
+  return PackLayout(columns, base, shrink, router, batches)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -88,7 +97,7 @@ class PackedWeights:
   """Per group, the packed matrices; per adapted module, B flattened.
 
   w: group tuple -> [L, in, columns] (or a tuple of L [in, columns] in the "list" layout).
-  b: module -> [L, E·r, out] (or a tuple of L [E·r, out]).
+  b: expand batch (tuple of modules) -> [L, M, E·r, out] (or a tuple of L [M, E·r, out]).
   layout: the PackLayout (static).
   """
 
@@ -131,10 +140,11 @@ def pack(model, adapters=None) -> PackedWeights:
       if m in layout.router:
         parts.append(getattr(adapters.router, f"w_{m}").get_value())  # [L, in, E]
     w[group] = _concat(parts, dtype, model.layout)
-  for m in modules:
-    bm = adapters.pool.stacked(m)[1]  # [L, E, r, out]
-    bm = bm.reshape(bm.shape[0], e * r, bm.shape[-1]).astype(dtype)
-    b[m] = tuple(bm[l] for l in range(bm.shape[0])) if model.layout == "list" else bm
+  for batches in layout.expand_batches.values():
+    for batch in batches:
+      bs = [adapters.pool.stacked(m)[1] for m in batch]  # [L, E, r, out] each
+      bb = jnp.stack([x.reshape(x.shape[0], e * r, x.shape[-1]) for x in bs], axis=1).astype(dtype)
+      b[batch] = tuple(bb[l] for l in range(bb.shape[0])) if model.layout == "list" else bb
   return PackedWeights(w, b, layout)
 
 
@@ -158,7 +168,9 @@ class GroupCache:
     cached = self._out.get((layer, group))
     if cached is None or cached[0] is not x:
       xf = x.reshape(-1, x.shape[-1])
-      out = jnp.dot(xf, self.packed.w[group][layer], preferred_element_type=jnp.float32)
+      # In the weights' dtype, as the backbone's `x @ W`: asking XLA:GPU for an f32 result of
+      # bf16 operands converts the whole weight to f32 first (measured 4x the backbone's step).
+      out = (xf @ self.packed.w[group][layer]).astype(jnp.float32)
       self._out[(layer, group)] = cached = (x, out)
     return cached[1]
 
@@ -192,11 +204,13 @@ class PackedBackbone:
 
 def expand(h: jax.Array, dense: jax.Array, b_flat: jax.Array, scale: float,
            dtype: jnp.dtype) -> jax.Array:
-  """Σ_e dense[:, e] · h_e @ B_e as one matmul.
+  """Σ_e dense[:, m, e] · h_e @ B_m,e for M modules at once: one batched matmul.
 
-  h: [N, E·r] shrink of every expert (f32); dense: [N, E] gates (0 for unchosen experts);
-  b_flat: [E·r, out]. Returns [N, out] f32.
+  h: [N, M, E·r] shrink of every expert (f32); dense: [N, M, E] gates (0 for unchosen experts);
+  b_flat: [M, E·r, out]. Returns [N, M, out] f32.
   """
-  n, num_experts = dense.shape
-  hg = h.reshape(n, num_experts, -1) * (dense[..., None] * scale)
-  return jnp.dot(hg.reshape(n, -1).astype(dtype), b_flat, preferred_element_type=jnp.float32)
+  n, num_modules, num_experts = dense.shape
+  hg = h.reshape(n, num_modules, num_experts, -1) * (dense[..., None] * scale)
+  hg = hg.reshape(n, num_modules, -1).astype(dtype)
+  # In the weights' dtype with the result upcast after: see GroupCache on f32 results.
+  return jnp.einsum("nmk,mko->nmo", hg, b_flat).astype(jnp.float32)

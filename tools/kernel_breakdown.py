@@ -32,6 +32,8 @@ def main() -> None:
   p.add_argument("--mode", default="backbone")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--cache-len", type=int, default=512)
+  p.add_argument("--tokens", type=int, default=1,
+                 help="tokens per step: 1 = decode; more = a prefill of that many tokens")
   p.add_argument("--adapt-modules", default="q,k,v,o,gate,up,down")
   p.add_argument("--out", required=True)
   args = p.parse_args()
@@ -41,18 +43,24 @@ def main() -> None:
   adapters = B.build_adapters(model.cfg, args.mode, acfg, jnp.bfloat16, 0)
   gen = Generator(model, adapters=adapters, implementation=B.split_mode(args.mode)[1],
                   merge=args.mode in B.MERGED_MODES)
-  step = gen.compiled(1, 1, args.cache_len, SamplingConfig())
-  cache = gen.new_cache(1, args.cache_len)
-  tok = jnp.ones((1, 1), jnp.int32)
+  cache_len = max(args.cache_len, args.tokens)
+  step = gen.compiled(1, args.tokens, cache_len, SamplingConfig())
+  tok = jnp.ones((1, args.tokens), jnp.int32)
   key = jax.random.key(0)
-  for _ in range(3):
-    nxt, _, cache, _ = gen.run(step, tok, cache, key)
-  jax.block_until_ready(nxt)
-  with jax.profiler.trace(str(out / "trace"), create_perfetto_trace=True):
-    for _ in range(args.steps):
+
+  def run_steps(n: int) -> None:
+    cache = gen.new_cache(1, cache_len)
+    for _ in range(n):
+      if args.tokens > 1:  # a prefill fills the cache from slot 0 every time
+        cache = cache.replace(length=jnp.zeros((), jnp.int32))
       nxt, _, cache, _ = gen.run(step, tok, cache, key)
       jax.block_until_ready(nxt)
-  (out / f"hlo_{args.mode}.txt").write_text(step.as_text())
+
+  run_steps(3)
+  with jax.profiler.trace(str(out / "trace"), create_perfetto_trace=True):
+    run_steps(args.steps)
+  tag = args.mode if args.tokens == 1 else f"{args.mode}_prefill{args.tokens}"
+  (out / f"hlo_{tag}.txt").write_text(step.as_text())
   trace_file = sorted(glob.glob(str(out / "trace" / "**" / "*.json.gz"), recursive=True))[-1]
   events = json.load(gzip.open(trace_file))
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -66,14 +74,14 @@ def main() -> None:
       name = re.sub(r"_\d+$", "", e["name"].split("(")[0])[:60]
       agg[name].append(float(e["dur"]))
   total = sum(sum(v) for v in agg.values()) / args.steps
-  lines = [f"mode {args.mode}: {sum(len(v) for v in agg.values()) / args.steps:.0f} GPU events/step,"
+  lines = [f"mode {tag}: {sum(len(v) for v in agg.values()) / args.steps:.0f} GPU events/step,"
            f" {total:.0f} µs busy/step", "| kernel | per step | µs/step | share |", "|---|---|---|---|"]
   for name, durs in sorted(agg.items(), key=lambda kv: -sum(kv[1]))[:25]:
     lines.append(f"| {name} | {len(durs) / args.steps:.0f} | {sum(durs) / args.steps:.0f} |"
                  f" {100 * sum(durs) / args.steps / total:.1f}% |")
   text = "\n".join(lines)
   print(text)
-  (out / f"kernels_{args.mode}.md").write_text(text + "\n")
+  (out / f"kernels_{tag}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
