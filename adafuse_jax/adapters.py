@@ -168,23 +168,37 @@ class AdapterRuntime:
       key = (layer, group_of(name))
       cached = self._deltas.get(key)
       if cached is None or cached[0] is not x:
-        # Every adapted module of the group at once, routed in module order (as the model
-        # calls them), expansions of equal width batched into one matmul.
-        xf = x.reshape(-1, x.shape[-1])
-        self._batch_shape = x.shape[:-1]
-        packed, deltas = self._groups.packed, {}
-        for batch in packed.layout.expand_batches[key[1]]:
-          dense, h = [], []
-          for m in batch:
-            experts, gates, d = self.route(m, layer, xf, x)
-            dense.append(dense_gates(experts, gates, self.cfg.num_experts) if d is None else d)
-            h.append(self._groups.shrink(m, layer, x))
-          out = expand(jnp.stack(h, 1), jnp.stack(dense, 1), packed.b[batch][layer],
-                       self.cfg.scale, x.dtype)
-          deltas.update({m: out[:, i] for i, m in enumerate(batch)})
-        self._deltas[key] = cached = (x, deltas)
+        self._deltas[key] = cached = (x, self._packed_deltas(key[1], layer, x))
       y = y + cached[1][name]
     return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
+
+  def _packed_deltas(self, group: tuple[str, ...], layer: int, x: jax.Array) -> dict:
+    """Every adapted module of the group at once: {module: delta [N, out] f32}. Layer-wise
+    routers of the group share one top-k (their logits sit side by side); expansions of equal
+    width run as one batched matmul."""
+    from adafuse_jax.packed import expand
+
+    xf = x.reshape(-1, x.shape[-1])
+    self._batch_shape = x.shape[:-1]
+    packed, num_experts = self._groups.packed, self.cfg.num_experts
+    modules = tuple(m for m in group if m in self.cfg.modules)
+    dense = {}
+    if self.cfg.mode == "layerwise":
+      logits = self._groups.block("router", modules, layer, x)  # [N, M, E]
+      experts, gates = top_k_gates(logits, self.cfg.top_k)
+      for i, m in enumerate(modules):
+        self.routes.append(Route(experts[:, i], gates[:, i], logits[:, i]))
+      all_dense = dense_gates(experts, gates, num_experts)  # [N, M, E]
+      dense = {m: all_dense[:, i] for i, m in enumerate(modules)}
+    else:  # pre-gated (one decision for every module) or plain LoRA
+      shared = self.route(modules[0], layer, xf)[2]  # [N, E]
+    deltas = {}
+    for batch in packed.layout.expand_batches[group]:
+      h = self._groups.block("shrink", batch, layer, x)  # [N, M, E*r]
+      d = jnp.stack([dense[m] for m in batch], 1) if dense else shared[:, None]
+      out = expand(h, d, packed.b[batch][layer], self.cfg.scale, x.dtype)
+      deltas.update({m: out[:, i] for i, m in enumerate(batch)})
+    return deltas
 
   def _gathered(self, name, layer, x, xf, weights, experts, gates):
     """Shrink of the active experts (one launch per group of modules sharing `x`), then the
@@ -246,10 +260,9 @@ class AdapterRuntime:
                  in_axes=1, out_axes=1)(e)
     return e.reshape(experts.shape)
 
-  def route(self, name: str, layer: int, xf: jax.Array, x: jax.Array | None = None
+  def route(self, name: str, layer: int, xf: jax.Array
             ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Experts [N, k], gates [N, k] and dense gates [N, E] (or None) for this module and layer.
-    x: the unflattened input, for the packed path's layer-wise router columns."""
+    """Experts [N, k], gates [N, k] and dense gates [N, E] (or None) for this module and layer."""
     mode = self.cfg.mode
     num_experts = self.cfg.num_experts
     if mode == "lora":
@@ -257,10 +270,7 @@ class AdapterRuntime:
       experts, gates = jnp.zeros((n, 1), jnp.int32), jnp.ones((n, 1), jnp.float32)
       return experts, gates, gates
     if mode == "layerwise":
-      if self._groups is not None:
-        logits = self._groups.router_logits(name, layer, x)
-      else:
-        logits = self.adapters.router(name, layer, xf)
+      logits = self.adapters.router(name, layer, xf)
       experts, gates = top_k_gates(logits, self.cfg.top_k)
       self.routes.append(Route(experts, gates, logits))
       return experts, gates, None

@@ -179,15 +179,17 @@ class GroupCache:
     seg = self.packed.layout.base[name]
     return self(name, layer, x)[:, seg.start:seg.start + seg.width]
 
-  def shrink(self, name: str, layer: int, x: jax.Array) -> jax.Array:
-    """x @ A for every expert of `name`: [N, E·r] in f32."""
-    seg = self.packed.layout.shrink[name]
-    return self(name, layer, x)[:, seg.start:seg.start + seg.width]
-
-  def router_logits(self, name: str, layer: int, x: jax.Array) -> jax.Array:
-    """The layer-wise router's logits of `name`: [N, E] in f32."""
-    seg = self.packed.layout.router[name]
-    return self(name, layer, x)[:, seg.start:seg.start + seg.width]
+  def block(self, kind: str, names: tuple[str, ...], layer: int, x: jax.Array) -> jax.Array:
+    """The `kind` ("shrink" or "router") columns of several modules of one group, [N, M, width]:
+    one slice when they sit side by side (they do for a whole group or an expand batch of a
+    Llama block), else stacked."""
+    segs = [getattr(self.packed.layout, kind)[m] for m in names]
+    out = self(names[0], layer, x)
+    width = segs[0].width
+    if all(s.start == segs[0].start + i * width and s.width == width for i, s in enumerate(segs)):
+      block = out[:, segs[0].start:segs[0].start + len(segs) * width]
+      return block.reshape(out.shape[0], len(segs), width)
+    return jnp.stack([out[:, s.start:s.start + s.width] for s in segs], axis=1)
 
 
 class PackedBackbone:
@@ -206,10 +208,12 @@ def expand(h: jax.Array, dense: jax.Array, b_flat: jax.Array, scale: float,
            dtype: jnp.dtype) -> jax.Array:
   """Σ_e dense[:, m, e] · h_e @ B_m,e for M modules at once: one batched matmul.
 
-  h: [N, M, E·r] shrink of every expert (f32); dense: [N, M, E] gates (0 for unchosen experts);
-  b_flat: [M, E·r, out]. Returns [N, M, out] f32.
+  h: [N, M, E·r] shrink of every expert (f32); dense: [N, M, E] gates (0 for unchosen experts),
+  or [N, 1, E] when every module shares them (pre-gated); b_flat: [M, E·r, out].
+  Returns [N, M, out] f32.
   """
-  n, num_modules, num_experts = dense.shape
+  n, num_modules = h.shape[:2]
+  num_experts = dense.shape[-1]
   hg = h.reshape(n, num_modules, num_experts, -1) * (dense[..., None] * scale)
   hg = hg.reshape(n, num_modules, -1).astype(dtype)
   # In the weights' dtype with the result upcast after: see GroupCache on f32 results.

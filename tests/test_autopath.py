@@ -26,9 +26,10 @@ def _adapters(model, **kw):
 
 def test_candidates_follow_mode_batch_and_backend(model):
   names = lambda a, b: [c.name for c in candidates(model, a, b)]  # noqa: E731
-  assert names(_adapters(model), 1) == ["pregated", "pregated-merged"]  # CPU: no fused kernels
-  assert names(_adapters(model), 4) == ["pregated"]  # a batch wants different experts
-  assert names(_adapters(model, mode="layerwise"), 1) == ["layerwise"]
+  # CPU: no fused kernels; a batch wants different experts: no merging.
+  assert names(_adapters(model), 1) == ["pregated", "pregated-packed", "pregated-merged"]
+  assert names(_adapters(model), 4) == ["pregated", "pregated-packed"]
+  assert names(_adapters(model, mode="layerwise"), 1) == ["layerwise", "layerwise-packed"]
 
 
 def test_prompt_switch_rate(model):
@@ -43,7 +44,7 @@ def test_prompt_switch_rate(model):
 def test_choice_is_the_fastest_measured_and_its_generator_runs(model):
   adapters = _adapters(model)
   choice, gen = choose_path(model, adapters, batch=1, cache_len=128, switch_rate=0.5, steps=4)
-  assert set(choice.expected_ms) == {"pregated", "pregated-merged"}
+  assert set(choice.expected_ms) == {"pregated", "pregated-packed", "pregated-merged"}
   assert choice.candidate.name == min(choice.expected_ms, key=choice.expected_ms.get)
   merged = choice.details["pregated-merged"]
   assert choice.expected_ms["pregated-merged"] == pytest.approx(

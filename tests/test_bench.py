@@ -17,12 +17,14 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 def test_tiny_run_writes_json_table_and_plot(tmp_path):
   out = run_bench("--preset", "tiny", "--steps", "2", "--warmup", "1", "--prefill", "16",
                   "--batch", "4", "--modes",
-                  "backbone,pregated,pregated-fused,pregated-fused-sere,pregated-auto",
+                  "backbone,backbone-packed,pregated,pregated-fused,pregated-fused-sere,"
+                  "pregated-auto,layerwise-packed",
                   "--out", str(tmp_path))
   assert out.returncode == 0, out.stderr
   report = json.loads((tmp_path / "results.json").read_text())
   modes = [r["mode"] for r in report["results"]]
-  assert modes == ["backbone", "pregated", "pregated-fused", "pregated-fused-sere", "pregated-auto"]
+  assert modes == ["backbone", "backbone-packed", "pregated", "pregated-fused",
+                   "pregated-fused-sere", "pregated-auto", "layerwise-packed"]
   for r in report["results"]:
     assert r["decode"]["median_ms"] > 0 and r["floor_ms"] > 0 and r["kernels_per_step"] > 0
     assert r["decode_pipelined"]["median_ms"] > 0 and r["decode_pipelined"]["n"] == 4
@@ -35,6 +37,7 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path):
   assert report["environment"]["jax"] and report["copy_bandwidth_tb_s"] > 0
   assert (tmp_path / "decode.png").stat().st_size > 1000
   assert "| backbone |" in out.stdout
+  assert by_mode["backbone"]["ratio_to_backbone"] == 1.0  # the plain backbone is the reference
 
 
 @pytest.mark.parametrize("args, message", [
