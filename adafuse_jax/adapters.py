@@ -165,6 +165,7 @@ class AdapterRuntime:
 
     y = self._groups.base(name, layer, x)
     if name in self.cfg.modules:
+      y = y.astype(jnp.float32)
       key = (layer, group_of(name))
       cached = self._deltas.get(key)
       if cached is None or cached[0] is not x:

@@ -163,19 +163,20 @@ class GroupCache:
     self._out: dict = {}
 
   def __call__(self, name: str, layer: int, x: jax.Array) -> jax.Array:
-    """Packed output [N, columns] in f32 for x [..., in]."""
+    """Packed output [N, columns] in x's dtype for x [..., in]."""
     group = group_of(name)
     cached = self._out.get((layer, group))
     if cached is None or cached[0] is not x:
       xf = x.reshape(-1, x.shape[-1])
       # In the weights' dtype, as the backbone's `x @ W`: asking XLA:GPU for an f32 result of
-      # bf16 operands converts the whole weight to f32 first (measured 4x the backbone's step).
-      out = (xf @ self.packed.w[group][layer]).astype(jnp.float32)
+      # bf16 operands converts the whole weight to f32 first (measured 4x the backbone's step);
+      # consumers upcast their slices (an f32 copy of the whole output costs a pass in prefill).
+      out = xf @ self.packed.w[group][layer]
       self._out[(layer, group)] = cached = (x, out)
     return cached[1]
 
   def base(self, name: str, layer: int, x: jax.Array) -> jax.Array:
-    """The backbone's output of module `name`: [N, out] in f32."""
+    """The backbone's output of module `name`: [N, out] in x's dtype."""
     seg = self.packed.layout.base[name]
     return self(name, layer, x)[:, seg.start:seg.start + seg.width]
 
@@ -200,21 +201,20 @@ class PackedBackbone:
 
   def __call__(self, name: str, layer: int, x: jax.Array, weights) -> jax.Array:
     del weights  # the packed copy is read instead
-    y = self.groups.base(name, layer, x)
-    return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
+    return self.groups.base(name, layer, x).reshape(*x.shape[:-1], -1)
 
 
 def expand(h: jax.Array, dense: jax.Array, b_flat: jax.Array, scale: float,
            dtype: jnp.dtype) -> jax.Array:
   """Σ_e dense[:, m, e] · h_e @ B_m,e for M modules at once: one batched matmul.
 
-  h: [N, M, E·r] shrink of every expert (f32); dense: [N, M, E] gates (0 for unchosen experts),
+  h: [N, M, E·r] shrink of every expert; dense: [N, M, E] gates (0 for unchosen experts),
   or [N, 1, E] when every module shares them (pre-gated); b_flat: [M, E·r, out].
   Returns [N, M, out] f32.
   """
   n, num_modules = h.shape[:2]
   num_experts = dense.shape[-1]
-  hg = h.reshape(n, num_modules, num_experts, -1) * (dense[..., None] * scale)
+  hg = h.astype(jnp.float32).reshape(n, num_modules, num_experts, -1) * (dense[..., None] * scale)
   hg = hg.reshape(n, num_modules, -1).astype(dtype)
   # In the weights' dtype with the result upcast after: see GroupCache on f32 results.
   return jnp.einsum("nmk,mko->nmo", hg, b_flat).astype(jnp.float32)
