@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -30,7 +35,31 @@ for name, r in runs.items():
   print(f"{name:<24} {r['environment']['device']:<24} {r['preset']:<12} batch {r['batch']}  {r['environment']['date']}")
 
 # %% [markdown]
-# ## Latency by mode, Llama-2-7B bf16, batch 1 (latest full run)
+# ## Packed projections: every path beside the backbone (latest runs)
+# `--implementation packed` (`adafuse_jax/packed.py`) appends every expert's A and the layer-wise
+# routers to the backbone's matrices, one matmul per group of modules sharing an input. Each bar
+# is a mode's pipelined ms/token over the backbone's in the same run.
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+for ax, key in zip(axes, ("h100-packed/b1-pregated", "h100-packed/b1-layerwise", "h100-packed/b32")):
+  rows = runs[key]["results"]
+  base = next(r for r in rows if r["mode"] == "backbone")["decode_pipelined"]["median_ms"]
+  ratio = [r["decode_pipelined"]["median_ms"] / base for r in rows]
+  colors = ["#55A868" if "packed" in r["mode"] else "#8C8C8C" for r in rows]
+  ax.bar([r["mode"] for r in rows], ratio, color=colors)
+  ax.axhline(1.05, color="#C44E52", ls="--", lw=1, label="+5%")
+  ax.set_title(f"{key.split('/')[-1]} (batch {runs[key]['batch']})")
+  ax.tick_params(axis="x", rotation=60)
+  for i, v in enumerate(ratio):
+    ax.text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=7)
+axes[0].set_ylabel("pipelined ms/token / backbone")
+axes[0].legend()
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Latency by mode, Llama-2-7B bf16, batch 1 (full run before the packing)
 # Two timings per mode: *synced* (one step, then wait: latency) and *pipelined* (steps dispatched
 # back to back, as `generate` runs them). The difference is host launch overhead that pipelining
 # hides behind the previous step's GPU work.

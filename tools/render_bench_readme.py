@@ -154,8 +154,25 @@ def pipelined_throughput_section() -> list[str]:
   return lines
 
 
+PACKED_RUNS = (("b1-pregated", "pre-gated paths and auto, batch 1"),
+               ("b1-layerwise", "layer-wise paths, batch 1, and prefill of 512 tokens"),
+               ("b1-prefill", "prefill of 512 tokens, again"),
+               ("b32", "batch 32"))
+
+
+def packed_sections() -> list[str]:
+  """The runs of the packed projections (adafuse_jax/packed.py), latest first."""
+  notes = ROOT / "h100-packed" / "README.md"
+  lines = [notes.read_text().strip().replace("# ", "## ", 1), ""] if notes.exists() else []
+  for sub, title in PACKED_RUNS:
+    if (ROOT / "h100-packed" / sub / "results.json").exists():
+      lines += section(ROOT / "h100-packed" / sub, f"H100, packed projections: {title} (latest)")
+  return lines
+
+
 def main() -> None:
   lines = [INTRO]
+  lines += packed_sections()
   if (ROOT / "h100-full" / "results.json").exists():
     for sub in ("batch1", "batch32"):
       if (ROOT / "h100-tuned" / sub / "results.json").exists():
@@ -229,9 +246,17 @@ def main() -> None:
       table += "\n\nPrefill (same preset, another run):\n\n" + prefill.split("\n\n")[-1]
   tuned = ROOT / "h100-tuned" / "batch1" / "results.json"
   if tuned.exists():
-    table = ("Latest run, after tuning the gathered kernels' tiles"
+    table = ("After tuning the gathered kernels' tiles"
              " (`docs/benchmarks/h100-tuned/`):\n\n" + markdown(json.loads(tuned.read_text()))
              + "\n\nThe full suite (every path, one run before the tuning):\n\n" + table)
+  packed = [(sub, ROOT / "h100-packed" / sub / "results.json") for sub, _ in PACKED_RUNS]
+  packed = [(sub, p) for sub, p in packed if p.exists()]
+  if packed:
+    runs = "\n\n".join(f"`docs/benchmarks/h100-packed/{sub}/` ({title}):\n\n"
+                         + markdown(json.loads(p.read_text()))
+                         for (sub, p), (_, title) in zip(packed, PACKED_RUNS))
+    table = ("Latest runs, packed projections (`adafuse_jax/packed.py`), each mode measured"
+             " beside the backbone in the same run:\n\n" + runs + "\n\nEarlier runs.\n\n" + table)
   throughput = "\n".join(pipelined_throughput_section()[2:])
   table += "\n\n" + throughput
   text = f"{head}<!-- bench:start -->\n{table}\n<!-- bench:end -->{tail}"
