@@ -56,7 +56,11 @@ def test_help_documents_every_option():
     assert flag in out.stdout
 
 
-def test_adapter_modes_show_routing_and_merge():
+def test_adapter_modes_show_routing_and_merge(default_model):
+  from adafuse_jax.adapter_io import resolve_adapters
+  from adafuse_jax.config import AdapterConfig
+  from adafuse_jax.generate import Generator, generate
+
   out = run_cli("--json", "--mode", "pregated", "--adapters", "random:3", "--show-routing",
                 "--max-new-tokens", "4", "--experts", "4", "--rank", "4", "Hello")
   assert out.returncode == 0, out.stderr
@@ -66,10 +70,13 @@ def test_adapter_modes_show_routing_and_merge():
     assert len(row["experts"]) == 2 and abs(sum(row["gates"]) - 1) < 1e-2
   merged = run_cli("--json", "--mode", "lora", "--adapters", "random:3", "--merge", "--rank", "4",
                    "--max-new-tokens", "4", "Hello")
-  unmerged = run_cli("--json", "--mode", "lora", "--adapters", "random:3", "--rank", "4",
-                     "--max-new-tokens", "4", "Hello")
-  assert merged.returncode == 0 and unmerged.returncode == 0, merged.stderr + unmerged.stderr
-  assert json.loads(merged.stdout)["completions"] == json.loads(unmerged.stdout)["completions"]
+  assert merged.returncode == 0, merged.stderr
+  # The same LoRA unmerged, in this process (the CLI's default path, packed).
+  model, tok = default_model.model, default_model.tokenizer
+  lora = resolve_adapters("random:3", AdapterConfig(mode="lora", rank=4), model.cfg, seed=3)
+  res = generate(Generator(model, adapters=lora, implementation="packed"), [tok.encode("Hello")],
+                 max_new_tokens=4, stop_ids=tok.eos_ids, pad_id=min(tok.eos_ids))
+  assert json.loads(merged.stdout)["completions"] == [tok.decode(res.tokens[0])]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -95,8 +102,8 @@ def test_auto_measures_the_candidates_and_says_what_it_chose():
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout)
   auto = result["auto"]
-  # On the CPU: plain XLA and (one pre-gated prompt, q/v adapted) the merged switch.
-  assert set(auto["expected_ms"]) == {"pregated", "pregated-merged"}
+  # On the CPU: plain XLA, packed and (one pre-gated prompt, q/v adapted) the merged switch.
+  assert set(auto["expected_ms"]) == {"pregated", "pregated-packed", "pregated-merged"}
   assert all(t > 0 for t in auto["expected_ms"].values())
   assert auto["path"] == min(auto["expected_ms"], key=auto["expected_ms"].get) == result["mode"]
   assert 0.0 <= auto["switch_rate"] <= 1.0 and auto["path"] in auto["reason"]

@@ -142,6 +142,39 @@ def test_truncated_gguf_is_rejected(tmp_path):
       load_model(str(bad), progress=False)
 
 
+def _same_fields_and_tensors(fast, stock) -> None:
+  assert list(fast.fields) == list(stock.fields)
+  for key, field in stock.fields.items():
+    want = field.contents()
+    want = want.tolist() if hasattr(want, "tolist") else want
+    assert fast.fields[key].contents() == want, key
+    assert len(fast.fields[key].data) == len(field.data), key
+  assert [t.name for t in fast.tensors] == [t.name for t in stock.tensors]
+  for a, b in zip(fast.tensors, stock.tensors):
+    np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_fast_gguf_reader_reads_what_the_stock_reader_reads(tmp_path):
+  from adafuse_jax.weights import default_model_path
+  from adafuse_jax.weights.gguf import _FastReader
+
+  path = tmp_path / "arrays.gguf"
+  writer = gguf.GGUFWriter(str(path), arch="llama")
+  writer.add_array("test.strings", ["a", "", "héllo wörld", "Ġthe", "\n\t"])
+  writer.add_array("test.ints", [1, -2, 3])
+  writer.add_array("test.floats", [0.5, -1.25])
+  writer.add_array("test.bools", [True, False, True])
+  writer.add_string("test.name", "ünïcode")
+  writer.add_uint32("test.count", 7)
+  writer.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  for p in (str(path), str(default_model_path())):
+    _same_fields_and_tensors(_FastReader(p), gguf.GGUFReader(p))
+
+
 def test_non_llama_gguf_is_rejected(tmp_path):
   path = tmp_path / "gpt2.gguf"
   writer = gguf.GGUFWriter(str(path), arch="gpt2")

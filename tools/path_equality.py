@@ -76,7 +76,11 @@ def main() -> None:
                  "mean_abs_logit_diff": float(diff.mean()),
                  "logit_scale": float(np.abs(ref_logits).max()),
                  "teacher_forced_argmax_agreement": argmax_agree})
+  names = list(runs)
+  pairwise = {a: {b: next((i for i, (x, y) in enumerate(zip(runs[a]["tokens"], runs[b]["tokens"]))
+                           if x != y), None) for b in names} for a in names}
   report = {"environment": environment(), "dtype": args.dtype, "prompt": PROMPT,
+            "first_divergence_pairwise": pairwise,
             "adapters": "default (trained, pre-gated, 8 experts of rank 8 on q, k, v, o)",
             "results": rows}
   (out / "path_equality.json").write_text(json.dumps(report, indent=1))
@@ -89,6 +93,11 @@ def main() -> None:
     lines.append(f"| {r['path']} | {r['identical_to_xla']} | {r['first_divergence']} |"
                  f" {r['max_abs_logit_diff']:.3f} | {r['mean_abs_logit_diff']:.4f} |"
                  f" {100 * r['teacher_forced_argmax_agreement']:.1f}% |")
+  lines += ["", "First position where two paths' greedy tokens differ (none = all equal):", "",
+            "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+  for a in names:
+    lines.append(f"| {a} | " + " | ".join(str(pairwise[a][b] if pairwise[a][b] is not None
+                                              else "none") for b in names) + " |")
   text = "\n".join(lines)
   (out / "path_equality.md").write_text(text + "\n")
   print(text)

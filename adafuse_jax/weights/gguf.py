@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import sys
 from typing import Protocol
 
 import gguf
@@ -35,12 +37,80 @@ def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
+_SCALARS = {gguf.GGUFValueType.UINT8: "<u1", gguf.GGUFValueType.INT8: "<i1",
+            gguf.GGUFValueType.UINT16: "<u2", gguf.GGUFValueType.INT16: "<i2",
+            gguf.GGUFValueType.UINT32: "<u4", gguf.GGUFValueType.INT32: "<i4",
+            gguf.GGUFValueType.FLOAT32: "<f4", gguf.GGUFValueType.BOOL: "<u1",
+            gguf.GGUFValueType.UINT64: "<u8", gguf.GGUFValueType.INT64: "<i8",
+            gguf.GGUFValueType.FLOAT64: "<f8"}
+
+
+class _ArrayField:
+  """A metadata array read in one pass: what `ReaderField` offers the loaders (`contents()`,
+  `data` for its length, `types`)."""
+
+  def __init__(self, offset: int, name: str, sub_type, values: list):
+    self.offset, self.name, self.values = offset, name, values
+    self.types = [gguf.GGUFValueType.ARRAY, sub_type]
+    self.parts: list = []
+    self.data = list(range(len(values)))
+
+  def contents(self, index_or_slice: int | slice = slice(None)):
+    return self.values[index_or_slice]
+
+
+class _FastReader(gguf.GGUFReader):
+  """`gguf.GGUFReader` whose metadata arrays (the tokenizer's 49k tokens, merges and types) are
+  read in one pass over the bytes: the stock reader builds numpy views per element, 8.6 of the
+  12.9 s it took to load SmolLM2 on a 2-core CPU. Little-endian files only (the stock reader
+  takes the others); every other field goes through the stock code."""
+
+  def _build_fields(self, offs: int, count: int) -> int:
+    if self.byte_order != "I" or sys.byteorder != "little":
+      return super()._build_fields(offs, count)
+    view = memoryview(self.data)
+    for _ in range(count):
+      start = offs
+      (klen,) = struct.unpack_from("<Q", view, offs)
+      key = bytes(view[offs + 8:offs + 8 + klen]).decode("utf-8")
+      (vtype,) = struct.unpack_from("<I", view, offs + 8 + klen)
+      body = offs + 12 + klen
+      if vtype != gguf.GGUFValueType.ARRAY:
+        size, parts, idxs, types = self._get_field_parts(body, vtype)
+        key_parts = [np.asarray([klen], np.uint64), np.frombuffer(key.encode(), np.uint8),
+                     np.asarray([vtype], np.uint32)]
+        self._push_field(gguf.ReaderField(start, key, key_parts + parts,
+                                          [i + 3 for i in idxs], types), skip_sum=True)
+        offs = body + size
+        continue
+      sub, n = struct.unpack_from("<IQ", view, body)
+      p = body + 12
+      if sub == gguf.GGUFValueType.STRING:
+        values = []
+        for _ in range(n):
+          (slen,) = struct.unpack_from("<Q", view, p)
+          values.append(str(view[p + 8:p + 8 + slen], "utf-8"))
+          p += 8 + slen
+      elif sub in _SCALARS:
+        arr = np.frombuffer(view, dtype=_SCALARS[sub], count=n, offset=p)
+        values = arr.astype(bool).tolist() if sub == gguf.GGUFValueType.BOOL else arr.tolist()
+        p += arr.nbytes
+      else:  # nested arrays: open_reader falls back to the stock reader
+        raise ValueError(f"GGUF field {key!r} is an array of arrays")
+      self.fields[key] = _ArrayField(start, key, gguf.GGUFValueType(sub), values)
+      offs = p
+    return offs
+
+
 def open_reader(path: str) -> gguf.GGUFReader:
   if not os.path.isfile(path):
     raise ModelFileError(f"model file {path!r} does not exist; pass --model with a .gguf file,"
                          " a Hugging Face folder, or 'default'")
   try:
-    return gguf.GGUFReader(path)
+    try:
+      return _FastReader(path)
+    except (struct.error, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+      return gguf.GGUFReader(path)  # the stock reader's own errors name what is wrong
   except Exception as e:  # the reader raises many kinds on a damaged file
     raise ModelFileError(
         f"{path!r} is not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated or"
