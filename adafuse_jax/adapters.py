@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from adafuse_jax.config import AdapterConfig, ModelConfig
-from adafuse_jax.model.llama import LlamaModel
+from adafuse_jax.model.llama import LlamaModel, per_layer
 from adafuse_jax.experts import ExpertPool, dense_gates, expert_delta, use_fused_kernel
 from adafuse_jax.routing import LayerwiseRouter, PreGateRouter, gates_for, top_k_gates
 
@@ -52,7 +52,7 @@ class MixtureOfLoRA(nnx.Module):
     for m in self.cfg.modules:
       a, b = self.pool.stacked(m)
       if layout == "list":
-        a, b = tuple(a[l] for l in range(a.shape[0])), tuple(b[l] for l in range(b.shape[0]))
+        a, b = per_layer(a), per_layer(b)
       getattr(out.pool, f"A_{m}").set_value(a)
       getattr(out.pool, f"B_{m}").set_value(b)
     if self.router is not None:

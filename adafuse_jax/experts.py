@@ -12,6 +12,7 @@ AdapterParam)`) or a checkpoint selects them alone and the backbone's `nnx.Param
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -43,7 +44,7 @@ class ExpertPool(nnx.Module):
 
   def __init__(self, model_cfg: ModelConfig, cfg: AdapterConfig, *, rngs: nnx.Rngs,
                dtype: jnp.dtype = jnp.float32, random_b: bool = False, layout: str | None = None):
-    from adafuse_jax.model.llama import default_layout
+    from adafuse_jax.model.llama import default_layout, per_layer
 
     self.modules = cfg.modules
     # Same per-backend layout as the model's weights: on XLA:CPU a slice of a stacked array is
@@ -54,15 +55,14 @@ class ExpertPool(nnx.Module):
     e, r, L = cfg.num_experts, cfg.rank, model_cfg.layers
     for m in cfg.modules:
       d_in, d_out = shapes[m]
-      a = jax.random.normal(rngs.params(), (L, d_in, e, r), jnp.float32) / jnp.sqrt(d_in)
-      if random_b:
-        b = jax.random.normal(rngs.params(), (L, e, r, d_out), jnp.float32) / jnp.sqrt(r)
-        b = b * 0.5  # deltas of the backbone's order of magnitude would drown it
+      # One jitted program per shape (eager ops would compile one program each).
+      a = _scaled_normal(rngs.params(), (L, d_in, e, r), jnp.dtype(dtype), 1.0 / d_in ** 0.5)
+      if random_b:  # halved: deltas of the backbone's order of magnitude would drown it
+        b = _scaled_normal(rngs.params(), (L, e, r, d_out), jnp.dtype(dtype), 0.5 / r ** 0.5)
       else:
-        b = jnp.zeros((L, e, r, d_out), jnp.float32)
-      a, b = a.astype(dtype), b.astype(dtype)
+        b = jnp.zeros((L, e, r, d_out), dtype)
       if self.layout == "list":
-        a, b = tuple(a[l] for l in range(L)), tuple(b[l] for l in range(L))
+        a, b = per_layer(a), per_layer(b)
       setattr(self, f"A_{m}", ExpertParam(a))
       setattr(self, f"B_{m}", ExpertParam(b))
 
@@ -77,6 +77,12 @@ class ExpertPool(nnx.Module):
     if isinstance(a, tuple):
       a, b = jnp.stack(a), jnp.stack(b)
     return a, b
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _scaled_normal(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype, scale: float
+                   ) -> jax.Array:
+  return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
 
 
 def dense_gates(experts: jax.Array, gates: jax.Array, num_experts: int) -> jax.Array:

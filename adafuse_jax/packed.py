@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from adafuse_jax.config import ModelConfig
+from adafuse_jax.model.llama import per_layer
 
 # Modules of a Llama block that read the same input, in the order the block calls them.
 INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
@@ -144,13 +145,13 @@ def pack(model, adapters=None) -> PackedWeights:
     for batch in batches:
       bs = [adapters.pool.stacked(m)[1] for m in batch]  # [L, E, r, out] each
       bb = jnp.stack([x.reshape(x.shape[0], e * r, x.shape[-1]) for x in bs], axis=1).astype(dtype)
-      b[batch] = tuple(bb[l] for l in range(bb.shape[0])) if model.layout == "list" else bb
+      b[batch] = per_layer(bb) if model.layout == "list" else bb
   return PackedWeights(w, b, layout)
 
 
 def _concat(parts, dtype, layout: str):
   out = jnp.concatenate([p.astype(dtype) for p in parts], axis=-1)
-  return tuple(out[l] for l in range(out.shape[0])) if layout == "list" else out
+  return per_layer(out) if layout == "list" else out
 
 
 class GroupCache:
