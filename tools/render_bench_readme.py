@@ -157,7 +157,9 @@ def pipelined_throughput_section() -> list[str]:
 PACKED_RUNS = (("b1-pregated", "pre-gated paths and auto, batch 1"),
                ("b1-layerwise", "layer-wise paths, batch 1, and prefill of 512 tokens"),
                ("b1-prefill", "prefill of 512 tokens, again"),
-               ("b32", "batch 32"))
+               ("b32", "batch 32"),
+               ("qv", "experts on q and v only, batch 1 (auto at the trained router's switch"
+                      " rate)"))
 
 
 def packed_sections() -> list[str]:
@@ -167,6 +169,10 @@ def packed_sections() -> list[str]:
   for sub, title in PACKED_RUNS:
     if (ROOT / "h100-packed" / sub / "results.json").exists():
       lines += section(ROOT / "h100-packed" / sub, f"H100, packed projections: {title} (latest)")
+  equality = ROOT / "h100-equality" / "path_equality.md"
+  if equality.exists():
+    lines += ["## Do the paths generate the same text? (`python tools/path_equality.py`)", "",
+              equality.read_text().strip(), ""]
   return lines
 
 
