@@ -56,18 +56,12 @@ def test_help_documents_every_option():
     assert flag in out.stdout
 
 
-def test_adapter_modes_show_routing_and_merge(default_model):
+def test_lora_merged_once_equals_unmerged(default_model):
   from adafuse_jax.adapter_io import resolve_adapters
   from adafuse_jax.config import AdapterConfig
   from adafuse_jax.generate import Generator, generate
 
-  out = run_cli("--json", "--mode", "pregated", "--adapters", "random:3", "--show-routing",
-                "--max-new-tokens", "4", "--experts", "4", "--rank", "4", "Hello")
-  assert out.returncode == 0, out.stderr
-  result = json.loads(out.stdout)
-  assert result["mode"] == "pregated" and len(result["routing"]) == result["generated_tokens"][0]
-  for row in result["routing"]:
-    assert len(row["experts"]) == 2 and abs(sum(row["gates"]) - 1) < 1e-2
+  # (--show-routing of a pre-gated pool: test_auto_measures_the_candidates_and_says_what_it_chose)
   merged = run_cli("--json", "--mode", "lora", "--adapters", "random:3", "--merge", "--rank", "4",
                    "--max-new-tokens", "4", "Hello")
   assert merged.returncode == 0, merged.stderr
@@ -98,7 +92,7 @@ def test_bad_adapter_arguments_exit_2(args, message):
 def test_auto_measures_the_candidates_and_says_what_it_chose():
   out = run_cli("--json", "--mode", "pregated", "--adapters", "random:2", "--implementation",
                 "auto", "--max-new-tokens", "3", "--experts", "4", "--rank", "4",
-                "--adapt-modules", "q,v", "The capital of France is")
+                "--adapt-modules", "q,v", "--show-routing", "The capital of France is")
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout)
   auto = result["auto"]
@@ -108,3 +102,6 @@ def test_auto_measures_the_candidates_and_says_what_it_chose():
   assert auto["path"] == min(auto["expected_ms"], key=auto["expected_ms"].get) == result["mode"]
   assert 0.0 <= auto["switch_rate"] <= 1.0 and auto["path"] in auto["reason"]
   assert result["generated_tokens"] == [3]
+  assert len(result["routing"]) == 3  # --show-routing: experts and gates per generated token
+  for row in result["routing"]:
+    assert len(row["experts"]) == 2 and abs(sum(row["gates"]) - 1) < 1e-2
