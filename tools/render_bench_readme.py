@@ -179,6 +179,9 @@ def packed_sections() -> list[str]:
 def main() -> None:
   lines = [INTRO]
   lines += packed_sections()
+  if (ROOT / "cpu-packed" / "results.json").exists():
+    lines += section(ROOT / "cpu-packed", "CPU (2 cores): the real default model, packed"
+                     " projections beside the plain paths (latest)")
   if (ROOT / "h100-full" / "results.json").exists():
     for sub in ("batch1", "batch32"):
       if (ROOT / "h100-tuned" / sub / "results.json").exists():
