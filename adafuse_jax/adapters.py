@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from adafuse_jax.config import AdapterConfig, ModelConfig
-from adafuse_jax.model.llama import LlamaModel, per_layer
+from adafuse_jax.model.llama import LlamaModel, input_group, per_layer
+from adafuse_jax.packed import cached_on_input
 from adafuse_jax.experts import ExpertPool, dense_gates, expert_delta, use_fused_kernel
 from adafuse_jax.routing import LayerwiseRouter, PreGateRouter, gates_for, top_k_gates
 
@@ -89,8 +90,6 @@ class SereSettings:
 # shrink per module), kept so that benchmarks compare the two in one run. "packed" appends every
 # expert's A and the layer-wise routers to the backbone's matrices (adafuse_jax/packed.py).
 IMPLEMENTATIONS = ("xla", "pallas", "pallas-dense", "packed")
-# Modules that read the same input in a Llama block: one shrink launch serves the group.
-SHARED_INPUT_GROUPS = (("q", "k", "v"), ("gate", "up"))
 # The fused kernel is a matrix-vector design (narrow column tiles, 16-32 rows); for prompts XLA's
 # matmuls win (H100, 7B, prefill of 512 tokens: 64.1 ms fused vs 32.3 ms XLA,
 # docs/benchmarks/h100), so larger token counts take the XLA path.
@@ -164,16 +163,12 @@ class AdapterRuntime:
   def _packed(self, name: str, layer: int, x: jax.Array) -> jax.Array:
     """Base output, every expert's shrink and (layer-wise) the router's logits from the one
     packed matmul of x's input group; then the gated expansion as one small matmul."""
-    from adafuse_jax.packed import expand, group_of
-
     y = self._groups.base(name, layer, x)
     if name in self.cfg.modules:
-      y = y.astype(jnp.float32)
-      key = (layer, group_of(name))
-      cached = self._deltas.get(key)
-      if cached is None or cached[0] is not x:
-        self._deltas[key] = cached = (x, self._packed_deltas(key[1], layer, x))
-      y = y + cached[1][name]
+      group = input_group(name)
+      deltas = cached_on_input(self._deltas, (layer, group), x,
+                               lambda: self._packed_deltas(group, layer, x))
+      y = y.astype(jnp.float32) + deltas[name]
     return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
 
   def _packed_deltas(self, group: tuple[str, ...], layer: int, x: jax.Array) -> dict:
@@ -219,23 +214,17 @@ class AdapterRuntime:
     else:  # every module routes on its own (layerwise) or has the single expert (lora)
       active, group = active_experts(experts, gates, num_experts), (name,)
     ids, count, gmat = active
-    key = (layer, group)
-    cached = self._shrinks.get(key)
-    if cached is None or cached[0] is not x:
-      pools = [self.adapters.pool.stacked(m)[0] for m in group]
-      h = gathered_shrink(xf, pools, layer, ids, count, gmat, scale=self.cfg.scale,
-                          interpret=interpret)
-      self._shrinks[key] = cached = (x, h)
+    h = cached_on_input(self._shrinks, (layer, group), x, lambda: gathered_shrink(
+        xf, [self.adapters.pool.stacked(m)[0] for m in group], layer, ids, count, gmat,
+        scale=self.cfg.scale, interpret=interpret))
     b_all = self.adapters.pool.stacked(name)[1]
-    y = gathered_expand_matmul(xf, weights, layer, cached[1], b_all, ids, count,
+    y = gathered_expand_matmul(xf, weights, layer, h, b_all, ids, count,
                                group=group.index(name), interpret=interpret)
     return y.reshape(*x.shape[:-1], -1)
 
   def _group(self, name: str) -> tuple[str, ...]:
-    for group in SHARED_INPUT_GROUPS:
-      if name in group:
-        return tuple(m for m in group if m in self.cfg.modules)
-    return (name,)
+    """The adapted modules that read the same input as `name`: one shrink launch serves them."""
+    return tuple(m for m in input_group(name) if m in self.cfg.modules)
 
   def _fused(self, name, layer, x, xf, weights, experts, gates, dense):
     from pallas_kernels.expert_matmul import fused_expert_matmul

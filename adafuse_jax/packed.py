@@ -29,14 +29,16 @@ import jax
 import jax.numpy as jnp
 
 from adafuse_jax.config import ModelConfig
-from adafuse_jax.model.llama import per_layer
-
-# Modules of a Llama block that read the same input, in the order the block calls them.
-INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+from adafuse_jax.model.llama import INPUT_GROUPS, input_group, per_layer
 
 
-def group_of(name: str) -> tuple[str, ...]:
-  return next(g for g in INPUT_GROUPS if name in g)
+def cached_on_input(store: dict, key, x: jax.Array, compute):
+  """`compute()` once per key for the same input `x` within one trace: the modules of an input
+  group share work, and a different input (another call of the model) recomputes."""
+  hit = store.get(key)
+  if hit is None or hit[0] is not x:
+    store[key] = hit = (x, compute())
+  return hit[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +53,11 @@ class Segment:
 class PackLayout:
   """Where each module's base output, shrink and router logits sit in its group's columns.
 
-  columns: group tuple -> number of packed columns.
   base, shrink, router: module name -> Segment.
   expand_batches: per group, the adapted modules whose expansions run as one batched matmul
     (same output width: q/k/v of a model without GQA, gate/up always).
   """
 
-  columns: dict
   base: dict
   shrink: dict
   router: dict
@@ -69,7 +69,7 @@ def pack_layout(model_cfg: ModelConfig, adapter_modules: tuple[str, ...], expert
   """Column layout: per group, base outputs, then E·r shrink columns per adapted module, then
   router_cols router logits per adapted module (0 for a pre-gated or plain LoRA pool)."""
   shapes = model_cfg.linear_shapes()
-  columns, base, shrink, router, batches = {}, {}, {}, {}, {}
+  base, shrink, router, batches = {}, {}, {}, {}
   for group in INPUT_GROUPS:
     by_width: dict[int, list[str]] = {}
     for m in group:
@@ -88,8 +88,7 @@ def pack_layout(model_cfg: ModelConfig, adapter_modules: tuple[str, ...], expert
       if m in adapter_modules and router_cols:
         router[m] = Segment(col, router_cols)
         col += router_cols
-    columns[group] = col
-  return PackLayout(columns, base, shrink, router, batches)
+  return PackLayout(base, shrink, router, batches)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -130,12 +129,13 @@ def pack(model, adapters=None) -> PackedWeights:
   r = adapters.cfg.rank if adapters is not None else 0
   layout = pack_layout(cfg, modules, e * r, e if layerwise else 0)
   dtype = model.dtype
+  pools = {m: adapters.pool.stacked(m) for m in modules}  # (A [L, in, E, r], B [L, E, r, out])
   w, b = {}, {}
   for group in INPUT_GROUPS:
     parts = [model.linear_weight(m) for m in group]  # [L, in, out]
     for m in group:
       if m in modules:
-        a = adapters.pool.stacked(m)[0]  # [L, in, E, r]
+        a = pools[m][0]
         parts.append(a.reshape(*a.shape[:2], e * r))
     for m in group:
       if m in layout.router:
@@ -143,7 +143,7 @@ def pack(model, adapters=None) -> PackedWeights:
     w[group] = _concat(parts, dtype, model.layout)
   for batches in layout.expand_batches.values():
     for batch in batches:
-      bs = [adapters.pool.stacked(m)[1] for m in batch]  # [L, E, r, out] each
+      bs = [pools[m][1] for m in batch]
       bb = jnp.stack([x.reshape(x.shape[0], e * r, x.shape[-1]) for x in bs], axis=1).astype(dtype)
       b[batch] = per_layer(bb) if model.layout == "list" else bb
   return PackedWeights(w, b, layout)
@@ -165,16 +165,12 @@ class GroupCache:
 
   def __call__(self, name: str, layer: int, x: jax.Array) -> jax.Array:
     """Packed output [N, columns] in x's dtype for x [..., in]."""
-    group = group_of(name)
-    cached = self._out.get((layer, group))
-    if cached is None or cached[0] is not x:
-      xf = x.reshape(-1, x.shape[-1])
-      # In the weights' dtype, as the backbone's `x @ W`: asking XLA:GPU for an f32 result of
-      # bf16 operands converts the whole weight to f32 first (measured 4x the backbone's step);
-      # consumers upcast their slices (an f32 copy of the whole output costs a pass in prefill).
-      out = xf @ self.packed.w[group][layer]
-      self._out[(layer, group)] = cached = (x, out)
-    return cached[1]
+    group = input_group(name)
+    # In the weights' dtype, as the backbone's `x @ W`: asking XLA:GPU for an f32 result of
+    # bf16 operands converts the whole weight to f32 first (measured 4x the backbone's step);
+    # consumers upcast their slices (an f32 copy of the whole output costs a pass in prefill).
+    return cached_on_input(self._out, (layer, group), x,
+                           lambda: x.reshape(-1, x.shape[-1]) @ self.packed.w[group][layer])
 
   def base(self, name: str, layer: int, x: jax.Array) -> jax.Array:
     """The backbone's output of module `name`: [N, out] in x's dtype."""

@@ -34,6 +34,13 @@ from adafuse_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_f
 
 LinearFn = Callable[[str, int, jax.Array, jax.Array], jax.Array]
 LINEAR_NAMES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+# Linear modules of a block that read the same input, in the order the block calls them.
+INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+def input_group(name: str) -> tuple[str, ...]:
+  """The modules that read the same input as `name` (itself included)."""
+  return next(g for g in INPUT_GROUPS if name in g)
 
 
 LAYOUTS = ("stacked", "list")
