@@ -83,6 +83,8 @@ def test_lora_merged_once_equals_unmerged(default_model):
     (("--mode", "pregated", "--adapters", "random", "--merge", "--implementation", "auto", "hi"),
      "drop --merge"),
     (("--implementation", "auto", "hi"), "needs --adapters"),
+    (("--mode", "pregated", "--adapters", "random", "--merge", "--implementation", "packed", "hi"),
+     "--implementation packed applies them unmerged"),
 ])
 def test_bad_adapter_arguments_exit_2(args, message):
   out = run_cli(*args)

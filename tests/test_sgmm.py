@@ -221,6 +221,9 @@ def test_merged_greedy_200_tokens_equal_unmerged_on_default_model(default_model)
 def test_merging_rejects_what_it_cannot_serve():
   cfg = tiny_config()
   model = LlamaModel(cfg, seed=0)
+  pregated = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4), seed=0)
+  with pytest.raises(UserError, match="unmerged"):
+    Generator(model, adapters=pregated, implementation="packed", merge=True)
   lw = MixtureOfLoRA(cfg, AdapterConfig(mode="layerwise", num_experts=4), seed=0)
   with pytest.raises(UserError, match="pre-gated"):
     Generator(model, adapters=lw, merge=True)

@@ -61,9 +61,10 @@ class _ArrayField:
 
 class _FastReader(gguf.GGUFReader):
   """`gguf.GGUFReader` whose metadata arrays (the tokenizer's 49k tokens, merges and types) are
-  read in one pass over the bytes: the stock reader builds numpy views per element, 8.6 of the
-  12.9 s it took to load SmolLM2 on a 2-core CPU. Little-endian files only (the stock reader
-  takes the others); every other field goes through the stock code."""
+  read in one pass over the bytes: the stock reader builds numpy views per element (SmolLM2's
+  file on a 2-core CPU: 0.15 s against 5.1 s for the stock reader, timed once side by side).
+  Little-endian files only (the stock reader takes the others); every other field goes through
+  the stock code."""
 
   def _build_fields(self, offs: int, count: int) -> int:
     if self.byte_order != "I" or sys.byteorder != "little":
