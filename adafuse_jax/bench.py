@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> dict:
     model = make_model(layout)
     cfg = model.cfg
     for mode in (modes if layout == layouts[0] else ["backbone"]):
+      if model is None:  # consumed by a packed mode
+        model = make_model(layout)
       adapters = B.build_adapters(cfg, mode, adapter_base, dtype, args.seed)
       run_model = model
       if mode == "lora-merged":
@@ -143,10 +145,17 @@ def run(args: argparse.Namespace) -> dict:
       if mode.endswith("-sere"):
         sere = B.calibrated_sere(run_model, adapters, primary_k=args.sere_primary,
                                  rho=args.sere_rho, seed=args.seed)
+      # A packed mode packs the weights with the model's and the pool's deleted on the way (one
+      # copy in memory: a 7B with 64 rank-64 experts does not fit twice); the next mode
+      # rebuilds the model, from the same seed.
+      release = implementation == "packed" and run_model is model
+      if release:
+        model = None
       r = B.bench_mode(run_model, adapters, batch=args.batch, cache_len=args.cache_len,
                        warmup=args.warmup, steps=args.steps,
                        prefill_lengths=prefill_lengths if mode in prefill_modes else (),
-                       seed=args.seed, implementation=implementation, merge=merge, sere=sere)
+                       seed=args.seed, implementation=implementation, merge=merge, sere=sere,
+                       release_weights=release)
       if sere is not None:
         r["sere"] = {"rho": sere.rho, "primary_k": sere.primary_k}
       if auto is not None:

@@ -230,7 +230,8 @@ def decode_stepper(gen: Generator, step, batch: int, cache_len: int, seed: int, 
 
 def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,
                warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int,
-               implementation: str = "xla", merge: bool = False, sere=None) -> dict:
+               implementation: str = "xla", merge: bool = False, sere=None,
+               release_weights: bool = False) -> dict:
   """Decode step and prefill timings of one model (+ adapters) configuration.
 
   Decode steps are timed synced (one step, then wait: latency) and pipelined (steps dispatched
@@ -239,8 +240,10 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   a new token, hence new experts and gates, nearly every step: every step switches) and feeding
   one fixed token (nothing changes: no step switches), so that a measured switch rate s gives
   the expected cost s * switched + (1 - s) * unchanged.
+  `release_weights` (packed only) consumes `model` and `adapters`: see `Generator`.
   """
-  gen = Generator(model, adapters=adapters, implementation=implementation, merge=merge, sere=sere)
+  gen = Generator(model, adapters=adapters, implementation=implementation, merge=merge, sere=sere,
+                  release_weights=release_weights)
   sampling = SamplingConfig()
   t0 = time.perf_counter()
   step = gen.compiled(batch, 1, cache_len, sampling)

@@ -87,15 +87,22 @@ class Generator:
   Args:
     model: the decoder; its parameters are split out once and passed to the compiled steps.
     adapters: an expert pool + routers applied unmerged in every step, or None (backbone).
-    implementation: how experts are applied: "xla" or "pallas" (the fused expert matmul when
-      unmerged, the SGMM switch kernel when merged).
+    implementation: how experts are applied: "xla", "pallas" (the fused expert matmul when
+      unmerged, the SGMM switch kernel when merged) or "packed" (`adafuse_jax.packed`).
     sere: SERE re-routing settings for pre-gated batches (`adafuse_jax.sere`), or None.
     merge: decode by switching pre-gated experts into the weights every step
       ("pregated-merged", see `adafuse_jax.switching`); prompts still run unmerged.
+    release_weights: with "packed", delete the model's linear weights and the pool's experts
+      while packing (`pack(..., release=True)`): one copy of them in device memory at any
+      time; `model` and `adapters` cannot run afterwards.
   """
 
   def __init__(self, model: LlamaModel, *, adapters: MixtureOfLoRA | None = None,
-               implementation: str = "xla", merge: bool = False, sere=None):
+               implementation: str = "xla", merge: bool = False, sere=None,
+               release_weights: bool = False):
+    if release_weights and implementation != "packed":
+      raise ValueError("release_weights needs implementation='packed' (the steps of the other"
+                       " implementations read the model's own weights)")
     self.implementation = implementation
     self.sere = sere  # adafuse_jax.adapters.SereSettings: batch-level re-routing (pregated)
     self.merge = merge
@@ -120,11 +127,17 @@ class Generator:
     if implementation == "packed":
       from adafuse_jax.model.llama import LINEAR_NAMES
       from adafuse_jax.packed import pack
-      self.packed = pack(model, adapters)
+      self.packed = pack(model, adapters, release=release_weights)
       # The steps read the packed copy only: hold no second reference to the model's matrices
-      # (dropping the model then frees them; a 7B in bf16 needs one copy, not two).
+      # nor to the pool's experts (dropping the model then frees them; a 7B in bf16 needs one
+      # copy, not two, and a pool of 64 rank-64 experts is as large as the model).
       for name in LINEAR_NAMES:
         self.params[name] = self.params[name].replace(value=jnp.zeros((0,), model.dtype))
+      if adapters is not None:  # the experts' A and B live in the packing too
+        pool = self.adapter_params["pool"]
+        for m in adapters.cfg.modules:
+          for f in (f"A_{m}", f"B_{m}"):
+            pool[f] = pool[f].replace(value=jnp.zeros((0,), model.dtype))
     self._compiled: dict[tuple, Callable] = {}
 
   def _forward(self, params, adapter_params, packed, tokens, cache, key, sampling: SamplingConfig):

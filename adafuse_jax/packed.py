@@ -115,12 +115,17 @@ class PackedWeights:
     return cls(dict(zip(wk, children[0])), dict(zip(bk, children[1])), layout)
 
 
-def pack(model, adapters=None) -> PackedWeights:
+def pack(model, adapters=None, *, release: bool = False) -> PackedWeights:
   """Packs a model's linear weights (and an adapter pool's A, B and layer-wise routers).
 
   Args:
     model: a LlamaModel (any layout; the packing follows it).
     adapters: a MixtureOfLoRA or None (the backbone alone, q/k/v and gate/up fused).
+    release: delete the model's linear weights and the pool's experts as soon as they are
+      packed (their device memory is freed; `model` and `adapters` can no longer run). The
+      peak is then the packing plus one group, not the packing plus the model plus the pool:
+      what lets a 7B with 64 rank-64 experts per module (a pool as large as the model) pack on
+      an 80 GB GPU.
   """
   cfg = model.cfg
   modules = adapters.cfg.modules if adapters is not None else ()
@@ -141,12 +146,29 @@ def pack(model, adapters=None) -> PackedWeights:
       if m in layout.router:
         parts.append(getattr(adapters.router, f"w_{m}").get_value())  # [L, in, E]
     w[group] = _concat(parts, dtype, model.layout)
+    del parts
+    if release:
+      for m in group:
+        _delete(getattr(model, m).get_value())
+        if m in modules:
+          _delete(getattr(adapters.pool, f"A_{m}").get_value(), pools[m][0])
   for batches in layout.expand_batches.values():
     for batch in batches:
       bs = [pools[m][1] for m in batch]
       bb = jnp.stack([x.reshape(x.shape[0], e * r, x.shape[-1]) for x in bs], axis=1).astype(dtype)
       b[batch] = per_layer(bb) if model.layout == "list" else bb
+      del bs
+      if release:
+        for m in batch:
+          _delete(getattr(adapters.pool, f"B_{m}").get_value(), pools[m][1])
   return PackedWeights(w, b, layout)
+
+
+def _delete(*values) -> None:
+  """Frees the device buffers of arrays (or tuples of them) at once, not when collected."""
+  for leaf in jax.tree.leaves(values):
+    if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+      leaf.delete()
 
 
 def _concat(parts, dtype, layout: str):

@@ -41,6 +41,11 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.expert_matmul import base_tile, dot_block
 
 
+# Shared memory the streamed tiles may take per program: the H100 allows 227 KiB per block;
+# the rest is left to the tiles loaded once (h, B) and to Triton's own scratch.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class SgmvTiles:
   """Tile sizes (powers of two) and Triton launch settings.
@@ -58,10 +63,32 @@ class SgmvTiles:
   num_stages: int = 3
 
   @classmethod
-  def for_shape(cls, rows: int, d_in: int, d_out: int) -> "SgmvTiles":
+  def for_shape(cls, rows: int, d_in: int, d_out: int, itemsize: int = 2) -> "SgmvTiles":
     """Defaults per decode shape: the fastest tiles of the H100 sweep
     (`python tools/sgmv_tile_sweep.py`, docs/benchmarks/h100-sgmv/) for the Llama-2-7B module
-    shapes at batch 1 (2 active experts) and batch 32 (8 active), by the nearest case."""
+    shapes at batch 1 (2 active experts) and batch 32 (8 active), by the nearest case, with
+    the pipeline cut to fit shared memory (`fit_shared_memory`) for more rows."""
+    tiles = cls._swept(rows, d_in, d_out)
+    return tiles.fit_shared_memory(dot_block(rows), tiles.block_n, itemsize)
+
+  def fit_shared_memory(self, block_m: int, cols: int, itemsize: int,
+                        budget: int = SHARED_MEMORY_BUDGET) -> "SgmvTiles":
+    """Fewer pipeline stages (down to 2), then a shorter K step, until the streamed tiles of
+    every stage, x [block_m, block_k] and the weight's [block_k, cols], fit `budget` bytes.
+    Batch 64 with the batch-32 tiles asked for 256 KiB on the H100 (227 KiB available) and
+    failed to compile."""
+    tiles = self
+    while tiles.num_stages * tiles.block_k * (block_m + cols) * itemsize > budget:
+      if tiles.num_stages > 2:
+        tiles = dataclasses.replace(tiles, num_stages=tiles.num_stages - 1)
+      elif tiles.block_k > 32:
+        tiles = dataclasses.replace(tiles, block_k=tiles.block_k // 2)
+      else:
+        break
+    return tiles
+
+  @classmethod
+  def _swept(cls, rows: int, d_in: int, d_out: int) -> "SgmvTiles":
     wide_out, wide_in = d_out > d_in, d_in > d_out
     if rows <= 16:
       if wide_out:    # gate/up
@@ -185,6 +212,7 @@ def gathered_shrink(x: jax.Array, a_pools: Sequence[jax.Array], layer: jax.Array
     raise ValueError(f"{m} rows: the gathered kernels are for decode steps (<= 64 rows)")
   groups = len(a_pools)
   block_m, block_r = dot_block(m), dot_block(rank)
+  tiles = tiles.fit_shared_memory(block_m, block_r, x.dtype.itemsize)
   splits = shrink_splits(k, groups, u, tiles)
   # Programs whose slice starts past K (possible when S is rounded) load zeros and write zeros.
   k_per_split = pl.cdiv(pl.cdiv(k, splits), tiles.block_k) * tiles.block_k
@@ -274,7 +302,7 @@ def gathered_expand_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h
   splits = h.shape[1]
   if splits & (splits - 1):
     raise ValueError(f"h has S={splits} partial sums; a power of two is needed (shrink_splits)")
-  tiles = tiles or SgmvTiles.for_shape(m, k, n)
+  tiles = tiles or SgmvTiles.for_shape(m, k, n, x.dtype.itemsize)
   block_n = tiles.block_n
   kernel = functools.partial(_expand_kernel, group=group, rank=rank, splits=splits,
                              block_m=block_m, block_n=block_n, block_k=tiles.block_k,

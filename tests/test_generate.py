@@ -76,3 +76,34 @@ def test_max_new_tokens_is_capped_by_the_context(tiny_gen):
 
 def test_prompt_buckets():
   assert [prompt_bucket(n) for n in (1, 16, 17, 100, 2048)] == [16, 16, 32, 128, 2048]
+
+
+@pytest.mark.parametrize("mode", ["pregated", "layerwise"])
+def test_packed_generator_equals_xla_and_holds_one_copy(mode):
+  from adafuse_jax.adapters import MixtureOfLoRA
+  from adafuse_jax.config import AdapterConfig
+
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5)
+
+  def fresh():
+    model = LlamaModel(tiny_config(), seed=11)
+    return model, MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True)
+
+  model, adapters = fresh()
+  prompts = [[5, 6, 7, 8], [9, 10]]
+  want = generate(Generator(model, adapters=adapters), prompts, max_new_tokens=8).tokens
+  packed = Generator(model, adapters=adapters, implementation="packed")
+  assert generate(packed, prompts, max_new_tokens=8).tokens == want
+  # The packing is the only copy the steps read: the model's matrices and the experts are gone.
+  held = [v for v in jax.tree.leaves(packed.adapter_params["pool"])] + [
+      packed.params[n][...] for n in ("q", "down")]
+  assert all(np.size(a) == 0 for a in held)
+  # release_weights frees the sources while packing; the result is the same.
+  model, adapters = fresh()
+  released = Generator(model, adapters=adapters, implementation="packed", release_weights=True)
+  assert generate(released, prompts, max_new_tokens=8).tokens == want
+  sources = jax.tree.leaves((model.q.get_value(), model.down.get_value(),
+                             adapters.pool.A_q.get_value(), adapters.pool.B_down.get_value()))
+  assert sources and all(a.is_deleted() for a in sources)
+  with pytest.raises(ValueError, match="release_weights needs"):
+    Generator(LlamaModel(tiny_config(), seed=11), release_weights=True)

@@ -126,3 +126,16 @@ def test_bad_shapes_name_the_mismatch():
     gathered_expand_matmul(x, w, 0, h, b[0][:, :, :, :31], ids, count, interpret=INTERPRET)
   with pytest.raises(ValueError, match="dtypes must match"):
     gathered_expand_matmul(x, w.astype(jnp.bfloat16), 0, h, b[0], ids, count, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 32, 64])
+@pytest.mark.parametrize("d_in, d_out", [(4096, 4096), (4096, 11008), (11008, 4096)])
+def test_default_tiles_fit_shared_memory(rows, d_in, d_out):
+  # Batch 64 with the batch-32 tiles of down asked the H100 for 256 KiB and did not compile.
+  from pallas_kernels.expert_matmul import dot_block
+  from pallas_kernels.sgmv import SHARED_MEMORY_BUDGET, SgmvTiles
+
+  for itemsize in (2, 4):
+    t = SgmvTiles.for_shape(rows, d_in, d_out, itemsize)
+    assert t.num_stages * t.block_k * (dot_block(rows) + t.block_n) * itemsize <= SHARED_MEMORY_BUDGET
+    assert t.num_stages >= 2 and t.block_k >= 32
