@@ -118,7 +118,10 @@ def pipelined_throughput_section() -> list[str]:
   groups = [("8 experts, rank 16", [ROOT / "h100-full", ROOT / "h100-pipelined" / "batch32",
                                     ROOT / "h100-pipelined" / "batch64"]),
             ("64 experts, rank 64", sorted((ROOT / "h100-e64r64").glob("batch*"),
-                                           key=lambda p: int(p.name[len("batch"):])))]
+                                           key=lambda p: int(p.name[len("batch"):]))),
+            ("64 experts, rank 64: packed projections beside the gathered kernels (later runs)",
+             sorted((ROOT / "h100-e64r64-packed").glob("batch*"),
+                    key=lambda p: int(p.name[len("batch"):])))]
   lines = ["## H100: decode throughput by batch size, pipelined (Llama-2-7B bf16, top-2, all 7"
            " modules)", "",
            "Tokens/s = batch x 1000 / (pipelined ms per step); in brackets the share of the"
@@ -195,7 +198,11 @@ def main() -> None:
       lines += section(ROOT / "h100-full" / "qv", "H100: experts on q and v only, batch 1 (auto"
                        " costs the merged path at the trained router's measured switch rate)")
     lines += pipelined_throughput_section()
+    notes = ROOT / "h100-e64r64-packed" / "README.md"
+    if notes.exists():
+      lines += [notes.read_text().strip().replace("# ", "## ", 1), ""]
     for folder in (*sorted((ROOT / "h100-pipelined").glob("batch*")),
+                   *sorted((ROOT / "h100-e64r64-packed").glob("batch*")),
                    *sorted((ROOT / "h100-e64r64").glob("batch*"))):
       lines += section(folder, f"H100: {folder.parent.name}, {folder.name}")
     notes = ROOT / "h100-pipelined" / "README.md"
