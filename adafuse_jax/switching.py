@@ -4,7 +4,8 @@ Per decode step, inside one jitted function:
 1. the pre-gate router reads the token's hidden state at the first adapted module of layer 0
    (`rms_norm(embed(token), attn_norm[0])`, the input of q/k/v) and picks k experts + gates;
 2. if the experts or gates differ from the previous step's, one SGMM launch
-   (`pallas_kernels.sgmm.switch_weights`) rebuilds every adapted weight of every layer as
+   (`pallas_kernels.sgmm_mosaic` on a Hopper GPU where it applies, else the Triton kernel of
+   `pallas_kernels.sgmm`) rebuilds every adapted weight of every layer as
    `W = W0 + (alpha / r) Σ_j g_j A[e_j] B[e_j]` from the pristine base W0 (no drift; see the
    kernel's docstring); otherwise nothing is touched;
 3. the forward pass is a plain backbone pass that reads the merged weights.
@@ -18,6 +19,7 @@ unmerged paths.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +123,10 @@ def switch(state: SwitchState, model, adapters, experts: jax.Array, gates: jax.A
   else:
     pools = [adapters.pool.stacked(m) for m in modules]
     a_pools, b_pools = [p[0] for p in pools], [p[1] for p in pools]
-    if implementation == "pallas":
+    if implementation == "pallas" and switch_kernel(current, cfg) == "mosaic":
+      from pallas_kernels.sgmm_mosaic import switch_weights_mosaic
+      new = switch_weights_mosaic(current, a_pools, b_pools, experts, coefs, changed, base)
+    elif implementation == "pallas":
       from pallas_kernels.sgmm import switch_weights
       new = switch_weights(current, a_pools, b_pools, experts, coefs, changed, base,
                            interpret=jax.default_backend() == "cpu")
@@ -130,6 +135,28 @@ def switch(state: SwitchState, model, adapters, experts: jax.Array, gates: jax.A
       new = switch_weights_xla(current, a_pools, b_pools, experts, coefs, changed, base)
   return SwitchState(weights=dict(zip(modules, new)), experts=experts, coefs=coefs,
                      switches=state.switches + changed.astype(jnp.int32))
+
+
+# Which Pallas kernel switches on the GPU: "auto" (Mosaic GPU where it supports the weights,
+# else Triton), "mosaic" or "triton". Measured side by side by `tools/sgmm_bench.py --mosaic`
+# (docs/benchmarks/h100-sgmm-mosaic): Mosaic GPU was the faster in every tile tried. A
+# benchmarking knob: ADAFUSE_SWITCH_KERNEL overrides it per process.
+SWITCH_KERNEL = os.environ.get("ADAFUSE_SWITCH_KERNEL", "auto")
+
+
+def switch_kernel(weights, cfg) -> str:
+  """"mosaic" or "triton": the kernel `switch` launches for these weights on this backend."""
+  if SWITCH_KERNEL not in ("auto", "mosaic", "triton"):
+    raise ValueError(f"ADAFUSE_SWITCH_KERNEL={SWITCH_KERNEL!r}: use auto, mosaic or triton")
+  if SWITCH_KERNEL == "triton" or jax.default_backend() != "gpu":
+    return "triton"  # on the CPU the Triton kernel runs in the Pallas interpreter (tests)
+  from pallas_kernels.sgmm_mosaic import unsupported
+  reason = unsupported(weights, cfg.top_k * cfg.rank)
+  if reason is None:
+    return "mosaic"
+  if SWITCH_KERNEL == "mosaic":
+    raise ValueError(f"ADAFUSE_SWITCH_KERNEL=mosaic: {reason}")
+  return "triton"
 
 
 def _switch_per_layer(current, base, adapters, modules, experts, coefs, changed):

@@ -234,9 +234,18 @@ def main() -> None:
   one_jit = ROOT / "h100-merged" / "one_jit_kernels.md"
   if one_jit.exists():
     lines += ["### Why the merged step is two compiled calls", "", one_jit.read_text().strip(), ""]
+  mosaic = ROOT / "h100-sgmm-mosaic" / "sgmm.md"
+  if mosaic.exists():
+    lines += ["## SGMM switch kernel alone: Triton and Mosaic GPU side by side"
+              " (`python tools/sgmm_bench.py --quick --mosaic`, latest)", "",
+              "`pallas_kernels/sgmm_mosaic.py` (TMA copies, one `wgmma` per tile, rebuild from the"
+              " pristine base) beside the Triton-lowered kernel of `pallas_kernels/sgmm.py` and"
+              " XLA, same weights, same switches. % of copy is against an XLA copy of 2 GiB"
+              " measured in the same run; the switch kernels stream further than that copy.", "",
+              mosaic.read_text().strip(), ""]
   sgmm = ROOT / "h100-sgmm" / "sgmm.md"
   if sgmm.exists():
-    lines += ["## SGMM switch kernel alone (`python tools/sgmm_bench.py`)", "",
+    lines += ["## SGMM switch kernel alone (`python tools/sgmm_bench.py`, earlier run)", "",
               sgmm.read_text().strip(), ""]
   probe = ROOT / "h100-expert-paths" / "probe.log"
   if probe.exists():

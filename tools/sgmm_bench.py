@@ -1,13 +1,14 @@
 """The SGMM switch kernel alone on the 7B shapes: bandwidth against copy, tiles, XLA, HLO copies.
 
-    python tools/sgmm_bench.py --out DIR [--quick]
+    python tools/sgmm_bench.py --out DIR [--quick] [--mosaic]
 
 For each adapter configuration (all 7 modules; q and v only) it switches every adapted weight of
 all 32 layers, `--switches` times in one jitted `fori_loop` (the weights donated and carried, so
 the loop measures back-to-back launches, not Python dispatch), with a different expert pair and
 new gates each time. Bytes per switch: read W0 + write W (+ the chosen experts' A and B). It also
-times a step whose flag says nothing changed, the XLA formulation, and checks the optimized HLO
-of a donated switch for copies of weight-sized buffers. Writes DIR/sgmm.json and DIR/sgmm.md.
+times a step whose flag says nothing changed, the XLA formulation, with `--mosaic` the Mosaic GPU
+version (`pallas_kernels/sgmm_mosaic.py`) at several tiles, and checks the optimized HLO of a
+donated switch for copies of weight-sized buffers. Writes DIR/sgmm.json and DIR/sgmm.md.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import numpy as np
 from adafuse_jax.benchmarks import copy_bandwidth, environment
 from adafuse_jax.config import PRESETS
 from pallas_kernels.sgmm import SwitchTiles, switch_weights, switch_weights_xla
+from pallas_kernels.sgmm_mosaic import switch_weights_mosaic
 
 CONFIGS = {"all 7 modules": ("q", "k", "v", "o", "gate", "up", "down"), "q,v": ("q", "v")}
+MOSAIC_TILES = [(128, 128), (64, 128), (128, 256), (64, 256)]
 TILE_CANDIDATES = [SwitchTiles(64, 128, 4, 4, 2), SwitchTiles(64, 256, 4, 4, 2),
                    SwitchTiles(32, 256, 8, 4, 2), SwitchTiles(128, 128, 2, 8, 2),
                    SwitchTiles(64, 256, 8, 8, 2), SwitchTiles(32, 128, 8, 4, 2)]
@@ -77,6 +80,7 @@ def main() -> None:
   p.add_argument("--top-k", type=int, default=2)
   p.add_argument("--switches", type=int, default=10)
   p.add_argument("--quick", action="store_true", help="default tiles only")
+  p.add_argument("--mosaic", action="store_true", help="also the Mosaic GPU kernel")
   args = p.parse_args()
   out_dir = pathlib.Path(args.out)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +114,11 @@ def main() -> None:
       variants.append((f"pallas bm={t.block_m} bn={t.block_n} rows={t.row_steps} w={t.num_warps}",
                        lambda w, a, b, e, c, ch, base, t=t: switch_weights(w, a, b, e, c, ch, base,
                                                                            tiles=t)))
+    if args.mosaic:
+      for tm, tn in MOSAIC_TILES:
+        variants.append((f"mosaic tm={tm} tn={tn}",
+                         lambda w, a, b, e, c, ch, base, tm=tm, tn=tn: switch_weights_mosaic(
+                             w, a, b, e, c, ch, base, tile_m=tm, tile_n=tn)))
     current = tuple(w.copy() for w in ws)
     for label, fn in variants:
       try:
@@ -129,14 +138,17 @@ def main() -> None:
     rows.append({"config": cname, "variant": "pallas, unchanged (flag false)", "ms": sec * 1e3})
     print(json.dumps(rows[-1]), flush=True)
     # The HLO of one donated switch: no copy of any weight.
-    one = jax.jit(lambda w, a, b, base, e, c: switch_weights(w, a, b, e, c, True, base),
-                  donate_argnums=(0,))
-    hlo = one.lower(tuple(current), a, b, base, experts[0], coefs[0]).compile().as_text()
-    copies = count_weight_copies(hlo, [w.shape for w in ws])
-    aliased = "input_output_alias" in hlo
-    rows.append({"config": cname, "variant": "hlo", "weight_copies": copies,
-                 "input_output_alias": aliased, "custom_calls": hlo.count("custom-call(")})
-    print(json.dumps(rows[-1]), flush=True)
+    kernels = [("pallas", switch_weights)] + ([("mosaic", switch_weights_mosaic)]
+                                              if args.mosaic else [])
+    for kname, kfn in kernels:
+      one = jax.jit(lambda w, a, b, base, e, c, kfn=kfn: kfn(w, a, b, e, c, True, base),
+                    donate_argnums=(0,))
+      hlo = one.lower(tuple(current), a, b, base, experts[0], coefs[0]).compile().as_text()
+      copies = count_weight_copies(hlo, [w.shape for w in ws])
+      aliased = "input_output_alias" in hlo
+      rows.append({"config": cname, "variant": "hlo", "kernel": kname, "weight_copies": copies,
+                   "input_output_alias": aliased, "custom_calls": hlo.count("custom-call(")})
+      print(json.dumps(rows[-1]), flush=True)
     (out_dir / f"hlo_{cname.split()[0].replace(',', '')}.txt").write_text(
         "\n".join(l for l in hlo.splitlines() if "ENTRY" in l or "custom-call" in l
                   or " copy(" in l or "alias" in l)[:20000])
@@ -157,11 +169,12 @@ def main() -> None:
       lines.append(f"| {r['config']} | {r['variant']} | {r['ms']:.4f} | - | - |")
     elif "error" in r:
       lines.append(f"| {r['config']} | {r['variant']} | failed: {r['error'][:80]} | | |")
-  lines += ["", "| adapted | weight-sized copies in the donated switch's HLO | input_output_alias |",
-            "|---|---|---|"]
+  lines += ["", "| adapted | kernel | weight-sized copies in the donated switch's HLO |"
+            " input_output_alias |", "|---|---|---|---|"]
   for r in rows:
     if r.get("variant") == "hlo":
-      lines.append(f"| {r['config']} | {r['weight_copies']} | {r['input_output_alias']} |")
+      lines.append(f"| {r['config']} | {r.get('kernel', 'pallas')} | {r['weight_copies']} |"
+                   f" {r['input_output_alias']} |")
   (out_dir / "sgmm.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 

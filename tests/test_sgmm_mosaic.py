@@ -1,0 +1,74 @@
+"""The Mosaic GPU switch (pallas_kernels/sgmm_mosaic.py).
+
+The Pallas interpreter does not run Mosaic GPU kernels, so on the CPU the kernel is traced and
+lowered for CUDA (which type-checks every layout, swizzle and copy); on a GPU it is run and
+compared with the f32 reference of `pallas_kernels.sgmm`, on shapes that are not multiples of
+the tiles, with poisoned outputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.sgmm import switch_weights_reference
+from pallas_kernels.sgmm_mosaic import switch_weights_mosaic
+
+ON_GPU = jax.default_backend() == "gpu"
+SHAPES = [(2, 200, 320), (2, 136, 192)]  # rows: any; columns: multiples of 64, not of the tile
+
+
+def operands(seed: int, num_experts: int, rank: int, k: int, dtype=jnp.bfloat16, shapes=SHAPES):
+  rng = np.random.default_rng(seed)
+  ws = [jnp.asarray(rng.normal(size=s) * 0.05, dtype) for s in shapes]
+  a = [jnp.asarray(rng.normal(size=(s[0], s[1], num_experts, rank)) * 0.1, dtype) for s in shapes]
+  b = [jnp.asarray(rng.normal(size=(s[0], num_experts, rank, s[2])) * 0.1, dtype) for s in shapes]
+  experts = jnp.asarray(rng.choice(num_experts, k, replace=False), jnp.int32)
+  coefs = jnp.asarray(rng.uniform(0.2, 1.0, (shapes[0][0], k)), jnp.float32)
+  return ws, a, b, experts, coefs
+
+
+def test_lowers_for_cuda():
+  ws, a, b, experts, coefs = operands(0, 4, 16, 2)
+  lowered = jax.jit(switch_weights_mosaic).trace(ws, a, b, experts, coefs, True, ws).lower(
+      lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert "mosaic_gpu" in text
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1  # one launch for both segments
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(dtype=jnp.float32), "bf16 or f16"),
+    (dict(rank=48), "expert columns"),
+    (dict(columns=100), "columns are not a multiple"),
+])
+def test_unsupported_inputs_are_named(bad, match):
+  shapes = [(2, 64, bad.get("columns", 128))]
+  ws, a, b, experts, coefs = operands(1, 4, bad.get("rank", 16), 2, bad.get("dtype", jnp.bfloat16),
+                                      shapes)
+  with pytest.raises(ValueError, match=match):
+    switch_weights_mosaic(ws, a, b, experts, coefs, True, ws)
+
+
+def test_incremental_form_is_refused():
+  ws, a, b, experts, coefs = operands(1, 4, 16, 2)
+  with pytest.raises(ValueError, match="pristine base"):
+    switch_weights_mosaic(ws, a, b, experts, coefs)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="runs Mosaic GPU kernels: needs an NVIDIA Hopper GPU")
+@pytest.mark.parametrize("num_experts, rank, k", [(4, 16, 1), (8, 16, 2), (4, 32, 2), (1, 16, 1)])
+def test_matches_reference_on_gpu(num_experts, rank, k):
+  ws, a, b, experts, coefs = operands(2, num_experts, rank, k)
+  base = [w.copy() for w in ws]
+  want = switch_weights_reference(ws, a, b, experts, coefs, True, base)
+  got = switch_weights_mosaic([jnp.full_like(w, jnp.nan) for w in ws], a, b, experts, coefs,
+                              True, base)  # poisoned: every element must be written
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               atol=2e-2, rtol=2e-2)  # bf16 outputs: ~3 significant digits
+  unchanged = switch_weights_mosaic([w.copy() for w in ws], a, b, experts, coefs, False, base)
+  for u, w in zip(unchanged, ws):
+    np.testing.assert_array_equal(np.asarray(u, np.float32), np.asarray(w, np.float32))
