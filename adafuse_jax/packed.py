@@ -147,11 +147,11 @@ def pack(model, adapters=None, *, release: bool = False) -> PackedWeights:
         parts.append(getattr(adapters.router, f"w_{m}").get_value())  # [L, in, E]
     w[group] = _concat(parts, dtype, model.layout)
     del parts
-    if release:
+    if release:  # a group of one unadapted module packs to the very same array: keep it
       for m in group:
-        _delete(getattr(model, m).get_value())
+        _delete(getattr(model, m).get_value(), keep=w[group])
         if m in modules:
-          _delete(getattr(adapters.pool, f"A_{m}").get_value(), pools[m][0])
+          _delete(getattr(adapters.pool, f"A_{m}").get_value(), pools[m][0], keep=w[group])
   for batches in layout.expand_batches.values():
     for batch in batches:
       bs = [pools[m][1] for m in batch]
@@ -164,10 +164,12 @@ def pack(model, adapters=None, *, release: bool = False) -> PackedWeights:
   return PackedWeights(w, b, layout)
 
 
-def _delete(*values) -> None:
-  """Frees the device buffers of arrays (or tuples of them) at once, not when collected."""
+def _delete(*values, keep=()) -> None:
+  """Frees the device buffers of arrays (or tuples of them) at once, not when collected, except
+  the arrays in `keep`."""
+  kept = {id(x) for x in jax.tree.leaves(keep)}
   for leaf in jax.tree.leaves(values):
-    if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+    if isinstance(leaf, jax.Array) and id(leaf) not in kept and not leaf.is_deleted():
       leaf.delete()
 
 

@@ -78,16 +78,20 @@ def test_prompt_buckets():
   assert [prompt_bucket(n) for n in (1, 16, 17, 100, 2048)] == [16, 16, 32, 128, 2048]
 
 
-@pytest.mark.parametrize("mode", ["pregated", "layerwise"])
-def test_packed_generator_equals_xla_and_holds_one_copy(mode):
+@pytest.mark.parametrize("mode, modules, layout", [
+    ("pregated", ("q", "k", "v", "o", "gate", "up", "down"), "list"),
+    ("layerwise", ("q", "k", "v", "o", "gate", "up", "down"), "list"),
+    ("pregated", ("q", "v"), "stacked")])  # o and down pack alone: the packing is their array
+def test_packed_generator_equals_xla_and_holds_one_copy(mode, modules, layout):
   from adafuse_jax.adapters import MixtureOfLoRA
   from adafuse_jax.config import AdapterConfig
 
-  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5)
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
+                      modules=modules)
 
   def fresh():
-    model = LlamaModel(tiny_config(), seed=11)
-    return model, MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True)
+    model = LlamaModel(tiny_config(), seed=11).with_layout(layout)
+    return model, MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True, layout=layout)
 
   model, adapters = fresh()
   prompts = [[5, 6, 7, 8], [9, 10]]
@@ -102,8 +106,8 @@ def test_packed_generator_equals_xla_and_holds_one_copy(mode):
   model, adapters = fresh()
   released = Generator(model, adapters=adapters, implementation="packed", release_weights=True)
   assert generate(released, prompts, max_new_tokens=8).tokens == want
-  sources = jax.tree.leaves((model.q.get_value(), model.down.get_value(),
-                             adapters.pool.A_q.get_value(), adapters.pool.B_down.get_value()))
+  sources = jax.tree.leaves((model.q.get_value(), adapters.pool.A_q.get_value(),
+                             adapters.pool.B_q.get_value()))
   assert sources and all(a.is_deleted() for a in sources)
   with pytest.raises(ValueError, match="release_weights needs"):
     Generator(LlamaModel(tiny_config(), seed=11), release_weights=True)
