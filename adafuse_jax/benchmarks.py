@@ -32,8 +32,10 @@ from adafuse_jax.sampling import SamplingConfig
 # XLA matmuls or, for "-fused", with the Pallas kernels that read only the step's active experts
 # and fold the expansion into the base matmul (pallas_kernels/sgmv.py); "-fused-dense" is the
 # earlier kernel that reads every expert's columns (pallas_kernels/expert_matmul.py).
-# "pregated-merged" switches the token's experts into the weights every step with the SGMM
-# kernel (pallas_kernels/sgmm.py), "pregated-merged-xla" with plain XLA, then runs a backbone pass.
+# "pregated-merged" switches the token's experts into the weights every step with an SGMM kernel
+# (Mosaic GPU, pallas_kernels/sgmm_mosaic.py, where it applies; else the Triton-lowered
+# pallas_kernels/sgmm.py: adafuse_jax.switching.switch_kernel), "pregated-merged-xla" with plain
+# XLA, then runs a backbone pass.
 # "-packed" appends every expert's A (and the layer-wise routers) to the backbone's matrices, one
 # XLA matmul per input group (adafuse_jax/packed.py); "backbone-packed" is the backbone with
 # q/k/v and gate/up fused the same way.

@@ -26,7 +26,11 @@ def test_notebook_matches_its_text_pair(path):
       f"{path.name} has outputs committed; strip them")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# 04 prepares the shared data cache: under pytest-xdist it runs in the worker that holds the
+# other tests touching that cache (`--dist loadgroup`), never beside them.
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.xdist_group("data-cache")) if p.stem == "04_training" else p
+    for p in NOTEBOOKS], ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom(path):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")

@@ -107,6 +107,7 @@ def test_teacher_forced_exact_match_equals_greedy_generation(default_model):
   assert hits.any() and not hits.all()  # the check is not vacuous either way
 
 
+@pytest.mark.xdist_group("data-cache")  # builds the math generator's venv in the shared cache
 def test_math_generator_output_is_reproducible():
   """Preparing the data twice gives the same math problems (the generator's own venv is built
   on first use)."""

@@ -166,16 +166,27 @@ PACKED_RUNS = (("b1-pregated", "pre-gated paths and auto, batch 1"),
 
 
 def packed_sections() -> list[str]:
-  """The runs of the packed projections (adafuse_jax/packed.py), latest first."""
+  """The latest side-by-side run of the current paths, then the runs of the packed projections
+  (adafuse_jax/packed.py), latest first."""
+  lines = []
+  if (ROOT / "h100-headline" / "results.json").exists():
+    lines += section(ROOT / "h100-headline", "H100: the current decode paths side by side, batch"
+                     " 1 (latest; merged switching on the Mosaic GPU kernel)")
   notes = ROOT / "h100-packed" / "README.md"
-  lines = [notes.read_text().strip().replace("# ", "## ", 1), ""] if notes.exists() else []
+  lines += [notes.read_text().strip().replace("# ", "## ", 1), ""] if notes.exists() else []
   for sub, title in PACKED_RUNS:
     if (ROOT / "h100-packed" / sub / "results.json").exists():
       lines += section(ROOT / "h100-packed" / sub, f"H100, packed projections: {title} (latest)")
   equality = ROOT / "h100-equality" / "path_equality.md"
   if equality.exists():
     lines += ["## Do the paths generate the same text? (`python tools/path_equality.py`)", "",
-              equality.read_text().strip(), ""]
+              "`merged` switches with the kernel `adafuse_jax.switching.switch_kernel` picks: the"
+              " Mosaic GPU kernel (`pallas_kernels/sgmm_mosaic.py`) for these shapes since that"
+              " kernel landed.", "", equality.read_text().strip(), ""]
+  qv_merged = ROOT / "h100-sgmm-mosaic" / "qv-merged"
+  if (qv_merged / "results.json").exists():
+    lines += section(qv_merged, "H100: experts on q and v only, merged switching on the Mosaic"
+                     " GPU kernel beside the packed path (latest)")
   return lines
 
 
