@@ -87,6 +87,29 @@ def prompt_switch_rate(model: LlamaModel, adapters: MixtureOfLoRA,
   return float(changed.mean())
 
 
+def extra_bytes(cand: Candidate, model: LlamaModel, adapters: MixtureOfLoRA) -> int:
+  """Device bytes a candidate's Generator adds to the model and the pool: the packed copy of
+  the weights with every expert's A and B, or the merged weights' second copy."""
+  item = jnp.dtype(model.dtype).itemsize
+  cfg, layers = adapters.cfg, model.cfg.layers
+  shapes = model.cfg.linear_shapes()
+  if cand.implementation == "packed":
+    cols = cfg.num_experts * cfg.rank
+    return layers * item * sum(i * o + (cols * (i + o) if m in cfg.modules else 0)
+                               for m, (i, o) in shapes.items())
+  if cand.merge:
+    return layers * item * sum(i * o for m, (i, o) in shapes.items() if m in cfg.modules)
+  return 0
+
+
+def free_device_bytes() -> int | None:
+  """Free memory of the default device, or None where the backend does not say (the CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  if not stats or "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
 def _time_candidate(gen: Generator, batch: int, cache_len: int, steps: int, feed_back: bool,
                     seed: int) -> float:
   from adafuse_jax.benchmarks import decode_stepper, time_pipelined
@@ -114,7 +137,14 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
   expected, details, gens = {}, {}, {}
   rate = 1.0 if switch_rate is None else float(switch_rate)
   cands = candidates(model, adapters, batch)
+  skipped = {}
   for cand in cands:
+    free, need = free_device_bytes(), extra_bytes(cand, model, adapters)
+    if free is not None and need > 0.9 * free:  # a 7B with 64 rank-64 experts packs to 33 GB
+      skipped[cand.name] = f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+      if log:
+        log(f"auto: skipping {cand.name}: {skipped[cand.name]}")
+      continue
     if log:
       log(f"auto: measuring {cand.name} ...")
     gen = Generator(model, adapters=adapters, implementation=cand.implementation,
@@ -126,17 +156,23 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
       expected[cand.name] = rate * switched + (1 - rate) * unchanged
     else:
       expected[cand.name] = _time_candidate(gen, batch, cache_len, steps, True, seed)
-    gens[cand.name] = gen
+    # Keep only the fastest so far: a packed copy or merged weights are model-sized.
+    if min(expected, key=expected.get) == cand.name:
+      gens = {cand.name: gen}
+    del gen
+  if not expected:
+    raise UserError("auto: no decode path fits in device memory ("
+                    + "; ".join(f"{n} {r}" for n, r in skipped.items()) + ")")
   best = min(expected, key=expected.get)
   others = ", ".join(f"{n} {t:.2f}" for n, t in sorted(expected.items(), key=lambda kv: kv[1])
                      if n != best)
   why = (f"{best}: {expected[best]:.2f} ms/token measured (pipelined, batch {batch})"
          + (f" vs {others}" if others else ", the only candidate"))
-  if any(c.merge for c in cands):
+  if any(c.merge and c.name in expected for c in cands):
     why += (f"; merged cost at switch rate {rate:.2f}"
             + (" (unknown: assumed every token switches)" if switch_rate is None else ""))
+  if skipped:
+    why += "; not measured: " + ", ".join(f"{n} ({r})" for n, r in skipped.items())
+    details.update({n: {"skipped": r} for n, r in skipped.items()})
   cand = next(c for c in cands if c.name == best)
-  for name in list(gens):
-    if name != best:
-      del gens[name]  # frees a merged candidate's second copy of the weights
   return PathChoice(cand, expected, details, switch_rate, why), gens[best]

@@ -58,3 +58,24 @@ def test_choice_is_the_fastest_measured_and_its_generator_runs(model):
 def test_too_short_cache_is_rejected(model):
   with pytest.raises(UserError, match="cache_len"):
     choose_path(model, _adapters(model), cache_len=16, steps=8)
+
+
+def test_candidates_that_do_not_fit_are_skipped_and_named(model, monkeypatch):
+  import adafuse_jax.autopath as autopath
+
+  adapters = _adapters(model)
+  xla, packed, merged = candidates(model, adapters, 1)
+  assert autopath.extra_bytes(xla, model, adapters) == 0
+  assert autopath.extra_bytes(packed, model, adapters) > autopath.extra_bytes(merged, model,
+                                                                               adapters) > 0
+  # Room for the merged weights' second copy, not for the packed copy.
+  room = (autopath.extra_bytes(merged, model, adapters) + autopath.extra_bytes(packed, model,
+                                                                                adapters)) // 2
+  monkeypatch.setattr(autopath, "free_device_bytes", lambda: room)
+  choice, _ = choose_path(model, adapters, batch=1, cache_len=128, steps=4)
+  assert set(choice.expected_ms) == {"pregated", "pregated-merged"}
+  assert "GiB free" in choice.details["pregated-packed"]["skipped"]
+  assert "not measured: pregated-packed" in choice.reason
+  monkeypatch.setattr(autopath, "free_device_bytes", lambda: 0)
+  only_xla, _ = choose_path(model, adapters, batch=1, cache_len=128, steps=4)
+  assert only_xla.candidate.name == "pregated"
