@@ -141,7 +141,8 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
   for cand in cands:
     free, need = free_device_bytes(), extra_bytes(cand, model, adapters)
     if free is not None and need > 0.9 * free:  # a 7B with 64 rank-64 experts packs to 33 GB
-      skipped[cand.name] = f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+      skipped[cand.name] = (f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free; JAX takes"
+                            " 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says more")
       if log:
         log(f"auto: skipping {cand.name}: {skipped[cand.name]}")
       continue

@@ -135,9 +135,11 @@ def run(args: argparse.Namespace) -> dict:
       implementation, merge, auto = B.split_mode(mode)[1], mode in B.MERGED_MODES, None
       if implementation == "auto":
         from adafuse_jax.autopath import choose_path
-        auto, _ = choose_path(run_model, adapters, batch=args.batch, cache_len=args.cache_len,
-                              switch_rate=args.switch_rate, seed=args.seed,
-                              log=lambda m: print(f"#   {m}", file=sys.stderr))
+        # [0]: not the chooser's Generator (a model-sized packing must not stay alive while
+        # the chosen path is built again and measured: that ran out of memory at E=64, r=64).
+        auto = choose_path(run_model, adapters, batch=args.batch, cache_len=args.cache_len,
+                           switch_rate=args.switch_rate, seed=args.seed,
+                           log=lambda m: print(f"#   {m}", file=sys.stderr))[0]
         print(f"#   auto chose {auto.reason}", file=sys.stderr)
         implementation, merge = auto.candidate.implementation, auto.candidate.merge
         gc.collect()

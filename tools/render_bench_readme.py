@@ -214,6 +214,8 @@ def main() -> None:
       lines += [notes.read_text().strip().replace("# ", "## ", 1), ""]
     for folder in (*sorted((ROOT / "h100-pipelined").glob("batch*")),
                    *sorted((ROOT / "h100-e64r64-packed").glob("batch*")),
+                   *sorted(p.parent for p in
+                           (ROOT / "h100-e64r64-packed").glob("auto-*/results.json")),
                    *sorted((ROOT / "h100-e64r64").glob("batch*"))):
       lines += section(folder, f"H100: {folder.parent.name}, {folder.name}")
     notes = ROOT / "h100-pipelined" / "README.md"
