@@ -115,9 +115,12 @@ plt.show()
 
 # %% [markdown]
 # ## Throughput by batch size (pipelined)
-# Tokens/s = batch x 1000 / (pipelined ms per decode step). Left: 8 experts of rank 16. Right: 64
+# Tokens/s = batch x 1000 / (pipelined ms per decode step). Left: 8 experts of rank 16. Middle: 64
 # experts of rank 64, where every distinct expert a step touches costs bandwidth, with SERE
-# re-routing (S = 1, rho = 0) cutting the distinct experts per step.
+# re-routing (S = 1, rho = 0) cutting the distinct experts per step. Right: the same 64-expert
+# pool on the packed projections (which read the whole pool every step) beside the gathered
+# kernels (which read only the experts in use): the kernels win small batches, the packing
+# large ones.
 
 # %%
 groups = {
@@ -125,12 +128,16 @@ groups = {
                                              "h100-pipelined/batch64")],
     "64 experts, rank 64": sorted((r for k, r in runs.items() if k.startswith("h100-e64r64/")),
                                   key=lambda r: r["batch"]),
+    "64 experts, rank 64, packed": sorted(
+        (r for k, r in runs.items() if k.startswith("h100-e64r64-packed/batch")),
+        key=lambda r: r["batch"]),
 }
-fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+fig, axes = plt.subplots(1, 3, figsize=(18, 4))
 for ax, (title, sweep) in zip(axes, groups.items()):
   modes = dict.fromkeys(row["mode"] for r in sweep for row in r["results"]
                         if row["mode"] in ("backbone", "pregated", "pregated-fused",
-                                           "pregated-fused-sere", "layerwise-fused"))
+                                           "pregated-fused-sere", "layerwise-fused",
+                                           "pregated-packed"))
   for mode in modes:
     pts = [(r["batch"], 1000 * r["batch"] / row["decode_pipelined"]["median_ms"])
            for r in sweep for row in r["results"] if row["mode"] == mode]
