@@ -152,6 +152,9 @@ def switch_kernel(weights, cfg) -> str:
     return "triton"  # on the CPU the Triton kernel runs in the Pallas interpreter (tests)
   from pallas_kernels.sgmm_mosaic import unsupported
   reason = unsupported(weights, cfg.top_k * cfg.rank)
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  if reason is None and capability is not None and float(capability) < 9.0:
+    reason = f"Mosaic GPU needs a Hopper GPU or newer (compute capability {capability})"
   if reason is None:
     return "mosaic"
   if SWITCH_KERNEL == "mosaic":

@@ -89,3 +89,31 @@ def test_no_drift_after_many_switches_on_gpu():
   once = switch_weights_mosaic([w.copy() for w in ws], a, b, experts, coefs, True, base)
   for c, o in zip(current, once):
     np.testing.assert_array_equal(np.asarray(c, np.float32), np.asarray(o, np.float32))
+
+
+def test_switch_kernel_choice(monkeypatch):
+  from types import SimpleNamespace
+
+  from adafuse_jax import switching
+  from adafuse_jax.config import AdapterConfig
+
+  cfg = AdapterConfig(mode="pregated", num_experts=8, rank=16, top_k=2)
+  ws = [jnp.zeros((2, 64, 128), jnp.bfloat16)]
+  assert switching.switch_kernel(ws, cfg) == ("mosaic" if ON_GPU else "triton")
+  device = SimpleNamespace(compute_capability="9.0")
+  monkeypatch.setattr(switching.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(switching.jax, "devices", lambda: [device])
+  assert switching.switch_kernel(ws, cfg) == "mosaic"
+  assert switching.switch_kernel([jnp.zeros((2, 64, 100), jnp.bfloat16)], cfg) == "triton"
+  assert switching.switch_kernel([w.astype(jnp.float32) for w in ws], cfg) == "triton"
+  device.compute_capability = "8.0"  # an A100: no Mosaic GPU
+  assert switching.switch_kernel(ws, cfg) == "triton"
+  monkeypatch.setattr(switching, "SWITCH_KERNEL", "mosaic")
+  with pytest.raises(ValueError, match="Hopper"):
+    switching.switch_kernel(ws, cfg)
+  monkeypatch.setattr(switching, "SWITCH_KERNEL", "triton")
+  device.compute_capability = "9.0"
+  assert switching.switch_kernel(ws, cfg) == "triton"
+  monkeypatch.setattr(switching, "SWITCH_KERNEL", "cuda")
+  with pytest.raises(ValueError, match="ADAFUSE_SWITCH_KERNEL"):
+    switching.switch_kernel(ws, cfg)
