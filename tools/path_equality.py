@@ -79,14 +79,19 @@ def main() -> None:
   names = list(runs)
   pairwise = {a: {b: next((i for i, (x, y) in enumerate(zip(runs[a]["tokens"], runs[b]["tokens"]))
                            if x != y), None) for b in names} for a in names}
+  from adafuse_jax.switching import switch_kernel
+  merged_weights = list(runs["merged"]["gen"].switch_state.weights.values())
+  kernel = ("XLA (per-layer weights)" if isinstance(merged_weights[0], tuple)
+            else switch_kernel(merged_weights, adapters.cfg))
   report = {"environment": environment(), "dtype": args.dtype, "prompt": PROMPT,
-            "first_divergence_pairwise": pairwise,
+            "merged_switch_kernel": kernel, "first_divergence_pairwise": pairwise,
             "adapters": "default (trained, pre-gated, 8 experts of rank 8 on q, k, v, o)",
             "results": rows}
   (out / "path_equality.json").write_text(json.dumps(report, indent=1))
   lines = [f"{report['environment']['device']}, JAX {report['environment']['jax']},"
            f" {args.dtype}, default model + trained pool, prompt {PROMPT!r},"
-           f" {args.tokens} greedy tokens per path; logits teacher-forced on the xla path's tokens.",
+           f" {args.tokens} greedy tokens per path; logits teacher-forced on the xla path's tokens;"
+           f" `merged` switches with the {kernel} kernel.",
            "", "| path | same tokens as xla | first divergence | max abs logit diff |"
            " mean abs logit diff | argmax agreement (teacher-forced) |", "|---|---|---|---|---|---|"]
   for r in rows:
