@@ -95,8 +95,8 @@ def extra_bytes(cand: Candidate, model: LlamaModel, adapters: MixtureOfLoRA) -> 
   shapes = model.cfg.linear_shapes()
   if cand.implementation == "packed":
     cols = cfg.num_experts * cfg.rank
-    return layers * item * sum(i * o + (cols * (i + o) if m in cfg.modules else 0)
-                               for m, (i, o) in shapes.items())
+    return model.cfg.linear_bytes(item) + layers * item * cols * sum(
+        i + o for m, (i, o) in shapes.items() if m in cfg.modules)
   if cand.merge:
     return layers * item * sum(i * o for m, (i, o) in shapes.items() if m in cfg.modules)
   return 0
