@@ -51,11 +51,12 @@ class MixtureOfLoRA(nnx.Module):
       return self
     out = nnx.eval_shape(lambda: MixtureOfLoRA(self.model_cfg, self.cfg, layout=layout))
     for m in self.cfg.modules:
-      a, b = self.pool.stacked(m)
-      if layout == "list":
-        a, b = per_layer(a), per_layer(b)
-      getattr(out.pool, f"A_{m}").set_value(a)
-      getattr(out.pool, f"B_{m}").set_value(b)
+      for prefix in ("", "S") if self.cfg.shared_rank else ("",):
+        a, b = self.pool.stacked(m, prefix)
+        if layout == "list":
+          a, b = per_layer(a), per_layer(b)
+        getattr(out.pool, f"{prefix}A_{m}").set_value(a)
+        getattr(out.pool, f"{prefix}B_{m}").set_value(b)
     if self.router is not None:
       nnx.update(out.router, nnx.state(self.router))
     return out
@@ -122,6 +123,10 @@ class AdapterRuntime:
     self._batch_shape = None
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS}")
+    if adapters.cfg.shared_rank and implementation != "xla":
+      raise ValueError(f"implementation {implementation!r} applies routed experts only; merge the"
+                       " shared expert into the backbone first: fold_shared(model, adapters)"
+                       " (Generator does it)")
     self.adapters = adapters
     self.cfg = adapters.cfg
     self.implementation = implementation
@@ -157,7 +162,13 @@ class AdapterRuntime:
         return self._fused(name, layer, x, xf, weights, experts, gates, dense)
     y = x @ weights[layer]
     a, b = self.adapters.pool.factors(name, layer)
-    delta = expert_delta(xf, a, b, experts, gates, dense) * self.cfg.scale
+    delta = expert_delta(xf, a, b, experts, gates, dense)
+    if self.cfg.shared_rank:
+      delta = delta.astype(jnp.float32)
+      sa, sb = self.adapters.pool.shared_factors(name, layer)
+      h = jnp.dot(xf, sa, preferred_element_type=jnp.float32).astype(xf.dtype)
+      delta = delta + jnp.dot(h, sb, preferred_element_type=jnp.float32)
+    delta = delta * self.cfg.scale
     return y + delta.reshape(*x.shape[:-1], -1).astype(y.dtype)
 
   def _packed(self, name: str, layer: int, x: jax.Array) -> jax.Array:
@@ -302,6 +313,35 @@ def merge_lora(weights: dict[str, jax.Array], adapters: MixtureOfLoRA) -> dict[s
     delta = jnp.einsum("lir,lro->lio", a[:, :, 0].astype(jnp.float32), b[:, 0].astype(jnp.float32))
     out[m] = (weights[m].astype(jnp.float32) + adapters.cfg.scale * delta).astype(weights[m].dtype)
   return out
+
+
+def fold_shared(model: LlamaModel, adapters: MixtureOfLoRA) -> tuple[LlamaModel, MixtureOfLoRA]:
+  """Merges the shared expert into the backbone: W[l] + (alpha/r) SA[l] SB[l] per adapted module.
+
+  Every token uses the shared expert with weight 1, so it is part of the model rather than of
+  the per-token choice: folded once, it costs nothing at decode on any path.
+  Returns (a new model with those weights, the same adapters without the shared expert);
+  adapters without one are returned unchanged with the model.
+  """
+  cfg = adapters.cfg
+  if not cfg.shared_rank:
+    return model, adapters
+  weights = model.stacked_weights()
+  for m in cfg.modules:
+    sa, sb = adapters.pool.stacked(m, "S")
+    delta = jnp.einsum("lir,lro->lio", sa.astype(jnp.float32), sb.astype(jnp.float32))
+    weights[m] = (weights[m].astype(jnp.float32) + cfg.scale * delta).astype(model.dtype)
+  folded = LlamaModel(model.cfg, weights=weights, dtype=model.dtype, layout=model.layout)
+  routed_cfg = cfg.replace(shared_rank=0)
+  dtype = adapters.pool.stacked(cfg.modules[0])[0].dtype
+  routed = nnx.eval_shape(lambda: MixtureOfLoRA(adapters.model_cfg, routed_cfg, dtype=dtype,
+                                                layout=adapters.pool.layout))
+  for m in cfg.modules:
+    for f in (f"A_{m}", f"B_{m}"):
+      getattr(routed.pool, f).set_value(getattr(adapters.pool, f).get_value())
+  if adapters.router is not None:
+    nnx.update(routed.router, nnx.state(adapters.router))
+  return folded, routed
 
 
 def merged_model(model: LlamaModel, adapters: MixtureOfLoRA) -> LlamaModel:

@@ -147,6 +147,9 @@ class AdapterConfig:
     per_layer_gates: "pregated" only: experts are still chosen once, but one matmul at the first
       layer gives each layer its own gates over those experts.
     router_init_std: std of the routers' initial weights.
+    shared_rank: rank of a shared expert that every token uses beside its routed ones
+      ("pregated" and "layerwise"; 0 = none). It is the same for every token, so a Generator
+      merges it into the backbone once (`adafuse_jax.adapters.fold_shared`): free at decode.
   """
 
   mode: str = "pregated"
@@ -157,6 +160,7 @@ class AdapterConfig:
   top_k: int = 2
   per_layer_gates: bool = False
   router_init_std: float = 0.02
+  shared_rank: int = 0
 
   def __post_init__(self) -> None:
     from adafuse_jax.model.llama import LINEAR_NAMES  # the model defines the module names
@@ -179,6 +183,11 @@ class AdapterConfig:
     if self.mode in ("layerwise", "pregated") and self.top_k > self.num_experts:
       raise UserError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}; lower"
                       " --top-k or raise --experts")
+    if self.shared_rank < 0:
+      raise UserError(f"shared_rank={self.shared_rank} must be 0 (no shared expert) or positive")
+    if self.shared_rank and self.mode not in ("pregated", "layerwise"):
+      raise UserError(f"shared_rank={self.shared_rank} needs mode 'pregated' or 'layerwise' (a"
+                      " plain LoRA is itself one shared expert: raise its rank instead)")
     if self.per_layer_gates and self.mode != "pregated":
       raise UserError("per_layer_gates applies to mode 'pregated' only")
     if self.mode == "lora":

@@ -40,6 +40,8 @@ class ExpertPool(nnx.Module):
   Attributes (per adapted module m, e.g. `A_q`, `B_q`):
     A_m: ExpertParam [L, in, E, r], Kaiming-style random.
     B_m: ExpertParam [L, E, r, out], zeros (or random with `random_b`, for tests/benchmarks).
+    SA_m, SB_m: ExpertParam [L, in, rs] and [L, rs, out], the shared expert of rank
+      rs = cfg.shared_rank (absent when it is 0); initialised like A and B.
   """
 
   def __init__(self, model_cfg: ModelConfig, cfg: AdapterConfig, *, rngs: nnx.Rngs,
@@ -65,18 +67,36 @@ class ExpertPool(nnx.Module):
         a, b = per_layer(a), per_layer(b)
       setattr(self, f"A_{m}", ExpertParam(a))
       setattr(self, f"B_{m}", ExpertParam(b))
+    self.shared_rank = cfg.shared_rank
+    for m in cfg.modules if cfg.shared_rank else ():
+      d_in, d_out = shapes[m]
+      rs = cfg.shared_rank
+      sa = _scaled_normal(rngs.params(), (L, d_in, rs), jnp.dtype(dtype), 1.0 / d_in ** 0.5)
+      sb = (_scaled_normal(rngs.params(), (L, rs, d_out), jnp.dtype(dtype), 0.5 / rs ** 0.5)
+            if random_b else jnp.zeros((L, rs, d_out), dtype))
+      if self.layout == "list":
+        sa, sb = per_layer(sa), per_layer(sb)
+      setattr(self, f"SA_{m}", ExpertParam(sa))
+      setattr(self, f"SB_{m}", ExpertParam(sb))
 
   def factors(self, module: str, layer: int) -> tuple[jax.Array, jax.Array]:
     """(A [in, E, r], B [E, r, out]) of one module at one layer."""
     a, b = getattr(self, f"A_{module}").get_value(), getattr(self, f"B_{module}").get_value()
     return a[layer], b[layer]
 
-  def stacked(self, module: str) -> tuple[jax.Array, jax.Array]:
-    """(A [L, in, E, r], B [L, E, r, out]) of one module, whatever the layout."""
-    a, b = getattr(self, f"A_{module}").get_value(), getattr(self, f"B_{module}").get_value()
+  def stacked(self, module: str, prefix: str = "") -> tuple[jax.Array, jax.Array]:
+    """(A [L, in, E, r], B [L, E, r, out]) of one module, whatever the layout; with prefix "S"
+    the shared expert's (SA [L, in, rs], SB [L, rs, out])."""
+    a = getattr(self, f"{prefix}A_{module}").get_value()
+    b = getattr(self, f"{prefix}B_{module}").get_value()
     if isinstance(a, tuple):
       a, b = jnp.stack(a), jnp.stack(b)
     return a, b
+
+  def shared_factors(self, module: str, layer: int) -> tuple[jax.Array, jax.Array]:
+    """(SA [in, rs], SB [rs, out]) of the shared expert of one module at one layer."""
+    return (getattr(self, f"SA_{module}").get_value()[layer],
+            getattr(self, f"SB_{module}").get_value()[layer])
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

@@ -267,3 +267,75 @@ def test_pool_layouts_agree(model):
   assert isinstance(listed.pool.A_q.get_value(), tuple)
   chex.assert_trees_all_close(logits_with(model, listed)[0], logits_with(model, stacked)[0],
                               atol=1e-6)
+
+
+# --- shared expert: one dense LoRA beside the routed experts, folded into the backbone ---
+
+@pytest.mark.parametrize("layout", ["stacked", "list"])
+@pytest.mark.parametrize("mode", ["pregated", "layerwise"])
+def test_shared_expert_adds_a_plain_lora_and_folds_into_the_backbone(model, layout, mode):
+  from adafuse_jax.adapters import fold_shared
+
+  m = model.with_layout(layout)
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
+                      shared_rank=3)
+  adapters = MixtureOfLoRA(m.cfg, cfg, seed=8, random_b=True, layout=layout)
+  # The routed part alone, and the shared expert alone as a rank-3 LoRA of the same scale.
+  routed_cfg = cfg.replace(shared_rank=0)
+  routed = MixtureOfLoRA(m.cfg, routed_cfg, seed=0, layout=layout)
+  for mod in cfg.modules:
+    for f in (f"A_{mod}", f"B_{mod}"):
+      getattr(routed.pool, f).set_value(getattr(adapters.pool, f).get_value())
+  nnx.update(routed.router, nnx.state(adapters.router))
+  lora = MixtureOfLoRA(m.cfg, AdapterConfig(mode="lora", rank=3, alpha=cfg.alpha * 3 / 4),
+                       seed=0, layout="stacked")
+  for mod in cfg.modules:
+    sa, sb = adapters.pool.stacked(mod, "S")
+    getattr(lora.pool, f"A_{mod}").set_value(sa[:, :, None])
+    getattr(lora.pool, f"B_{mod}").set_value(sb[:, None])
+  assert lora.cfg.scale == cfg.scale
+  with_lora = merged_model(m.with_layout("stacked"), lora).with_layout(layout)
+
+  got, rt = logits_with(m, adapters)
+  want, _ = logits_with(with_lora, routed)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+  assert float(jnp.abs(got - logits_with(m, routed)[0]).max()) > 1e-2  # the shared part counts
+
+  folded_model, folded = fold_shared(m, adapters)
+  assert folded.cfg.shared_rank == 0 and not hasattr(folded.pool, f"SA_{cfg.modules[0]}")
+  assert folded_model.layout == layout
+  again, _ = logits_with(folded_model, folded)
+  chex.assert_trees_all_close(again, got, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_expert_must_be_folded_before_kernels_and_is_folded_by_generator(model):
+  from adafuse_jax.generate import Generator, generate
+
+  cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, shared_rank=2,
+                      router_init_std=0.5)
+  adapters = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True)
+  with pytest.raises(ValueError, match="fold_shared"):
+    adapters.runtime("pallas")
+  want, _ = logits_with(model, adapters)
+  gen = Generator(model, adapters=adapters, implementation="packed")
+  prompt = [int(t) for t in TOKENS[0]]
+  got = generate(gen, [prompt], max_new_tokens=3)
+  assert got.tokens[0][0] == int(jnp.argmax(want[0, -1]))
+
+
+def test_shared_rank_rejected_where_it_means_nothing():
+  with pytest.raises(UserError, match="shared_rank"):
+    AdapterConfig(mode="lora", shared_rank=4)
+  with pytest.raises(UserError, match="shared_rank"):
+    AdapterConfig(mode="pregated", shared_rank=-1)
+
+
+def test_shared_expert_checkpoint_round_trip(tmp_path, model):
+  from adafuse_jax.adapter_io import load_adapters, save_adapters
+
+  cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, shared_rank=3, router_init_std=0.5)
+  adapters = MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True)
+  loaded = load_adapters(save_adapters(tmp_path / "shared", adapters), model.cfg)
+  assert loaded.cfg == cfg
+  chex.assert_trees_all_equal(nnx.state(loaded.with_layout("stacked")),
+                              nnx.state(adapters.with_layout("stacked")))

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", required=True)
     s.add_argument("--modules", default=",".join(d.modules))
     for field in ("num_experts", "rank", "top_k", "steps", "batch", "seq_len", "warmup",
-                  "eval_every", "checkpoint_every", "seed"):
+                  "eval_every", "eval_windows", "checkpoint_every", "seed"):
       s.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(d, field))
     for field in ("lr", "aux_coef", "weight_decay"):
       s.add_argument("--" + field.replace("_", "-"), type=float, default=getattr(d, field))

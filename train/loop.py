@@ -36,12 +36,15 @@ from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.routing import load_balancing_loss
 
-TRAIN_MODES = ("lora", "layerwise", "pregated", "pregated-plg")
+TRAIN_MODES = ("lora", "layerwise", "pregated", "pregated-plg", "pregated-shared",
+               "layerwise-shared")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """One training run. `mode` "pregated-plg" is pre-gating with per-layer gates."""
+  """One training run. `mode` "pregated-plg" is pre-gating with per-layer gates; "-shared" modes
+  split the pool's budget in half: a shared expert of rank E*r/2 that every token uses, and E
+  routed experts of rank r/2."""
 
   mode: str = "pregated"
   modules: tuple[str, ...] = ("q", "k", "v", "o")
@@ -76,10 +79,13 @@ class TrainConfig:
       return AdapterConfig(mode="lora", modules=self.modules, num_experts=1,
                            rank=self.rank * self.num_experts, top_k=1,
                            alpha=2.0 * self.rank * self.num_experts)
-    return AdapterConfig(mode="layerwise" if self.mode == "layerwise" else "pregated",
-                         modules=self.modules, num_experts=self.num_experts, rank=self.rank,
-                         top_k=self.top_k, per_layer_gates=self.mode == "pregated-plg",
-                         alpha=2.0 * self.rank)
+    rank, shared_rank = self.rank, 0
+    if self.mode.endswith("-shared"):  # same trainable budget as the plain pool
+      rank, shared_rank = max(1, self.rank // 2), self.num_experts * self.rank // 2
+    return AdapterConfig(mode=self.mode.split("-")[0], modules=self.modules,
+                         num_experts=self.num_experts, rank=rank, top_k=self.top_k,
+                         per_layer_gates=self.mode == "pregated-plg", alpha=2.0 * rank,
+                         shared_rank=shared_rank)
 
   def to_json(self) -> dict:
     return {**dataclasses.asdict(self), "modules": list(self.modules)}
