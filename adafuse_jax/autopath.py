@@ -9,8 +9,10 @@ all of that; `choose_path` measures instead. Each candidate is compiled and time
 pipelined decode steps (as `generate` runs them); a merged candidate is timed switching on every
 step and switching on none, and its expected cost is `s · switched + (1 - s) · unchanged` for the
 switch rate s (measured on the prompt with the real router, see `prompt_switch_rate`, or 1.0 when
-unknown: the safe side). The winner's compiled Generator is returned, so nothing is compiled
-twice.
+unknown: the safe side). A batch of several sequences merges only at steps where all its rows
+agree on their experts; its merged candidate is measured agreeing and disagreeing and weighted
+by the agreement measured on the prompts (`prompt_agreement_rate`), and left out where the rows
+never agree. The winner's compiled Generator is returned, so nothing is compiled twice.
 """
 
 from __future__ import annotations
@@ -56,8 +58,12 @@ class PathChoice:
             "details": self.details, "switch_rate": self.switch_rate, "reason": self.reason}
 
 
-def candidates(model: LlamaModel, adapters: MixtureOfLoRA, batch: int) -> list[Candidate]:
-  """The decode paths that can run this configuration on this backend."""
+def candidates(model: LlamaModel, adapters: MixtureOfLoRA, batch: int,
+               agree_rate: float | None = None) -> list[Candidate]:
+  """The decode paths that can run this configuration on this backend. A batch of several
+  sequences gets the merged candidate only when its rows are expected to agree on their experts
+  at some steps (`agree_rate` > 0, see `prompt_agreement_rate`): otherwise every merged step
+  would run unmerged, as the fused/XLA candidates do, plus a copy of the weights."""
   from adafuse_jax import switching
 
   mode = adapters.cfg.mode
@@ -65,7 +71,7 @@ def candidates(model: LlamaModel, adapters: MixtureOfLoRA, batch: int) -> list[C
   on_gpu = jax.default_backend() != "cpu"
   if on_gpu and model.layout == "stacked":
     out.append(Candidate(f"{mode}-fused", "pallas", False))
-  if batch == 1 and switching.merge_blocker(adapters.cfg) is None:
+  if (batch == 1 or (agree_rate or 0.0) > 0) and switching.merge_blocker(adapters.cfg) is None:
     out.append(Candidate(f"{mode}-merged", "pallas" if on_gpu else "xla", True))
   return out
 
@@ -85,6 +91,29 @@ def prompt_switch_rate(model: LlamaModel, adapters: MixtureOfLoRA,
   changed = (experts[1:] != experts[:-1]).reshape(len(prompt) - 1, -1).any(axis=1)
   changed |= (gates[1:] != gates[:-1]).reshape(len(prompt) - 1, -1).any(axis=1)
   return float(changed.mean())
+
+
+def switching_possible(adapters: MixtureOfLoRA) -> bool:
+  from adafuse_jax import switching
+  return switching.merge_blocker(adapters.cfg) is None
+
+
+def prompt_agreement_rate(model: LlamaModel, adapters: MixtureOfLoRA,
+                          prompts: Sequence[Sequence[int]]) -> float | None:
+  """Share of aligned prompt positions (counted from each prompt's end) at which every row's
+  token chose the same pre-gated experts with the same gates: how often a merged batch of these
+  sequences would agree and stay merged. None for one prompt or a mode without a pre-gate."""
+  from adafuse_jax import switching
+
+  if adapters.cfg.mode != "pregated" or len(prompts) < 2:
+    return None
+  n = min(len(p) for p in prompts)
+  tokens = jnp.asarray([list(p)[len(p) - n:] for p in prompts], jnp.int32)  # [B, n]
+  route = jax.vmap(lambda t: switching.route_tokens(model, adapters, t[:, None])[:2],
+                   in_axes=1)
+  experts, gates = route(tokens)  # [n, B, k], [n, B, ...]
+  agree = jax.vmap(switching.batch_agrees)(experts, gates)
+  return float(np.asarray(agree).mean())
 
 
 def extra_bytes(cand: Candidate, model: LlamaModel, adapters: MixtureOfLoRA) -> int:
@@ -111,23 +140,26 @@ def free_device_bytes() -> int | None:
 
 
 def _time_candidate(gen: Generator, batch: int, cache_len: int, steps: int, feed_back: bool,
-                    seed: int) -> float:
+                    seed: int, same_token: bool = False) -> float:
   from adafuse_jax.benchmarks import decode_stepper, time_pipelined
 
   step = gen.compiled(batch, 1, cache_len, SamplingConfig())
-  one_step, _ = decode_stepper(gen, step, batch, cache_len, seed)
+  one_step, _ = decode_stepper(gen, step, batch, cache_len, seed, same_token=same_token)
   return time_pipelined(lambda: one_step(feed_back), warmup=2, steps=steps, repeats=3).median_ms
 
 
 def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
-                cache_len: int = 256, switch_rate: float | None = None, steps: int = 8,
-                sere=None, seed: int = 0, log=None) -> tuple[PathChoice, Generator]:
+                cache_len: int = 256, switch_rate: float | None = None,
+                agree_rate: float | None = None, steps: int = 8, sere=None, seed: int = 0,
+                log=None) -> tuple[PathChoice, Generator]:
   """Measures every candidate path and returns (choice, the winner's Generator).
 
   Args:
     model, adapters: the configuration.
     batch, cache_len: the decode shape to measure (the shape that will be generated).
     switch_rate: expected share of merged steps that switch; None = 1.0 (unknown).
+    agree_rate: batch > 1: expected share of steps at which every row chooses the same experts
+      (`prompt_agreement_rate`); None or 0: no merged candidate for a batch.
     steps: pipelined decode steps per timing (3 repeats, median).
     sere: SERE settings for unmerged batch steps.
     log: optional callable(str) for progress lines.
@@ -136,7 +168,7 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
     raise UserError(f"cache_len={cache_len} is too short to time {steps} steps x 3")
   expected, details, gens = {}, {}, {}
   rate = 1.0 if switch_rate is None else float(switch_rate)
-  cands = candidates(model, adapters, batch)
+  cands = candidates(model, adapters, batch, agree_rate)
   skipped = {}
   for cand in cands:
     free, need = free_device_bytes(), extra_bytes(cand, model, adapters)
@@ -151,10 +183,15 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
     gen = Generator(model, adapters=adapters, implementation=cand.implementation,
                     merge=cand.merge, sere=None if cand.merge else sere)
     if cand.merge:
-      switched = _time_candidate(gen, batch, cache_len, steps, True, seed)
-      unchanged = _time_candidate(gen, batch, cache_len, steps, False, seed)
+      # Rows fed the same token stay identical: the batch agrees (and switches) at every step.
+      switched = _time_candidate(gen, batch, cache_len, steps, True, seed, same_token=True)
+      unchanged = _time_candidate(gen, batch, cache_len, steps, False, seed, same_token=True)
       details[cand.name] = {"switched_ms": switched, "unchanged_ms": unchanged}
       expected[cand.name] = rate * switched + (1 - rate) * unchanged
+      if batch > 1:  # steps whose rows disagree run unmerged inside the merged program
+        disagreed = _time_candidate(gen, batch, cache_len, steps, True, seed)
+        details[cand.name].update(disagreed_ms=disagreed, agree_rate=float(agree_rate))
+        expected[cand.name] = agree_rate * expected[cand.name] + (1 - agree_rate) * disagreed
     else:
       expected[cand.name] = _time_candidate(gen, batch, cache_len, steps, True, seed)
     # Keep only the fastest so far: a packed copy or merged weights are model-sized.
@@ -172,6 +209,12 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
   if any(c.merge and c.name in expected for c in cands):
     why += (f"; merged cost at switch rate {rate:.2f}"
             + (" (unknown: assumed every token switches)" if switch_rate is None else ""))
+    if batch > 1:
+      why += f" and batch agreement {agree_rate:.2f}"
+  elif batch > 1 and switching_possible(adapters):
+    why += ("; no merged candidate: "
+            + ("the batch's agreement is unknown" if agree_rate is None else
+               f"the rows agreed on their experts at {agree_rate:.0%} of the prompts' positions"))
   if skipped:
     why += "; not measured: " + ", ".join(f"{n} ({r})" for n, r in skipped.items())
     details.update({n: {"skipped": r} for n, r in skipped.items()})

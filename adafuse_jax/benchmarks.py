@@ -209,15 +209,17 @@ def calibrated_sere(model: LlamaModel, adapters: MixtureOfLoRA, *, primary_k: in
   return SereSettings(similarity=jnp.asarray(similarity.mean(0)), primary_k=primary_k, rho=rho)
 
 
-def decode_stepper(gen: Generator, step, batch: int, cache_len: int, seed: int, start: int = 0
-                   ) -> tuple[Callable[..., jax.Array], dict]:
+def decode_stepper(gen: Generator, step, batch: int, cache_len: int, seed: int, start: int = 0,
+                   same_token: bool = False) -> tuple[Callable[..., jax.Array], dict]:
   """`one_step(feed_back=True)` runs one compiled decode step on a fresh cache whose first
-  `start` slots count as filled, from a random token, feeding the sampled tokens back unless
-  told not to; returns it with its mutable state {"cache", "tok", "routing"} (the last step's
-  (experts, gates), or None without a router)."""
+  `start` slots count as filled, from a random token (the same one in every row with
+  `same_token`: the rows then stay identical, so a merged batch agrees at every step), feeding
+  the sampled tokens back unless told not to; returns it with its mutable state {"cache", "tok",
+  "routing"} (the last step's (experts, gates), or None without a router)."""
   rng = np.random.default_rng(seed)
+  first = rng.integers(0, gen.cfg.vocab_size, (1 if same_token else batch, 1))
   state = {"cache": gen.new_cache(batch, cache_len),
-           "tok": jnp.asarray(rng.integers(0, gen.cfg.vocab_size, (batch, 1)), jnp.int32)}
+           "tok": jnp.asarray(np.broadcast_to(first, (batch, 1)), jnp.int32)}
   state["cache"] = state["cache"].replace(length=jnp.asarray(start, jnp.int32))
   key = jax.random.key(seed)
 

@@ -152,9 +152,6 @@ def run(args: argparse.Namespace) -> dict:
   if args.merge and adapter_cfg.mode not in ("lora", "pregated"):
     raise UserError(f"--merge needs --mode lora (merged once) or pregated (switched per token);"
                     f" {adapter_cfg.mode!r} routes at every layer and cannot merge")
-  if args.merge and adapter_cfg.mode == "pregated":
-    from adafuse_jax import switching
-    switching.check_merged_batch(len(prompts))
   check_adapter_spec(args.adapters, adapter_cfg)
   loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=not (args.quiet or args.json))
   adapters = resolve_adapters(args.adapters, adapter_cfg, loaded.model.cfg, dtype=jnp.dtype(dtype),
@@ -194,16 +191,17 @@ def run(args: argparse.Namespace) -> dict:
     else:  # pregated (other modes were refused before loading)
       switch_per_token = True
   if args.implementation == "auto":
-    from adafuse_jax.autopath import choose_path, prompt_switch_rate
+    from adafuse_jax.autopath import choose_path, prompt_agreement_rate, prompt_switch_rate
     from adafuse_jax.generate import decode_shape
 
     # Measure at the shape that will be generated, so its compiled step is reused.
     _, _, cache_len = decode_shape([len(i) for i in ids], args.max_new_tokens,
                                    model.cfg.max_context)
     rate = prompt_switch_rate(model, adapters, ids[0]) if len(ids) == 1 else None
+    agree = prompt_agreement_rate(model, adapters, ids)
     log = None if args.json else (lambda m: print(m, file=sys.stderr))
     choice, gen = choose_path(model, adapters, batch=len(ids), cache_len=cache_len,
-                              switch_rate=rate, log=log)
+                              switch_rate=rate, agree_rate=agree, log=log)
     switch_per_token = choice.candidate.merge
     if not args.json:
       print(f"auto chose {choice.reason}", file=sys.stderr)
@@ -230,6 +228,8 @@ def run(args: argparse.Namespace) -> dict:
                adapter_cfg.mode + ("-merged" if switch_per_token else "")),
       "auto": choice.to_dict() if choice else None,
       "switches": int(gen.switch_state.switches) if switch_per_token else None,
+      # Merged batch steps whose rows chose different experts ran unmerged.
+      "unmerged_steps": int(gen.switch_state.unmerged) if switch_per_token else None,
       "routing": _routing_table(tok, res) if args.show_routing else None,
   }
 

@@ -91,7 +91,8 @@ class Generator:
       unmerged, the SGMM switch kernel when merged) or "packed" (`adafuse_jax.packed`).
     sere: SERE re-routing settings for pre-gated batches (`adafuse_jax.sere`), or None.
     merge: decode by switching pre-gated experts into the weights every step
-      ("pregated-merged", see `adafuse_jax.switching`); prompts still run unmerged.
+      ("pregated-merged", see `adafuse_jax.switching`); prompts still run unmerged, and so do
+      the steps of a batch whose rows chose different experts.
     release_weights: with "packed", delete the model's linear weights and the pool's experts
       while packing (`pack(..., release=True)`): one copy of them in device memory at any
       time; `model` and `adapters` cannot run afterwards.
@@ -116,6 +117,9 @@ class Generator:
                       " with 'pallas' (SGMM kernel) or 'xla'")
     if merge:
       from adafuse_jax import switching
+      if sere is not None:
+        raise UserError("SERE re-routes the rows of unmerged batch steps; merged decoding switches"
+                        " the batch's one shared choice: drop one of sere / merge")
       if adapters is None:
         raise UserError("merged decoding needs adapters (a pre-gated expert pool)")
       switching.check_mergeable(adapters.cfg)
@@ -166,19 +170,35 @@ class Generator:
     return sample(logits, key, sampling), logits, cache, routing
 
   def _switch(self, params, adapter_params, state, tokens):
-    """Routes the new token and rebuilds the merged weights (state donated, updated in place)."""
+    """Routes the new tokens [B, 1] and rebuilds the merged weights when the batch agrees (state
+    donated, updated in place). Returns (state, routing, agree)."""
     from adafuse_jax import switching
     model = nnx.merge(self.graphdef, params)
     adapters = nnx.merge(self.adapters_graphdef, adapter_params)
-    experts, gates, _ = switching.route_token(model, adapters, tokens)
-    state = switching.switch(state, model, adapters, experts, gates, self.implementation)
-    return state, (experts[None], gates[None])
+    experts, gates, _ = switching.route_tokens(model, adapters, tokens)
+    agree = switching.batch_agrees(experts, gates) if tokens.shape[0] > 1 else jnp.bool_(True)
+    state = switching.switch(state, model, adapters, experts[0], gates[0], self.implementation,
+                             agree)
+    return state, (experts, gates), agree
 
-  def _merged_forward(self, params, merged_weights, tokens, cache, key, sampling: SamplingConfig):
-    """A backbone pass whose adapted modules read the merged weights (passed in, not donated)."""
+  def _merged_forward(self, params, adapter_params, merged_weights, agree, tokens, cache, key,
+                      sampling: SamplingConfig):
+    """A backbone pass whose adapted modules read the merged weights (passed in, not donated);
+    for a batch that disagreed, the unmerged pass on the model's own W0 instead."""
     from adafuse_jax import switching
     model = nnx.merge(self.graphdef, params)
-    logits, cache = model(tokens, cache, linear=switching.merged_linear(merged_weights))
+
+    def merged(cache):
+      return model(tokens, cache, linear=switching.merged_linear(merged_weights))
+
+    def unmerged(cache):
+      runtime = nnx.merge(self.adapters_graphdef, adapter_params).runtime(self.implementation)
+      return model(tokens, cache, linear=runtime)
+
+    if tokens.shape[0] == 1:  # one sequence always agrees with itself
+      logits, cache = merged(cache)
+    else:
+      logits, cache = jax.lax.cond(agree, merged, unmerged, cache)
     return sample(logits, key, sampling), logits, cache
 
   def compiled(self, batch: int, length: int, cache_len: int, sampling: SamplingConfig) -> Callable:
@@ -192,15 +212,16 @@ class Generator:
       key = jax.eval_shape(lambda: jax.random.key(0))
       if self.merges(length):
         from adafuse_jax import switching
-        switching.check_merged_batch(batch)
         # Two compiled functions, dispatched back to back: XLA:GPU materialises a slice of a
         # weight that was produced in the same program (a memcpy per layer and module, +1.3 ms
         # per token for q,v on the 7B: docs/benchmarks/h100-merged/one_jit_kernels.md), while
         # slices of a parameter feed the matmuls in place, as in the backbone.
         switch = jax.jit(self._switch, donate_argnums=(2,)).lower(
             self.params, self.adapter_params, self.switch_state, tokens).compile()
-        forward = jax.jit(self._merged_forward, static_argnums=(5,), donate_argnums=(3,)).lower(
-            self.params, self.switch_state.weights, tokens, cache, key, sampling).compile()
+        agree = jax.ShapeDtypeStruct((), jnp.bool_)
+        forward = jax.jit(self._merged_forward, static_argnums=(7,), donate_argnums=(5,)).lower(
+            self.params, self.adapter_params, self.switch_state.weights, agree, tokens, cache, key,
+            sampling).compile()
         self._compiled[sig] = MergedStep(switch, forward)
       else:
         fn = jax.jit(self._forward, static_argnums=(6,), donate_argnums=(4,))
@@ -217,9 +238,10 @@ class Generator:
 
     Returns (next [B], logits [B, V], cache, routing)."""
     if isinstance(fn, MergedStep):
-      self.switch_state, routing = fn.switch(self.params, self.adapter_params, self.switch_state,
-                                             tokens)
-      nxt, logits, cache = fn.forward(self.params, self.switch_state.weights, tokens, cache, key)
+      self.switch_state, routing, agree = fn.switch(self.params, self.adapter_params,
+                                                    self.switch_state, tokens)
+      nxt, logits, cache = fn.forward(self.params, self.adapter_params, self.switch_state.weights,
+                                      agree, tokens, cache, key)
       return nxt, logits, cache, routing
     return fn(self.params, self.adapter_params, self.packed, tokens, cache, key)
 

@@ -12,8 +12,10 @@ Per decode step, inside one jitted function:
 
 The merged weights are a separate state (donated step to step), so the model's own parameters
 stay the pristine W0: prompts, where every token has its own experts, run unmerged on them.
-Merging serves one sequence at a time (a batch's tokens want different experts): batches use the
-unmerged paths.
+A batch of B > 1 sequences merges only when the whole batch agrees (every row picked the same
+experts with the same gates); a step whose rows disagree leaves the merged weights alone and runs
+unmerged on W0 (`batch_agrees`, and the generator's `lax.cond`), so the weights are moved only
+for a choice that serves every row.
 """
 
 from __future__ import annotations
@@ -41,16 +43,19 @@ class SwitchState:
     experts: [k] int32 experts merged now (sorted; -1 before the first switch).
     coefs: [L, k] f32 coefficients merged now (gate x alpha / r).
     switches: int32 count of steps that switched (for the switch rate).
+    unmerged: int32 count of steps whose batch disagreed and ran unmerged (0 at batch 1).
   """
 
   weights: dict
   experts: jax.Array
   coefs: jax.Array
   switches: jax.Array
+  unmerged: jax.Array
 
 
-jax.tree_util.register_dataclass(SwitchState, data_fields=["weights", "experts", "coefs", "switches"],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+    SwitchState, data_fields=["weights", "experts", "coefs", "switches", "unmerged"],
+    meta_fields=[])
 
 
 def merge_blocker(adapter_cfg) -> str | None:
@@ -71,13 +76,6 @@ def check_mergeable(adapter_cfg) -> None:
     raise UserError(reason)
 
 
-def check_merged_batch(batch: int) -> None:
-  """Merged decoding serves one sequence at a time."""
-  if batch != 1:
-    raise UserError(f"merged decoding serves one sequence at a time (got a batch of {batch}):"
-                    " the tokens of a batch want different experts; decode batches unmerged")
-
-
 def initial_state(model, adapters) -> SwitchState:
   """Merged weights = W0 (a copy), nothing merged yet: the first step switches."""
   cfg = adapters.cfg
@@ -87,34 +85,54 @@ def initial_state(model, adapters) -> SwitchState:
     weights[m] = tuple(w.copy() for w in value) if isinstance(value, tuple) else value.copy()
   return SwitchState(weights=weights, experts=jnp.full((cfg.top_k,), -1, jnp.int32),
                      coefs=jnp.zeros((model.cfg.layers, cfg.top_k), jnp.float32),
-                     switches=jnp.zeros((), jnp.int32))
+                     switches=jnp.zeros((), jnp.int32), unmerged=jnp.zeros((), jnp.int32))
 
 
 def route_token(model, adapters, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Pre-gate one token. tokens [1, 1] -> (experts [k] sorted, gates [k] or [L, k], logits [1, E])."""
+  experts, gates, logits = route_tokens(model, adapters, tokens)
+  return experts[0], gates[0], logits
+
+
+def route_tokens(model, adapters, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Pre-gate the last token of every row. tokens [B, T] -> (experts [B, k], each row sorted by
+  expert id, gates [B, k] or [B, L, k] in that order, logits [B, E])."""
   cfg = adapters.cfg
   x = rms_norm(jnp.take(model.embed[...], tokens[:, -1], axis=0), model.attn_norm[0],
-               model.cfg.rms_eps)  # [1, D]
+               model.cfg.rms_eps)  # [B, D]
   logits, layer_logits = adapters.router(x)
   experts, gates = top_k_gates(logits, cfg.top_k)
   # A canonical order (by expert id), so that the same set with the same gates is "unchanged".
-  order = jnp.argsort(experts[0])
-  experts = experts[0][order]
+  order = jnp.argsort(experts, axis=-1)
+  experts = jnp.take_along_axis(experts, order, axis=-1)
   if layer_logits is not None:
-    gates = gates_for(layer_logits[0], jnp.broadcast_to(experts, (model.cfg.layers, cfg.top_k)))
+    gates = gates_for(layer_logits, jnp.broadcast_to(experts[:, None, :], layer_logits.shape[:2]
+                                                     + (cfg.top_k,)))
   else:
-    gates = gates[0][order]
+    gates = jnp.take_along_axis(gates, order, axis=-1)
   return experts, gates, logits
 
 
+def batch_agrees(experts: jax.Array, gates: jax.Array) -> jax.Array:
+  """Whether every row chose row 0's experts with row 0's gates (bool scalar).
+  experts [B, k], gates [B, k] or [B, L, k], as `route_tokens` returns them."""
+  same = jnp.all(experts == experts[:1])
+  return same & jnp.all(gates == gates[:1])
+
+
 def switch(state: SwitchState, model, adapters, experts: jax.Array, gates: jax.Array,
-           implementation: str) -> SwitchState:
-  """Rebuilds the merged weights for the new experts/gates (no work when unchanged)."""
+           implementation: str, agree: jax.Array | bool = True) -> SwitchState:
+  """Rebuilds the merged weights for the new experts [k] / gates [k] or [L, k] (no work when
+  they are unchanged, or when `agree` is False: the batch disagreed and runs unmerged)."""
   cfg = adapters.cfg
   num_layers = model.cfg.layers
   coefs = jnp.broadcast_to(gates if gates.ndim == 2 else gates[None], (num_layers, cfg.top_k))
   coefs = coefs.astype(jnp.float32) * cfg.scale
   changed = jnp.any(experts != state.experts) | jnp.any(coefs != state.coefs)
+  agree = jnp.asarray(agree)
+  changed = changed & agree
+  experts = jnp.where(agree, experts, state.experts)
+  coefs = jnp.where(agree, coefs, state.coefs)
   modules = cfg.modules
   base = tuple(getattr(model, m).get_value() for m in modules)
   current = tuple(state.weights[m] for m in modules)
@@ -134,7 +152,8 @@ def switch(state: SwitchState, model, adapters, experts: jax.Array, gates: jax.A
       from pallas_kernels.sgmm import switch_weights_xla
       new = switch_weights_xla(current, a_pools, b_pools, experts, coefs, changed, base)
   return SwitchState(weights=dict(zip(modules, new)), experts=experts, coefs=coefs,
-                     switches=state.switches + changed.astype(jnp.int32))
+                     switches=state.switches + changed.astype(jnp.int32),
+                     unmerged=state.unmerged + (~agree).astype(jnp.int32))
 
 
 # Which Pallas kernel switches on the GPU: "auto" (Mosaic GPU where it supports the weights,

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import pytest
 
 from adafuse_jax.adapters import MixtureOfLoRA
-from adafuse_jax.autopath import candidates, choose_path, prompt_switch_rate
+from adafuse_jax.autopath import (candidates, choose_path, prompt_agreement_rate,
+                                  prompt_switch_rate)
 from adafuse_jax.config import AdapterConfig
 from adafuse_jax.errors import UserError
 from adafuse_jax.model.llama import LlamaModel
@@ -29,6 +30,10 @@ def test_candidates_follow_mode_batch_and_backend(model):
   # CPU: no fused kernels; a batch wants different experts: no merging.
   assert names(_adapters(model), 1) == ["pregated", "pregated-packed", "pregated-merged"]
   assert names(_adapters(model), 4) == ["pregated", "pregated-packed"]
+  # ... unless its rows are expected to agree at some steps.
+  assert names(_adapters(model), 4)[:2] == [c.name for c in candidates(
+      model, _adapters(model), 4, agree_rate=0.0)]
+  assert candidates(model, _adapters(model), 4, agree_rate=0.5)[-1].name == "pregated-merged"
   assert names(_adapters(model, mode="layerwise"), 1) == ["layerwise", "layerwise-packed"]
 
 
@@ -79,3 +84,22 @@ def test_candidates_that_do_not_fit_are_skipped_and_named(model, monkeypatch):
   monkeypatch.setattr(autopath, "free_device_bytes", lambda: 0)
   only_xla, _ = choose_path(model, adapters, batch=1, cache_len=128, steps=4)
   assert only_xla.candidate.name == "pregated"
+
+
+def test_prompt_agreement_rate(model):
+  adapters = _adapters(model)
+  assert prompt_agreement_rate(model, adapters, [[3, 4, 5], [9, 4, 5]]) == pytest.approx(2 / 3)
+  assert prompt_agreement_rate(model, adapters, [[1, 2], [1, 2], [8, 1, 2]]) == 1.0
+  assert prompt_agreement_rate(model, adapters, [[1, 2]]) is None
+
+
+def test_batch_merged_candidate_weighs_agreeing_and_disagreeing_steps(model):
+  adapters = _adapters(model)
+  choice, gen = choose_path(model, adapters, batch=3, cache_len=128, switch_rate=1.0,
+                            agree_rate=0.25, steps=4)
+  merged = choice.details["pregated-merged"]
+  assert choice.expected_ms["pregated-merged"] == pytest.approx(
+      0.25 * merged["switched_ms"] + 0.75 * merged["disagreed_ms"])
+  assert "batch agreement 0.25" in choice.reason
+  none, _ = choose_path(model, adapters, batch=3, cache_len=128, agree_rate=0.0, steps=4)
+  assert "pregated-merged" not in none.expected_ms and "agreed on their experts at 0%" in none.reason

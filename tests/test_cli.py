@@ -77,8 +77,6 @@ def test_lora_merged_once_equals_unmerged(default_model):
     (("--mode", "layerwise", "hi"), "needs adapters"),
     (("--mode", "pregated", "--adapters", "random", "--top-k", "9", "hi"), "larger than num_experts"),
     (("--mode", "layerwise", "--adapters", "random", "--merge", "hi"), "--merge"),
-    (("--mode", "pregated", "--adapters", "random", "--merge", "hi", "there"),
-     "one sequence at a time"),
     (("--adapters", "/no/such/ckpt", "--mode", "pregated", "hi"), "does not exist"),
     (("--mode", "pregated", "--adapters", "random", "--merge", "--implementation", "auto", "hi"),
      "drop --merge"),

@@ -231,7 +231,30 @@ def test_merging_rejects_what_it_cannot_serve():
                                               num_experts=4), seed=0)
   with pytest.raises(UserError, match="q, k or v"):
     Generator(model, adapters=mlp_only, merge=True)
-  pg = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4), seed=0)
-  gen = Generator(model, adapters=pg, merge=True)
-  with pytest.raises(UserError, match="one sequence at a time"):
-    generate(gen, [[1, 2, 3], [4, 5]], max_new_tokens=3)
+  with pytest.raises(UserError, match="SERE"):
+    Generator(model, adapters=pregated, merge=True, sere=object())
+
+
+@pytest.mark.parametrize("router", ["zero", "random"])
+def test_merged_batch_equals_each_sequence_alone(router):
+  """A merged batch switches only when every row chose the same experts and gates (a zero
+  router: always, though the prompts differ); otherwise the step runs unmerged on W0 (a random
+  router). Either way each row's greedy tokens are those of generating it alone, unmerged."""
+  cfg = tiny_config()
+  model = LlamaModel(cfg, seed=0, layout="stacked")
+  adapters = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4,
+                                              router_init_std=0.5), seed=3, random_b=True)
+  if router == "zero":
+    adapters.router.w.set_value(jnp.zeros_like(adapters.router.w[...]))
+  prompts = [[5, 17, 3, 88], [42, 9], [61, 7, 1]]
+  gen = Generator(model, adapters=adapters, merge=True)
+  batched = generate(gen, prompts, max_new_tokens=6)
+  for row, prompt in enumerate(prompts):
+    alone = generate(Generator(model, adapters=adapters), [prompt], max_new_tokens=6)
+    assert batched.tokens[row] == alone.tokens[0], (row, router)
+  steps = 6 - 1  # the first token comes from the (unmerged) prefill
+  unmerged, switches = int(gen.switch_state.unmerged), int(gen.switch_state.switches)
+  if router == "zero":
+    assert unmerged == 0 and switches == 1  # one switch, then the same choice every step
+  else:
+    assert unmerged > 0 and switches + unmerged <= steps
