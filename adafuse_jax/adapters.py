@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from adafuse_jax.config import AdapterConfig, ModelConfig
+from adafuse_jax.errors import UserError
 from adafuse_jax.model.llama import LlamaModel, input_group, per_layer
 from adafuse_jax.packed import cached_on_input
 from adafuse_jax.experts import ExpertPool, dense_gates, expert_delta, use_fused_kernel
@@ -34,6 +35,9 @@ class MixtureOfLoRA(nnx.Module):
                dtype: jnp.dtype = jnp.float32, random_b: bool = False, layout: str | None = None):
     if cfg.mode == "backbone":
       raise ValueError("mode 'backbone' has no adapters; pass adapters=None")
+    if cfg.first_layer >= model_cfg.layers:
+      raise UserError(f"first_layer={cfg.first_layer} leaves no adapted layer: the model has"
+                      f" {model_cfg.layers} layers (0 .. {model_cfg.layers - 1})")
     self.cfg = cfg
     self.model_cfg = model_cfg
     rngs = nnx.Rngs(params=seed)
@@ -142,6 +146,10 @@ class AdapterRuntime:
       self._groups = GroupCache(packed)
     self._deltas: dict = {}  # "packed": (layer, group) -> (input, {module: delta})
 
+  def adapts(self, name: str, layer: int) -> bool:
+    """Whether module `name` of `layer` carries experts."""
+    return name in self.cfg.modules and layer >= self.cfg.first_layer
+
   @property
   def first_route(self) -> Route | None:
     return self.routes[0] if self.routes else None
@@ -149,7 +157,7 @@ class AdapterRuntime:
   def __call__(self, name: str, layer: int, x: jax.Array, weights) -> jax.Array:
     if self._groups is not None:
       return self._packed(name, layer, x)
-    if name not in self.cfg.modules:
+    if not self.adapts(name, layer):
       return x @ weights[layer]
     xf = x.reshape(-1, x.shape[-1])
     self._batch_shape = x.shape[:-1]
@@ -175,7 +183,7 @@ class AdapterRuntime:
     """Base output, every expert's shrink and (layer-wise) the router's logits from the one
     packed matmul of x's input group; then the gated expansion as one small matmul."""
     y = self._groups.base(name, layer, x)
-    if name in self.cfg.modules:
+    if self.adapts(name, layer):
       group = input_group(name)
       deltas = cached_on_input(self._deltas, (layer, group), x,
                                lambda: self._packed_deltas(group, layer, x))
@@ -311,8 +319,14 @@ def merge_lora(weights: dict[str, jax.Array], adapters: MixtureOfLoRA) -> dict[s
   for m in adapters.cfg.modules:
     a, b = adapters.pool.stacked(m)
     delta = jnp.einsum("lir,lro->lio", a[:, :, 0].astype(jnp.float32), b[:, 0].astype(jnp.float32))
+    delta = delta * _adapted_layers(adapters.cfg, delta.shape[0])
     out[m] = (weights[m].astype(jnp.float32) + adapters.cfg.scale * delta).astype(weights[m].dtype)
   return out
+
+
+def _adapted_layers(cfg: AdapterConfig, num_layers: int) -> jax.Array:
+  """[L, 1, 1] f32: 1 for layers that carry experts (from cfg.first_layer on), else 0."""
+  return (jnp.arange(num_layers) >= cfg.first_layer).astype(jnp.float32)[:, None, None]
 
 
 def fold_shared(model: LlamaModel, adapters: MixtureOfLoRA) -> tuple[LlamaModel, MixtureOfLoRA]:
@@ -330,6 +344,7 @@ def fold_shared(model: LlamaModel, adapters: MixtureOfLoRA) -> tuple[LlamaModel,
   for m in cfg.modules:
     sa, sb = adapters.pool.stacked(m, "S")
     delta = jnp.einsum("lir,lro->lio", sa.astype(jnp.float32), sb.astype(jnp.float32))
+    delta = delta * _adapted_layers(cfg, delta.shape[0])
     weights[m] = (weights[m].astype(jnp.float32) + cfg.scale * delta).astype(model.dtype)
   folded = LlamaModel(model.cfg, weights=weights, dtype=model.dtype, layout=model.layout)
   routed_cfg = cfg.replace(shared_rank=0)

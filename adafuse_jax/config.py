@@ -150,6 +150,9 @@ class AdapterConfig:
     shared_rank: rank of a shared expert that every token uses beside its routed ones
       ("pregated" and "layerwise"; 0 = none). It is the same for every token, so a Generator
       merges it into the backbone once (`adafuse_jax.adapters.fold_shared`): free at decode.
+    first_layer: layers below it carry no experts, so the pre-gate router reads the first
+      adapted module's input at this layer: a hidden state that has seen the context through
+      the layers below, where layer 0's input is the token's embedding alone.
   """
 
   mode: str = "pregated"
@@ -161,6 +164,7 @@ class AdapterConfig:
   per_layer_gates: bool = False
   router_init_std: float = 0.02
   shared_rank: int = 0
+  first_layer: int = 0
 
   def __post_init__(self) -> None:
     from adafuse_jax.model.llama import LINEAR_NAMES  # the model defines the module names
@@ -183,6 +187,8 @@ class AdapterConfig:
     if self.mode in ("layerwise", "pregated") and self.top_k > self.num_experts:
       raise UserError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}; lower"
                       " --top-k or raise --experts")
+    if self.first_layer < 0:
+      raise UserError(f"first_layer={self.first_layer} must be 0 or more")
     if self.shared_rank < 0:
       raise UserError(f"shared_rank={self.shared_rank} must be 0 (no shared expert) or positive")
     if self.shared_rank and self.mode not in ("pregated", "layerwise"):

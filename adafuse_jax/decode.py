@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated adapted modules (random pools)")
   a.add_argument("--per-layer-gates", action="store_true",
                  help="pregated: one gate vector per layer (random pools)")
+  a.add_argument("--shared-rank", type=int, default=0,
+                 help="rank of a shared expert every token uses, merged into the backbone once"
+                      " (random pools; 0 = none)")
   a.add_argument("--implementation", choices=("packed", "xla", "pallas", "auto"), default=None,
                  help="how the matmuls and experts are applied: packed (the default unless"
                       " --merge): every expert's A and the layer-wise routers appended to the"
@@ -107,7 +110,8 @@ def _adapter_config(args: argparse.Namespace):
     return saved
   modules = tuple(m.strip() for m in args.adapt_modules.split(",") if m.strip())
   return AdapterConfig(mode=mode, modules=modules, num_experts=args.experts, rank=args.rank,
-                       top_k=args.top_k, per_layer_gates=args.per_layer_gates)
+                       top_k=args.top_k, per_layer_gates=args.per_layer_gates,
+                       shared_rank=args.shared_rank)
 
 
 def _routing_table(tok, res) -> list[dict]:

@@ -63,6 +63,9 @@ def merge_blocker(adapter_cfg) -> str | None:
   if adapter_cfg.mode != "pregated":
     return (f"merged decoding switches pre-gated experts; mode {adapter_cfg.mode!r} cannot"
             " merge (use --mode pregated, or --merge with --mode lora for a one-off merge)")
+  if adapter_cfg.first_layer:
+    return (f"these experts are routed at layer {adapter_cfg.first_layer} (first_layer), after"
+            " layers that run before any switch could; decode them unmerged (packed, pallas)")
   first = next(m for m in LINEAR_NAMES if m in adapter_cfg.modules)  # the forward pass's order
   if first not in ATTENTION_INPUT_MODULES:
     return ("merged decoding routes on layer 0's attention input, so q, k or v must be"

@@ -339,3 +339,47 @@ def test_shared_expert_checkpoint_round_trip(tmp_path, model):
   assert loaded.cfg == cfg
   chex.assert_trees_all_equal(nnx.state(loaded.with_layout("stacked")),
                               nnx.state(adapters.with_layout("stacked")))
+
+
+@pytest.mark.parametrize("mode", ["pregated", "layerwise", "lora"])
+def test_first_layer_leaves_lower_layers_alone_and_routes_on_context(model, mode):
+  """Experts from layer 1 on: equal to a pool whose layer-0 experts are zero; the pre-gate
+  router reads layer 1's input (so the same token routes differently in another context); the
+  packed path and the folded shared expert agree; merging is refused with the reason."""
+  from adafuse_jax.adapters import fold_shared
+  from adafuse_jax.packed import pack
+  from adafuse_jax.switching import merge_blocker
+
+  shared = 2 if mode != "lora" else 0
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, router_init_std=0.5, first_layer=1,
+                      shared_rank=shared)
+  adapters = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True, layout="stacked")
+  zeroed = MixtureOfLoRA(model.cfg, cfg.replace(first_layer=0), seed=8, random_b=True,
+                         layout="stacked")
+  for mod in cfg.modules:
+    for f in (f"B_{mod}",) + ((f"SB_{mod}",) if shared else ()):
+      getattr(zeroed.pool, f).set_value(getattr(zeroed.pool, f).get_value().at[0].set(0))
+  got, rt = logits_with(model, adapters)
+  if mode != "pregated":  # pre-gating also moves its decision point: compared below
+    want, _ = logits_with(model, zeroed)
+    chex.assert_trees_all_close(got, want, atol=1e-5)
+  if mode == "pregated":
+    assert merge_blocker(cfg) is not None and "first_layer" in merge_blocker(cfg)
+    # Token 3 at positions 2 and 10: same embedding, different context at layer 1.
+    tokens = np.array([[5, 17, 3, 88, 42, 9, 61, 7, 1, 2, 3]], np.int32)
+    _, rt = logits_with(model, adapters, tokens)
+    logits = rt.routes[0].logits.reshape(11, -1)
+    assert float(jnp.abs(logits[2] - logits[10]).max()) > 1e-4
+  folded_model, folded = fold_shared(model, adapters)
+  if mode != "lora":
+    again, _ = logits_with(folded_model, folded)
+    chex.assert_trees_all_close(again, got, atol=1e-4, rtol=1e-4)
+  packed_rt = folded.runtime("packed", packed=pack(folded_model, folded))
+  cache = KVCache.create(model.cfg, 2, 8, model.dtype)
+  packed, _ = folded_model(jnp.asarray(TOKENS), cache, all_logits=True, linear=packed_rt)
+  chex.assert_trees_all_close(packed, got, atol=1e-4, rtol=1e-4)
+
+
+def test_first_layer_beyond_the_model_is_named(model):
+  with pytest.raises(UserError, match="first_layer=9"):
+    MixtureOfLoRA(model.cfg, AdapterConfig(mode="pregated", first_layer=9), seed=0)

@@ -37,14 +37,14 @@ from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.routing import load_balancing_loss
 
 TRAIN_MODES = ("lora", "layerwise", "pregated", "pregated-plg", "pregated-shared",
-               "layerwise-shared")
+               "layerwise-shared", "pregated-ctx")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One training run. `mode` "pregated-plg" is pre-gating with per-layer gates; "-shared" modes
   split the pool's budget in half: a shared expert of rank E*r/2 that every token uses, and E
-  routed experts of rank r/2."""
+  routed experts of rank r/2; "pregated-ctx" routes at layer 1 (layer 0 carries no experts)."""
 
   mode: str = "pregated"
   modules: tuple[str, ...] = ("q", "k", "v", "o")
@@ -85,7 +85,8 @@ class TrainConfig:
     return AdapterConfig(mode=self.mode.split("-")[0], modules=self.modules,
                          num_experts=self.num_experts, rank=rank, top_k=self.top_k,
                          per_layer_gates=self.mode == "pregated-plg", alpha=2.0 * rank,
-                         shared_rank=shared_rank)
+                         shared_rank=shared_rank,
+                         first_layer=1 if self.mode == "pregated-ctx" else 0)
 
   def to_json(self) -> dict:
     return {**dataclasses.asdict(self), "modules": list(self.modules)}
