@@ -34,7 +34,8 @@ def _cfg(mode="pregated", **kw):
   return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("mode", ["pregated", "layerwise", "lora", "pregated-plg"])
+@pytest.mark.parametrize("mode", ["pregated", "layerwise", "lora", "pregated-plg",
+                                  "pregated-shared", "pregated-ctx"])
 def test_a_few_steps_lower_the_loss(model, streams, tmp_path, mode):
   cfg = _cfg(mode, steps=12, batch=8)
   trainer = Trainer(model, cfg, *streams, tmp_path)
@@ -116,3 +117,38 @@ def test_math_generator_output_is_reproducible():
   cache = data.default_cache()
   first = data.math_problems(cache, "interpolate", per_module=3, seed=7)
   assert first and first == data.math_problems(cache, "interpolate", per_module=3, seed=7)
+
+
+def test_shared_modes_keep_the_pools_budget():
+  plain = TrainConfig(mode="pregated").adapter_config()
+  shared = TrainConfig(mode="pregated-shared").adapter_config()
+  assert shared.num_experts * shared.rank + shared.shared_rank == plain.num_experts * plain.rank
+  assert shared.scale == plain.scale
+  assert TrainConfig(mode="layerwise-shared").adapter_config().mode == "layerwise"
+  assert TrainConfig(mode="pregated-ctx").adapter_config().first_layer == 1
+
+
+def test_rows_from_keeps_rows_of_the_same_settings_only(tmp_path):
+  import json
+
+  from adafuse_jax.errors import UserError
+  from train.__main__ import _seed_rows
+
+  config = TrainConfig(steps=300).to_json()
+  earlier = tmp_path / "earlier"
+  (earlier / "metrics").mkdir(parents=True)
+  (earlier / "metrics" / "lora.jsonl").write_text('{"step": 1, "ce": 2.0}\n')
+  row = {"mode": "lora", "mean_ppl": 12.0}
+  (earlier / "results.json").write_text(json.dumps(
+      {"config": config, "math_items": 200, "analogy_items": 300, "rows": {"lora": row}}))
+  work = tmp_path / "work"
+  (work / "rows").mkdir(parents=True)
+  _seed_rows(earlier / "results.json", config, 200, 300, ["lora", "pregated-ctx"], work)
+  assert json.loads((work / "rows" / "lora.json").read_text()) == row
+  assert (work / "lora" / "metrics.jsonl").exists()
+  assert not (work / "rows" / "pregated-ctx.json").exists()
+  with pytest.raises(UserError, match="steps: 300 there vs 400 now"):
+    _seed_rows(earlier / "results.json", TrainConfig(steps=400).to_json(), 200, 300, ["lora"],
+               work)
+  with pytest.raises(UserError, match="not a results.json"):
+    _seed_rows(tmp_path / "missing.json", config, 200, 300, ["lora"], work)

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import shutil
 import sys
 import time
 from typing import Sequence
@@ -44,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rows of the table: backbone and/or training modes")
       s.add_argument("--out", required=True, help="folder for results.json/.md and plots")
       s.add_argument("--export", help="save the trained pregated pool here (bf16)")
+      s.add_argument("--export-mode", default="pregated",
+                     help="which trained mode --export saves (a pre-gated one: pregated,"
+                          " pregated-shared, ...)")
+      s.add_argument("--rows-from", help="an earlier results.json (its folder's metrics/ too):"
+                                         " rows of the same settings are kept, not retrained")
       s.add_argument("--math-items", type=int, default=200)
       s.add_argument("--analogy-items", type=int, default=300)
     s.add_argument("--workdir", required=True)
@@ -113,6 +119,9 @@ def run_all(args) -> dict:
   # (a time limit, a lost machine) resumes training from the checkpoints and skips finished rows.
   rows_dir = pathlib.Path(args.workdir) / "rows"
   rows_dir.mkdir(parents=True, exist_ok=True)
+  if args.rows_from:
+    _seed_rows(pathlib.Path(args.rows_from), _config(args, "pregated").to_json(),
+               len(math_items), len(analogy_items), modes, pathlib.Path(args.workdir))
   for mode in modes:
     cached = rows_dir / f"{mode}.json"
     if cached.exists():
@@ -143,7 +152,7 @@ def run_all(args) -> dict:
     if row["routing"]:
       E.heatmap(row["routing"], out / f"routing_{mode}.png",
                 f"{mode}: expert load by domain (first adapted layer)")
-    if mode == "pregated" and args.export:
+    if mode == args.export_mode and args.export:
       import jax.numpy as jnp
       save_adapters(args.export, adapters, dtype=jnp.bfloat16)
     # Written after every mode, so that a run cut short keeps what it measured.
@@ -151,8 +160,42 @@ def run_all(args) -> dict:
               "math_items": len(math_items), "analogy_items": len(analogy_items), "rows": rows}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown(report))
-  loss_plot(pathlib.Path(args.workdir), [m for m in modes if m != "backbone"], out / "loss.png")
+  trained = [m for m in modes if m != "backbone"]
+  loss_plot(pathlib.Path(args.workdir), trained, out / "loss.png")
+  (out / "metrics").mkdir(exist_ok=True)
+  for mode in trained:  # the training logs beside the table they made
+    log = pathlib.Path(args.workdir) / mode / "metrics.jsonl"
+    if log.exists():
+      shutil.copyfile(log, out / "metrics" / f"{mode}.jsonl")
   return report
+
+
+def _seed_rows(results: pathlib.Path, config: dict, math_items: int, analogy_items: int,
+               modes: list[str], workdir: pathlib.Path) -> None:
+  """Copies the rows (and training logs) of `modes` from an earlier results.json into the
+  workdir, so that `all` keeps them; refuses if that run used other settings."""
+  try:
+    prev = json.loads(results.read_text())
+    prev_cfg, prev_rows = prev["config"], prev["rows"]
+  except (OSError, json.JSONDecodeError, KeyError) as e:
+    raise UserError(f"--rows-from {str(results)!r} is not a results.json of `python -m train all`"
+                    f" ({type(e).__name__}: {e})") from None
+  diffs = [f"{k}: {prev_cfg.get(k)!r} there vs {v!r} now" for k, v in config.items()
+           if k != "mode" and prev_cfg.get(k) != v]
+  if prev.get("math_items") != math_items or prev.get("analogy_items") != analogy_items:
+    diffs.append(f"eval items: {prev.get('math_items')}/{prev.get('analogy_items')} there vs"
+                 f" {math_items}/{analogy_items} now")
+  if diffs:
+    raise UserError(f"--rows-from {str(results)!r} was made with other settings ("
+                    + "; ".join(diffs) + "); its rows cannot stand beside new ones")
+  for mode in modes:
+    target = workdir / "rows" / f"{mode}.json"
+    if mode in prev_rows and not target.exists():
+      target.write_text(json.dumps(prev_rows[mode], indent=2))
+      log = results.parent / "metrics" / f"{mode}.jsonl"
+      if log.exists():
+        (workdir / mode).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, workdir / mode / "metrics.jsonl")
 
 
 def markdown(report: dict) -> str:
