@@ -212,6 +212,12 @@ def markdown(report: dict) -> str:
            f"Frozen SmolLM2-135M-Instruct; adapters on {','.join(cfg['modules'])}, E={cfg['num_experts']},"
            f" r={cfg['rank']}, top-{cfg['top_k']} (lora: rank {cfg['rank'] * cfg['num_experts']}),"
            f" {cfg['steps']} steps of {cfg['batch']} x {cfg['seq_len']} tokens, lr {cfg['lr']}.",
+           *([f" `-shared` rows: the same budget split into a shared expert of rank"
+              f" {cfg['rank'] * cfg['num_experts'] // 2} (every token, folded into the backbone"
+              f" at decode) and {cfg['num_experts']} routed experts of rank"
+              f" {max(1, cfg['rank'] // 2)}."] if any(m.endswith("-shared") for m in rows) else []),
+           *([" `pregated-ctx`: experts from layer 1 on, routed on layer 1's input."]
+             if "pregated-ctx" in rows else []),
            f" Exact match: {report['math_items']} math interpolate problems,"
            f" {report['analogy_items']} analogies.", "",
            "| mode | params | " + " | ".join(f"{d} ppl" for d in domains)
@@ -224,7 +230,33 @@ def markdown(report: dict) -> str:
                  + " | ".join(f"{r['ppl'][d]:.3f}" for d in domains)
                  + f" | {r['mean_ppl']:.3f} | {100 * r['math_em']:.1f}% |"
                  f" {100 * r['analogy_em']:.1f}% | {sw_text} |")
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines + goal_lines(rows, domains)) + "\n"
+
+
+def goal_lines(rows: dict, domains: list[str]) -> list[str]:
+  """The issue's quality goals, checked for every pre-gated row: mean perplexity within 2% of
+  layer-wise routing, and no worse than LoRA on any domain (perplexity and exact match)."""
+  lines = []
+  for mode, r in rows.items():
+    if not mode.startswith("pregated"):
+      continue
+    parts = []
+    for base in ("layerwise", "layerwise-shared"):
+      if base in rows:
+        gap = r["mean_ppl"] / rows[base]["mean_ppl"] - 1
+        parts.append(f"mean ppl {100 * gap:+.1f}% vs {base}")
+    if "lora" in rows:
+      lora = rows["lora"]
+      worse = [d for d in domains if r["ppl"][d] > lora["ppl"][d]]
+      worse += [t for t in ("math_em", "analogy_em") if r[t] < lora[t]]
+      parts.append("no worse than lora anywhere" if not worse else
+                   f"worse than lora on {len(worse)} of {len(domains) + 2} ({', '.join(worse)})")
+    if parts:
+      lines.append(f"- `{mode}`: " + "; ".join(parts))
+  if lines:
+    lines = ["", "Goals (pre-gated within 2% of layer-wise mean perplexity; no worse than lora on"
+             " any domain's perplexity or exact match):", ""] + lines
+  return lines
 
 
 def loss_plot(workdir: pathlib.Path, modes: list[str], path: pathlib.Path) -> None:
