@@ -258,3 +258,16 @@ def test_merged_batch_equals_each_sequence_alone(router):
     assert unmerged == 0 and switches == 1  # one switch, then the same choice every step
   else:
     assert unmerged > 0 and switches + unmerged <= steps
+
+
+def test_merged_decoding_of_a_pool_with_a_shared_expert():
+  """The shared expert is folded into W0 before switching: merged == unmerged tokens."""
+  cfg = tiny_config()
+  model = LlamaModel(cfg, seed=0, layout="stacked")
+  adapters = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4,
+                                              shared_rank=3, router_init_std=0.5),
+                           seed=5, random_b=True)
+  prompt = [[5, 17, 3, 88, 42]]
+  merged = generate(Generator(model, adapters=adapters, merge=True), prompt, max_new_tokens=8)
+  unmerged = generate(Generator(model, adapters=adapters), prompt, max_new_tokens=8)
+  assert merged.tokens == unmerged.tokens
