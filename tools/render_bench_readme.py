@@ -298,13 +298,14 @@ def main() -> None:
   throughput = "\n".join(pipelined_throughput_section()[2:])
   table += "\n\n" + throughput
   text = f"{head}<!-- bench:start -->\n{table}\n<!-- bench:end -->{tail}"
-  # ... and the training results table, as `python -m train all` wrote it.
-  training = ROOT.parents[1] / "docs" / "training" / "results.md"
-  if training.exists() and "<!-- training:start -->" in text:
-    head, rest = text.split("<!-- training:start -->", 1)
-    _, tail = rest.split("<!-- training:end -->", 1)
-    text = (f"{head}<!-- training:start -->\n{training.read_text().strip()}\n"
-            f"<!-- training:end -->{tail}")
+  # ... and the training results tables, as `python -m train all` wrote them.
+  for marker, sub in (("training", "results.md"), ("training-pilot", "cpu-pilot/results.md")):
+    training = ROOT.parents[1] / "docs" / "training" / sub
+    if training.exists() and f"<!-- {marker}:start -->" in text:
+      head, rest = text.split(f"<!-- {marker}:start -->", 1)
+      _, tail = rest.split(f"<!-- {marker}:end -->", 1)
+      text = (f"{head}<!-- {marker}:start -->\n{training.read_text().strip()}\n"
+              f"<!-- {marker}:end -->{tail}")
   readme.write_text(text)
   print(f"updated {readme}")
 

@@ -122,6 +122,14 @@ def run_all(args) -> dict:
   if args.rows_from:
     _seed_rows(pathlib.Path(args.rows_from), _config(args, "pregated").to_json(),
                len(math_items), len(analogy_items), modes, pathlib.Path(args.workdir))
+
+  def write_report() -> dict:
+    report = {"environment": environment(), "config": _config(args, "pregated").to_json(),
+              "math_items": len(math_items), "analogy_items": len(analogy_items), "rows": rows}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(markdown(report))
+    return report
+
   for mode in modes:
     cached = rows_dir / f"{mode}.json"
     if cached.exists():
@@ -155,11 +163,8 @@ def run_all(args) -> dict:
     if mode == args.export_mode and args.export:
       import jax.numpy as jnp
       save_adapters(args.export, adapters, dtype=jnp.bfloat16)
-    # Written after every mode, so that a run cut short keeps what it measured.
-    report = {"environment": environment(), "config": _config(args, "pregated").to_json(),
-              "math_items": len(math_items), "analogy_items": len(analogy_items), "rows": rows}
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text(markdown(report))
+    write_report()  # after every mode, so that a run cut short keeps what it measured
+  report = write_report()  # every row, those kept from earlier runs included
   trained = [m for m in modes if m != "backbone"]
   loss_plot(pathlib.Path(args.workdir), trained, out / "loss.png")
   (out / "metrics").mkdir(exist_ok=True)
