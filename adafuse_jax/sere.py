@@ -36,13 +36,15 @@ def linear_cka(y: jax.Array) -> jax.Array:
 
 
 def expert_similarity(adapters, activations: dict[str, list[jax.Array]]) -> np.ndarray:
-  """[L, E, E] mean over adapted modules of the CKA between experts' outputs.
+  """[L', E, E] mean over adapted modules of the CKA between experts' outputs, per adapted layer
+  (L' = L - first_layer).
 
   activations: module -> per layer, the inputs [N, in] that module saw on calibration text.
   """
   pool = adapters.pool
   per_layer = []
-  for layer in range(len(next(iter(activations.values())))):
+  # Layers below first_layer carry no experts (their outputs would be zeros: no similarity).
+  for layer in range(adapters.cfg.first_layer, len(next(iter(activations.values())))):
     mats = []
     for m, xs in activations.items():
       a, b = pool.factors(m, layer)  # [in, E, r], [E, r, out]

@@ -65,3 +65,12 @@ def test_runtime_with_rho_one_equals_plain_pregated_and_calibration_runs():
                 max_new_tokens=5)
   for experts, _ in on.routes:  # every secondary choice is some row's primary
     assert set(experts[:, 1].tolist()) <= set(experts[:, 0].tolist())
+
+
+def test_calibration_covers_only_the_layers_that_carry_experts():
+  cfg = tiny_config()
+  model = LlamaModel(cfg, seed=0)
+  adapters = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4,
+                                              first_layer=1), seed=1, random_b=True)
+  sim = calibrate(model, adapters, jnp.asarray(np.arange(48).reshape(3, 16) % cfg.vocab_size))
+  assert sim.shape == (cfg.layers - 1, 4, 4) and np.isfinite(sim).all()

@@ -152,3 +152,16 @@ def test_rows_from_keeps_rows_of_the_same_settings_only(tmp_path):
                work)
   with pytest.raises(UserError, match="not a results.json"):
     _seed_rows(tmp_path / "missing.json", config, 200, 300, ["lora"], work)
+
+
+def test_used_params_leave_out_layers_without_experts():
+  from adafuse_jax.adapters import MixtureOfLoRA
+  from adafuse_jax.config import AdapterConfig
+  from train.eval import used_params
+
+  cfg = tiny_config(layers=4)
+  full = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4), seed=0)
+  late = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4, first_layer=1),
+                       seed=0)
+  router = full.router.w[...].size
+  assert used_params(late) - router == (used_params(full) - router) * 3 // 4

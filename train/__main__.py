@@ -143,7 +143,7 @@ def run_all(args) -> dict:
     if mode != "backbone":
       trainer, train_s = fit(args, mode, loaded, train_streams, heldout)
       adapters = trainer.adapters
-      params = int(sum(x.size for x in jax.tree.leaves(nnx.state(adapters))))
+      params = E.used_params(adapters)
     t0 = time.perf_counter()
     row = {"mode": mode, "trainable_params": params, "train_s": train_s,
            "ppl": E.perplexities(model, adapters, heldout),

@@ -25,6 +25,18 @@ from train.loop import eval_loss, eval_windows
 EVAL_LEN = 96
 
 
+def used_params(adapters: MixtureOfLoRA) -> int:
+  """Trainable parameters that take part in the forward pass: all of them, less the per-layer
+  ones (experts, layer-wise routers) of the layers below `first_layer`, which carry no experts."""
+  total = sum(x.size for x in jax.tree.leaves(nnx.state(adapters)))
+  skip = adapters.cfg.first_layer
+  if skip:
+    layers = adapters.model_cfg.layers
+    per_layer = [adapters.pool] + ([adapters.router] if adapters.cfg.mode == "layerwise" else [])
+    total -= sum(x.size * skip // layers for m in per_layer for x in jax.tree.leaves(nnx.state(m)))
+  return int(total)
+
+
 def perplexities(model: LlamaModel, adapters: MixtureOfLoRA | None,
                  heldout: dict[str, np.ndarray], windows: int = 16, seq_len: int = 256
                  ) -> dict[str, float]:
