@@ -53,12 +53,21 @@ class MixtureOfLoRA(nnx.Module):
     """The same adapters with the pool in another layout ("stacked" or "list")."""
     if self.pool.layout == layout:
       return self
-    out = nnx.eval_shape(lambda: MixtureOfLoRA(self.model_cfg, self.cfg, layout=layout))
-    for m in self.cfg.modules:
-      for prefix in ("", "S") if self.cfg.shared_rank else ("",):
-        a, b = self.pool.stacked(m, prefix)
-        if layout == "list":
-          a, b = per_layer(a), per_layer(b)
+    return self._copy_into(self.cfg, layout)
+
+  def _copy_into(self, cfg: AdapterConfig, layout: str) -> "MixtureOfLoRA":
+    """These adapters' weights in a new MixtureOfLoRA of config `cfg` (this one's, or it less
+    the shared expert) and `layout`; arrays are shared, not copied, where the layout is kept."""
+    out = nnx.eval_shape(lambda: MixtureOfLoRA(self.model_cfg, cfg, layout=layout))
+    for m in cfg.modules:
+      for prefix in ("", "S") if cfg.shared_rank else ("",):
+        if layout == self.pool.layout:
+          a = getattr(self.pool, f"{prefix}A_{m}").get_value()
+          b = getattr(self.pool, f"{prefix}B_{m}").get_value()
+        else:
+          a, b = self.pool.stacked(m, prefix)
+          if layout == "list":
+            a, b = per_layer(a), per_layer(b)
         getattr(out.pool, f"{prefix}A_{m}").set_value(a)
         getattr(out.pool, f"{prefix}B_{m}").set_value(b)
     if self.router is not None:
@@ -173,7 +182,7 @@ class AdapterRuntime:
     delta = expert_delta(xf, a, b, experts, gates, dense)
     if self.cfg.shared_rank:
       delta = delta.astype(jnp.float32)
-      sa, sb = self.adapters.pool.shared_factors(name, layer)
+      sa, sb = self.adapters.pool.factors(name, layer, "S")
       h = jnp.dot(xf, sa, preferred_element_type=jnp.float32).astype(xf.dtype)
       delta = delta + jnp.dot(h, sb, preferred_element_type=jnp.float32)
     delta = delta * self.cfg.scale
@@ -318,15 +327,16 @@ def merge_lora(weights: dict[str, jax.Array], adapters: MixtureOfLoRA) -> dict[s
   out = dict(weights)
   for m in adapters.cfg.modules:
     a, b = adapters.pool.stacked(m)
-    delta = jnp.einsum("lir,lro->lio", a[:, :, 0].astype(jnp.float32), b[:, 0].astype(jnp.float32))
-    delta = delta * _adapted_layers(adapters.cfg, delta.shape[0])
-    out[m] = (weights[m].astype(jnp.float32) + adapters.cfg.scale * delta).astype(weights[m].dtype)
+    out[m] = _add_low_rank(weights[m], a[:, :, 0], b[:, 0], adapters.cfg)
   return out
 
 
-def _adapted_layers(cfg: AdapterConfig, num_layers: int) -> jax.Array:
-  """[L, 1, 1] f32: 1 for layers that carry experts (from cfg.first_layer on), else 0."""
-  return (jnp.arange(num_layers) >= cfg.first_layer).astype(jnp.float32)[:, None, None]
+def _add_low_rank(w: jax.Array, a: jax.Array, b: jax.Array, cfg: AdapterConfig) -> jax.Array:
+  """w [L, in, out] + (alpha / r) a [L, in, r] @ b [L, r, out] in f32, on the layers that carry
+  experts (from cfg.first_layer on), cast back to w's dtype."""
+  delta = jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32))
+  adapted = (jnp.arange(delta.shape[0]) >= cfg.first_layer).astype(jnp.float32)[:, None, None]
+  return (w.astype(jnp.float32) + cfg.scale * adapted * delta).astype(w.dtype)
 
 
 def fold_shared(model: LlamaModel, adapters: MixtureOfLoRA) -> tuple[LlamaModel, MixtureOfLoRA]:
@@ -342,21 +352,9 @@ def fold_shared(model: LlamaModel, adapters: MixtureOfLoRA) -> tuple[LlamaModel,
     return model, adapters
   weights = model.stacked_weights()
   for m in cfg.modules:
-    sa, sb = adapters.pool.stacked(m, "S")
-    delta = jnp.einsum("lir,lro->lio", sa.astype(jnp.float32), sb.astype(jnp.float32))
-    delta = delta * _adapted_layers(cfg, delta.shape[0])
-    weights[m] = (weights[m].astype(jnp.float32) + cfg.scale * delta).astype(model.dtype)
+    weights[m] = _add_low_rank(weights[m], *adapters.pool.stacked(m, "S"), cfg)
   folded = LlamaModel(model.cfg, weights=weights, dtype=model.dtype, layout=model.layout)
-  routed_cfg = cfg.replace(shared_rank=0)
-  dtype = adapters.pool.stacked(cfg.modules[0])[0].dtype
-  routed = nnx.eval_shape(lambda: MixtureOfLoRA(adapters.model_cfg, routed_cfg, dtype=dtype,
-                                                layout=adapters.pool.layout))
-  for m in cfg.modules:
-    for f in (f"A_{m}", f"B_{m}"):
-      getattr(routed.pool, f).set_value(getattr(adapters.pool, f).get_value())
-  if adapters.router is not None:
-    nnx.update(routed.router, nnx.state(adapters.router))
-  return folded, routed
+  return folded, adapters._copy_into(cfg.replace(shared_rank=0), adapters.pool.layout)
 
 
 def merged_model(model: LlamaModel, adapters: MixtureOfLoRA) -> LlamaModel:

@@ -93,11 +93,6 @@ def prompt_switch_rate(model: LlamaModel, adapters: MixtureOfLoRA,
   return float(changed.mean())
 
 
-def switching_possible(adapters: MixtureOfLoRA) -> bool:
-  from adafuse_jax import switching
-  return switching.merge_blocker(adapters.cfg) is None
-
-
 def prompt_agreement_rate(model: LlamaModel, adapters: MixtureOfLoRA,
                           prompts: Sequence[Sequence[int]]) -> float | None:
   """Share of aligned prompt positions (counted from each prompt's end) at which every row's
@@ -164,6 +159,8 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
     sere: SERE settings for unmerged batch steps.
     log: optional callable(str) for progress lines.
   """
+  from adafuse_jax import switching
+
   if steps * 3 + 2 >= cache_len:
     raise UserError(f"cache_len={cache_len} is too short to time {steps} steps x 3")
   expected, details, gens = {}, {}, {}
@@ -211,7 +208,7 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
             + (" (unknown: assumed every token switches)" if switch_rate is None else ""))
     if batch > 1:
       why += f" and batch agreement {agree_rate:.2f}"
-  elif batch > 1 and switching_possible(adapters):
+  elif batch > 1 and switching.merge_blocker(adapters.cfg) is None:
     why += ("; no merged candidate: "
             + ("the batch's agreement is unknown" if agree_rate is None else
                f"the rows agreed on their experts at {agree_rate:.0%} of the prompts' positions"))

@@ -67,7 +67,6 @@ class ExpertPool(nnx.Module):
         a, b = per_layer(a), per_layer(b)
       setattr(self, f"A_{m}", ExpertParam(a))
       setattr(self, f"B_{m}", ExpertParam(b))
-    self.shared_rank = cfg.shared_rank
     for m in cfg.modules if cfg.shared_rank else ():
       d_in, d_out = shapes[m]
       rs = cfg.shared_rank
@@ -79,9 +78,11 @@ class ExpertPool(nnx.Module):
       setattr(self, f"SA_{m}", ExpertParam(sa))
       setattr(self, f"SB_{m}", ExpertParam(sb))
 
-  def factors(self, module: str, layer: int) -> tuple[jax.Array, jax.Array]:
-    """(A [in, E, r], B [E, r, out]) of one module at one layer."""
-    a, b = getattr(self, f"A_{module}").get_value(), getattr(self, f"B_{module}").get_value()
+  def factors(self, module: str, layer: int, prefix: str = "") -> tuple[jax.Array, jax.Array]:
+    """(A [in, E, r], B [E, r, out]) of one module at one layer; with prefix "S" the shared
+    expert's (SA [in, rs], SB [rs, out])."""
+    a = getattr(self, f"{prefix}A_{module}").get_value()
+    b = getattr(self, f"{prefix}B_{module}").get_value()
     return a[layer], b[layer]
 
   def stacked(self, module: str, prefix: str = "") -> tuple[jax.Array, jax.Array]:
@@ -92,11 +93,6 @@ class ExpertPool(nnx.Module):
     if isinstance(a, tuple):
       a, b = jnp.stack(a), jnp.stack(b)
     return a, b
-
-  def shared_factors(self, module: str, layer: int) -> tuple[jax.Array, jax.Array]:
-    """(SA [in, rs], SB [rs, out]) of the shared expert of one module at one layer."""
-    return (getattr(self, f"SA_{module}").get_value()[layer],
-            getattr(self, f"SB_{module}").get_value()[layer])
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

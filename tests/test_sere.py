@@ -47,12 +47,18 @@ def test_reroute_is_deterministic_and_jittable():
   assert (a == b).all() and (a == reroute(experts, sim, 1, 0.3)).all()
 
 
-def test_runtime_with_rho_one_equals_plain_pregated_and_calibration_runs():
+def _calibrated(**adapter_kw):
+  """A tiny model, a random pre-gated pool (4 experts) and its similarity on fixed tokens."""
   cfg = tiny_config()
   model = LlamaModel(cfg, seed=0)
   adapters = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4,
-                                              router_init_std=1.0), seed=1, random_b=True)
+                                              **adapter_kw), seed=1, random_b=True)
   sim = calibrate(model, adapters, jnp.asarray(np.arange(48).reshape(3, 16) % cfg.vocab_size))
+  return cfg, model, adapters, sim
+
+
+def test_runtime_with_rho_one_equals_plain_pregated_and_calibration_runs():
+  cfg, model, adapters, sim = _calibrated(router_init_std=1.0)
   assert sim.shape == (cfg.layers, 4, 4)
   prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
   plain = generate(Generator(model, adapters=adapters), prompts, max_new_tokens=5)
@@ -68,9 +74,5 @@ def test_runtime_with_rho_one_equals_plain_pregated_and_calibration_runs():
 
 
 def test_calibration_covers_only_the_layers_that_carry_experts():
-  cfg = tiny_config()
-  model = LlamaModel(cfg, seed=0)
-  adapters = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4,
-                                              first_layer=1), seed=1, random_b=True)
-  sim = calibrate(model, adapters, jnp.asarray(np.arange(48).reshape(3, 16) % cfg.vocab_size))
+  cfg, _, _, sim = _calibrated(first_layer=1)
   assert sim.shape == (cfg.layers - 1, 4, 4) and np.isfinite(sim).all()
