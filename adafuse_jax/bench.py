@@ -235,6 +235,16 @@ def markdown(report: dict) -> str:
       lines.append(f"| {r['mode']} | {r['decode']['median_ms']:.3f} | {r['floor_ms']:.3f} |"
                    f" {r['decode_unchanged']['median_ms']:.3f} | {r['floor_unchanged_ms']:.3f} |"
                    f" {r['switched_share']:.2f} |")
+  agreed = [r for r in report["results"] if "decode_agreed" in r]
+  if agreed:
+    lines += ["", f"Merged modes at batch {report['batch']}: random rows disagree on their experts, so"
+              " those steps run unmerged on the pristine weights; identical rows agree and switch"
+              " the merged weights every step.", "",
+              "| mode | rows disagree ms | share unmerged | rows agree ms | share switched |",
+              "|---|---|---|---|---|"]
+    for r in agreed:
+      lines.append(f"| {r['mode']} | {r['decode']['median_ms']:.3f} | {r['unmerged_share']:.2f} |"
+                   f" {r['decode_agreed']['median_ms']:.3f} | {r['agreed_switched_share']:.2f} |")
   pre = [r for r in report["results"] if r["prefill"]]
   if pre:
     lengths = list(pre[0]["prefill"])

@@ -243,7 +243,9 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   With `merge`, the decode is timed twice: feeding back the sampled tokens (random weights pick
   a new token, hence new experts and gates, nearly every step: every step switches) and feeding
   one fixed token (nothing changes: no step switches), so that a measured switch rate s gives
-  the expected cost s * switched + (1 - s) * unchanged.
+  the expected cost s * switched + (1 - s) * unchanged. At batch > 1 the rows disagree (each
+  step runs unmerged on the pristine weights, `unmerged_share`), and a third timing keeps every
+  row identical so that the batch agrees and switches (`decode_agreed`).
   `release_weights` (packed only) consumes `model` and `adapters`: see `Generator`.
   """
   gen = Generator(model, adapters=adapters, implementation=implementation, merge=merge, sere=sere,
@@ -258,11 +260,23 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   key = jax.random.key(seed)
 
   switches0 = int(gen.switch_state.switches) if merge else 0
+  unmerged0 = int(gen.switch_state.unmerged) if merge else 0
   decode = time_calls(one_step, warmup=warmup, steps=steps)
   result = {"decode": dataclasses.asdict(decode), "compile_s": compile_s,
             "kernels_per_step": count_kernels(step)}
   if merge:
     result["switched_share"] = (int(gen.switch_state.switches) - switches0) / (warmup + steps)
+    result["unmerged_share"] = (int(gen.switch_state.unmerged) - unmerged0) / (warmup + steps)
+  if merge and batch > 1:
+    # Rows that stay identical agree at every step: the merged pass with a switch per step
+    # (random weights change the experts nearly every step), the batch's best case.
+    agreed_step, _ = decode_stepper(gen, step, batch, cache_len, seed + 1, start=cache_len // 2,
+                                    same_token=True)
+    switches2, unmerged2 = int(gen.switch_state.switches), int(gen.switch_state.unmerged)
+    agreed = time_calls(agreed_step, warmup=warmup, steps=steps)
+    result["decode_agreed"] = dataclasses.asdict(agreed)
+    result["agreed_switched_share"] = (int(gen.switch_state.switches) - switches2) / (warmup + steps)
+    result["agreed_unmerged_share"] = (int(gen.switch_state.unmerged) - unmerged2) / (warmup + steps)
   if adapters is not None and adapters.cfg.mode == "pregated" and not merge:
     # Distinct experts the batch's tokens touch per step (what SERE cuts), over a few steps.
     counts = []

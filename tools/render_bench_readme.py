@@ -187,6 +187,10 @@ def packed_sections() -> list[str]:
   if (qv_merged / "results.json").exists():
     lines += section(qv_merged, "H100: experts on q and v only, merged switching on the Mosaic"
                      " GPU kernel beside the packed path (latest)")
+  merged_batch = ROOT / "h200-merged-batch8"
+  if (merged_batch / "results.json").exists():
+    lines += section(merged_batch, "H200: merged decoding of a batch of 8 beside the gathered"
+                     " kernel (rows that disagree run unmerged; rows that agree switch)")
   return lines
 
 
