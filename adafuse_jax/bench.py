@@ -22,7 +22,8 @@ TINY = dict(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=1
 def build_parser() -> argparse.ArgumentParser:
   from adafuse_jax.benchmarks import BENCH_MODES
   p = argparse.ArgumentParser(prog="python -m adafuse_jax.bench", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              allow_abbrev=False)
   p.add_argument("--preset", default="llama2-7b",
                  help="llama2-7b, mistral-7b (seeded random weights), smollm2-135m (the real"
                       " embedded model), or tiny (CPU smoke test)")

@@ -25,8 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
       prog="python -m adafuse_jax.decode",
       description="Generate text with a Llama-family model; streams the text, then prints one"
                   " line of measured figures (prompt tokens, prefill ms, decode ms/token, tokens/s).",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      # No prefix matching: `--prompt` must not silently mean `--prompts-file`.
+      allow_abbrev=False)
   p.add_argument("prompt", nargs="*", help="prompt text; several prompts decode as one batch")
+  p.add_argument("--prompt", dest="prompt_option", action="append", default=[], metavar="TEXT",
+                 help="a prompt (may be repeated), beside or instead of the positional ones")
   p.add_argument("--prompts-file", help="a file with one prompt per line (decoded as one batch)")
   p.add_argument("--chat", action="store_true",
                  help="wrap each prompt as a user message in the model's chat template")
@@ -81,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
-  prompts = list(args.prompt)
+  prompts = list(args.prompt) + list(args.prompt_option)
   if args.prompts_file:
     try:
       with open(args.prompts_file, encoding="utf-8") as f:

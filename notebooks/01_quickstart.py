@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -13,8 +18,9 @@
 #
 # Runs on a laptop CPU with nothing but the README's set-up command. We load the embedded
 # SmolLM2-135M-Instruct, generate, attach the trained pre-gated expert pool shipped with the
-# package (8 LoRA experts of rank 8 on q, k, v, o; trained on five domains, see
-# `docs/training/`), look at which experts each token picked, and compare decode modes.
+# package (8 routed LoRA experts of rank 4 plus a shared expert of rank 32 on q, k, v, o;
+# trained on five domains, see `docs/training/`), look at which experts each token picked, and
+# compare decode modes.
 
 # %%
 import jax

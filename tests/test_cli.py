@@ -24,7 +24,7 @@ def test_json_chat_answer_and_figures():
 
 
 def test_streaming_prints_text_then_one_figures_line():
-  out = run_cli("--max-new-tokens", "8", "--quiet", "The capital of France is")
+  out = run_cli("--max-new-tokens", "8", "--quiet", "--prompt", "The capital of France is")
   assert out.returncode == 0, out.stderr
   lines = out.stdout.strip().splitlines()
   assert lines[0].startswith("The capital of France is") and "Paris" in lines[0]

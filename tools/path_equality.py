@@ -85,7 +85,7 @@ def main() -> None:
             else switch_kernel(merged_weights, adapters.cfg))
   report = {"environment": environment(), "dtype": args.dtype, "prompt": PROMPT,
             "merged_switch_kernel": kernel, "first_divergence_pairwise": pairwise,
-            "adapters": "default (trained, pre-gated, 8 experts of rank 8 on q, k, v, o)",
+            "adapters": f"default (trained, pre-gated): {adapters.cfg.to_dict()}",
             "results": rows}
   (out / "path_equality.json").write_text(json.dumps(report, indent=1))
   lines = [f"{report['environment']['device']}, JAX {report['environment']['jax']},"
