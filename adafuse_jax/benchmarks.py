@@ -259,24 +259,27 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   one_step, state = decode_stepper(gen, step, batch, cache_len, seed, start=cache_len // 2)
   key = jax.random.key(seed)
 
-  switches0 = int(gen.switch_state.switches) if merge else 0
-  unmerged0 = int(gen.switch_state.unmerged) if merge else 0
+  def merged_counts() -> np.ndarray:
+    """[2]: steps so far that switched the merged weights, and that ran unmerged."""
+    return np.array([int(gen.switch_state.switches), int(gen.switch_state.unmerged)])
+
+  before = merged_counts() if merge else None
   decode = time_calls(one_step, warmup=warmup, steps=steps)
   result = {"decode": dataclasses.asdict(decode), "compile_s": compile_s,
             "kernels_per_step": count_kernels(step)}
   if merge:
-    result["switched_share"] = (int(gen.switch_state.switches) - switches0) / (warmup + steps)
-    result["unmerged_share"] = (int(gen.switch_state.unmerged) - unmerged0) / (warmup + steps)
+    result["switched_share"], result["unmerged_share"] = (
+        (merged_counts() - before) / (warmup + steps)).tolist()
   if merge and batch > 1:
     # Rows that stay identical agree at every step: the merged pass with a switch per step
     # (random weights change the experts nearly every step), the batch's best case.
     agreed_step, _ = decode_stepper(gen, step, batch, cache_len, seed + 1, start=cache_len // 2,
                                     same_token=True)
-    switches2, unmerged2 = int(gen.switch_state.switches), int(gen.switch_state.unmerged)
+    before = merged_counts()
     agreed = time_calls(agreed_step, warmup=warmup, steps=steps)
     result["decode_agreed"] = dataclasses.asdict(agreed)
-    result["agreed_switched_share"] = (int(gen.switch_state.switches) - switches2) / (warmup + steps)
-    result["agreed_unmerged_share"] = (int(gen.switch_state.unmerged) - unmerged2) / (warmup + steps)
+    result["agreed_switched_share"], result["agreed_unmerged_share"] = (
+        (merged_counts() - before) / (warmup + steps)).tolist()
   if adapters is not None and adapters.cfg.mode == "pregated" and not merge:
     # Distinct experts the batch's tokens touch per step (what SERE cuts), over a few steps.
     counts = []
@@ -288,12 +291,12 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   result["decode_pipelined"] = dataclasses.asdict(
       time_pipelined(one_step, warmup=1, steps=min(steps, cache_len // 8), repeats=4))
   if merge:
-    switches1 = int(gen.switch_state.switches)
+    before = merged_counts()
     state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
     unchanged = time_calls(lambda: one_step(feed_back=False), warmup=warmup, steps=steps)
     result["decode_unchanged"] = dataclasses.asdict(unchanged)
     # The first of these steps may switch (to the fixed token's experts); the rest must not.
-    result["unchanged_switches"] = int(gen.switch_state.switches) - switches1
+    result["unchanged_switches"] = int(merged_counts()[0] - before[0])
   prefill = {}
   for length in prefill_lengths:
     fn = gen.compiled(batch, length, length, sampling)
