@@ -116,9 +116,10 @@ class AdapterRuntime:
   implementation: "xla" applies the experts with plain matmuls beside the base one; "pallas"
   runs decode steps on the gathered kernels (`pallas_kernels.sgmv`): one shrink launch per
   group of modules that share an input, reading only the step's active experts, then the base
-  matmul with the expansion folded in, one launch per module. "pallas" needs stacked weights
-  (the GPU layout) and runs in the Pallas interpreter on the CPU; prompts longer than
-  FUSED_MAX_TOKENS stay on "xla". "packed" reads the `packed` weights
+  matmul with the expansion folded in, one launch per module; prompts longer than
+  FUSED_MAX_TOKENS run the base GEMM in XLA beside the segmented kernels
+  (`pallas_kernels.segmented`: token-expert pairs grouped by expert). "pallas" needs stacked
+  weights (the GPU layout) and runs in the Pallas interpreter on the CPU. "packed" reads the `packed` weights
   (`adafuse_jax.packed.pack(model, adapters)`) instead of the model's: one matmul per input
   group gives the base outputs, every expert's shrink and the layer-wise routers' logits, then
   one batched expansion per group; any number of tokens.
@@ -145,6 +146,7 @@ class AdapterRuntime:
     self.implementation = implementation
     self.routes: list[Route] = []
     self._active = None  # pre-gated: (ids, count, gate matrix) of the step, for the kernels
+    self._table = None  # pre-gated prompts: the segment table of the segmented kernels
     self._shrinks: dict = {}  # (layer, group) -> (input, shrink) of the gathered kernels
     self._groups = None  # "packed": one matmul per (layer, input group), see adafuse_jax.packed
     if implementation == "packed":
@@ -177,6 +179,8 @@ class AdapterRuntime:
         return self._gathered(name, layer, x, xf, weights, experts, gates)
       if use_fused_kernel(*experts.shape, self.cfg.num_experts):
         return self._fused(name, layer, x, xf, weights, experts, gates, dense)
+    if self.implementation == "pallas" and not isinstance(weights, tuple):
+      return self._segmented(name, layer, x, xf, weights, experts, gates)
     y = x @ weights[layer]
     a, b = self.adapters.pool.factors(name, layer)
     delta = expert_delta(xf, a, b, experts, gates, dense)
@@ -249,6 +253,30 @@ class AdapterRuntime:
     y = gathered_expand_matmul(xf, weights, layer, h, b_all, ids, count,
                                group=group.index(name), interpret=interpret)
     return y.reshape(*x.shape[:-1], -1)
+
+  def _segmented(self, name, layer, x, xf, weights, experts, gates):
+    """Prompts: the base GEMM in XLA plus the segmented kernels' delta (pallas_kernels/
+    segmented.py: token-expert pairs grouped by expert, one shrink launch per group of modules
+    sharing `x`, one expand launch per module)."""
+    from pallas_kernels.segmented import segment_table, segmented_delta
+
+    interpret = jax.default_backend() == "cpu"
+    num_experts = self.cfg.num_experts
+    if self.cfg.mode == "pregated":
+      if self._table is None:
+        route = self.routes[0]  # full gates: [N, k] or per layer [N, L, k]
+        self._table = segment_table(route.experts, route.gates, num_experts)
+      table, group = self._table, self._group(name)
+    else:  # layerwise routes every module on its own; lora has the single expert
+      table, group = segment_table(experts, gates, num_experts), (name,)
+    pools = [self.adapters.pool.stacked(m) for m in group]
+    deltas = cached_on_input(self._shrinks, ("segmented", layer, group), x, lambda: dict(zip(
+        group, segmented_delta(xf, [a for a, _ in pools], [b for _, b in pools], layer, table,
+                               scale=self.cfg.scale, interpret=interpret))))
+    # The GEMM keeps the weights' dtype: asking XLA for an f32 product converts the whole
+    # weight first (docs/benchmarks/h100-packed/README.md).
+    y = (xf @ weights[layer]).astype(jnp.float32) + deltas[name]
+    return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
 
   def _group(self, name: str) -> tuple[str, ...]:
     """The adapted modules that read the same input as `name`: one shrink launch serves them."""

@@ -301,7 +301,7 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   for length in prefill_lengths:
     fn = gen.compiled(batch, length, length, sampling)
     tokens = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (batch, length)), jnp.int32)
-    caches = [gen.new_cache(batch, length) for _ in range(2 + min(steps, 5))]
+    caches = [gen.new_cache(batch, length) for _ in range(2 + min(steps, 10))]
     it = iter(caches)
     t = time_calls(lambda: gen.run(fn, tokens, next(it), key)[0],
                    warmup=2, steps=len(caches) - 2)

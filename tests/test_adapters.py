@@ -189,6 +189,25 @@ def test_fused_pallas_path_equals_xla_path(model, mode, per_layer_gates):
   chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode, per_layer_gates", [("lora", False), ("pregated", False),
+                                                    ("pregated", True), ("layerwise", False)])
+def test_prompts_on_the_segmented_kernels_equal_xla_path(model, mode, per_layer_gates):
+  """More tokens than FUSED_MAX_TOKENS: "pallas" runs the segmented (SGMV) prefill kernels."""
+  from adafuse_jax.adapters import FUSED_MAX_TOKENS
+
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
+                      per_layer_gates=per_layer_gates)
+  adapters = MixtureOfLoRA(model.cfg, cfg, seed=9, random_b=True)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, model.cfg.vocab_size, (2, 45)))
+  assert tokens.size > FUSED_MAX_TOKENS
+  cache = lambda: KVCache.create(model.cfg, 2, 48, model.dtype)  # noqa: E731
+  want, _ = model(tokens, cache(), all_logits=True, linear=adapters.runtime("xla"))
+  got, _ = model(tokens, cache(), all_logits=True, linear=adapters.runtime("pallas"))
+  # Each module agrees to ~1e-7 relative (f32 sums in another order); the random pool's large
+  # deltas (|y| ~ 20) amplify that through the blocks to ~1.5e-4 of the logits.
+  chex.assert_trees_all_close(got, want, atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("layout", ["stacked", "list"])
 @pytest.mark.parametrize("mode, per_layer_gates, modules", [
     ("lora", False, ("q", "v")), ("pregated", False, ("q", "k", "v", "o", "gate", "up", "down")),

@@ -1,0 +1,333 @@
+"""Segmented gather matmul (SGMV) for prompts: token-expert pairs grouped by expert.
+
+A prefill of T tokens with top-k routing makes R = T·k (token, expert) pairs. Grouped by expert
+they form at most E segments, and each segment is a small dense problem: its rows times one
+expert's A (shrink, [K, r]) and then times that expert's B (expand, [r, N]). This is Punica's
+SGMV and the row layout of a grouped GEMM (`jax.lax.ragged_dot`), written so that one compiled
+kernel serves every segment:
+
+- `segment_table` (plain jnp, once per routing decision): sorts the pairs by expert and pads
+  every segment to a multiple of `block_m` rows, so that each row tile belongs to exactly one
+  expert (`tile_expert`; -1 for tiles past the last segment: the tile count is static, at most
+  cdiv(R, block_m) + min(E, R)). Each padded row knows its token (`row_token`, T for padding)
+  and its gate (`row_gate`, 0 for padding; one row per layer with per-layer gates), and each
+  pair its row (`pair_row`).
+- `segmented_shrink` (one launch per group of modules that read the same input: q/k/v,
+  gate/up): `h[g, row] = scale · gate(row) · x[token(row)] @ A_g[l][:, expert(row)]`.
+- `segmented_expand` (one launch per module): `y_rows[row] = h[g, row] @ B[l, expert(row)]`;
+  tiles past the last segment are skipped, and their rows are never read.
+- `segmented_delta` puts them together: gather the tokens' rows (one XLA gather per input
+  group), shrink, expand, and sum each token's k rows back (`combine`): `[T, N]` f32, to be
+  added to the base matmul `x @ W[l]`, which stays in XLA (a compute-bound GEMM at prefill).
+
+Pools keep the library's layouts, A `[L, K, E, r]`, B `[L, E, r, N]`, and the layer is a
+runtime scalar: no slice of a pool is materialised. Ranks are padded to a power of two >= 16
+(Triton's smallest dot) by masking, and so are all other edges. `pallas_kernels/triton_peer.py`
+holds the same two kernels written in Triton's own language (called through jax-triton), and
+`ragged_dot_delta` the same computation on `jax.lax.ragged_dot`, for side-by-side benchmarks
+(`tools/segmented_bench.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.expert_matmul import dot_block
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentTiles:
+  """Tile sizes (powers of two) and Triton launch settings.
+
+  block_m: rows per tile (every segment is padded to a multiple of it); block_k: the shrink's
+  reduction step; block_n: output columns per expand program.
+  """
+
+  block_m: int = 64
+  block_k: int = 128
+  block_n: int = 128
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+class SegmentTable(NamedTuple):
+  """Where every (token, choice) pair sits once the pairs are grouped by expert.
+
+  tile_expert: [num_tiles] int32, the expert of each row tile (-1: past the last segment).
+  row_token: [num_tiles · block_m] int32, the token of each padded row (T for padding rows).
+  row_gate: [Lg, num_tiles · block_m] f32, each row's gate (0 for padding; Lg = L with
+    per-layer gates, else 1).
+  pair_row: [T, k] int32, the padded row of each pair.
+  group_sizes: [E] int32, pairs per expert (the unpadded segment lengths).
+  """
+
+  tile_expert: jax.Array
+  row_token: jax.Array
+  row_gate: jax.Array
+  pair_row: jax.Array
+  group_sizes: jax.Array
+
+  @property
+  def block_m(self) -> int:
+    return self.row_token.shape[0] // self.tile_expert.shape[0]
+
+
+def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
+  """Static tile count that any routing of `num_pairs` pairs fits: each non-empty segment wastes
+  less than one tile, and at most min(E, R) segments are non-empty."""
+  return pl.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts", "block_m"))
+def segment_table(experts: jax.Array, gates: jax.Array, num_experts: int,
+                  block_m: int = SegmentTiles.block_m) -> SegmentTable:
+  """Groups the pairs by expert, each segment padded to a multiple of `block_m` rows.
+
+  Args:
+    experts: [T, k] int32 choices of T tokens.
+    gates: [T, k] or [T, L, k] (per-layer gates) weights of those choices.
+    num_experts: E.
+    block_m: rows per tile.
+  Returns:
+    the SegmentTable (deterministic: pairs of one expert keep token order).
+  """
+  t, k = experts.shape
+  r = t * k
+  num_tiles = max_tiles(r, num_experts, block_m)
+  flat = experts.reshape(r).astype(jnp.int32)
+  order = jnp.argsort(flat, stable=True)
+  sorted_e = flat[order]
+  sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+  starts = jnp.cumsum(sizes) - sizes
+  tiles_per = (sizes + block_m - 1) // block_m
+  tile_end = jnp.cumsum(tiles_per)
+  tile_start = tile_end - tiles_per
+  rows_sorted = tile_start[sorted_e] * block_m + (jnp.arange(r, dtype=jnp.int32) - starts[sorted_e])
+  pair_row = jnp.zeros((r,), jnp.int32).at[order].set(rows_sorted).reshape(t, k)
+  padded = num_tiles * block_m
+  row_token = jnp.full((padded,), t, jnp.int32).at[rows_sorted].set((order // k).astype(jnp.int32))
+  g = gates.astype(jnp.float32)
+  g = g.reshape(1, r) if g.ndim == 2 else jnp.moveaxis(g, 1, 0).reshape(g.shape[1], r)
+  row_gate = jnp.zeros((g.shape[0], padded), jnp.float32).at[:, rows_sorted].set(g[:, order])
+  tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)
+  owner = jnp.searchsorted(tile_end, tile_ids, side="right").astype(jnp.int32)
+  tile_expert = jnp.where(tile_ids < tile_end[-1], owner, -1)
+  return SegmentTable(tile_expert, row_token, row_gate, pair_row, sizes)
+
+
+def gather_rows(x: jax.Array, table: SegmentTable) -> jax.Array:
+  """x [T, K] -> [num_tiles · block_m, K]: each padded row's token (zeros for padding)."""
+  return jnp.take(x, table.row_token, axis=0, mode="fill", fill_value=0)
+
+
+def _shrink_kernel(layer_ref, gate_layer_ref, tile_expert_ref, x_ref, gate_ref, *refs,
+                   groups: int, rank: int, block_m: int, block_k: int, block_r: int,
+                   scale: float):
+  a_refs, h_ref = refs[:groups], refs[groups]
+  gi, i = pl.program_id(0), pl.program_id(1)
+  k_total = x_ref.shape[1]
+  expert = tile_expert_ref[i]
+  out = h_ref.at[gi, pl.ds(i * block_m, block_m), pl.ds(0, block_r)]
+  r_mask = jnp.arange(block_r) < rank
+
+  @pl.when(expert < 0)
+  def _():
+    plgpu.store(out, jnp.zeros((block_m, block_r), h_ref.dtype))
+
+  for g in range(groups):
+    @pl.when((expert >= 0) & (gi == g))
+    def _(a_ref=a_refs[g]):
+      layer = layer_ref[0]
+
+      def body(kb, acc):
+        k_mask = kb * block_k + jnp.arange(block_k) < k_total
+        # Rows are never masked: the table's row count is a whole number of tiles.
+        x = plgpu.load(x_ref.at[pl.ds(i * block_m, block_m), pl.ds(kb * block_k, block_k)],
+                       mask=k_mask[None, :], other=0.0)
+        a = plgpu.load(a_ref.at[layer, pl.ds(kb * block_k, block_k), expert, pl.ds(0, block_r)],
+                       mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        return acc + plgpu.dot(x, a.astype(x.dtype)).astype(jnp.float32)
+
+      acc = jax.lax.fori_loop(0, pl.cdiv(k_total, block_k), body,
+                              jnp.zeros((block_m, block_r), jnp.float32))
+      gate = plgpu.load(gate_ref.at[gate_layer_ref[0], pl.ds(i * block_m, block_m)])
+      plgpu.store(out, (acc * (gate * scale)[:, None]).astype(h_ref.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
+def segmented_shrink(x_rows: jax.Array, a_pools: Sequence[jax.Array], layer: jax.Array | int,
+                     table: SegmentTable, *, scale: float = 1.0,
+                     tiles: SegmentTiles = SegmentTiles(), interpret: bool = False) -> jax.Array:
+  """Gated shrink of every padded row by its segment's expert, for G modules in one launch.
+
+  Args:
+    x_rows: [P, K] rows from `gather_rows` (P = num_tiles · block_m).
+    a_pools: G pools A [L, K, E, r] (same shape).
+    layer: which layer (runtime scalar).
+    table: from `segment_table` with `tiles.block_m`.
+    scale: the LoRA scale alpha / r, folded in.
+  Returns:
+    h [G, P, r'] in x's dtype (r' = rank padded to a power of two >= 16); rows of tiles past the
+    last segment are zero.
+  """
+  a_pools = tuple(a_pools)
+  p, k = x_rows.shape
+  num_layers, k_a, _, rank = a_pools[0].shape
+  for n, a in enumerate(a_pools):
+    if a.shape != a_pools[0].shape:
+      raise ValueError(f"pool {n} has shape {a.shape}; a group shares {a_pools[0].shape}")
+  if k_a != k:
+    raise ValueError(f"x_rows has K={k} but the pools have K={k_a}")
+  if table.block_m != tiles.block_m or p != table.row_token.shape[0]:
+    raise ValueError(f"x_rows has {p} rows and the table block_m={table.block_m}; expected"
+                     f" {table.row_token.shape[0]} rows made by gather_rows with block_m="
+                     f"{tiles.block_m}")
+  if table.row_gate.shape[0] not in (1, num_layers):
+    raise ValueError(f"row_gate has {table.row_gate.shape[0]} layers; expected 1 or {num_layers}")
+  groups, block_r = len(a_pools), dot_block(rank)
+  layer = jnp.asarray(layer, jnp.int32).reshape(1)
+  gate_layer = layer if table.row_gate.shape[0] > 1 else jnp.zeros((1,), jnp.int32)
+  kernel = functools.partial(_shrink_kernel, groups=groups, rank=rank, block_m=tiles.block_m,
+                             block_k=tiles.block_k, block_r=block_r, scale=scale)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((groups, p, block_r), x_rows.dtype),
+      grid=(groups, table.tile_expert.shape[0]),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret,
+      name="segmented_shrink",
+  )(layer, gate_layer, table.tile_expert, x_rows, table.row_gate, *a_pools)
+
+
+def _expand_kernel(layer_ref, tile_expert_ref, h_ref, b_ref, *out_refs, group: int, rank: int,
+                   block_m: int, block_n: int, block_r: int):
+  o_ref = out_refs[-1]
+  n_total = o_ref.shape[1]
+  i, j = pl.program_id(0), pl.program_id(1)
+  expert = tile_expert_ref[i]
+
+  # Tiles past the last segment hold no pair: skipping their store saves up to min(E, R) tiles
+  # of output bytes, and `combine` never reads those rows.
+  @pl.when(expert >= 0)
+  def _():
+    cols = j * block_n + jnp.arange(block_n)
+    col_mask = cols < n_total
+    r_mask = jnp.arange(block_r) < rank
+    h = plgpu.load(h_ref.at[jnp.int32(group), pl.ds(i * block_m, block_m), pl.ds(0, block_r)])
+    b = plgpu.load(b_ref.at[layer_ref[0], expert, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
+                   mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+    y = plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
+    plgpu.store(o_ref.at[pl.ds(i * block_m, block_m), pl.ds(j * block_n, block_n)],
+                y.astype(o_ref.dtype), mask=col_mask[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("group", "tiles", "interpret"))
+def segmented_expand(h: jax.Array, b: jax.Array, layer: jax.Array | int, table: SegmentTable,
+                     *, group: int = 0, out: jax.Array | None = None,
+                     tiles: SegmentTiles = SegmentTiles(), interpret: bool = False) -> jax.Array:
+  """y_rows = h[group] @ B[layer, expert(row)] for every row of a segment, one launch.
+
+  Args:
+    h: [G, P, r'] from `segmented_shrink`; `group` picks this module's part.
+    b: [L, E, r, N] the module's expansion factors.
+    layer: which layer (runtime scalar).
+    table: the same SegmentTable.
+    out: optional [P, N] buffer written in place (tests poison it with NaN).
+  Returns:
+    y_rows [P, N] in h's dtype; rows of tiles past the last segment are left unwritten.
+  """
+  num_layers, _, rank, n = b.shape
+  block_r = dot_block(rank)
+  p = table.row_token.shape[0]
+  if h.ndim != 3 or h.shape[1:] != (p, block_r) or not 0 <= group < h.shape[0]:
+    raise ValueError(f"h has shape {h.shape}; expected [G > {group}, {p}, {block_r}] from"
+                     " segmented_shrink with the same table and rank")
+  if table.block_m != tiles.block_m:
+    raise ValueError(f"the table has block_m={table.block_m}, the tiles {tiles.block_m}")
+  kernel = functools.partial(_expand_kernel, group=group, rank=rank, block_m=tiles.block_m,
+                             block_n=tiles.block_n, block_r=block_r)
+  operands = (jnp.asarray(layer, jnp.int32).reshape(1), table.tile_expert, h, b)
+  aliases = {}
+  if out is not None:
+    if out.shape != (p, n) or out.dtype != h.dtype:
+      raise ValueError(f"out must be {(p, n)} {h.dtype}, got {out.shape} {out.dtype}")
+    operands, aliases = operands + (out,), {len(operands): 0}
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((p, n), h.dtype),
+      grid=(table.tile_expert.shape[0], pl.cdiv(n, tiles.block_n)),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      input_output_aliases=aliases,
+      interpret=interpret,
+      name="segmented_expand",
+  )(*operands)
+
+
+def combine(y_rows: jax.Array, table: SegmentTable) -> jax.Array:
+  """Each token's k rows summed: y_rows [P, N] -> [T, N] f32 (gates are already in the rows)."""
+  return y_rows[table.pair_row].astype(jnp.float32).sum(axis=1)
+
+
+def segmented_delta(x: jax.Array, a_pools: Sequence[jax.Array], b_pools: Sequence[jax.Array],
+                    layer: jax.Array | int, table: SegmentTable, *, scale: float = 1.0,
+                    tiles: SegmentTiles = SegmentTiles(), interpret: bool = False
+                    ) -> list[jax.Array]:
+  """scale · Σ_j gate_j (x @ A[l, :, e_j]) @ B[l, e_j] for G modules sharing the input x.
+
+  Args:
+    x: [T, K] tokens; a_pools / b_pools: G pools A [L, K, E, r], B [L, E, r, N_g].
+    layer: which layer; table: `segment_table` of the tokens' choices with `tiles.block_m`.
+  Returns:
+    one [T, N_g] f32 delta per module.
+  """
+  h = segmented_shrink(gather_rows(x, table), a_pools, layer, table, scale=scale, tiles=tiles,
+                       interpret=interpret)
+  return [combine(segmented_expand(h, b, layer, table, group=g, tiles=tiles,
+                                   interpret=interpret), table)
+          for g, b in enumerate(b_pools)]
+
+
+def ragged_dot_delta(x: jax.Array, a: jax.Array, b: jax.Array, layer: jax.Array | int,
+                     experts: jax.Array, gates: jax.Array, scale: float = 1.0) -> jax.Array:
+  """The same delta on XLA's grouped GEMM: pairs sorted by expert, `jax.lax.ragged_dot` for the
+  shrink and the expand, then each token's rows summed. x [T, K]; a [L, K, E, r];
+  b [L, E, r, N]; experts [T, k]; gates [T, k] or [T, L, k]. Returns [T, N] f32."""
+  t, k = experts.shape
+  num_experts = a.shape[2]
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+  g = gates[:, layer] if gates.ndim == 3 else gates
+  rows = x[order // k]
+  a_l = jnp.moveaxis(a[layer], 1, 0)  # [E, K, r]
+  h = jax.lax.ragged_dot(rows, a_l.astype(x.dtype), sizes, preferred_element_type=jnp.float32)
+  h = h * (g.reshape(-1)[order] * scale)[:, None]
+  y = jax.lax.ragged_dot(h.astype(x.dtype), b[layer].astype(x.dtype), sizes,
+                         preferred_element_type=jnp.float32)
+  return jnp.zeros((t * k, y.shape[1]), jnp.float32).at[order].set(y).reshape(t, k, -1).sum(1)
+
+
+def segmented_reference(x, a, b, layer, experts, gates, scale=1.0):
+  """Plain jnp in f32, gather + einsum: scale Σ_j gates[:, j] (x @ A[l, :, e_j]) @ B[l, e_j].
+
+  x [T, K]; a [L, K, E, r]; b [L, E, r, N]; experts [T, k]; gates [T, k] or [T, L, k].
+  Returns [T, N] f32 (the delta alone, without the base matmul).
+  """
+  f32 = jnp.float32
+  x, al, bl = x.astype(f32), a[layer].astype(f32), b[layer].astype(f32)
+  g = gates[:, layer] if gates.ndim == 3 else gates
+  y = jnp.zeros((x.shape[0], b.shape[-1]), f32)
+  for j in range(experts.shape[1]):
+    e = experts[:, j]
+    h = jnp.einsum("tk,tkr->tr", x, jnp.moveaxis(al[:, e], 1, 0))
+    y = y + scale * g[:, j, None].astype(f32) * jnp.einsum("tr,trn->tn", h, bl[e])
+  return y

@@ -1,0 +1,177 @@
+"""The segmented (SGMV) prefill kernels and their Triton peer against the f32 reference.
+
+Interpret mode on the CPU, compiled on a GPU. Shapes are not multiples of the tiles, inputs are
+fresh random draws, and the expand's output buffer starts as NaN.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import triton_peer
+from pallas_kernels.segmented import (SegmentTiles, combine, gather_rows, max_tiles,
+                                      ragged_dot_delta, segment_table, segmented_delta,
+                                      segmented_expand, segmented_reference, segmented_shrink)
+
+INTERPRET = jax.default_backend() != "gpu"
+SMALL = SegmentTiles(block_m=16, block_k=32, block_n=32)
+# dtype -> max error relative to max |reference|.
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def _problem(seed, t, k_dim, n, num_experts, rank, top_k, layers, dtype, groups=1,
+             per_layer=False, experts=None):
+  rng = np.random.default_rng(seed)
+  f = lambda scale, *s: jnp.asarray(rng.normal(size=s) * scale, dtype)  # noqa: E731
+  x = f(1.0, t, k_dim)
+  a = [f(k_dim ** -0.5, layers, k_dim, num_experts, rank) for _ in range(groups)]
+  b = [f(rank ** -0.5, layers, num_experts, rank, n) for _ in range(groups)]
+  if experts is None:
+    experts = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(t)])
+  experts = jnp.asarray(experts, jnp.int32)
+  gates = jnp.asarray(rng.uniform(0.1, 1.0, size=(t, layers, top_k) if per_layer else (t, top_k)),
+                      jnp.float32)
+  return x, a, b, experts, gates
+
+
+def _rel_err(got, want):
+  return float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
+
+
+def _check(x, a, b, experts, gates, num_experts, dtype, tiles=SMALL, scale=0.5):
+  layer = a[0].shape[0] - 1
+  table = segment_table(experts, gates, num_experts, tiles.block_m)
+  h = segmented_shrink(gather_rows(x, table), a, layer, table, scale=scale, tiles=tiles,
+                       interpret=INTERPRET)
+  p = table.row_token.shape[0]
+  for g in range(len(a)):
+    rows = segmented_expand(h, b[g], layer, table, group=g, tiles=tiles, interpret=INTERPRET,
+                            out=jnp.full((p, b[g].shape[-1]), jnp.nan, h.dtype))
+    used = np.asarray(table.pair_row).reshape(-1)
+    assert not bool(jnp.isnan(rows[used]).any()), "a row some token reads was never written"
+    got = combine(rows, table)
+    want = segmented_reference(x, a[g], b[g], layer, experts, gates, scale)
+    chex.assert_shape(got, want.shape)
+    assert _rel_err(got, want) < TOL[dtype], (g, _rel_err(got, want))
+    ragged = ragged_dot_delta(x, a[g], b[g], layer, experts, gates, scale)
+    assert _rel_err(ragged, want) < TOL[dtype], ("ragged_dot", _rel_err(ragged, want))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("t, k_dim, n, num_experts, rank, top_k, layers, groups", [
+    (1, 100, 70, 8, 16, 2, 3, 3),      # batch 1: two segments of one row each
+    (37, 100, 70, 5, 12, 2, 2, 2),     # ragged everything, rank 12 (padded to 16)
+    (64, 96, 40, 64, 16, 4, 2, 1),     # batch 64, 64 experts, top-4: many short segments
+    (130, 70, 33, 8, 64, 2, 1, 1),     # a prompt longer than the tiles, rank 64
+    (29, 64, 50, 1, 8, 1, 2, 2),       # a single expert (plain LoRA): one segment
+])
+def test_matches_reference_on_ragged_shapes(dtype, t, k_dim, n, num_experts, rank, top_k,
+                                            layers, groups):
+  prob = _problem(t * 5 + k_dim, t, k_dim, n, num_experts, rank, top_k, layers, dtype, groups)
+  _check(*prob, num_experts, dtype)
+
+
+def test_every_token_on_one_expert_leaves_the_other_segments_empty():
+  t, num_experts = 45, 8
+  experts = np.tile([[6, 1]], (t, 1))
+  prob = _problem(2, t, 80, 45, num_experts, 16, 2, 2, jnp.float32, experts=experts)
+  table = segment_table(prob[3], prob[4], num_experts, SMALL.block_m)
+  sizes = np.asarray(table.group_sizes)
+  assert sizes[1] == sizes[6] == t and sizes.sum() == 2 * t
+  assert set(np.asarray(table.tile_expert)) == {1, 6, -1}
+  _check(*prob, num_experts, jnp.float32)
+
+
+def test_per_layer_gates_are_read_at_the_layer():
+  prob = _problem(3, 20, 130, 70, 8, 16, 2, 3, jnp.float32, groups=2, per_layer=True)
+  _check(*prob, 8, jnp.float32)
+
+
+def test_segment_table_groups_pairs_by_expert():
+  rng = np.random.default_rng(7)
+  t, k, num_experts, block_m = 53, 2, 6, 16
+  experts = np.stack([rng.choice(num_experts, k, replace=False) for _ in range(t)])
+  gates = rng.uniform(0.1, 1, size=(t, k)).astype(np.float32)
+  table = jax.jit(segment_table, static_argnums=(2, 3))(jnp.asarray(experts), jnp.asarray(gates),
+                                                        num_experts, block_m)
+  tile_expert = np.asarray(table.tile_expert)
+  row_token, pair_row = np.asarray(table.row_token), np.asarray(table.pair_row)
+  assert tile_expert.shape == (max_tiles(t * k, num_experts, block_m),)
+  # Every pair sits in a tile of its own expert, at a row that names its token and gate.
+  for i in range(t):
+    for j in range(k):
+      row = pair_row[i, j]
+      assert tile_expert[row // block_m] == experts[i, j]
+      assert row_token[row] == i
+      assert np.asarray(table.row_gate)[0, row] == gates[i, j]
+  # Padding rows name no token and carry no gate; tiles past the segments are marked -1.
+  padding = np.setdiff1d(np.arange(row_token.size), pair_row.reshape(-1))
+  assert (row_token[padding] == t).all() and (np.asarray(table.row_gate)[0, padding] == 0).all()
+  used = tile_expert >= 0
+  assert (np.diff(tile_expert[used]) >= 0).all() and not used[np.argmin(used):].any()
+  np.testing.assert_array_equal(np.asarray(table.group_sizes),
+                                np.bincount(experts.reshape(-1), minlength=num_experts))
+  again = segment_table(jnp.asarray(experts), jnp.asarray(gates), num_experts, block_m)
+  for u, v in zip(table, again):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_gathered_rows_of_padding_are_zero():
+  x = jnp.arange(12.0).reshape(3, 4) + 1
+  table = segment_table(jnp.array([[0], [2], [0]], jnp.int32), jnp.ones((3, 1)), 3, 16)
+  rows = gather_rows(x, table)
+  padding = np.asarray(table.row_token) == 3
+  assert (np.asarray(rows)[padding] == 0).all()
+  np.testing.assert_array_equal(np.asarray(rows)[np.asarray(table.pair_row)[:, 0]], np.asarray(x))
+
+
+def test_mismatched_inputs_are_named():
+  x, a, b, experts, gates = _problem(1, 9, 40, 30, 4, 8, 2, 2, jnp.float32)
+  table = segment_table(experts, gates, 4, SMALL.block_m)
+  with pytest.raises(ValueError, match="K=40"):
+    segmented_shrink(gather_rows(x, table)[:, :39], a, 0, table, tiles=SMALL, interpret=True)
+  with pytest.raises(ValueError, match="block_m"):
+    segmented_shrink(gather_rows(x, table), a, 0, table, interpret=True)  # default block_m 64
+  h = segmented_shrink(gather_rows(x, table), a, 0, table, tiles=SMALL, interpret=True)
+  with pytest.raises(ValueError, match="h has shape"):
+    segmented_expand(h, b[0], 0, table, group=1, tiles=SMALL, interpret=True)
+
+
+def test_segmented_delta_for_a_group_equals_each_module_alone():
+  x, a, b, experts, gates = _problem(5, 40, 60, 50, 8, 16, 2, 2, jnp.float32, groups=3)
+  table = segment_table(experts, gates, 8, SMALL.block_m)
+  deltas = segmented_delta(x, a, b, 1, table, scale=2.0, tiles=SMALL, interpret=INTERPRET)
+  for g in range(3):
+    want = segmented_reference(x, a[g], b[g], 1, experts, gates, 2.0)
+    assert _rel_err(deltas[g], want) < TOL[jnp.float32]
+
+
+def test_triton_peer_refuses_clearly_where_it_cannot_run():
+  ok, why = triton_peer.available()
+  if ok:
+    pytest.skip("the Triton peer can run here (its GPU test covers it)")
+  assert "jax-triton" in why or "GPU" in why
+  x, a, b, experts, gates = _problem(1, 9, 40, 30, 4, 8, 2, 2, jnp.float32)
+  table = segment_table(experts, gates, 4, SMALL.block_m)
+  with pytest.raises(RuntimeError, match="jax-triton|GPU"):
+    triton_peer.triton_delta(x, a[0], b[0], 0, table, tiles=SMALL)
+
+
+@pytest.mark.skipif(not triton_peer.available()[0], reason="needs a GPU and jax-triton")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16])
+@pytest.mark.parametrize("t, k_dim, n, num_experts, rank", [
+    (1, 100, 70, 8, 16), (37, 100, 70, 5, 12), (130, 4096, 4100, 8, 16), (64, 96, 40, 64, 64)])
+def test_triton_peer_matches_reference(dtype, t, k_dim, n, num_experts, rank):
+  x, a, b, experts, gates = _problem(t + n, t, k_dim, n, num_experts, rank, 2, 2, dtype)
+  for tiles in (SMALL, SegmentTiles()):
+    table = segment_table(experts, gates, num_experts, tiles.block_m)
+    got = jax.jit(lambda x, a, b, tab: triton_peer.triton_delta(x, a, b, 1, tab, scale=0.5,
+                                                                tiles=tiles))(x, a[0], b[0], table)
+    want = segmented_reference(x, a[0], b[0], 1, experts, gates, 0.5)
+    assert _rel_err(got, want) < TOL[dtype]
+    pallas = segmented_delta(x, a, b, 1, table, scale=0.5, tiles=tiles)[0]
+    assert _rel_err(got, pallas) < TOL[dtype]
