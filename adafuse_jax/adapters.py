@@ -18,7 +18,8 @@ from adafuse_jax.config import AdapterConfig, ModelConfig
 from adafuse_jax.errors import UserError
 from adafuse_jax.model.llama import LlamaModel, input_group, per_layer
 from adafuse_jax.packed import cached_on_input
-from adafuse_jax.experts import ExpertPool, dense_gates, expert_delta, use_fused_kernel
+from adafuse_jax.experts import (ExpertPool, dense_bias_output, dense_gates, expert_delta,
+                                 use_fused_kernel, use_gather, use_segmented)
 from adafuse_jax.routing import LayerwiseRouter, PreGateRouter, gates_for, top_k_gates
 
 
@@ -179,10 +180,17 @@ class AdapterRuntime:
         return self._gathered(name, layer, x, xf, weights, experts, gates)
       if use_fused_kernel(*experts.shape, self.cfg.num_experts):
         return self._fused(name, layer, x, xf, weights, experts, gates, dense)
-    if self.implementation == "pallas" and not isinstance(weights, tuple):
-      return self._segmented(name, layer, x, xf, weights, experts, gates)
-    y = x @ weights[layer]
     a, b = self.adapters.pool.factors(name, layer)
+    prompt = xf.shape[0] > FUSED_MAX_TOKENS and not self.cfg.shared_rank
+    if (prompt and self.implementation == "pallas" and not isinstance(weights, tuple)
+        and use_segmented(*a.shape)):
+      return self._segmented(name, layer, x, xf, weights, experts, gates)
+    if prompt and not use_gather(*experts.shape, self.cfg.num_experts):
+      if dense is None:
+        dense = dense_gates(experts, gates, self.cfg.num_experts)
+      y = dense_bias_output(xf, weights[layer], a, b, dense, self.cfg.scale)
+      return y.reshape(*x.shape[:-1], -1)
+    y = x @ weights[layer]
     delta = expert_delta(xf, a, b, experts, gates, dense)
     if self.cfg.shared_rank:
       delta = delta.astype(jnp.float32)

@@ -122,6 +122,19 @@ def use_gather(num_tokens: int, top_k: int, num_experts: int) -> bool:
   return num_tokens * top_k * 4 <= num_experts
 
 
+# Prompts: the dense formulation (`dense_bias_output`) runs every expert's shrink and expansion
+# as two GEMMs of inner size E·r beside the base GEMM of inner size `in`; the segmented kernels
+# (pallas_kernels/segmented.py) read only the chosen experts but write and re-read one row of
+# output per (token, choice). Dense while E·r is a small share of the base GEMM's work
+# (measured side by side by tools/segmented_bench.py).
+SEGMENTED_MIN_SHARE = 0.25
+
+
+def use_segmented(d_in: int, num_experts: int, rank: int) -> bool:
+  """Whether a prompt's experts go to the segmented kernels rather than the dense GEMMs."""
+  return num_experts * rank > SEGMENTED_MIN_SHARE * d_in
+
+
 def use_fused_kernel(num_tokens: int, top_k: int, num_experts: int) -> bool:
   """The fused kernel reads every expert's B tile (dense over E): worth it unless the step
   touches a small share of a large pool (E=64 at batch 1, say)."""
@@ -167,6 +180,28 @@ def expert_delta(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array,
   out = jnp.dot(h.astype(x.dtype), b.reshape(num_experts * r, -1),
                 preferred_element_type=jnp.float32)
   return out.astype(x.dtype)
+
+
+def dense_bias_output(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, dense: jax.Array,
+                      scale: float) -> jax.Array:
+  """x @ w + scale Σ_e dense[:, e] (x @ A[:, e]) @ B[e], for prompts.
+
+  The gated shrink is scaled and cast to x's dtype first, so the expansion is a plain GEMM of
+  the weights' dtype whose sum with the base output XLA can fold into the GEMM itself (the base
+  output as its bias): no f32 delta is written and read back.
+
+  Args:
+    x: [N, K] tokens; w: [K, N_out]; a: [K, E, r]; b: [E, r, N_out]; dense: [N, E] gates
+      (`dense_gates`, 0 for unchosen experts).
+  Returns:
+    [N, N_out] in x's dtype.
+  """
+  n = x.shape[0]
+  d_in, num_experts, r = a.shape
+  h = jnp.dot(x, a.reshape(d_in, num_experts * r), preferred_element_type=jnp.float32)
+  h = (h.reshape(n, num_experts, r) * (dense.astype(jnp.float32) * scale)[..., None])
+  h = h.reshape(n, num_experts * r).astype(x.dtype)
+  return x @ w + jnp.dot(h, b.reshape(num_experts * r, -1).astype(x.dtype))
 
 
 def expert_delta_reference(x, a, b, experts, gates):

@@ -317,14 +317,16 @@ def test_shared_expert_adds_a_plain_lora_and_folds_into_the_backbone(model, layo
 
   got, rt = logits_with(m, adapters)
   want, _ = logits_with(with_lora, routed)
-  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+  # Folding the LoRA into W rounds differently; the random layer-wise routers amplify that
+  # (up to 2e-4 on some XLA:CPU machines, under 1e-4 on others).
+  chex.assert_trees_all_close(got, want, atol=5e-4, rtol=1e-3)
   assert float(jnp.abs(got - logits_with(m, routed)[0]).max()) > 1e-2  # the shared part counts
 
   folded_model, folded = fold_shared(m, adapters)
   assert folded.cfg.shared_rank == 0 and not hasattr(folded.pool, f"SA_{cfg.modules[0]}")
   assert folded_model.layout == layout
   again, _ = logits_with(folded_model, folded)
-  chex.assert_trees_all_close(again, got, atol=1e-4, rtol=1e-4)
+  chex.assert_trees_all_close(again, got, atol=5e-4, rtol=1e-3)
 
 
 def test_shared_expert_must_be_folded_before_kernels_and_is_folded_by_generator(model):
