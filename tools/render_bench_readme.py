@@ -194,8 +194,56 @@ def packed_sections() -> list[str]:
   return lines
 
 
+# The H200 runs of session 8 (2026-11-30): the latest, on the GPU this workplace lends now.
+H200_RUNS = (("h200-auto/batch1", "pre-gated paths and auto, batch 1"),
+             ("h200-prefill", "prefill of 512 tokens with per-token routing"),
+             ("h200-auto/e64r64-batch32", "64 rank-64 experts, batch 32, auto beside the fixed"
+              " paths"))
+
+
+def segmented_section() -> list[str]:
+  """The segmented prompt kernels beside their Triton peer, ragged_dot and XLA."""
+  md = ROOT / "h200-segmented" / "segmented.md"
+  if not md.exists():
+    return []
+  lines = ["## Prompt-time experts: segmented kernels (Pallas and Triton), ragged_dot, XLA"
+           " (`python tools/segmented_bench.py`, latest)", "",
+           "`pallas_kernels/segmented.py` (token-expert pairs grouped by expert, Punica's SGMV) and"
+           " `pallas_kernels/triton_peer.py` (the same two kernels in Triton's language, called"
+           " through jax-triton) on the same shapes, tables and tiles, beside `jax.lax.ragged_dot`"
+           " and the dense XLA formulations.", "", md.read_text().strip(), ""]
+  if (ROOT / "h200-segmented" / "segmented.png").exists():
+    lines += ["![cost over the base GEMM](h200-segmented/segmented.png)", ""]
+  return lines
+
+
+def h200_sections() -> list[str]:
+  lines = []
+  for sub, title in H200_RUNS:
+    if (ROOT / sub / "results.json").exists():
+      lines += section(ROOT / sub, f"H200: {title} (latest)")
+  return lines + segmented_section()
+
+
+def h200_readme_block() -> str:
+  """The latest H200 runs for the project README's bench block."""
+  runs = [(sub, title) for sub, title in H200_RUNS if (ROOT / sub / "results.json").exists()]
+  if not runs:
+    return ""
+  parts = [f"`docs/benchmarks/{sub}/` ({title}):\n\n"
+           + markdown(json.loads((ROOT / sub / "results.json").read_text()))
+           for sub, title in runs]
+  seg = ROOT / "h200-segmented" / "segmented.md"
+  if seg.exists():
+    parts.append("`docs/benchmarks/h200-segmented/` (prompt-time experts, one module over 32"
+                 " layers):\n\n" + seg.read_text().split("\n\n", 3)[-1].strip())
+  return ("Latest runs, NVIDIA H200 (the GPU lent since session 7; every ratio against the"
+          " backbone of the same run):\n\n" + "\n\n".join(parts) + "\n\nH100 runs.\n\n")
+
+
 def main() -> None:
   lines = [INTRO]
+  lines += h200_sections()
   lines += packed_sections()
   if (ROOT / "cpu-packed" / "results.json").exists():
     lines += section(ROOT / "cpu-packed", "CPU (2 cores): the real default model, packed"
@@ -300,7 +348,7 @@ def main() -> None:
     table = ("Latest runs, packed projections (`adafuse_jax/packed.py`), each mode measured"
              " beside the backbone in the same run:\n\n" + runs + "\n\nEarlier runs.\n\n" + table)
   throughput = "\n".join(pipelined_throughput_section()[2:])
-  table += "\n\n" + throughput
+  table = h200_readme_block() + table + "\n\n" + throughput
   text = f"{head}<!-- bench:start -->\n{table}\n<!-- bench:end -->{tail}"
   # ... and the training results tables, as `python -m train all` wrote them.
   for marker, sub in (("training", "results.md"), ("training-pilot", "cpu-pilot/results.md")):
