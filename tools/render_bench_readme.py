@@ -196,6 +196,9 @@ def packed_sections() -> list[str]:
 
 # The H200 runs of session 8 (2026-11-30): the latest, on the GPU this workplace lends now.
 H200_RUNS = (("h200-auto/batch1", "pre-gated paths and auto, batch 1"),
+             ("h200-auto/batch1-auto-first", "auto measured before the fixed packed path, batch"
+              " 1 (synced steps vary by +-20% between runs on this machine; pipelined is what"
+              " generate runs)"),
              ("h200-prefill", "prefill of 512 tokens with per-token routing"),
              ("h200-auto/e64r64-batch32", "64 rank-64 experts, batch 32, auto beside the fixed"
               " paths"))
