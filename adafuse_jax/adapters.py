@@ -245,15 +245,7 @@ class AdapterRuntime:
     from pallas_kernels.sgmv import active_experts, gathered_expand_matmul, gathered_shrink
 
     interpret = jax.default_backend() == "cpu"
-    num_experts = self.cfg.num_experts
-    if self.cfg.mode == "pregated":
-      if self._active is None:
-        route = self.routes[0]  # full gates: [N, k] or per layer [N, L, k]
-        self._active = active_experts(route.experts, route.gates, num_experts)
-      active, group = self._active, self._group(name)
-    else:  # every module routes on its own (layerwise) or has the single expert (lora)
-      active, group = active_experts(experts, gates, num_experts), (name,)
-    ids, count, gmat = active
+    (ids, count, gmat), group = self._choices("_active", active_experts, name, experts, gates)
     h = cached_on_input(self._shrinks, (layer, group), x, lambda: gathered_shrink(
         xf, [self.adapters.pool.stacked(m)[0] for m in group], layer, ids, count, gmat,
         scale=self.cfg.scale, interpret=interpret))
@@ -269,14 +261,7 @@ class AdapterRuntime:
     from pallas_kernels.segmented import segment_table, segmented_delta
 
     interpret = jax.default_backend() == "cpu"
-    num_experts = self.cfg.num_experts
-    if self.cfg.mode == "pregated":
-      if self._table is None:
-        route = self.routes[0]  # full gates: [N, k] or per layer [N, L, k]
-        self._table = segment_table(route.experts, route.gates, num_experts)
-      table, group = self._table, self._group(name)
-    else:  # layerwise routes every module on its own; lora has the single expert
-      table, group = segment_table(experts, gates, num_experts), (name,)
+    table, group = self._choices("_table", segment_table, name, experts, gates)
     pools = [self.adapters.pool.stacked(m) for m in group]
     deltas = cached_on_input(self._shrinks, ("segmented", layer, group), x, lambda: dict(zip(
         group, segmented_delta(xf, [a for a, _ in pools], [b for _, b in pools], layer, table,
@@ -285,6 +270,18 @@ class AdapterRuntime:
     # weight first (docs/benchmarks/h100-packed/README.md).
     y = (xf @ weights[layer]).astype(jnp.float32) + deltas[name]
     return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
+
+  def _choices(self, attr: str, build, name: str, experts, gates):
+    """(`build(experts, gates, E)`, the modules it serves): a kernel's table of this module's
+    choices. Pre-gated: built once per forward from the full gates ([N, k] or per layer
+    [N, L, k]), kept in `attr`, and shared by the input group; layer-wise modules route on their
+    own and plain LoRA has the single expert, so theirs serve the module alone."""
+    if self.cfg.mode == "pregated":
+      if getattr(self, attr) is None:
+        route = self.routes[0]
+        setattr(self, attr, build(route.experts, route.gates, self.cfg.num_experts))
+      return getattr(self, attr), self._group(name)
+    return build(experts, gates, self.cfg.num_experts), (name,)
 
   def _group(self, name: str) -> tuple[str, ...]:
     """The adapted modules that read the same input as `name`: one shrink launch serves them."""

@@ -159,3 +159,30 @@ for r in groups["64 experts, rank 64"]:
   speed = plain["decode_pipelined"]["median_ms"] / sere["decode_pipelined"]["median_ms"] - 1
   print(f"batch {r['batch']:>2}: distinct experts per step {plain['distinct_experts']:.1f} ->"
         f" {sere['distinct_experts']:.1f} with SERE ({100 * cut:.0f}% fewer), {100 * speed:+.0f}% tokens/s")
+
+# %% [markdown]
+# ## Prompts: segmented kernels, their Triton peer, `ragged_dot` and XLA (H200)
+# `tools/segmented_bench.py`: one module of the Llama-2-7B shape over its 32 layers, 512 prompt
+# tokens, top-2. Each bar is the cost of a whole module output (x @ W + experts) over the base
+# GEMM alone in the same run. The segmented kernels (Pallas, and the same two kernels in Triton's
+# language through jax-triton) read only the chosen experts: they win for 64 rank-64 experts,
+# while for 8 rank-16 experts two dense GEMMs of inner size E·r = 128 cost less.
+
+# %%
+seg = json.loads((BENCH / "h200-segmented" / "segmented.json").read_text())
+base = {(r["experts"], r["module"]): r["ms"] for r in seg["rows"] if r["variant"] == "base"}
+shown = ["xla-dense", "ragged_dot", "pallas", "triton"]
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), sharey=True)
+for ax, experts in zip(axes, sorted({r["experts"] for r in seg["rows"]})):
+  modules = list(dict.fromkeys(r["module"] for r in seg["rows"] if r["experts"] == experts))
+  for i, variant in enumerate(shown):
+    cost = [100 * (next(r["ms"] for r in seg["rows"] if (r["experts"], r["module"], r["variant"])
+                        == (experts, m, variant)) / base[(experts, m)] - 1) for m in modules]
+    ax.bar(np.arange(len(modules)) + 0.2 * i, cost, 0.2, label=variant)
+  rank = next(r["rank"] for r in seg["rows"] if r["experts"] == experts)
+  ax.set_xticks(np.arange(len(modules)) + 0.3, modules)
+  ax.set_title(f"{experts} experts of rank {rank}, 512 tokens")
+axes[0].set_ylabel("cost over the base GEMM, %")
+axes[0].legend(fontsize=8)
+fig.tight_layout()
+plt.show()
