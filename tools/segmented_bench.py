@@ -47,7 +47,7 @@ from adafuse_jax.benchmarks import Timing, environment, time_calls
 from adafuse_jax.config import PRESETS
 from adafuse_jax.experts import dense_bias_output, dense_gates, expert_delta
 from pallas_kernels import triton_peer
-from pallas_kernels.segmented import (SegmentTiles, combine, gather_rows, ragged_dot_delta,
+from pallas_kernels.segmented import (SegmentTiles, gather_rows, ragged_dot_delta,
                                       segment_table, segmented_delta, segmented_expand,
                                       segmented_reference, segmented_shrink)
 
