@@ -244,8 +244,9 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   a new token, hence new experts and gates, nearly every step: every step switches) and feeding
   one fixed token (nothing changes: no step switches), so that a measured switch rate s gives
   the expected cost s * switched + (1 - s) * unchanged. At batch > 1 the rows disagree (each
-  step runs unmerged on the pristine weights, `unmerged_share`), and a third timing keeps every
-  row identical so that the batch agrees and switches (`decode_agreed`).
+  step runs unmerged on the pristine weights, `unmerged_share`), so two more timings keep every
+  row identical: the batch agrees and switches (`decode_agreed`), or agrees on a fixed token
+  and switches nothing (`decode_agreed_unchanged`).
   `release_weights` (packed only) consumes `model` and `adapters`: see `Generator`.
   """
   gen = Generator(model, adapters=adapters, implementation=implementation, merge=merge, sere=sere,
@@ -280,6 +281,12 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
     result["decode_agreed"] = dataclasses.asdict(agreed)
     result["agreed_switched_share"], result["agreed_unmerged_share"] = (
         (merged_counts() - before) / (warmup + steps)).tolist()
+    # ... and the same identical rows fed one fixed token: a merged pass that switches nothing,
+    # the batch's "unchanged" step (disagreeing rows would time an unmerged step instead).
+    before = merged_counts()
+    still = time_calls(lambda: agreed_step(feed_back=False), warmup=warmup, steps=steps)
+    result["decode_agreed_unchanged"] = dataclasses.asdict(still)
+    result["agreed_unchanged_switches"] = int(merged_counts()[0] - before[0])
   if adapters is not None and adapters.cfg.mode == "pregated" and not merge:
     # Distinct experts the batch's tokens touch per step (what SERE cuts), over a few steps.
     counts = []

@@ -40,6 +40,23 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path):
   assert by_mode["backbone"]["ratio_to_backbone"] == 1.0  # the plain backbone is the reference
 
 
+def test_merged_batch_table_times_identical_rows(tmp_path):
+  """At batch > 1 the merged table's steps run on identical rows (they agree: merged passes),
+  one fed back (it switches), one fed a fixed token (it switches at most once)."""
+  out = run_bench("--preset", "tiny", "--steps", "3", "--warmup", "1", "--prefill", "",
+                  "--batch", "2", "--modes", "backbone,pregated-merged", "--out", str(tmp_path))
+  assert out.returncode == 0, out.stderr
+  merged = json.loads((tmp_path / "results.json").read_text())["results"][1]
+  assert merged["decode_agreed_unchanged"]["median_ms"] > 0
+  assert merged["agreed_unchanged_switches"] <= 1 and merged["agreed_unmerged_share"] == 0
+  row = next(line for line in out.stdout.splitlines()
+             if line.startswith("| pregated-merged |") and line.count("|") == 7)
+  cells = [c.strip() for c in row.split("|")[1:-1]]
+  assert float(cells[1]) == pytest.approx(merged["decode_agreed"]["median_ms"], abs=1e-3)
+  assert float(cells[3]) == pytest.approx(merged["decode_agreed_unchanged"]["median_ms"], abs=1e-3)
+  assert "Recorded before identical rows" not in out.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (("--preset", "gpt-5"), "unknown preset"),
     (("--preset", "tiny", "--experts", "1", "--top-k", "2"), "larger than num_experts"),
