@@ -9,6 +9,7 @@ what it routed is read back from it after the model call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -258,14 +259,17 @@ class AdapterRuntime:
     """Prompts: the base GEMM in XLA plus the segmented kernels' delta (pallas_kernels/
     segmented.py: token-expert pairs grouped by expert, one shrink launch per group of modules
     sharing `x`, one expand launch per module)."""
-    from pallas_kernels.segmented import segment_table, segmented_delta
+    from pallas_kernels.segmented import SegmentTiles, segment_table, segmented_delta
 
     interpret = jax.default_backend() == "cpu"
-    table, group = self._choices("_table", segment_table, name, experts, gates)
+    tiles = SegmentTiles.for_problem(experts.size, self.cfg.num_experts)
+    table, group = self._choices("_table", functools.partial(segment_table,
+                                                             block_m=tiles.block_m),
+                                 name, experts, gates)
     pools = [self.adapters.pool.stacked(m) for m in group]
     deltas = cached_on_input(self._shrinks, ("segmented", layer, group), x, lambda: dict(zip(
         group, segmented_delta(xf, [a for a, _ in pools], [b for _, b in pools], layer, table,
-                               scale=self.cfg.scale, interpret=interpret))))
+                               scale=self.cfg.scale, tiles=tiles, interpret=interpret))))
     # The GEMM keeps the weights' dtype: asking XLA for an f32 product converts the whole
     # weight first (docs/benchmarks/h100-packed/README.md).
     y = (xf @ weights[layer]).astype(jnp.float32) + deltas[name]

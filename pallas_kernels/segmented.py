@@ -56,6 +56,15 @@ class SegmentTiles:
   num_warps: int = 4
   num_stages: int = 3
 
+  @classmethod
+  def for_problem(cls, num_pairs: int, num_experts: int) -> "SegmentTiles":
+    """Tiles whose row count fits the mean segment: a power of two in [16, 64] (16 is Triton's
+    smallest dot). Every segment is padded to whole tiles, and every padded row is gathered,
+    shrunk, expanded and written: with 64 experts and 512 prompt tokens (1024 pairs, 16 per
+    expert on average) 64-row tiles make 5120 rows, 16-row tiles about 2000."""
+    mean = max(1, num_pairs // max(1, min(num_experts, num_pairs)))
+    return cls(block_m=min(64, max(16, pl.next_power_of_2(mean))))
+
 
 class SegmentTable(NamedTuple):
   """Where every (token, choice) pair sits once the pairs are grouped by expert.

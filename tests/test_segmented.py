@@ -193,7 +193,18 @@ def test_segmented_bench_smoke_run_writes_its_report(tmp_path):
   variants = {r["variant"] for r in report["rows"]}
   assert {"base", "xla-dense", "xla-dense-bias", "pallas", "ragged_dot"} <= variants
   assert all(r["rel_err"] < 5e-2 for r in report["rows"] if r["rel_err"] is not None)
-  assert "| 4x8 | q | 70 |" in (tmp_path / "segmented.md").read_text()
+  assert "| 4x8 | q | 70 | 64 |" in (tmp_path / "segmented.md").read_text()
   assert (tmp_path / "segmented.png").stat().st_size > 0
   with pytest.raises(SystemExit):
     segmented_bench.main(["--configs", "2x8", "--top-k", "3"])  # top-k larger than the pool
+
+
+@pytest.mark.parametrize("pairs, experts, block_m", [
+    (1024, 8, 64),    # 512 tokens, top-2, 8 experts: 128 pairs a segment
+    (1024, 64, 16),   # 64 experts: 16 a segment; 64-row tiles would be 75% padding
+    (4096, 64, 64),   # 2048 tokens
+    (40, 64, 16),     # fewer pairs than experts
+    (100, 4, 32),      # 25 a segment
+])
+def test_tiles_fit_the_mean_segment(pairs, experts, block_m):
+  assert SegmentTiles.for_problem(pairs, experts).block_m == block_m

@@ -209,6 +209,7 @@ def segmented_section() -> list[str]:
   md = ROOT / "h200-segmented" / "segmented.md"
   if not md.exists():
     return []
+  segmented_markdown(md)
   lines = ["## Prompt-time experts: segmented kernels (Pallas and Triton), ragged_dot, XLA"
            " (`python tools/segmented_bench.py`, latest)", "",
            "`pallas_kernels/segmented.py` (token-expert pairs grouped by expert, Punica's SGMV) and"
@@ -218,6 +219,14 @@ def segmented_section() -> list[str]:
   if (ROOT / "h200-segmented" / "segmented.png").exists():
     lines += ["![cost over the base GEMM](h200-segmented/segmented.png)", ""]
   return lines
+
+
+def segmented_markdown(md: pathlib.Path) -> None:
+  """Re-renders a segmented_bench table from its JSON (the table's layout may have grown)."""
+  sys.path.insert(0, str(ROOT.parents[1] / "tools"))
+  import segmented_bench
+
+  md.write_text(segmented_bench.markdown(json.loads(md.with_suffix(".json").read_text())))
 
 
 def h200_sections() -> list[str]:

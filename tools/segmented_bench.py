@@ -147,16 +147,14 @@ def run(args, write=None) -> dict:
   shapes = cfg.linear_shapes()
   num_layers = args.layers or cfg.layers
   dtype = jnp.bfloat16
-  tiles = SegmentTiles()
   triton_ok, triton_why = triton_peer.available()
   report = {"environment": environment(), "preset": args.preset, "layers": num_layers,
-            "tiles": dataclasses.asdict(tiles), "rows": [], "skipped": {}}
+            "tiles": dataclasses.asdict(SegmentTiles()), "rows": [], "skipped": {}}
   key = jax.random.key(args.seed)
   rng = np.random.default_rng(args.seed)
   configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
   tokens_list = [int(t) for t in args.tokens.split(",")]
   names = [n.strip() for n in args.variants.split(",")]
-  fns = variants(tiles, num_layers)
   for case, ((num_experts, rank), module) in enumerate(
       itertools.product(configs, args.modules.split(","))):
     d_in, d_out = shapes[module]
@@ -164,6 +162,9 @@ def run(args, write=None) -> dict:
                        rank, dtype)
     for t in tokens_list:
       experts, gates = _routing(rng, t, num_experts, args.top_k)
+      tiles = (dataclasses.replace(SegmentTiles(), block_m=args.block_m) if args.block_m else
+               SegmentTiles.for_problem(t * args.top_k, num_experts))
+      fns = variants(tiles, num_layers)
       dense = dense_gates(experts, gates, num_experts)
       table = segment_table(experts, gates, num_experts, tiles.block_m)
       xs = [jax.random.normal(jax.random.fold_in(key, 7 * t + i), (t, d_in), jnp.float32)
@@ -182,7 +183,7 @@ def run(args, write=None) -> dict:
             "experts": num_experts, "rank": rank, "top_k": args.top_k, "module": module,
             "d_in": d_in, "d_out": d_out, "tokens": t, "variant": name,
             "ms": timing.median_ms, "p10_ms": timing.p10_ms, "p90_ms": timing.p90_ms,
-            "rel_err": err, "layers": num_layers,
+            "rel_err": err, "layers": num_layers, "block_m": tiles.block_m,
             "distinct_experts": int((np.asarray(table.group_sizes) > 0).sum())})
         print(f"E={num_experts} r={rank} {module:5s} T={t:5d} {name:15s} {timing.median_ms:8.3f} ms"
               + (f"  err {err:.1e}" if err is not None else ""), flush=True)
@@ -203,8 +204,10 @@ def markdown(report: dict) -> str:
   rows = report["rows"]
   names = list(dict.fromkeys(r["variant"] for r in rows))
   keys = list(dict.fromkeys((r["experts"], r["rank"], r["module"], r["tokens"]) for r in rows))
-  lines.append("| E x r | module | tokens | " + " | ".join(names) + " |")
-  lines.append("|---" * (3 + len(names)) + "|")
+  # Runs before 2026-11-30 05:40 UTC used 64-row tiles throughout.
+  block_m = {(r["experts"], r["rank"], r["module"], r["tokens"]): r.get("block_m", 64) for r in rows}
+  lines.append("| E x r | module | tokens | rows/tile | " + " | ".join(names) + " |")
+  lines.append("|---" * (4 + len(names)) + "|")
   for e, r, m, t in keys:
     cell = {x["variant"]: x for x in rows if (x["experts"], x["rank"], x["module"], x["tokens"])
             == (e, r, m, t)}
@@ -220,7 +223,7 @@ def markdown(report: dict) -> str:
         share = (cell[n]["ms"] / base - (0 if n.endswith("-kernels") else 1)) * 100
         vals.append(f"{cell[n]['ms']:.2f} ({share:.0f}%)" if n.endswith('-kernels')
                     else f"{cell[n]['ms']:.2f} ({share:+.0f}%)")
-    lines.append(f"| {e}x{r} | {m} | {t} | " + " | ".join(vals) + " |")
+    lines.append(f"| {e}x{r} | {m} | {t} | {block_m[(e, r, m, t)]} | " + " | ".join(vals) + " |")
   errs = [x for x in rows if x["rel_err"] is not None]
   if errs:
     worst = max(errs, key=lambda x: x["rel_err"])
@@ -267,6 +270,8 @@ def main(argv=None) -> int:
   p.add_argument("--variants", default="base,xla-dense,xla-dense-bias,pallas,triton,ragged_dot,"
                  "pallas-kernels,triton-kernels")
   p.add_argument("--top-k", type=int, default=2)
+  p.add_argument("--block-m", type=int, default=0,
+                 help="rows per segment tile (16, 32 or 64); 0: SegmentTiles.for_problem")
   p.add_argument("--preset", default="llama2-7b", choices=sorted(PRESETS),
                  help="module shapes (seeded random weights)")
   p.add_argument("--layers", type=int, default=0, help="layers per call (default: the preset's)")
@@ -275,6 +280,8 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", help="folder for segmented.json / .md / .png")
   args = p.parse_args(argv)
+  if args.block_m not in (0, 16, 32, 64):
+    p.error(f"--block-m {args.block_m}: choose 16, 32 or 64 (or 0 for the default choice)")
   if args.top_k < 1 or any(int(c.split("x")[0]) < args.top_k for c in args.configs.split(",")):
     p.error(f"--top-k {args.top_k} must be between 1 and each pool's number of experts")
   out = pathlib.Path(args.out) if args.out else None
