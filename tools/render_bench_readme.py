@@ -218,6 +218,12 @@ def segmented_section() -> list[str]:
            " and the dense XLA formulations.", "", md.read_text().strip(), ""]
   if (ROOT / "h200-segmented" / "segmented.png").exists():
     lines += ["![cost over the base GEMM](h200-segmented/segmented.png)", ""]
+  tiles = [ROOT / "h200-segmented" / f"block-m{m}" / "segmented.md" for m in (16, 64)]
+  if all(t.exists() for t in tiles):
+    lines += ["### Rows per segment tile, 64 experts (one GPU call, 16-row tiles then 64-row)", ""]
+    for t in tiles:
+      segmented_markdown(t)
+      lines += [t.read_text().strip(), ""]
   return lines
 
 
