@@ -120,11 +120,12 @@ class AdapterRuntime:
   group of modules that share an input, reading only the step's active experts, then the base
   matmul with the expansion folded in, one launch per module; prompts longer than
   FUSED_MAX_TOKENS run the base GEMM in XLA beside the segmented kernels
-  (`pallas_kernels.segmented`: token-expert pairs grouped by expert). "pallas" needs stacked
-  weights (the GPU layout) and runs in the Pallas interpreter on the CPU. "packed" reads the `packed` weights
-  (`adafuse_jax.packed.pack(model, adapters)`) instead of the model's: one matmul per input
-  group gives the base outputs, every expert's shrink and the layer-wise routers' logits, then
-  one batched expansion per group; any number of tokens.
+  (`pallas_kernels.segmented`: token-expert pairs grouped by expert) when the pool is wide
+  (`experts.use_segmented`), else beside two dense GEMMs, as "xla" does. "pallas" needs stacked
+  weights (the GPU layout) and runs in the Pallas interpreter on the CPU. "packed" reads the
+  `packed` weights (`adafuse_jax.packed.pack(model, adapters)`) instead of the model's: one
+  matmul per input group gives the base outputs, every expert's shrink and the layer-wise
+  routers' logits, then one batched expansion per group; any number of tokens.
 
   Attributes after the call:
     routes: every routing decision made, in order (one for "pregated", one per adapted module
