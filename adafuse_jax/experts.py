@@ -187,8 +187,10 @@ def dense_bias_output(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, de
   """x @ w + scale Σ_e dense[:, e] (x @ A[:, e]) @ B[e], for prompts.
 
   The gated shrink is scaled and cast to x's dtype first, so the expansion is a plain GEMM of
-  the weights' dtype whose sum with the base output XLA can fold into the GEMM itself (the base
-  output as its bias): no f32 delta is written and read back.
+  the weights' dtype whose sum with the base output XLA may fold into the GEMM (the base output
+  as its bias): no f32 delta is written and read back. Measured on the H200 beside the earlier
+  form (f32 delta, then scaled and added; docs/benchmarks/h200-segmented, 512 tokens, 8 rank-16
+  experts): +14% vs +15% (gate), +16% vs +25% (down), +31% vs +27% (q) over the base GEMM.
 
   Args:
     x: [N, K] tokens; w: [K, N_out]; a: [K, E, r]; b: [E, r, N_out]; dense: [N, E] gates
