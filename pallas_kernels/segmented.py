@@ -13,7 +13,8 @@ kernel serves every segment:
   and its gate (`row_gate`, 0 for padding; one row per layer with per-layer gates), and each
   pair its row (`pair_row`).
 - `segmented_shrink` (one launch per group of modules that read the same input: q/k/v,
-  gate/up): `h[g, row] = scale · gate(row) · x[token(row)] @ A_g[l][:, expert(row)]`.
+  gate/up): `h[g, row] = scale · gate(row) · x[token(row)] @ A_g[l][:, expert(row)]`, optionally
+  as partial sums over S slices of the input dimension (more programs per tile).
 - `segmented_expand` (one launch per module): `y_rows[row] = h[g, row] @ B[l, expert(row)]`;
   tiles past the last segment are skipped, and their rows are never read.
 - `segmented_delta` puts them together: gather the tokens' rows (one XLA gather per input
@@ -47,7 +48,9 @@ class SegmentTiles:
   """Tile sizes (powers of two) and Triton launch settings.
 
   block_m: rows per tile (every segment is padded to a multiple of it); block_k: the shrink's
-  reduction step; block_n: output columns per expand program.
+  reduction step; block_n: output columns per expand program; shrink_splits: how many programs
+  share one tile's input dimension (a power of two; partial sums in f32, added by the expand):
+  the shrink has one program per tile otherwise, few for a GPU of 132 SMs.
   """
 
   block_m: int = 64
@@ -55,6 +58,7 @@ class SegmentTiles:
   block_n: int = 128
   num_warps: int = 4
   num_stages: int = 3
+  shrink_splits: int = 1
 
   @classmethod
   def for_problem(cls, num_pairs: int, num_experts: int) -> "SegmentTiles":
@@ -141,12 +145,13 @@ def gather_rows(x: jax.Array, table: SegmentTable) -> jax.Array:
 
 def _shrink_kernel(layer_ref, gate_layer_ref, tile_expert_ref, x_ref, gate_ref, *refs,
                    groups: int, rank: int, block_m: int, block_k: int, block_r: int,
-                   scale: float):
+                   k_per_split: int, scale: float):
   a_refs, h_ref = refs[:groups], refs[groups]
-  gi, i = pl.program_id(0), pl.program_id(1)
+  gi, i, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   k_total = x_ref.shape[1]
+  k0 = s * k_per_split  # a multiple of block_k: the splits' steps never overlap
   expert = tile_expert_ref[i]
-  out = h_ref.at[gi, pl.ds(i * block_m, block_m), pl.ds(0, block_r)]
+  out = h_ref.at[gi, s, pl.ds(i * block_m, block_m), pl.ds(0, block_r)]
   r_mask = jnp.arange(block_r) < rank
 
   @pl.when(expert < 0)
@@ -158,16 +163,17 @@ def _shrink_kernel(layer_ref, gate_layer_ref, tile_expert_ref, x_ref, gate_ref, 
     def _(a_ref=a_refs[g]):
       layer = layer_ref[0]
 
-      def body(kb, acc):
-        k_mask = kb * block_k + jnp.arange(block_k) < k_total
+      def body(t, acc):
+        kb = k0 + t * block_k
+        k_mask = kb + jnp.arange(block_k) < k_total
         # Rows are never masked: the table's row count is a whole number of tiles.
-        x = plgpu.load(x_ref.at[pl.ds(i * block_m, block_m), pl.ds(kb * block_k, block_k)],
+        x = plgpu.load(x_ref.at[pl.ds(i * block_m, block_m), pl.ds(kb, block_k)],
                        mask=k_mask[None, :], other=0.0)
-        a = plgpu.load(a_ref.at[layer, pl.ds(kb * block_k, block_k), expert, pl.ds(0, block_r)],
+        a = plgpu.load(a_ref.at[layer, pl.ds(kb, block_k), expert, pl.ds(0, block_r)],
                        mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         return acc + plgpu.dot(x, a.astype(x.dtype)).astype(jnp.float32)
 
-      acc = jax.lax.fori_loop(0, pl.cdiv(k_total, block_k), body,
+      acc = jax.lax.fori_loop(0, k_per_split // block_k, body,
                               jnp.zeros((block_m, block_r), jnp.float32))
       gate = plgpu.load(gate_ref.at[gate_layer_ref[0], pl.ds(i * block_m, block_m)])
       plgpu.store(out, (acc * (gate * scale)[:, None]).astype(h_ref.dtype))
@@ -186,8 +192,9 @@ def segmented_shrink(x_rows: jax.Array, a_pools: Sequence[jax.Array], layer: jax
     table: from `segment_table` with `tiles.block_m`.
     scale: the LoRA scale alpha / r, folded in.
   Returns:
-    h [G, P, r'] in x's dtype (r' = rank padded to a power of two >= 16); rows of tiles past the
-    last segment are zero.
+    h [G, S, P, r'] (S = tiles.shrink_splits partial sums over slices of K; r' = rank padded to
+    a power of two >= 16), in x's dtype when S = 1, else f32; rows of tiles past the last
+    segment are zero.
   """
   a_pools = tuple(a_pools)
   p, k = x_rows.shape
@@ -203,15 +210,22 @@ def segmented_shrink(x_rows: jax.Array, a_pools: Sequence[jax.Array], layer: jax
                      f"{tiles.block_m}")
   if table.row_gate.shape[0] not in (1, num_layers):
     raise ValueError(f"row_gate has {table.row_gate.shape[0]} layers; expected 1 or {num_layers}")
+  splits = tiles.shrink_splits
+  if splits < 1 or splits & (splits - 1):
+    raise ValueError(f"shrink_splits={splits} must be a power of two (1, 2, 4, ...)")
   groups, block_r = len(a_pools), dot_block(rank)
   layer = jnp.asarray(layer, jnp.int32).reshape(1)
   gate_layer = layer if table.row_gate.shape[0] > 1 else jnp.zeros((1,), jnp.int32)
+  # Slices that start past K (possible when K is short) load zeros and write zeros.
+  k_per_split = pl.cdiv(pl.cdiv(k, splits), tiles.block_k) * tiles.block_k
   kernel = functools.partial(_shrink_kernel, groups=groups, rank=rank, block_m=tiles.block_m,
-                             block_k=tiles.block_k, block_r=block_r, scale=scale)
+                             block_k=tiles.block_k, block_r=block_r, k_per_split=k_per_split,
+                             scale=scale)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((groups, p, block_r), x_rows.dtype),
-      grid=(groups, table.tile_expert.shape[0]),
+      out_shape=jax.ShapeDtypeStruct((groups, splits, p, block_r),
+                                     x_rows.dtype if splits == 1 else jnp.float32),
+      grid=(groups, table.tile_expert.shape[0], splits),
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
                                            num_stages=tiles.num_stages),
       interpret=interpret,
@@ -220,7 +234,7 @@ def segmented_shrink(x_rows: jax.Array, a_pools: Sequence[jax.Array], layer: jax
 
 
 def _expand_kernel(layer_ref, tile_expert_ref, h_ref, b_ref, *out_refs, group: int, rank: int,
-                   block_m: int, block_n: int, block_r: int):
+                   splits: int, block_m: int, block_n: int, block_r: int):
   o_ref = out_refs[-1]
   n_total = o_ref.shape[1]
   i, j = pl.program_id(0), pl.program_id(1)
@@ -233,7 +247,9 @@ def _expand_kernel(layer_ref, tile_expert_ref, h_ref, b_ref, *out_refs, group: i
     cols = j * block_n + jnp.arange(block_n)
     col_mask = cols < n_total
     r_mask = jnp.arange(block_r) < rank
-    h = plgpu.load(h_ref.at[jnp.int32(group), pl.ds(i * block_m, block_m), pl.ds(0, block_r)])
+    h = plgpu.load(h_ref.at[jnp.int32(group), pl.ds(0, splits), pl.ds(i * block_m, block_m),
+                            pl.ds(0, block_r)]).astype(jnp.float32)
+    h = jnp.sum(h, axis=0) if splits > 1 else h.reshape(block_m, block_r)
     b = plgpu.load(b_ref.at[layer_ref[0], expert, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
                    mask=r_mask[:, None] & col_mask[None, :], other=0.0)
     y = plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
@@ -248,33 +264,39 @@ def segmented_expand(h: jax.Array, b: jax.Array, layer: jax.Array | int, table: 
   """y_rows = h[group] @ B[layer, expert(row)] for every row of a segment, one launch.
 
   Args:
-    h: [G, P, r'] from `segmented_shrink`; `group` picks this module's part.
+    h: [G, S, P, r'] from `segmented_shrink` (S partial sums, added here); `group` picks this
+      module's part.
     b: [L, E, r, N] the module's expansion factors.
     layer: which layer (runtime scalar).
     table: the same SegmentTable.
     out: optional [P, N] buffer written in place (tests poison it with NaN).
   Returns:
-    y_rows [P, N] in h's dtype; rows of tiles past the last segment are left unwritten.
+    y_rows [P, N] in h's dtype when S = 1, else in b's; rows of tiles past the last segment are
+    left unwritten.
   """
   num_layers, _, rank, n = b.shape
   block_r = dot_block(rank)
   p = table.row_token.shape[0]
-  if h.ndim != 3 or h.shape[1:] != (p, block_r) or not 0 <= group < h.shape[0]:
-    raise ValueError(f"h has shape {h.shape}; expected [G > {group}, {p}, {block_r}] from"
+  if h.ndim != 4 or h.shape[2:] != (p, block_r) or not 0 <= group < h.shape[0]:
+    raise ValueError(f"h has shape {h.shape}; expected [G > {group}, S, {p}, {block_r}] from"
                      " segmented_shrink with the same table and rank")
+  splits = h.shape[1]
+  if splits & (splits - 1):
+    raise ValueError(f"h has S={splits} partial sums; a power of two is needed")
   if table.block_m != tiles.block_m:
     raise ValueError(f"the table has block_m={table.block_m}, the tiles {tiles.block_m}")
-  kernel = functools.partial(_expand_kernel, group=group, rank=rank, block_m=tiles.block_m,
-                             block_n=tiles.block_n, block_r=block_r)
+  out_dtype = h.dtype if splits == 1 else b.dtype
+  kernel = functools.partial(_expand_kernel, group=group, rank=rank, splits=splits,
+                             block_m=tiles.block_m, block_n=tiles.block_n, block_r=block_r)
   operands = (jnp.asarray(layer, jnp.int32).reshape(1), table.tile_expert, h, b)
   aliases = {}
   if out is not None:
-    if out.shape != (p, n) or out.dtype != h.dtype:
-      raise ValueError(f"out must be {(p, n)} {h.dtype}, got {out.shape} {out.dtype}")
+    if out.shape != (p, n) or out.dtype != out_dtype:
+      raise ValueError(f"out must be {(p, n)} {out_dtype}, got {out.shape} {out.dtype}")
     operands, aliases = operands + (out,), {len(operands): 0}
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((p, n), h.dtype),
+      out_shape=jax.ShapeDtypeStruct((p, n), out_dtype),
       grid=(table.tile_expert.shape[0], pl.cdiv(n, tiles.block_n)),
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
                                            num_stages=tiles.num_stages),

@@ -106,6 +106,8 @@ def triton_shrink(x_rows: jax.Array, a: jax.Array, layer: jax.Array | int, table
                   *, scale: float = 1.0, tiles: SegmentTiles = SegmentTiles()) -> jax.Array:
   """As `segmented.segmented_shrink` for one pool A [L, K, E, r]: h [P, r'] in x's dtype."""
   _require()
+  if tiles.shrink_splits != 1:
+    raise ValueError("the Triton peer keeps one shrink program per tile: shrink_splits must be 1")
   p, k = x_rows.shape
   _, k_a, num_experts, rank = a.shape
   if k_a != k or table.block_m != tiles.block_m or p != table.row_token.shape[0]:

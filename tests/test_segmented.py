@@ -49,8 +49,9 @@ def _check(x, a, b, experts, gates, num_experts, dtype, tiles=SMALL, scale=0.5):
                        interpret=INTERPRET)
   p = table.row_token.shape[0]
   for g in range(len(a)):
+    rows_dtype = h.dtype if h.shape[1] == 1 else b[g].dtype
     rows = segmented_expand(h, b[g], layer, table, group=g, tiles=tiles, interpret=INTERPRET,
-                            out=jnp.full((p, b[g].shape[-1]), jnp.nan, h.dtype))
+                            out=jnp.full((p, b[g].shape[-1]), jnp.nan, rows_dtype))
     used = np.asarray(table.pair_row).reshape(-1)
     assert not bool(jnp.isnan(rows[used]).any()), "a row some token reads was never written"
     got = combine(rows, table)
@@ -84,6 +85,25 @@ def test_every_token_on_one_expert_leaves_the_other_segments_empty():
   assert sizes[1] == sizes[6] == t and sizes.sum() == 2 * t
   assert set(np.asarray(table.tile_expert)) == {1, 6, -1}
   _check(*prob, num_experts, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("splits", [2, 4])
+def test_shrink_split_over_the_input_dimension(dtype, splits):
+  """Partial sums over slices of K (more shrink programs per tile), the last slices ragged or
+  past K altogether (K = 100 in 32-wide steps over 4 slices: 32, 32, 32, 4)."""
+  import dataclasses
+
+  tiles = dataclasses.replace(SMALL, shrink_splits=splits)
+  prob = _problem(11, 37, 100, 70, 5, 12, 2, 2, dtype, groups=2, per_layer=True)
+  _check(*prob, 5, dtype, tiles=tiles)
+  table = segment_table(prob[3], prob[4], 5, tiles.block_m)
+  h = segmented_shrink(gather_rows(prob[0], table), prob[1], 0, table, tiles=tiles,
+                       interpret=INTERPRET)
+  assert h.shape[1] == splits and h.dtype == jnp.float32
+  with pytest.raises(ValueError, match="power of two"):
+    segmented_shrink(gather_rows(prob[0], table), prob[1], 0, table, interpret=INTERPRET,
+                     tiles=dataclasses.replace(SMALL, shrink_splits=3))
 
 
 def test_per_layer_gates_are_read_at_the_layer():
@@ -193,7 +213,7 @@ def test_segmented_bench_smoke_run_writes_its_report(tmp_path):
   variants = {r["variant"] for r in report["rows"]}
   assert {"base", "xla-dense", "xla-dense-bias", "pallas", "ragged_dot"} <= variants
   assert all(r["rel_err"] < 5e-2 for r in report["rows"] if r["rel_err"] is not None)
-  assert "| 4x8 | q | 70 | 64 |" in (tmp_path / "segmented.md").read_text()
+  assert "| 4x8 | q | 70 | 64 / 1 |" in (tmp_path / "segmented.md").read_text()
   assert (tmp_path / "segmented.png").stat().st_size > 0
   with pytest.raises(SystemExit):
     segmented_bench.main(["--configs", "2x8", "--top-k", "3"])  # top-k larger than the pool

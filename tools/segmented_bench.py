@@ -93,9 +93,12 @@ def variants(tiles: SegmentTiles, num_layers: int) -> dict:
                          interpret=INTERPRET)
     return segmented_expand(h, b, l, table, tiles=tiles, interpret=INTERPRET)
 
+  # The Triton peer keeps one shrink program per tile (its like-for-like Pallas run is S = 1).
+  t_tiles = dataclasses.replace(tiles, shrink_splits=1)
+
   def t_kernels(l, x, w, a, b, experts, gates, dense, table):
-    h = triton_peer.triton_shrink(gather_rows(x, table), a, l, table, scale=SCALE, tiles=tiles)
-    return triton_peer.triton_expand(h, b, l, table, tiles=tiles)
+    h = triton_peer.triton_shrink(gather_rows(x, table), a, l, table, scale=SCALE, tiles=t_tiles)
+    return triton_peer.triton_expand(h, b, l, table, tiles=t_tiles)
 
   def xla_dense(l, x, w, a, b, experts, gates, dense, table):
     # The XLA path as `AdapterRuntime` runs it for prompts (experts.expert_delta, "dense").
@@ -111,7 +114,7 @@ def variants(tiles: SegmentTiles, num_layers: int) -> dict:
       "pallas": plus(lambda l, x, a, b, e, g, table: segmented_delta(
           x, [a], [b], l, table, scale=SCALE, tiles=tiles, interpret=INTERPRET)[0]),
       "triton": plus(lambda l, x, a, b, e, g, table: triton_peer.triton_delta(
-          x, a, b, l, table, scale=SCALE, tiles=tiles)),
+          x, a, b, l, table, scale=SCALE, tiles=t_tiles)),
       "ragged_dot": plus(lambda l, x, a, b, e, g, table: ragged_dot_delta(
           x, a, b, l, e, g, SCALE)),
       "pallas-kernels": kernels,
@@ -164,6 +167,7 @@ def run(args, write=None) -> dict:
       experts, gates = _routing(rng, t, num_experts, args.top_k)
       tiles = (dataclasses.replace(SegmentTiles(), block_m=args.block_m) if args.block_m else
                SegmentTiles.for_problem(t * args.top_k, num_experts))
+      tiles = dataclasses.replace(tiles, shrink_splits=args.shrink_splits)
       fns = variants(tiles, num_layers)
       dense = dense_gates(experts, gates, num_experts)
       table = segment_table(experts, gates, num_experts, tiles.block_m)
@@ -184,6 +188,7 @@ def run(args, write=None) -> dict:
             "d_in": d_in, "d_out": d_out, "tokens": t, "variant": name,
             "ms": timing.median_ms, "p10_ms": timing.p10_ms, "p90_ms": timing.p90_ms,
             "rel_err": err, "layers": num_layers, "block_m": tiles.block_m,
+            "shrink_splits": tiles.shrink_splits,
             "distinct_experts": int((np.asarray(table.group_sizes) > 0).sum())})
         print(f"E={num_experts} r={rank} {module:5s} T={t:5d} {name:15s} {timing.median_ms:8.3f} ms"
               + (f"  err {err:.1e}" if err is not None else ""), flush=True)
@@ -205,8 +210,9 @@ def markdown(report: dict) -> str:
   names = list(dict.fromkeys(r["variant"] for r in rows))
   keys = list(dict.fromkeys((r["experts"], r["rank"], r["module"], r["tokens"]) for r in rows))
   # Runs before 2026-11-30 05:40 UTC used 64-row tiles throughout.
-  block_m = {(r["experts"], r["rank"], r["module"], r["tokens"]): r.get("block_m", 64) for r in rows}
-  lines.append("| E x r | module | tokens | rows/tile | " + " | ".join(names) + " |")
+  block_m = {(r["experts"], r["rank"], r["module"], r["tokens"]):
+             f"{r.get('block_m', 64)} / {r.get('shrink_splits', 1)}" for r in rows}
+  lines.append("| E x r | module | tokens | rows/tile / K splits | " + " | ".join(names) + " |")
   lines.append("|---" * (4 + len(names)) + "|")
   for e, r, m, t in keys:
     cell = {x["variant"]: x for x in rows if (x["experts"], x["rank"], x["module"], x["tokens"])
@@ -272,6 +278,8 @@ def main(argv=None) -> int:
   p.add_argument("--top-k", type=int, default=2)
   p.add_argument("--block-m", type=int, default=0,
                  help="rows per segment tile (16, 32 or 64); 0: SegmentTiles.for_problem")
+  p.add_argument("--shrink-splits", type=int, default=1,
+                 help="Pallas shrink programs per tile over the input dimension (power of two)")
   p.add_argument("--preset", default="llama2-7b", choices=sorted(PRESETS),
                  help="module shapes (seeded random weights)")
   p.add_argument("--layers", type=int, default=0, help="layers per call (default: the preset's)")
@@ -280,6 +288,8 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", help="folder for segmented.json / .md / .png")
   args = p.parse_args(argv)
+  if args.shrink_splits < 1 or args.shrink_splits & (args.shrink_splits - 1):
+    p.error(f"--shrink-splits {args.shrink_splits}: a power of two (1, 2, 4, ...)")
   if args.block_m not in (0, 16, 32, 64):
     p.error(f"--block-m {args.block_m}: choose 16, 32 or 64 (or 0 for the default choice)")
   if args.top_k < 1 or any(int(c.split("x")[0]) < args.top_k for c in args.configs.split(",")):
