@@ -176,36 +176,28 @@ def test_modules_are_kept_in_model_order():
   assert AdapterConfig(modules=("down", "q", "v")).modules == ("q", "v", "down")
 
 
+@pytest.mark.parametrize("length", [8, 45], ids=["decode-sized", "prompt"])
 @pytest.mark.parametrize("mode, per_layer_gates", [("lora", False), ("pregated", False),
                                                     ("pregated", True), ("layerwise", False)])
-def test_fused_pallas_path_equals_xla_path(model, mode, per_layer_gates):
-  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
-                      per_layer_gates=per_layer_gates)
-  adapters = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True)
-  cache = lambda: KVCache.create(model.cfg, 2, 8, model.dtype)  # noqa: E731
-  want, _ = model(jnp.asarray(TOKENS), cache(), all_logits=True, linear=adapters.runtime("xla"))
-  fused = adapters.runtime("pallas")
-  got, _ = model(jnp.asarray(TOKENS), cache(), all_logits=True, linear=fused)
-  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("mode, per_layer_gates", [("lora", False), ("pregated", False),
-                                                    ("pregated", True), ("layerwise", False)])
-def test_prompts_on_the_segmented_kernels_equal_xla_path(model, mode, per_layer_gates):
-  """More tokens than FUSED_MAX_TOKENS: "pallas" runs the segmented (SGMV) prefill kernels."""
+def test_pallas_path_equals_xla_path(model, mode, per_layer_gates, length):
+  """2 x 8 tokens run the gathered kernels; 2 x 45, more than FUSED_MAX_TOKENS, the prompt path
+  (the segmented SGMV kernels where the pool is wide, here q/k/v/o/gate/up; dense GEMMs for down)."""
   from adafuse_jax.adapters import FUSED_MAX_TOKENS
 
   cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
                       per_layer_gates=per_layer_gates)
-  adapters = MixtureOfLoRA(model.cfg, cfg, seed=9, random_b=True)
-  tokens = jnp.asarray(np.random.default_rng(4).integers(0, model.cfg.vocab_size, (2, 45)))
-  assert tokens.size > FUSED_MAX_TOKENS
-  cache = lambda: KVCache.create(model.cfg, 2, 48, model.dtype)  # noqa: E731
+  adapters = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True)
+  tokens = (jnp.asarray(TOKENS) if length == 8 else
+            jnp.asarray(np.random.default_rng(4).integers(0, model.cfg.vocab_size, (2, length))))
+  assert (tokens.size > FUSED_MAX_TOKENS) == (length == 45)
+  cache = lambda: KVCache.create(model.cfg, 2, length + 3, model.dtype)  # noqa: E731
   want, _ = model(tokens, cache(), all_logits=True, linear=adapters.runtime("xla"))
   got, _ = model(tokens, cache(), all_logits=True, linear=adapters.runtime("pallas"))
-  # Each module agrees to ~1e-7 relative (f32 sums in another order); the random pool's large
-  # deltas (|y| ~ 20) amplify that through the blocks to ~1.5e-4 of the logits.
-  chex.assert_trees_all_close(got, want, atol=1e-3, rtol=1e-3)
+  # Each module agrees to ~1e-7 relative (f32 sums in another order); over a 90-token prompt this
+  # random model's activations grow to ~300 (the `down` outputs), which amplifies that to ~1e-3
+  # of the logits' scale (routes identical: checked by hand for seeds 8 and 9).
+  tol = 1e-4 if length == 8 else 2e-3 * float(jnp.abs(want).max())
+  chex.assert_trees_all_close(got, want, atol=tol, rtol=1e-4 if length == 8 else 1e-3)
 
 
 @pytest.mark.parametrize("layout", ["stacked", "list"])

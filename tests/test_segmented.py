@@ -16,6 +16,7 @@ from pallas_kernels import triton_peer
 from pallas_kernels.segmented import (SegmentTiles, combine, gather_rows, max_tiles,
                                       ragged_dot_delta, segment_table, segmented_delta,
                                       segmented_expand, segmented_reference, segmented_shrink)
+from tests.expert_problems import expert_problem
 
 INTERPRET = jax.default_backend() != "gpu"
 SMALL = SegmentTiles(block_m=16, block_k=32, block_n=32)
@@ -23,18 +24,9 @@ SMALL = SegmentTiles(block_m=16, block_k=32, block_n=32)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
-def _problem(seed, t, k_dim, n, num_experts, rank, top_k, layers, dtype, groups=1,
-             per_layer=False, experts=None):
-  rng = np.random.default_rng(seed)
-  f = lambda scale, *s: jnp.asarray(rng.normal(size=s) * scale, dtype)  # noqa: E731
-  x = f(1.0, t, k_dim)
-  a = [f(k_dim ** -0.5, layers, k_dim, num_experts, rank) for _ in range(groups)]
-  b = [f(rank ** -0.5, layers, num_experts, rank, n) for _ in range(groups)]
-  if experts is None:
-    experts = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(t)])
-  experts = jnp.asarray(experts, jnp.int32)
-  gates = jnp.asarray(rng.uniform(0.1, 1.0, size=(t, layers, top_k) if per_layer else (t, top_k)),
-                      jnp.float32)
+def _problem(*args, **kwargs):
+  """As `expert_problem`, without the base weight (the segmented kernels compute deltas)."""
+  x, _, a, b, experts, gates = expert_problem(*args, **kwargs)
   return x, a, b, experts, gates
 
 

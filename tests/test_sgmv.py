@@ -14,6 +14,7 @@ import pytest
 
 from pallas_kernels.sgmv import (SgmvTiles, active_experts, gathered_expand_matmul,
                                  gathered_reference, gathered_shrink, shrink_splits)
+from tests.expert_problems import expert_problem
 
 INTERPRET = jax.default_backend() != "gpu"
 SMALL = SgmvTiles(block_n=32, block_k=64, shrink_k=128, min_programs=16)
@@ -21,20 +22,7 @@ SMALL = SgmvTiles(block_n=32, block_k=64, shrink_k=128, min_programs=16)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
-def _problem(seed, m, k, n, num_experts, rank, top_k, layers, dtype, groups=1, per_layer=False,
-             experts=None):
-  rng = np.random.default_rng(seed)
-  f = lambda scale, *s: jnp.asarray(rng.normal(size=s) * scale, dtype)  # noqa: E731
-  x = f(1.0, m, k)
-  w = f(k ** -0.5, layers, k, n)
-  a = [f(k ** -0.5, layers, k, num_experts, rank) for _ in range(groups)]
-  b = [f(rank ** -0.5, layers, num_experts, rank, n) for _ in range(groups)]
-  if experts is None:
-    experts = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(m)])
-  experts = jnp.asarray(experts, jnp.int32)
-  gates = jnp.asarray(rng.uniform(0.1, 1.0, size=(m, layers, top_k) if per_layer else (m, top_k)),
-                      jnp.float32)
-  return x, w, a, b, experts, gates
+_problem = expert_problem
 
 
 def _check_all(x, w, a, b, experts, gates, num_experts, dtype, tiles=SMALL, scale=0.5):
