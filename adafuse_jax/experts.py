@@ -175,11 +175,25 @@ def expert_delta(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array,
     return out.astype(x.dtype)
   if dense is None:
     dense = dense_gates(experts, gates, num_experts)
-  h = jnp.dot(x, a.reshape(d_in, num_experts * r), preferred_element_type=jnp.float32)
-  h = (h.reshape(n, num_experts, r) * dense[..., None]).reshape(n, num_experts * r)
+  h = gated_dense_shrink(x, a, dense)
   out = jnp.dot(h.astype(x.dtype), b.reshape(num_experts * r, -1),
                 preferred_element_type=jnp.float32)
   return out.astype(x.dtype)
+
+
+def gated_dense_shrink(x: jax.Array, a: jax.Array, dense: jax.Array) -> jax.Array:
+  """Every expert's shrink times its gate: (x @ A[:, e]) · dense[:, e], side by side.
+
+  Args:
+    x: [N, K]; a: [K, E, r]; dense: [N, E] gates (0 for unchosen experts).
+  Returns:
+    [N, E·r] f32, expert e's r columns at e·r.
+  """
+  n = x.shape[0]
+  d_in, num_experts, r = a.shape
+  h = jnp.dot(x, a.reshape(d_in, num_experts * r), preferred_element_type=jnp.float32)
+  return (h.reshape(n, num_experts, r) * dense.astype(jnp.float32)[..., None]).reshape(
+      n, num_experts * r)
 
 
 def dense_bias_output(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, dense: jax.Array,
@@ -198,11 +212,8 @@ def dense_bias_output(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, de
   Returns:
     [N, N_out] in x's dtype.
   """
-  n = x.shape[0]
-  d_in, num_experts, r = a.shape
-  h = jnp.dot(x, a.reshape(d_in, num_experts * r), preferred_element_type=jnp.float32)
-  h = (h.reshape(n, num_experts, r) * (dense.astype(jnp.float32) * scale)[..., None])
-  h = h.reshape(n, num_experts * r).astype(x.dtype)
+  num_experts, r = a.shape[1:]
+  h = gated_dense_shrink(x, a, dense.astype(jnp.float32) * scale).astype(x.dtype)
   return x @ w + jnp.dot(h, b.reshape(num_experts * r, -1).astype(x.dtype))
 
 
