@@ -77,8 +77,8 @@ class MixtureOfLoRA(nnx.Module):
     return out
 
   def runtime(self, implementation: str = "xla", sere: "SereSettings | None" = None,
-              packed=None) -> "AdapterRuntime":
-    return AdapterRuntime(self, implementation, sere, packed)
+              packed=None, rows: dict | None = None) -> "AdapterRuntime":
+    return AdapterRuntime(self, implementation, sere, packed, rows)
 
 
 @dataclasses.dataclass
@@ -115,7 +115,9 @@ FUSED_MAX_TOKENS = 64
 class AdapterRuntime:
   """`LinearFn` for one forward pass: y = x @ w + (alpha / r) Σ_k g_k (x A_k) B_k.
 
-  implementation: "xla" applies the experts with plain matmuls beside the base one; "pallas"
+  implementation: "xla" applies the experts with plain matmuls beside the base one (given
+  `rows`, `adafuse_jax.row_layout`'s A^T and R^T, its gathered shrink and layer-wise routers
+  read those: row reductions on the GPU); "pallas"
   runs decode steps on the gathered kernels (`pallas_kernels.sgmv`): one shrink launch per
   group of modules that share an input, reading only the step's active experts, then the base
   matmul with the expansion folded in, one launch per module; prompts longer than
@@ -133,7 +135,7 @@ class AdapterRuntime:
   """
 
   def __init__(self, adapters: MixtureOfLoRA, implementation: str = "xla",
-               sere: SereSettings | None = None, packed=None):
+               sere: SereSettings | None = None, packed=None, rows: dict | None = None):
     if sere is not None and adapters.cfg.mode != "pregated":
       raise ValueError("SERE re-routes pre-gated choices; it needs mode 'pregated'")
     self.sere = sere
@@ -152,6 +154,8 @@ class AdapterRuntime:
     self._table = None  # pre-gated prompts: the segment table of the segmented kernels
     self._shrinks: dict = {}  # (layer, group) -> (input, shrink) of the gathered kernels
     self._groups = None  # "packed": one matmul per (layer, input group), see adafuse_jax.packed
+    # "xla" decode steps on the GPU: A^T and the routers' R^T (adafuse_jax.row_layout), or None.
+    self.rows = rows if implementation == "xla" else None
     if implementation == "packed":
       from adafuse_jax.packed import GroupCache
       if packed is None:
@@ -193,7 +197,8 @@ class AdapterRuntime:
       y = dense_bias_output(xf, weights[layer], a, b, dense, self.cfg.scale)
       return y.reshape(*x.shape[:-1], -1)
     y = x @ weights[layer]
-    delta = expert_delta(xf, a, b, experts, gates, dense)
+    a_t = self.rows[f"A_{name}"][layer] if self.rows is not None else None
+    delta = expert_delta(xf, a, b, experts, gates, dense, a_t=a_t)
     if self.cfg.shared_rank:
       delta = delta.astype(jnp.float32)
       sa, sb = self.adapters.pool.factors(name, layer, "S")
@@ -329,7 +334,11 @@ class AdapterRuntime:
       experts, gates = jnp.zeros((n, 1), jnp.int32), jnp.ones((n, 1), jnp.float32)
       return experts, gates, gates
     if mode == "layerwise":
-      logits = self.adapters.router(name, layer, xf)
+      if self.rows is not None:
+        from adafuse_jax.row_layout import router_logits
+        logits = router_logits(self.rows, name, layer, xf)
+      else:
+        logits = self.adapters.router(name, layer, xf)
       experts, gates = top_k_gates(logits, self.cfg.top_k)
       self.routes.append(Route(experts, gates, logits))
       return experts, gates, None

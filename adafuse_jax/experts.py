@@ -142,7 +142,8 @@ def use_fused_kernel(num_tokens: int, top_k: int, num_experts: int) -> bool:
 
 
 def expert_delta(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array,
-                 gates: jax.Array, dense: jax.Array | None = None) -> jax.Array:
+                 gates: jax.Array, dense: jax.Array | None = None,
+                 a_t: jax.Array | None = None) -> jax.Array:
   """Σ_k gates[..., k] · (x @ A[:, experts[..., k]]) @ B[experts[..., k]], unmerged.
 
   Args:
@@ -151,6 +152,7 @@ def expert_delta(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array,
     experts: [N, k] int32 expert ids; gates: [N, k] weights.
     dense: optional precomputed `dense_gates(experts, gates, E)` [N, E] (routing once per step
       lets every module reuse it).
+    a_t: optional A^T [E, r, in] (`adafuse_jax.row_layout`): the gather path reads it instead.
   Returns:
     [N, out] in x's dtype.
   """
@@ -159,6 +161,8 @@ def expert_delta(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array,
   path = EXPERT_PATH
   if path == "auto":
     path = "gather" if use_gather(n, k, num_experts) else "dense"
+  if path == "gather" and a_t is not None:
+    return gathered_rows_delta(x, a_t, b, experts, gates)
   if path == "slices" and n == 1:
     out = jnp.zeros((1, b.shape[-1]), jnp.float32)
     for j in range(k):
@@ -178,6 +182,26 @@ def expert_delta(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array,
   h = gated_dense_shrink(x, a, dense)
   out = jnp.dot(h.astype(x.dtype), b.reshape(num_experts * r, -1),
                 preferred_element_type=jnp.float32)
+  return out.astype(x.dtype)
+
+
+def gathered_rows_delta(x: jax.Array, a_t: jax.Array, b: jax.Array, experts: jax.Array,
+                        gates: jax.Array) -> jax.Array:
+  """`expert_delta`'s gather path from A^T: the chosen experts' rows are contiguous and the
+  shrink is a row reduction (`adafuse_jax.row_layout` says why and what it measured).
+
+  Args:
+    x: [N, in]; a_t: [E, r, in]; b: [E, r, out]; experts, gates: [N, k].
+  Returns:
+    [N, out] in x's dtype.
+  """
+  a_sel = a_t[experts]  # [N, k, r, in]
+  # An f32 multiply and sum, not an einsum: in the whole decode step the einsum's lowering left
+  # the gather formulation's outputs, this one matched them exactly (tools/routing_matvec_probe.py).
+  h = jnp.sum(x.astype(jnp.float32)[:, None, None, :] * a_sel.astype(jnp.float32), axis=-1)
+  h = h * gates[..., None].astype(jnp.float32)
+  out = jnp.einsum("nkr,nkro->no", h.astype(x.dtype), b[experts],
+                   preferred_element_type=jnp.float32)
   return out.astype(x.dtype)
 
 

@@ -146,15 +146,25 @@ class Generator:
         for m in adapters.cfg.modules:
           for f in (f"A_{m}", f"B_{m}"):
             pool[f] = pool[f].replace(value=jnp.zeros((0,), model.dtype))
+    # "xla" on the GPU: A^T and the layer-wise routers' R^T, read by decode steps that gather
+    # (adafuse_jax.row_layout); merged steps switch from the pool's own A.
+    from adafuse_jax import row_layout
+    self.rows = (row_layout.build(adapters) if not merge
+                 and row_layout.wanted(adapters, implementation) else None)
+    # The compiled steps' third argument: whichever derived weights this implementation reads.
+    self.derived = self.packed if self.packed is not None else self.rows
     self._compiled: dict[tuple, Callable] = {}
 
-  def _forward(self, params, adapter_params, packed, tokens, cache, key, sampling: SamplingConfig):
+  def _forward(self, params, adapter_params, derived, tokens, cache, key,
+               sampling: SamplingConfig):
     model = nnx.merge(self.graphdef, params)
     runtime = None
     linear: LinearFn = plain_linear
+    packed = derived if self.packed is not None else None
     if adapter_params is not None:
       runtime = nnx.merge(self.adapters_graphdef, adapter_params).runtime(
-          self.implementation, self.sere, packed=packed)
+          self.implementation, self.sere, packed=packed,
+          rows=derived if self.rows is not None else None)
       linear = runtime
     elif packed is not None:
       from adafuse_jax.packed import PackedBackbone
@@ -202,7 +212,7 @@ class Generator:
     return sample(logits, key, sampling), logits, cache
 
   def compiled(self, batch: int, length: int, cache_len: int, sampling: SamplingConfig) -> Callable:
-    """AOT-compiled `(params, adapter_params, packed, tokens [B, length], cache, key)` ->
+    """AOT-compiled `(params, adapter_params, derived, tokens [B, length], cache, key)` ->
     `(next [B], logits [B, V], cache, routing)`; routing is (experts [B, k], gates [B, k]) of the
     last position, or None without a router."""
     sig = (batch, length, cache_len, sampling)
@@ -225,7 +235,7 @@ class Generator:
         self._compiled[sig] = MergedStep(switch, forward)
       else:
         fn = jax.jit(self._forward, static_argnums=(6,), donate_argnums=(4,))
-        self._compiled[sig] = fn.lower(self.params, self.adapter_params, self.packed, tokens,
+        self._compiled[sig] = fn.lower(self.params, self.adapter_params, self.derived, tokens,
                                        cache, key, sampling).compile()
     return self._compiled[sig]
 
@@ -243,7 +253,7 @@ class Generator:
       nxt, logits, cache = fn.forward(self.params, self.adapter_params, self.switch_state.weights,
                                       agree, tokens, cache, key)
       return nxt, logits, cache, routing
-    return fn(self.params, self.adapter_params, self.packed, tokens, cache, key)
+    return fn(self.params, self.adapter_params, self.derived, tokens, cache, key)
 
   def new_cache(self, batch: int, cache_len: int, pad: Sequence[int] | None = None) -> KVCache:
     return KVCache.create(self.cfg, batch, cache_len, self.dtype,

@@ -396,3 +396,35 @@ def test_first_layer_leaves_lower_layers_alone_and_routes_on_context(model, mode
 def test_first_layer_beyond_the_model_is_named(model):
   with pytest.raises(UserError, match="first_layer=9"):
     MixtureOfLoRA(model.cfg, AdapterConfig(mode="pregated", first_layer=9), seed=0)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "list"])
+@pytest.mark.parametrize("mode, per_layer_gates", [("pregated", False), ("pregated", True),
+                                                    ("layerwise", False)])
+def test_row_layout_equals_stored_layout(model, layout, mode, per_layer_gates):
+  """The GPU decode copies (A^T, R^T) give the stored layout's outputs and routes: a decode step
+  of 2 sequences on 16 experts takes the gather path that reads them."""
+  from adafuse_jax import row_layout
+  from adafuse_jax.experts import use_gather
+
+  cfg = AdapterConfig(mode=mode, num_experts=16, rank=4, top_k=2, router_init_std=0.5,
+                      per_layer_gates=per_layer_gates)
+  m = model.with_layout(layout)
+  adapters = MixtureOfLoRA(m.cfg, cfg, seed=8, random_b=True, layout=layout)
+  tokens = jnp.asarray(TOKENS[:, :1])
+  assert use_gather(tokens.size, cfg.top_k, cfg.num_experts)
+  rows = row_layout.build(adapters)
+  assert rows["A_q"][0].shape == (16, 4, m.cfg.hidden)
+  assert ("R_q" in rows) == (mode == "layerwise")
+  cache = lambda: KVCache.create(m.cfg, 2, 4, m.dtype)  # noqa: E731
+  want_rt, got_rt = adapters.runtime("xla"), adapters.runtime("xla", rows=rows)
+  want, _ = m(tokens, cache(), linear=want_rt)
+  got, _ = m(tokens, cache(), linear=got_rt)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  assert len(got_rt.routes) == len(want_rt.routes)
+  for a, b in zip(got_rt.routes, want_rt.routes):
+    np.testing.assert_array_equal(a.experts, b.experts)
+  # Other implementations ignore the copies; the GPU alone builds them.
+  assert adapters.runtime("pallas", rows=rows).rows is None
+  assert row_layout.wanted(adapters, "xla") == (jax.default_backend() == "gpu")
+  assert not row_layout.wanted(adapters, "packed")

@@ -111,3 +111,27 @@ def test_packed_generator_equals_xla_and_holds_one_copy(mode, modules, layout):
   assert sources and all(a.is_deleted() for a in sources)
   with pytest.raises(ValueError, match="release_weights needs"):
     Generator(LlamaModel(tiny_config(), seed=11), release_weights=True)
+
+
+@pytest.mark.parametrize("mode", ["pregated", "layerwise"])
+def test_row_layout_generator_equals_stored_layout(mode, monkeypatch):
+  """With the GPU's decode copies (adafuse_jax.row_layout) forced on, greedy tokens are those
+  of the stored layout."""
+  from adafuse_jax import row_layout
+  from adafuse_jax.adapters import MixtureOfLoRA
+  from adafuse_jax.config import AdapterConfig
+
+  model = LlamaModel(tiny_config(), seed=11)
+  cfg = AdapterConfig(mode=mode, num_experts=16, rank=4, top_k=2, router_init_std=0.5)
+  adapters = MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True)
+  prompts = [[5, 6, 7, 8], [9, 10]]
+  monkeypatch.setattr(row_layout, "BACKENDS", ())
+  plain = Generator(model, adapters=adapters)
+  assert plain.rows is None
+  want = generate(plain, prompts, max_new_tokens=8).tokens
+  monkeypatch.setattr(row_layout, "BACKENDS", (jax.default_backend(),))
+  rows = Generator(model, adapters=adapters)
+  assert rows.rows is not None
+  assert generate(rows, prompts, max_new_tokens=8).tokens == want
+  if mode == "pregated":  # merged steps switch from the pool's own A
+    assert Generator(model, adapters=adapters, merge=True).rows is None

@@ -14,12 +14,15 @@ each candidate layout is timed beside the backbone in the same process:
 - `layerwise` (the library's XLA path: router [in, E], gathered A[:, e], gathered B[e]);
 - `layerwise-router-t`: the router stored transposed, [E, in] (a row reduction);
 - `layerwise-t`: router and A stored with the contracted dimension minor ([E, in], [E, r, in]);
+- `layerwise-tview`: as `layerwise-t`, but A transposed inside the step (no stored copy);
 - `layerwise-dense`: every expert's shrink as one GEMV [in, E*r], the expansion as one [E*r, out];
 - `layerwise-t-dense`: transposed router, dense experts;
-- `pregated` (route once at layer 0, the library's gather), `pregated-t`, `pregated-dense`.
+- `pregated` (route once at layer 0, the library's gather), `pregated-t`, `pregated-tview`,
+  `pregated-dense`.
 
-Every variant is checked against the `layerwise` / `pregated` output of the same inputs, then
-timed: median of synced calls after warm-up and of pipelined calls (back to back), fresh random
+Every variant's delta for one module (q and down, layer 0) is checked against the f32 reference
+(`module error`), its whole step against the `layerwise` / `pregated` step (`step diff`: the
+chain of 224 modules amplifies rounding, and a flipped top-k choice shows as O(1)), then timed: median of synced calls after warm-up and of pipelined calls (back to back), fresh random
 inputs cycled. Writes DIR/probe.json and DIR/probe.md.
 """
 
@@ -35,7 +38,7 @@ import numpy as np
 
 from adafuse_jax.benchmarks import environment, time_calls, time_pipelined
 from adafuse_jax.config import PRESETS, ModelConfig
-from adafuse_jax.experts import dense_gates, expert_delta
+from adafuse_jax.experts import dense_gates, expert_delta, expert_delta_reference
 from adafuse_jax.routing import top_k_gates
 
 MODULES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -71,9 +74,16 @@ def _delta(w, m, l, x, experts, gates, shrink):
   num_experts = w[f"A_{m}"].shape[2]
   if shrink == "gather":
     return expert_delta(x, w[f"A_{m}"][l], w[f"B_{m}"][l], experts, gates).astype(jnp.float32)
-  if shrink == "t":
-    a_sel = w[f"AT_{m}"][l][experts]  # [N, k, r, in]
-    h = jnp.einsum("ni,nkri->nkr", x, a_sel, preferred_element_type=jnp.float32)
+  if shrink in ("t", "tview", "tsum"):
+    # "tview": the stored [in, E, r] transposed inside the step (a copy per step, no second
+    # copy of the pool kept); "t": a transposed copy made once, outside the step; "tsum": that
+    # copy, the contraction written as an f32 multiply and row sum.
+    at = (jnp.transpose(w[f"A_{m}"][l], (1, 2, 0)) if shrink == "tview" else w[f"AT_{m}"][l])
+    a_sel = at[experts]  # [N, k, r, in]
+    if shrink == "tsum":
+      h = jnp.sum(x.astype(jnp.float32)[:, None, None, :] * a_sel.astype(jnp.float32), -1)
+    else:
+      h = jnp.einsum("ni,nkri->nkr", x, a_sel, preferred_element_type=jnp.float32)
     h = (h * gates[..., None]).astype(x.dtype)
     b_sel = w[f"B_{m}"][l][experts]
     return jnp.einsum("nkr,nkro->no", h, b_sel, preferred_element_type=jnp.float32)
@@ -88,8 +98,8 @@ def _delta(w, m, l, x, experts, gates, shrink):
 def step_fn(variant: str, top_k: int):
   """x [N, dim] -> [N, dim]: the 32 layers' linear chain with experts as `variant` applies them."""
   mode, _, form = variant.partition("-")
-  router_t = form.startswith("t") or form == "router-t"
-  shrink = {"": "gather", "router-t": "gather", "t": "t", "dense": "dense",
+  router_t = form.startswith("t") or form == "router-t"  # tview, tsum: RT copied, too
+  shrink = {"": "gather", "router-t": "gather", "t": "t", "tview": "tview", "tsum": "tsum", "dense": "dense",
             "t-dense": "dense"}[form]
 
   def step(w, x):
@@ -99,23 +109,50 @@ def step_fn(variant: str, top_k: int):
       route = top_k_gates(jnp.dot(x, w["R_pre"], preferred_element_type=jnp.float32), top_k)
 
     def lin(m, l, xin):
-      y = jnp.dot(xin, w[f"W_{m}"][l], preferred_element_type=jnp.float32)
+      # The GEMV in the weights' dtype: asking for an f32 product converts the whole weight.
+      y = xin @ w[f"W_{m}"][l]
       if mode == "backbone":
-        return y.astype(xin.dtype)
+        return y
       experts, gates = route if route else top_k_gates(_router(w, m, l, xin, router_t), top_k)
-      return (y + 0.5 * _delta(w, m, l, xin, experts, gates, shrink)).astype(xin.dtype)
+      delta = 0.5 * _delta(w, m, l, xin, experts, gates, shrink)
+      return (y.astype(jnp.float32) + delta).astype(xin.dtype)
 
     h = x
     for l in range(layers):
+      # RMS-normalised inputs, as a decoder's: random weights would blow the chain up.
+      h = (h * jax.lax.rsqrt(jnp.mean(jnp.square(h.astype(jnp.float32)), -1, keepdims=True)
+                             + 1e-6)).astype(x.dtype)
       q, k, v = lin("q", l, h), lin("k", l, h), lin("v", l, h)
       # attention's place: every projection feeds the next
       kv = (k.astype(jnp.float32).mean() + v.astype(jnp.float32).mean()) * 1e-3
       o = lin("o", l, (q * (1 + kv)).astype(q.dtype))
       g, u = lin("gate", l, o), lin("up", l, o)
-      h = h + lin("down", l, jax.nn.silu(g) * u)
+      h = h + lin("down", l, (jax.nn.silu(g) * u).astype(x.dtype))
     return h
 
   return jax.jit(step)
+
+
+def module_error(w, variant: str, top_k: int, seed: int = 7) -> float:
+  """Largest error of one module's delta (q and down, layer 0, 4 tokens) against the f32
+  reference `expert_delta_reference`, relative to the reference's largest |value|."""
+  mode, _, form = variant.partition("-")
+  if mode == "backbone":
+    return 0.0
+  shrink = {"": "gather", "router-t": "gather", "t": "t", "tview": "tview", "tsum": "tsum",
+            "dense": "dense", "t-dense": "dense"}[form]
+  worst = 0.0
+  for m in ("q", "down"):
+    d_in, num_experts = w[f"A_{m}"].shape[1:3]
+    kx, ke = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (4, d_in)).astype(w[f"A_{m}"].dtype)
+    experts = jnp.argsort(jax.random.uniform(ke, (4, num_experts)), -1)[:, :top_k].astype(
+        jnp.int32)
+    gates = jax.nn.softmax(jnp.arange(top_k, dtype=jnp.float32))[None].repeat(4, 0)
+    got = jax.jit(lambda x, e, g: _delta(w, m, 0, x, e, g, shrink))(x, experts, gates)
+    ref = expert_delta_reference(x, w[f"A_{m}"][0], w[f"B_{m}"][0], experts, gates)
+    worst = max(worst, float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref))))
+  return worst
 
 
 def main(argv=None) -> dict:
@@ -128,7 +165,8 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--variants", default="backbone,layerwise,layerwise-router-t,layerwise-t,"
-                 "layerwise-dense,layerwise-t-dense,pregated,pregated-t,pregated-dense")
+                 "layerwise-tview,layerwise-dense,layerwise-t-dense,pregated,pregated-t,"
+                 "pregated-tview,pregated-dense")
   p.add_argument("--out")
   args = p.parse_args(argv)
   cfg = TINY if args.preset == "tiny" else PRESETS[args.preset]
@@ -147,20 +185,21 @@ def main(argv=None) -> dict:
     call = lambda: fn(w, xs[next(it) % len(xs)])
     synced = time_calls(call, warmup=args.warmup, steps=args.steps)
     piped = time_pipelined(call, warmup=1, steps=args.steps)
+    merr = module_error(w, variant, args.top_k)
     rows.append({"variant": variant, "synced_ms": synced.median_ms,
-                 "pipelined_ms": piped.median_ms, "max_rel_diff": err})
+                 "pipelined_ms": piped.median_ms, "max_rel_diff": err, "module_error": merr})
     print(f"{variant:22s} synced {synced.median_ms:8.3f} ms  pipelined"
-          f" {piped.median_ms:8.3f} ms  diff {err:.1e}", flush=True)
+          f" {piped.median_ms:8.3f} ms  diff {err:.1e}  module error {merr:.1e}", flush=True)
   base = next((r for r in rows if r["variant"] == "backbone"), rows[0])
   lines = [f"Linear layers only, {args.preset}, batch {args.batch}, E={args.experts},"
            f" r={args.rank}, top-{args.top_k}, {jnp.dtype(dtype).name};"
            f" {environment()['device']}.", "",
-           "| variant | synced ms | vs backbone | pipelined ms | vs backbone | max rel. diff |",
-           "|---|---|---|---|---|---|"]
+           "| variant | synced ms | vs backbone | pipelined ms | vs backbone | step diff | module error |",
+           "|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['variant']} | {r['synced_ms']:.3f} | {r['synced_ms'] / base['synced_ms']:.3f}x"
                  f" | {r['pipelined_ms']:.3f} | {r['pipelined_ms'] / base['pipelined_ms']:.3f}x"
-                 f" | {r['max_rel_diff']:.1e} |")
+                 f" | {r['max_rel_diff']:.1e} | {r['module_error']:.1e} |")
   report = {"environment": environment(), "args": vars(args), "rows": rows}
   print("\n".join(lines))
   if args.out:
