@@ -195,13 +195,30 @@ def packed_sections() -> list[str]:
 
 
 # The H200 runs of session 8 (2026-11-30): the latest, on the GPU this workplace lends now.
-H200_RUNS = (("h200-auto/batch1", "pre-gated paths and auto, batch 1"),
+H200_RUNS = (("h200-xla-rows/model", "plain-XLA pre-gated and layer-wise paths reading the row"
+              " layout (`adafuse_jax/row_layout.py`) beside the packed paths, batch 1"),
+             ("h200-auto/batch1", "pre-gated paths and auto, batch 1"),
              ("h200-auto/batch1-auto-first", "auto measured before the fixed packed path, batch"
               " 1 (synced steps vary by +-20% between runs on this machine; pipelined is what"
               " generate runs)"),
              ("h200-prefill", "prefill of 512 tokens with per-token routing"),
              ("h200-auto/e64r64-batch32", "64 rank-64 experts, batch 32, auto beside the fixed"
               " paths"))
+
+
+def xla_rows_section() -> list[str]:
+  """The linear-layers probe that chose the row layout for the plain-XLA decode path."""
+  md = ROOT / "h200-xla-rows" / "probe.md"
+  if not md.exists():
+    return []
+  return ["## Plain-XLA expert formulations, linear layers only (`python"
+          " tools/routing_matvec_probe.py`, latest)", "",
+          "FACTS.md's setting (the 7B's 32 layers of q, k, v, o, gate, up, down at batch 1, no"
+          " attention): the stored layouts (router [in, E], A [in, E, r]) beside copies with the"
+          " contracted dimension minor (`-t`: einsum; `-tsum`: f32 multiply and row sum, what"
+          " `adafuse_jax/row_layout.py` ships) and the dense formulation. `step diff`: the whole"
+          " step against the stored layout's; `module error`: one module against the f32"
+          " reference.", "", md.read_text().strip(), ""]
 
 
 def segmented_section() -> list[str]:
@@ -224,6 +241,13 @@ def segmented_section() -> list[str]:
     for t in tiles:
       segmented_markdown(t)
       lines += [t.read_text().strip(), ""]
+  splits = [ROOT / "h200-segmented" / f"shrink-splits-{k}" / "segmented.md" for k in (1, 4)]
+  if all(t.exists() for t in splits):
+    lines += ["### The shrink's input split over S programs per tile, 64 experts (one GPU call,"
+              " S = 1 then S = 4)", ""]
+    for t in splits:
+      segmented_markdown(t)
+      lines += [t.read_text().strip(), ""]
   return lines
 
 
@@ -240,7 +264,7 @@ def h200_sections() -> list[str]:
   for sub, title in H200_RUNS:
     if (ROOT / sub / "results.json").exists():
       lines += section(ROOT / sub, f"H200: {title} (latest)")
-  return lines + segmented_section()
+  return lines + xla_rows_section() + segmented_section()
 
 
 def h200_readme_block() -> str:
