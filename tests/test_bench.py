@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -69,3 +70,43 @@ def test_bad_arguments_are_rejected(args, message):
   out = run_bench(*args)
   assert out.returncode == 2
   assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def _tool(name: str):
+  import importlib
+  import pathlib
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+  return importlib.import_module(name)
+
+
+def test_throughput_ceiling_counts_distinct_experts_and_bytes(tmp_path, capsys):
+  ceiling = _tool("throughput_ceiling")
+  assert ceiling.expected_distinct(8, 2, 1) == pytest.approx(2.0)
+  assert ceiling.expected_distinct(64, 2, 32) == pytest.approx(40.8, abs=0.1)
+  # Monte Carlo: 32 tokens, each 2 distinct of 64 experts.
+  rng = np.random.default_rng(0)
+  sim = np.mean([len({e for _ in range(32) for e in rng.choice(64, 2, replace=False)})
+                 for _ in range(400)])
+  assert abs(sim - ceiling.expected_distinct(64, 2, 32)) < 0.5
+  text = ceiling.main(["--configs", "64x64", "--batches", "1,32", "--out",
+                       str(tmp_path / "c.md")])
+  rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 64x64")]
+  share = [int(r[5].rstrip("%")) for r in rows]
+  assert share[0] > share[1]  # more tokens, more distinct experts, a lower ceiling
+  assert (tmp_path / "c.md").read_text() == text
+  with pytest.raises(SystemExit):
+    ceiling.main(["--configs", "1x16"])  # fewer experts than top-k
+  assert "E >= top-k" in capsys.readouterr().err
+
+
+def test_routing_matvec_probe_smoke(tmp_path):
+  """tools/routing_matvec_probe.py on the tiny config: every formulation matches the f32
+  reference per module and the stored layout over the whole step."""
+  probe = _tool("routing_matvec_probe")
+  report = probe.main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--variants",
+                       "backbone,layerwise,layerwise-tsum,pregated,pregated-tsum,pregated-dense",
+                       "--out", str(tmp_path)])
+  for row in report["rows"]:
+    assert row["module_error"] < 1e-5 and row["max_rel_diff"] < 1e-5, row
+  assert (tmp_path / "probe.json").exists()

@@ -121,14 +121,24 @@ def pipelined_throughput_section() -> list[str]:
                                            key=lambda p: int(p.name[len("batch"):]))),
             ("64 experts, rank 64: packed projections beside the gathered kernels (later runs)",
              sorted((ROOT / "h100-e64r64-packed").glob("batch*"),
-                    key=lambda p: int(p.name[len("batch"):])))]
-  lines = ["## H100: decode throughput by batch size, pipelined (Llama-2-7B bf16, top-2, all 7"
-           " modules)", "",
+                    key=lambda p: int(p.name[len("batch"):]))),
+            ("H200: 8 experts, rank 16", sorted((ROOT / "h200-batch").glob("batch*"),
+                                                key=lambda p: int(p.name[len("batch"):]))),
+            ("H200: 64 experts, rank 64", [ROOT / "h200-auto" / "e64r64-batch32"])]
+  lines = ["## Decode throughput by batch size, pipelined (Llama-2-7B bf16, top-2, all 7"
+           " modules; H100 unless the title says H200)", "",
            "Tokens/s = batch x 1000 / (pipelined ms per step); in brackets the share of the"
            " backbone's throughput in the same run; `distinct` is the mean number of distinct"
            " experts a step touched (what SERE cuts: `-sere` = SERE with S = 1, rho = 0, the"
            " similarity calibrated by linear CKA in the run). Each row is one run of"
            " `python -m adafuse_jax.bench --batch B ...` (its section below has the command).", ""]
+  lines += ["What the bytes allow (`docs/benchmarks/ceiling.md`, `python"
+            " tools/throughput_ceiling.py`: the backbone's bytes over the backbone's plus those of"
+            " the distinct experts a step touches under uniform routing; a bound where both stream"
+            " at the same bandwidth: where the backbone runs far below its floor, e.g. the H100 at"
+            " batch 64, 54% of it, a measured share can pass it):", "",
+            *(ROOT / "ceiling.md").read_text().strip().splitlines()[2:], ""] if (
+                ROOT / "ceiling.md").exists() else []
   for title, folders in groups:
     reports = [json.loads((f / "results.json").read_text()) for f in folders
                if (f / "results.json").exists()]

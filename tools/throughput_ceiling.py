@@ -1,0 +1,87 @@
+"""How much of the backbone's throughput a batch with per-token experts can keep, by bytes alone.
+
+    python tools/throughput_ceiling.py [--preset llama2-7b] [--out docs/benchmarks/ceiling.md]
+
+A decode step of B sequences reads the backbone (linear weights, head, embeddings, KV cache:
+`benchmarks.decode_bytes`) plus every expert that some token of the step chose. With E experts,
+top-k and a router that spreads tokens evenly, a token leaves a given expert unchosen with
+probability 1 - k/E, so a step touches D = E (1 - (1 - k/E)^B) distinct experts in expectation;
+SERE with S = 1 and rho = 0 keeps only the union of the tokens' first choices, E (1 - (1 - 1/E)^B).
+Each distinct expert costs L · r · Σ_m (in_m + out_m) weights. If both the backbone and the
+experts stream at the same bandwidth, the share of the backbone's tokens/s a step can keep is
+at most bytes(backbone) / (bytes(backbone) + D · bytes(expert)): the ceiling this prints, beside
+the most distinct experts a step may touch to keep a target share (default 85%, issue #7's goal).
+Where the backbone itself runs far below its byte floor (launch- or compute-bound steps, e.g.
+the H100 at batch 64: 54% of its floor), extra bytes partly hide and a measured share can pass
+the ceiling; where it runs near the floor, the ceiling holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import jax.numpy as jnp
+
+from adafuse_jax import benchmarks as B
+from adafuse_jax.config import PRESETS
+
+MODULES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def expected_distinct(num_experts: int, choices: int, batch: int) -> float:
+  """Expected distinct experts when each of `batch` tokens picks `choices` of `num_experts`
+  uniformly without replacement."""
+  return num_experts * (1 - (1 - choices / num_experts) ** batch)
+
+
+def table(preset: str, configs: list[tuple[int, int]], batches: list[int], top_k: int,
+          target: float, cache_len: int) -> str:
+  cfg = PRESETS[preset]
+  shapes = cfg.linear_shapes()
+  lines = [f"Ceiling by bytes, `{preset}` bf16, top-{top_k}, experts on {','.join(MODULES)}, KV"
+           f" cache of {cache_len // 2} positions per sequence (as `adafuse_jax.bench` times"
+           f" steps); uniform routing. Made by `python tools/throughput_ceiling.py`.", "",
+           "| E x r | batch | backbone GB/step | GB per expert | distinct experts | ceiling |"
+           f" with SERE (S=1, rho=0): distinct | ceiling | SERE's cut | most distinct experts"
+           f" for {target:.0%} |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for num_experts, rank in configs:
+    per_expert = cfg.layers * rank * sum(i + o for m, (i, o) in shapes.items()
+                                         if m in MODULES) * 2
+    for batch in batches:
+      base = B.decode_bytes(cfg, jnp.bfloat16, cache_len // 2, batch, None)
+      d = expected_distinct(num_experts, top_k, batch)
+      ds = expected_distinct(num_experts, 1, batch)
+      most = (base / target - base) / per_expert
+      lines.append(f"| {num_experts}x{rank} | {batch} | {base / 1e9:.2f} | {per_expert / 1e9:.3f}"
+                   f" | {d:.1f} | {base / (base + d * per_expert):.0%} | {ds:.1f}"
+                   f" | {base / (base + ds * per_expert):.0%} | {1 - ds / d:.0%} | {most:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="llama2-7b", choices=sorted(PRESETS))
+  p.add_argument("--configs", default="8x16,64x64", help="E x r pairs, comma-separated")
+  p.add_argument("--batches", default="1,8,32,64")
+  p.add_argument("--top-k", type=int, default=2)
+  p.add_argument("--target", type=float, default=0.85)
+  p.add_argument("--cache-len", type=int, default=512)
+  p.add_argument("--out")
+  args = p.parse_args(argv)
+  try:
+    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+  except ValueError:
+    p.error(f"--configs {args.configs!r} / --batches {args.batches!r}: want e.g. 8x16,64x64 / 1,8")
+  if any(len(c) != 2 or c[0] < args.top_k or c[1] < 1 for c in configs) or min(batches) < 1:
+    p.error("each config needs E >= top-k and r >= 1; batches >= 1")
+  text = table(args.preset, configs, batches, args.top_k, args.target, args.cache_len)
+  print(text)
+  if args.out:
+    pathlib.Path(args.out).write_text(text)
+  return text
+
+
+if __name__ == "__main__":
+  main()
