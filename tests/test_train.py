@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from adafuse_jax.errors import UserError
 from adafuse_jax.model.llama import LlamaModel
 from tests.conftest import DATA, tiny_config
 from train.loop import CheckpointError, TrainConfig, Trainer
@@ -125,6 +126,13 @@ def test_shared_modes_keep_the_pools_budget():
   assert shared.num_experts * shared.rank + shared.shared_rank == plain.num_experts * plain.rank
   assert shared.scale == plain.scale
   assert TrainConfig(mode="layerwise-shared").adapter_config().mode == "layerwise"
+  for fraction, routed in ((0.75, 2), (0.875, 1)):  # more of the budget in the shared expert
+    cfg = TrainConfig(mode="pregated-shared", shared_fraction=fraction).adapter_config()
+    assert cfg.rank == routed
+    assert cfg.num_experts * cfg.rank + cfg.shared_rank == plain.num_experts * plain.rank
+  with pytest.raises(UserError, match="whole rank of at least 1"):
+    TrainConfig(mode="pregated-shared", shared_fraction=0.9)
+  TrainConfig(mode="layerwise", rank=3)  # the fraction means nothing without a shared expert
   assert TrainConfig(mode="pregated-ctx").adapter_config().first_layer == 1
 
 

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     for field in ("num_experts", "rank", "top_k", "steps", "batch", "seq_len", "warmup",
                   "eval_every", "eval_windows", "checkpoint_every", "seed"):
       s.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(d, field))
-    for field in ("lr", "aux_coef", "weight_decay"):
+    for field in ("lr", "aux_coef", "weight_decay", "shared_fraction"):
       s.add_argument("--" + field.replace("_", "-"), type=float, default=getattr(d, field))
     s.add_argument("--quiet", action="store_true")
   return p
@@ -185,8 +185,11 @@ def _seed_rows(results: pathlib.Path, config: dict, math_items: int, analogy_ite
   except (OSError, json.JSONDecodeError, KeyError) as e:
     raise UserError(f"--rows-from {str(results)!r} is not a results.json of `python -m train all`"
                     f" ({type(e).__name__}: {e})") from None
-  diffs = [f"{k}: {prev_cfg.get(k)!r} there vs {v!r} now" for k, v in config.items()
-           if k != "mode" and prev_cfg.get(k) != v]
+  from train.loop import TrainConfig
+  # A setting added since that run is the default it ran with.
+  defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+  diffs = [f"{k}: {prev_cfg.get(k, defaults.get(k))!r} there vs {v!r} now"
+           for k, v in config.items() if k != "mode" and prev_cfg.get(k, defaults.get(k)) != v]
   if prev.get("math_items") != math_items or prev.get("analogy_items") != analogy_items:
     diffs.append(f"eval items: {prev.get('math_items')}/{prev.get('analogy_items')} there vs"
                  f" {math_items}/{analogy_items} now")
@@ -201,6 +204,11 @@ def _seed_rows(results: pathlib.Path, config: dict, math_items: int, analogy_ite
       if log.exists():
         (workdir / mode).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(log, workdir / mode / "metrics.jsonl")
+
+
+def _routed_rank(cfg: dict) -> int:
+  """The routed experts' rank of a "-shared" row (`TrainConfig.adapter_config`)."""
+  return round(cfg["rank"] * (1 - cfg.get("shared_fraction", 0.5)))
 
 
 def markdown(report: dict) -> str:
@@ -218,9 +226,9 @@ def markdown(report: dict) -> str:
            f" r={cfg['rank']}, top-{cfg['top_k']} (lora: rank {cfg['rank'] * cfg['num_experts']}),"
            f" {cfg['steps']} steps of {cfg['batch']} x {cfg['seq_len']} tokens, lr {cfg['lr']}.",
            *([f" `-shared` rows: the same budget split into a shared expert of rank"
-              f" {cfg['rank'] * cfg['num_experts'] // 2} (every token, folded into the backbone"
-              f" at decode) and {cfg['num_experts']} routed experts of rank"
-              f" {max(1, cfg['rank'] // 2)}."] if any(m.endswith("-shared") for m in rows) else []),
+              f" {cfg['num_experts'] * (cfg['rank'] - _routed_rank(cfg))} (every token, folded"
+              f" into the backbone at decode) and {cfg['num_experts']} routed experts of rank"
+              f" {_routed_rank(cfg)}."] if any(m.endswith("-shared") for m in rows) else []),
            *([" `pregated-ctx`: experts from layer 1 on, routed on layer 1's input."]
              if "pregated-ctx" in rows else []),
            f" Exact match: {report['math_items']} math interpolate problems,"

@@ -43,8 +43,9 @@ TRAIN_MODES = ("lora", "layerwise", "pregated", "pregated-plg", "pregated-shared
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One training run. `mode` "pregated-plg" is pre-gating with per-layer gates; "-shared" modes
-  split the pool's budget in half: a shared expert of rank E*r/2 that every token uses, and E
-  routed experts of rank r/2; "pregated-ctx" routes at layer 1 (layer 0 carries no experts)."""
+  split the pool's budget: a shared expert of rank E*r*f that every token uses, and E routed
+  experts of rank r*(1-f), f = `shared_fraction` (default 1/2); "pregated-ctx" routes at layer 1
+  (layer 0 carries no experts)."""
 
   mode: str = "pregated"
   modules: tuple[str, ...] = ("q", "k", "v", "o")
@@ -58,6 +59,7 @@ class TrainConfig:
   warmup: int = 40
   weight_decay: float = 0.01
   clip: float = 1.0
+  shared_fraction: float = 0.5
   aux_coef: float = 0.01
   eval_every: int = 100
   eval_windows: int = 8
@@ -71,6 +73,12 @@ class TrainConfig:
     for name in ("steps", "batch", "seq_len", "eval_every", "checkpoint_every", "keep"):
       if getattr(self, name) < 1:
         raise UserError(f"{name}={getattr(self, name)} must be at least 1")
+    routed = self.rank * (1 - self.shared_fraction)
+    if self.mode.endswith("-shared") and (not 0 < self.shared_fraction < 1
+                                          or abs(routed - round(routed)) > 1e-9 or routed < 1):
+      raise UserError(f"shared_fraction={self.shared_fraction} must leave the routed experts a"
+                      f" whole rank of at least 1: rank {self.rank} x (1 - f) = {routed:g}"
+                      " (e.g. 0.5, 0.75 or 0.875 for rank 8)")
 
   def adapter_config(self) -> AdapterConfig:
     """The adapters this run trains. "lora" gets rank E*r (the pool's trainable budget, less the
@@ -81,7 +89,8 @@ class TrainConfig:
                            alpha=2.0 * self.rank * self.num_experts)
     rank, shared_rank = self.rank, 0
     if self.mode.endswith("-shared"):  # same trainable budget as the plain pool
-      rank, shared_rank = max(1, self.rank // 2), self.num_experts * self.rank // 2
+      rank = round(self.rank * (1 - self.shared_fraction))
+      shared_rank = self.num_experts * (self.rank - rank)
     return AdapterConfig(mode=self.mode.split("-")[0], modules=self.modules,
                          num_experts=self.num_experts, rank=rank, top_k=self.top_k,
                          per_layer_gates=self.mode == "pregated-plg", alpha=2.0 * rank,
