@@ -174,8 +174,9 @@ def run(args: argparse.Namespace) -> dict:
       r.update(mode=label, layout=layout, bytes_per_step=nbytes, floor_ms=nbytes / bw * 1e3,
                effective_tb_s=nbytes / (r["decode"]["median_ms"] / 1e3) / 1e12)
       rows.append(r)
-      if "decode_unchanged" in r:
-        print(f"#   {label}: {r['decode_unchanged']['median_ms']:.3f} ms/token when nothing switches",
+      unchanged = r.get("decode_unchanged") or r.get("decode_agreed_unchanged")
+      if unchanged:
+        print(f"#   {label}: {unchanged['median_ms']:.3f} ms/token when nothing switches",
               file=sys.stderr)
       print(f"#   {label}: {r['decode']['median_ms']:.3f} ms/token, floor {r['floor_ms']:.3f} ms,"
             f" {r['kernels_per_step']} kernels, prefill "
@@ -225,7 +226,8 @@ def markdown(report: dict) -> str:
   for r in report["results"]:
     if r.get("auto"):
       lines += ["", f"`{r['mode']}` chose **{r['auto']['path']}**: {r['auto']['reason']}."]
-  merged = [r for r in report["results"] if "decode_unchanged" in r]
+  merged = [r for r in report["results"]
+            if "decode_unchanged" in r or "decode_agreed_unchanged" in r]
   if merged:
     lines += ["", "Merged modes: a step that switches (new experts or gates: every step here) and"
               " one where nothing changed; expected ms/token = s x switched + (1 - s) x unchanged"

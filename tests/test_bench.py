@@ -56,6 +56,7 @@ def test_merged_batch_table_times_identical_rows(tmp_path):
   assert float(cells[1]) == pytest.approx(merged["decode_agreed"]["median_ms"], abs=1e-3)
   assert float(cells[3]) == pytest.approx(merged["decode_agreed_unchanged"]["median_ms"], abs=1e-3)
   assert "Recorded before identical rows" not in out.stdout
+  assert "decode_unchanged" not in merged  # disagreeing rows would time an unmerged step again
 
 
 @pytest.mark.parametrize("args, message", [
