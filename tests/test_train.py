@@ -173,3 +173,23 @@ def test_used_params_leave_out_layers_without_experts():
                        seed=0)
   router = full.router.w[...].size
   assert used_params(late) - router == (used_params(full) - router) * 3 // 4
+
+
+def test_compare_training_rows_tool():
+  """tools/compare_training_rows.py on the committed CPU-pilot results: a row against itself is
+  worse nowhere; rows of runs with another data budget are refused."""
+  import pathlib
+  import sys
+  root = pathlib.Path(__file__).parents[1]
+  sys.path.insert(0, str(root / "tools"))
+  import compare_training_rows as compare
+
+  pilot = root / "docs" / "training" / "cpu-pilot" / "results.json"
+  text = compare.table(f"{pilot}:lora", [f"{pilot}:lora", f"{pilot}:pregated-shared"])
+  rows = [line for line in text.splitlines() if line.startswith("| ")][2:]
+  assert rows[0].startswith("| lora |") and rows[0].endswith("none (0 of 7) |")
+  assert rows[1].startswith("| pregated-shared, shared_fraction 0.5 |")
+  with pytest.raises(SystemExit, match="not comparable"):
+    compare.table(f"{pilot}:lora", [f"{root / 'docs' / 'training' / 'results.json'}:lora"])
+  with pytest.raises(SystemExit, match="with row 'nope'"):
+    compare.table(f"{pilot}:nope", [f"{pilot}:lora"])

@@ -1,0 +1,94 @@
+"""Rows of several `python -m train all` runs side by side, each against one reference row.
+
+    python tools/compare_training_rows.py --reference docs/training/cpu-pilot/results.json:lora \
+        docs/training/cpu-pilot/results.json:pregated-shared \
+        docs/training/cpu-pilot-shared75/results.json:pregated-shared \
+        [--out docs/training/shared-fraction.md]
+
+Runs that differ in one setting (say `--shared-fraction`) cannot share a results.json (its rows
+must come from one configuration); this puts their rows in one table, labelled by the settings
+in which their runs differ from the reference's, refusing rows whose other settings differ (data
+budget, steps, eval items): those would not be comparable. Per domain: held-out perplexity and its
+change against the reference row; exact match in points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+# Settings that may differ between compared runs (they define what is being compared).
+VARIED = ("shared_fraction", "top_k", "lr", "aux_coef")
+IGNORED = ("mode", "eval_every", "checkpoint_every", "keep")
+
+
+def load(spec: str) -> tuple[dict, dict, str]:
+  """'path:mode' -> (the run's config, that mode's row, the spec)."""
+  path, _, mode = spec.rpartition(":")
+  if not path:
+    raise SystemExit(f"{spec!r}: want PATH:MODE, e.g. docs/training/results.json:lora")
+  try:
+    report = json.loads(pathlib.Path(path).read_text())
+    return report["config"] | {"_items": (report.get("math_items"), report.get("analogy_items"))}, \
+        report["rows"][mode], spec
+  except (OSError, json.JSONDecodeError, KeyError) as e:
+    raise SystemExit(f"{spec!r}: not a results.json of `python -m train all` with row {mode!r}"
+                     f" ({type(e).__name__}: {e})") from None
+
+
+def table(reference: str, others: list[str]) -> str:
+  ref_cfg, ref_row, _ = load(reference)
+  defaults = {"shared_fraction": 0.5}
+  lines, rows = [], []
+  for spec in others:
+    cfg, row, _ = load(spec)
+    diff = [k for k in set(cfg) | set(ref_cfg) if k not in IGNORED + VARIED
+            and cfg.get(k, defaults.get(k)) != ref_cfg.get(k, defaults.get(k))]
+    if diff:
+      raise SystemExit(f"{spec!r} ran with other settings than the reference ({', '.join(sorted(diff))}):"
+                       " not comparable")
+    shown = [k for k in VARIED if k != "shared_fraction"
+             and cfg.get(k, defaults.get(k)) != ref_cfg.get(k, defaults.get(k))]
+    if row["mode"].endswith("-shared"):
+      shown.insert(0, "shared_fraction")
+    rows.append((row["mode"] + "".join(f", {k} {cfg.get(k, defaults.get(k))}" for k in shown),
+                 row))
+  domains = list(ref_row["ppl"])
+  lines += [f"Against `{reference}` ({ref_cfg['steps']} steps of {ref_cfg['batch']} x"
+            f" {ref_cfg['seq_len']} tokens); made by `python tools/compare_training_rows.py"
+            f" {' '.join(sys.argv[1:])}`.", "",
+            "| row | " + " | ".join(f"{d} ppl" for d in domains) + " | mean ppl | math EM |"
+            " analogy EM | worse than the reference on |",
+            "|---|" + "---|" * (len(domains) + 4)]
+  ref_cells = " | ".join(f"{ref_row['ppl'][d]:.3f}" for d in domains)
+  lines.append(f"| {ref_row['mode']} (reference) | {ref_cells} | {ref_row['mean_ppl']:.3f} |"
+               f" {100 * ref_row['math_em']:.1f}% | {100 * ref_row['analogy_em']:.1f}% | - |")
+  for label, row in rows:
+    worse = [d for d in domains if row["ppl"][d] > ref_row["ppl"][d]]
+    worse += [n for n in ("math_em", "analogy_em") if row[n] < ref_row[n]]
+    cells = " | ".join(f"{row['ppl'][d]:.3f} ({100 * (row['ppl'][d] / ref_row['ppl'][d] - 1):+.1f}%)"
+                       for d in domains)
+    lines.append(f"| {label} | {cells} | {row['mean_ppl']:.3f}"
+                 f" ({100 * (row['mean_ppl'] / ref_row['mean_ppl'] - 1):+.1f}%) |"
+                 f" {100 * row['math_em']:.1f}% | {100 * row['analogy_em']:.1f}% |"
+                 f" {', '.join(worse) or 'none'} ({len(worse)} of {len(domains) + 2}) |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--reference", required=True, help="PATH:MODE of the row to compare against")
+  p.add_argument("rows", nargs="+", help="PATH:MODE of each row to compare")
+  p.add_argument("--out")
+  args = p.parse_args(argv)
+  text = table(args.reference, args.rows)
+  print(text)
+  if args.out:
+    pathlib.Path(args.out).write_text(text)
+  return text
+
+
+if __name__ == "__main__":
+  main()
