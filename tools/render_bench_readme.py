@@ -322,6 +322,9 @@ def main() -> None:
                            (ROOT / "h100-e64r64-packed").glob("auto-*/results.json")),
                    *sorted((ROOT / "h100-e64r64").glob("batch*"))):
       lines += section(folder, f"H100: {folder.parent.name}, {folder.name}")
+    for folder in sorted((ROOT / "h200-batch").glob("batch*"),
+                         key=lambda p: int(p.name[len("batch"):])):
+      lines += section(folder, f"H200: {folder.parent.name}, {folder.name}")
     notes = ROOT / "h100-pipelined" / "README.md"
     if notes.exists():
       lines += ["## Why pipelined steps matter", "",
