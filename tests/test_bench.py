@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -96,6 +97,9 @@ def test_throughput_ceiling_counts_distinct_experts_and_bytes(tmp_path, capsys):
   share = [int(r[5].rstrip("%")) for r in rows]
   assert share[0] > share[1]  # more tokens, more distinct experts, a lower ceiling
   assert (tmp_path / "c.md").read_text() == text
+  ceiling.main(["--configs", "8x16", "--plot", str(tmp_path / "c.png"), "--measured",
+                str(pathlib.Path(__file__).parents[1] / "docs/benchmarks/h200-batch/batch8")])
+  assert (tmp_path / "c.png").stat().st_size > 0
   with pytest.raises(SystemExit):
     ceiling.main(["--configs", "1x16"])  # fewer experts than top-k
   assert "E >= top-k" in capsys.readouterr().err

@@ -113,7 +113,7 @@ def throughput_section(paths: list[pathlib.Path]) -> list[str]:
   return lines + [""]
 
 
-def pipelined_throughput_section() -> list[str]:
+def pipelined_throughput_section(image_prefix: str = "") -> list[str]:
   """Tokens/s (pipelined) by batch size, per expert configuration, from the runs that have it."""
   groups = [("8 experts, rank 16", [ROOT / "h100-full", ROOT / "h100-pipelined" / "batch32",
                                     ROOT / "h100-pipelined" / "batch64"]),
@@ -137,7 +137,9 @@ def pipelined_throughput_section() -> list[str]:
             " the distinct experts a step touches under uniform routing; a bound where both stream"
             " at the same bandwidth: where the backbone runs far below its floor, e.g. the H100 at"
             " batch 64, 54% of it, a measured share can pass it):", "",
-            *(ROOT / "ceiling.md").read_text().strip().splitlines()[2:], ""] if (
+            *(ROOT / "ceiling.md").read_text().strip().splitlines()[2:], "",
+            *([f"![ceiling against measured shares]({image_prefix}ceiling.png)", ""]
+              if (ROOT / "ceiling.png").exists() else [])] if (
                 ROOT / "ceiling.md").exists() else []
   for title, folders in groups:
     reports = [json.loads((f / "results.json").read_text()) for f in folders
@@ -402,7 +404,7 @@ def main() -> None:
                          for (sub, p), (_, title) in zip(packed, PACKED_RUNS))
     table = ("Latest runs, packed projections (`adafuse_jax/packed.py`), each mode measured"
              " beside the backbone in the same run:\n\n" + runs + "\n\nEarlier runs.\n\n" + table)
-  throughput = "\n".join(pipelined_throughput_section()[2:])
+  throughput = "\n".join(pipelined_throughput_section("docs/benchmarks/")[2:])
   table = h200_readme_block() + table + "\n\n" + throughput
   text = f"{head}<!-- bench:start -->\n{table}\n<!-- bench:end -->{tail}"
   # ... and the training results tables, as `python -m train all` wrote them.
