@@ -113,7 +113,8 @@ def prompt_agreement_rate(model: LlamaModel, adapters: MixtureOfLoRA,
 
 def extra_bytes(cand: Candidate, model: LlamaModel, adapters: MixtureOfLoRA) -> int:
   """Device bytes a candidate's Generator adds to the model and the pool: the packed copy of
-  the weights with every expert's A and B, or the merged weights' second copy."""
+  the weights with every expert's A and B, the merged weights' second copy, or the plain-XLA
+  path's row layout (`adafuse_jax.row_layout`: A^T, on the GPU)."""
   item = jnp.dtype(model.dtype).itemsize
   cfg, layers = adapters.cfg, model.cfg.layers
   shapes = model.cfg.linear_shapes()
@@ -123,6 +124,9 @@ def extra_bytes(cand: Candidate, model: LlamaModel, adapters: MixtureOfLoRA) -> 
         i + o for m, (i, o) in shapes.items() if m in cfg.modules)
   if cand.merge:
     return layers * item * sum(i * o for m, (i, o) in shapes.items() if m in cfg.modules)
+  from adafuse_jax import row_layout
+  if row_layout.wanted(adapters, cand.implementation):
+    return row_layout.nbytes(adapters)
   return 0
 
 

@@ -51,6 +51,17 @@ def build(adapters) -> dict:
   return out
 
 
+def nbytes(adapters) -> int:
+  """Device bytes `build(adapters)` allocates (A^T of every adapted module, layer-wise R^T)."""
+  pool, total = adapters.pool, 0
+  for m in adapters.cfg.modules:
+    a = getattr(pool, f"A_{m}").get_value()
+    total += sum(x.nbytes for x in (a if isinstance(a, tuple) else (a,)))
+    if adapters.cfg.mode == "layerwise":
+      total += getattr(adapters.router, f"w_{m}").get_value().nbytes
+  return total
+
+
 def router_logits(rows: dict, module: str, layer: int, x: jax.Array) -> jax.Array:
   """x [N, in] -> layer-wise router logits [N, E] (f32) from R^T."""
   return jnp.einsum("ni,ei->ne", x, rows[f"R_{module}"][layer],

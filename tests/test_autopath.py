@@ -20,7 +20,8 @@ def model():
 
 
 def _adapters(model, **kw):
-  cfg = AdapterConfig(mode=kw.pop("mode", "pregated"), num_experts=4, rank=4, top_k=2,
+  cfg = AdapterConfig(mode=kw.pop("mode", "pregated"), num_experts=kw.pop("num_experts", 4),
+                      rank=4, top_k=2,
                       modules=kw.pop("modules", ("q", "v")), router_init_std=0.5, **kw)
   return MixtureOfLoRA(model.cfg, cfg, seed=1, random_b=True)
 
@@ -84,6 +85,21 @@ def test_candidates_that_do_not_fit_are_skipped_and_named(model, monkeypatch):
   monkeypatch.setattr(autopath, "free_device_bytes", lambda: 0)
   only_xla, _ = choose_path(model, adapters, batch=1, cache_len=128, steps=4)
   assert only_xla.candidate.name == "pregated"
+
+
+@pytest.mark.parametrize("mode", ["pregated", "layerwise"])
+def test_row_layout_bytes_are_counted_where_it_is_built(model, mode, monkeypatch):
+  import jax
+
+  import adafuse_jax.autopath as autopath
+  from adafuse_jax import row_layout
+
+  adapters = _adapters(model, mode=mode, num_experts=8)  # 2 choices x 4 <= 8: steps gather
+  xla = candidates(model, adapters, 1)[0]
+  assert xla.implementation == "xla"
+  monkeypatch.setattr(row_layout, "BACKENDS", (jax.default_backend(),))
+  built = sum(x.nbytes for x in jax.tree.leaves(row_layout.build(adapters)))
+  assert autopath.extra_bytes(xla, model, adapters) == row_layout.nbytes(adapters) == built > 0
 
 
 def test_prompt_agreement_rate(model):
