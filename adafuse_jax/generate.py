@@ -88,7 +88,9 @@ class Generator:
     model: the decoder; its parameters are split out once and passed to the compiled steps.
     adapters: an expert pool + routers applied unmerged in every step, or None (backbone).
     implementation: how experts are applied: "xla", "pallas" (the fused expert matmul when
-      unmerged, the SGMM switch kernel when merged) or "packed" (`adafuse_jax.packed`).
+      unmerged, the SGMM switch kernel when merged) or "packed" (`adafuse_jax.packed`). "xla"
+      on the GPU keeps a copy of the experts' A (and layer-wise routers) with the contracted
+      dimension minor for its decode steps (`adafuse_jax.row_layout`, `self.rows`).
     sere: SERE re-routing settings for pre-gated batches (`adafuse_jax.sere`), or None.
     merge: decode by switching pre-gated experts into the weights every step
       ("pregated-merged", see `adafuse_jax.switching`); prompts still run unmerged, and so do
