@@ -409,7 +409,8 @@ def main() -> None:
   text = f"{head}<!-- bench:start -->\n{table}\n<!-- bench:end -->{tail}"
   # ... and the training results tables, as `python -m train all` wrote them.
   for marker, sub in (("training", "results.md"), ("training-pilot", "cpu-pilot/results.md"),
-                      ("training-shared", "shared-fraction.md")):
+                      ("training-shared", "shared-fraction.md"),
+                      ("training-shared-300", "shared-fraction-300.md")):
     training = ROOT.parents[1] / "docs" / "training" / sub
     if training.exists() and f"<!-- {marker}:start -->" in text:
       head, rest = text.split(f"<!-- {marker}:start -->", 1)
