@@ -153,9 +153,13 @@ class Generator:
     from adafuse_jax import row_layout
     self.rows = (row_layout.build(adapters) if not merge
                  and row_layout.wanted(adapters, implementation) else None)
-    # The compiled steps' third argument: whichever derived weights this implementation reads.
-    self.derived = self.packed if self.packed is not None else self.rows
     self._compiled: dict[tuple, Callable] = {}
+
+  @property
+  def derived(self):
+    """The compiled steps' third argument: whichever derived weights this implementation reads
+    (the packed copy, the row layout, or None)."""
+    return self.packed if self.packed is not None else self.rows
 
   def _forward(self, params, adapter_params, derived, tokens, cache, key,
                sampling: SamplingConfig):
