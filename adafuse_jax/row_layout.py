@@ -52,14 +52,9 @@ def build(adapters) -> dict:
 
 
 def nbytes(adapters) -> int:
-  """Device bytes `build(adapters)` allocates (A^T of every adapted module, layer-wise R^T)."""
-  pool, total = adapters.pool, 0
-  for m in adapters.cfg.modules:
-    a = getattr(pool, f"A_{m}").get_value()
-    total += sum(x.nbytes for x in (a if isinstance(a, tuple) else (a,)))
-    if adapters.cfg.mode == "layerwise":
-      total += getattr(adapters.router, f"w_{m}").get_value().nbytes
-  return total
+  """Device bytes `build(adapters)` allocates, from its shapes (nothing is allocated)."""
+  return sum(x.size * x.dtype.itemsize
+             for x in jax.tree.leaves(jax.eval_shape(lambda: build(adapters))))
 
 
 def router_logits(rows: dict, module: str, layer: int, x: jax.Array) -> jax.Array:
