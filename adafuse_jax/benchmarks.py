@@ -160,6 +160,13 @@ def count_kernels(compiled) -> int:
   return total
 
 
+def expert_bytes(cfg: ModelConfig, dtype, rank: int, modules: tuple[str, ...]) -> int:
+  """Bytes of one expert of rank `rank` (A and B of every adapted module, every layer)."""
+  shapes = cfg.linear_shapes()
+  return cfg.layers * rank * sum(i + o for m, (i, o) in shapes.items()
+                                 if m in modules) * jnp.dtype(dtype).itemsize
+
+
 def decode_bytes(cfg: ModelConfig, dtype, cache_len: int, batch: int,
                  adapter: AdapterConfig | None) -> int:
   """Bytes one decode step must read: linear weights, head, one embedding row per token, the
@@ -170,9 +177,7 @@ def decode_bytes(cfg: ModelConfig, dtype, cache_len: int, batch: int,
   total += 2 * cfg.layers * batch * cache_len * cfg.kv_dim * item
   if adapter is not None and adapter.mode != "backbone":
     used = min(adapter.num_experts, adapter.top_k * batch)
-    shapes = cfg.linear_shapes()
-    total += cfg.layers * used * adapter.rank * sum(i + o for m, (i, o) in shapes.items()
-                                                     if m in adapter.modules) * item
+    total += used * expert_bytes(cfg, dtype, adapter.rank, adapter.modules)
   return total
 
 
@@ -182,9 +187,8 @@ def switch_bytes(cfg: ModelConfig, dtype, adapter: AdapterConfig) -> int:
   item = jnp.dtype(dtype).itemsize
   shapes = cfg.linear_shapes()
   weights = sum(i * o for m, (i, o) in shapes.items() if m in adapter.modules)
-  experts = adapter.top_k * adapter.rank * sum(i + o for m, (i, o) in shapes.items()
-                                               if m in adapter.modules)
-  return cfg.layers * (2 * weights + experts) * item
+  return (cfg.layers * 2 * weights * item
+          + adapter.top_k * expert_bytes(cfg, dtype, adapter.rank, adapter.modules))
 
 
 def build_adapters(model_cfg: ModelConfig, mode: str, base: AdapterConfig, dtype,

@@ -38,10 +38,14 @@ def expected_distinct(num_experts: int, choices: int, batch: int) -> float:
   return num_experts * (1 - (1 - choices / num_experts) ** batch)
 
 
+def ceiling(backbone_bytes: float, distinct: float, per_expert: float) -> float:
+  """Share of the backbone's tokens/s left when a step also reads `distinct` experts."""
+  return backbone_bytes / (backbone_bytes + distinct * per_expert)
+
+
 def table(preset: str, configs: list[tuple[int, int]], batches: list[int], top_k: int,
           target: float, cache_len: int, command: str = "") -> str:
   cfg = PRESETS[preset]
-  shapes = cfg.linear_shapes()
   lines = [f"Ceiling by bytes, `{preset}` bf16, top-{top_k}, experts on {','.join(MODULES)}, KV"
            f" cache of {cache_len // 2} positions per sequence (as `adafuse_jax.bench` times"
            f" steps); uniform routing. Made by `python tools/throughput_ceiling.py"
@@ -50,16 +54,15 @@ def table(preset: str, configs: list[tuple[int, int]], batches: list[int], top_k
            f" with SERE (S=1, rho=0): distinct | ceiling | SERE's cut | most distinct experts"
            f" for {target:.0%} |", "|---|---|---|---|---|---|---|---|---|---|"]
   for num_experts, rank in configs:
-    per_expert = cfg.layers * rank * sum(i + o for m, (i, o) in shapes.items()
-                                         if m in MODULES) * 2
+    per_expert = B.expert_bytes(cfg, jnp.bfloat16, rank, MODULES)
     for batch in batches:
       base = B.decode_bytes(cfg, jnp.bfloat16, cache_len // 2, batch, None)
       d = expected_distinct(num_experts, top_k, batch)
       ds = expected_distinct(num_experts, 1, batch)
       most = (base / target - base) / per_expert
       lines.append(f"| {num_experts}x{rank} | {batch} | {base / 1e9:.2f} | {per_expert / 1e9:.3f}"
-                   f" | {d:.1f} | {base / (base + d * per_expert):.0%} | {ds:.1f}"
-                   f" | {base / (base + ds * per_expert):.0%} | {1 - ds / d:.0%} | {most:.1f} |")
+                   f" | {d:.1f} | {ceiling(base, d, per_expert):.0%} | {ds:.1f}"
+                   f" | {ceiling(base, ds, per_expert):.0%} | {1 - ds / d:.0%} | {most:.1f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -89,15 +92,13 @@ def plot(preset: str, configs: list[tuple[int, int]], top_k: int, cache_len: int
   import matplotlib.pyplot as plt
 
   cfg = PRESETS[preset]
-  shapes = cfg.linear_shapes()
   batches = list(range(1, 65))
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for i, (num_experts, rank) in enumerate(configs):
-    per_expert = cfg.layers * rank * sum(i + o for m, (i, o) in shapes.items()
-                                         if m in MODULES) * 2
+    per_expert = B.expert_bytes(cfg, jnp.bfloat16, rank, MODULES)
     base = [B.decode_bytes(cfg, jnp.bfloat16, cache_len // 2, b, None) for b in batches]
     for choices, style, what in ((top_k, "-", "ceiling"), (1, ":", "ceiling with SERE")):
-      share = [bb / (bb + expected_distinct(num_experts, choices, b) * per_expert)
+      share = [ceiling(bb, expected_distinct(num_experts, choices, b), per_expert)
                for bb, b in zip(base, batches)]
       ax.plot(batches, [100 * v for v in share], style, color=f"C{i}",
               label=f"{num_experts}x{rank}: {what}")
