@@ -172,11 +172,9 @@ def expert_delta(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array,
       out = out + jnp.dot(h.astype(x.dtype), b_j, preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
   if path == "gather":
-    a_sel, b_sel = a[:, experts], b[experts]  # [in, N, k, r], [N, k, r, out]
+    a_sel = a[:, experts]  # [in, N, k, r]
     h = jnp.einsum("ni,inkr->nkr", x, a_sel, preferred_element_type=jnp.float32)
-    h = h * gates[..., None].astype(jnp.float32)
-    out = jnp.einsum("nkr,nkro->no", h.astype(x.dtype), b_sel, preferred_element_type=jnp.float32)
-    return out.astype(x.dtype)
+    return _gated_expand(h, gates, b, experts, x.dtype)
   if dense is None:
     dense = dense_gates(experts, gates, num_experts)
   h = gated_dense_shrink(x, a, dense)
@@ -199,10 +197,16 @@ def gathered_rows_delta(x: jax.Array, a_t: jax.Array, b: jax.Array, experts: jax
   # An f32 multiply and sum, not an einsum: in the whole decode step the einsum's lowering left
   # the gather formulation's outputs, this one matched them exactly (tools/routing_matvec_probe.py).
   h = jnp.sum(x.astype(jnp.float32)[:, None, None, :] * a_sel.astype(jnp.float32), axis=-1)
+  return _gated_expand(h, gates, b, experts, x.dtype)
+
+
+def _gated_expand(h: jax.Array, gates: jax.Array, b: jax.Array, experts: jax.Array,
+                  dtype) -> jax.Array:
+  """Σ_k gates[:, k] · h[:, k] @ B[experts[:, k]]: the gather paths' expansion.
+  h [N, k, r] f32; gates, experts [N, k]; b [E, r, out] -> [N, out] in `dtype`."""
   h = h * gates[..., None].astype(jnp.float32)
-  out = jnp.einsum("nkr,nkro->no", h.astype(x.dtype), b[experts],
-                   preferred_element_type=jnp.float32)
-  return out.astype(x.dtype)
+  out = jnp.einsum("nkr,nkro->no", h.astype(dtype), b[experts], preferred_element_type=jnp.float32)
+  return out.astype(dtype)
 
 
 def gated_dense_shrink(x: jax.Array, a: jax.Array, dense: jax.Array) -> jax.Array:
