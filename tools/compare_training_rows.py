@@ -15,9 +15,12 @@ change against the reference row; exact match in points.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
+
+from train.loop import TrainConfig
 
 # Settings that may differ between compared runs (they define what is being compared).
 VARIED = ("shared_fraction", "top_k", "lr", "aux_coef")
@@ -40,7 +43,8 @@ def load(spec: str) -> tuple[dict, dict, str]:
 
 def table(reference: str, others: list[str]) -> str:
   ref_cfg, ref_row, _ = load(reference)
-  defaults = {"shared_fraction": 0.5}
+  # A setting missing from an older run's config is the default it ran with.
+  defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
   lines, rows = [], []
   for spec in others:
     cfg, row, _ = load(spec)

@@ -206,9 +206,15 @@ def _seed_rows(results: pathlib.Path, config: dict, math_items: int, analogy_ite
         shutil.copyfile(log, workdir / mode / "metrics.jsonl")
 
 
-def _routed_rank(cfg: dict) -> int:
-  """The routed experts' rank of a "-shared" row (`TrainConfig.adapter_config`)."""
-  return round(cfg["rank"] * (1 - cfg.get("shared_fraction", 0.5)))
+def _shared_split(cfg: dict) -> tuple[int, int]:
+  """(shared rank, routed rank) of a run's "-shared" rows, as `TrainConfig.adapter_config` makes
+  them (a setting missing from an older run's config is its default)."""
+  from train.loop import TrainConfig
+
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  kw = {k: v for k, v in cfg.items() if k in fields and k not in ("mode", "modules")}
+  adapter = TrainConfig(mode="pregated-shared", **kw).adapter_config()
+  return adapter.shared_rank, adapter.rank
 
 
 def markdown(report: dict) -> str:
@@ -226,9 +232,9 @@ def markdown(report: dict) -> str:
            f" r={cfg['rank']}, top-{cfg['top_k']} (lora: rank {cfg['rank'] * cfg['num_experts']}),"
            f" {cfg['steps']} steps of {cfg['batch']} x {cfg['seq_len']} tokens, lr {cfg['lr']}.",
            *([f" `-shared` rows: the same budget split into a shared expert of rank"
-              f" {cfg['num_experts'] * (cfg['rank'] - _routed_rank(cfg))} (every token, folded"
-              f" into the backbone at decode) and {cfg['num_experts']} routed experts of rank"
-              f" {_routed_rank(cfg)}."] if any(m.endswith("-shared") for m in rows) else []),
+              f" {_shared_split(cfg)[0]} (every token, folded into the backbone at decode) and"
+              f" {cfg['num_experts']} routed experts of rank {_shared_split(cfg)[1]}."]
+             if any(m.endswith("-shared") for m in rows) else []),
            *([" `pregated-ctx`: experts from layer 1 on, routed on layer 1's input."]
              if "pregated-ctx" in rows else []),
            f" Exact match: {report['math_items']} math interpolate problems,"
