@@ -95,12 +95,16 @@ def _delta(w, m, l, x, experts, gates, shrink):
   return jnp.dot(h.astype(x.dtype), b.reshape(-1, b.shape[-1]), preferred_element_type=jnp.float32)
 
 
+# A variant's suffix -> how its delta gathers and shrinks (`_delta`).
+SHRINK_OF_FORM = {"": "gather", "router-t": "gather", "t": "t", "tview": "tview", "tsum": "tsum",
+                  "dense": "dense", "t-dense": "dense"}
+
+
 def step_fn(variant: str, top_k: int):
   """x [N, dim] -> [N, dim]: the 32 layers' linear chain with experts as `variant` applies them."""
   mode, _, form = variant.partition("-")
   router_t = form.startswith("t") or form == "router-t"  # tview, tsum: RT copied, too
-  shrink = {"": "gather", "router-t": "gather", "t": "t", "tview": "tview", "tsum": "tsum", "dense": "dense",
-            "t-dense": "dense"}[form]
+  shrink = SHRINK_OF_FORM[form]
 
   def step(w, x):
     layers = w["W_q"].shape[0]
@@ -139,8 +143,7 @@ def module_error(w, variant: str, top_k: int, seed: int = 7) -> float:
   mode, _, form = variant.partition("-")
   if mode == "backbone":
     return 0.0
-  shrink = {"": "gather", "router-t": "gather", "t": "t", "tview": "tview", "tsum": "tsum",
-            "dense": "dense", "t-dense": "dense"}[form]
+  shrink = SHRINK_OF_FORM[form]
   worst = 0.0
   for m in ("q", "down"):
     d_in, num_experts = w[f"A_{m}"].shape[1:3]
