@@ -151,15 +151,17 @@ def test_rows_from_keeps_rows_of_the_same_settings_only(tmp_path):
       {"config": config, "math_items": 200, "analogy_items": 300, "rows": {"lora": row}}))
   work = tmp_path / "work"
   (work / "rows").mkdir(parents=True)
-  _seed_rows(earlier / "results.json", config, 200, 300, ["lora", "pregated-ctx"], work)
+  _seed_rows(earlier / "results.json", config, 200, 300, 16, ["lora", "pregated-ctx"], work)
   assert json.loads((work / "rows" / "lora.json").read_text()) == row
   assert (work / "lora" / "metrics.jsonl").exists()
   assert not (work / "rows" / "pregated-ctx.json").exists()
   with pytest.raises(UserError, match="steps: 300 there vs 400 now"):
-    _seed_rows(earlier / "results.json", TrainConfig(steps=400).to_json(), 200, 300, ["lora"],
+    _seed_rows(earlier / "results.json", TrainConfig(steps=400).to_json(), 200, 300, 16, ["lora"],
                work)
+  with pytest.raises(UserError, match="held-out windows: 16 there vs 0 now"):
+    _seed_rows(earlier / "results.json", config, 200, 300, 0, ["lora"], work)
   with pytest.raises(UserError, match="not a results.json"):
-    _seed_rows(tmp_path / "missing.json", config, 200, 300, ["lora"], work)
+    _seed_rows(tmp_path / "missing.json", config, 200, 300, 16, ["lora"], work)
 
 
 def test_used_params_leave_out_layers_without_experts():
@@ -193,3 +195,77 @@ def test_compare_training_rows_tool():
     compare.table(f"{pilot}:lora", [f"{root / 'docs' / 'training' / 'results.json'}:lora"])
   with pytest.raises(SystemExit, match="with row 'nope'"):
     compare.table(f"{pilot}:nope", [f"{pilot}:lora"])
+
+
+def test_window_losses_cover_the_held_out_set_and_match_the_mean_loss(model, streams, tmp_path):
+  """windows=None scores every non-overlapping window; each window's loss is the one the
+  training loop's mean loss averages; perplexity is exp of their mean."""
+  import jax.numpy as jnp
+
+  from train.eval import perplexities, window_losses
+  from train.loop import eval_windows, forward_loss
+
+  trainer = Trainer(model, _cfg(steps=2), *streams, tmp_path)
+  trainer.fit(progress=False)
+  heldout = streams[1]
+  seq = 32
+  every = window_losses(model, trainer.adapters, heldout, None, seq_len=seq, batch=3)
+  for domain, stream in heldout.items():
+    windows = eval_windows(stream, (len(stream) - 1) // (seq + 1), seq)
+    assert every[domain].shape == (len(windows),)  # 12 windows: the batch of 3 pads nothing...
+    assert len(windows) * (seq + 1) > len(stream) - (seq + 1)  # ...and they cover the stream
+    mean = float(forward_loss(model, trainer.adapters, jnp.asarray(windows))[1]["ce"])
+    np.testing.assert_allclose(every[domain].mean(), mean, rtol=1e-5)
+  five = window_losses(model, trainer.adapters, heldout, 5, seq_len=seq, batch=3)  # pads 1
+  assert all(v.shape == (5,) for v in five.values())
+  ppl = perplexities(model, trainer.adapters, heldout, 5, seq_len=seq)
+  for d in heldout:
+    np.testing.assert_allclose(ppl[d], np.exp(five[d].mean()), rtol=1e-6)
+
+
+def test_paired_gap():
+  from train.eval import paired_gap
+
+  rng = np.random.default_rng(0)
+  ref = rng.uniform(1.0, 3.0, 200)
+  gap, lo, hi = paired_gap(ref, ref)
+  assert gap == lo == hi == 0.0
+  gap, lo, hi = paired_gap(ref + 0.01, ref)  # a constant shift: exact ratio, no spread
+  np.testing.assert_allclose([gap, lo, hi], np.expm1(0.01), rtol=1e-9)
+  noisy = ref + 0.01 + rng.normal(0, 0.05, 200)
+  gap, lo, hi = paired_gap(noisy, ref)
+  assert lo < gap < hi and lo < np.expm1(0.01) < hi
+  np.testing.assert_allclose(gap, np.exp(noisy.mean()) / np.exp(ref.mean()) - 1, rtol=1e-9)
+  with pytest.raises(ValueError, match="do not pair"):
+    paired_gap(ref[:10], ref)
+
+
+def test_goal_lines_and_compare_tool_report_paired_intervals(tmp_path):
+  """Rows with per-window losses get a paired interval against lora, in the table's goal lines
+  and in tools/compare_training_rows.py; a gap inside the interval is not called higher."""
+  import json
+  import pathlib
+  import sys
+
+  from train.__main__ import goal_lines
+  root = pathlib.Path(__file__).parents[1]
+  sys.path.insert(0, str(root / "tools"))
+  import compare_training_rows as compare
+
+  rng = np.random.default_rng(1)
+  base = {"a": rng.uniform(1, 3, 100), "b": rng.uniform(1, 3, 100)}
+
+  def row(mode, shift_a, shift_b):
+    ce = {"a": base["a"] + shift_a + rng.normal(0, 0.02, 100), "b": base["b"] + shift_b}
+    ppl = {d: float(np.exp(v.mean())) for d, v in ce.items()}
+    return {"mode": mode, "ppl": ppl, "mean_ppl": float(np.mean(list(ppl.values()))), "math_em": 0.1, "analogy_em": 0.2,
+            "window_ce": {d: v.tolist() for d, v in ce.items()}}
+
+  rows = {"lora": row("lora", 0, 0), "pregated": row("pregated", 0.001, 0.05)}
+  text = "\n".join(goal_lines(rows, ["a", "b"]))
+  assert "higher beyond the interval on b" in text and "on a" not in text.split("beyond")[-1]
+  path = tmp_path / "results.json"
+  path.write_text(json.dumps({"config": TrainConfig().to_json(), "math_items": 1,
+                              "analogy_items": 1, "heldout_windows": 0, "rows": rows}))
+  table = compare.table(f"{path}:lora", [f"{path}:pregated"])
+  assert "b*" in table and "a*" not in table and "[lo, hi]" in table

@@ -20,10 +20,11 @@ import json
 import pathlib
 import sys
 
+from train.eval import paired_gap
 from train.loop import TrainConfig
 
 # Settings that may differ between compared runs (they define what is being compared).
-VARIED = ("shared_fraction", "top_k", "lr", "aux_coef")
+VARIED = ("shared_fraction", "top_k", "lr", "aux_coef", "seed")
 IGNORED = ("mode", "eval_every", "checkpoint_every", "keep")
 
 
@@ -34,7 +35,9 @@ def load(spec: str) -> tuple[dict, dict, str]:
     raise SystemExit(f"{spec!r}: want PATH:MODE, e.g. docs/training/results.json:lora")
   try:
     report = json.loads(pathlib.Path(path).read_text())
-    return report["config"] | {"_items": (report.get("math_items"), report.get("analogy_items"))}, \
+    # eval items and held-out windows (16 before that setting existed) must match too
+    return report["config"] | {"_items": (report.get("math_items"), report.get("analogy_items"),
+                                          report.get("heldout_windows", 16))}, \
         report["rows"][mode], spec
   except (OSError, json.JSONDecodeError, KeyError) as e:
     raise SystemExit(f"{spec!r}: not a results.json of `python -m train all` with row {mode!r}"
@@ -69,15 +72,27 @@ def table(reference: str, others: list[str]) -> str:
   ref_cells = " | ".join(f"{ref_row['ppl'][d]:.3f}" for d in domains)
   lines.append(f"| {ref_row['mode']} (reference) | {ref_cells} | {ref_row['mean_ppl']:.3f} |"
                f" {100 * ref_row['math_em']:.1f}% | {100 * ref_row['analogy_em']:.1f}% | - |")
+  paired = False
   for label, row in rows:
     worse = [d for d in domains if row["ppl"][d] > ref_row["ppl"][d]]
+    if "window_ce" in row and "window_ce" in ref_row:  # the same windows: a paired interval
+      paired = True
+      gaps = {d: paired_gap(row["window_ce"][d], ref_row["window_ce"][d]) for d in domains}
+      cells = " | ".join(f"{row['ppl'][d]:.3f} ({100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}])"
+                         for d, (g, lo, hi) in gaps.items())
+      worse = [d + ("*" if gaps[d][1] > 0 else "") for d in worse]
+    else:
+      cells = " | ".join(f"{row['ppl'][d]:.3f} ({100 * (row['ppl'][d] / ref_row['ppl'][d] - 1):+.1f}%)"
+                         for d in domains)
     worse += [n for n in ("math_em", "analogy_em") if row[n] < ref_row[n]]
-    cells = " | ".join(f"{row['ppl'][d]:.3f} ({100 * (row['ppl'][d] / ref_row['ppl'][d] - 1):+.1f}%)"
-                       for d in domains)
     lines.append(f"| {label} | {cells} | {row['mean_ppl']:.3f}"
                  f" ({100 * (row['mean_ppl'] / ref_row['mean_ppl'] - 1):+.1f}%) |"
                  f" {100 * row['math_em']:.1f}% | {100 * row['analogy_em']:.1f}% |"
                  f" {', '.join(worse) or 'none'} ({len(worse)} of {len(domains) + 2}) |")
+  if paired:
+    lines += ["", "[lo, hi]: ~95% interval of the perplexity change over the held-out windows (paired:"
+              " both rows scored the same windows; it covers which text was held out, not the"
+              " training seed). `*`: higher beyond that interval."]
   return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import shutil
 import sys
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          " rows of the same settings are kept, not retrained")
       s.add_argument("--math-items", type=int, default=200)
       s.add_argument("--analogy-items", type=int, default=300)
+      s.add_argument("--heldout-windows", type=int, default=16,
+                     help="held-out windows of 256 tokens per domain for the table's perplexity"
+                          " (0: every window, the whole held-out set)")
     s.add_argument("--workdir", required=True)
     s.add_argument("--modules", default=",".join(d.modules))
     for field in ("num_experts", "rank", "top_k", "steps", "batch", "seq_len", "warmup",
@@ -119,13 +123,18 @@ def run_all(args) -> dict:
   # (a time limit, a lost machine) resumes training from the checkpoints and skips finished rows.
   rows_dir = pathlib.Path(args.workdir) / "rows"
   rows_dir.mkdir(parents=True, exist_ok=True)
+  heldout_windows = args.heldout_windows or None
+  if args.heldout_windows < 0:
+    raise UserError(f"--heldout-windows={args.heldout_windows} must be 0 (all) or positive")
   if args.rows_from:
     _seed_rows(pathlib.Path(args.rows_from), _config(args, "pregated").to_json(),
-               len(math_items), len(analogy_items), modes, pathlib.Path(args.workdir))
+               len(math_items), len(analogy_items), args.heldout_windows, modes,
+               pathlib.Path(args.workdir))
 
   def write_report() -> dict:
     report = {"environment": environment(), "config": _config(args, "pregated").to_json(),
-              "math_items": len(math_items), "analogy_items": len(analogy_items), "rows": rows}
+              "math_items": len(math_items), "analogy_items": len(analogy_items),
+              "heldout_windows": args.heldout_windows, "rows": rows}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown(report))
     return report
@@ -145,11 +154,17 @@ def run_all(args) -> dict:
       adapters = trainer.adapters
       params = E.used_params(adapters)
     t0 = time.perf_counter()
+    losses = E.window_losses(model, adapters, heldout, heldout_windows)
+    math_hits = E.item_hits(model, adapters, tok, math_items)
+    analogy_hits = E.item_hits(model, adapters, tok, analogy_items)
     row = {"mode": mode, "trainable_params": params, "train_s": train_s,
-           "ppl": E.perplexities(model, adapters, heldout),
-           "math_em": E.exact_match(model, adapters, tok, math_items),
-           "analogy_em": E.exact_match(model, adapters, tok, analogy_items),
-           "routing": E.routing_by_domain(model, adapters, heldout)}
+           "ppl": {d: math.exp(float(l.mean())) for d, l in losses.items()},
+           "math_em": float(math_hits.mean()), "analogy_em": float(analogy_hits.mean()),
+           "routing": E.routing_by_domain(model, adapters, heldout),
+           # per window / item, so that rows pair up (train.eval.paired_gap)
+           "window_ce": {d: [round(float(x), 6) for x in l] for d, l in losses.items()},
+           "math_hits": "".join("01"[int(h)] for h in math_hits),
+           "analogy_hits": "".join("01"[int(h)] for h in analogy_hits)}
     row["mean_ppl"] = float(np.mean(list(row["ppl"].values())))
     row["eval_s"] = time.perf_counter() - t0
     row["environment"] = environment()
@@ -176,7 +191,7 @@ def run_all(args) -> dict:
 
 
 def _seed_rows(results: pathlib.Path, config: dict, math_items: int, analogy_items: int,
-               modes: list[str], workdir: pathlib.Path) -> None:
+               heldout_windows: int, modes: list[str], workdir: pathlib.Path) -> None:
   """Copies the rows (and training logs) of `modes` from an earlier results.json into the
   workdir, so that `all` keeps them; refuses if that run used other settings."""
   try:
@@ -193,6 +208,9 @@ def _seed_rows(results: pathlib.Path, config: dict, math_items: int, analogy_ite
   if prev.get("math_items") != math_items or prev.get("analogy_items") != analogy_items:
     diffs.append(f"eval items: {prev.get('math_items')}/{prev.get('analogy_items')} there vs"
                  f" {math_items}/{analogy_items} now")
+  if prev.get("heldout_windows", 16) != heldout_windows:  # 16 before the setting existed
+    diffs.append(f"held-out windows: {prev.get('heldout_windows', 16)} there vs"
+                 f" {heldout_windows} now (0: all)")
   if diffs:
     raise UserError(f"--rows-from {str(results)!r} was made with other settings ("
                     + "; ".join(diffs) + "); its rows cannot stand beside new ones")
@@ -237,6 +255,7 @@ def markdown(report: dict) -> str:
              if any(m.endswith("-shared") for m in rows) else []),
            *([" `pregated-ctx`: experts from layer 1 on, routed on layer 1's input."]
              if "pregated-ctx" in rows else []),
+           f" Perplexity: {_windows_text(report)} per domain."
            f" Exact match: {report['math_items']} math interpolate problems,"
            f" {report['analogy_items']} analogies.", "",
            "| mode | params | " + " | ".join(f"{d} ppl" for d in domains)
@@ -250,6 +269,12 @@ def markdown(report: dict) -> str:
                  + f" | {r['mean_ppl']:.3f} | {100 * r['math_em']:.1f}% |"
                  f" {100 * r['analogy_em']:.1f}% | {sw_text} |")
   return "\n".join(lines + goal_lines(rows, domains)) + "\n"
+
+
+def _windows_text(report: dict) -> str:
+  count = report.get("heldout_windows", 16)  # 16 before the setting existed
+  return ("every held-out window of 256 tokens" if count == 0 else
+          f"{count} evenly spaced held-out windows of 256 tokens")
 
 
 def goal_lines(rows: dict, domains: list[str]) -> list[str]:
@@ -270,6 +295,15 @@ def goal_lines(rows: dict, domains: list[str]) -> list[str]:
       worse += [t for t in ("math_em", "analogy_em") if r[t] < lora[t]]
       parts.append("no worse than lora anywhere" if not worse else
                    f"worse than lora on {len(worse)} of {len(domains) + 2} ({', '.join(worse)})")
+      if "window_ce" in r and "window_ce" in lora:
+        from train.eval import paired_gap
+        gaps = {d: paired_gap(r["window_ce"][d], lora["window_ce"][d]) for d in domains}
+        sure = [d for d, (_, lo, _) in gaps.items() if lo > 0]
+        parts.append("perplexity vs lora (95% interval over held-out windows): "
+                     + ", ".join(f"{d} {100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+                                 for d, (g, lo, hi) in gaps.items())
+                     + (f"; higher beyond the interval on {', '.join(sure)}" if sure else
+                        "; on no domain higher beyond the interval"))
     if parts:
       lines.append(f"- `{mode}`: " + "; ".join(parts))
   if lines:

@@ -20,7 +20,7 @@ from flax import nnx
 from adafuse_jax.adapters import MixtureOfLoRA
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.llama import LlamaModel
-from train.loop import eval_loss, eval_windows
+from train.loop import eval_windows, window_ce
 
 EVAL_LEN = 96
 
@@ -37,17 +37,53 @@ def used_params(adapters: MixtureOfLoRA) -> int:
   return int(total)
 
 
-def perplexities(model: LlamaModel, adapters: MixtureOfLoRA | None,
-                 heldout: dict[str, np.ndarray], windows: int = 16, seq_len: int = 256
-                 ) -> dict[str, float]:
-  """Held-out perplexity per domain over `windows` evenly spaced windows."""
+def window_losses(model: LlamaModel, adapters: MixtureOfLoRA | None,
+                  heldout: dict[str, np.ndarray], windows: int | None = 16, seq_len: int = 256,
+                  batch: int = 8) -> dict[str, np.ndarray]:
+  """Mean next-token cross-entropy (nats) of each held-out window, per domain: [W] f64 each.
+
+  windows: evenly spaced windows per domain, or None for every non-overlapping window of the
+  stream (the whole held-out set). The windows are the same for every model, so two models'
+  losses pair up window by window (`paired_gap`).
+  """
   out = {}
   for domain, stream in heldout.items():
-    w = eval_windows(stream, windows, seq_len)
-    losses = [float(eval_loss(model, adapters, jnp.asarray(w[i:i + 8]))) * len(w[i:i + 8])
-              for i in range(0, len(w), 8)]
-    out[domain] = math.exp(sum(losses) / len(w))
+    count = (len(stream) - 1) // (seq_len + 1) if windows is None else windows
+    w = eval_windows(stream, count, seq_len)
+    n = len(w)
+    if n % batch:  # one compiled shape: pad the last batch with copies, dropped below
+      w = np.concatenate([w, np.repeat(w[:1], batch - n % batch, 0)])
+    losses = [np.asarray(window_ce(model, adapters, jnp.asarray(w[i:i + batch])), np.float64)
+              for i in range(0, len(w), batch)]
+    out[domain] = np.concatenate(losses)[:n]
   return out
+
+
+def perplexities(model: LlamaModel, adapters: MixtureOfLoRA | None,
+                 heldout: dict[str, np.ndarray], windows: int | None = 16, seq_len: int = 256
+                 ) -> dict[str, float]:
+  """Held-out perplexity per domain over `windows` evenly spaced windows (None: all of them)."""
+  return {d: math.exp(float(l.mean()))
+          for d, l in window_losses(model, adapters, heldout, windows, seq_len).items()}
+
+
+def paired_gap(losses: np.ndarray, reference: np.ndarray, z: float = 1.96
+               ) -> tuple[float, float, float]:
+  """Perplexity ratio - 1 of `losses` against `reference` (per-window CE of two models on the
+  same windows, [W] each) and its ~95% confidence interval (lo, hi).
+
+  Both perplexities are exp(mean CE) over equal windows, so the ratio is exp(mean of the
+  window differences); the interval is a normal one on that mean (the spread of the paired
+  differences across windows). It measures which held-out text was drawn, not training noise.
+  """
+  losses, reference = np.asarray(losses, np.float64), np.asarray(reference, np.float64)
+  if losses.shape != reference.shape:
+    raise ValueError(f"window losses do not pair: {losses.shape} vs {reference.shape} (rows"
+                     " evaluated on other held-out windows)")
+  diff = losses - reference
+  mean = float(diff.mean())
+  half = z * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else float("inf")
+  return math.expm1(mean), math.expm1(mean - half), math.expm1(mean + half)
 
 
 @nnx.jit
