@@ -72,6 +72,8 @@ class MixtureOfLoRA(nnx.Module):
             a, b = per_layer(a), per_layer(b)
         getattr(out.pool, f"{prefix}A_{m}").set_value(a)
         getattr(out.pool, f"{prefix}B_{m}").set_value(b)
+      if cfg.tied_shared:
+        getattr(out.pool, f"beta_{m}").set_value(getattr(self.pool, f"beta_{m}").get_value())
     if self.router is not None:
       nnx.update(out.router, nnx.state(self.router))
     return out
@@ -142,7 +144,7 @@ class AdapterRuntime:
     self._batch_shape = None
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS}")
-    if adapters.cfg.shared_rank and implementation != "xla":
+    if adapters.cfg.has_shared and implementation != "xla":
       raise ValueError(f"implementation {implementation!r} applies routed experts only; merge the"
                        " shared expert into the backbone first: fold_shared(model, adapters)"
                        " (Generator does it)")
@@ -187,7 +189,7 @@ class AdapterRuntime:
       if use_fused_kernel(*experts.shape, self.cfg.num_experts):
         return self._fused(name, layer, x, xf, weights, experts, gates, dense)
     a, b = self.adapters.pool.factors(name, layer)
-    prompt = xf.shape[0] > FUSED_MAX_TOKENS and not self.cfg.shared_rank
+    prompt = xf.shape[0] > FUSED_MAX_TOKENS and not self.cfg.has_shared
     if (prompt and self.implementation == "pallas" and not isinstance(weights, tuple)
         and use_segmented(*a.shape)):
       return self._segmented(name, layer, x, xf, weights, experts, gates)
@@ -199,9 +201,13 @@ class AdapterRuntime:
     y = x @ weights[layer]
     a_t = self.rows[f"A_{name}"][layer] if self.rows is not None else None
     delta = expert_delta(xf, a, b, experts, gates, dense, a_t=a_t)
-    if self.cfg.shared_rank:
+    if self.cfg.has_shared:
       delta = delta.astype(jnp.float32)
-      sa, sb = self.adapters.pool.factors(name, layer, "S")
+      if self.cfg.tied_shared:  # the whole pool at gate 1, the routed experts at beta * g
+        delta = delta * getattr(self.adapters.pool, f"beta_{name}")[layer]
+        sa, sb = a.reshape(a.shape[0], -1), b.reshape(-1, b.shape[-1])  # [in, E*r], [E*r, out]
+      else:
+        sa, sb = self.adapters.pool.factors(name, layer, "S")
       h = jnp.dot(xf, sa, preferred_element_type=jnp.float32).astype(xf.dtype)
       delta = delta + jnp.dot(h, sb, preferred_element_type=jnp.float32)
     delta = delta * self.cfg.scale
@@ -390,18 +396,34 @@ def fold_shared(model: LlamaModel, adapters: MixtureOfLoRA) -> tuple[LlamaModel,
   """Merges the shared expert into the backbone: W[l] + (alpha/r) SA[l] SB[l] per adapted module.
 
   Every token uses the shared expert with weight 1, so it is part of the model rather than of
-  the per-token choice: folded once, it costs nothing at decode on any path.
+  the per-token choice: folded once, it costs nothing at decode on any path. With
+  `tied_shared` the shared expert is the whole pool (W[l] + (alpha/r) A[l] B[l] over all E*r
+  ranks) and the routed experts keep B scaled by their layer's beta.
   Returns (a new model with those weights, the same adapters without the shared expert);
   adapters without one are returned unchanged with the model.
   """
   cfg = adapters.cfg
-  if not cfg.shared_rank:
+  if not cfg.has_shared:
     return model, adapters
   weights = model.stacked_weights()
   for m in cfg.modules:
-    weights[m] = _add_low_rank(weights[m], *adapters.pool.stacked(m, "S"), cfg)
+    if cfg.tied_shared:
+      a, b = adapters.pool.stacked(m)
+      shared = a.reshape(*a.shape[:2], -1), b.reshape(b.shape[0], -1, b.shape[-1])
+    else:
+      shared = adapters.pool.stacked(m, "S")
+    weights[m] = _add_low_rank(weights[m], *shared, cfg)
   folded = LlamaModel(model.cfg, weights=weights, dtype=model.dtype, layout=model.layout)
-  return folded, adapters._copy_into(cfg.replace(shared_rank=0), adapters.pool.layout)
+  routed = adapters._copy_into(cfg.replace(shared_rank=0, tied_shared=False), adapters.pool.layout)
+  for m in cfg.modules if cfg.tied_shared else ():
+    beta = getattr(adapters.pool, f"beta_{m}").get_value()
+    var = getattr(routed.pool, f"B_{m}")
+    value = var.get_value()
+    if isinstance(value, tuple):  # "list" layout
+      var.set_value(tuple((bl * beta[l]).astype(bl.dtype) for l, bl in enumerate(value)))
+    else:
+      var.set_value((value * beta[:, None, None, None]).astype(value.dtype))
+  return folded, routed
 
 
 def merged_model(model: LlamaModel, adapters: MixtureOfLoRA) -> LlamaModel:

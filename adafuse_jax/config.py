@@ -153,6 +153,12 @@ class AdapterConfig:
     first_layer: layers below it carry no experts, so the pre-gate router reads the first
       adapted module's input at this layer: a hidden state that has seen the context through
       the layers below, where layer 0's input is the token's embedding alone.
+    tied_shared: the pool itself is the shared expert ("pregated" and "layerwise"): every token
+      uses every expert at gate 1 (together a plain LoRA of rank E*r) and its top-k experts
+      again at gate beta * g, beta a learned scalar per module and layer that starts at 0.
+      Same trainable budget as that LoRA (+ router and betas) and equal to it at the start;
+      a Generator folds the dense part into the backbone and beta into the experts' B
+      (`adafuse_jax.adapters.fold_shared`), leaving an ordinary pool for every decode path.
   """
 
   mode: str = "pregated"
@@ -165,6 +171,7 @@ class AdapterConfig:
   router_init_std: float = 0.02
   shared_rank: int = 0
   first_layer: int = 0
+  tied_shared: bool = False
 
   def __post_init__(self) -> None:
     from adafuse_jax.model.llama import LINEAR_NAMES  # the model defines the module names
@@ -194,6 +201,12 @@ class AdapterConfig:
     if self.shared_rank and self.mode not in ("pregated", "layerwise"):
       raise UserError(f"shared_rank={self.shared_rank} needs mode 'pregated' or 'layerwise' (a"
                       " plain LoRA is itself one shared expert: raise its rank instead)")
+    if self.tied_shared and self.mode not in ("pregated", "layerwise"):
+      raise UserError("tied_shared needs mode 'pregated' or 'layerwise' (a plain LoRA is already"
+                      " dense)")
+    if self.tied_shared and self.shared_rank:
+      raise UserError(f"tied_shared makes the pool the shared expert; shared_rank={self.shared_rank}"
+                      " would add a second one: pass one of the two")
     if self.per_layer_gates and self.mode != "pregated":
       raise UserError("per_layer_gates applies to mode 'pregated' only")
     if self.mode == "lora":
@@ -206,6 +219,11 @@ class AdapterConfig:
   @property
   def scale(self) -> float:
     return self.alpha / self.rank
+
+  @property
+  def has_shared(self) -> bool:
+    """Whether a shared expert serves every token (its own, or the whole pool when tied)."""
+    return bool(self.shared_rank) or self.tied_shared
 
   def replace(self, **changes: Any) -> "AdapterConfig":
     return dataclasses.replace(self, **changes)

@@ -42,6 +42,8 @@ class ExpertPool(nnx.Module):
     B_m: ExpertParam [L, E, r, out], zeros (or random with `random_b`, for tests/benchmarks).
     SA_m, SB_m: ExpertParam [L, in, rs] and [L, rs, out], the shared expert of rank
       rs = cfg.shared_rank (absent when it is 0); initialised like A and B.
+    beta_m: ExpertParam [L] (f32, zeros), with cfg.tied_shared only: the routed gates' scale
+      on top of the dense pool, per layer (stacked in either layout: L scalars).
   """
 
   def __init__(self, model_cfg: ModelConfig, cfg: AdapterConfig, *, rngs: nnx.Rngs,
@@ -77,6 +79,9 @@ class ExpertPool(nnx.Module):
         sa, sb = per_layer(sa), per_layer(sb)
       setattr(self, f"SA_{m}", ExpertParam(sa))
       setattr(self, f"SB_{m}", ExpertParam(sb))
+
+    for m in cfg.modules if cfg.tied_shared else ():
+      setattr(self, f"beta_{m}", ExpertParam(jnp.zeros((L,), jnp.float32)))
 
   def factors(self, module: str, layer: int, prefix: str = "") -> tuple[jax.Array, jax.Array]:
     """(A [in, E, r], B [E, r, out]) of one module at one layer; with prefix "S" the shared

@@ -106,7 +106,7 @@ class Generator:
     if release_weights and implementation != "packed":
       raise ValueError("release_weights needs implementation='packed' (the steps of the other"
                        " implementations read the model's own weights)")
-    if adapters is not None and adapters.cfg.shared_rank:
+    if adapters is not None and adapters.cfg.has_shared:
       from adafuse_jax.adapters import fold_shared
       # Every token uses the shared expert: merged once here, it costs nothing per step.
       model, adapters = fold_shared(model, adapters)

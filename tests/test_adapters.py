@@ -354,6 +354,84 @@ def test_shared_expert_checkpoint_round_trip(tmp_path, model):
                               nnx.state(adapters.with_layout("stacked")))
 
 
+# --- tied shared expert: the pool at gate 1 plus its top-k at beta * g ---
+
+def _tied(model, mode="pregated", layout="stacked", beta_seed=5):
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
+                      tied_shared=True)
+  adapters = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True, layout=layout)
+  for i, mod in enumerate(cfg.modules):
+    beta = jax.random.uniform(jax.random.key(beta_seed + i), (model.cfg.layers,), minval=0.5,
+                              maxval=1.5)
+    getattr(adapters.pool, f"beta_{mod}").set_value(beta)
+  return adapters
+
+
+def test_tied_pool_at_beta_zero_is_the_lora_of_all_its_experts(model):
+  """With beta = 0 the routed part vanishes: the model is the plain LoRA of rank E*r whose
+  factors are the experts' side by side (what training starts from)."""
+  adapters = _tied(model)
+  cfg = adapters.cfg
+  for mod in cfg.modules:
+    getattr(adapters.pool, f"beta_{mod}").set_value(jnp.zeros((model.cfg.layers,)))
+  lora = MixtureOfLoRA(model.cfg, AdapterConfig(mode="lora", modules=cfg.modules, rank=16,
+                                                alpha=cfg.scale * 16), seed=0, layout="stacked")
+  for mod in cfg.modules:
+    a, b = adapters.pool.stacked(mod)
+    getattr(lora.pool, f"A_{mod}").set_value(a.reshape(*a.shape[:2], 1, -1))
+    getattr(lora.pool, f"B_{mod}").set_value(b.reshape(b.shape[0], 1, -1, b.shape[-1]))
+  got, _ = logits_with(model, adapters)
+  want, _ = logits_with(model, lora)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "list"])
+@pytest.mark.parametrize("mode", ["pregated", "layerwise"])
+def test_tied_pool_folds_into_backbone_and_an_ordinary_pool(model, layout, mode):
+  """fold_shared: the backbone takes the dense pool, the routed experts keep B * beta; the
+  result is an ordinary pool (no betas) with the same logits and routes."""
+  from adafuse_jax.adapters import fold_shared
+
+  m = model.with_layout(layout)
+  adapters = _tied(m, mode, layout)
+  got, rt = logits_with(m, adapters)
+  for mod in adapters.cfg.modules:  # the routed part counts
+    getattr(adapters.pool, f"beta_{mod}").set_value(jnp.zeros((m.cfg.layers,)))
+  assert float(jnp.abs(got - logits_with(m, adapters)[0]).max()) > 1e-2
+  adapters = _tied(m, mode, layout)
+  folded_model, folded = fold_shared(m, adapters)
+  assert not folded.cfg.has_shared and not hasattr(folded.pool, f"beta_{folded.cfg.modules[0]}")
+  again, rt2 = logits_with(folded_model, folded)
+  chex.assert_trees_all_close(again, got, atol=5e-4, rtol=1e-3)
+  chex.assert_trees_all_equal(rt2.routes[0].experts, rt.routes[0].experts)
+
+
+def test_tied_pool_decodes_through_generator_and_round_trips(tmp_path, model):
+  from adafuse_jax.adapter_io import load_adapters, save_adapters
+  from adafuse_jax.generate import Generator, generate
+
+  adapters = _tied(model)
+  with pytest.raises(ValueError, match="fold_shared"):
+    adapters.runtime("pallas")
+  want, _ = logits_with(model, adapters)
+  prompt = [int(t) for t in TOKENS[0]]
+  for impl in ("xla", "packed"):
+    got = generate(Generator(model, adapters=adapters, implementation=impl), [prompt],
+                   max_new_tokens=2)
+    assert got.tokens[0][0] == int(jnp.argmax(want[0, -1]))
+  loaded = load_adapters(save_adapters(tmp_path / "tied", adapters), model.cfg)
+  assert loaded.cfg == adapters.cfg
+  chex.assert_trees_all_equal(nnx.state(loaded.with_layout("stacked")),
+                              nnx.state(adapters.with_layout("stacked")))
+
+
+def test_tied_shared_rejected_where_it_means_nothing():
+  with pytest.raises(UserError, match="tied_shared"):
+    AdapterConfig(mode="lora", tied_shared=True)
+  with pytest.raises(UserError, match="shared_rank=2"):
+    AdapterConfig(mode="pregated", tied_shared=True, shared_rank=2)
+
+
 @pytest.mark.parametrize("mode", ["pregated", "layerwise", "lora"])
 def test_first_layer_leaves_lower_layers_alone_and_routes_on_context(model, mode):
   """Experts from layer 1 on: equal to a pool whose layer-0 experts are zero; the pre-gate

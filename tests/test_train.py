@@ -36,7 +36,7 @@ def _cfg(mode="pregated", **kw):
 
 
 @pytest.mark.parametrize("mode", ["pregated", "layerwise", "lora", "pregated-plg",
-                                  "pregated-shared", "pregated-ctx"])
+                                  "pregated-shared", "pregated-ctx", "pregated-tied"])
 def test_a_few_steps_lower_the_loss(model, streams, tmp_path, mode):
   cfg = _cfg(mode, steps=12, batch=8)
   trainer = Trainer(model, cfg, *streams, tmp_path)

@@ -255,6 +255,11 @@ def markdown(report: dict) -> str:
              if any(m.endswith("-shared") for m in rows) else []),
            *([" `pregated-ctx`: experts from layer 1 on, routed on layer 1's input."]
              if "pregated-ctx" in rows else []),
+           *([f" `-tied` rows: the pool is also the shared expert: every token uses all"
+              f" {cfg['num_experts']} experts at gate 1 (the lora row's rank"
+              f" {cfg['rank'] * cfg['num_experts']}, same budget) and its top-{cfg['top_k']}"
+              " again at a learned per-layer scale (from 0) times the router's gates."]
+             if any(m.endswith("-tied") for m in rows) else []),
            f" Perplexity: {_windows_text(report)} per domain."
            f" Exact match: {report['math_items']} math interpolate problems,"
            f" {report['analogy_items']} analogies.", "",

@@ -37,7 +37,7 @@ from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.routing import load_balancing_loss
 
 TRAIN_MODES = ("lora", "layerwise", "pregated", "pregated-plg", "pregated-shared",
-               "layerwise-shared", "pregated-ctx")
+               "layerwise-shared", "pregated-ctx", "pregated-tied", "layerwise-tied")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,7 @@ class TrainConfig:
     return AdapterConfig(mode=self.mode.split("-")[0], modules=self.modules,
                          num_experts=self.num_experts, rank=rank, top_k=self.top_k,
                          per_layer_gates=self.mode == "pregated-plg", alpha=2.0 * rank,
-                         shared_rank=shared_rank,
+                         shared_rank=shared_rank, tied_shared=self.mode.endswith("-tied"),
                          first_layer=1 if self.mode == "pregated-ctx" else 0)
 
   def to_json(self) -> dict:
