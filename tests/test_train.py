@@ -240,6 +240,16 @@ def test_paired_gap():
     paired_gap(ref[:10], ref)
 
 
+def test_paired_hits_gap():
+  from train.eval import paired_hits_gap
+
+  assert paired_hits_gap("0110", "0110") == (0.0, 0.0, 0.0)
+  gap, lo, hi = paired_hits_gap("1" * 10 + "0" * 90, "0" * 100)  # ten more hits of 100
+  assert gap == pytest.approx(0.1) and 0 < lo < 0.1 < hi
+  with pytest.raises(ValueError, match="do not pair"):
+    paired_hits_gap("01", "011")
+
+
 def test_goal_lines_and_compare_tool_report_paired_intervals(tmp_path):
   """Rows with per-window losses get a paired interval against lora, in the table's goal lines
   and in tools/compare_training_rows.py; a gap inside the interval is not called higher."""
@@ -259,13 +269,28 @@ def test_goal_lines_and_compare_tool_report_paired_intervals(tmp_path):
     ce = {"a": base["a"] + shift_a + rng.normal(0, 0.02, 100), "b": base["b"] + shift_b}
     ppl = {d: float(np.exp(v.mean())) for d, v in ce.items()}
     return {"mode": mode, "ppl": ppl, "mean_ppl": float(np.mean(list(ppl.values()))), "math_em": 0.1, "analogy_em": 0.2,
-            "window_ce": {d: v.tolist() for d, v in ce.items()}}
+            "window_ce": {d: v.tolist() for d, v in ce.items()},
+            "math_hits": "0110", "analogy_hits": "1000"}
 
   rows = {"lora": row("lora", 0, 0), "pregated": row("pregated", 0.001, 0.05)}
   text = "\n".join(goal_lines(rows, ["a", "b"]))
   assert "higher beyond the interval on b" in text and "on a" not in text.split("beyond")[-1]
+  assert "math +0.0 pts [+0.0, +0.0]" in text
   path = tmp_path / "results.json"
   path.write_text(json.dumps({"config": TrainConfig().to_json(), "math_items": 1,
                               "analogy_items": 1, "heldout_windows": 0, "rows": rows}))
   table = compare.table(f"{path}:lora", [f"{path}:pregated"])
   assert "b*" in table and "a*" not in table and "[lo, hi]" in table
+
+
+def test_table_command_re_renders_results_md(tmp_path, capsys):
+  import json
+  import pathlib
+
+  from train.__main__ import main
+  committed = pathlib.Path(__file__).parents[1] / "docs" / "training" / "gpu-1000"
+  (tmp_path / "results.json").write_text((committed / "results.json").read_text())
+  assert main(["table", str(tmp_path / "results.json")]) == 0
+  assert (tmp_path / "results.md").read_text() == (committed / "results.md").read_text()
+  assert main(["table", str(tmp_path / "missing.json")]) == 2
+  assert "not a readable results.json" in capsys.readouterr().err

