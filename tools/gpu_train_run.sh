@@ -32,5 +32,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site JAX_COMPILATION_CACHE_DIR=/tmp/
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout "${LIMIT_S:-540}" python3 -m train --cache /tmp/data all --out "/tmp/results/$name" \
   --workdir "/tmp/train/$name" --quiet "$@" 2>&1 | tee -a "/tmp/results/$name.log" | tail -25
+# Training logs as they stand, also of a mode the time limit cut before its row was written.
+for log in /tmp/train/"$name"/*/metrics.jsonl; do
+  [ -f "$log" ] && mkdir -p "/tmp/results/$name/logs" \
+    && cp "$log" "/tmp/results/$name/logs/$(basename "$(dirname "$log")").jsonl"
+done
 cp "/tmp/results/$name.log" "$out/" 2>/dev/null
 tar -czf "$out/$name.tar.gz" -C /tmp/results "$name" 2>/dev/null

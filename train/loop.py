@@ -45,7 +45,10 @@ class TrainConfig:
   """One training run. `mode` "pregated-plg" is pre-gating with per-layer gates; "-shared" modes
   split the pool's budget: a shared expert of rank E*r*f that every token uses, and E routed
   experts of rank r*(1-f), f = `shared_fraction` (default 1/2); "pregated-ctx" routes at layer 1
-  (layer 0 carries no experts)."""
+  (layer 0 carries no experts); "-tied" modes make the pool the shared expert
+  (`AdapterConfig.tied_shared`). `router_lr_scale` scales the updates of the routers and of the
+  tied pools' betas: Adam moves every router weight by about the learning rate per step
+  whatever its gradient, and a router's logit sums `in` such moves."""
 
   mode: str = "pregated"
   modules: tuple[str, ...] = ("q", "k", "v", "o")
@@ -60,6 +63,7 @@ class TrainConfig:
   weight_decay: float = 0.01
   clip: float = 1.0
   shared_fraction: float = 0.5
+  router_lr_scale: float = 1.0
   aux_coef: float = 0.01
   eval_every: int = 100
   eval_windows: int = 8
@@ -70,6 +74,8 @@ class TrainConfig:
   def __post_init__(self) -> None:
     if self.mode not in TRAIN_MODES:
       raise UserError(f"unknown training mode {self.mode!r}; choose one of {', '.join(TRAIN_MODES)}")
+    if self.router_lr_scale <= 0:
+      raise UserError(f"router_lr_scale={self.router_lr_scale} must be positive")
     for name in ("steps", "batch", "seq_len", "eval_every", "checkpoint_every", "keep"):
       if getattr(self, name) < 1:
         raise UserError(f"{name}={getattr(self, name)} must be at least 1")
@@ -151,7 +157,25 @@ def make_optimizer(adapters: MixtureOfLoRA, cfg: TrainConfig) -> nnx.Optimizer:
                                                 max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.1)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip),
                    optax.adamw(schedule, weight_decay=cfg.weight_decay))
+  if cfg.router_lr_scale != 1.0:
+    tx = optax.chain(tx, scale_routing_updates(cfg.router_lr_scale))
   return nnx.Optimizer(adapters, tx, wrt=AdapterParam)
+
+
+def is_routing_leaf(path) -> bool:
+  """Whether a parameter path of MixtureOfLoRA's state is a router weight or a tied beta."""
+  keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  return "router" in keys or any(k.startswith("beta_") for k in keys)
+
+
+def scale_routing_updates(factor: float) -> optax.GradientTransformation:
+  """Multiplies the updates of router weights and tied betas by `factor` (others unchanged)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * factor if is_routing_leaf(path) else u, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 @nnx.jit(static_argnums=(4,))
