@@ -1,5 +1,8 @@
 """Evaluation: per-domain held-out perplexity, exact match on gold answers, routing by domain.
 
+Perplexity is kept per window and exact match per item, so that two rows scored on the same
+windows and items compare pairwise with an interval (`paired_gap`, `paired_hits_gap`).
+
 Exact match is scored by teacher forcing: greedy decoding of a prompt produces the gold answer
 (followed by the end of the line) exactly when every gold token is the argmax given the prompt
 and the gold tokens before it. One forward pass per batch of right-padded sequences gives that,
