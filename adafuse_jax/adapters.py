@@ -144,6 +144,9 @@ class AdapterRuntime:
     self._batch_shape = None
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS}")
+    if adapters.cfg.route_context and implementation != "xla":
+      raise ValueError("route_context routes on the running context, which only the 'xla'"
+                       " implementation's full-sequence forward computes")
     if adapters.cfg.has_shared and implementation != "xla":
       raise ValueError(f"implementation {implementation!r} applies routed experts only; merge the"
                        " shared expert into the backbone first: fold_shared(model, adapters)"
@@ -350,7 +353,12 @@ class AdapterRuntime:
       return experts, gates, None
     # pregated: decide at the first adapted module, reuse everywhere after, dense gates included.
     if not self.routes:
-      logits, layer_logits = self.adapters.router(xf)
+      context = None
+      if self.cfg.route_context:
+        from adafuse_jax.routing import context_mean
+        x3 = xf.reshape(*self._batch_shape, -1) if len(self._batch_shape) == 2 else xf[None]
+        context = context_mean(x3, self.cfg.route_context).reshape(xf.shape).astype(xf.dtype)
+      logits, layer_logits = self.adapters.router(xf, context)
       experts, gates = top_k_gates(logits, self.cfg.top_k)
       if layer_logits is not None:
         gates = gates_for(layer_logits, experts[:, None, :])  # [N, L, k]

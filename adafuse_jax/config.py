@@ -159,6 +159,12 @@ class AdapterConfig:
       Same trainable budget as that LoRA (+ router and betas) and equal to it at the start;
       a Generator folds the dense part into the backbone and beta into the experts' B
       (`adafuse_jax.adapters.fold_shared`), leaving an ordinary pool for every decode path.
+    route_context: "pregated" only, 0 = off. The pre-gate router also reads a running mean of
+      the router inputs before the token (weights route_context^distance, normalised), through
+      its own matrix that starts at zero: layer 0's input is the token's embedding alone, so
+      without it a token id always picks the same experts. A training-time experiment: decoding
+      it needs each row's running mean carried from step to step, not built yet (Generator
+      refuses it).
   """
 
   mode: str = "pregated"
@@ -172,6 +178,7 @@ class AdapterConfig:
   shared_rank: int = 0
   first_layer: int = 0
   tied_shared: bool = False
+  route_context: float = 0.0
 
   def __post_init__(self) -> None:
     from adafuse_jax.model.llama import LINEAR_NAMES  # the model defines the module names
@@ -207,6 +214,11 @@ class AdapterConfig:
     if self.tied_shared and self.shared_rank:
       raise UserError(f"tied_shared makes the pool the shared expert; shared_rank={self.shared_rank}"
                       " would add a second one: pass one of the two")
+    if not 0.0 <= self.route_context < 1.0:
+      raise UserError(f"route_context={self.route_context} must be in [0, 1) (0 = off)")
+    if self.route_context and self.mode != "pregated":
+      raise UserError("route_context applies to mode 'pregated' only (layer-wise routers see the"
+                      " context through the layers below)")
     if self.per_layer_gates and self.mode != "pregated":
       raise UserError("per_layer_gates applies to mode 'pregated' only")
     if self.mode == "lora":

@@ -106,6 +106,10 @@ class Generator:
     if release_weights and implementation != "packed":
       raise ValueError("release_weights needs implementation='packed' (the steps of the other"
                        " implementations read the model's own weights)")
+    if adapters is not None and adapters.cfg.route_context:
+      raise UserError("these adapters route on the running context (route_context), which"
+                      " decoding does not carry from step to step yet; evaluate them with"
+                      " `python -m train` (full sequences), or train without --route-context")
     if adapters is not None and adapters.cfg.has_shared:
       from adafuse_jax.adapters import fold_shared
       # Every token uses the shared expert: merged once here, it costs nothing per step.

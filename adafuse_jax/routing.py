@@ -37,6 +37,8 @@ class PreGateRouter(nnx.Module):
     w: RouterParam [in, E], the router proper.
     w_layers: RouterParam [in, L * E] when per-layer gates are on: one matmul yields a gate
       logit per layer and expert; the experts themselves still come from `w`.
+    w_ctx: RouterParam [in, E], zeros, when cfg.route_context is on: the logits' share of the
+      running mean of earlier inputs (`context_mean`).
   """
 
   def __init__(self, model_cfg: ModelConfig, cfg: AdapterConfig, *, rngs: nnx.Rngs,
@@ -46,10 +48,18 @@ class PreGateRouter(nnx.Module):
     self.w = _init(rngs, (d_in, cfg.num_experts), cfg.router_init_std, dtype)
     self.w_layers = (_init(rngs, (d_in, model_cfg.layers * cfg.num_experts), cfg.router_init_std,
                            dtype) if cfg.per_layer_gates else None)
+    self.w_ctx = (RouterParam(jnp.zeros((d_in, cfg.num_experts), dtype)) if cfg.route_context
+                  else None)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """x [N, in] -> (logits [N, E], per-layer logits [N, L, E] or None), in f32."""
+  def __call__(self, x: jax.Array, context: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """x [N, in] (and, with route_context, context [N, in]) -> (logits [N, E], per-layer logits
+    [N, L, E] or None), in f32."""
     logits = jnp.dot(x, self.w[...], preferred_element_type=jnp.float32)
+    if self.w_ctx is not None:
+      if context is None:
+        raise ValueError("this router reads the context (route_context): pass context=")
+      logits = logits + jnp.dot(context, self.w_ctx[...], preferred_element_type=jnp.float32)
     if self.w_layers is None:
       return logits, None
     per_layer = jnp.dot(x, self.w_layers[...], preferred_element_type=jnp.float32)
@@ -72,6 +82,16 @@ class LayerwiseRouter(nnx.Module):
   def __call__(self, module: str, layer: int, x: jax.Array) -> jax.Array:
     """x [N, in] -> logits [N, E] (f32)."""
     return jnp.dot(x, getattr(self, f"w_{module}")[layer], preferred_element_type=jnp.float32)
+
+
+def context_mean(x: jax.Array, decay: float) -> jax.Array:
+  """Running mean of each position's earlier inputs: x [B, T, D] -> [B, T, D] (f32), position t
+  holding Σ_{s<t} decay^(t-1-s) x_s / Σ_{s<t} decay^(t-1-s), and zeros at t = 0."""
+  t = x.shape[1]
+  dist = jnp.arange(t)[:, None] - 1 - jnp.arange(t)[None, :]  # t - 1 - s
+  w = jnp.where(dist >= 0, decay ** jnp.maximum(dist, 0).astype(jnp.float32), 0.0)  # [T, T]
+  w = w / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-30)
+  return jnp.einsum("ts,bsd->btd", w, x.astype(jnp.float32))
 
 
 def load_balancing_loss(logits: jax.Array, experts: jax.Array) -> jax.Array:

@@ -506,3 +506,51 @@ def test_row_layout_equals_stored_layout(model, layout, mode, per_layer_gates):
   assert adapters.runtime("pallas", rows=rows).rows is None
   assert row_layout.wanted(adapters, "xla") == (jax.default_backend() == "gpu")
   assert not row_layout.wanted(adapters, "packed")
+
+
+# --- route_context: the pre-gate router also reads a running mean of earlier inputs ---
+
+def test_context_mean_matches_a_loop():
+  from adafuse_jax.routing import context_mean
+
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+  got = np.asarray(context_mean(x, 0.5))
+  xs = np.asarray(x, np.float64)
+  for t in range(5):
+    if t == 0:
+      np.testing.assert_array_equal(got[:, 0], 0.0)
+      continue
+    w = np.array([0.5 ** (t - 1 - s) for s in range(t)])
+    np.testing.assert_allclose(got[:, t], np.einsum("s,bsd->bd", w / w.sum(), xs[:, :t]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_route_context_starts_as_the_plain_router_and_then_reads_the_context(model):
+  """w_ctx starts at zero: same logits and routes as the plain pre-gate router. Once it is not
+  zero, the same token routes differently after different tokens; decoding refuses it."""
+  from adafuse_jax.generate import Generator
+
+  cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, top_k=2, router_init_std=0.5)
+  plain = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True)
+  ctx = MixtureOfLoRA(model.cfg, cfg.replace(route_context=0.9), seed=8, random_b=True)
+  want, rt_want = logits_with(model, plain)
+  got, rt_got = logits_with(model, ctx)
+  chex.assert_trees_all_close(got, want, atol=1e-6)
+  chex.assert_trees_all_equal(rt_got.routes[0].experts, rt_want.routes[0].experts)
+
+  ctx.router.w_ctx.set_value(jax.random.normal(jax.random.key(1), ctx.router.w_ctx.shape) * 2.0)
+  last = TOKENS[0, -1]
+  a = jnp.asarray([[5, 6, 7, last]], jnp.int32)
+  b = jnp.asarray([[90, 91, 92, last]], jnp.int32)
+  routes = [logits_with(model, ctx, tokens)[1].routes[0].logits[-1] for tokens in (a, b)]
+  assert float(jnp.abs(routes[0] - routes[1]).max()) > 1e-3
+  routes = [logits_with(model, plain, tokens)[1].routes[0].logits[-1] for tokens in (a, b)]
+  chex.assert_trees_all_close(routes[0], routes[1], atol=1e-6)  # the plain router: token alone
+  with pytest.raises(UserError, match="route_context"):
+    Generator(model, adapters=ctx)
+  with pytest.raises(ValueError, match="route_context"):
+    ctx.runtime("packed")
+  with pytest.raises(UserError, match="route_context"):
+    AdapterConfig(mode="layerwise", route_context=0.5)
+  with pytest.raises(UserError, match="route_context"):
+    AdapterConfig(mode="pregated", route_context=1.0)

@@ -36,9 +36,11 @@ def _cfg(mode="pregated", **kw):
 
 
 @pytest.mark.parametrize("mode", ["pregated", "layerwise", "lora", "pregated-plg",
-                                  "pregated-shared", "pregated-ctx", "pregated-tied"])
+                                  "pregated-shared", "pregated-ctx", "pregated-tied",
+                                  "pregated-tied+ctx"])
 def test_a_few_steps_lower_the_loss(model, streams, tmp_path, mode):
-  cfg = _cfg(mode, steps=12, batch=8)
+  cfg = _cfg(mode.removesuffix("+ctx"), steps=12, batch=8,
+             route_context=0.9 if mode.endswith("+ctx") else 0.0)
   trainer = Trainer(model, cfg, *streams, tmp_path)
   first = trainer.evaluate()
   trainer.fit(progress=False)

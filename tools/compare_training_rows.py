@@ -24,7 +24,8 @@ from train.eval import paired_gap, paired_hits_gap
 from train.loop import TrainConfig
 
 # Settings that may differ between compared runs (they define what is being compared).
-VARIED = ("shared_fraction", "top_k", "lr", "aux_coef", "seed", "router_lr_scale")
+VARIED = ("shared_fraction", "top_k", "lr", "aux_coef", "seed", "router_lr_scale",
+          "route_context")
 IGNORED = ("mode", "eval_every", "checkpoint_every", "keep")
 
 

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     for field in ("num_experts", "rank", "top_k", "steps", "batch", "seq_len", "warmup",
                   "eval_every", "eval_windows", "checkpoint_every", "seed"):
       s.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(d, field))
-    for field in ("lr", "aux_coef", "weight_decay", "shared_fraction", "router_lr_scale"):
+    for field in ("lr", "aux_coef", "weight_decay", "shared_fraction", "router_lr_scale",
+                  "route_context"):
       s.add_argument("--" + field.replace("_", "-"), type=float, default=getattr(d, field))
     s.add_argument("--quiet", action="store_true")
   return p

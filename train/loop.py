@@ -48,7 +48,8 @@ class TrainConfig:
   (layer 0 carries no experts); "-tied" modes make the pool the shared expert
   (`AdapterConfig.tied_shared`). `router_lr_scale` scales the updates of the routers and of the
   tied pools' betas: Adam moves every router weight by about the learning rate per step
-  whatever its gradient, and a router's logit sums `in` such moves."""
+  whatever its gradient, and a router's logit sums `in` such moves. `route_context` (pre-gated
+  modes; `lora` and layer-wise rows ignore it) is `AdapterConfig.route_context`."""
 
   mode: str = "pregated"
   modules: tuple[str, ...] = ("q", "k", "v", "o")
@@ -64,6 +65,7 @@ class TrainConfig:
   clip: float = 1.0
   shared_fraction: float = 0.5
   router_lr_scale: float = 1.0
+  route_context: float = 0.0
   aux_coef: float = 0.01
   eval_every: int = 100
   eval_windows: int = 8
@@ -101,6 +103,8 @@ class TrainConfig:
                          num_experts=self.num_experts, rank=rank, top_k=self.top_k,
                          per_layer_gates=self.mode == "pregated-plg", alpha=2.0 * rank,
                          shared_rank=shared_rank, tied_shared=self.mode.endswith("-tied"),
+                         route_context=self.route_context if self.mode.startswith("pregated")
+                         else 0.0,
                          first_layer=1 if self.mode == "pregated-ctx" else 0)
 
   def to_json(self) -> dict:
