@@ -328,3 +328,19 @@ def test_router_lr_scale_slows_only_routers_and_betas(model, streams, tmp_path):
   assert checked == {True, False}
   with pytest.raises(UserError, match="router_lr_scale"):
     _cfg(router_lr_scale=0.0)
+
+
+def test_inspect_routing_params_tool(model, streams, tmp_path, capsys):
+  """tools/inspect_routing_params.py lists a run's router weights and betas from its checkpoint
+  (betas start at 0 and have moved after training)."""
+  import pathlib
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+  import inspect_routing_params as tool
+
+  Trainer(model, _cfg("pregated-tied", steps=4, warmup=1), *streams, tmp_path).fit(progress=False)
+  tool.main([str(tmp_path / "ckpt" / "4" / "state")])
+  lines = capsys.readouterr().out.splitlines()
+  names = {line.split(": ")[1].split(" ")[0] for line in lines}
+  assert names == {"pool.beta_q", "pool.beta_v", "pool.beta_up", "router.w"}
+  assert all(float(line.split("max |x| ")[1].split(",")[0]) > 0 for line in lines)
