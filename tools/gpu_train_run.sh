@@ -9,7 +9,26 @@
 # Checkpoints and finished rows stay in /tmp/train/NAME and compiled programs in a persistent
 # cache, so the same command in the next call resumes where a time limit cut it; each call
 # leaves OUT_DIR/NAME.tar.gz (results.json/.md, plots, training logs) and NAME.log.
+#
+#   bash tools/gpu_train_run.sh prepare     # here, once: .m1 .m2 .m3 .data, git-excluded
+# then three device calls: carry [.whl, .m1, .data], then [.whl, .m2], then [.whl, .m3] with the
+# run's arguments (the first two only stage; keep them back to back, a machine stays warm 30 s).
 set -uo pipefail
+if [ "${1:-}" = prepare ]; then
+  gguf=$(python3 -c "from adafuse_jax.weights.loader import default_model_path; print(default_model_path())") || exit 1
+  cache=${ADAFUSE_DATA:-$HOME/.cache/adafuse-jax/data}
+  [ -f "$cache/manifest.json" ] || python3 -m train data || exit 1
+  for d in .m1 .m2 .m3 .data; do
+    grep -qx "/$d/" .git/info/exclude || echo "/$d/" >> .git/info/exclude
+    rm -rf "$d" && mkdir -p "$d"
+  done
+  split -n 3 -d "$gguf" /tmp/gguf-part. && mv /tmp/gguf-part.00 .m1/p && mv /tmp/gguf-part.01 .m2/p \
+    && mv /tmp/gguf-part.02 .m3/p && sha256sum "$gguf" | cut -c1-64 > .m3/sha || exit 1
+  cp "$cache"/*.npy "$cache"/manifest.json "$cache"/math_qa.heldout.jsonl \
+    "$cache"/questions-words.txt .data/ || exit 1
+  du -sh .m1 .m2 .m3 .data
+  exit 0
+fi
 out=${1:?OUT_DIR}; name=${2:?NAME}; shift 2
 mkdir -p "$out" /tmp/results
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
