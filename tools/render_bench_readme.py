@@ -411,7 +411,8 @@ def main() -> None:
   for marker, sub in (("training", "results.md"), ("training-pilot", "cpu-pilot/results.md"),
                       ("training-shared", "shared-fraction.md"),
                       ("training-shared-300", "shared-fraction-300.md"),
-                      ("training-gpu-1000", "gpu-1000.md")):
+                      ("training-gpu-1000", "gpu-1000.md"),
+                      ("training-pilot-seeds", "cpu-pilot-seeds.md")):
     training = ROOT.parents[1] / "docs" / "training" / sub
     if training.exists() and f"<!-- {marker}:start -->" in text:
       head, rest = text.split(f"<!-- {marker}:start -->", 1)
