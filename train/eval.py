@@ -53,21 +53,38 @@ def window_losses(model: LlamaModel, adapters: MixtureOfLoRA | None,
   for domain, stream in heldout.items():
     count = (len(stream) - 1) // (seq_len + 1) if windows is None else windows
     w = eval_windows(stream, count, seq_len)
-    n = len(w)
-    if n % batch:  # one compiled shape: pad the last batch with copies, dropped below
-      w = np.concatenate([w, np.repeat(w[:1], batch - n % batch, 0)])
-    losses = [np.asarray(window_ce(model, adapters, jnp.asarray(w[i:i + batch])), np.float64)
-              for i in range(0, len(w), batch)]
-    out[domain] = np.concatenate(losses)[:n]
+    losses = [np.asarray(window_ce(model, adapters, jnp.asarray(b)), np.float64)[:n]
+              for b, n in padded_batches(w, batch)]
+    out[domain] = np.concatenate(losses)
   return out
+
+
+def padded_batches(rows: np.ndarray, batch: int):
+  """Yields (rows[i:i + batch] padded to `batch` rows with copies of row 0, its real row count):
+  one compiled shape for every batch; callers drop the padding's results."""
+  for i in range(0, len(rows), batch):
+    b = rows[i:i + batch]
+    n = len(b)
+    yield (np.concatenate([b, np.repeat(rows[:1], batch - n, 0)]) if n < batch else b), n
+
+
+def perplexity(window_losses_by_domain: dict[str, np.ndarray]) -> dict[str, float]:
+  """Per domain, exp of the mean window loss (windows of equal length: the tokens' mean)."""
+  return {d: math.exp(float(l.mean())) for d, l in window_losses_by_domain.items()}
 
 
 def perplexities(model: LlamaModel, adapters: MixtureOfLoRA | None,
                  heldout: dict[str, np.ndarray], windows: int | None = 16, seq_len: int = 256
                  ) -> dict[str, float]:
   """Held-out perplexity per domain over `windows` evenly spaced windows (None: all of them)."""
-  return {d: math.exp(float(l.mean()))
-          for d, l in window_losses(model, adapters, heldout, windows, seq_len).items()}
+  return perplexity(window_losses(model, adapters, heldout, windows, seq_len))
+
+
+def _mean_interval(diff: np.ndarray, z: float) -> tuple[float, float, float]:
+  """Mean of paired differences [N] and its normal interval (mean - h, mean + h)."""
+  mean = float(diff.mean())
+  half = z * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else float("inf")
+  return mean, mean - half, mean + half
 
 
 def paired_gap(losses: np.ndarray, reference: np.ndarray, z: float = 1.96
@@ -83,10 +100,8 @@ def paired_gap(losses: np.ndarray, reference: np.ndarray, z: float = 1.96
   if losses.shape != reference.shape:
     raise ValueError(f"window losses do not pair: {losses.shape} vs {reference.shape} (rows"
                      " evaluated on other held-out windows)")
-  diff = losses - reference
-  mean = float(diff.mean())
-  half = z * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else float("inf")
-  return math.expm1(mean), math.expm1(mean - half), math.expm1(mean + half)
+  mean, lo, hi = _mean_interval(losses - reference, z)
+  return math.expm1(mean), math.expm1(lo), math.expm1(hi)
 
 
 def paired_hits_gap(hits: str, reference: str, z: float = 1.96) -> tuple[float, float, float]:
@@ -94,10 +109,7 @@ def paired_hits_gap(hits: str, reference: str, z: float = 1.96) -> tuple[float, 
   same items, from their per-item hit strings ("0110..."), with a ~95% interval (lo, hi)."""
   if len(hits) != len(reference):
     raise ValueError(f"item hits do not pair: {len(hits)} vs {len(reference)} items")
-  diff = np.array([int(a) - int(b) for a, b in zip(hits, reference)], np.float64)
-  mean = float(diff.mean())
-  half = z * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else float("inf")
-  return mean, mean - half, mean + half
+  return _mean_interval(np.array([int(a) - int(b) for a, b in zip(hits, reference)], np.float64), z)
 
 
 @nnx.jit
@@ -146,13 +158,9 @@ def item_hits(model, adapters, tok, items: list[tuple[str, str]], batch: int = 3
   """Per item: would greedy decoding produce the gold continuation exactly? [N] bool."""
   tokens, masks = encode_items(tok, items)
   hits = []
-  for i in range(0, len(tokens), batch):
-    t, m = tokens[i:i + batch], masks[i:i + batch]
-    n = len(t)
-    if n < batch:  # one compiled shape: pad the last batch with copies
-      t = np.concatenate([t, np.repeat(t[:1], batch - n, 0)])
-    pred = _argmax_logits(model, adapters, jnp.asarray(t))
-    pred = np.asarray(pred)[:n]
+  for i, (t, n) in zip(range(0, len(tokens), batch), padded_batches(tokens, batch)):
+    m = masks[i:i + batch]
+    pred = np.asarray(_argmax_logits(model, adapters, jnp.asarray(t)))[:n]
     ok = (pred[:, :-1] == t[:n, 1:]) | ~m[:, :-1]
     hits.append(ok.all(axis=1))
   return np.concatenate(hits)
