@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import pathlib
 import shutil
 import sys
@@ -116,6 +115,8 @@ def run_all(args) -> dict:
   from adafuse_jax.benchmarks import environment
   from train import eval as E
 
+  if args.heldout_windows < 0:  # before loading anything
+    raise UserError(f"--heldout-windows={args.heldout_windows} must be 0 (all) or positive")
   cache, loaded, train_streams, heldout = _setup(args)
   model, tok = loaded.model, loaded.tokenizer
   out = pathlib.Path(args.out)
@@ -129,8 +130,6 @@ def run_all(args) -> dict:
   rows_dir = pathlib.Path(args.workdir) / "rows"
   rows_dir.mkdir(parents=True, exist_ok=True)
   heldout_windows = args.heldout_windows or None
-  if args.heldout_windows < 0:
-    raise UserError(f"--heldout-windows={args.heldout_windows} must be 0 (all) or positive")
   if args.rows_from:
     _seed_rows(pathlib.Path(args.rows_from), _config(args, "pregated").to_json(),
                len(math_items), len(analogy_items), args.heldout_windows, modes,
@@ -163,7 +162,7 @@ def run_all(args) -> dict:
     math_hits = E.item_hits(model, adapters, tok, math_items)
     analogy_hits = E.item_hits(model, adapters, tok, analogy_items)
     row = {"mode": mode, "trainable_params": params, "train_s": train_s,
-           "ppl": {d: math.exp(float(l.mean())) for d, l in losses.items()},
+           "ppl": E.perplexity(losses),
            "math_em": float(math_hits.mean()), "analogy_em": float(analogy_hits.mean()),
            "routing": E.routing_by_domain(model, adapters, heldout),
            # per window / item, so that rows pair up (train.eval.paired_gap)
