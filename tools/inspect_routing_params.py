@@ -9,48 +9,45 @@ pool (`--export`, `adafuse_jax.adapter_io`).
 
 from __future__ import annotations
 
+import pathlib
 import sys
 
-import pathlib
-
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train.loop import is_routing_leaf
 
-def routing_params(state: dict, prefix: str = "") -> dict[str, np.ndarray]:
-  """Leaves of an adapter state whose names are router weights (w*) or betas (beta_*)."""
+
+def routing_params(state) -> dict[str, np.ndarray]:
+  """The router weights and betas of an adapter state (any nesting of dicts), by dotted name
+  (a checkpoint's trailing "value" level dropped)."""
   out = {}
-  for key, value in state.items():
-    if isinstance(value, dict) and "value" in value and not isinstance(value["value"], dict):
-      if key.startswith(("w", "beta_")):
-        out[prefix + key] = np.asarray(value["value"])
-    elif isinstance(value, dict):
-      out.update(routing_params(value, prefix + key + "."))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    if is_routing_leaf(path):
+      keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+      out[".".join(k for k in keys if k != "value")] = np.asarray(leaf)
   return out
 
 
-def _wrap(tree):
-  """A pure dict of arrays in the checkpoints' {"value": array} form."""
-  if isinstance(tree, dict):
-    return {k: _wrap(v) for k, v in tree.items()}
-  return {"value": tree}
+def adapter_state(path: str):
+  """The adapters' state of a training checkpoint or of an exported pool folder."""
+  if (pathlib.Path(path) / "adapter_config.json").is_file():
+    from flax import nnx
+
+    from adafuse_jax.adapter_io import load_adapters, read_adapter_config
+    from adafuse_jax.config import PRESETS
+    shapes = read_adapter_config(path)[1]
+    model = next(c for c in PRESETS.values()
+                 if all(getattr(c, k) == v for k, v in shapes.items()))
+    return nnx.state(load_adapters(path, model)).to_pure_dict()
+  with ocp.StandardCheckpointer() as ckpt:
+    return ckpt.restore(path)["adapters"]
 
 
 def main(paths: list[str]) -> None:
   for path in paths:
-    if (pathlib.Path(path) / "adapter_config.json").is_file():
-      from flax import nnx
-
-      from adafuse_jax.adapter_io import load_adapters, read_adapter_config
-      from adafuse_jax.config import PRESETS
-      model = next(c for c in PRESETS.values()
-                   if all(getattr(c, k) == v for k, v in read_adapter_config(path)[1].items()))
-      adapters = nnx.state(load_adapters(path, model)).to_pure_dict()
-      state = {"adapters": {k: _wrap(v) for k, v in adapters.items()}}
-    else:
-      with ocp.StandardCheckpointer() as ckpt:
-        state = ckpt.restore(path)
-    for name, a in routing_params(state["adapters"]).items():
+    for name, a in routing_params(adapter_state(path)).items():
       print(f"{path}: {name} {a.shape} max |x| {np.abs(a).max():.4f}, mean |x| {np.abs(a).mean():.4f}")
 
 
