@@ -20,7 +20,7 @@ import json
 import pathlib
 import sys
 
-from train.eval import paired_gap, paired_hits_gap
+from train.eval import format_gap, paired_gap, paired_hits_gap
 from train.loop import TrainConfig
 
 # Settings that may differ between compared runs (they define what is being compared).
@@ -79,8 +79,7 @@ def table(reference: str, others: list[str]) -> str:
     if "window_ce" in row and "window_ce" in ref_row:  # the same windows: a paired interval
       paired = True
       gaps = {d: paired_gap(row["window_ce"][d], ref_row["window_ce"][d]) for d in domains}
-      cells = " | ".join(f"{row['ppl'][d]:.3f} ({100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}])"
-                         for d, (g, lo, hi) in gaps.items())
+      cells = " | ".join(f"{row['ppl'][d]:.3f} ({format_gap(*gap)})" for d, gap in gaps.items())
       worse = [d + ("*" if gaps[d][1] > 0 else "") for d in worse]
     else:
       cells = " | ".join(f"{row['ppl'][d]:.3f} ({100 * (row['ppl'][d] / ref_row['ppl'][d] - 1):+.1f}%)"
@@ -90,8 +89,8 @@ def table(reference: str, others: list[str]) -> str:
     for task in ("math", "analogy"):
       em[task] = f"{100 * row[f'{task}_em']:.1f}%"
       if f"{task}_hits" in row and f"{task}_hits" in ref_row:
-        g, lo, hi = paired_hits_gap(row[f"{task}_hits"], ref_row[f"{task}_hits"])
-        em[task] += f" ({100 * g:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}])"
+        gap = paired_hits_gap(row[f"{task}_hits"], ref_row[f"{task}_hits"])
+        em[task] += f" ({format_gap(*gap, unit='')})"
     lines.append(f"| {label} | {cells} | {row['mean_ppl']:.3f}"
                  f" ({100 * (row['mean_ppl'] / ref_row['mean_ppl'] - 1):+.1f}%) |"
                  f" {em['math']} | {em['analogy']} |"

@@ -305,20 +305,18 @@ def goal_lines(rows: dict, domains: list[str]) -> list[str]:
       parts.append("no worse than lora anywhere" if not worse else
                    f"worse than lora on {len(worse)} of {len(domains) + 2} ({', '.join(worse)})")
       if "window_ce" in r and "window_ce" in lora:
-        from train.eval import paired_gap
+        from train.eval import format_gap, paired_gap
         gaps = {d: paired_gap(r["window_ce"][d], lora["window_ce"][d]) for d in domains}
         sure = [d for d, (_, lo, _) in gaps.items() if lo > 0]
         parts.append("perplexity vs lora (95% interval over held-out windows): "
-                     + ", ".join(f"{d} {100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-                                 for d, (g, lo, hi) in gaps.items())
+                     + ", ".join(f"{d} {format_gap(*gap)}" for d, gap in gaps.items())
                      + (f"; higher beyond the interval on {', '.join(sure)}" if sure else
                         "; on no domain higher beyond the interval"))
       if "math_hits" in r and "math_hits" in lora:
-        from train.eval import paired_hits_gap
+        from train.eval import format_gap, paired_hits_gap
         parts.append("exact match vs lora: " + ", ".join(
-            f"{task} {100 * g:+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-            for task, (g, lo, hi) in (
-                (t, paired_hits_gap(r[f"{t}_hits"], lora[f"{t}_hits"])) for t in ("math", "analogy"))))
+            f"{t} {format_gap(*paired_hits_gap(r[f'{t}_hits'], lora[f'{t}_hits']), unit=' pts')}"
+            for t in ("math", "analogy")))
     if parts:
       lines.append(f"- `{mode}`: " + "; ".join(parts))
   if lines:

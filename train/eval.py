@@ -104,6 +104,11 @@ def paired_gap(losses: np.ndarray, reference: np.ndarray, z: float = 1.96
   return math.expm1(mean), math.expm1(lo), math.expm1(hi)
 
 
+def format_gap(gap: float, lo: float, hi: float, unit: str = "%") -> str:
+  """A paired change and its interval as printed in tables: "+0.7% [+0.6, +0.8]" (shares x100)."""
+  return f"{100 * gap:+.1f}{unit} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def paired_hits_gap(hits: str, reference: str, z: float = 1.96) -> tuple[float, float, float]:
   """Exact-match difference (share, e.g. -0.01 = one point lower) of two rows scored on the
   same items, from their per-item hit strings ("0110..."), with a ~95% interval (lo, hi)."""
