@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -46,7 +47,31 @@ def test_a_few_steps_lower_the_loss(model, streams, tmp_path, mode):
   trainer.fit(progress=False)
   last = trainer.evaluate()
   assert np.mean(list(last.values())) < np.mean(list(first.values()))
-  assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 12
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert len(records) == 12
+  norms = np.array([[r["grad_norm"]["experts"], r["grad_norm"]["routing"]] for r in records])
+  assert (norms[:, 0] > 0).all()
+  assert (norms[:, 1] == 0).all() if mode == "lora" else (norms[:, 1] > 0).any()
+
+
+def test_grad_norms_split_the_global_norm():
+  """grad_norms puts router weights and tied betas in "routing", every other leaf in "experts";
+  together they make optax's global norm."""
+  import jax
+  import optax
+
+  from train.loop import grad_norms
+
+  rng = np.random.default_rng(0)
+  grads = {"pool": {"A_q": rng.normal(size=(3, 4)), "B_q": rng.normal(size=(4, 2)),
+                    "beta_q": rng.normal(size=(3,))},
+           "router": {"w": rng.normal(size=(5, 4))}}
+  grads = jax.tree.map(lambda a: np.asarray(a, np.float32), grads)
+  norms = grad_norms(grads)
+  np.testing.assert_allclose(norms["routing"], np.sqrt(
+      (grads["pool"]["beta_q"] ** 2).sum() + (grads["router"]["w"] ** 2).sum()), rtol=1e-6)
+  np.testing.assert_allclose(np.hypot(norms["experts"], norms["routing"]),
+                             optax.global_norm(grads), rtol=1e-6)
 
 
 def test_resume_after_kill_gives_bit_identical_losses(model, streams, tmp_path):
@@ -139,7 +164,6 @@ def test_shared_modes_keep_the_pools_budget():
 
 
 def test_rows_from_keeps_rows_of_the_same_settings_only(tmp_path):
-  import json
 
   from adafuse_jax.errors import UserError
   from train.__main__ import _seed_rows
@@ -255,7 +279,6 @@ def test_paired_hits_gap():
 def test_goal_lines_and_compare_tool_report_paired_intervals(tmp_path):
   """Rows with per-window losses get a paired interval against lora, in the table's goal lines
   and in tools/compare_training_rows.py; a gap inside the interval is not called higher."""
-  import json
   import pathlib
   import sys
 
@@ -286,7 +309,6 @@ def test_goal_lines_and_compare_tool_report_paired_intervals(tmp_path):
 
 
 def test_table_command_re_renders_results_md(tmp_path, capsys):
-  import json
   import pathlib
 
   from train.__main__ import main
@@ -347,3 +369,47 @@ def test_inspect_routing_params_tool(model, streams, tmp_path, capsys):
   names = {line.split(": ")[1].split(" ")[0] for line in lines}
   assert names == {"pool.beta_q", "pool.beta_v", "pool.beta_up", "router.w"}
   assert all(float(line.split("max |x| ")[1].split(",")[0]) > 0 for line in lines)
+
+
+def test_seed_gap():
+  from train.eval import seed_gap
+
+  ref = [10.0, 10.2, 9.9, 10.1]
+  gap, lo, hi = seed_gap(ref, ref)  # no change, an interval as wide as the seeds' spread
+  assert gap == 0.0 and lo < 0 < hi and np.log1p(lo) == pytest.approx(-np.log1p(hi))
+  gap, lo, hi = seed_gap([1.01 * v for v in ref], ref)  # the same spread, 1% higher
+  assert gap == pytest.approx(0.01) and lo < 0.01 < hi
+  gap, lo, hi = seed_gap([11.0, 11.0], [10.0, 10.0])  # no spread at all: the exact ratio
+  assert gap == lo == hi == pytest.approx(0.1)
+  gap, lo, hi = seed_gap([0.40, 0.42, 0.41], [0.28, 0.29, 0.27], log=False)  # points, not ratios
+  assert gap == pytest.approx(0.13) and 0 < lo < 0.13 < hi
+  with pytest.raises(ValueError, match="at least 2 seeds"):
+    seed_gap([10.0], ref)
+
+
+def test_compare_seeds_tool(tmp_path):
+  """tools/compare_seeds.py on the committed GPU runs: a setting against itself is worse
+  nowhere; globs expand; repeated seeds, single runs and other data budgets are refused."""
+  import pathlib
+  import sys
+  root = pathlib.Path(__file__).parents[1]
+  sys.path.insert(0, str(root / "tools"))
+  import compare_seeds
+
+  t = root / "docs" / "training"
+  lora = f"lora={t}/gpu-1000/results.json:lora,{t}/gpu-1000-seeds/s[2-3]/results.json:lora"
+  text = compare_seeds.table(lora, [lora.replace("lora=", "again=", 1)],
+                             plot=str(tmp_path / "seeds.png"))
+  rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+  assert rows[0].startswith("| lora (reference) | 0,2,3 |")
+  assert rows[1].startswith("| again | 0,2,3 |") and rows[1].endswith("| none (0 of 7) |")
+  assert "| again | 0 | +0.000 | 25 | +0.0000 |" in text  # the same training logs, seed by seed
+  assert "| 3.047 (+0.0% [-0.2, +0.2]) |" in rows[1] and (tmp_path / "seeds.png").stat().st_size > 0
+  with pytest.raises(SystemExit, match="seeds repeat"):
+    compare_seeds.load_group(f"x={t}/gpu-1000/results.json:lora,{t}/gpu-1000/results.json:lora")
+  with pytest.raises(SystemExit, match="at least two"):
+    compare_seeds.load_group(f"x={t}/gpu-1000/results.json:lora")
+  with pytest.raises(SystemExit, match="no file matches"):
+    compare_seeds.load_group(f"x={t}/nowhere*/results.json:lora")
+  with pytest.raises(SystemExit, match="not comparable"):
+    compare_seeds.load_group(f"x={t}/gpu-1000/results.json:lora,{t}/cpu-pilot-seed1/results.json:lora")

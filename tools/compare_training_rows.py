@@ -45,23 +45,36 @@ def load(spec: str) -> tuple[dict, dict, str]:
                      f" ({type(e).__name__}: {e})") from None
 
 
+def setting(cfg: dict, key: str):
+  """A run's setting; one missing from an older run's config is the default it ran with."""
+  return cfg.get(key, {f.name: f.default for f in dataclasses.fields(TrainConfig)}.get(key))
+
+
+def differing(cfg: dict, ref_cfg: dict, keys=None) -> list[str]:
+  """The settings (all but IGNORED, sorted; or those of `keys`, in its order) in which two runs'
+  configs differ."""
+  keys = sorted(k for k in set(cfg) | set(ref_cfg) if k not in IGNORED) if keys is None else keys
+  return [k for k in keys if setting(cfg, k) != setting(ref_cfg, k)]
+
+
+def check_comparable(spec: str, cfg: dict, ref_cfg: dict, allowed=VARIED) -> None:
+  """Refuses a run that differs from the reference in a setting outside `allowed`."""
+  diff = [k for k in differing(cfg, ref_cfg) if k not in allowed]
+  if diff:
+    raise SystemExit(f"{spec!r} ran with other settings than the reference ({', '.join(diff)}):"
+                     " not comparable")
+
+
 def table(reference: str, others: list[str]) -> str:
   ref_cfg, ref_row, _ = load(reference)
-  # A setting missing from an older run's config is the default it ran with.
-  defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
   lines, rows = [], []
   for spec in others:
     cfg, row, _ = load(spec)
-    diff = [k for k in set(cfg) | set(ref_cfg) if k not in IGNORED + VARIED
-            and cfg.get(k, defaults.get(k)) != ref_cfg.get(k, defaults.get(k))]
-    if diff:
-      raise SystemExit(f"{spec!r} ran with other settings than the reference ({', '.join(sorted(diff))}):"
-                       " not comparable")
-    shown = [k for k in VARIED if k != "shared_fraction"
-             and cfg.get(k, defaults.get(k)) != ref_cfg.get(k, defaults.get(k))]
+    check_comparable(spec, cfg, ref_cfg)
+    shown = [k for k in differing(cfg, ref_cfg, VARIED) if k != "shared_fraction"]
     if row["mode"].endswith("-shared"):
       shown.insert(0, "shared_fraction")
-    rows.append((row["mode"] + "".join(f", {k} {cfg.get(k, defaults.get(k))}" for k in shown),
+    rows.append((row["mode"] + "".join(f", {k} {setting(cfg, k)}" for k in shown),
                  row))
   domains = list(ref_row["ppl"])
   lines += [f"Against `{reference}` ({ref_cfg['steps']} steps of {ref_cfg['batch']} x"
@@ -109,10 +122,14 @@ def main(argv=None) -> str:
   p.add_argument("rows", nargs="+", help="PATH:MODE of each row to compare")
   p.add_argument("--out")
   args = p.parse_args(argv)
-  text = table(args.reference, args.rows)
+  return report(table(args.reference, args.rows), args.out)
+
+
+def report(text: str, out: str | None) -> str:
+  """Prints a comparison and writes it to `out` (if given)."""
   print(text)
-  if args.out:
-    pathlib.Path(args.out).write_text(text)
+  if out:
+    pathlib.Path(out).write_text(text)
   return text
 
 

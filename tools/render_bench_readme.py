@@ -412,7 +412,8 @@ def main() -> None:
                       ("training-shared", "shared-fraction.md"),
                       ("training-shared-300", "shared-fraction-300.md"),
                       ("training-gpu-1000", "gpu-1000.md"),
-                      ("training-pilot-seeds", "cpu-pilot-seeds.md")):
+                      ("training-pilot-seeds", "cpu-pilot-seeds.md"),
+                      ("training-gpu-seeds", "gpu-1000-seeds.md")):
     training = ROOT.parents[1] / "docs" / "training" / sub
     if training.exists() and f"<!-- {marker}:start -->" in text:
       head, rest = text.split(f"<!-- {marker}:start -->", 1)

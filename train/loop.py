@@ -172,6 +172,17 @@ def is_routing_leaf(path) -> bool:
   return "router" in keys or any(k.startswith("beta_") for k in keys)
 
 
+def grad_norms(grads) -> dict[str, jax.Array]:
+  """Global L2 norms of the expert factors' gradients and of the routing ones (routers, tied
+  betas; 0 for a plain LoRA), before clipping: {"experts": [], "routing": []} f32. Logged per
+  step: whether the routing gradients take a share of the clipped global norm."""
+  sums = {"experts": jnp.zeros((), jnp.float32), "routing": jnp.zeros((), jnp.float32)}
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    key = "routing" if is_routing_leaf(path) else "experts"
+    sums[key] = sums[key] + jnp.sum(jnp.square(g.astype(jnp.float32)))
+  return {k: jnp.sqrt(v) for k, v in sums.items()}
+
+
 def scale_routing_updates(factor: float) -> optax.GradientTransformation:
   """Multiplies the updates of router weights and tied betas by `factor` (others unchanged)."""
   def update(updates, state, params=None):
@@ -190,7 +201,7 @@ def train_step(model, adapters, optimizer, windows, aux_coef: float):
   grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, AdapterParam), has_aux=True)
   (loss, metrics), grads = grad_fn(adapters)
   optimizer.update(adapters, grads)
-  return loss, metrics
+  return loss, {**metrics, "grad_norm": grad_norms(grads)}
 
 
 @nnx.jit
@@ -311,7 +322,8 @@ class Trainer:
         t_last = now
         load = np.asarray(metrics["load"])
         record = {"step": self.step, "loss": loss, "ce": float(metrics["ce"]),
-                  "aux": float(metrics["aux"]), "tokens_per_s": tok_s, "load": load.round(4).tolist()}
+                  "aux": float(metrics["aux"]), "tokens_per_s": tok_s, "load": load.round(4).tolist(),
+                  "grad_norm": {k: float(v) for k, v in metrics["grad_norm"].items()}}
         if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
           record["eval_ppl"] = self.evaluate()
         log.write(json.dumps(record) + "\n")

@@ -1,0 +1,193 @@
+"""Settings trained with several seeds, each against a reference setting: means over seeds, with
+intervals over seeds.
+
+    python tools/compare_seeds.py \
+        --reference 'lora=docs/training/gpu-1000/results.json:lora,docs/training/gpu-1000-seeds/s[2-5]/results.json:lora' \
+        'pregated-tied=docs/training/gpu-1000-seeds/s[1-5]/results.json:pregated-tied' \
+        [--out docs/training/gpu-1000-seeds.md] [--plot docs/training/gpu-1000-seeds.png]
+
+Each argument is LABEL=SPEC[,SPEC...], a SPEC being PATH:MODE as in
+tools/compare_training_rows.py, whose PATH may be a glob. A setting's runs must differ in the
+seed only (and in distinct seeds); settings may differ from the reference in the settings that
+tools/compare_training_rows.py lets vary. The windows interval of a single pair of rows covers
+which text was held out; this one covers the training seed (initialisation and data order),
+which moves a domain's perplexity more (docs/training/gpu-1000.md): a setting is called worse
+(`*`) only where its interval lies above zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from compare_training_rows import (VARIED, check_comparable, differing, load,  # noqa: E402
+                                   report)
+from train.eval import format_gap, seed_gap  # noqa: E402
+
+TASKS = ("math_em", "analogy_em")
+
+
+def load_group(arg: str) -> tuple[str, list[tuple[dict, dict, str]]]:
+  """'LABEL=SPEC,SPEC' -> (label, [(config, row, spec)]) of runs differing in the seed only."""
+  label, sep, specs = arg.partition("=")
+  if not sep or not label or not specs:
+    raise SystemExit(f"{arg!r}: want LABEL=PATH:MODE[,PATH:MODE...]")
+  runs = []
+  for spec in specs.split(","):
+    path, _, mode = spec.rpartition(":")
+    paths = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+    if not paths:
+      raise SystemExit(f"{spec!r}: no file matches {path!r}")
+    runs += [load(f"{p}:{mode}") for p in paths]
+  first = runs[0][0]
+  for cfg, _, spec in runs[1:]:
+    check_comparable(spec, cfg, first, allowed=("seed",))
+  seeds = [cfg["seed"] for cfg, _, _ in runs]
+  if len(set(seeds)) != len(seeds):
+    raise SystemExit(f"{label}: seeds repeat ({seeds}); each run of a setting needs its own seed")
+  if len(runs) < 2:
+    raise SystemExit(f"{label}: one run; an interval over seeds needs at least two")
+  return label, runs
+
+
+def values(runs, key: str, domain: str | None = None) -> np.ndarray:
+  return np.array([row[key][domain] if domain else row[key] for _, row, _ in runs], np.float64)
+
+
+def table(reference: str, others: list[str], plot: str | None = None) -> str:
+  ref_label, ref_runs = load_group(reference)
+  groups = [load_group(arg) for arg in others]
+  for label, runs in groups:
+    check_comparable(label, runs[0][0], ref_runs[0][0])
+  domains = list(ref_runs[0][1]["ppl"])
+  cfg = ref_runs[0][0]
+  lines = [f"{cfg['steps']} steps of {cfg['batch']} x {cfg['seq_len']} tokens, every setting"
+           f" trained with several seeds; made by `python tools/compare_seeds.py"
+           f" {' '.join(sys.argv[1:])}`.", "",
+           "| setting | seeds | " + " | ".join(f"{d} ppl" for d in domains) +
+           " | mean ppl | math EM | analogy EM | worse than the reference on |",
+           "|---|---|" + "---|" * (len(domains) + 4)]
+
+  def geo(runs, d):
+    return math.exp(np.log(values(runs, "ppl", d)).mean())
+
+  named = [(label + "".join(f" ({k} {runs[0][0][k]})" for k in differing(
+      runs[0][0], ref_runs[0][0], [k for k in VARIED if k != "seed"])), runs)
+      for label, runs in [(ref_label, ref_runs)] + groups]
+  for name, runs in named:
+    seeds = ",".join(str(c["seed"]) for c, _, _ in runs)
+    is_ref = runs is ref_runs
+    cells, worse = [], []
+    for d in domains + ["mean"]:
+      key, dom = ("mean_ppl", None) if d == "mean" else ("ppl", d)
+      mean = math.exp(np.log(values(runs, key, dom)).mean())
+      if is_ref:
+        cells.append(f"{mean:.3f}")
+        continue
+      gap = seed_gap(values(runs, key, dom), values(ref_runs, key, dom))
+      cells.append(f"{mean:.3f} ({format_gap(*gap)})")
+      if d != "mean" and gap[0] > 0:
+        worse.append(d + ("*" if gap[1] > 0 else ""))
+    for task in TASKS:
+      mean = values(runs, task).mean()
+      if is_ref:
+        cells.append(f"{100 * mean:.1f}%")
+        continue
+      gap = seed_gap(values(runs, task), values(ref_runs, task), log=False)
+      cells.append(f"{100 * mean:.1f}% ({format_gap(*gap, unit='')})")
+      if gap[0] < 0:
+        worse.append(task + ("*" if gap[2] < 0 else ""))
+    tail = "-" if is_ref else f"{', '.join(worse) or 'none'} ({len(worse)} of {len(domains) + 2})"
+    lines.append(f"| {name}{' (reference)' if is_ref else ''} | {seeds} | {' | '.join(cells)} |"
+                 f" {tail} |")
+  lines += ["", "Perplexity: geometric mean over the setting's seeds, each seed's perplexity taken"
+            " over every held-out window. (change [lo, hi]): against the reference's, with a ~95%"
+            " Welch t interval over seeds; exact match in points, the same way. `*`: worse beyond"
+            " that interval."]
+  lines += excursions(named)
+  if plot:
+    _plot(named, domains, plot)
+  return "\n".join(lines) + "\n"
+
+
+def training_log(spec: str) -> np.ndarray | None:
+  """The per-step training cross-entropy of a PATH:MODE row (its folder's metrics/MODE.jsonl)."""
+  path, _, mode = spec.rpartition(":")
+  log = pathlib.Path(path).parent / "metrics" / f"{mode}.jsonl"
+  if not log.exists():
+    return None
+  return np.array([json.loads(line)["ce"] for line in log.read_text().splitlines()], np.float64)
+
+
+def excursions(settings, window: int = 25) -> list[str]:
+  """Each run's training loss against the reference's run of the same seed (the same batches in
+  the same order, `train.loop.batch_at`): the largest excess of the `window`-step moving mean,
+  where it peaks, and the mean excess over the last 200 steps, in nats."""
+  (ref_name, ref_runs), others = settings[0], settings[1:]
+  ref_logs = {cfg["seed"]: training_log(spec) for cfg, _, spec in ref_runs}
+  kernel = np.ones(window) / window
+  lines = ["| setting | seed | largest excess (nats) | at step | mean excess, last 200 steps |",
+           "|---|---|---|---|---|"]
+  for name, runs in others:
+    for cfg, _, spec in runs:
+      ref, log = ref_logs.get(cfg["seed"]), training_log(spec)
+      if ref is None or log is None or len(ref) != len(log):
+        continue
+      excess = np.convolve(log, kernel, "valid") - np.convolve(ref, kernel, "valid")
+      lines.append(f"| {name} | {cfg['seed']} | {excess.max():+.3f} |"
+                   f" {int(excess.argmax()) + window} | {excess[-200:].mean():+.4f} |")
+  if len(lines) == 2:
+    return []
+  return ["", f"Training loss against `{ref_name}` of the same seed (same batches), {window}-step"
+          " moving means:", ""] + lines
+
+
+def _plot(settings, domains, path: str) -> None:
+  """Every seed's perplexity change against the reference setting's (the first of `settings`,
+  [(name, runs)]) geometric mean, per domain."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  ref_label, ref_runs = settings[0]
+  fig, ax = plt.subplots(figsize=(1.6 * (len(domains) + 1) + 2, 4))
+  width = 0.8 / len(settings)
+  for i, (label, runs) in enumerate(settings):
+    for j, d in enumerate(domains + ["mean"]):
+      key, dom = ("mean_ppl", None) if d == "mean" else ("ppl", d)
+      ref = math.exp(np.log(values(ref_runs, key, dom)).mean())
+      pts = 100 * (values(runs, key, dom) / ref - 1)
+      x = j - 0.4 + width * (i + 0.5)
+      ax.scatter(np.full(pts.size, x), pts, s=14, color=f"C{i}", alpha=0.8,
+                 label=label if j == 0 else None)
+      ax.hlines(100 * (math.exp(np.log(values(runs, key, dom)).mean()) / ref - 1),
+                x - width / 2.5, x + width / 2.5, color=f"C{i}")
+  ax.axhline(0, color="grey", lw=0.8)
+  ax.set_xticks(range(len(domains) + 1), domains + ["mean"])
+  ax.set_ylabel(f"perplexity vs {ref_label}'s mean (%)")
+  ax.set_title("held-out perplexity per seed (dots) and per setting (bars)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> str:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--reference", required=True, help="LABEL=PATH:MODE[,PATH:MODE...]")
+  p.add_argument("groups", nargs="+", help="LABEL=PATH:MODE[,PATH:MODE...] of each setting")
+  p.add_argument("--out")
+  p.add_argument("--plot", help="PNG of every seed's perplexity change per domain")
+  args = p.parse_args(argv)
+  return report(table(args.reference, args.groups, args.plot), args.out)
+
+
+if __name__ == "__main__":
+  main()
