@@ -38,10 +38,10 @@ def _cfg(mode="pregated", **kw):
 
 @pytest.mark.parametrize("mode", ["pregated", "layerwise", "lora", "pregated-plg",
                                   "pregated-shared", "pregated-ctx", "pregated-tied",
-                                  "pregated-tied+ctx"])
+                                  "pregated-tied+ctx", "pregated-tied+clip"])
 def test_a_few_steps_lower_the_loss(model, streams, tmp_path, mode):
-  cfg = _cfg(mode.removesuffix("+ctx"), steps=12, batch=8,
-             route_context=0.9 if mode.endswith("+ctx") else 0.0)
+  cfg = _cfg(mode.split("+")[0], steps=12, batch=8,
+             route_context=0.9 if mode.endswith("+ctx") else 0.0, clip_apart=mode.endswith("+clip"))
   trainer = Trainer(model, cfg, *streams, tmp_path)
   first = trainer.evaluate()
   trainer.fit(progress=False)
@@ -403,7 +403,7 @@ def test_compare_seeds_tool(tmp_path):
   rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
   assert rows[0].startswith("| lora (reference) | 0,2,3 |")
   assert rows[1].startswith("| again | 0,2,3 |") and rows[1].endswith("| none (0 of 7) |")
-  assert "| again | 0 | +0.000 | 25 | +0.0000 |" in text  # the same training logs, seed by seed
+  assert "| again | 0 | +0.000 | 25 | +0.000 (step 1) | +0.0000 |" in text  # the same training logs, seed by seed
   assert "| 3.047 (+0.0% [-0.2, +0.2]) |" in rows[1] and (tmp_path / "seeds.png").stat().st_size > 0
   with pytest.raises(SystemExit, match="seeds repeat"):
     compare_seeds.load_group(f"x={t}/gpu-1000/results.json:lora,{t}/gpu-1000/results.json:lora")
@@ -413,3 +413,57 @@ def test_compare_seeds_tool(tmp_path):
     compare_seeds.load_group(f"x={t}/nowhere*/results.json:lora")
   with pytest.raises(SystemExit, match="not comparable"):
     compare_seeds.load_group(f"x={t}/gpu-1000/results.json:lora,{t}/cpu-pilot-seed1/results.json:lora")
+
+
+def test_init_seed_changes_the_initialisation_not_the_batches(model, streams, tmp_path):
+  """B starts at zero, so the first step's loss is the backbone's on that step's batch: equal
+  for two inits on the same data seed, different for another data seed."""
+  import jax
+  from flax import nnx
+
+  def first(name, **kw):
+    trainer = Trainer(model, _cfg("lora", **kw), *streams, tmp_path / name)
+    state = jax.tree.map(np.array, nnx.state(trainer.adapters))
+    return trainer.fit(until=1, progress=False)[0], state
+
+  loss, init = first("a", seed=0)
+  loss_other_init, other_init = first("b", seed=0, init_seed=1)
+  loss_other_data, init_of_seed_1 = first("c", seed=1)
+  assert loss_other_init == loss and loss_other_data != loss
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, other_init, init_of_seed_1)))
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, other_init, init)))
+
+
+def test_clip_by_group_norm_clips_each_group_on_its_own():
+  import jax
+
+  from train.loop import clip_by_group_norm, grad_norms
+
+  rng = np.random.default_rng(0)
+  grads = {"pool": {"A_q": rng.normal(size=(30, 4)) * 0.01, "beta_q": rng.normal(size=(3,)) * 50},
+           "router": {"w": rng.normal(size=(5, 4))}}
+  grads = jax.tree.map(lambda a: np.asarray(a, np.float32), grads)
+  clip = clip_by_group_norm(1.0)
+  out, _ = clip.update(grads, clip.init(grads))
+  norms = grad_norms(out)
+  np.testing.assert_allclose(norms["routing"], 1.0, rtol=1e-5)  # clipped, direction kept
+  np.testing.assert_allclose(out["router"]["w"] / grads["router"]["w"],
+                             out["pool"]["beta_q"][0] / grads["pool"]["beta_q"][0], rtol=1e-5)
+  np.testing.assert_array_equal(out["pool"]["A_q"], grads["pool"]["A_q"])  # small: untouched
+
+
+def test_grad_norm_summary_tool():
+  """tools/grad_norm_summary.py summarises a committed log with grad norms and names a log from
+  before they were logged."""
+  import pathlib
+  import sys
+  root = pathlib.Path(__file__).parents[1]
+  sys.path.insert(0, str(root / "tools"))
+  import grad_norm_summary
+
+  logs = root / "docs" / "training"
+  text = grad_norm_summary.summary([str(logs / "cpu-grad-norms" / "pregated-tied.jsonl")])
+  row = text.splitlines()[-1].split(" | ")
+  assert row[1] == "60" and float(row[2]) > 0 and row[4].endswith("%")
+  with pytest.raises(SystemExit, match="no grad_norm"):
+    grad_norm_summary.summary([str(logs / "gpu-1000" / "metrics" / "lora.jsonl")])

@@ -8,7 +8,8 @@ intervals over seeds.
 
 Each argument is LABEL=SPEC[,SPEC...], a SPEC being PATH:MODE as in
 tools/compare_training_rows.py, whose PATH may be a glob. A setting's runs must differ in the
-seed only (and in distinct seeds); settings may differ from the reference in the settings that
+seeds only (`seed`: data order and initialisation; `init_seed`: initialisation alone) and
+each in its own; settings may differ from the reference in the settings that
 tools/compare_training_rows.py lets vary. The windows interval of a single pair of rows covers
 which text was held out; this one covers the training seed (initialisation and data order),
 which moves a domain's perplexity more (docs/training/gpu-1000.md): a setting is called worse
@@ -28,10 +29,11 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from compare_training_rows import (VARIED, check_comparable, differing, load,  # noqa: E402
-                                   report)
+                                   report, setting)
 from train.eval import format_gap, seed_gap  # noqa: E402
 
 TASKS = ("math_em", "analogy_em")
+SEEDS = ("seed", "init_seed")  # what may differ between the runs of one setting
 
 
 def load_group(arg: str) -> tuple[str, list[tuple[dict, dict, str]]]:
@@ -48,13 +50,19 @@ def load_group(arg: str) -> tuple[str, list[tuple[dict, dict, str]]]:
     runs += [load(f"{p}:{mode}") for p in paths]
   first = runs[0][0]
   for cfg, _, spec in runs[1:]:
-    check_comparable(spec, cfg, first, allowed=("seed",))
-  seeds = [cfg["seed"] for cfg, _, _ in runs]
+    check_comparable(spec, cfg, first, allowed=SEEDS)
+  seeds = [seed_label(cfg) for cfg, _, _ in runs]
   if len(set(seeds)) != len(seeds):
     raise SystemExit(f"{label}: seeds repeat ({seeds}); each run of a setting needs its own seed")
   if len(runs) < 2:
     raise SystemExit(f"{label}: one run; an interval over seeds needs at least two")
   return label, runs
+
+
+def seed_label(cfg: dict) -> str:
+  """"5", or "5/100" for data seed 5 with adapters initialised from seed 100."""
+  init = setting(cfg, "init_seed")
+  return str(cfg["seed"]) if init is None or init == cfg["seed"] else f"{cfg['seed']}/{init}"
 
 
 def values(runs, key: str, domain: str | None = None) -> np.ndarray:
@@ -78,11 +86,11 @@ def table(reference: str, others: list[str], plot: str | None = None) -> str:
   def geo(runs, d):
     return math.exp(np.log(values(runs, "ppl", d)).mean())
 
-  named = [(label + "".join(f" ({k} {runs[0][0][k]})" for k in differing(
-      runs[0][0], ref_runs[0][0], [k for k in VARIED if k != "seed"])), runs)
+  named = [(label + "".join(f" ({k} {setting(runs[0][0], k)})" for k in differing(
+      runs[0][0], ref_runs[0][0], [k for k in VARIED if k not in SEEDS])), runs)
       for label, runs in [(ref_label, ref_runs)] + groups]
   for name, runs in named:
-    seeds = ",".join(str(c["seed"]) for c, _, _ in runs)
+    seeds = ",".join(seed_label(c) for c, _, _ in runs)
     is_ref = runs is ref_runs
     cells, worse = [], []
     for d in domains + ["mean"]:
@@ -129,20 +137,24 @@ def training_log(spec: str) -> np.ndarray | None:
 def excursions(settings, window: int = 25) -> list[str]:
   """Each run's training loss against the reference's run of the same seed (the same batches in
   the same order, `train.loop.batch_at`): the largest excess of the `window`-step moving mean,
-  where it peaks, and the mean excess over the last 200 steps, in nats."""
+  where it peaks, the largest excess of a single step (one batch), and the mean excess over the
+  last 200 steps, in nats."""
   (ref_name, ref_runs), others = settings[0], settings[1:]
-  ref_logs = {cfg["seed"]: training_log(spec) for cfg, _, spec in ref_runs}
+  # the reference's runs initialised from their data seed, one per data seed
+  ref_logs = {cfg["seed"]: training_log(spec) for cfg, _, spec in ref_runs
+              if setting(cfg, "init_seed") in (None, cfg["seed"])}
   kernel = np.ones(window) / window
-  lines = ["| setting | seed | largest excess (nats) | at step | mean excess, last 200 steps |",
-           "|---|---|---|---|---|"]
+  lines = ["| setting | seed | largest excess (nats) | at step | largest one-step excess |"
+           " mean excess, last 200 steps |", "|---|---|---|---|---|---|"]
   for name, runs in others:
     for cfg, _, spec in runs:
       ref, log = ref_logs.get(cfg["seed"]), training_log(spec)
       if ref is None or log is None or len(ref) != len(log):
         continue
       excess = np.convolve(log, kernel, "valid") - np.convolve(ref, kernel, "valid")
-      lines.append(f"| {name} | {cfg['seed']} | {excess.max():+.3f} |"
-                   f" {int(excess.argmax()) + window} | {excess[-200:].mean():+.4f} |")
+      lines.append(f"| {name} | {seed_label(cfg)} | {excess.max():+.3f} |"
+                   f" {int(excess.argmax()) + window} | {(log - ref).max():+.3f} (step"
+                   f" {int((log - ref).argmax()) + 1}) | {excess[-200:].mean():+.4f} |")
   if len(lines) == 2:
     return []
   return ["", f"Training loss against `{ref_name}` of the same seed (same batches), {window}-step"

@@ -25,7 +25,7 @@ from train.loop import TrainConfig
 
 # Settings that may differ between compared runs (they define what is being compared).
 VARIED = ("shared_fraction", "top_k", "lr", "aux_coef", "seed", "router_lr_scale",
-          "route_context")
+          "route_context", "init_seed", "clip_apart")
 IGNORED = ("mode", "eval_every", "checkpoint_every", "keep")
 
 

@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     for field in ("lr", "aux_coef", "weight_decay", "shared_fraction", "router_lr_scale",
                   "route_context"):
       s.add_argument("--" + field.replace("_", "-"), type=float, default=getattr(d, field))
+    s.add_argument("--init-seed", type=int, default=None,
+                   help="the adapters' initialisation seed (default: --seed, which also fixes"
+                        " the data order)")
+    s.add_argument("--clip-apart", action="store_true",
+                   help="clip the experts' and the routing gradients each on its own norm"
+                        " (an experiment)")
     s.add_argument("--quiet", action="store_true")
   return p
 

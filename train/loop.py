@@ -49,7 +49,11 @@ class TrainConfig:
   (`AdapterConfig.tied_shared`). `router_lr_scale` scales the updates of the routers and of the
   tied pools' betas: Adam moves every router weight by about the learning rate per step
   whatever its gradient, and a router's logit sums `in` such moves. `route_context` (pre-gated
-  modes; `lora` and layer-wise rows ignore it) is `AdapterConfig.route_context`."""
+  modes; `lora` and layer-wise rows ignore it) is `AdapterConfig.route_context`. `seed` fixes
+  the data order and, unless `init_seed` is given, the adapters' initialisation: two runs that
+  differ in `init_seed` alone see the same batches in the same order. `clip_apart` clips the
+  expert factors' gradients and the routing ones (routers, tied betas) each on its own norm
+  instead of one global norm (`clip_by_group_norm`): an experiment, not a tested remedy."""
 
   mode: str = "pregated"
   modules: tuple[str, ...] = ("q", "k", "v", "o")
@@ -63,6 +67,7 @@ class TrainConfig:
   warmup: int = 40
   weight_decay: float = 0.01
   clip: float = 1.0
+  clip_apart: bool = False
   shared_fraction: float = 0.5
   router_lr_scale: float = 1.0
   route_context: float = 0.0
@@ -72,6 +77,7 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep: int = 3
   seed: int = 0
+  init_seed: int | None = None
 
   def __post_init__(self) -> None:
     if self.mode not in TRAIN_MODES:
@@ -159,8 +165,8 @@ def forward_loss(model: LlamaModel, adapters: MixtureOfLoRA | None, windows: jax
 def make_optimizer(adapters: MixtureOfLoRA, cfg: TrainConfig) -> nnx.Optimizer:
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup, cfg.steps),
                                                 max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.1)
-  tx = optax.chain(optax.clip_by_global_norm(cfg.clip),
-                   optax.adamw(schedule, weight_decay=cfg.weight_decay))
+  clip = clip_by_group_norm(cfg.clip) if cfg.clip_apart else optax.clip_by_global_norm(cfg.clip)
+  tx = optax.chain(clip, optax.adamw(schedule, weight_decay=cfg.weight_decay))
   if cfg.router_lr_scale != 1.0:
     tx = optax.chain(tx, scale_routing_updates(cfg.router_lr_scale))
   return nnx.Optimizer(adapters, tx, wrt=AdapterParam)
@@ -181,6 +187,21 @@ def grad_norms(grads) -> dict[str, jax.Array]:
     key = "routing" if is_routing_leaf(path) else "experts"
     sums[key] = sums[key] + jnp.sum(jnp.square(g.astype(jnp.float32)))
   return {k: jnp.sqrt(v) for k, v in sums.items()}
+
+
+def clip_by_group_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` applied to the expert factors and to the routing parameters
+  (`is_routing_leaf`) separately: a burst in the routing gradients (a tied beta's gradient does
+  not shrink with beta) then cannot rescale the experts' step."""
+  def update(updates, state, params=None):
+    del params
+    factor = {k: jnp.minimum(1.0, max_norm / jnp.maximum(n, 1e-12))
+              for k, n in grad_norms(updates).items()}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * factor["routing" if is_routing_leaf(path) else "experts"].astype(
+            u.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def scale_routing_updates(factor: float) -> optax.GradientTransformation:
@@ -232,7 +253,8 @@ class Trainer:
     self.workdir.mkdir(parents=True, exist_ok=True)
     # Stacked pools whatever the backend: a Variable holding a per-layer tuple is not one leaf
     # for optax, and training is not the latency-bound path the "list" layout serves.
-    self.adapters = MixtureOfLoRA(model.cfg, cfg.adapter_config(), seed=cfg.seed, layout="stacked")
+    self.adapters = MixtureOfLoRA(model.cfg, cfg.adapter_config(), layout="stacked",
+                                  seed=cfg.seed if cfg.init_seed is None else cfg.init_seed)
     self.optimizer = make_optimizer(self.adapters, cfg)
     self.step = 0
     self.manager = ocp.CheckpointManager(
