@@ -192,29 +192,53 @@ class AdapterRuntime:
       if use_fused_kernel(*experts.shape, self.cfg.num_experts):
         return self._fused(name, layer, x, xf, weights, experts, gates, dense)
     a, b = self.adapters.pool.factors(name, layer)
-    prompt = xf.shape[0] > FUSED_MAX_TOKENS and not self.cfg.has_shared
-    if (prompt and self.implementation == "pallas" and not isinstance(weights, tuple)
-        and use_segmented(*a.shape)):
-      return self._segmented(name, layer, x, xf, weights, experts, gates)
-    if prompt and not use_gather(*experts.shape, self.cfg.num_experts):
-      if dense is None:
-        dense = dense_gates(experts, gates, self.cfg.num_experts)
-      y = dense_bias_output(xf, weights[layer], a, b, dense, self.cfg.scale)
-      return y.reshape(*x.shape[:-1], -1)
-    y = x @ weights[layer]
     a_t = self.rows[f"A_{name}"][layer] if self.rows is not None else None
-    delta = expert_delta(xf, a, b, experts, gates, dense, a_t=a_t)
     if self.cfg.has_shared:
-      delta = delta.astype(jnp.float32)
-      if self.cfg.tied_shared:  # the whole pool at gate 1, the routed experts at beta * g
-        delta = delta * getattr(self.adapters.pool, f"beta_{name}")[layer]
-        sa, sb = a.reshape(a.shape[0], -1), b.reshape(-1, b.shape[-1])  # [in, E*r], [E*r, out]
-      else:
-        sa, sb = self.adapters.pool.factors(name, layer, "S")
-      h = jnp.dot(xf, sa, preferred_element_type=jnp.float32).astype(xf.dtype)
-      delta = delta + jnp.dot(h, sb, preferred_element_type=jnp.float32)
-    delta = delta * self.cfg.scale
-    return y + delta.reshape(*x.shape[:-1], -1).astype(y.dtype)
+      y = self._shared_and_routed(name, layer, xf, weights[layer], a, b, experts, gates, dense,
+                                  a_t)
+      return y.reshape(*x.shape[:-1], -1)
+    if (xf.shape[0] > FUSED_MAX_TOKENS and self.implementation == "pallas"
+        and not isinstance(weights, tuple) and use_segmented(*a.shape)):
+      return self._segmented(name, layer, x, xf, weights, experts, gates)
+    y = self._unmerged(xf, weights[layer], a, b, experts, gates, dense, a_t)
+    return y.reshape(*x.shape[:-1], -1)
+
+  def _unmerged(self, xf: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
+                experts: jax.Array, gates: jax.Array, dense: jax.Array | None,
+                a_t: jax.Array | None = None) -> jax.Array:
+    """xf @ w + (alpha/r) Σ_k g_k (xf A_k) B_k in plain XLA, in xf's dtype: prompts that touch
+    much of the pool as one GEMM with the expansion beside it (`dense_bias_output`), else the
+    base matmul plus `expert_delta`. xf [N, in]; a [in, E, r]; b [E, r, out] -> [N, out]."""
+    num_experts = a.shape[1]
+    if xf.shape[0] > FUSED_MAX_TOKENS and not use_gather(*experts.shape, num_experts):
+      if dense is None:
+        dense = dense_gates(experts, gates, num_experts)
+      return dense_bias_output(xf, w, a, b, dense, self.cfg.scale)
+    y = xf @ w
+    delta = expert_delta(xf, a, b, experts, gates, dense, a_t=a_t)
+    return y + (delta * self.cfg.scale).astype(y.dtype)
+
+  def _shared_and_routed(self, name: str, layer: int, xf: jax.Array, w: jax.Array, a: jax.Array,
+                         b: jax.Array, experts, gates, dense, a_t) -> jax.Array:
+    """The shared expert (its own SA, SB; with `tied_shared` the whole pool, a LoRA of rank
+    E*r) through the plain LoRA's own path, `_unmerged` with one expert at gate 1, then the
+    routed experts (times beta when tied) added in f32. A tied pool with beta = 0 therefore
+    computes exactly what the LoRA of rank E*r computes, bit for bit in bf16 too, gradients
+    included: with the shared term in another formulation (its expansion in f32), the bf16
+    gradients of the same function left the LoRA's by 8% (tools/tied_numerics_probe.py).
+    xf [N, in] -> [N, out] in xf's dtype."""
+    if self.cfg.tied_shared:
+      sa, sb = a.reshape(a.shape[0], 1, -1), b.reshape(1, -1, b.shape[-1])  # [in,1,E*r], [1,E*r,out]
+    else:
+      sa, sb = self.adapters.pool.factors(name, layer, "S")
+      sa, sb = sa[:, None, :], sb[None]
+    n = xf.shape[0]
+    one = jnp.ones((n, 1), jnp.float32)
+    shared = self._unmerged(xf, w, sa, sb, jnp.zeros((n, 1), jnp.int32), one, one)
+    routed = expert_delta(xf, a, b, experts, gates, dense, a_t=a_t).astype(jnp.float32)
+    if self.cfg.tied_shared:  # the routed experts again at beta * g
+      routed = routed * getattr(self.adapters.pool, f"beta_{name}")[layer]
+    return (shared.astype(jnp.float32) + routed * self.cfg.scale).astype(xf.dtype)
 
   def _packed(self, name: str, layer: int, x: jax.Array) -> jax.Array:
     """Base output, every expert's shrink and (layer-wise) the router's logits from the one

@@ -367,22 +367,55 @@ def _tied(model, mode="pregated", layout="stacked", beta_seed=5):
   return adapters
 
 
-def test_tied_pool_at_beta_zero_is_the_lora_of_all_its_experts(model):
-  """With beta = 0 the routed part vanishes: the model is the plain LoRA of rank E*r whose
-  factors are the experts' side by side (what training starts from)."""
-  adapters = _tied(model)
+def _at_beta_zero_and_its_lora(model, mode="pregated"):
+  """(a tied pool with every beta 0, the plain LoRA of rank E*r made of its experts' factors)."""
+  adapters = _tied(model, mode)
   cfg = adapters.cfg
   for mod in cfg.modules:
     getattr(adapters.pool, f"beta_{mod}").set_value(jnp.zeros((model.cfg.layers,)))
-  lora = MixtureOfLoRA(model.cfg, AdapterConfig(mode="lora", modules=cfg.modules, rank=16,
-                                                alpha=cfg.scale * 16), seed=0, layout="stacked")
+  rank = cfg.num_experts * cfg.rank
+  lora = MixtureOfLoRA(model.cfg, AdapterConfig(mode="lora", modules=cfg.modules, rank=rank,
+                                                alpha=cfg.scale * rank), seed=0, layout="stacked")
   for mod in cfg.modules:
     a, b = adapters.pool.stacked(mod)
     getattr(lora.pool, f"A_{mod}").set_value(a.reshape(*a.shape[:2], 1, -1))
     getattr(lora.pool, f"B_{mod}").set_value(b.reshape(b.shape[0], 1, -1, b.shape[-1]))
+  return adapters, lora
+
+
+def test_tied_pool_at_beta_zero_is_the_lora_of_all_its_experts(model):
+  """With beta = 0 the routed part vanishes: the model is the plain LoRA of rank E*r whose
+  factors are the experts' side by side (what training starts from)."""
+  adapters, lora = _at_beta_zero_and_its_lora(model)
   got, _ = logits_with(model, adapters)
   want, _ = logits_with(model, lora)
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["pregated", "layerwise"])
+@pytest.mark.parametrize("tokens", [8, 96])  # decode-sized, and a prompt past FUSED_MAX_TOKENS
+def test_tied_pool_at_beta_zero_trains_bit_for_bit_as_its_lora_in_bf16(mode, tokens):
+  """The tied pool's shared term runs through the LoRA's own path, so at beta = 0 its bf16 loss
+  and its gradients for A and B are the LoRA's exactly, not merely close (a tied run and a LoRA
+  run then differ only by what the routed term does)."""
+  from train.loop import forward_loss
+
+  bf16 = LlamaModel(tiny_config(), seed=0, dtype=jnp.bfloat16)
+  adapters, lora = _at_beta_zero_and_its_lora(bf16, mode)
+  windows = jax.random.randint(jax.random.key(1), (2, tokens // 2 + 1), 0, bf16.cfg.vocab_size)
+
+  def loss_and_grads(ad):
+    return nnx.value_and_grad(lambda a: forward_loss(bf16, a, windows)[1]["ce"],
+                              argnums=nnx.DiffState(0, AdapterParam))(ad)
+
+  (tied_loss, tied_grads), (lora_loss, lora_grads) = loss_and_grads(adapters), loss_and_grads(lora)
+  assert tied_loss == lora_loss
+  for mod in adapters.cfg.modules:
+    for factor in "AB":
+      got = getattr(tied_grads.pool, f"{factor}_{mod}").get_value()
+      want = getattr(lora_grads.pool, f"{factor}_{mod}").get_value()
+      np.testing.assert_array_equal(np.asarray(got).reshape(np.shape(want)), np.asarray(want))
+      assert np.abs(np.asarray(want)).max() > 0
 
 
 @pytest.mark.parametrize("layout", ["stacked", "list"])

@@ -467,3 +467,22 @@ def test_grad_norm_summary_tool():
   assert row[1] == "60" and float(row[2]) > 0 and row[4].endswith("%")
   with pytest.raises(SystemExit, match="no grad_norm"):
     grad_norm_summary.summary([str(logs / "gpu-1000" / "metrics" / "lora.jsonl")])
+
+
+def test_loss_gap_tool():
+  """tools/loss_gap.py: a log against itself is zero everywhere; logs of other lengths are
+  compared as far as the shortest goes; a file that is no training log is named."""
+  import pathlib
+  import sys
+  root = pathlib.Path(__file__).parents[1]
+  sys.path.insert(0, str(root / "tools"))
+  import loss_gap
+
+  lora = str(root / "docs" / "training" / "gpu-1000-seeds" / "s5" / "metrics" / "lora.jsonl")
+  short = str(root / "docs" / "training" / "cpu-tied-s5" / "pregated-tied.jsonl")
+  text = loss_gap.table(lora, [lora, short], block=20)
+  rows = text.splitlines()
+  assert rows[2].endswith("| steps 41-60 |")  # the CPU run stopped after step 60
+  assert rows[4] == f"| {lora} | " + " | ".join(["+0.000 / +0.000"] * 3) + " |"
+  with pytest.raises(SystemExit, match="not a metrics.jsonl"):
+    loss_gap.table(lora, [str(root / "README.md")])
