@@ -10,6 +10,9 @@
 # cache, so the same command in the next call resumes where a time limit cut it; each call
 # leaves OUT_DIR/NAME.tar.gz (results.json/.md, plots, training logs) and NAME.log.
 #
+# With FIT=1 it runs `python -m train fit` instead (one mode, e.g. FIT=1 bash ... OUT NAME --mode
+# pregated-tied --steps 1000 --seed 5): OUT_DIR/NAME/metrics.jsonl, as far as the time allowed.
+#
 #   bash tools/gpu_train_run.sh prepare     # here, once: .m1 .m2 .m3 .data, git-excluded
 # then three device calls: carry [.whl, .m1, .data], then [.whl, .m2], then [.whl, .m3] with the
 # run's arguments (the first two only stage; keep them back to back, a machine stays warm 30 s).
@@ -49,6 +52,14 @@ fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site JAX_COMPILATION_CACHE_DIR=/tmp/jcc \
   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ "${FIT:-}" = 1 ]; then
+  # One mode's training curve alone (`fit`): its workdir lies in OUT_DIR, so that the log of
+  # every finished step comes back even when the call's time runs out mid-run.
+  timeout "${LIMIT_S:-540}" python3 -m train --cache /tmp/data fit --workdir "$out/$name" \
+    --quiet "$@" 2>&1 | tail -25
+  rm -rf "$out/$name/ckpt"
+  exit 0
+fi
 timeout "${LIMIT_S:-540}" python3 -m train --cache /tmp/data all --out "/tmp/results/$name" \
   --workdir "/tmp/train/$name" --quiet "$@" 2>&1 | tee -a "/tmp/results/$name.log" | tail -25
 # Training logs as they stand, also of a mode the time limit cut before its row was written.
