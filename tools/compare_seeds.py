@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import math
 import pathlib
 import sys
@@ -28,9 +27,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from compare_training_rows import (VARIED, check_comparable, differing, load,  # noqa: E402
-                                   report, setting)
+from compare_training_rows import VARIED, check_comparable, differing, load, report  # noqa: E402
+from loss_gap import losses  # noqa: E402
 from train.eval import format_gap, seed_gap  # noqa: E402
+from train.loop import saved_setting  # noqa: E402
 
 TASKS = ("math_em", "analogy_em")
 SEEDS = ("seed", "init_seed")  # what may differ between the runs of one setting
@@ -61,12 +61,21 @@ def load_group(arg: str) -> tuple[str, list[tuple[dict, dict, str]]]:
 
 def seed_label(cfg: dict) -> str:
   """"5", or "5/100" for data seed 5 with adapters initialised from seed 100."""
-  init = setting(cfg, "init_seed")
+  init = saved_setting(cfg, "init_seed")
   return str(cfg["seed"]) if init is None or init == cfg["seed"] else f"{cfg['seed']}/{init}"
 
 
 def values(runs, key: str, domain: str | None = None) -> np.ndarray:
   return np.array([row[key][domain] if domain else row[key] for _, row, _ in runs], np.float64)
+
+
+def perplexities(runs, domain: str) -> np.ndarray:
+  """Each run's perplexity on `domain`, or on the mean over domains for "mean" [S]."""
+  return values(runs, "mean_ppl") if domain == "mean" else values(runs, "ppl", domain)
+
+
+def geometric_mean(v: np.ndarray) -> float:
+  return math.exp(np.log(v).mean())
 
 
 def table(reference: str, others: list[str], plot: str | None = None) -> str:
@@ -83,10 +92,7 @@ def table(reference: str, others: list[str], plot: str | None = None) -> str:
            " | mean ppl | math EM | analogy EM | worse than the reference on |",
            "|---|---|" + "---|" * (len(domains) + 4)]
 
-  def geo(runs, d):
-    return math.exp(np.log(values(runs, "ppl", d)).mean())
-
-  named = [(label + "".join(f" ({k} {setting(runs[0][0], k)})" for k in differing(
+  named = [(label + "".join(f" ({k} {saved_setting(runs[0][0], k)})" for k in differing(
       runs[0][0], ref_runs[0][0], [k for k in VARIED if k not in SEEDS])), runs)
       for label, runs in [(ref_label, ref_runs)] + groups]
   for name, runs in named:
@@ -94,12 +100,11 @@ def table(reference: str, others: list[str], plot: str | None = None) -> str:
     is_ref = runs is ref_runs
     cells, worse = [], []
     for d in domains + ["mean"]:
-      key, dom = ("mean_ppl", None) if d == "mean" else ("ppl", d)
-      mean = math.exp(np.log(values(runs, key, dom)).mean())
+      mean = geometric_mean(perplexities(runs, d))
       if is_ref:
         cells.append(f"{mean:.3f}")
         continue
-      gap = seed_gap(values(runs, key, dom), values(ref_runs, key, dom))
+      gap = seed_gap(perplexities(runs, d), perplexities(ref_runs, d))
       cells.append(f"{mean:.3f} ({format_gap(*gap)})")
       if d != "mean" and gap[0] > 0:
         worse.append(d + ("*" if gap[1] > 0 else ""))
@@ -126,12 +131,11 @@ def table(reference: str, others: list[str], plot: str | None = None) -> str:
 
 
 def training_log(spec: str) -> np.ndarray | None:
-  """The per-step training cross-entropy of a PATH:MODE row (its folder's metrics/MODE.jsonl)."""
+  """The per-step training cross-entropy of a PATH:MODE row (its folder's metrics/MODE.jsonl),
+  or None where the run kept no log."""
   path, _, mode = spec.rpartition(":")
   log = pathlib.Path(path).parent / "metrics" / f"{mode}.jsonl"
-  if not log.exists():
-    return None
-  return np.array([json.loads(line)["ce"] for line in log.read_text().splitlines()], np.float64)
+  return losses(str(log)) if log.exists() else None
 
 
 def excursions(settings, window: int = 25) -> list[str]:
@@ -142,7 +146,7 @@ def excursions(settings, window: int = 25) -> list[str]:
   (ref_name, ref_runs), others = settings[0], settings[1:]
   # the reference's runs initialised from their data seed, one per data seed
   ref_logs = {cfg["seed"]: training_log(spec) for cfg, _, spec in ref_runs
-              if setting(cfg, "init_seed") in (None, cfg["seed"])}
+              if saved_setting(cfg, "init_seed") in (None, cfg["seed"])}
   kernel = np.ones(window) / window
   lines = ["| setting | seed | largest excess (nats) | at step | largest one-step excess |"
            " mean excess, last 200 steps |", "|---|---|---|---|---|---|"]
@@ -173,14 +177,14 @@ def _plot(settings, domains, path: str) -> None:
   width = 0.8 / len(settings)
   for i, (label, runs) in enumerate(settings):
     for j, d in enumerate(domains + ["mean"]):
-      key, dom = ("mean_ppl", None) if d == "mean" else ("ppl", d)
-      ref = math.exp(np.log(values(ref_runs, key, dom)).mean())
-      pts = 100 * (values(runs, key, dom) / ref - 1)
+      ref = geometric_mean(perplexities(ref_runs, d))
+      ppl = perplexities(runs, d)
+      pts = 100 * (ppl / ref - 1)
       x = j - 0.4 + width * (i + 0.5)
       ax.scatter(np.full(pts.size, x), pts, s=14, color=f"C{i}", alpha=0.8,
                  label=label if j == 0 else None)
-      ax.hlines(100 * (math.exp(np.log(values(runs, key, dom)).mean()) / ref - 1),
-                x - width / 2.5, x + width / 2.5, color=f"C{i}")
+      ax.hlines(100 * (geometric_mean(ppl) / ref - 1), x - width / 2.5, x + width / 2.5,
+                color=f"C{i}")
   ax.axhline(0, color="grey", lw=0.8)
   ax.set_xticks(range(len(domains) + 1), domains + ["mean"])
   ax.set_ylabel(f"perplexity vs {ref_label}'s mean (%)")
