@@ -15,13 +15,12 @@ change against the reference row; exact match in points.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
 
 from train.eval import format_gap, paired_gap, paired_hits_gap
-from train.loop import TrainConfig
+from train.loop import saved_setting
 
 # Settings that may differ between compared runs (they define what is being compared).
 VARIED = ("shared_fraction", "top_k", "lr", "aux_coef", "seed", "router_lr_scale",
@@ -45,16 +44,11 @@ def load(spec: str) -> tuple[dict, dict, str]:
                      f" ({type(e).__name__}: {e})") from None
 
 
-def setting(cfg: dict, key: str):
-  """A run's setting; one missing from an older run's config is the default it ran with."""
-  return cfg.get(key, {f.name: f.default for f in dataclasses.fields(TrainConfig)}.get(key))
-
-
 def differing(cfg: dict, ref_cfg: dict, keys=None) -> list[str]:
   """The settings (all but IGNORED, sorted; or those of `keys`, in its order) in which two runs'
   configs differ."""
   keys = sorted(k for k in set(cfg) | set(ref_cfg) if k not in IGNORED) if keys is None else keys
-  return [k for k in keys if setting(cfg, k) != setting(ref_cfg, k)]
+  return [k for k in keys if saved_setting(cfg, k) != saved_setting(ref_cfg, k)]
 
 
 def check_comparable(spec: str, cfg: dict, ref_cfg: dict, allowed=VARIED) -> None:
@@ -74,7 +68,7 @@ def table(reference: str, others: list[str]) -> str:
     shown = [k for k in differing(cfg, ref_cfg, VARIED) if k != "shared_fraction"]
     if row["mode"].endswith("-shared"):
       shown.insert(0, "shared_fraction")
-    rows.append((row["mode"] + "".join(f", {k} {setting(cfg, k)}" for k in shown),
+    rows.append((row["mode"] + "".join(f", {k} {saved_setting(cfg, k)}" for k in shown),
                  row))
   domains = list(ref_row["ppl"])
   lines += [f"Against `{reference}` ({ref_cfg['steps']} steps of {ref_cfg['batch']} x"

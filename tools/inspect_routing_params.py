@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from train.loop import is_routing_leaf
+from train.loop import is_routing_leaf, path_keys
 
 
 def routing_params(state) -> dict[str, np.ndarray]:
@@ -25,8 +25,7 @@ def routing_params(state) -> dict[str, np.ndarray]:
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
     if is_routing_leaf(path):
-      keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-      out[".".join(k for k in keys if k != "value")] = np.asarray(leaf)
+      out[".".join(k for k in path_keys(path) if k != "value")] = np.asarray(leaf)
   return out
 
 

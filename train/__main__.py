@@ -210,11 +210,9 @@ def _seed_rows(results: pathlib.Path, config: dict, math_items: int, analogy_ite
   except (OSError, json.JSONDecodeError, KeyError) as e:
     raise UserError(f"--rows-from {str(results)!r} is not a results.json of `python -m train all`"
                     f" ({type(e).__name__}: {e})") from None
-  from train.loop import TrainConfig
-  # A setting added since that run is the default it ran with.
-  defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-  diffs = [f"{k}: {prev_cfg.get(k, defaults.get(k))!r} there vs {v!r} now"
-           for k, v in config.items() if k != "mode" and prev_cfg.get(k, defaults.get(k)) != v]
+  from train.loop import saved_setting
+  diffs = [f"{k}: {saved_setting(prev_cfg, k)!r} there vs {v!r} now"
+           for k, v in config.items() if k != "mode" and saved_setting(prev_cfg, k) != v]
   if prev.get("math_items") != math_items or prev.get("analogy_items") != analogy_items:
     diffs.append(f"eval items: {prev.get('math_items')}/{prev.get('analogy_items')} there vs"
                  f" {math_items}/{analogy_items} now")

@@ -117,6 +117,15 @@ class TrainConfig:
     return {**dataclasses.asdict(self), "modules": list(self.modules)}
 
 
+def saved_setting(config: dict, key: str):
+  """A setting of a run's saved config (`TrainConfig.to_json`); one missing from an older run's
+  config is the default it ran with."""
+  return config.get(key, _DEFAULTS.get(key))
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
 def batch_at(streams: dict[str, np.ndarray], step: int, batch: int, seq_len: int, seed: int
              ) -> np.ndarray:
   """The [batch, seq_len + 1] token windows of one step (depends on seed and step only)."""
@@ -172,9 +181,14 @@ def make_optimizer(adapters: MixtureOfLoRA, cfg: TrainConfig) -> nnx.Optimizer:
   return nnx.Optimizer(adapters, tx, wrt=AdapterParam)
 
 
+def path_keys(path) -> list[str]:
+  """The names along a pytree path (dict keys, attribute names, indices) as strings."""
+  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
 def is_routing_leaf(path) -> bool:
   """Whether a parameter path of MixtureOfLoRA's state is a router weight or a tied beta."""
-  keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  keys = path_keys(path)
   return "router" in keys or any(k.startswith("beta_") for k in keys)
 
 
