@@ -12,6 +12,8 @@ import sys, time, jax.numpy as jnp
 from adafuse_jax.weights import load_model
 from train import data
 from train.loop import TrainConfig, Trainer
+if len(sys.argv) != 4 or not sys.argv[3].isdigit():
+  raise SystemExit(__doc__)
 mode, workdir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cache = data.default_cache()
 model = load_model(dtype=jnp.bfloat16, progress=False).model
