@@ -385,6 +385,19 @@ def test_seed_gap():
   assert gap == pytest.approx(0.13) and 0 < lo < 0.13 < hi
   with pytest.raises(ValueError, match="at least 2 seeds"):
     seed_gap([10.0], ref)
+  # paired by seed: the seeds' common spread cancels; the interval is the per-seed differences'
+  gap, lo, hi = seed_gap([1.01 * v for v in ref], ref, paired=True)
+  assert (gap, lo, hi) == pytest.approx((0.01, 0.01, 0.01), abs=1e-9)
+  wobble = [1.01 * v * (1 + e) for v, e in zip(ref, [1e-3, -1e-3, 2e-3, -2e-3])]
+  gap, lo, hi = seed_gap(wobble, ref, paired=True)
+  unpaired = seed_gap(wobble, ref)
+  assert lo < gap < hi and hi - lo < (unpaired[2] - unpaired[1]) / 5
+  from scipy import stats
+  d = np.log(wobble) - np.log(ref)  # against a textbook paired t interval
+  half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2
+  assert np.log1p(lo) == pytest.approx(d.mean() - half) and np.log1p(hi) == pytest.approx(d.mean() + half)
+  with pytest.raises(ValueError, match="one reference run per run"):
+    seed_gap(ref[:3], ref, paired=True)
 
 
 def test_compare_seeds_tool(tmp_path):
@@ -405,6 +418,12 @@ def test_compare_seeds_tool(tmp_path):
   assert rows[1].startswith("| again | 0,2,3 |") and rows[1].endswith("| none (0 of 7) |")
   assert "| again | 0 | +0.000 | 25 | +0.000 (step 1) | +0.0000 |" in text  # the same training logs, seed by seed
   assert "| 3.047 (+0.0% [-0.2, +0.2]) |" in rows[1] and (tmp_path / "seeds.png").stat().st_size > 0
+  # paired by seed, every run against itself: no change and no interval at all
+  paired = text.split("Paired by seed")[1].split("Training loss")[0]
+  assert "| again | 0,2,3 | 3.047 (+0.0% [+0.0, +0.0]) |" in paired
+  # a setting with a seed the reference lacks has no paired row
+  other = f"other={t}/gpu-1000/results.json:lora,{t}/gpu-1000-seeds/s[4-5]/results.json:lora"
+  assert "Paired by seed" not in compare_seeds.table(lora, [other])
   with pytest.raises(SystemExit, match="seeds repeat"):
     compare_seeds.load_group(f"x={t}/gpu-1000/results.json:lora,{t}/gpu-1000/results.json:lora")
   with pytest.raises(SystemExit, match="at least two"):

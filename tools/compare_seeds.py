@@ -97,37 +97,64 @@ def table(reference: str, others: list[str], plot: str | None = None) -> str:
       for label, runs in [(ref_label, ref_runs)] + groups]
   for name, runs in named:
     seeds = ",".join(seed_label(c) for c, _, _ in runs)
-    is_ref = runs is ref_runs
-    cells, worse = [], []
-    for d in domains + ["mean"]:
-      mean = geometric_mean(perplexities(runs, d))
-      if is_ref:
-        cells.append(f"{mean:.3f}")
-        continue
-      gap = seed_gap(perplexities(runs, d), perplexities(ref_runs, d))
-      cells.append(f"{mean:.3f} ({format_gap(*gap)})")
-      if d != "mean" and gap[0] > 0:
-        worse.append(d + ("*" if gap[1] > 0 else ""))
-    for task in TASKS:
-      mean = values(runs, task).mean()
-      if is_ref:
-        cells.append(f"{100 * mean:.1f}%")
-        continue
-      gap = seed_gap(values(runs, task), values(ref_runs, task), log=False)
-      cells.append(f"{100 * mean:.1f}% ({format_gap(*gap, unit='')})")
-      if gap[0] < 0:
-        worse.append(task + ("*" if gap[2] < 0 else ""))
-    tail = "-" if is_ref else f"{', '.join(worse) or 'none'} ({len(worse)} of {len(domains) + 2})"
-    lines.append(f"| {name}{' (reference)' if is_ref else ''} | {seeds} | {' | '.join(cells)} |"
-                 f" {tail} |")
+    if runs is ref_runs:
+      cells = [f"{geometric_mean(perplexities(runs, d)):.3f}" for d in domains + ["mean"]]
+      cells += [f"{100 * values(runs, task).mean():.1f}%" for task in TASKS]
+      lines.append(f"| {name} (reference) | {seeds} | {' | '.join(cells)} | - |")
+    else:
+      lines.append(f"| {name} | {seeds} | {row_cells(runs, ref_runs, domains)} |")
   lines += ["", "Perplexity: geometric mean over the setting's seeds, each seed's perplexity taken"
             " over every held-out window. (change [lo, hi]): against the reference's, with a ~95%"
             " Welch t interval over seeds; exact match in points, the same way. `*`: worse beyond"
             " that interval."]
+  lines += paired_table(named, domains)
   lines += excursions(named)
   if plot:
     _plot(named, domains, plot)
   return "\n".join(lines) + "\n"
+
+
+def row_cells(runs, ref_runs, domains: list[str], paired: bool = False) -> str:
+  """A setting's table cells against the reference: per domain, the mean and its change with
+  the seed interval, the exact matches the same way, then where the setting is worse (`*`:
+  beyond the interval). With `paired`, ref_runs[i] is the reference's run of runs[i]'s seed."""
+  cells, worse = [], []
+  for d in domains + ["mean"]:
+    gap = seed_gap(perplexities(runs, d), perplexities(ref_runs, d), paired=paired)
+    cells.append(f"{geometric_mean(perplexities(runs, d)):.3f} ({format_gap(*gap)})")
+    if d != "mean" and gap[0] > 0:
+      worse.append(d + ("*" if gap[1] > 0 else ""))
+  for task in TASKS:
+    gap = seed_gap(values(runs, task), values(ref_runs, task), log=False, paired=paired)
+    cells.append(f"{100 * values(runs, task).mean():.1f}% ({format_gap(*gap, unit='')})")
+    if gap[0] < 0:
+      worse.append(task + ("*" if gap[2] < 0 else ""))
+  return " | ".join(cells) + f" | {', '.join(worse) or 'none'} ({len(worse)} of {len(domains) + 2})"
+
+
+def paired_table(settings, domains: list[str]) -> list[str]:
+  """The settings whose every run has a reference run of the same seed (data order and
+  initialisation: the same batches and the same starting adapters), compared seed by seed:
+  a paired t interval over the per-seed changes, which cancels what a seed moves in both
+  runs alike."""
+  (_, ref_runs), others = settings[0], settings[1:]
+  by_seed = {seed_label(cfg): run for run in ref_runs for cfg in [run[0]]}
+  lines = []
+  for name, runs in others:
+    mates = [by_seed.get(seed_label(cfg)) for cfg, _, _ in runs]
+    if len(runs) < 2 or None in mates:
+      continue
+    seeds = ",".join(seed_label(c) for c, _, _ in runs)
+    lines.append(f"| {name} | {seeds} | {row_cells(runs, mates, domains, paired=True)} |")
+  if not lines:
+    return []
+  header = settings[0][1][0][1]["ppl"]
+  return ["", "Paired by seed: each run against the reference's run of the same seed (same"
+          " batches, same initial adapters); (change [lo, hi]) with a ~95% paired t interval"
+          " over the seeds.", "",
+          "| setting | seeds | " + " | ".join(f"{d} ppl" for d in header) +
+          " | mean ppl | math EM | analogy EM | worse than the reference on |",
+          "|---|---|" + "---|" * (len(header) + 4)] + lines
 
 
 def training_log(spec: str) -> np.ndarray | None:

@@ -104,31 +104,37 @@ def paired_gap(losses: np.ndarray, reference: np.ndarray, z: float = 1.96
   return math.expm1(mean), math.expm1(lo), math.expm1(hi)
 
 
-def seed_gap(values, reference, log: bool = True, level: float = 0.95
+def seed_gap(values, reference, log: bool = True, level: float = 0.95, paired: bool = False
              ) -> tuple[float, float, float]:
   """Change of a setting's mean over training seeds against a reference setting's, with a
-  Welch t interval over seeds (lo, hi): what a rerun with new seeds would move.
+  t interval over seeds (lo, hi): what a rerun with new seeds would move.
 
   Args:
-    values, reference: one number per seed of each setting (unpaired: [S1], [S2], S >= 2).
+    values, reference: one number per seed of each setting ([S1], [S2], S >= 2).
     log: compare geometric means and return a ratio - 1 (perplexities); else the plain
       difference of means (exact-match shares).
+    paired: values[i] and reference[i] come from runs of the same seed (same batches, same
+      initialisation), S1 == S2: a paired t interval on the per-seed differences, which
+      removes what the seed moves in both runs alike. Else unpaired, Welch's interval.
   """
   from scipy import stats
 
   a, b = np.asarray(values, np.float64), np.asarray(reference, np.float64)
   if a.size < 2 or b.size < 2:
     raise ValueError(f"a seed interval needs at least 2 seeds per setting, got {a.size} and {b.size}")
+  if paired and a.shape != b.shape:
+    raise ValueError(f"paired seeds need one reference run per run, got {a.size} and {b.size}")
   if log:
     a, b = np.log(a), np.log(b)
-  va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
   diff = float(a.mean() - b.mean())
-  if va + vb == 0:
-    lo = hi = diff
+  if paired:
+    var, df = (a - b).var(ddof=1) / a.size, a.size - 1
   else:  # Welch-Satterthwaite degrees of freedom
-    df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
-    half = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(va + vb)
-    lo, hi = diff - half, diff + half
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    var = va + vb
+    df = var ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1)) if var else 1
+  half = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(var) if var else 0.0
+  lo, hi = diff - half, diff + half
   if log:
     return math.expm1(diff), math.expm1(lo), math.expm1(hi)
   return diff, lo, hi
