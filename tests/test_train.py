@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -188,6 +189,25 @@ def test_rows_from_keeps_rows_of_the_same_settings_only(tmp_path):
     _seed_rows(earlier / "results.json", config, 200, 300, 0, ["lora"], work)
   with pytest.raises(UserError, match="not a results.json"):
     _seed_rows(tmp_path / "missing.json", config, 200, 300, 16, ["lora"], work)
+  with pytest.raises(UserError, match="has no pregated-ctx row"):  # named, so it must be there
+    _seed_rows(earlier / "results.json", config, 200, 300, 16, ["pregated-ctx"], work, named=True)
+
+
+def test_rows_from_names_which_rows_each_source_gives():
+  from train.__main__ import _rows_sources
+
+  modes = ["backbone", "lora", "pregated-tied"]
+  got = _rows_sources(["old/results.json", "new:dir/results.json:pregated-tied"], modes)
+  assert got == [(pathlib.Path("old/results.json"), ["backbone", "lora"], False),
+                 (pathlib.Path("new:dir/results.json"), ["pregated-tied"], True)]
+  assert _rows_sources(["a/b:c/results.json"], modes) == [  # a colon in the path names nothing
+      (pathlib.Path("a/b:c/results.json"), modes, False)]
+  with pytest.raises(UserError, match="lora is named by both"):
+    _rows_sources(["a/results.json:lora", "b/results.json:lora"], modes)
+  with pytest.raises(UserError, match="layerwise after the colon"):
+    _rows_sources(["a/results.json:layerwise"], modes)
+  with pytest.raises(UserError, match="no mode after the colon"):
+    _rows_sources(["a/results.json:"], modes)
 
 
 def test_used_params_leave_out_layers_without_experts():
@@ -301,6 +321,9 @@ def test_goal_lines_and_compare_tool_report_paired_intervals(tmp_path):
   text = "\n".join(goal_lines(rows, ["a", "b"]))
   assert "higher beyond the interval on b" in text and "on a" not in text.split("beyond")[-1]
   assert "math +0.0 pts [+0.0, +0.0]" in text
+  rows["layerwise-tied"] = row("layerwise-tied", 0, 0)  # the tied pool's own layer-wise baseline
+  assert "% vs layerwise-tied" in "\n".join(goal_lines(rows, ["a", "b"]))
+  del rows["layerwise-tied"]
   path = tmp_path / "results.json"
   path.write_text(json.dumps({"config": TrainConfig().to_json(), "math_items": 1,
                               "analogy_items": 1, "heldout_windows": 0, "rows": rows}))

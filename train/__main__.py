@@ -52,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
       s.add_argument("--export-mode", default="pregated",
                      help="which trained mode --export saves (a pre-gated one: pregated,"
                           " pregated-shared, ...)")
-      s.add_argument("--rows-from", help="an earlier results.json (its folder's metrics/ too):"
-                                         " rows of the same settings are kept, not retrained")
+      s.add_argument("--rows-from", action="append", default=[],
+                     metavar="RESULTS_JSON[:MODE,...]",
+                     help="an earlier results.json (its folder's metrics/ too): rows of the"
+                          " same settings are kept, not retrained; all of --modes it holds, or"
+                          " only the modes named after a colon. Repeatable: each mode from one"
+                          " source at most")
       s.add_argument("--math-items", type=int, default=200)
       s.add_argument("--analogy-items", type=int, default=300)
       s.add_argument("--heldout-windows", type=int, default=16,
@@ -136,10 +140,10 @@ def run_all(args) -> dict:
   rows_dir = pathlib.Path(args.workdir) / "rows"
   rows_dir.mkdir(parents=True, exist_ok=True)
   heldout_windows = args.heldout_windows or None
-  if args.rows_from:
-    _seed_rows(pathlib.Path(args.rows_from), _config(args, "pregated").to_json(),
-               len(math_items), len(analogy_items), args.heldout_windows, modes,
-               pathlib.Path(args.workdir))
+  for results, kept, named in _rows_sources(args.rows_from, modes):
+    _seed_rows(results, _config(args, "pregated").to_json(), len(math_items),
+               len(analogy_items), args.heldout_windows, kept, pathlib.Path(args.workdir),
+               named=named)
 
   def write_report() -> dict:
     report = {"environment": environment(), "config": _config(args, "pregated").to_json(),
@@ -200,10 +204,40 @@ def run_all(args) -> dict:
   return report
 
 
+def _rows_sources(specs: list[str], modes: list[str]
+                  ) -> list[tuple[pathlib.Path, list[str], bool]]:
+  """--rows-from values ("PATH" or "PATH:MODE,MODE") -> [(results.json, modes to keep, whether
+  they were named: each must then be there)]: a named
+  mode must be one of the table's and comes from its source only; a PATH alone offers the
+  table's other modes. No mode may be named by two sources (which row stood would then be a
+  matter of order)."""
+  parsed, named = [], {}
+  for spec in specs:
+    path, sep, listed = spec.rpartition(":")
+    if not sep or not path or "/" in listed:  # no mode list (a colon inside the path is not one)
+      parsed.append((pathlib.Path(spec), None))
+      continue
+    kept = [m.strip() for m in listed.split(",") if m.strip()]
+    unknown = [m for m in kept if m not in modes]
+    if not kept or unknown:
+      raise UserError(f"--rows-from {spec!r}: {', '.join(unknown) or 'no mode'} after the colon;"
+                      f" name rows of this table (--modes {','.join(modes)})")
+    for m in kept:
+      if m in named:
+        raise UserError(f"--rows-from: {m} is named by both {named[m]!r} and {spec!r}; keep it"
+                        " from one")
+      named[m] = spec
+    parsed.append((pathlib.Path(path), kept))
+  return [(path, kept, True) if kept is not None
+          else (path, [m for m in modes if m not in named], False) for path, kept in parsed]
+
+
 def _seed_rows(results: pathlib.Path, config: dict, math_items: int, analogy_items: int,
-               heldout_windows: int, modes: list[str], workdir: pathlib.Path) -> None:
+               heldout_windows: int, modes: list[str], workdir: pathlib.Path,
+               named: bool = False) -> None:
   """Copies the rows (and training logs) of `modes` from an earlier results.json into the
-  workdir, so that `all` keeps them; refuses if that run used other settings."""
+  workdir, so that `all` keeps them; refuses if that run used other settings, or (`named`) if
+  it lacks one of `modes`."""
   try:
     prev = json.loads(results.read_text())
     prev_cfg, prev_rows = prev["config"], prev["rows"]
@@ -219,6 +253,10 @@ def _seed_rows(results: pathlib.Path, config: dict, math_items: int, analogy_ite
   if prev.get("heldout_windows", 16) != heldout_windows:  # 16 before the setting existed
     diffs.append(f"held-out windows: {prev.get('heldout_windows', 16)} there vs"
                  f" {heldout_windows} now (0: all)")
+  missing = [m for m in modes if m not in prev_rows] if named else []
+  if missing:
+    raise UserError(f"--rows-from {str(results)!r} has no {', '.join(missing)} row (it has"
+                    f" {', '.join(prev_rows) or 'none'})")
   if diffs:
     raise UserError(f"--rows-from {str(results)!r} was made with other settings ("
                     + "; ".join(diffs) + "); its rows cannot stand beside new ones")
@@ -298,7 +336,7 @@ def goal_lines(rows: dict, domains: list[str]) -> list[str]:
     if not mode.startswith("pregated"):
       continue
     parts = []
-    for base in ("layerwise", "layerwise-shared"):
+    for base in ("layerwise", "layerwise-shared", "layerwise-tied"):
       if base in rows:
         gap = r["mean_ppl"] / rows[base]["mean_ppl"] - 1
         parts.append(f"mean ppl {100 * gap:+.1f}% vs {base}")
