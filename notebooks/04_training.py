@@ -96,3 +96,22 @@ display(Image(filename=str(ROOT / "docs" / "training" / "routing_pregated.png"))
 # %%
 pilot = ROOT / "docs" / "training" / "cpu-pilot" / "results.md"
 print(pilot.read_text() if pilot.exists() else "no pilot results in this checkout")
+
+# %% [markdown]
+# ## Is deciding once as good as a LoRA? Ten seeds at full scale (GPU)
+#
+# The tied pool (`pregated-tied`: the whole pool at gate 1 is a LoRA of rank 64, plus each
+# token's top-2 again at a learned scale) against the plain LoRA of the same budget, 1000 steps
+# of 16 x 256 tokens per run, ten seeds each, compared over seeds (`tools/compare_seeds.py`, the
+# command is in the table's first line). "Before the fix": the same seeds while the pool's shared
+# term still ran in another floating-point formulation than the LoRA's.
+
+# %%
+seeds = ROOT / "docs" / "training" / "gpu-1000-seeds.md"
+if seeds.exists():
+  text = seeds.read_text()
+  print(text.split("\nTraining loss against")[0])  # the two comparison tables
+  display(Image(filename=str(ROOT / "docs" / "training" / "gpu-1000-seeds.png")))
+  display(Image(filename=str(ROOT / "docs" / "training" / "gpu-1000-seeds-loss.png")))
+else:
+  print("no seed comparison in this checkout")

@@ -435,7 +435,9 @@ def test_compare_seeds_tool(tmp_path):
   t = root / "docs" / "training"
   lora = f"lora={t}/gpu-1000/results.json:lora,{t}/gpu-1000-seeds/s[2-3]/results.json:lora"
   text = compare_seeds.table(lora, [lora.replace("lora=", "again=", 1)],
-                             plot=str(tmp_path / "seeds.png"))
+                             plot=str(tmp_path / "seeds.png"),
+                             excess_plot=str(tmp_path / "excess.png"))
+  assert (tmp_path / "excess.png").stat().st_size > 0
   rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
   assert rows[0].startswith("| lora (reference) | 0,2,3 |")
   assert rows[1].startswith("| again | 0,2,3 |") and rows[1].endswith("| none (0 of 7) |")
@@ -444,6 +446,11 @@ def test_compare_seeds_tool(tmp_path):
   # paired by seed, every run against itself: no change and no interval at all
   paired = text.split("Paired by seed")[1].split("Training loss")[0]
   assert "| again | 0,2,3 | 3.047 (+0.0% [+0.0, +0.0]) |" in paired
+  named = [("lora", compare_seeds.load_group(lora)[1]),
+           ("again", compare_seeds.load_group(lora.replace("lora=", "again=", 1))[1])]
+  (_, curves), = compare_seeds.excess_curves(named)  # every run against itself: zero throughout
+  assert [seed for seed, *_ in curves] == ["0", "2", "3"]
+  assert all(excess.size == 1000 - 25 + 1 and not excess.any() for *_, excess in curves)
   # a setting with a seed the reference lacks has no paired row
   other = f"other={t}/gpu-1000/results.json:lora,{t}/gpu-1000-seeds/s[4-5]/results.json:lora"
   assert "Paired by seed" not in compare_seeds.table(lora, [other])

@@ -4,7 +4,8 @@ intervals over seeds.
     python tools/compare_seeds.py \
         --reference 'lora=docs/training/gpu-1000/results.json:lora,docs/training/gpu-1000-seeds/s[2-5]/results.json:lora' \
         'pregated-tied=docs/training/gpu-1000-seeds/s[1-5]/results.json:pregated-tied' \
-        [--out docs/training/gpu-1000-seeds.md] [--plot docs/training/gpu-1000-seeds.png]
+        [--out docs/training/gpu-1000-seeds.md] [--plot docs/training/gpu-1000-seeds.png] \
+        [--excess-plot docs/training/gpu-1000-seeds-loss.png]
 
 Each argument is LABEL=SPEC[,SPEC...], a SPEC being PATH:MODE as in
 tools/compare_training_rows.py, whose PATH may be a glob. A setting's runs must differ in the
@@ -22,6 +23,7 @@ import argparse
 import glob
 import math
 import pathlib
+import shlex
 import sys
 
 import numpy as np
@@ -78,7 +80,8 @@ def geometric_mean(v: np.ndarray) -> float:
   return math.exp(np.log(v).mean())
 
 
-def table(reference: str, others: list[str], plot: str | None = None) -> str:
+def table(reference: str, others: list[str], plot: str | None = None,
+          excess_plot: str | None = None) -> str:
   ref_label, ref_runs = load_group(reference)
   groups = [load_group(arg) for arg in others]
   for label, runs in groups:
@@ -87,7 +90,7 @@ def table(reference: str, others: list[str], plot: str | None = None) -> str:
   cfg = ref_runs[0][0]
   lines = [f"{cfg['steps']} steps of {cfg['batch']} x {cfg['seq_len']} tokens, every setting"
            f" trained with several seeds; made by `python tools/compare_seeds.py"
-           f" {' '.join(sys.argv[1:])}`.", "",
+           f" {shlex.join(sys.argv[1:])}`.", "",
            "| setting | seeds | " + " | ".join(f"{d} ppl" for d in domains) +
            " | mean ppl | math EM | analogy EM | worse than the reference on |",
            "|---|---|" + "---|" * (len(domains) + 4)]
@@ -111,6 +114,8 @@ def table(reference: str, others: list[str], plot: str | None = None) -> str:
   lines += excursions(named)
   if plot:
     _plot(named, domains, plot)
+  if excess_plot:
+    _excess_plot(named, excess_plot)
   return "\n".join(lines) + "\n"
 
 
@@ -165,31 +170,73 @@ def training_log(spec: str) -> np.ndarray | None:
   return losses(str(log)) if log.exists() else None
 
 
-def excursions(settings, window: int = 25) -> list[str]:
-  """Each run's training loss against the reference's run of the same seed (the same batches in
-  the same order, `train.loop.batch_at`): the largest excess of the `window`-step moving mean,
-  where it peaks, the largest excess of a single step (one batch), and the mean excess over the
-  last 200 steps, in nats."""
-  (ref_name, ref_runs), others = settings[0], settings[1:]
+def excess_curves(settings, window: int = 25) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+  """[(setting, [(seed, loss [T], reference loss [T], excess [T - window + 1])])]: each run's
+  `window`-step moving mean of the training loss minus that of the reference's run of the same
+  data seed (the same batches
+  in the same order, `train.loop.batch_at`), in nats; runs without such a reference run or
+  without logs are left out."""
+  (_, ref_runs), others = settings[0], settings[1:]
   # the reference's runs initialised from their data seed, one per data seed
   ref_logs = {cfg["seed"]: training_log(spec) for cfg, _, spec in ref_runs
               if saved_setting(cfg, "init_seed") in (None, cfg["seed"])}
   kernel = np.ones(window) / window
-  lines = ["| setting | seed | largest excess (nats) | at step | largest one-step excess |"
-           " mean excess, last 200 steps |", "|---|---|---|---|---|---|"]
+  curves = []
   for name, runs in others:
+    got = []
     for cfg, _, spec in runs:
       ref, log = ref_logs.get(cfg["seed"]), training_log(spec)
-      if ref is None or log is None or len(ref) != len(log):
-        continue
-      excess = np.convolve(log, kernel, "valid") - np.convolve(ref, kernel, "valid")
-      lines.append(f"| {name} | {seed_label(cfg)} | {excess.max():+.3f} |"
+      if ref is not None and log is not None and len(ref) == len(log):
+        got.append((seed_label(cfg), log, ref,
+                    np.convolve(log, kernel, "valid") - np.convolve(ref, kernel, "valid")))
+    curves.append((name, got))
+  return curves
+
+
+def excursions(settings, window: int = 25) -> list[str]:
+  """Each run's training loss against the reference's run of the same seed: the largest excess
+  of the `window`-step moving mean, where it peaks, the largest excess of a single step (one
+  batch), and the mean excess over the last 200 steps, in nats."""
+  lines = ["| setting | seed | largest excess (nats) | at step | largest one-step excess |"
+           " mean excess, last 200 steps |", "|---|---|---|---|---|---|"]
+  for name, runs in excess_curves(settings, window):
+    for seed, log, ref, excess in runs:
+      lines.append(f"| {name} | {seed} | {excess.max():+.3f} |"
                    f" {int(excess.argmax()) + window} | {(log - ref).max():+.3f} (step"
                    f" {int((log - ref).argmax()) + 1}) | {excess[-200:].mean():+.4f} |")
   if len(lines) == 2:
     return []
-  return ["", f"Training loss against `{ref_name}` of the same seed (same batches), {window}-step"
-          " moving means:", ""] + lines
+  return ["", f"Training loss against `{settings[0][0]}` of the same seed (same batches),"
+          f" {window}-step moving means:", ""] + lines
+
+
+def _excess_plot(settings, path: str, window: int = 25) -> None:
+  """One panel per setting: every seed's `window`-step moving training-loss excess over the
+  reference's run of the same seed, against the step."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  curves = [(name, runs) for name, runs in excess_curves(settings, window) if runs]
+  if not curves:
+    raise SystemExit("--excess-plot: no setting has training logs beside the reference's of the"
+                     " same seed")
+  fig, axes = plt.subplots(len(curves), 1, figsize=(8, 2.2 * len(curves) + 0.6), sharex=True,
+                           sharey=True, squeeze=False)
+  for ax, (name, runs) in zip(axes[:, 0], curves):
+    for seed, _, _, excess in runs:  # one colour per data seed across the panels
+      ax.plot(np.arange(window, window + excess.size), excess, lw=0.9,
+              color=f"C{int(seed.split('/')[0]) % 10}", label=f"seed {seed}")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_title(name, fontsize=9)
+    ax.set_ylabel("excess (nats)")
+  axes[0, 0].legend(fontsize=7, ncol=5, loc="upper right")
+  axes[-1, 0].set_xlabel("step")
+  fig.suptitle(f"training loss minus {settings[0][0]}'s of the same seed, {window}-step means",
+               fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def _plot(settings, domains, path: str) -> None:
@@ -228,8 +275,10 @@ def main(argv=None) -> str:
   p.add_argument("groups", nargs="+", help="LABEL=PATH:MODE[,PATH:MODE...] of each setting")
   p.add_argument("--out")
   p.add_argument("--plot", help="PNG of every seed's perplexity change per domain")
+  p.add_argument("--excess-plot", help="PNG of every run's training-loss excess over the"
+                 " reference's run of the same seed, one panel per setting")
   args = p.parse_args(argv)
-  return report(table(args.reference, args.groups, args.plot), args.out)
+  return report(table(args.reference, args.groups, args.plot, args.excess_plot), args.out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
 import sys
 
 from train.eval import format_gap, paired_gap, paired_hits_gap
@@ -73,7 +74,7 @@ def table(reference: str, others: list[str]) -> str:
   domains = list(ref_row["ppl"])
   lines += [f"Against `{reference}` ({ref_cfg['steps']} steps of {ref_cfg['batch']} x"
             f" {ref_cfg['seq_len']} tokens); made by `python tools/compare_training_rows.py"
-            f" {' '.join(sys.argv[1:])}`.", "",
+            f" {shlex.join(sys.argv[1:])}`.", "",
             "| row | " + " | ".join(f"{d} ppl" for d in domains) + " | mean ppl | math EM |"
             " analogy EM | worse than the reference on |",
             "|---|" + "---|" * (len(domains) + 4)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
 import sys
 
 import numpy as np
@@ -19,7 +20,7 @@ from compare_training_rows import report  # noqa: E402
 
 
 def summary(logs: list[str], clip: float = 1.0) -> str:
-  lines = [f"Made by `python tools/grad_norm_summary.py {' '.join(sys.argv[1:])}`.", "",
+  lines = [f"Made by `python tools/grad_norm_summary.py {shlex.join(sys.argv[1:])}`.", "",
            "| log | steps | experts' norm (median) | routing norm (median / max) |"
            " routing / experts (max) | steps clipped (global norm > clip) |",
            "|---|---|---|---|---|---|"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
 import sys
 
 import numpy as np
@@ -33,7 +34,7 @@ def table(reference: str, logs: list[str], block: int = 20) -> str:
   runs = {p: losses(p) for p in logs}
   steps = min([len(ref)] + [len(v) for v in runs.values()])
   starts = range(0, steps, block)
-  lines = [f"Made by `python tools/loss_gap.py {' '.join(sys.argv[1:])}`; training loss minus"
+  lines = [f"Made by `python tools/loss_gap.py {shlex.join(sys.argv[1:])}`; training loss minus"
            f" `{reference}`'s on the same step (mean / largest, nats).", "",
            "| run | " + " | ".join(f"steps {s + 1}-{min(s + block, steps)}" for s in starts) + " |",
            "|---|" + "---|" * len(starts)]

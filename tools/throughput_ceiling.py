@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
 import sys
 
 import jax.numpy as jnp
@@ -137,7 +138,7 @@ def main(argv=None) -> str:
     p.error(f"--configs {args.configs!r} / --batches {args.batches!r}: want e.g. 8x16,64x64 / 1,8")
   if any(len(c) != 2 or c[0] < args.top_k or c[1] < 1 for c in configs) or min(batches) < 1:
     p.error("each config needs E >= top-k and r >= 1; batches >= 1")
-  command = " ".join(sys.argv[1:] if argv is None else argv)
+  command = shlex.join(sys.argv[1:] if argv is None else argv)
   text = table(args.preset, configs, batches, args.top_k, args.target, args.cache_len, command)
   print(text)
   if args.out:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shlex
 import sys
 
 import jax
@@ -77,7 +78,7 @@ def main(argv=None) -> str:
 
   cache = data.default_cache()
   train_streams, heldout = data.load_streams(cache, "train"), data.load_streams(cache, "heldout")
-  lines = [f"Made by `python tools/tied_numerics_probe.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+  lines = [f"Made by `python tools/tied_numerics_probe.py {shlex.join(sys.argv[1:] if argv is None else argv)}`"
            f" on {jax.devices()[0].device_kind} (JAX {jax.__version__}).", ""]
   results = {}
   for dtype in (jnp.float32, jnp.bfloat16):
