@@ -424,6 +424,25 @@ def _add_low_rank(w: jax.Array, a: jax.Array, b: jax.Array, cfg: AdapterConfig) 
   return (w.astype(jnp.float32) + cfg.scale * adapted * delta).astype(w.dtype)
 
 
+def tied_as_lora(tied: MixtureOfLoRA) -> MixtureOfLoRA:
+  """The plain LoRA of rank E*r whose factors are a tied pool's experts side by side (same
+  scale alpha/r): what the tied pool computes with every beta at 0, and so what its training
+  starts from. A [L, in, E, r] -> [L, in, 1, E*r]; B [L, E, r, out] -> [L, 1, E*r, out]."""
+  cfg = tied.cfg
+  if not cfg.tied_shared:
+    raise UserError(f"tied_as_lora needs a tied pool (AdapterConfig.tied_shared); this one is"
+                    f" mode {cfg.mode!r} without it")
+  rank = cfg.num_experts * cfg.rank
+  lora = MixtureOfLoRA(tied.model_cfg, cfg.replace(mode="lora", num_experts=1, rank=rank,
+                                                   top_k=1, alpha=cfg.scale * rank,
+                                                   tied_shared=False), layout="stacked")
+  for m in cfg.modules:
+    a, b = tied.pool.stacked(m)
+    getattr(lora.pool, f"A_{m}").set_value(a.reshape(a.shape[0], a.shape[1], 1, rank))
+    getattr(lora.pool, f"B_{m}").set_value(b.reshape(b.shape[0], 1, rank, b.shape[-1]))
+  return lora
+
+
 def fold_shared(model: LlamaModel, adapters: MixtureOfLoRA) -> tuple[LlamaModel, MixtureOfLoRA]:
   """Merges the shared expert into the backbone: W[l] + (alpha/r) SA[l] SB[l] per adapted module.
 

@@ -369,18 +369,12 @@ def _tied(model, mode="pregated", layout="stacked", beta_seed=5):
 
 def _at_beta_zero_and_its_lora(model, mode="pregated"):
   """(a tied pool with every beta 0, the plain LoRA of rank E*r made of its experts' factors)."""
+  from adafuse_jax.adapters import tied_as_lora
+
   adapters = _tied(model, mode)
-  cfg = adapters.cfg
-  for mod in cfg.modules:
+  for mod in adapters.cfg.modules:
     getattr(adapters.pool, f"beta_{mod}").set_value(jnp.zeros((model.cfg.layers,)))
-  rank = cfg.num_experts * cfg.rank
-  lora = MixtureOfLoRA(model.cfg, AdapterConfig(mode="lora", modules=cfg.modules, rank=rank,
-                                                alpha=cfg.scale * rank), seed=0, layout="stacked")
-  for mod in cfg.modules:
-    a, b = adapters.pool.stacked(mod)
-    getattr(lora.pool, f"A_{mod}").set_value(a.reshape(*a.shape[:2], 1, -1))
-    getattr(lora.pool, f"B_{mod}").set_value(b.reshape(b.shape[0], 1, -1, b.shape[-1]))
-  return adapters, lora
+  return adapters, tied_as_lora(adapters)
 
 
 def test_tied_pool_at_beta_zero_is_the_lora_of_all_its_experts(model):
@@ -463,6 +457,14 @@ def test_tied_shared_rejected_where_it_means_nothing():
     AdapterConfig(mode="lora", tied_shared=True)
   with pytest.raises(UserError, match="shared_rank=2"):
     AdapterConfig(mode="pregated", tied_shared=True, shared_rank=2)
+
+
+def test_tied_as_lora_refuses_an_untied_pool(model):
+  from adafuse_jax.adapters import tied_as_lora
+
+  with pytest.raises(UserError, match="needs a tied pool"):
+    tied_as_lora(MixtureOfLoRA(model.cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4),
+                               seed=0))
 
 
 @pytest.mark.parametrize("mode", ["pregated", "layerwise", "lora"])

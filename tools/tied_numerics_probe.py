@@ -24,23 +24,9 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
-from adafuse_jax.adapters import MixtureOfLoRA  # noqa: E402
+from adafuse_jax.adapters import tied_as_lora  # noqa: E402
 from adafuse_jax.experts import AdapterParam  # noqa: E402
 from train.loop import TrainConfig, Trainer, batch_at, forward_loss  # noqa: E402
-
-
-def lora_of(tied: MixtureOfLoRA) -> MixtureOfLoRA:
-  """The LoRA of rank E*r whose A and B are the tied pool's (same scale alpha/r)."""
-  cfg = tied.cfg
-  rank = cfg.num_experts * cfg.rank
-  lora_cfg = cfg.replace(mode="lora", num_experts=1, rank=rank, top_k=1, alpha=cfg.scale * rank,
-                         tied_shared=False)
-  lora = MixtureOfLoRA(tied.model_cfg, lora_cfg, layout="stacked")
-  for m in cfg.modules:
-    a, b = tied.pool.stacked(m)  # [L, in, E, r], [L, E, r, out]
-    getattr(lora.pool, f"A_{m}").set_value(a.reshape(a.shape[0], a.shape[1], 1, rank))
-    getattr(lora.pool, f"B_{m}").set_value(b.reshape(b.shape[0], 1, rank, b.shape[-1]))
-  return lora
 
 
 def loss_and_factor_grads(model, adapters, windows):
@@ -95,7 +81,7 @@ def main(argv=None) -> str:
       var = getattr(tied.pool, f"beta_{m}")
       var.set_value(jnp.zeros_like(var.get_value()))
     results[jnp.dtype(dtype).name] = (with_betas, loss_and_factor_grads(model, tied, windows),
-                                      loss_and_factor_grads(model, lora_of(tied), windows))
+                                      loss_and_factor_grads(model, tied_as_lora(tied), windows))
   lines += [f"Checkpoint step {step} of {args.workdir}; the batch of step {step} (seed {args.seed}),"
             f" {args.rows} rows of {args.seq_len} tokens. Betas at that step: largest |beta|"
             f" {max(float(np.abs(b).max()) for b in betas.values()):.4f}.", "",
