@@ -535,3 +535,31 @@ def test_loss_gap_tool():
   assert rows[4] == f"| {lora} | " + " | ".join(["+0.000 / +0.000"] * 3) + " |"
   with pytest.raises(SystemExit, match="not a metrics.jsonl"):
     loss_gap.table(lora, [str(root / "README.md")])
+
+
+def test_rows_record_how_far_training_moved_the_routing():
+  """`all` keeps max / mean |x| of the trained routers and tied betas in each row, and the table
+  prints them: how much a tied pool's routed term is used."""
+  import jax.numpy as jnp
+
+  from adafuse_jax.adapters import MixtureOfLoRA
+  from adafuse_jax.config import AdapterConfig
+  from train.__main__ import markdown, routing_summary
+
+  cfg = tiny_config(layers=2)
+  tied = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4, rank=2,
+                                          tied_shared=True), seed=0)
+  tied.pool.beta_q.set_value(jnp.array([0.5, -0.1]))
+  summary = routing_summary(tied)
+  assert set(summary) == {"beta", "router"}
+  assert summary["beta"]["max_abs"] == pytest.approx(0.5)
+  betas = len(tied.cfg.modules) * cfg.layers  # every other beta still 0
+  assert summary["beta"]["mean_abs"] == pytest.approx(0.6 / betas)
+  assert 0 < summary["router"]["mean_abs"] < summary["router"]["max_abs"]
+  assert routing_summary(MixtureOfLoRA(cfg, AdapterConfig(mode="lora", rank=2), seed=0)) == {}
+  row = {"mode": "pregated-tied", "trainable_params": 1, "ppl": {"a": 2.0}, "mean_ppl": 2.0,
+         "math_em": 0.0, "analogy_em": 0.0, "routing": {}, "routing_params": summary}
+  report = {"environment": {"date": "d", "command": "train/__main__.py all", "device": "cpu",
+                            "jax": "x"}, "config": TrainConfig().to_json(), "math_items": 1,
+            "analogy_items": 1, "heldout_windows": 0, "rows": {"pregated-tied": row}}
+  assert "`pregated-tied` beta 0.500 / " in markdown(report)

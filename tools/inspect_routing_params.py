@@ -12,21 +12,10 @@ from __future__ import annotations
 import pathlib
 import sys
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from train.loop import is_routing_leaf, path_keys
-
-
-def routing_params(state) -> dict[str, np.ndarray]:
-  """The router weights and betas of an adapter state (any nesting of dicts), by dotted name
-  (a checkpoint's trailing "value" level dropped)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    if is_routing_leaf(path):
-      out[".".join(k for k in path_keys(path) if k != "value")] = np.asarray(leaf)
-  return out
+from train.loop import routing_params
 
 
 def adapter_state(path: str):
@@ -39,7 +28,7 @@ def adapter_state(path: str):
     shapes = read_adapter_config(path)[1]
     model = next(c for c in PRESETS.values()
                  if all(getattr(c, k) == v for k, v in shapes.items()))
-    return nnx.state(load_adapters(path, model)).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(load_adapters(path, model)))
   with ocp.StandardCheckpointer() as ckpt:
     return ckpt.restore(path)["adapters"]
 

@@ -180,6 +180,8 @@ def run_all(args) -> dict:
            "math_hits": "".join("01"[int(h)] for h in math_hits),
            "analogy_hits": "".join("01"[int(h)] for h in analogy_hits)}
     row["mean_ppl"] = float(np.mean(list(row["ppl"].values())))
+    if adapters is not None:  # how far training moved the routing: router weights, tied betas
+      row["routing_params"] = routing_summary(adapters)
     row["eval_s"] = time.perf_counter() - t0
     row["environment"] = environment()
     rows[mode] = row
@@ -319,7 +321,32 @@ def markdown(report: dict) -> str:
                  + " | ".join(f"{r['ppl'][d]:.3f}" for d in domains)
                  + f" | {r['mean_ppl']:.3f} | {100 * r['math_em']:.1f}% |"
                  f" {100 * r['analogy_em']:.1f}% | {sw_text} |")
+  moved = [f"`{mode}` " + ", ".join(f"{k} {v['max_abs']:.3f} / {v['mean_abs']:.3f}"
+                                    for k, v in r["routing_params"].items())
+           for mode, r in rows.items() if r.get("routing_params")]
+  if moved:
+    lines += ["", "Routing parameters after training, max / mean |x| over layers and modules"
+              " (tied pools' betas start at 0): " + "; ".join(moved)
+              + "."]
   return "\n".join(lines + goal_lines(rows, domains)) + "\n"
+
+
+def routing_summary(adapters) -> dict[str, dict[str, float]]:
+  """{group: {"max_abs", "mean_abs"}} of the trained routing parameters, grouped over layers
+  and modules: "router" (the routers' weights, initialised at std `router_init_std`),
+  "router.w_ctx" and "beta" (tied pools' scales of the routed term, initialised at 0). Empty
+  for a plain LoRA."""
+  import numpy as np
+  from flax import nnx
+
+  from train.loop import routing_params
+  groups: dict[str, list[np.ndarray]] = {}
+  for name, value in routing_params(nnx.to_pure_dict(nnx.state(adapters))).items():
+    key = ("beta" if ".beta_" in f".{name}" else
+           "router.w_ctx" if name.endswith("w_ctx") else "router")
+    groups.setdefault(key, []).append(np.abs(value).ravel())
+  return {k: {"max_abs": float(np.concatenate(v).max()), "mean_abs": float(np.concatenate(v).mean())}
+          for k, v in sorted(groups.items())}
 
 
 def _windows_text(report: dict) -> str:

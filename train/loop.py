@@ -192,6 +192,17 @@ def is_routing_leaf(path) -> bool:
   return "router" in keys or any(k.startswith("beta_") for k in keys)
 
 
+def routing_params(state) -> dict[str, np.ndarray]:
+  """The router weights and tied betas of an adapter state (any nesting of dicts, e.g.
+  `nnx.to_pure_dict(nnx.state(adapters))` or a checkpoint's "adapters"), by dotted name (a
+  checkpoint's trailing "value" level dropped)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    if is_routing_leaf(path):
+      out[".".join(k for k in path_keys(path) if k != "value")] = np.asarray(leaf, np.float32)
+  return out
+
+
 def grad_norms(grads) -> dict[str, jax.Array]:
   """Global L2 norms of the expert factors' gradients and of the routing ones (routers, tied
   betas; 0 for a plain LoRA), before clipping: {"experts": [], "routing": []} f32. Logged per
