@@ -9,7 +9,9 @@
 # without all parts staged stages what it carries and stops.
 # Checkpoints and finished rows stay in /tmp/train/NAME and compiled programs in a persistent
 # cache, so the same command in the next call resumes where a time limit cut it; each call
-# leaves OUT_DIR/NAME.tar.gz (results.json/.md, plots, training logs) and NAME.log.
+# leaves OUT_DIR/NAME.tar.gz (results.json/.md, plots, training logs; an `--export` under
+# /tmp/results/NAME rides along) and NAME.log: two files, and a call brings back at most 8, so
+# chain at most 4 invocations per call.
 #
 # With FIT=1 it runs `python -m train fit` instead (one mode, e.g. FIT=1 bash ... OUT NAME --mode
 # pregated-tied --steps 1000 --seed 5): OUT_DIR/NAME/metrics.jsonl, as far as the time allowed.
