@@ -454,6 +454,8 @@ def test_compare_seeds_tool(tmp_path):
   # a setting with a seed the reference lacks has no paired row
   other = f"other={t}/gpu-1000/results.json:lora,{t}/gpu-1000-seeds/s[4-5]/results.json:lora"
   assert "Paired by seed" not in compare_seeds.table(lora, [other])
+  both = compare_seeds.table(lora, [lora.replace("lora=", "again=", 1), other])
+  assert "Not paired: other (seeds 4,5 have no reference run)." in both
   with pytest.raises(SystemExit, match="seeds repeat"):
     compare_seeds.load_group(f"x={t}/gpu-1000/results.json:lora,{t}/gpu-1000/results.json:lora")
   with pytest.raises(SystemExit, match="at least two"):

@@ -144,15 +144,19 @@ def paired_table(settings, domains: list[str]) -> list[str]:
   runs alike."""
   (_, ref_runs), others = settings[0], settings[1:]
   by_seed = {seed_label(cfg): run for run in ref_runs for cfg in [run[0]]}
-  lines = []
+  lines, unpaired = [], []
   for name, runs in others:
     mates = [by_seed.get(seed_label(cfg)) for cfg, _, _ in runs]
-    if len(runs) < 2 or None in mates:
+    if None in mates:
+      lone = [seed_label(cfg) for (cfg, _, _), mate in zip(runs, mates) if mate is None]
+      unpaired.append(f"{name} (seeds {','.join(lone)} have no reference run)")
       continue
     seeds = ",".join(seed_label(c) for c, _, _ in runs)
     lines.append(f"| {name} | {seeds} | {row_cells(runs, mates, domains, paired=True)} |")
   if not lines:
     return []
+  if unpaired:
+    lines += ["", "Not paired: " + "; ".join(unpaired) + "."]
   header = settings[0][1][0][1]["ppl"]
   return ["", "Paired by seed: each run against the reference's run of the same seed (same"
           " batches, same initial adapters); (change [lo, hi]) with a ~95% paired t interval"
