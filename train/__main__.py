@@ -209,10 +209,9 @@ def run_all(args) -> dict:
 def _rows_sources(specs: list[str], modes: list[str]
                   ) -> list[tuple[pathlib.Path, list[str], bool]]:
   """--rows-from values ("PATH" or "PATH:MODE,MODE") -> [(results.json, modes to keep, whether
-  they were named: each must then be there)]: a named
-  mode must be one of the table's and comes from its source only; a PATH alone offers the
-  table's other modes. No mode may be named by two sources (which row stood would then be a
-  matter of order)."""
+  they were named: each must then be there)]. A named mode must be one of the table's and comes
+  from its source only; a PATH alone offers the table's other modes. No mode may be named by
+  two sources (which row stood would then be a matter of order)."""
   parsed, named = [], {}
   for spec in specs:
     path, sep, listed = spec.rpartition(":")
@@ -326,8 +325,7 @@ def markdown(report: dict) -> str:
            for mode, r in rows.items() if r.get("routing_params")]
   if moved:
     lines += ["", "Routing parameters after training, max / mean |x| over layers and modules"
-              " (tied pools' betas start at 0): " + "; ".join(moved)
-              + "."]
+              " (tied pools' betas start at 0): " + "; ".join(moved) + "."]
   return "\n".join(lines + goal_lines(rows, domains)) + "\n"
 
 
