@@ -90,10 +90,7 @@ def table(reference: str, others: list[str], plot: str | None = None,
   cfg = ref_runs[0][0]
   lines = [f"{cfg['steps']} steps of {cfg['batch']} x {cfg['seq_len']} tokens, every setting"
            f" trained with several seeds; made by `python tools/compare_seeds.py"
-           f" {shlex.join(sys.argv[1:])}`.", "",
-           "| setting | seeds | " + " | ".join(f"{d} ppl" for d in domains) +
-           " | mean ppl | math EM | analogy EM | worse than the reference on |",
-           "|---|---|" + "---|" * (len(domains) + 4)]
+           f" {shlex.join(sys.argv[1:])}`.", "", *table_header(domains)]
 
   named = [(label + "".join(f" ({k} {saved_setting(runs[0][0], k)})" for k in differing(
       runs[0][0], ref_runs[0][0], [k for k in VARIED if k not in SEEDS])), runs)
@@ -138,10 +135,9 @@ def row_cells(runs, ref_runs, domains: list[str], paired: bool = False) -> str:
 
 
 def paired_table(settings, domains: list[str]) -> list[str]:
-  """The settings whose every run has a reference run of the same seed (data order and
-  initialisation: the same batches and the same starting adapters), compared seed by seed:
-  a paired t interval over the per-seed changes, which cancels what a seed moves in both
-  runs alike."""
+  """The settings whose every run has a reference run of the same seed label (data order, and
+  initialisation seed where set apart), compared seed by seed: a paired t interval over the
+  per-seed changes, which cancels what a seed moves in both runs alike."""
   (_, ref_runs), others = settings[0], settings[1:]
   by_seed = {seed_label(cfg): run for run in ref_runs for cfg in [run[0]]}
   lines, unpaired = [], []
@@ -157,13 +153,16 @@ def paired_table(settings, domains: list[str]) -> list[str]:
     return []
   if unpaired:
     lines += ["", "Not paired: " + "; ".join(unpaired) + "."]
-  header = settings[0][1][0][1]["ppl"]
-  return ["", "Paired by seed: each run against the reference's run of the same seed (same"
-          " batches, same initial adapters); (change [lo, hi]) with a ~95% paired t interval"
-          " over the seeds.", "",
-          "| setting | seeds | " + " | ".join(f"{d} ppl" for d in header) +
+  return ["", "Paired by seed: each run against the reference's run of the same seed (the same"
+          " batches in the same order; a tied pool and its LoRA also start from the same"
+          " adapters); (change [lo, hi]) with a ~95% paired t interval over the seeds.", "",
+          *table_header(domains)] + lines
+
+
+def table_header(domains: list[str]) -> list[str]:
+  return ["| setting | seeds | " + " | ".join(f"{d} ppl" for d in domains) +
           " | mean ppl | math EM | analogy EM | worse than the reference on |",
-          "|---|---|" + "---|" * (len(header) + 4)] + lines
+          "|---|---|" + "---|" * (len(domains) + 4)]
 
 
 def training_log(spec: str) -> np.ndarray | None:
