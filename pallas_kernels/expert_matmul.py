@@ -83,6 +83,18 @@ def dot_block(n: int) -> int:
   return max(16, pl.next_power_of_2(n))
 
 
+def with_output_buffer(operands: tuple, out: jax.Array | None, shape: tuple[int, ...],
+                       dtype) -> tuple[tuple, dict[int, int]]:
+  """(operands, input_output_aliases) of a pallas_call whose single output of `shape`/`dtype` is
+  written into `out` when one is given (appended as the last operand and aliased to output 0,
+  so a caller can fill one preallocated buffer); checks that `out` fits."""
+  if out is None:
+    return operands, {}
+  if out.shape != tuple(shape) or out.dtype != dtype:
+    raise ValueError(f"out must be {tuple(shape)} {jnp.dtype(dtype)}, got {out.shape} {out.dtype}")
+  return operands + (out,), {len(operands): 0}
+
+
 def base_tile(x_ref, w_ref, layer, row0, col0, row_mask, col_mask, *, block_m: int,
               block_n: int, block_k: int) -> jax.Array:
   """Inside a kernel: the f32 tile `x[row0:+block_m] @ w[layer][:, col0:+block_n]`, streaming the
@@ -143,12 +155,7 @@ def fused_expert_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h: j
   kernel = functools.partial(_kernel, block_m=tiles.block_m, block_n=tiles.block_n,
                              block_k=tiles.block_k, block_r=block_r)
   layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
-  operands = (layer_arr, x, w, h, g, b)
-  aliases = {}
-  if out is not None:
-    if out.shape != (m, n) or out.dtype != x.dtype:
-      raise ValueError(f"out must be {(m, n)} {x.dtype}, got {out.shape} {out.dtype}")
-    operands, aliases = operands + (out,), {len(operands): 0}
+  operands, aliases = with_output_buffer((layer_arr, x, w, h, g, b), out, (m, n), x.dtype)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.expert_matmul import dot_block
+from pallas_kernels.expert_matmul import dot_block, with_output_buffer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,12 +288,9 @@ def segmented_expand(h: jax.Array, b: jax.Array, layer: jax.Array | int, table: 
   out_dtype = h.dtype if splits == 1 else b.dtype
   kernel = functools.partial(_expand_kernel, group=group, rank=rank, splits=splits,
                              block_m=tiles.block_m, block_n=tiles.block_n, block_r=block_r)
-  operands = (jnp.asarray(layer, jnp.int32).reshape(1), table.tile_expert, h, b)
-  aliases = {}
-  if out is not None:
-    if out.shape != (p, n) or out.dtype != out_dtype:
-      raise ValueError(f"out must be {(p, n)} {out_dtype}, got {out.shape} {out.dtype}")
-    operands, aliases = operands + (out,), {len(operands): 0}
+  operands, aliases = with_output_buffer(
+      (jnp.asarray(layer, jnp.int32).reshape(1), table.tile_expert, h, b), out, (p, n),
+      out_dtype)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((p, n), out_dtype),

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.expert_matmul import base_tile, dot_block
+from pallas_kernels.expert_matmul import base_tile, dot_block, with_output_buffer
 
 
 # Shared memory the streamed tiles may take per program: the H100 allows 227 KiB per block;
@@ -308,12 +308,9 @@ def gathered_expand_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h
                              block_m=block_m, block_n=block_n, block_k=tiles.block_k,
                              block_r=block_r)
   layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
-  operands = (layer_arr, ids.astype(jnp.int32), count.astype(jnp.int32), x, w, h, b)
-  aliases = {}
-  if out is not None:
-    if out.shape != (m, n) or out.dtype != x.dtype:
-      raise ValueError(f"out must be {(m, n)} {x.dtype}, got {out.shape} {out.dtype}")
-    operands, aliases = operands + (out,), {len(operands): 0}
+  operands, aliases = with_output_buffer(
+      (layer_arr, ids.astype(jnp.int32), count.astype(jnp.int32), x, w, h, b), out, (m, n),
+      x.dtype)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),

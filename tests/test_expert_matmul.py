@@ -64,3 +64,8 @@ def test_shape_errors_name_the_mismatch():
     fused_expert_matmul(x, w, 0, h, g[:, :3], b, interpret=INTERPRET)
   with pytest.raises(ValueError, match="dtypes must match"):
     fused_expert_matmul(x.astype(jnp.bfloat16), w, 0, h, g, b, interpret=INTERPRET)
+  with pytest.raises(ValueError, match=r"out must be \(2, 16\) float32, got \(2, 15\)"):
+    fused_expert_matmul(x, w, 0, h, g, b, out=jnp.zeros((2, 15)), interpret=INTERPRET)
+  with pytest.raises(ValueError, match=r"out must be \(2, 16\) float32, got \(2, 16\) bfloat16"):
+    fused_expert_matmul(x, w, 0, h, g, b, out=jnp.zeros((2, 16), jnp.bfloat16),
+                        interpret=INTERPRET)
