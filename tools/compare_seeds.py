@@ -173,12 +173,12 @@ def training_log(spec: str) -> np.ndarray | None:
   return losses(str(log)) if log.exists() else None
 
 
-def excess_curves(settings, window: int = 25) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+def excess_curves(settings, window: int = 25
+                  ) -> list[tuple[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]]]:
   """[(setting, [(seed, loss [T], reference loss [T], excess [T - window + 1])])]: each run's
   `window`-step moving mean of the training loss minus that of the reference's run of the same
-  data seed (the same batches
-  in the same order, `train.loop.batch_at`), in nats; runs without such a reference run or
-  without logs are left out."""
+  data seed (the same batches in the same order, `train.loop.batch_at`), in nats; runs without
+  such a reference run or without logs are left out."""
   (_, ref_runs), others = settings[0], settings[1:]
   # the reference's runs initialised from their data seed, one per data seed
   ref_logs = {cfg["seed"]: training_log(spec) for cfg, _, spec in ref_runs

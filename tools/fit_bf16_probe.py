@@ -8,15 +8,33 @@ CPU; this forces bf16.
 
 Arguments: mode, workdir, steps to run. The log is WORKDIR/metrics.jsonl.
 """
-import sys, time, jax.numpy as jnp
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax.numpy as jnp
+
 from adafuse_jax.weights import load_model
 from train import data
 from train.loop import TrainConfig, Trainer
-if len(sys.argv) != 4 or not sys.argv[3].isdigit():
-  raise SystemExit(__doc__)
-mode, workdir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-cache = data.default_cache()
-model = load_model(dtype=jnp.bfloat16, progress=False).model
-cfg = TrainConfig(mode=mode, steps=1000, batch=16, seq_len=256, seed=5, eval_every=1000, checkpoint_every=1000)
-t = Trainer(model, cfg, data.load_streams(cache, "train"), data.load_streams(cache, "heldout"), workdir)
-t0 = time.time(); t.fit(until=steps, progress=False); print('s/step', (time.time()-t0)/steps)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 3 or not argv[2].isdigit():
+    raise SystemExit(__doc__)
+  mode, workdir, steps = argv[0], argv[1], int(argv[2])
+  cache = data.default_cache()
+  model = load_model(dtype=jnp.bfloat16, progress=False).model
+  cfg = TrainConfig(mode=mode, steps=1000, batch=16, seq_len=256, seed=5, eval_every=1000,
+                    checkpoint_every=1000)
+  trainer = Trainer(model, cfg, data.load_streams(cache, "train"),
+                    data.load_streams(cache, "heldout"), workdir)
+  t0 = time.time()
+  trainer.fit(until=steps, progress=False)
+  print("s/step", (time.time() - t0) / steps)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -113,8 +113,8 @@ def seed_gap(values, reference, log: bool = True, level: float = 0.95, paired: b
     values, reference: one number per seed of each setting ([S1], [S2], S >= 2).
     log: compare geometric means and return a ratio - 1 (perplexities); else the plain
       difference of means (exact-match shares).
-    paired: values[i] and reference[i] come from runs of the same seed (same batches, same
-      initialisation), S1 == S2: a paired t interval on the per-seed differences, which
+    paired: values[i] and reference[i] come from runs of the same seed (the same batches in
+      the same order), S1 == S2: a paired t interval on the per-seed differences, which
       removes what the seed moves in both runs alike. Else unpaired, Welch's interval.
   """
   from scipy import stats
