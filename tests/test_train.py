@@ -565,3 +565,66 @@ def test_rows_record_how_far_training_moved_the_routing():
                             "jax": "x"}, "config": TrainConfig().to_json(), "math_items": 1,
             "analogy_items": 1, "heldout_windows": 0, "rows": {"pregated-tied": row}}
   assert "`pregated-tied` beta 0.500 / " in markdown(report)
+
+
+def test_job_argv_respells_the_same_settings_for_one_mode():
+  from train.__main__ import _config, _job_argv, build_parser
+  args = build_parser().parse_args(
+      ["--cache", "/c", "all", "--out", "o", "--workdir", "w", "--modes", "lora,pregated",
+       "--jobs", "3", "--shared-fr", "0.875", "--clip-apart", "--init-seed", "7", "--export", "E",
+       "--export-mode", "pregated", "--rows-from", "x.json", "--steps", "12"])
+  for mode, exported in (("pregated", "E"), ("lora", None)):
+    child = build_parser().parse_args(_job_argv(args, mode, pathlib.Path("/j") / mode))
+    assert _config(child, mode) == _config(args, mode)
+    assert (child.modes, child.out, child.export, child.jobs, child.rows_from, child.quiet,
+            child.cache, child.workdir) == (mode, f"/j/{mode}", exported, 1, [], True, "/c", "w")
+
+
+def _job(code: str) -> list[str]:
+  import sys
+  return [sys.executable, "-c", code]
+
+
+def test_run_jobs_keeps_to_the_limit_and_names_a_failure(tmp_path):
+  from train.jobs import run_jobs
+  # Each job counts the jobs running beside it through marker files.
+  count = ("import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); m = d / sys.argv[2];"
+           " m.touch(); print(len(list(d.glob('*.run')))); time.sleep(1.0); m.unlink()")
+  (tmp_path / "m").mkdir()
+  jobs = [(f"j{i}", _job(count) + [str(tmp_path / "m"), f"j{i}.run"]) for i in range(4)]
+  seconds = run_jobs(jobs, 2, tmp_path / "logs", progress=False)
+  assert sorted(seconds) == ["j0", "j1", "j2", "j3"]
+  seen = [int((tmp_path / "logs" / f"j{i}.log").read_text()) for i in range(4)]
+  assert max(seen) == 2, seen
+  bad = [("bad", _job("import sys; print('boom'); sys.exit(3)")), ("ok", _job("pass")),
+         ("later", _job("pass"))]
+  with pytest.raises(UserError, match=r"job bad failed(.|\n)*boom(.|\n)*not started: ok, later"):
+    run_jobs(bad, 1, tmp_path / "logs2", progress=False)
+  with pytest.raises(UserError, match="--jobs=0 must be at least 1"):
+    run_jobs(bad, 0, tmp_path / "logs3", progress=False)
+
+
+def test_run_jobs_stops_its_jobs_when_terminated(tmp_path):
+  import os
+  import signal
+  import threading
+
+  from train.jobs import run_jobs
+  pid_file = tmp_path / "pid"
+  sleeper = _job(f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid()));"
+                 " time.sleep(60)")
+
+  def terminate_when_started():
+    for _ in range(200):
+      if pid_file.exists() and pid_file.read_text():
+        break
+      threading.Event().wait(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` would
+
+  before = signal.getsignal(signal.SIGTERM)
+  threading.Thread(target=terminate_when_started, daemon=True).start()
+  with pytest.raises(KeyboardInterrupt):
+    run_jobs([("sleeper", sleeper)], 1, tmp_path / "logs", progress=False)
+  with pytest.raises(ProcessLookupError):  # terminated and reaped
+    os.kill(int(pid_file.read_text()), 0)
+  assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back

@@ -74,5 +74,9 @@ for log in /tmp/train/"$name"/*/metrics.jsonl; do
   [ -f "$log" ] && mkdir -p "/tmp/results/$name/logs" \
     && cp "$log" "/tmp/results/$name/logs/$(basename "$(dirname "$log")").jsonl"
 done
+# With --jobs N, each mode's process log (its errors, if it failed).
+for log in /tmp/train/"$name"/jobs/*.log; do
+  [ -f "$log" ] && mkdir -p "/tmp/results/$name/logs" && cp "$log" "/tmp/results/$name/logs/"
+done
 cp "/tmp/results/$name.log" "$out/" 2>/dev/null
 tar -czf "$out/$name.tar.gz" -C /tmp/results "$name" 2>/dev/null

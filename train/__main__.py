@@ -3,6 +3,7 @@
     python -m train data                                   # fetch + tokenize the 5 domains (cached)
     python -m train fit --mode pregated --workdir runs/pregated [--steps 400] [--resume-step N]
     python -m train all --out docs/training --workdir runs [--export adafuse_jax/pools/smollm2-135m]
+                        [--jobs 4]                   # up to 4 modes at once, one process each
     python -m train table docs/training/results.json          # re-render results.md
 
 `all` trains every mode (lora at the pool's parameter budget, layerwise, pregated, pregated with
@@ -34,12 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--cache", help="data folder (default ~/.cache/adafuse-jax/data or $ADAFUSE_DATA)")
   sub = p.add_subparsers(dest="command", required=True)
+  p.commands = {}
   sub.add_parser("data", help="fetch, split and tokenize the domains")
   t = sub.add_parser("table", help="re-render results.md from a results.json (after a change to"
                                    " the table's layout; the numbers are the run's)")
   t.add_argument("results", help="a results.json written by `python -m train all`")
   for name in ("fit", "all"):
     s = sub.add_parser(name)
+    p.commands[name] = s  # for _job_argv, which re-spells an `all` command option by option
     if name == "fit":
       s.add_argument("--mode", choices=TRAIN_MODES, default="pregated")
       s.add_argument("--resume-step", type=int, default=None,
@@ -58,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                           " same settings are kept, not retrained; all of --modes it holds, or"
                           " only the modes named after a colon. Repeatable: each mode from one"
                           " source at most")
+      s.add_argument("--jobs", type=int, default=1,
+                     help="train and evaluate up to N modes at once, each in its own process"
+                          " with 1/N of the GPU's memory (overlaps compilation and small"
+                          " kernels; the table is the same as one by one)")
       s.add_argument("--math-items", type=int, default=200)
       s.add_argument("--analogy-items", type=int, default=300)
       s.add_argument("--heldout-windows", type=int, default=16,
@@ -89,6 +96,14 @@ def _config(args, mode: str):
   return TrainConfig(mode=mode, modules=tuple(m.strip() for m in args.modules.split(",")), **kw)
 
 
+def _prepared_cache(args) -> pathlib.Path:
+  from train import data
+
+  cache = pathlib.Path(args.cache) if args.cache else data.default_cache()
+  data.prepare(cache, progress=not args.quiet)
+  return cache
+
+
 def _setup(args):
   import jax
   import jax.numpy as jnp
@@ -96,8 +111,7 @@ def _setup(args):
   from adafuse_jax.weights import load_model
   from train import data
 
-  cache = pathlib.Path(args.cache) if args.cache else data.default_cache()
-  data.prepare(cache, progress=not args.quiet)
+  cache = _prepared_cache(args)
   dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
   loaded = load_model(dtype=dtype, progress=not args.quiet)
   return cache, loaded, data.load_streams(cache, "train"), data.load_streams(cache, "heldout")
@@ -127,8 +141,9 @@ def run_all(args) -> dict:
 
   if args.heldout_windows < 0:  # before loading anything
     raise UserError(f"--heldout-windows={args.heldout_windows} must be 0 (all) or positive")
-  cache, loaded, train_streams, heldout = _setup(args)
-  model, tok = loaded.model, loaded.tokenizer
+  if args.jobs < 1:
+    raise UserError(f"--jobs={args.jobs} must be at least 1")
+  cache = _prepared_cache(args)  # once, before any job could race to prepare it
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   math_items = E.math_items(cache)[: args.math_items]
@@ -144,6 +159,19 @@ def run_all(args) -> dict:
     _seed_rows(results, _config(args, "pregated").to_json(), len(math_items),
                len(analogy_items), args.heldout_windows, kept, pathlib.Path(args.workdir),
                named=named)
+  todo = [m for m in modes if not (rows_dir / f"{m}.json").exists()]
+  if args.jobs > 1 and len(todo) > 1:
+    # Each job is this command for one mode, in the same workdir: it leaves rows/MODE.json (and
+    # the export), which the loop below then keeps like any row finished earlier.
+    from train.jobs import run_jobs
+    jobs_dir = pathlib.Path(args.workdir) / "jobs"
+    run_jobs([(m, [sys.executable, "-m", "train", *_job_argv(args, m, jobs_dir / m)])
+              for m in todo], args.jobs, jobs_dir, progress=not args.quiet)
+  if all((rows_dir / f"{m}.json").exists() for m in modes):
+    model = tok = train_streams = heldout = None  # every row is there: nothing to load
+  else:
+    _, loaded, train_streams, heldout = _setup(args)
+    model, tok = loaded.model, loaded.tokenizer
 
   def write_report() -> dict:
     report = {"environment": environment(), "config": _config(args, "pregated").to_json(),
@@ -204,6 +232,28 @@ def run_all(args) -> dict:
     if log.exists():
       shutil.copyfile(log, out / "metrics" / f"{mode}.jsonl")
   return report
+
+
+def _job_argv(args, mode: str, out: pathlib.Path) -> list[str]:
+  """The arguments of `python -m train` that run `args`'s `all` command for `mode` alone, with
+  its tables under `out`: every setting as parsed (so abbreviations and defaults cannot drift),
+  without --rows-from (the caller has seeded those rows) and --jobs, quiet, exporting only if
+  `mode` is the exported one."""
+  parser = build_parser().commands["all"]
+  argv = [*(["--cache", args.cache] if args.cache else []), "all"]
+  skip = {"help", "modes", "out", "rows_from", "jobs", "quiet", "export"}
+  for action in parser._actions:  # argparse keeps no public list of a parser's options
+    if action.dest in skip or not action.option_strings:
+      continue
+    value = getattr(args, action.dest)
+    if isinstance(action, argparse._StoreTrueAction):
+      argv += [action.option_strings[0]] if value else []
+    elif value is not None:
+      argv += [action.option_strings[0], str(value)]
+  argv += ["--modes", mode, "--out", str(out), "--quiet"]
+  if args.export and mode == args.export_mode:
+    argv += ["--export", args.export]
+  return argv
 
 
 def _rows_sources(specs: list[str], modes: list[str]
