@@ -611,20 +611,25 @@ def test_run_jobs_stops_its_jobs_when_terminated(tmp_path):
 
   from train.jobs import run_jobs
   pid_file = tmp_path / "pid"
-  sleeper = _job(f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid()));"
-                 " time.sleep(60)")
+  # `timeout` signals the caller and then its whole process group: the job passes its SIGTERM
+  # on to the caller while the caller is stopping it, which must not cut the stopping short.
+  sleeper = _job("import os, signal, time\n"
+                 "def passed_on(*_):\n"
+                 "  os.kill(os.getppid(), signal.SIGTERM); time.sleep(0.5); os._exit(0)\n"
+                 "signal.signal(signal.SIGTERM, passed_on)\n"
+                 f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
 
   def terminate_when_started():
     for _ in range(200):
       if pid_file.exists() and pid_file.read_text():
         break
       threading.Event().wait(0.05)
-    os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` would
+    os.kill(os.getpid(), signal.SIGTERM)
 
   before = signal.getsignal(signal.SIGTERM)
   threading.Thread(target=terminate_when_started, daemon=True).start()
   with pytest.raises(KeyboardInterrupt):
     run_jobs([("sleeper", sleeper)], 1, tmp_path / "logs", progress=False)
-  with pytest.raises(ProcessLookupError):  # terminated and reaped
+  with pytest.raises(ProcessLookupError):  # stopped and reaped, not left behind or a zombie
     os.kill(int(pid_file.read_text()), 0)
   assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back

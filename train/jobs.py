@@ -58,6 +58,9 @@ def run_jobs(jobs: Sequence[tuple[str, Sequence[str]]], max_jobs: int, log_dir: 
   failed: list[str] = []
 
   def on_term(signum, frame):  # `timeout` sends SIGTERM; unwind through the finally below
+    # Once: `timeout` signals its whole process group too, so a second SIGTERM can arrive while
+    # the finally below is stopping the jobs, and must not cut that short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
   previous = signal.signal(signal.SIGTERM, on_term)
