@@ -408,7 +408,8 @@ def main() -> None:
   table = h200_readme_block() + table + "\n\n" + throughput
   text = f"{head}<!-- bench:start -->\n{table}\n<!-- bench:end -->{tail}"
   # ... and the training results tables, as `python -m train all` wrote them.
-  for marker, sub in (("training", "results.md"), ("training-pilot", "cpu-pilot/results.md"),
+  for marker, sub in (("training-gpu-all", "gpu-1000-all/results.md"),
+                      ("training", "results.md"), ("training-pilot", "cpu-pilot/results.md"),
                       ("training-shared", "shared-fraction.md"),
                       ("training-shared-300", "shared-fraction-300.md"),
                       ("training-gpu-1000", "gpu-1000.md"),
