@@ -215,7 +215,10 @@ H200_RUNS = (("h200-xla-rows/model", "plain-XLA pre-gated and layer-wise paths r
               " generate runs)"),
              ("h200-prefill", "prefill of 512 tokens with per-token routing"),
              ("h200-auto/e64r64-batch32", "64 rank-64 experts, batch 32, auto beside the fixed"
-              " paths"))
+              " paths"),
+             ("h200-after-refactor/batch1", "batch 1 again after the adapter-runtime and kernel-"
+              "wrapper refactors (session 13): the packed and fused paths beside the backbone,"
+              " to check that neither moved"))
 
 
 def xla_rows_section() -> list[str]:
