@@ -18,9 +18,10 @@
 #
 # Runs on a laptop CPU with nothing but the README's set-up command. We load the embedded
 # SmolLM2-135M-Instruct, generate, attach the trained pre-gated expert pool shipped with the
-# package (8 routed LoRA experts of rank 4 plus a shared expert of rank 32 on q, k, v, o;
-# trained on five domains, see `docs/training/`), look at which experts each token picked, and
-# compare decode modes.
+# package (8 LoRA experts of rank 8 on q, k, v, o, tied: every token uses all eight at gate 1 and
+# its top-2 again at a learned per-layer scale; trained on five domains, see
+# `docs/training/gpu-1000-all/`), look at which experts each token picked, and compare decode
+# modes.
 
 # %%
 import jax

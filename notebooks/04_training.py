@@ -19,7 +19,7 @@
 # A few minutes on a laptop: prepare the five real domains (fetched once through the package
 # registries and cached), train a pre-gated pool on the frozen SmolLM2-135M for a handful of
 # steps, plot the loss and the domain x expert routing. Then the full GPU run recorded in
-# `docs/training/` (`python -m train all ...`).
+# `docs/training/gpu-1000-all/` (`python -m train all ...`).
 
 # %%
 import json
@@ -69,21 +69,26 @@ display(Image(filename=str(workdir / "routing.png")))
 print(f"switch rate: set {routing['switch_rate_set']:.2f}, set or gates {routing['switch_rate_merge']:.2f}")
 
 # %% [markdown]
-# ## The GPU run (H100, 300 steps of 16 x 256 tokens per mode)
+# ## The GPU run (H200, 1000 steps of 16 x 256 tokens per mode, every mode in one command)
+#
+# `docs/training/gpu-1000-all/`: six modes trained side by side (`--jobs 6`), `lora` and
+# `pregated-shared` kept from an earlier run of the same settings; the shipped pool is this
+# run's `pregated-tied`.
 
 # %%
+run = ROOT / "docs" / "training" / "gpu-1000-all"
 fig, ax = plt.subplots(figsize=(7, 3.6))
-for log in sorted((ROOT / "docs" / "training" / "metrics").glob("*.jsonl")):
+for log in sorted((run / "metrics").glob("*.jsonl")):
   recs = [json.loads(l) for l in log.read_text().splitlines()]
   ce = np.array([r["ce"] for r in recs])
-  smooth = np.convolve(ce, np.ones(10) / 10, mode="valid")
-  ax.plot(np.arange(10, len(ce) + 1), smooth, label=log.stem)
+  smooth = np.convolve(ce, np.ones(25) / 25, mode="valid")
+  ax.plot(np.arange(25, len(ce) + 1), smooth, label=log.stem)
 ax.set_xlabel("step")
-ax.set_ylabel("training cross-entropy (nats/token, 10-step mean)")
+ax.set_ylabel("training cross-entropy (nats/token, 25-step mean)")
 ax.legend()
 plt.show()
-print((ROOT / "docs" / "training" / "results.md").read_text())
-display(Image(filename=str(ROOT / "docs" / "training" / "routing_pregated.png")))
+print((run / "results.md").read_text())
+display(Image(filename=str(run / "routing_pregated-tied.png")))
 
 # %% [markdown]
 # ## Closing the gap: a shared expert (CPU pilot)

@@ -86,7 +86,10 @@ def main() -> None:
   (out / "quality.json").write_text(json.dumps(report, indent=2))
   domains = list(rows[0]["ppl"])
   base = rows[0]
-  lines = [f"SERE on the trained SmolLM2 pool (pregated, E={cfg.num_experts}, top-{cfg.top_k}),"
+  kind = ("tied: the pool is its own shared expert" if cfg.tied_shared
+          else f"shared expert of rank {cfg.shared_rank}" if cfg.shared_rank else "routed only")
+  lines = [f"SERE on the trained SmolLM2 pool (pregated, {kind}, E={cfg.num_experts},"
+           f" r={cfg.rank}, top-{cfg.top_k}),"
            f" S = 1, batch steps of {args.windows} sequences; {report['environment']['device']},"
            f" JAX {report['environment']['jax']}, {report['environment']['date']}. Command:"
            f" `python tools/sere_quality.py`. Mean off-diagonal expert similarity (CKA):"
