@@ -14,6 +14,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -63,7 +64,9 @@ def run_jobs(jobs: Sequence[tuple[str, Sequence[str]]], max_jobs: int, log_dir: 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
-  previous = signal.signal(signal.SIGTERM, on_term)
+  # Python delivers signals to the main thread only; elsewhere the caller's own handling stands.
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, on_term) if in_main_thread else None
   bar = None
   if progress:
     from tqdm import tqdm
@@ -100,7 +103,8 @@ def run_jobs(jobs: Sequence[tuple[str, Sequence[str]]], max_jobs: int, log_dir: 
       except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    signal.signal(signal.SIGTERM, previous)
+    if in_main_thread:
+      signal.signal(signal.SIGTERM, previous)
     if bar is not None:
       bar.close()
   if failed:
