@@ -321,9 +321,12 @@ def test_goal_lines_and_compare_tool_report_paired_intervals(tmp_path):
   text = "\n".join(goal_lines(rows, ["a", "b"]))
   assert "higher beyond the interval on b" in text and "on a" not in text.split("beyond")[-1]
   assert "math +0.0 pts [+0.0, +0.0]" in text
-  rows["layerwise-tied"] = row("layerwise-tied", 0, 0)  # the tied pool's own layer-wise baseline
-  assert "% vs layerwise-tied" in "\n".join(goal_lines(rows, ["a", "b"]))
-  del rows["layerwise-tied"]
+  # A pre-gated row is set against plain layer-wise routing and against its own layer-wise twin
+  # (the same pool routed at every layer), never against another pool's twin.
+  twins = dict(rows, **{m: row(m, 0, 0) for m in ("layerwise", "layerwise-tied", "pregated-tied")})
+  lines = {line.split("`")[1]: line for line in goal_lines(twins, ["a", "b"]) if "`" in line}
+  assert "% vs layerwise;" in lines["pregated"] and "layerwise-tied" not in lines["pregated"]
+  assert "% vs layerwise;" in lines["pregated-tied"] and "% vs layerwise-tied" in lines["pregated-tied"]
   path = tmp_path / "results.json"
   path.write_text(json.dumps({"config": TrainConfig().to_json(), "math_items": 1,
                               "analogy_items": 1, "heldout_windows": 0, "rows": rows}))

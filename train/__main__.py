@@ -411,7 +411,10 @@ def goal_lines(rows: dict, domains: list[str]) -> list[str]:
     if not mode.startswith("pregated"):
       continue
     parts = []
-    for base in ("layerwise", "layerwise-shared", "layerwise-tied"):
+    # Plain layer-wise routing (the goal's baseline), and the row's layer-wise twin: the same
+    # pool routed at every layer (pregated-shared -> layerwise-shared, ...), where there is one.
+    twin = "layerwise" + mode[len("pregated"):]
+    for base in dict.fromkeys(("layerwise", twin)):
       if base in rows:
         gap = r["mean_ppl"] / rows[base]["mean_ppl"] - 1
         parts.append(f"mean ppl {100 * gap:+.1f}% vs {base}")
