@@ -11,7 +11,9 @@
 # cache, so the same command in the next call resumes where a time limit cut it; each call
 # leaves OUT_DIR/NAME.tar.gz (results.json/.md, plots, training logs; an `--export` under
 # /tmp/results/NAME rides along) and NAME.log: two files, and a call brings back at most 8, so
-# chain at most 4 invocations per call.
+# chain at most 4 invocations per call. Pass `--jobs N` to train N modes side by side (one
+# process each, 1/N of the GPU's memory): the 1000-step table's six new modes took two calls so
+# (`docs/training/gpu-1000-all/`), where one at a time a cold machine spent ~300 s per mode.
 #
 # With FIT=1 it runs `python -m train fit` instead (one mode, e.g. FIT=1 bash ... OUT NAME --mode
 # pregated-tied --steps 1000 --seed 5): OUT_DIR/NAME/metrics.jsonl, as far as the time allowed.
