@@ -104,17 +104,17 @@ def _prepared_cache(args) -> pathlib.Path:
   return cache
 
 
-def _setup(args):
+def _setup(args, cache: pathlib.Path):
+  """(the loaded model, train streams, held-out streams) from a prepared data cache."""
   import jax
   import jax.numpy as jnp
 
   from adafuse_jax.weights import load_model
   from train import data
 
-  cache = _prepared_cache(args)
   dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
   loaded = load_model(dtype=dtype, progress=not args.quiet)
-  return cache, loaded, data.load_streams(cache, "train"), data.load_streams(cache, "heldout")
+  return loaded, data.load_streams(cache, "train"), data.load_streams(cache, "heldout")
 
 
 def fit(args, mode: str, loaded, train_streams, heldout):
@@ -159,7 +159,10 @@ def run_all(args) -> dict:
     _seed_rows(results, _config(args, "pregated").to_json(), len(math_items),
                len(analogy_items), args.heldout_windows, kept, pathlib.Path(args.workdir),
                named=named)
-  todo = [m for m in modes if not (rows_dir / f"{m}.json").exists()]
+  def unfinished() -> list[str]:
+    return [m for m in modes if not (rows_dir / f"{m}.json").exists()]
+
+  todo = unfinished()
   if args.jobs > 1 and len(todo) > 1:
     # Each job is this command for one mode, in the same workdir: it leaves rows/MODE.json (and
     # the export), which the loop below then keeps like any row finished earlier.
@@ -167,10 +170,10 @@ def run_all(args) -> dict:
     jobs_dir = pathlib.Path(args.workdir) / "jobs"
     run_jobs([(m, [sys.executable, "-m", "train", *_job_argv(args, m, jobs_dir / m)])
               for m in todo], args.jobs, jobs_dir, progress=not args.quiet)
-  if all((rows_dir / f"{m}.json").exists() for m in modes):
+  if not unfinished():
     model = tok = train_streams = heldout = None  # every row is there: nothing to load
   else:
-    _, loaded, train_streams, heldout = _setup(args)
+    loaded, train_streams, heldout = _setup(args, cache)
     model, tok = loaded.model, loaded.tokenizer
 
   def write_report() -> dict:
@@ -488,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       (path.parent / "results.md").write_text(text)
       print(text)
     elif args.command == "fit":
-      _, loaded, tr, ho = _setup(args)
+      loaded, tr, ho = _setup(args, _prepared_cache(args))
       trainer, secs = fit(args, args.mode, loaded, tr, ho)
       print(json.dumps({"mode": args.mode, "step": trainer.step, "train_s": secs,
                         "heldout_ppl": trainer.evaluate()}, indent=2))
