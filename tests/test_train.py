@@ -347,6 +347,9 @@ def test_table_command_re_renders_results_md(tmp_path, capsys):
   assert main(["all", "--out", str(tmp_path / "o"), "--workdir", str(tmp_path / "w"),
                "--heldout-windows", "-1"]) == 2
   assert "--heldout-windows=-1 must be 0 (all) or positive" in capsys.readouterr().err
+  assert main(["all", "--out", str(tmp_path / "o"), "--workdir", str(tmp_path / "w"),
+               "--jobs", "0"]) == 2
+  assert "--jobs=0 must be at least 1" in capsys.readouterr().err
 
 
 def test_router_lr_scale_slows_only_routers_and_betas(model, streams, tmp_path):
