@@ -11,6 +11,17 @@ import dataclasses
 from typing import Any
 
 from adafuse_jax.errors import UserError
+from adafuse_jax.vocab import MODES, Mode
+
+# The linear modules of a Llama block, in the order the forward pass calls them.
+LINEAR_NAMES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+# Linear modules of a block that read the same input, in the order the block calls them.
+INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+def input_group(name: str) -> tuple[str, ...]:
+  """The modules that read the same input as `name` (itself included)."""
+  return next(g for g in INPUT_GROUPS if name in g)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +139,6 @@ def preset(name: str) -> ModelConfig:
     raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
-MODES = ("backbone", "lora", "layerwise", "pregated")
-
-
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
   """Which linear modules carry LoRA experts, and how tokens are routed to them.
@@ -181,8 +189,6 @@ class AdapterConfig:
   route_context: float = 0.0
 
   def __post_init__(self) -> None:
-    from adafuse_jax.model.llama import LINEAR_NAMES  # the model defines the module names
-
     if self.mode not in MODES:
       raise UserError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
     unknown = [m for m in self.modules if m not in LINEAR_NAMES]
@@ -221,7 +227,8 @@ class AdapterConfig:
                       " context through the layers below)")
     if self.per_layer_gates and self.mode != "pregated":
       raise UserError("per_layer_gates applies to mode 'pregated' only")
-    if self.mode == "lora":
+    object.__setattr__(self, "mode", str(self.mode))  # a plain string, as configs are saved
+    if self.mode == Mode.LORA:
       # One plain LoRA is a pool of one expert that every token uses with gate 1.
       object.__setattr__(self, "num_experts", 1)
       object.__setattr__(self, "top_k", 1)

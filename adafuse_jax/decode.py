@@ -14,8 +14,8 @@ import os
 import sys
 from typing import Sequence
 
-from adafuse_jax.config import MODES
 from adafuse_jax.errors import UserError
+from adafuse_jax.vocab import MODES, PATHS, legacy_path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -61,22 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
   a.add_argument("--shared-rank", type=int, default=0,
                  help="rank of a shared expert every token uses, merged into the backbone once"
                       " (random pools; 0 = none)")
-  a.add_argument("--implementation", choices=("packed", "xla", "pallas", "auto"), default=None,
-                 help="how the matmuls and experts are applied: packed (the default unless"
-                      " --merge): every expert's A and the layer-wise routers appended to the"
-                      " backbone's matrices, q/k/v and gate/up one matmul each, one small"
-                      " expansion per module (fastest measured, CPU and H100; holds a packed copy"
-                      " of the weights instead of the model's); xla: plain XLA matmuls beside"
-                      " the backbone's; pallas: the Pallas kernels that read"
-                      " only the step's experts and fold them into the base matmul (GPU;"
-                      " interpreted on the CPU); or auto: measure every path that can run this"
-                      " configuration (XLA, fused kernels, and for one pregated prompt the"
-                      " merged switch, costed at the switch rate of the prompt's routing) and"
-                      " use the fastest; prints the choice and why")
-  a.add_argument("--merge", action="store_true",
-                 help="--mode lora: fold the LoRA into the weights once; --mode pregated: switch"
-                      " each token's experts into the weights (pregated-merged: one SGMM launch,"
-                      " then a plain backbone pass; one prompt at a time)")
+  a.add_argument("--path", choices=PATHS, default=None,
+                 help="how the experts are applied: packed (default): every expert's A and the"
+                      " layer-wise routers appended to the backbone's matrices, q/k/v and gate/up"
+                      " one matmul each, one small expansion per module; xla: plain XLA matmuls"
+                      " beside the backbone's; gathered: Pallas kernels that read only the step's"
+                      " experts and fold them into the base matmul (GPU; interpreted on the CPU);"
+                      " merged: --mode lora folds the LoRA into the weights once, --mode pregated"
+                      " switches each token's experts into the weights (one SGMM launch, then a"
+                      " plain backbone pass); auto: measure every path that can run this"
+                      " configuration and use the fastest (prints the choice and why)")
+  a.add_argument("--backend", choices=("auto", "triton", "mosaic", "xla"), default="auto",
+                 help="kernel backend of the path's Pallas op (gathered, merged); auto: Mosaic"
+                      " GPU where it applies, else the Triton lowering, else XLA")
+  # Spellings of earlier versions, still accepted: --implementation X is --path X (pallas is
+  # gathered), --merge is --path merged.
+  a.add_argument("--implementation", default=None, help=argparse.SUPPRESS)
+  a.add_argument("--merge", action="store_true", help=argparse.SUPPRESS)
   a.add_argument("--show-routing", action="store_true",
                  help="print, per generated token, the experts and gates chosen")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -99,7 +100,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _adapter_config(args: argparse.Namespace):
-  from adafuse_jax.adapter_io import read_adapter_config
+  from adafuse_jax.adapters.io import read_adapter_config
   from adafuse_jax.config import AdapterConfig
 
   mode = args.mode
@@ -128,12 +129,30 @@ def _routing_table(tok, res) -> list[dict]:
   return rows
 
 
+def _path(args: argparse.Namespace) -> tuple[str | None, str]:
+  """(path or None for the default, backend) from --path/--backend, or from the earlier
+  --implementation/--merge spelling (with a note naming the new one)."""
+  if args.implementation is None and not args.merge:
+    return args.path, args.backend
+  if args.path is not None:
+    raise UserError("--path replaces --implementation and --merge: pass only --path")
+  if args.merge and args.implementation not in (None, "xla", "pallas"):
+    raise UserError(f"--merge (now --path merged) folds experts into the weights; --implementation"
+                    f" {args.implementation} applies them unmerged: drop one")
+  path, backend = legacy_path(args.implementation, args.merge)
+  if path is not None:
+    print(f"note: --implementation/--merge are now spelled --path {path}"
+          + (f" --backend {backend}" if backend != "auto" else ""), file=sys.stderr)
+  return (str(path) if path is not None else None), backend
+
+
 def run(args: argparse.Namespace) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from adafuse_jax.adapter_io import check_adapter_spec, resolve_adapters
-  from adafuse_jax.generate import Generator, generate
+  from adafuse_jax.adapters.io import check_adapter_spec, resolve_adapters
+  from adafuse_jax.generate import Generator, decode_shape, generate
+  from adafuse_jax.paths import registry
   from adafuse_jax.sampling import SamplingConfig
   from adafuse_jax.weights import load_model
 
@@ -146,20 +165,14 @@ def run(args: argparse.Namespace) -> dict:
   if dtype == "auto":
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   adapter_cfg = _adapter_config(args)
-  if args.implementation is None:  # merging switches weights in place: the SGMM kernel's job
-    args.implementation = ("pallas" if jax.default_backend() != "cpu" else "xla") if args.merge \
-        else "packed"
+  path, backend = _path(args)
+  path = path or registry.DEFAULT_PATH
+  auto = registry.is_auto(path)
   # Conflicts that need no model: report them before seconds of loading.
-  if args.implementation == "packed" and args.merge:
-    raise UserError("--merge folds experts into the weights; --implementation packed applies"
-                    " them unmerged: drop one (--merge switches with pallas or xla)")
-  if args.implementation == "auto" and args.merge:
-    raise UserError("--implementation auto decides whether to merge; drop --merge")
-  if args.implementation == "auto" and args.adapters is None:
-    raise UserError("--implementation auto chooses how experts are applied: it needs --adapters")
-  if args.merge and adapter_cfg.mode not in ("lora", "pregated"):
-    raise UserError(f"--merge needs --mode lora (merged once) or pregated (switched per token);"
-                    f" {adapter_cfg.mode!r} routes at every layer and cannot merge")
+  if auto and args.adapters is None:
+    raise UserError("--path auto chooses how experts are applied: it needs --adapters")
+  if not auto:
+    registry.check(path, adapter_cfg if adapter_cfg.mode != "backbone" else None)
   check_adapter_spec(args.adapters, adapter_cfg)
   loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=not (args.quiet or args.json))
   adapters = resolve_adapters(args.adapters, adapter_cfg, loaded.model.cfg, dtype=jnp.dtype(dtype),
@@ -187,20 +200,9 @@ def run(args: argparse.Namespace) -> dict:
 
   pad_id = min(tok.eos_ids) if tok.eos_ids else 0
   model = loaded.model
-  if args.implementation == "pallas" and jax.default_backend() == "cpu" and not args.json:
-    print("note: on the CPU the weights are held per layer, so the experts take the XLA path;"
-          " --implementation pallas applies on a GPU", file=sys.stderr)
-  switch_per_token = False
   choice = None
-  if args.merge:
-    if adapter_cfg.mode == "lora":
-      from adafuse_jax.adapters import merged_model
-      model, adapters = merged_model(model, adapters), None
-    else:  # pregated (other modes were refused before loading)
-      switch_per_token = True
-  if args.implementation == "auto":
-    from adafuse_jax.autopath import choose_path, prompt_agreement_rate, prompt_switch_rate
-    from adafuse_jax.generate import decode_shape
+  if auto:
+    from adafuse_jax.auto import choose_path, prompt_agreement_rate, prompt_switch_rate
 
     # Measure at the shape that will be generated, so its compiled step is reused.
     _, _, cache_len = decode_shape([len(i) for i in ids], args.max_new_tokens,
@@ -210,12 +212,14 @@ def run(args: argparse.Namespace) -> dict:
     log = None if args.json else (lambda m: print(m, file=sys.stderr))
     choice, gen = choose_path(model, adapters, batch=len(ids), cache_len=cache_len,
                               switch_rate=rate, agree_rate=agree, log=log)
-    switch_per_token = choice.candidate.merge
     if not args.json:
       print(f"auto chose {choice.reason}", file=sys.stderr)
   else:
-    gen = Generator(model, adapters=adapters, implementation=args.implementation,
-                    merge=switch_per_token)
+    note = registry.get(path).note(model.layout)
+    if note and adapters is not None and not args.json:
+      print(f"note: {note}", file=sys.stderr)
+    gen = Generator(model, adapters=adapters, path=path, backend=backend)
+  switch_per_token = gen.merges_per_token
   if stream:
     sys.stdout.write(prompts[0] if not args.chat else "")
     sys.stdout.flush()
@@ -232,8 +236,8 @@ def run(args: argparse.Namespace) -> dict:
       "decode_ms_per_token": round(res.decode_ms_per_token, 3),
       "tokens_per_s": round(res.tokens_per_s, 2), "compile_s": round(res.compile_s, 3),
       "streamed": stream,
-      "mode": (choice.candidate.name if choice else
-               adapter_cfg.mode + ("-merged" if switch_per_token else "")),
+      "mode": adapter_cfg.mode,
+      "path": (choice.candidate.name if choice else gen.path_name.value),
       "auto": choice.to_dict() if choice else None,
       "switches": int(gen.switch_state.switches) if switch_per_token else None,
       # Merged batch steps whose rows chose different experts ran unmerged.
@@ -266,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       print("(no routing: this mode has no router)")
     for row in result["routing"]:
       print(f"  {row['token']!r:>16}  experts {row['experts']}  gates {row['gates']}")
-  print(f"[{result['mode']} | {sum(result['prompt_tokens'])} prompt tokens | prefill {result['prefill_ms']:.1f} ms |"
+  print(f"[{result['mode']} on {result['path']} | {sum(result['prompt_tokens'])} prompt tokens | prefill {result['prefill_ms']:.1f} ms |"
         f" decode {result['decode_ms_per_token']:.2f} ms/token ({result['tokens_per_s']:.1f} tokens/s)"
         f" | {sum(result['generated_tokens'])} tokens | compile {result['compile_s']:.1f} s |"
         f" {result['backend']} {result['dtype']}]")

@@ -1,8 +1,8 @@
 """Prefill and decode: compiled once per shape, stepped from Python, KV cache donated.
 
-FACTS.md: on the CPU, stepping the decode from Python with the argmax inside jit beat a
-`lax.scan` over tokens (23 vs 38 ms/token), and on the GPU the per-step dispatch hides under
-the step's own time. So one jitted step per token: embedding -> layers -> logits -> sample.
+On the CPU, stepping the decode from Python with the argmax inside jit beat a `lax.scan` over
+tokens (23 vs 38 ms/token for SmolLM2-135M on 2 cores), and on the GPU the per-step dispatch
+hides under the step's own time. So one jitted step per token: embedding -> layers -> logits -> sample.
 
 Prompts are left-padded to a power-of-two bucket (fewer recompiles); see `KVCache` for how
 padding, slots and RoPE positions relate.
@@ -19,11 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adafuse_jax.adapters import MixtureOfLoRA
+from adafuse_jax.adapters.mixture import MixtureOfLoRA, fold_shared
+from adafuse_jax.adapters.sere import SereSettings
+from adafuse_jax.config import LINEAR_NAMES
 from adafuse_jax.errors import UserError
 from adafuse_jax.model.cache import KVCache
-from adafuse_jax.model.llama import LinearFn, LlamaModel, plain_linear
+from adafuse_jax.model.llama import LinearFn, LlamaModel
+from adafuse_jax.paths import merged as merged_path
+from adafuse_jax.paths import registry
 from adafuse_jax.sampling import SamplingConfig, sample
+from adafuse_jax.vocab import PathName
 
 MIN_BUCKET = 16
 CACHE_ROUND = 128
@@ -86,63 +91,61 @@ class Generator:
 
   Args:
     model: the decoder; its parameters are split out once and passed to the compiled steps.
-    adapters: an expert pool + routers applied unmerged in every step, or None (backbone).
-    implementation: how experts are applied: "xla", "pallas" (the fused expert matmul when
-      unmerged, the SGMM switch kernel when merged) or "packed" (`adafuse_jax.packed`). "xla"
-      on the GPU keeps a copy of the experts' A (and layer-wise routers) with the contracted
-      dimension minor for its decode steps (`adafuse_jax.row_layout`, `self.rows`).
-    sere: SERE re-routing settings for pre-gated batches (`adafuse_jax.sere`), or None.
-    merge: decode by switching pre-gated experts into the weights every step
-      ("pregated-merged", see `adafuse_jax.switching`); prompts still run unmerged, and so do
-      the steps of a batch whose rows chose different experts.
+    adapters: an expert pool + routers, or None (the backbone).
+    path: how the experts are applied (`adafuse_jax.vocab.PathName`, listed by
+      `adafuse_jax.paths.registry`): "packed" (the default: every expert's A appended to the
+      backbone's matrices), "xla" (plain XLA matmuls beside the backbone's), "gathered" (Pallas
+      BGMV/SGMV kernels that read only the step's experts) or "merged" (a plain LoRA merged
+      once; a pre-gated pool's experts switched into the weights every decode step by one SGMM
+      launch, prompts and disagreeing batch rows running unmerged). For "auto" use
+      `adafuse_jax.choose_path`, which returns the fastest path's Generator.
+    backend: the kernel backend of the path's Pallas ops ("auto", "triton", "mosaic", "xla";
+      see `pallas_kernels`).
+    sere: SERE re-routing settings for pre-gated batches, or None.
     release_weights: with "packed", delete the model's linear weights and the pool's experts
-      while packing (`pack(..., release=True)`): one copy of them in device memory at any
-      time; `model` and `adapters` cannot run afterwards.
+      while packing: one copy of them in device memory at any time; `model` and `adapters`
+      cannot run afterwards.
   """
 
   def __init__(self, model: LlamaModel, *, adapters: MixtureOfLoRA | None = None,
-               implementation: str = "xla", merge: bool = False, sere=None,
-               release_weights: bool = False):
-    if release_weights and implementation != "packed":
-      raise ValueError("release_weights needs implementation='packed' (the steps of the other"
-                       " implementations read the model's own weights)")
+               path: str | PathName = registry.DEFAULT_PATH, backend: str = "auto",
+               sere: SereSettings | None = None, release_weights: bool = False):
     if adapters is not None and adapters.cfg.route_context:
       raise UserError("these adapters route on the running context (route_context), which"
                       " decoding does not carry from step to step yet; evaluate them with"
-                      " `python -m train` (full sequences), or train without --route-context")
+                      " `python -m adafuse_jax.train` (full sequences), or train without"
+                      " --route-context")
     if adapters is not None and adapters.cfg.has_shared:
-      from adafuse_jax.adapters import fold_shared
       # Every token uses the shared expert: merged once here, it costs nothing per step.
       model, adapters = fold_shared(model, adapters)
-    self.implementation = implementation
-    self.sere = sere  # adafuse_jax.adapters.SereSettings: batch-level re-routing (pregated)
-    self.merge = merge
-    self.switch_state = None
-    if merge and implementation == "packed":
-      raise UserError("implementation 'packed' applies experts unmerged; merged decoding switches"
-                      " with 'pallas' (SGMM kernel) or 'xla'")
-    if merge:
-      from adafuse_jax import switching
+    self.path = registry.check(path, adapters.cfg if adapters is not None else None,
+                               layout=model.layout)
+    if release_weights and self.path.reads_own_weights():
+      raise UserError(f"release_weights frees the weights a packed copy replaces; path"
+                      f" {self.path.name.value!r} reads the model's own weights")
+    if self.path.merges:
       if sere is not None:
         raise UserError("SERE re-routes the rows of unmerged batch steps; merged decoding switches"
-                        " the batch's one shared choice: drop one of sere / merge")
-      if adapters is None:
-        raise UserError("merged decoding needs adapters (a pre-gated expert pool)")
-      switching.check_mergeable(adapters.cfg)
-      self.switch_state = switching.initial_state(model, adapters)
+                        " the batch's one shared choice: drop one of sere / path 'merged'")
+      model, adapters = self.path.fold_once(model, adapters)
+    self.backend = backend
+    self.sere = sere
+    # Decode steps switch experts into the weights (a pre-gated pool on path "merged").
+    self.merges_per_token = self.path.merges and adapters is not None
     self.cfg = model.cfg
     self.dtype = model.dtype
+    self.layout = model.layout
+    self.adapter_cfg = adapters.cfg if adapters is not None else None
+    # What the compiled steps read besides the parameters: a packed copy of the weights, the
+    # row layout, or the merged weights (`switch_state`), built once here.
+    derived = self.path.prepare(model, adapters, release=release_weights)
+    self.switch_state = derived if self.merges_per_token else None
+    self.derived = None if self.merges_per_token else derived
     self.graphdef, self.params = nnx.split(model)
     self.adapters_graphdef, self.adapter_params = (nnx.split(adapters) if adapters is not None
                                                    else (None, None))
-    # "packed": a copy of the weights with the experts' A (and layer-wise routers) appended,
-    # read by the compiled steps instead of the model's own matrices (adafuse_jax/packed.py).
-    self.packed = None
-    if implementation == "packed":
-      from adafuse_jax.model.llama import LINEAR_NAMES
-      from adafuse_jax.packed import pack
-      self.packed = pack(model, adapters, release=release_weights)
-      # The steps read the packed copy only: hold no second reference to the model's matrices
+    if not self.path.reads_own_weights():
+      # The steps read the derived copy only: hold no second reference to the model's matrices
       # nor to the pool's experts (dropping the model then frees them; a 7B in bf16 needs one
       # copy, not two, and a pool of 64 rank-64 experts is as large as the model).
       for name in LINEAR_NAMES:
@@ -152,33 +155,21 @@ class Generator:
         for m in adapters.cfg.modules:
           for f in (f"A_{m}", f"B_{m}"):
             pool[f] = pool[f].replace(value=jnp.zeros((0,), model.dtype))
-    # "xla" on the GPU: A^T and the layer-wise routers' R^T, read by decode steps that gather
-    # (adafuse_jax.row_layout); merged steps switch from the pool's own A.
-    from adafuse_jax import row_layout
-    self.rows = (row_layout.build(adapters) if not merge
-                 and row_layout.wanted(adapters, implementation) else None)
     self._compiled: dict[tuple, Callable] = {}
 
   @property
-  def derived(self):
-    """The compiled steps' third argument: whichever derived weights this implementation reads
-    (the packed copy, the row layout, or None)."""
-    return self.packed if self.packed is not None else self.rows
+  def path_name(self) -> PathName:
+    return self.path.name
 
   def _forward(self, params, adapter_params, derived, tokens, cache, key,
                sampling: SamplingConfig):
     model = nnx.merge(self.graphdef, params)
     runtime = None
-    linear: LinearFn = plain_linear
-    packed = derived if self.packed is not None else None
+    linear: LinearFn = self.path.backbone(derived)
     if adapter_params is not None:
-      runtime = nnx.merge(self.adapters_graphdef, adapter_params).runtime(
-          self.implementation, self.sere, packed=packed,
-          rows=derived if self.rows is not None else None)
+      adapters = nnx.merge(self.adapters_graphdef, adapter_params)
+      runtime = self.path.runtime(adapters, derived, sere=self.sere, backend=self.backend)
       linear = runtime
-    elif packed is not None:
-      from adafuse_jax.packed import PackedBackbone
-      linear = PackedBackbone(packed)
     logits, cache = model(tokens, cache, linear=linear)
     routing = None
     if runtime is not None and runtime.first_route is not None:
@@ -192,28 +183,25 @@ class Generator:
   def _switch(self, params, adapter_params, state, tokens):
     """Routes the new tokens [B, 1] and rebuilds the merged weights when the batch agrees (state
     donated, updated in place). Returns (state, routing, agree)."""
-    from adafuse_jax import switching
     model = nnx.merge(self.graphdef, params)
     adapters = nnx.merge(self.adapters_graphdef, adapter_params)
-    experts, gates, _ = switching.route_tokens(model, adapters, tokens)
-    agree = switching.batch_agrees(experts, gates) if tokens.shape[0] > 1 else jnp.bool_(True)
-    state = switching.switch(state, model, adapters, experts[0], gates[0], self.implementation,
-                             agree)
+    experts, gates, _ = merged_path.route_tokens(model, adapters, tokens)
+    agree = merged_path.batch_agrees(experts, gates) if tokens.shape[0] > 1 else jnp.bool_(True)
+    state = merged_path.switch(state, model, adapters, experts[0], gates[0], self.backend, agree)
     return state, (experts, gates), agree
 
   def _merged_forward(self, params, adapter_params, merged_weights, agree, tokens, cache, key,
                       sampling: SamplingConfig):
     """A backbone pass whose adapted modules read the merged weights (passed in, not donated);
     for a batch that disagreed, the unmerged pass on the model's own W0 instead."""
-    from adafuse_jax import switching
     model = nnx.merge(self.graphdef, params)
 
     def merged(cache):
-      return model(tokens, cache, linear=switching.merged_linear(merged_weights))
+      return model(tokens, cache, linear=merged_path.merged_linear(merged_weights))
 
     def unmerged(cache):
-      runtime = nnx.merge(self.adapters_graphdef, adapter_params).runtime(self.implementation)
-      return model(tokens, cache, linear=runtime)
+      adapters = nnx.merge(self.adapters_graphdef, adapter_params)
+      return model(tokens, cache, linear=self.path.runtime(adapters, backend=self.backend))
 
     if tokens.shape[0] == 1:  # one sequence always agrees with itself
       logits, cache = merged(cache)
@@ -231,7 +219,6 @@ class Generator:
       tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
       key = jax.eval_shape(lambda: jax.random.key(0))
       if self.merges(length):
-        from adafuse_jax import switching
         # Two compiled functions, dispatched back to back: XLA:GPU materialises a slice of a
         # weight that was produced in the same program (a memcpy per layer and module, +1.3 ms
         # per token for q,v on the 7B: docs/benchmarks/h100-merged/one_jit_kernels.md), while
@@ -251,7 +238,7 @@ class Generator:
 
   def merges(self, length: int) -> bool:
     """Whether steps of this many tokens run merged (decode steps of a merging generator)."""
-    return self.merge and length == 1
+    return self.merges_per_token and length == 1
 
   def run(self, fn: Callable, tokens: jax.Array, cache: KVCache, key: jax.Array):
     """Calls a compiled step (from `compiled`), carrying the merged weights when it merges.

@@ -28,11 +28,9 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from adafuse_jax.adapter_io import resolve_adapters, read_adapter_config, DEFAULT_POOL
-from adafuse_jax.generate import Generator, generate
-from adafuse_jax.weights import load_model
+import adafuse_jax as af
 
-loaded = load_model(progress=False)
+loaded = af.load_model(progress=False)
 model, tok = loaded.model, loaded.tokenizer
 print(model.cfg.name, f"{model.cfg.layers} layers, hidden {model.cfg.hidden}, backend {jax.default_backend()}")
 
@@ -41,7 +39,8 @@ print(model.cfg.name, f"{model.cfg.layers} layers, hidden {model.cfg.hidden}, ba
 
 # %%
 prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
-res = generate(Generator(model), [tok.encode(prompt)], max_new_tokens=24, stop_ids=tok.eos_ids)
+res = af.generate(af.Generator(model), [tok.encode(prompt)], max_new_tokens=24,
+                  stop_ids=tok.eos_ids)
 print(tok.decode(res.tokens[0]))
 print(f"decode {res.decode_ms_per_token:.1f} ms/token")
 
@@ -52,12 +51,12 @@ print(f"decode {res.decode_ms_per_token:.1f} ms/token")
 # gates, and every adapted layer uses them.
 
 # %%
-adapter_cfg, _ = read_adapter_config(DEFAULT_POOL)
-pool = resolve_adapters("default", adapter_cfg, model.cfg)
+pool = af.load_pool("default", model.cfg)
+adapter_cfg = pool.cfg
 print(adapter_cfg)
 
 text = "def add(a, b):\n    return a + b\n\nQuestion: What is 12 + 30?\nAnswer:"
-res = generate(Generator(model, adapters=pool), [tok.encode(text)], max_new_tokens=20)
+res = af.generate(af.Generator(model, adapters=pool), [tok.encode(text)], max_new_tokens=20)
 tokens = [tok.decode([t]) for t in res.tokens[0]]
 # routes[i] produced generated token i: experts [1, k] and gates [1, k]
 grid = np.zeros((len(tokens), adapter_cfg.num_experts))
@@ -76,19 +75,20 @@ plt.show()
 print(repr(tok.decode(res.tokens[0])))
 
 # %% [markdown]
-# ## The same tokens by three decode paths
+# ## The same tokens on every decode path
 #
-# `pregated` applies the experts unmerged; `pregated-merged` switches each token's experts into
-# the weights (the AdaFuse / LoRA-Switch mechanism) and runs a plain backbone pass. Greedy
-# decoding must give the same text.
+# Path `packed` (the default) and `xla` apply the experts unmerged; `merged` switches each
+# token's experts into the weights (the AdaFuse / LoRA-Switch mechanism) and runs a plain
+# backbone pass. Greedy decoding must give the same text.
 
 # %%
 ids = tok.encode("The three primary colors are")
 outputs = {}
-for name, gen in {"backbone": Generator(model),
-                  "pregated": Generator(model, adapters=pool),
-                  "pregated-merged": Generator(model, adapters=pool, merge=True)}.items():
-  r = generate(gen, [ids], max_new_tokens=16)
+for name, gen in {"backbone": af.Generator(model),
+                  "pregated on packed": af.Generator(model, adapters=pool, path="packed"),
+                  "pregated on xla": af.Generator(model, adapters=pool, path="xla"),
+                  "pregated on merged": af.Generator(model, adapters=pool, path="merged")}.items():
+  r = af.generate(gen, [ids], max_new_tokens=16)
   outputs[name] = tok.decode(r.tokens[0])
-  print(f"{name:>16}: {outputs[name]!r}  ({r.decode_ms_per_token:.1f} ms/token)")
-assert outputs["pregated"] == outputs["pregated-merged"]
+  print(f"{name:>20}: {outputs[name]!r}  ({r.decode_ms_per_token:.1f} ms/token)")
+assert outputs["pregated on packed"] == outputs["pregated on xla"] == outputs["pregated on merged"]

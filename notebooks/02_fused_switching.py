@@ -18,7 +18,7 @@
 #
 # With pre-gating, a token's experts and gates are known before its forward pass, so they can
 # be merged into the weights: `W = W0 + (alpha/r) Σ_j g_j A[e_j] B[e_j]` for every adapted
-# matrix of every layer, in **one** kernel launch (`pallas_kernels/sgmm.py`). Here it runs in
+# matrix of every layer, in **one** kernel launch (`pallas_kernels/sgmm/`). Here it runs in
 # the Pallas interpreter on small shapes, against its plain-jnp reference.
 
 # %%
@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pallas_kernels.sgmm import SwitchTiles, switch_weights, switch_weights_reference
+import adafuse_jax as af
+
+sgmm_op = af.kernels.sgmm  # the fused switch: its entry point, backends and f32 reference
 
 rng = np.random.default_rng(0)
 L, E, r = 2, 4, 8
@@ -43,14 +45,14 @@ b = [jnp.asarray(rng.normal(size=(L, E, r, o)), jnp.float32) for i, o in shapes.
 # ## One switch: token t used experts (0, 2); token t+1 picks (1, 3)
 
 # %%
-tiles = SwitchTiles(block_m=16, block_n=16, row_steps=2)
+tiles = sgmm_op.triton.Tiles(block_m=16, block_n=16, row_steps=2)
 interpret = jax.default_backend() != "gpu"
 old = (jnp.array([0, 2], jnp.int32), jnp.full((L, 2), 0.5, jnp.float32))
 new = (jnp.array([1, 3], jnp.int32), jnp.asarray([[0.7, 0.3]] * L, jnp.float32))
-merged_old = switch_weights([x.copy() for x in w0], a, b, *old, True, w0, tiles=tiles, interpret=interpret)
-merged_new = switch_weights([x.copy() for x in merged_old], a, b, *new, True, w0, tiles=tiles,
+merged_old = sgmm_op.triton.switch_weights([x.copy() for x in w0], a, b, *old, True, w0, tiles=tiles, interpret=interpret)
+merged_new = sgmm_op.triton.switch_weights([x.copy() for x in merged_old], a, b, *new, True, w0, tiles=tiles,
                             interpret=interpret)
-reference = switch_weights_reference(w0, a, b, *new, True, w0)
+reference = sgmm_op.switch_weights_reference(w0, a, b, *new, True, w0)
 for name, got, want in zip(shapes, merged_new, reference):
   print(f"{name:>5}: max |kernel - reference| = {float(jnp.max(jnp.abs(got - want))):.2e}")
 
@@ -72,7 +74,7 @@ plt.show()
 
 # %%
 poisoned = [jnp.full_like(x, jnp.nan) for x in w0]
-same = switch_weights(poisoned, a, b, *new, False, w0, tiles=tiles, interpret=interpret)
+same = sgmm_op.triton.switch_weights(poisoned, a, b, *new, False, w0, tiles=tiles, interpret=interpret)
 print("untouched:", all(bool(jnp.isnan(x).all()) for x in same))
 
 # %% [markdown]
@@ -83,17 +85,15 @@ print("untouched:", all(bool(jnp.isnan(x).all()) for x in same))
 # divides bytes by copy bandwidth (2.7 TB/s measured on the H100).
 
 # %%
-from adafuse_jax.benchmarks import decode_bytes, switch_bytes
-from adafuse_jax.config import PRESETS, AdapterConfig
 
-cfg = PRESETS["llama2-7b"]
+cfg = af.PRESETS["llama2-7b"]
 rows = []
 for label, modules in {"q,v": ("q", "v"), "q,k,v,o": ("q", "k", "v", "o"),
                        "all 7": ("q", "k", "v", "o", "gate", "up", "down")}.items():
-  acfg = AdapterConfig(mode="pregated", modules=modules, num_experts=8, rank=16, top_k=2)
-  backbone = decode_bytes(cfg, jnp.bfloat16, 256, 1, None)
-  rows.append((label, backbone / 1e9, decode_bytes(cfg, jnp.bfloat16, 256, 1, acfg) / 1e9,
-               (backbone + switch_bytes(cfg, jnp.bfloat16, acfg)) / 1e9))
+  acfg = af.AdapterConfig(mode="pregated", modules=modules, num_experts=8, rank=16, top_k=2)
+  backbone = af.decode_bytes(cfg, jnp.bfloat16, 256, 1, None)
+  rows.append((label, backbone / 1e9, af.decode_bytes(cfg, jnp.bfloat16, 256, 1, acfg) / 1e9,
+               (backbone + af.switch_bytes(cfg, jnp.bfloat16, acfg)) / 1e9))
 labels = [r[0] for r in rows]
 x = np.arange(len(rows))
 fig, ax = plt.subplots(figsize=(7, 3.5))

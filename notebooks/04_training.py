@@ -19,7 +19,7 @@
 # A few minutes on a laptop: prepare the five real domains (fetched once through the package
 # registries and cached), train a pre-gated pool on the frozen SmolLM2-135M for a handful of
 # steps, plot the loss and the domain x expert routing. Then the full GPU run recorded in
-# `docs/training/gpu-1000-all/` (`python -m train all ...`).
+# `docs/training/gpu-1000-all/` (`python -m adafuse_jax.train all ...`).
 
 # %%
 import json
@@ -28,10 +28,9 @@ import pathlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from adafuse_jax.weights import load_model
-from train import data
-from train.eval import heatmap, routing_by_domain
-from train.loop import TrainConfig, Trainer
+import adafuse_jax as af
+
+data = af.train.data
 
 ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
 manifest = data.prepare(progress=False)
@@ -39,14 +38,14 @@ for domain, info in manifest["domains"].items():
   print(f"{domain:<12} {info['tokens']['train']:>8} train tokens  {info['tokens']['heldout']:>7} held out  ({info['licence']})")
 
 # %%
-loaded = load_model(progress=False)
+loaded = af.load_model(progress=False)
 cache = data.default_cache()
 train_streams, heldout = data.load_streams(cache, "train"), data.load_streams(cache, "heldout")
-cfg = TrainConfig(mode="pregated", steps=16, batch=5, seq_len=64, lr=3e-3, warmup=4,
+cfg = af.train.TrainConfig(mode="pregated", steps=16, batch=5, seq_len=64, lr=3e-3, warmup=4,
                   eval_every=8, eval_windows=2, checkpoint_every=16)
 import tempfile
 workdir = pathlib.Path(tempfile.mkdtemp())
-trainer = Trainer(loaded.model, cfg, train_streams, heldout, workdir)
+trainer = af.train.Trainer(loaded.model, cfg, train_streams, heldout, workdir)
 before = trainer.evaluate()
 losses = trainer.fit(progress=False)
 after = trainer.evaluate()
@@ -62,8 +61,8 @@ ax.set_title("CPU: pre-gated pool, 16 steps of 5 x 64 tokens")
 plt.show()
 
 # %%
-routing = routing_by_domain(loaded.model, trainer.adapters, heldout, windows=2, seq_len=64)
-heatmap(routing, workdir / "routing.png", "CPU run: expert load by domain")
+routing = af.train.routing_by_domain(loaded.model, trainer.adapters, heldout, windows=2, seq_len=64)
+af.train.heatmap(routing, workdir / "routing.png", "CPU run: expert load by domain")
 from IPython.display import Image, display
 display(Image(filename=str(workdir / "routing.png")))
 print(f"switch rate: set {routing['switch_rate_set']:.2f}, set or gates {routing['switch_rate_merge']:.2f}")

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adafuse_jax.adapters import MixtureOfLoRA, merged_model
+from adafuse_jax.adapters.mixture import MixtureOfLoRA, merged_model
 from adafuse_jax.config import AdapterConfig
 from adafuse_jax.errors import UserError
-from adafuse_jax.experts import AdapterParam, expert_delta, expert_delta_reference
+from adafuse_jax.adapters.pool import AdapterParam
+from adafuse_jax.paths import registry
+from adafuse_jax.paths.xla import expert_delta, expert_delta_reference
 from adafuse_jax.model import KVCache, LlamaModel
-from adafuse_jax.routing import load_balancing_loss, router_stats, top_k_gates
+from adafuse_jax.adapters.routing import load_balancing_loss, router_stats, top_k_gates
 from tests.conftest import tiny_config
 
 TOKENS = np.array([[5, 17, 3, 88, 42, 9, 61, 7], [1, 2, 3, 4, 5, 6, 7, 8]], np.int32)
@@ -22,7 +24,7 @@ TOKENS = np.array([[5, 17, 3, 88, 42, 9, 61, 7], [1, 2, 3, 4, 5, 6, 7, 8]], np.i
 
 def logits_with(model: LlamaModel, adapters: MixtureOfLoRA | None, tokens=TOKENS):
   cache = KVCache.create(model.cfg, tokens.shape[0], tokens.shape[1], model.dtype)
-  runtime = adapters.runtime() if adapters is not None else None
+  runtime = registry.runtime(adapters) if adapters is not None else None
   kwargs = {"linear": runtime} if runtime is not None else {}
   logits, _ = model(jnp.asarray(tokens), cache, all_logits=True, **kwargs)
   return logits, runtime
@@ -99,11 +101,9 @@ def test_per_layer_gates_differ_by_layer_but_share_experts(model):
   assert float(jnp.abs(route.gates[:, 0] - route.gates[:, 1]).max()) > 1e-3
 
 
-@pytest.mark.parametrize("path", ["auto", "gather", "dense", "slices"])
+@pytest.mark.parametrize("formulation", ["gather", "dense", "gather-rows"])
 @pytest.mark.parametrize("n, e", [(1, 6), (3, 6), (40, 6), (1, 64), (3, 64)])
-def test_expert_delta_paths_match_reference(n, e, path, monkeypatch):
-  import adafuse_jax.experts
-  monkeypatch.setattr(adafuse_jax.experts, "EXPERT_PATH", path)
+def test_expert_delta_formulations_match_reference(n, e, formulation):
   rng = np.random.default_rng(n)
   d_in, r, d_out, k = 12, 4, 10, 2
   x = jnp.asarray(rng.normal(size=(n, d_in)), jnp.float32)
@@ -111,7 +111,8 @@ def test_expert_delta_paths_match_reference(n, e, path, monkeypatch):
   b = jnp.asarray(rng.normal(size=(e, r, d_out)), jnp.float32)
   experts = jnp.asarray(np.stack([rng.permutation(e)[:k] for _ in range(n)]), jnp.int32)
   gates = jax.nn.softmax(jnp.asarray(rng.normal(size=(n, k)), jnp.float32))
-  got = expert_delta(x, a, b, experts, gates)
+  a_t = jnp.transpose(a, (1, 2, 0)) if formulation == "gather-rows" else None
+  got = expert_delta(x, a, b, experts, gates, a_t=a_t, gather=formulation != "dense")
   want = expert_delta_reference(x, a, b, experts, gates)
   chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -180,19 +181,17 @@ def test_modules_are_kept_in_model_order():
 @pytest.mark.parametrize("mode, per_layer_gates", [("lora", False), ("pregated", False),
                                                     ("pregated", True), ("layerwise", False)])
 def test_pallas_path_equals_xla_path(model, mode, per_layer_gates, length):
-  """2 x 8 tokens run the gathered kernels; 2 x 45, more than FUSED_MAX_TOKENS, the prompt path
-  (the segmented SGMV kernels where the pool is wide, here q/k/v/o/gate/up; dense GEMMs for down)."""
-  from adafuse_jax.adapters import FUSED_MAX_TOKENS
-
+  """2 x 8 tokens run the gathered kernels (BGMV); 2 x 45, more than a decode step's tokens, the
+  prompt path (SGMV where the pool is wide, here q/k/v/o/gate/up; dense GEMMs for down)."""
   cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
                       per_layer_gates=per_layer_gates)
   adapters = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True)
   tokens = (jnp.asarray(TOKENS) if length == 8 else
             jnp.asarray(np.random.default_rng(4).integers(0, model.cfg.vocab_size, (2, length))))
-  assert (tokens.size > FUSED_MAX_TOKENS) == (length == 45)
+  assert registry.THRESHOLDS.is_decode(tokens.size) == (length == 8)
   cache = lambda: KVCache.create(model.cfg, 2, length + 3, model.dtype)  # noqa: E731
-  want, _ = model(tokens, cache(), all_logits=True, linear=adapters.runtime("xla"))
-  got, _ = model(tokens, cache(), all_logits=True, linear=adapters.runtime("pallas"))
+  want, _ = model(tokens, cache(), all_logits=True, linear=registry.runtime(adapters))
+  got, _ = model(tokens, cache(), all_logits=True, linear=registry.runtime(adapters, "gathered"))
   # Each module agrees to ~1e-7 relative (f32 sums in another order); over a 90-token prompt this
   # random model's activations grow to ~300 (the `down` outputs), which amplifies that to ~1e-3
   # of the logits' scale (routes identical: checked by hand for seeds 8 and 9).
@@ -206,16 +205,16 @@ def test_pallas_path_equals_xla_path(model, mode, per_layer_gates, length):
     ("pregated", True, ("k", "up", "down")), ("layerwise", False, ("q", "k", "v", "o", "gate",
                                                                    "up", "down"))])
 def test_packed_path_equals_xla_path(model, layout, mode, per_layer_gates, modules):
-  from adafuse_jax.packed import pack
+  from adafuse_jax.paths.packed import pack
 
   cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
                       per_layer_gates=per_layer_gates, modules=modules)
   m = model.with_layout(layout)
   adapters = MixtureOfLoRA(m.cfg, cfg, seed=8, random_b=True, layout=layout)
   cache = lambda: KVCache.create(m.cfg, 2, 8, m.dtype)  # noqa: E731
-  want_rt = adapters.runtime("xla")
+  want_rt = registry.runtime(adapters)
   want, _ = m(jnp.asarray(TOKENS), cache(), all_logits=True, linear=want_rt)
-  got_rt = adapters.runtime("packed", packed=pack(m, adapters))
+  got_rt = registry.runtime(adapters, "packed", derived=pack(m, adapters))
   got, _ = m(jnp.asarray(TOKENS), cache(), all_logits=True, linear=got_rt)
   chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
   assert len(got_rt.routes) == len(want_rt.routes)
@@ -224,7 +223,7 @@ def test_packed_path_equals_xla_path(model, layout, mode, per_layer_gates, modul
 
 
 def test_packed_backbone_equals_backbone(model):
-  from adafuse_jax.packed import PackedBackbone, pack
+  from adafuse_jax.paths.packed import PackedBackbone, pack
 
   want, _ = logits_with(model, None)
   cache = KVCache.create(model.cfg, 2, 8, model.dtype)
@@ -235,17 +234,19 @@ def test_packed_backbone_equals_backbone(model):
 def test_packed_runtime_needs_packed_weights(model):
   adapters = MixtureOfLoRA(model.cfg, AdapterConfig(mode="lora", rank=4), seed=1)
   with pytest.raises(ValueError, match="packed weights"):
-    adapters.runtime("packed")
+    registry.runtime(adapters, "packed")
 
 
-def test_unknown_implementation_is_rejected(model):
+def test_unknown_path_is_rejected_and_old_spellings_name_the_new_one(model):
   adapters = MixtureOfLoRA(model.cfg, AdapterConfig(mode="lora", rank=4), seed=1)
-  with pytest.raises(ValueError, match="implementation"):
-    adapters.runtime("cuda")
+  with pytest.raises(UserError, match="unknown path 'cuda'.*xla, packed, gathered, merged"):
+    registry.runtime(adapters, "cuda")
+  with pytest.raises(UserError, match="'pallas' is now spelled 'gathered'"):
+    registry.runtime(adapters, "pallas")
 
 
 def test_checkpoint_round_trip_and_mismatch_errors(tmp_path, model):
-  from adafuse_jax.adapter_io import load_adapters, resolve_adapters, save_adapters
+  from adafuse_jax.adapters.io import load_adapters, resolve_adapters, save_adapters
   from adafuse_jax.errors import ModelFileError
 
   cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, per_layer_gates=True)
@@ -285,7 +286,7 @@ def test_pool_layouts_agree(model):
 @pytest.mark.parametrize("layout", ["stacked", "list"])
 @pytest.mark.parametrize("mode", ["pregated", "layerwise"])
 def test_shared_expert_adds_a_plain_lora_and_folds_into_the_backbone(model, layout, mode):
-  from adafuse_jax.adapters import fold_shared
+  from adafuse_jax.adapters.mixture import fold_shared
 
   m = model.with_layout(layout)
   cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
@@ -328,9 +329,9 @@ def test_shared_expert_must_be_folded_before_kernels_and_is_folded_by_generator(
                       router_init_std=0.5)
   adapters = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True)
   with pytest.raises(ValueError, match="fold_shared"):
-    adapters.runtime("pallas")
+    registry.runtime(adapters, "gathered")
   want, _ = logits_with(model, adapters)
-  gen = Generator(model, adapters=adapters, implementation="packed")
+  gen = Generator(model, adapters=adapters, path="packed")
   prompt = [int(t) for t in TOKENS[0]]
   got = generate(gen, [prompt], max_new_tokens=3)
   assert got.tokens[0][0] == int(jnp.argmax(want[0, -1]))
@@ -344,7 +345,7 @@ def test_shared_rank_rejected_where_it_means_nothing():
 
 
 def test_shared_expert_checkpoint_round_trip(tmp_path, model):
-  from adafuse_jax.adapter_io import load_adapters, save_adapters
+  from adafuse_jax.adapters.io import load_adapters, save_adapters
 
   cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, shared_rank=3, router_init_std=0.5)
   adapters = MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True)
@@ -369,7 +370,7 @@ def _tied(model, mode="pregated", layout="stacked", beta_seed=5):
 
 def _at_beta_zero_and_its_lora(model, mode="pregated"):
   """(a tied pool with every beta 0, the plain LoRA of rank E*r made of its experts' factors)."""
-  from adafuse_jax.adapters import tied_as_lora
+  from adafuse_jax.adapters.mixture import tied_as_lora
 
   adapters = _tied(model, mode)
   for mod in adapters.cfg.modules:
@@ -417,7 +418,7 @@ def test_tied_pool_at_beta_zero_trains_bit_for_bit_as_its_lora_in_bf16(mode, tok
 def test_tied_pool_folds_into_backbone_and_an_ordinary_pool(model, layout, mode):
   """fold_shared: the backbone takes the dense pool, the routed experts keep B * beta; the
   result is an ordinary pool (no betas) with the same logits and routes."""
-  from adafuse_jax.adapters import fold_shared
+  from adafuse_jax.adapters.mixture import fold_shared
 
   m = model.with_layout(layout)
   adapters = _tied(m, mode, layout)
@@ -434,16 +435,16 @@ def test_tied_pool_folds_into_backbone_and_an_ordinary_pool(model, layout, mode)
 
 
 def test_tied_pool_decodes_through_generator_and_round_trips(tmp_path, model):
-  from adafuse_jax.adapter_io import load_adapters, save_adapters
+  from adafuse_jax.adapters.io import load_adapters, save_adapters
   from adafuse_jax.generate import Generator, generate
 
   adapters = _tied(model)
   with pytest.raises(ValueError, match="fold_shared"):
-    adapters.runtime("pallas")
+    registry.runtime(adapters, "gathered")
   want, _ = logits_with(model, adapters)
   prompt = [int(t) for t in TOKENS[0]]
-  for impl in ("xla", "packed"):
-    got = generate(Generator(model, adapters=adapters, implementation=impl), [prompt],
+  for path in ("xla", "packed"):
+    got = generate(Generator(model, adapters=adapters, path=path), [prompt],
                    max_new_tokens=2)
     assert got.tokens[0][0] == int(jnp.argmax(want[0, -1]))
   loaded = load_adapters(save_adapters(tmp_path / "tied", adapters), model.cfg)
@@ -460,7 +461,7 @@ def test_tied_shared_rejected_where_it_means_nothing():
 
 
 def test_tied_as_lora_refuses_an_untied_pool(model):
-  from adafuse_jax.adapters import tied_as_lora
+  from adafuse_jax.adapters.mixture import tied_as_lora
 
   with pytest.raises(UserError, match="needs a tied pool"):
     tied_as_lora(MixtureOfLoRA(model.cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4),
@@ -472,9 +473,9 @@ def test_first_layer_leaves_lower_layers_alone_and_routes_on_context(model, mode
   """Experts from layer 1 on: equal to a pool whose layer-0 experts are zero; the pre-gate
   router reads layer 1's input (so the same token routes differently in another context); the
   packed path and the folded shared expert agree; merging is refused with the reason."""
-  from adafuse_jax.adapters import fold_shared
-  from adafuse_jax.packed import pack
-  from adafuse_jax.switching import merge_blocker
+  from adafuse_jax.adapters.mixture import fold_shared
+  from adafuse_jax.paths.packed import pack
+  from adafuse_jax.paths.merged import merge_blocker
 
   shared = 2 if mode != "lora" else 0
   cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, router_init_std=0.5, first_layer=1,
@@ -500,7 +501,7 @@ def test_first_layer_leaves_lower_layers_alone_and_routes_on_context(model, mode
   if mode != "lora":
     again, _ = logits_with(folded_model, folded)
     chex.assert_trees_all_close(again, got, atol=1e-4, rtol=1e-4)
-  packed_rt = folded.runtime("packed", packed=pack(folded_model, folded))
+  packed_rt = registry.runtime(folded, "packed", derived=pack(folded_model, folded))
   cache = KVCache.create(model.cfg, 2, 8, model.dtype)
   packed, _ = folded_model(jnp.asarray(TOKENS), cache, all_logits=True, linear=packed_rt)
   chex.assert_trees_all_close(packed, got, atol=1e-4, rtol=1e-4)
@@ -517,36 +518,34 @@ def test_first_layer_beyond_the_model_is_named(model):
 def test_row_layout_equals_stored_layout(model, layout, mode, per_layer_gates):
   """The GPU decode copies (A^T, R^T) give the stored layout's outputs and routes: a decode step
   of 2 sequences on 16 experts takes the gather path that reads them."""
-  from adafuse_jax import row_layout
-  from adafuse_jax.experts import use_gather
+  from adafuse_jax.paths.xla import build_rows
 
   cfg = AdapterConfig(mode=mode, num_experts=16, rank=4, top_k=2, router_init_std=0.5,
                       per_layer_gates=per_layer_gates)
   m = model.with_layout(layout)
   adapters = MixtureOfLoRA(m.cfg, cfg, seed=8, random_b=True, layout=layout)
   tokens = jnp.asarray(TOKENS[:, :1])
-  assert use_gather(tokens.size, cfg.top_k, cfg.num_experts)
-  rows = row_layout.build(adapters)
+  assert registry.THRESHOLDS.use_gather(tokens.size, cfg.top_k, cfg.num_experts)
+  rows = build_rows(adapters)
   assert rows["A_q"][0].shape == (16, 4, m.cfg.hidden)
   assert ("R_q" in rows) == (mode == "layerwise")
   cache = lambda: KVCache.create(m.cfg, 2, 4, m.dtype)  # noqa: E731
-  want_rt, got_rt = adapters.runtime("xla"), adapters.runtime("xla", rows=rows)
+  want_rt, got_rt = registry.runtime(adapters), registry.runtime(adapters, derived=rows)
   want, _ = m(tokens, cache(), linear=want_rt)
   got, _ = m(tokens, cache(), linear=got_rt)
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
   assert len(got_rt.routes) == len(want_rt.routes)
   for a, b in zip(got_rt.routes, want_rt.routes):
     np.testing.assert_array_equal(a.experts, b.experts)
-  # Other implementations ignore the copies; the GPU alone builds them.
-  assert adapters.runtime("pallas", rows=rows).rows is None
-  assert row_layout.wanted(adapters, "xla") == (jax.default_backend() == "gpu")
-  assert not row_layout.wanted(adapters, "packed")
+  # Other paths ignore the copies; the GPU alone builds them.
+  assert registry.runtime(adapters, "gathered", derived=rows).rows is None
+  assert registry.get("xla").wants_rows(cfg) == (jax.default_backend() == "gpu")
 
 
 # --- route_context: the pre-gate router also reads a running mean of earlier inputs ---
 
 def test_context_mean_matches_a_loop():
-  from adafuse_jax.routing import context_mean
+  from adafuse_jax.adapters.routing import context_mean
 
   x = jax.random.normal(jax.random.key(0), (2, 5, 3))
   got = np.asarray(context_mean(x, 0.5))
@@ -584,7 +583,7 @@ def test_route_context_starts_as_the_plain_router_and_then_reads_the_context(mod
   with pytest.raises(UserError, match="route_context"):
     Generator(model, adapters=ctx)
   with pytest.raises(ValueError, match="route_context"):
-    ctx.runtime("packed")
+    registry.runtime(ctx, "packed")
   with pytest.raises(UserError, match="route_context"):
     AdapterConfig(mode="layerwise", route_context=0.5)
   with pytest.raises(UserError, match="route_context"):

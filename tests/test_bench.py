@@ -19,21 +19,21 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 def test_tiny_run_writes_json_table_and_plot(tmp_path):
   out = run_bench("--preset", "tiny", "--steps", "2", "--warmup", "1", "--prefill", "16",
                   "--batch", "4", "--modes",
-                  "backbone,backbone-packed,pregated,pregated-fused,pregated-fused-sere,"
+                  "backbone,backbone-packed,pregated,pregated-gathered,pregated-gathered+sere,"
                   "pregated-auto,layerwise-packed",
                   "--out", str(tmp_path))
   assert out.returncode == 0, out.stderr
   report = json.loads((tmp_path / "results.json").read_text())
   modes = [r["mode"] for r in report["results"]]
-  assert modes == ["backbone", "backbone-packed", "pregated", "pregated-fused",
-                   "pregated-fused-sere", "pregated-auto", "layerwise-packed"]
+  assert modes == ["backbone", "backbone-packed", "pregated-xla", "pregated-gathered",
+                   "pregated-gathered+sere", "pregated-auto", "layerwise-packed"]
   for r in report["results"]:
     assert r["decode"]["median_ms"] > 0 and r["floor_ms"] > 0 and r["kernels_per_step"] > 0
     assert r["decode_pipelined"]["median_ms"] > 0 and r["decode_pipelined"]["n"] == 4
   by_mode = {r["mode"]: r for r in report["results"]}
   # SERE with rho = 0 and S = 1: every secondary choice lands on a primary expert.
-  assert 1 <= by_mode["pregated-fused-sere"]["distinct_experts"] <= 4
-  assert by_mode["pregated-fused-sere"]["sere"] == {"rho": 0.0, "primary_k": 1}
+  assert 1 <= by_mode["pregated-gathered+sere"]["distinct_experts"] <= 4
+  assert by_mode["pregated-gathered+sere"]["sere"] == {"rho": 0.0, "primary_k": 1}
   auto = by_mode["pregated-auto"]["auto"]
   assert auto["path"] in auto["expected_ms"] and "pregated-auto` chose" in out.stdout
   assert report["environment"]["jax"] and report["copy_bandwidth_tb_s"] > 0
@@ -64,7 +64,9 @@ def test_merged_batch_table_times_identical_rows(tmp_path):
     (("--preset", "gpt-5"), "unknown preset"),
     (("--preset", "tiny", "--experts", "1", "--top-k", "2"), "larger than num_experts"),
     (("--preset", "tiny", "--batch", "0"), "--batch=0"),
-    (("--preset", "tiny", "--modes", "turbo"), "unknown mode"),
+    (("--preset", "tiny", "--modes", "turbo"), "unknown bench mode 'turbo'"),
+    (("--preset", "tiny", "--modes", "pregated-cuda"), "unknown path of bench mode"),
+    (("--preset", "tiny", "--modes", "pregated-fused-dense"), "use 'pregated-gathered'"),
     (("--preset", "tiny", "--sere-rho", "1.5"), "--sere-rho"),
     (("--preset", "tiny", "--switch-rate", "-0.1"), "--switch-rate"),
 ])
@@ -72,6 +74,17 @@ def test_bad_arguments_are_rejected(args, message):
   out = run_bench(*args)
   assert out.returncode == 2
   assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_earlier_mode_names_run_under_their_new_names(tmp_path):
+  """Bench names of earlier versions still run, with a note naming the new spelling."""
+  out = run_bench("--preset", "tiny", "--steps", "1", "--warmup", "0", "--prefill", "",
+                  "--modes", "pregated-fused,pregated-merged-xla", "--out", str(tmp_path))
+  assert out.returncode == 0, out.stderr
+  assert "'pregated-fused' is now spelled 'pregated-gathered'" in out.stderr
+  assert "'pregated-merged-xla' is now spelled 'pregated-merged@xla'" in out.stderr
+  modes = [r["mode"] for r in json.loads((tmp_path / "results.json").read_text())["results"]]
+  assert modes == ["pregated-gathered", "pregated-merged@xla"]
 
 
 def _tool(name: str):
@@ -103,15 +116,3 @@ def test_throughput_ceiling_counts_distinct_experts_and_bytes(tmp_path, capsys):
   with pytest.raises(SystemExit):
     ceiling.main(["--configs", "1x16"])  # fewer experts than top-k
   assert "E >= top-k" in capsys.readouterr().err
-
-
-def test_routing_matvec_probe_smoke(tmp_path):
-  """tools/routing_matvec_probe.py on the tiny config: every formulation matches the f32
-  reference per module and the stored layout over the whole step."""
-  probe = _tool("routing_matvec_probe")
-  report = probe.main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--variants",
-                       "backbone,layerwise,layerwise-tsum,pregated,pregated-tsum,pregated-dense",
-                       "--out", str(tmp_path)])
-  for row in report["rows"]:
-    assert row["module_error"] < 1e-5 and row["max_rel_diff"] < 1e-5, row
-  assert (tmp_path / "probe.json").exists()

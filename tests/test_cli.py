@@ -57,18 +57,18 @@ def test_help_documents_every_option():
 
 
 def test_lora_merged_once_equals_unmerged(default_model):
-  from adafuse_jax.adapter_io import resolve_adapters
+  from adafuse_jax.adapters.io import resolve_adapters
   from adafuse_jax.config import AdapterConfig
   from adafuse_jax.generate import Generator, generate
 
   # (--show-routing of a pre-gated pool: test_auto_measures_the_candidates_and_says_what_it_chose)
-  merged = run_cli("--json", "--mode", "lora", "--adapters", "random:3", "--merge", "--rank", "4",
-                   "--max-new-tokens", "4", "Hello")
+  merged = run_cli("--json", "--mode", "lora", "--adapters", "random:3", "--path", "merged",
+                   "--rank", "4", "--max-new-tokens", "4", "Hello")
   assert merged.returncode == 0, merged.stderr
   # The same LoRA unmerged, in this process (the CLI's default path, packed).
   model, tok = default_model.model, default_model.tokenizer
   lora = resolve_adapters("random:3", AdapterConfig(mode="lora", rank=4), model.cfg, seed=3)
-  res = generate(Generator(model, adapters=lora, implementation="packed"), [tok.encode("Hello")],
+  res = generate(Generator(model, adapters=lora, path="packed"), [tok.encode("Hello")],
                  max_new_tokens=4, stop_ids=tok.eos_ids, pad_id=min(tok.eos_ids))
   assert json.loads(merged.stdout)["completions"] == [tok.decode(res.tokens[0])]
 
@@ -76,13 +76,19 @@ def test_lora_merged_once_equals_unmerged(default_model):
 @pytest.mark.parametrize("args, message", [
     (("--mode", "layerwise", "hi"), "needs adapters"),
     (("--mode", "pregated", "--adapters", "random", "--top-k", "9", "hi"), "larger than num_experts"),
-    (("--mode", "layerwise", "--adapters", "random", "--merge", "hi"), "--merge"),
+    (("--mode", "layerwise", "--adapters", "random", "--path", "merged", "hi"),
+     "path 'merged': merged decoding switches pre-gated experts"),
+    (("--mode", "layerwise", "--adapters", "random", "--merge", "hi"), "cannot merge"),
     (("--adapters", "/no/such/ckpt", "--mode", "pregated", "hi"), "does not exist"),
     (("--mode", "pregated", "--adapters", "random", "--merge", "--implementation", "auto", "hi"),
-     "drop --merge"),
+     "drop one"),
+    (("--path", "auto", "hi"), "needs --adapters"),
     (("--implementation", "auto", "hi"), "needs --adapters"),
     (("--mode", "pregated", "--adapters", "random", "--merge", "--implementation", "packed", "hi"),
      "--implementation packed applies them unmerged"),
+    (("--path", "packed", "--implementation", "xla", "hi"), "pass only --path"),
+    (("--mode", "pregated", "--adapters", "random", "--implementation", "cuda", "hi"),
+     "unknown --implementation 'cuda'"),
 ])
 def test_bad_adapter_arguments_exit_2(args, message):
   out = run_cli(*args)
@@ -90,16 +96,16 @@ def test_bad_adapter_arguments_exit_2(args, message):
 
 
 def test_auto_measures_the_candidates_and_says_what_it_chose():
-  out = run_cli("--json", "--mode", "pregated", "--adapters", "random:2", "--implementation",
+  out = run_cli("--json", "--mode", "pregated", "--adapters", "random:2", "--path",
                 "auto", "--max-new-tokens", "3", "--experts", "4", "--rank", "4",
                 "--adapt-modules", "q,v", "--show-routing", "The capital of France is")
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout)
   auto = result["auto"]
   # On the CPU: plain XLA, packed and (one pre-gated prompt, q/v adapted) the merged switch.
-  assert set(auto["expected_ms"]) == {"pregated", "pregated-packed", "pregated-merged"}
+  assert set(auto["expected_ms"]) == {"pregated-xla", "pregated-packed", "pregated-merged"}
   assert all(t > 0 for t in auto["expected_ms"].values())
-  assert auto["path"] == min(auto["expected_ms"], key=auto["expected_ms"].get) == result["mode"]
+  assert auto["path"] == min(auto["expected_ms"], key=auto["expected_ms"].get) == result["path"]
   assert 0.0 <= auto["switch_rate"] <= 1.0 and auto["path"] in auto["reason"]
   assert result["generated_tokens"] == [3]
   assert len(result["routing"]) == 3  # --show-routing: experts and gates per generated token
@@ -110,7 +116,7 @@ def test_auto_measures_the_candidates_and_says_what_it_chose():
 def test_shipped_pool_is_trained_and_decodes_merged_as_unmerged(default_model):
   """`--adapters default`: the tied pool of docs/training/gpu-1000-all loads, lowers the loss on
   Python source (its code domain is the standard library's) well below the backbone's, and
-  switching its experts into the weights (--merge) writes the same greedy tokens as applying
+  switching its experts into the weights (--path merged) writes the same greedy tokens as applying
   them unmerged."""
   import argparse
   import collections
@@ -121,8 +127,8 @@ def test_shipped_pool_is_trained_and_decodes_merged_as_unmerged(default_model):
   import jax.numpy as jnp
   import numpy as np
 
-  from adafuse_jax.adapter_io import DEFAULT_POOL, read_adapter_config, resolve_adapters
-  from train.loop import forward_loss
+  from adafuse_jax.adapters.io import DEFAULT_POOL, read_adapter_config, resolve_adapters
+  from adafuse_jax.train.loop import forward_loss
 
   cfg, _ = read_adapter_config(DEFAULT_POOL)
   assert (cfg.mode, cfg.tied_shared, cfg.num_experts, cfg.rank, cfg.top_k) == (
@@ -138,9 +144,22 @@ def test_shipped_pool_is_trained_and_decodes_merged_as_unmerged(default_model):
   pool_ce = float(forward_loss(model, pool, windows)[0])
   assert pool_ce < backbone_ce - 0.1, (pool_ce, backbone_ce)
 
-  outs = [run_cli("--json", "--adapters", "default", *merge, "--max-new-tokens", "8",
-                  "def fibonacci(n):") for merge in ((), ("--merge",))]
+  outs = [run_cli("--json", "--adapters", "default", *path, "--max-new-tokens", "8",
+                  "def fibonacci(n):") for path in ((), ("--path", "merged"))]
   for out in outs:
     assert out.returncode == 0, out.stderr
   unmerged, merged = (json.loads(o.stdout)["completions"] for o in outs)
   assert unmerged == merged and len(unmerged[0]) > len("def fibonacci(n):")
+
+
+def test_earlier_spellings_still_run_and_name_the_new_one():
+  """The decode CLI of earlier versions: `--implementation xla` and `--merge` run as `--path xla`
+  and `--path merged`, with a note naming the new spelling."""
+  for old, new in ((("--implementation", "xla"), "--path xla"),
+                   (("--implementation", "pallas"), "--path gathered"),
+                   (("--merge",), "--path merged")):
+    out = run_cli("--json", "--mode", "pregated", "--adapters", "random:1", "--experts", "4",
+                  "--rank", "4", "--adapt-modules", "q,v", *old, "--max-new-tokens", "2", "Hi")
+    assert out.returncode == 0, out.stderr
+    assert f"now spelled {new}" in out.stderr
+    assert json.loads(out.stdout)["path"] == new.split()[-1]

@@ -83,7 +83,7 @@ def test_prompt_buckets():
     ("layerwise", ("q", "k", "v", "o", "gate", "up", "down"), "list"),
     ("pregated", ("q", "v"), "stacked")])  # o and down pack alone: the packing is their array
 def test_packed_generator_equals_xla_and_holds_one_copy(mode, modules, layout):
-  from adafuse_jax.adapters import MixtureOfLoRA
+  from adafuse_jax.adapters.mixture import MixtureOfLoRA
   from adafuse_jax.config import AdapterConfig
 
   cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
@@ -95,8 +95,9 @@ def test_packed_generator_equals_xla_and_holds_one_copy(mode, modules, layout):
 
   model, adapters = fresh()
   prompts = [[5, 6, 7, 8], [9, 10]]
-  want = generate(Generator(model, adapters=adapters), prompts, max_new_tokens=8).tokens
-  packed = Generator(model, adapters=adapters, implementation="packed")
+  want = generate(Generator(model, adapters=adapters, path="xla"), prompts,
+                  max_new_tokens=8).tokens
+  packed = Generator(model, adapters=adapters, path="packed")
   assert generate(packed, prompts, max_new_tokens=8).tokens == want
   # The packing is the only copy the steps read: the model's matrices and the experts are gone.
   held = [v for v in jax.tree.leaves(packed.adapter_params["pool"])] + [
@@ -104,34 +105,34 @@ def test_packed_generator_equals_xla_and_holds_one_copy(mode, modules, layout):
   assert all(np.size(a) == 0 for a in held)
   # release_weights frees the sources while packing; the result is the same.
   model, adapters = fresh()
-  released = Generator(model, adapters=adapters, implementation="packed", release_weights=True)
+  released = Generator(model, adapters=adapters, path="packed", release_weights=True)
   assert generate(released, prompts, max_new_tokens=8).tokens == want
   sources = jax.tree.leaves((model.q.get_value(), adapters.pool.A_q.get_value(),
                              adapters.pool.B_q.get_value()))
   assert sources and all(a.is_deleted() for a in sources)
-  with pytest.raises(ValueError, match="release_weights needs"):
-    Generator(LlamaModel(tiny_config(), seed=11), release_weights=True)
+  with pytest.raises(ValueError, match="release_weights frees.*path 'xla' reads the model's own"):
+    Generator(LlamaModel(tiny_config(), seed=11), path="xla", release_weights=True)
 
 
 @pytest.mark.parametrize("mode", ["pregated", "layerwise"])
 def test_row_layout_generator_equals_stored_layout(mode, monkeypatch):
-  """With the GPU's decode copies (adafuse_jax.row_layout) forced on, greedy tokens are those
-  of the stored layout."""
-  from adafuse_jax import row_layout
-  from adafuse_jax.adapters import MixtureOfLoRA
+  """With the GPU's decode copies (`adafuse_jax.paths.xla.build_rows`) forced on, greedy tokens
+  are those of the stored layout."""
+  from adafuse_jax.paths import xla
+  from adafuse_jax.adapters.mixture import MixtureOfLoRA
   from adafuse_jax.config import AdapterConfig
 
   model = LlamaModel(tiny_config(), seed=11)
   cfg = AdapterConfig(mode=mode, num_experts=16, rank=4, top_k=2, router_init_std=0.5)
   adapters = MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True)
   prompts = [[5, 6, 7, 8], [9, 10]]
-  monkeypatch.setattr(row_layout, "BACKENDS", ())
-  plain = Generator(model, adapters=adapters)
-  assert plain.rows is None
+  monkeypatch.setattr(xla, "ROW_LAYOUT_BACKENDS", ())
+  plain = Generator(model, adapters=adapters, path="xla")
+  assert plain.derived is None
   want = generate(plain, prompts, max_new_tokens=8).tokens
-  monkeypatch.setattr(row_layout, "BACKENDS", (jax.default_backend(),))
-  rows = Generator(model, adapters=adapters)
-  assert rows.rows is not None
+  monkeypatch.setattr(xla, "ROW_LAYOUT_BACKENDS", (jax.default_backend(),))
+  rows = Generator(model, adapters=adapters, path="xla")
+  assert rows.derived is not None and "A_q" in rows.derived
   assert generate(rows, prompts, max_new_tokens=8).tokens == want
   if mode == "pregated":  # merged steps switch from the pool's own A
-    assert Generator(model, adapters=adapters, merge=True).rows is None
+    assert Generator(model, adapters=adapters, path="merged", backend="xla").derived is None

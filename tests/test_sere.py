@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adafuse_jax.adapters import MixtureOfLoRA, SereSettings
+from adafuse_jax.adapters.mixture import MixtureOfLoRA
+from adafuse_jax.adapters.sere import SereSettings
 from adafuse_jax.config import AdapterConfig
 from adafuse_jax.generate import Generator, generate
 from adafuse_jax.model.llama import LlamaModel
-from adafuse_jax.sere import calibrate, distinct_experts, linear_cka, reroute
+from adafuse_jax.adapters.sere import calibrate, distinct_experts, linear_cka, reroute
+from adafuse_jax.paths import registry
 from tests.conftest import tiny_config
 
 
@@ -53,7 +55,8 @@ def _calibrated(**adapter_kw):
   model = LlamaModel(cfg, seed=0)
   adapters = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4,
                                               **adapter_kw), seed=1, random_b=True)
-  sim = calibrate(model, adapters, jnp.asarray(np.arange(48).reshape(3, 16) % cfg.vocab_size))
+  sim = calibrate(model, adapters, jnp.asarray(np.arange(48).reshape(3, 16) % cfg.vocab_size),
+                  registry.runtime(adapters))
   return cfg, model, adapters, sim
 
 

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.sgmm import (SwitchTiles, switch_weights, switch_weights_reference,
-                                 switch_weights_xla)
+from pallas_kernels import sgmm
+from pallas_kernels.sgmm.reference import switch_weights_reference, switch_weights_xla
+from pallas_kernels.sgmm.triton import Tiles, switch_weights
 
 INTERPRET = jax.default_backend() != "gpu"
-SMALL = SwitchTiles(block_m=16, block_n=16, row_steps=2)
+SMALL = Tiles(block_m=16, block_n=16, row_steps=2)
 # Per dtype: max |error| relative to the largest |W|.
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -161,7 +162,7 @@ def test_rebuild_does_not_drift_over_10000_switches_while_incremental_does():
 
 # --- merged decoding ("pregated-merged") -------------------------------------------------------
 
-from adafuse_jax.adapters import MixtureOfLoRA  # noqa: E402
+from adafuse_jax.adapters.mixture import MixtureOfLoRA  # noqa: E402
 from adafuse_jax.config import AdapterConfig  # noqa: E402
 from adafuse_jax.errors import UserError  # noqa: E402
 from adafuse_jax.generate import Generator, generate  # noqa: E402
@@ -181,17 +182,17 @@ def _step_logits(gen, tokens, steps):
   return jnp.stack(out)
 
 
-@pytest.mark.parametrize("implementation, layout, per_layer", [
-    ("xla", "list", False), ("xla", "stacked", True), ("pallas", "stacked", False)])
-def test_merged_decode_logits_equal_unmerged_on_tiny_model(implementation, layout, per_layer):
+@pytest.mark.parametrize("backend, layout, per_layer", [
+    ("xla", "list", False), ("xla", "stacked", True), ("triton", "stacked", False)])
+def test_merged_decode_logits_equal_unmerged_on_tiny_model(backend, layout, per_layer):
   cfg = tiny_config()
   model = LlamaModel(cfg, seed=3, layout=layout)
   acfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, top_k=2, per_layer_gates=per_layer,
                        router_init_std=1.0)
   adapters = MixtureOfLoRA(cfg, acfg, seed=4, random_b=True, layout=layout)
   prompt = [5, 17, 42, 8, 3]
-  unmerged = _step_logits(Generator(model, adapters=adapters), prompt, 6)
-  merged_gen = Generator(model, adapters=adapters, implementation=implementation, merge=True)
+  unmerged = _step_logits(Generator(model, adapters=adapters, path="xla"), prompt, 6)
+  merged_gen = Generator(model, adapters=adapters, path="merged", backend=backend)
   merged = _step_logits(merged_gen, prompt, 6)
   np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), rtol=1e-4, atol=1e-4)
   assert 1 <= int(merged_gen.switch_state.switches) <= 6
@@ -207,7 +208,7 @@ def test_merged_greedy_200_tokens_equal_unmerged_on_default_model(default_model)
   prompt = tok.encode("The history of the printing press begins")
   runs = {}
   for merge in (False, True):
-    gen = Generator(model, adapters=adapters, merge=merge)
+    gen = Generator(model, adapters=adapters, path="merged" if merge else "xla", backend="xla")
     runs[merge] = generate(gen, [prompt], max_new_tokens=200)
   assert len(runs[False].tokens[0]) == 200
   assert runs[True].tokens == runs[False].tokens
@@ -222,17 +223,15 @@ def test_merging_rejects_what_it_cannot_serve():
   cfg = tiny_config()
   model = LlamaModel(cfg, seed=0)
   pregated = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4), seed=0)
-  with pytest.raises(UserError, match="unmerged"):
-    Generator(model, adapters=pregated, implementation="packed", merge=True)
   lw = MixtureOfLoRA(cfg, AdapterConfig(mode="layerwise", num_experts=4), seed=0)
   with pytest.raises(UserError, match="pre-gated"):
-    Generator(model, adapters=lw, merge=True)
+    Generator(model, adapters=lw, path="merged")
   mlp_only = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", modules=("gate", "up"),
                                               num_experts=4), seed=0)
   with pytest.raises(UserError, match="q, k or v"):
-    Generator(model, adapters=mlp_only, merge=True)
+    Generator(model, adapters=mlp_only, path="merged")
   with pytest.raises(UserError, match="SERE"):
-    Generator(model, adapters=pregated, merge=True, sere=object())
+    Generator(model, adapters=pregated, path="merged", sere=object())
 
 
 @pytest.mark.parametrize("router", ["zero", "random"])
@@ -247,10 +246,10 @@ def test_merged_batch_equals_each_sequence_alone(router):
   if router == "zero":
     adapters.router.w.set_value(jnp.zeros_like(adapters.router.w[...]))
   prompts = [[5, 17, 3, 88], [42, 9], [61, 7, 1]]
-  gen = Generator(model, adapters=adapters, merge=True)
+  gen = Generator(model, adapters=adapters, path="merged", backend="xla")
   batched = generate(gen, prompts, max_new_tokens=6)
   for row, prompt in enumerate(prompts):
-    alone = generate(Generator(model, adapters=adapters), [prompt], max_new_tokens=6)
+    alone = generate(Generator(model, adapters=adapters, path="xla"), [prompt], max_new_tokens=6)
     assert batched.tokens[row] == alone.tokens[0], (row, router)
   steps = 6 - 1  # the first token comes from the (unmerged) prefill
   unmerged, switches = int(gen.switch_state.unmerged), int(gen.switch_state.switches)
@@ -268,6 +267,7 @@ def test_merged_decoding_of_a_pool_with_a_shared_expert():
                                               shared_rank=3, router_init_std=0.5),
                            seed=5, random_b=True)
   prompt = [[5, 17, 3, 88, 42]]
-  merged = generate(Generator(model, adapters=adapters, merge=True), prompt, max_new_tokens=8)
-  unmerged = generate(Generator(model, adapters=adapters), prompt, max_new_tokens=8)
+  merged = generate(Generator(model, adapters=adapters, path="merged", backend="xla"), prompt,
+                    max_new_tokens=8)
+  unmerged = generate(Generator(model, adapters=adapters, path="xla"), prompt, max_new_tokens=8)
   assert merged.tokens == unmerged.tokens

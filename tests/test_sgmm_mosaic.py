@@ -1,8 +1,8 @@
-"""The Mosaic GPU switch (pallas_kernels/sgmm_mosaic.py).
+"""The Mosaic GPU switch (pallas_kernels/sgmm/mosaic.py) and how the SGMM entry point picks it.
 
 The Pallas interpreter does not run Mosaic GPU kernels, so on the CPU the kernel is traced and
 lowered for CUDA (which type-checks every layout, swizzle and copy); on a GPU it is run and
-compared with the f32 reference of `pallas_kernels.sgmm`, on shapes that are not multiples of
+compared with the f32 reference of `pallas_kernels.sgmm.reference`, on shapes that are not multiples of
 the tiles, with poisoned outputs.
 """
 
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.sgmm import switch_weights_reference
-from pallas_kernels.sgmm_mosaic import switch_weights_mosaic
+from pallas_kernels.sgmm.mosaic import switch_weights_mosaic
+from pallas_kernels.sgmm.reference import switch_weights_reference
 
 ON_GPU = jax.default_backend() == "gpu"
 SHAPES = [(2, 200, 320), (2, 136, 192)]  # rows: any; columns: multiples of 64, not of the tile
@@ -109,29 +109,27 @@ def test_no_drift_after_many_switches_on_gpu():
     np.testing.assert_array_equal(np.asarray(c, np.float32), np.asarray(o, np.float32))
 
 
-def test_switch_kernel_choice(monkeypatch):
+def test_switch_backend_choice(monkeypatch):
+  """`sgmm.backend_for`: auto takes Mosaic GPU on Hopper where its limits allow, else the Triton
+  lowering on a GPU, else XLA; a backend named that cannot run is an error naming why."""
   from types import SimpleNamespace
 
-  from adafuse_jax import switching
-  from adafuse_jax.config import AdapterConfig
+  from pallas_kernels import common, sgmm
 
-  cfg = AdapterConfig(mode="pregated", num_experts=8, rank=16, top_k=2)
   ws = [jnp.zeros((2, 64, 128), jnp.bfloat16)]
-  assert switching.switch_kernel(ws, cfg) == ("mosaic" if ON_GPU else "triton")
+  assert sgmm.backend_for(ws, 32) == ("mosaic" if ON_GPU else "xla")
+  assert sgmm.backend_for(ws, 32, backend="triton") == "triton"  # interpreted on the CPU
   device = SimpleNamespace(compute_capability="9.0")
-  monkeypatch.setattr(switching.jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(switching.jax, "devices", lambda: [device])
-  assert switching.switch_kernel(ws, cfg) == "mosaic"
-  assert switching.switch_kernel([jnp.zeros((2, 64, 100), jnp.bfloat16)], cfg) == "triton"
-  assert switching.switch_kernel([w.astype(jnp.float32) for w in ws], cfg) == "triton"
+  monkeypatch.setattr(common.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(sgmm.jax, "devices", lambda: [device])
+  assert sgmm.backend_for(ws, 32) == "mosaic"
+  assert sgmm.backend_for(ws, 32, has_base=False) == "triton"  # incremental: Triton only
+  assert sgmm.backend_for([jnp.zeros((2, 64, 100), jnp.bfloat16)], 32) == "triton"
+  assert sgmm.backend_for([w.astype(jnp.float32) for w in ws], 32) == "triton"
+  assert sgmm.backend_for(ws, 128) == "triton"  # K·r past the Mosaic kernel's 64 columns
   device.compute_capability = "8.0"  # an A100: no Mosaic GPU
-  assert switching.switch_kernel(ws, cfg) == "triton"
-  monkeypatch.setattr(switching, "SWITCH_KERNEL", "mosaic")
-  with pytest.raises(ValueError, match="Hopper"):
-    switching.switch_kernel(ws, cfg)
-  monkeypatch.setattr(switching, "SWITCH_KERNEL", "triton")
-  device.compute_capability = "9.0"
-  assert switching.switch_kernel(ws, cfg) == "triton"
-  monkeypatch.setattr(switching, "SWITCH_KERNEL", "cuda")
-  with pytest.raises(ValueError, match="ADAFUSE_SWITCH_KERNEL"):
-    switching.switch_kernel(ws, cfg)
+  assert sgmm.backend_for(ws, 32) == "triton"
+  with pytest.raises(ValueError, match="backend 'mosaic' cannot run this call.*Hopper"):
+    sgmm.backend_for(ws, 32, backend="mosaic")
+  with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+    sgmm.backend_for(ws, 32, backend="cuda")

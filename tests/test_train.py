@@ -12,7 +12,7 @@ import pytest
 from adafuse_jax.errors import UserError
 from adafuse_jax.model.llama import LlamaModel
 from tests.conftest import DATA, tiny_config
-from train.loop import CheckpointError, TrainConfig, Trainer
+from adafuse_jax.train.loop import CheckpointError, TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_grad_norms_split_the_global_norm():
   import jax
   import optax
 
-  from train.loop import grad_norms
+  from adafuse_jax.train.loop import grad_norms
 
   rng = np.random.default_rng(0)
   grads = {"pool": {"A_q": rng.normal(size=(3, 4)), "B_q": rng.normal(size=(4, 2)),
@@ -120,7 +120,7 @@ def test_teacher_forced_exact_match_equals_greedy_generation(default_model):
   """The evaluation's exact match (one teacher-forced pass) says 'hit' exactly when greedy
   generation produces the gold continuation."""
   from adafuse_jax.generate import Generator, generate
-  from train.eval import item_hits
+  from adafuse_jax.train.eval import item_hits
 
   model, tok = default_model.model, default_model.tokenizer
   shot = "Athens is to Greece as Baghdad is to Iraq.\n"
@@ -141,7 +141,7 @@ def test_teacher_forced_exact_match_equals_greedy_generation(default_model):
 def test_math_generator_output_is_reproducible():
   """Preparing the data twice gives the same math problems (the generator's own venv is built
   on first use)."""
-  from train import data
+  from adafuse_jax.train import data
 
   cache = data.default_cache()
   first = data.math_problems(cache, "interpolate", per_module=3, seed=7)
@@ -167,7 +167,7 @@ def test_shared_modes_keep_the_pools_budget():
 def test_rows_from_keeps_rows_of_the_same_settings_only(tmp_path):
 
   from adafuse_jax.errors import UserError
-  from train.__main__ import _seed_rows
+  from adafuse_jax.train.cli import _seed_rows
 
   config = TrainConfig(steps=300).to_json()
   earlier = tmp_path / "earlier"
@@ -194,7 +194,7 @@ def test_rows_from_keeps_rows_of_the_same_settings_only(tmp_path):
 
 
 def test_rows_from_names_which_rows_each_source_gives():
-  from train.__main__ import _rows_sources
+  from adafuse_jax.train.cli import _rows_sources
 
   modes = ["backbone", "lora", "pregated-tied"]
   got = _rows_sources(["old/results.json", "new:dir/results.json:pregated-tied"], modes)
@@ -211,9 +211,9 @@ def test_rows_from_names_which_rows_each_source_gives():
 
 
 def test_used_params_leave_out_layers_without_experts():
-  from adafuse_jax.adapters import MixtureOfLoRA
+  from adafuse_jax.adapters.mixture import MixtureOfLoRA
   from adafuse_jax.config import AdapterConfig
-  from train.eval import used_params
+  from adafuse_jax.train.eval import used_params
 
   cfg = tiny_config(layers=4)
   full = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4), seed=0)
@@ -248,8 +248,8 @@ def test_window_losses_cover_the_held_out_set_and_match_the_mean_loss(model, str
   training loop's mean loss averages; perplexity is exp of their mean."""
   import jax.numpy as jnp
 
-  from train.eval import perplexities, window_losses
-  from train.loop import eval_windows, forward_loss
+  from adafuse_jax.train.eval import perplexities, window_losses
+  from adafuse_jax.train.loop import eval_windows, forward_loss
 
   trainer = Trainer(model, _cfg(steps=2), *streams, tmp_path)
   trainer.fit(progress=False)
@@ -270,7 +270,7 @@ def test_window_losses_cover_the_held_out_set_and_match_the_mean_loss(model, str
 
 
 def test_paired_gap():
-  from train.eval import paired_gap
+  from adafuse_jax.train.eval import paired_gap
 
   rng = np.random.default_rng(0)
   ref = rng.uniform(1.0, 3.0, 200)
@@ -287,7 +287,7 @@ def test_paired_gap():
 
 
 def test_paired_hits_gap():
-  from train.eval import paired_hits_gap
+  from adafuse_jax.train.eval import paired_hits_gap
 
   assert paired_hits_gap("0110", "0110") == (0.0, 0.0, 0.0)
   gap, lo, hi = paired_hits_gap("1" * 10 + "0" * 90, "0" * 100)  # ten more hits of 100
@@ -302,7 +302,7 @@ def test_goal_lines_and_compare_tool_report_paired_intervals(tmp_path):
   import pathlib
   import sys
 
-  from train.__main__ import goal_lines
+  from adafuse_jax.train.cli import goal_lines
   root = pathlib.Path(__file__).parents[1]
   sys.path.insert(0, str(root / "tools"))
   import compare_training_rows as compare
@@ -337,7 +337,7 @@ def test_goal_lines_and_compare_tool_report_paired_intervals(tmp_path):
 def test_table_command_re_renders_results_md(tmp_path, capsys):
   import pathlib
 
-  from train.__main__ import main
+  from adafuse_jax.train.cli import main
   committed = pathlib.Path(__file__).parents[1] / "docs" / "training" / "gpu-1000"
   (tmp_path / "results.json").write_text((committed / "results.json").read_text())
   assert main(["table", str(tmp_path / "results.json")]) == 0
@@ -358,7 +358,7 @@ def test_router_lr_scale_slows_only_routers_and_betas(model, streams, tmp_path):
   import jax
   from flax import nnx
 
-  from train.loop import is_routing_leaf
+  from adafuse_jax.train.loop import is_routing_leaf
 
   def one_step(scale, where):
     trainer = Trainer(model, _cfg("pregated-tied", steps=4, router_lr_scale=scale, warmup=1),
@@ -384,24 +384,8 @@ def test_router_lr_scale_slows_only_routers_and_betas(model, streams, tmp_path):
     _cfg(router_lr_scale=0.0)
 
 
-def test_inspect_routing_params_tool(model, streams, tmp_path, capsys):
-  """tools/inspect_routing_params.py lists a run's router weights and betas from its checkpoint
-  (betas start at 0 and have moved after training)."""
-  import pathlib
-  import sys
-  sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
-  import inspect_routing_params as tool
-
-  Trainer(model, _cfg("pregated-tied", steps=4, warmup=1), *streams, tmp_path).fit(progress=False)
-  tool.main([str(tmp_path / "ckpt" / "4" / "state")])
-  lines = capsys.readouterr().out.splitlines()
-  names = {line.split(": ")[1].split(" ")[0] for line in lines}
-  assert names == {"pool.beta_q", "pool.beta_v", "pool.beta_up", "router.w"}
-  assert all(float(line.split("max |x| ")[1].split(",")[0]) > 0 for line in lines)
-
-
 def test_seed_gap():
-  from train.eval import seed_gap
+  from adafuse_jax.train.eval import seed_gap
 
   ref = [10.0, 10.2, 9.9, 10.1]
   gap, lo, hi = seed_gap(ref, ref)  # no change, an interval as wide as the seeds' spread
@@ -494,7 +478,7 @@ def test_init_seed_changes_the_initialisation_not_the_batches(model, streams, tm
 def test_clip_by_group_norm_clips_each_group_on_its_own():
   import jax
 
-  from train.loop import clip_by_group_norm, grad_norms
+  from adafuse_jax.train.loop import clip_by_group_norm, grad_norms
 
   rng = np.random.default_rng(0)
   grads = {"pool": {"A_q": rng.normal(size=(30, 4)) * 0.01, "beta_q": rng.normal(size=(3,)) * 50},
@@ -509,50 +493,14 @@ def test_clip_by_group_norm_clips_each_group_on_its_own():
   np.testing.assert_array_equal(out["pool"]["A_q"], grads["pool"]["A_q"])  # small: untouched
 
 
-def test_grad_norm_summary_tool():
-  """tools/grad_norm_summary.py summarises a committed log with grad norms and names a log from
-  before they were logged."""
-  import pathlib
-  import sys
-  root = pathlib.Path(__file__).parents[1]
-  sys.path.insert(0, str(root / "tools"))
-  import grad_norm_summary
-
-  logs = root / "docs" / "training"
-  text = grad_norm_summary.summary([str(logs / "cpu-grad-norms" / "pregated-tied.jsonl")])
-  row = text.splitlines()[-1].split(" | ")
-  assert row[1] == "60" and float(row[2]) > 0 and row[4].endswith("%")
-  with pytest.raises(SystemExit, match="no grad_norm"):
-    grad_norm_summary.summary([str(logs / "gpu-1000" / "metrics" / "lora.jsonl")])
-
-
-def test_loss_gap_tool():
-  """tools/loss_gap.py: a log against itself is zero everywhere; logs of other lengths are
-  compared as far as the shortest goes; a file that is no training log is named."""
-  import pathlib
-  import sys
-  root = pathlib.Path(__file__).parents[1]
-  sys.path.insert(0, str(root / "tools"))
-  import loss_gap
-
-  lora = str(root / "docs" / "training" / "gpu-1000-seeds" / "s5" / "metrics" / "lora.jsonl")
-  short = str(root / "docs" / "training" / "cpu-tied-s5" / "pregated-tied.jsonl")
-  text = loss_gap.table(lora, [lora, short], block=20)
-  rows = text.splitlines()
-  assert rows[2].endswith("| steps 41-60 |")  # the CPU run stopped after step 60
-  assert rows[4] == f"| {lora} | " + " | ".join(["+0.000 / +0.000"] * 3) + " |"
-  with pytest.raises(SystemExit, match="not a metrics.jsonl"):
-    loss_gap.table(lora, [str(root / "README.md")])
-
-
 def test_rows_record_how_far_training_moved_the_routing():
   """`all` keeps max / mean |x| of the trained routers and tied betas in each row, and the table
   prints them: how much a tied pool's routed term is used."""
   import jax.numpy as jnp
 
-  from adafuse_jax.adapters import MixtureOfLoRA
+  from adafuse_jax.adapters.mixture import MixtureOfLoRA
   from adafuse_jax.config import AdapterConfig
-  from train.__main__ import markdown, routing_summary
+  from adafuse_jax.train.cli import markdown, routing_summary
 
   cfg = tiny_config(layers=2)
   tied = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4, rank=2,
@@ -574,7 +522,7 @@ def test_rows_record_how_far_training_moved_the_routing():
 
 
 def test_job_argv_respells_the_same_settings_for_one_mode():
-  from train.__main__ import _config, _job_argv, build_parser
+  from adafuse_jax.train.cli import _config, _job_argv, build_parser
   args = build_parser().parse_args(
       ["--cache", "/c", "all", "--out", "o", "--workdir", "w", "--modes", "lora,pregated",
        "--jobs", "3", "--shared-fr", "0.875", "--clip-apart", "--init-seed", "7", "--export", "E",
@@ -592,7 +540,7 @@ def _job(code: str) -> list[str]:
 
 
 def test_run_jobs_keeps_to_the_limit_and_names_a_failure(tmp_path):
-  from train.jobs import run_jobs
+  from adafuse_jax.train.jobs import run_jobs
   # Each job counts the jobs running beside it through marker files.
   count = ("import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); m = d / sys.argv[2];"
            " m.touch(); print(len(list(d.glob('*.run')))); time.sleep(1.0); m.unlink()")
@@ -615,7 +563,7 @@ def test_run_jobs_stops_its_jobs_when_terminated(tmp_path):
   import signal
   import threading
 
-  from train.jobs import run_jobs
+  from adafuse_jax.train.jobs import run_jobs
   pid_file = tmp_path / "pid"
   # `timeout` signals the caller and then its whole process group: the job passes its SIGTERM
   # on to the caller while the caller is stopping it, which must not cut the stopping short.

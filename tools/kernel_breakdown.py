@@ -19,11 +19,12 @@ import re
 import jax
 import jax.numpy as jnp
 
-from adafuse_jax import benchmarks as B
+from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS, AdapterConfig
 from adafuse_jax.generate import Generator
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.sampling import SamplingConfig
+from adafuse_jax.vocab import parse_variant
 
 
 def main() -> None:
@@ -40,9 +41,9 @@ def main() -> None:
   out = pathlib.Path(args.out)
   model = LlamaModel(PRESETS[args.preset], dtype=jnp.bfloat16)
   acfg = AdapterConfig(modules=tuple(args.adapt_modules.split(",")))
-  adapters = B.build_adapters(model.cfg, args.mode, acfg, jnp.bfloat16, 0)
-  gen = Generator(model, adapters=adapters, implementation=B.split_mode(args.mode)[1],
-                  merge=args.mode in B.MERGED_MODES)
+  variant, _ = parse_variant(args.mode)
+  adapters = B.build_adapters(model.cfg, variant.mode, acfg, jnp.bfloat16, 0)
+  gen = Generator(model, adapters=adapters, path=variant.path, backend=variant.backend)
   cache_len = max(args.cache_len, args.tokens)
   step = gen.compiled(1, args.tokens, cache_len, SamplingConfig())
   tok = jnp.ones((1, args.tokens), jnp.int32)

@@ -3,8 +3,8 @@
     python tools/path_equality.py --out DIR [--tokens 200] [--dtype bfloat16] [--model GGUF]
 
 The default model with its trained pre-gated pool (`--adapters default`) generates `--tokens`
-greedy tokens on each path: `xla` (unmerged, plain matmuls), `packed`, `pallas` (gathered
-kernels) and `merged` (SGMM switch + backbone pass). Then every path is fed the `xla` path's
+greedy tokens on each path: `xla` (unmerged, plain matmuls), `packed`, `gathered` (Pallas
+BGMV kernels) and `merged` (SGMM switch + backbone pass). Then every path is fed the `xla` path's
 tokens (teacher forcing) and its logits are compared with `xla`'s at every position. Writes
 `path_equality.json` and `path_equality.md` under --out.
 """
@@ -19,14 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adafuse_jax.adapter_io import resolve_adapters
-from adafuse_jax.benchmarks import environment
+from adafuse_jax.adapters.io import resolve_adapters
+from adafuse_jax.bench.measure import environment
 from adafuse_jax.config import AdapterConfig
 from adafuse_jax.generate import CACHE_ROUND, Generator, generate, round_up
 from adafuse_jax.weights import load_model
 
-PATHS = (("xla", "xla", False), ("packed", "packed", False), ("pallas", "pallas", False),
-         ("merged", "pallas", True))
+PATHS = ("xla", "packed", "gathered", "merged")
 PROMPT = "The history of the printing press begins"
 
 
@@ -57,8 +56,8 @@ def main() -> None:
   adapters = resolve_adapters("default", AdapterConfig(), model.cfg, dtype=dtype, seed=0)
   prompt = tok.encode(PROMPT)
   runs = {}
-  for name, implementation, merge in PATHS:
-    gen = Generator(model, adapters=adapters, implementation=implementation, merge=merge)
+  for name in PATHS:
+    gen = Generator(model, adapters=adapters, path=name)
     res = generate(gen, [prompt], max_new_tokens=args.tokens)
     runs[name] = {"gen": gen, "tokens": res.tokens[0]}
   ref = runs["xla"]["tokens"]
@@ -79,10 +78,10 @@ def main() -> None:
   names = list(runs)
   pairwise = {a: {b: next((i for i, (x, y) in enumerate(zip(runs[a]["tokens"], runs[b]["tokens"]))
                            if x != y), None) for b in names} for a in names}
-  from adafuse_jax.switching import switch_kernel
+  from pallas_kernels import sgmm
   merged_weights = list(runs["merged"]["gen"].switch_state.weights.values())
   kernel = ("XLA (per-layer weights)" if isinstance(merged_weights[0], tuple)
-            else switch_kernel(merged_weights, adapters.cfg))
+            else sgmm.backend_for(merged_weights, adapters.cfg.top_k * adapters.cfg.rank))
   report = {"environment": environment(), "dtype": args.dtype, "prompt": PROMPT,
             "merged_switch_kernel": kernel, "first_divergence_pairwise": pairwise,
             "adapters": f"default (trained, pre-gated): {adapters.cfg.to_dict()}",

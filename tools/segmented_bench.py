@@ -43,13 +43,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adafuse_jax.benchmarks import Timing, environment, time_calls
+from adafuse_jax.bench.measure import Timing, environment, time_calls
 from adafuse_jax.config import PRESETS
-from adafuse_jax.experts import dense_bias_output, dense_gates, expert_delta
-from pallas_kernels import triton_peer
-from pallas_kernels.segmented import (SegmentTiles, gather_rows, ragged_dot_delta,
-                                      segment_table, segmented_delta, segmented_expand,
-                                      segmented_reference, segmented_shrink)
+from adafuse_jax.adapters.routing import dense_gates
+from adafuse_jax.paths.xla import dense_bias_output, expert_delta
+from pallas_kernels.sgmv import jax_triton as triton_peer
+from pallas_kernels.sgmv.reference import (gather_rows, ragged_dot_delta, segment_table,
+                                           segmented_reference)
+from pallas_kernels.sgmv.triton import Tiles as SegmentTiles
+from pallas_kernels.sgmv.triton import segmented_delta, segmented_expand, segmented_shrink
 
 MODULES = ("q", "gate", "down")
 SCALE = 0.5
@@ -124,14 +126,8 @@ def variants(tiles: SegmentTiles, num_layers: int) -> dict:
 
 
 def expert_delta_path(x, a, b, experts, gates, path):
-  """`experts.expert_delta` with its formulation forced (the module reads EXPERT_PATH)."""
-  import adafuse_jax.experts as ex
-
-  saved, ex.EXPERT_PATH = ex.EXPERT_PATH, path
-  try:
-    return expert_delta(x, a, b, experts, gates).astype(jnp.float32) * SCALE
-  finally:
-    ex.EXPERT_PATH = saved
+  """`paths.xla.expert_delta` in one formulation ("gather" or "dense")."""
+  return expert_delta(x, a, b, experts, gates, gather=path == "gather").astype(jnp.float32) * SCALE
 
 
 def check(fn, x, w, a, b, experts, gates, dense, table) -> float:
@@ -166,7 +162,7 @@ def run(args, write=None) -> dict:
     for t in tokens_list:
       experts, gates = _routing(rng, t, num_experts, args.top_k)
       tiles = (dataclasses.replace(SegmentTiles(), block_m=args.block_m) if args.block_m else
-               SegmentTiles.for_problem(t * args.top_k, num_experts))
+               SegmentTiles.get_default(t * args.top_k, num_experts))
       tiles = dataclasses.replace(tiles, shrink_splits=args.shrink_splits)
       fns = variants(tiles, num_layers)
       dense = dense_gates(experts, gates, num_experts)

@@ -2,7 +2,7 @@
 
     python tools/sere_quality.py [--out docs/sere] [--rhos 1,0.5,0.2,0]
 
-Calibrates the expert similarity (linear CKA of the experts' outputs, `adafuse_jax.sere`) on
+Calibrates the expert similarity (linear CKA of the experts' outputs, `adafuse_jax.adapters.sere`) on
 training text of every domain, stores it with the pool (`sere_similarity.npy`), then measures
 held-out perplexity per domain with batch-level re-routing for each rho: the 16 held-out windows
 of a domain are decoded as one batch, so the tokens at one position form one batch step, and
@@ -22,11 +22,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from adafuse_jax.adapter_io import DEFAULT_POOL, read_adapter_config, resolve_adapters
-from adafuse_jax.adapters import SereSettings
-from adafuse_jax.benchmarks import environment
+from adafuse_jax.adapters.io import DEFAULT_POOL, read_adapter_config, resolve_adapters
+from adafuse_jax.adapters.sere import SereSettings
+from adafuse_jax.bench.measure import environment
 from adafuse_jax.model.cache import KVCache
-from adafuse_jax.sere import calibrate, save_similarity
+from adafuse_jax.paths import registry
+from adafuse_jax.adapters.sere import calibrate, save_similarity
 from adafuse_jax.weights import load_model
 from train import data
 from train.loop import eval_windows
@@ -50,7 +51,7 @@ def main() -> None:
   train_streams = data.load_streams(cache_dir, "train")
   heldout = data.load_streams(cache_dir, "heldout")
   calib = np.concatenate([eval_windows(s, 2, 128)[:, :-1] for s in train_streams.values()])
-  similarity = calibrate(model, pool, jnp.asarray(calib))
+  similarity = calibrate(model, pool, jnp.asarray(calib), registry.runtime(pool))
   save_similarity(DEFAULT_POOL, similarity)
   sim = jnp.asarray(similarity.mean(0))
 
@@ -61,7 +62,7 @@ def main() -> None:
     @nnx.jit
     def evaluate(model, adapters, windows):
       tokens, targets = windows[:, :-1], windows[:, 1:]
-      runtime = adapters.runtime("xla", sere)
+      runtime = registry.runtime(adapters, sere=sere)
       cache = KVCache.create(model.cfg, tokens.shape[0], tokens.shape[1], model.dtype)
       logits, _ = model(tokens, cache, linear=runtime, all_logits=True)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()

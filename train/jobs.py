@@ -1,4 +1,4 @@
-"""Several `python -m train` processes side by side on one machine (`all --jobs N`).
+"""Several `python -m adafuse_jax.train` processes side by side on one machine (`all --jobs N`).
 
 One small model's training leaves most of a large GPU and of the host idle: XLA compiles on
 one core, a step of SmolLM2-135M at 16 x 256 tokens is short, and evaluation decodes item by

@@ -28,16 +28,23 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from adafuse_jax.adapters import MixtureOfLoRA
+from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.config import AdapterConfig
 from adafuse_jax.errors import UserError
-from adafuse_jax.experts import AdapterParam
+from adafuse_jax.adapters.pool import AdapterParam
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.llama import LlamaModel
-from adafuse_jax.routing import load_balancing_loss
+from adafuse_jax.adapters.routing import load_balancing_loss
+from adafuse_jax.paths import registry
+from adafuse_jax.vocab import Mode, parse_mode
 
-TRAIN_MODES = ("lora", "layerwise", "pregated", "pregated-plg", "pregated-shared",
-               "layerwise-shared", "pregated-ctx", "pregated-tied", "layerwise-tied")
+# Training recipes: an adapter mode, optionally with a variant of its pool (per-layer gates, a
+# shared expert, routing at layer 1, the tied pool); names are built from the vocabulary.
+_RECIPES: tuple[tuple[Mode, str], ...] = (
+    (Mode.LORA, ""), (Mode.LAYERWISE, ""), (Mode.PREGATED, ""), (Mode.PREGATED, "plg"),
+    (Mode.PREGATED, "shared"), (Mode.LAYERWISE, "shared"), (Mode.PREGATED, "ctx"),
+    (Mode.PREGATED, "tied"), (Mode.LAYERWISE, "tied"))
+TRAIN_MODES: tuple[str, ...] = tuple(f"{m.value}-{v}" if v else m.value for m, v in _RECIPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +112,7 @@ class TrainConfig:
     if self.mode.endswith("-shared"):  # same trainable budget as the plain pool
       rank = round(self.rank * (1 - self.shared_fraction))
       shared_rank = self.num_experts * (self.rank - rank)
-    return AdapterConfig(mode=self.mode.split("-")[0], modules=self.modules,
+    return AdapterConfig(mode=parse_mode(self.mode.split("-")[0]), modules=self.modules,
                          num_experts=self.num_experts, rank=rank, top_k=self.top_k,
                          per_layer_gates=self.mode == "pregated-plg", alpha=2.0 * rank,
                          shared_rank=shared_rank, tied_shared=self.mode.endswith("-tied"),
@@ -155,7 +162,7 @@ def forward_loss(model: LlamaModel, adapters: MixtureOfLoRA | None, windows: jax
     logits, _ = model(tokens, cache, all_logits=True)
     routes = []
   else:
-    runtime = adapters.runtime("xla")
+    runtime = registry.runtime(adapters)
     logits, _ = model(tokens, cache, linear=runtime, all_logits=True)
     routes = runtime.routes
   token_ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)

@@ -1,8 +1,8 @@
 """Stateless building blocks of a Llama block: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
 They are plain functions of arrays so that the decoder can call them on slices of stacked
-per-layer weights inside a Python-unrolled layer loop (FACTS.md: `lax.scan` over layers costs
-2.6x at batch-1 decode on the H100).
+per-layer weights inside a Python-unrolled layer loop (`lax.scan` over layers costs 2.6x at
+batch-1 decode on the GPU: docs/architecture.md, "Measured design facts").
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The Llama-family decoder as a Flax NNX module with stacked per-layer weights.
 
-The forward pass walks the layers in a Python-unrolled loop reading `W[l]` (FACTS.md: `lax.scan`
-over layers costs 2.6x at batch-1 decode on the H100). Each linear weight is held in one of two
+The forward pass walks the layers in a Python-unrolled loop reading `W[l]` (`lax.scan` over
+layers costs 2.6x at batch-1 decode on the GPU: docs/architecture.md, "Measured design facts"). Each linear weight is held in one of two
 layouts, chosen per backend because each is the fast one on its own device:
 
-- "stacked": one `[L, in, out]` array per module. Fastest on the H100 (FACTS.md: 5.6-5.8 ms vs
-  6.3 ms for per-layer arrays on the 7B shape), and what the fused-switch kernel updates.
+- "stacked": one `[L, in, out]` array per module. Fastest on the GPU (7B linear layers: 5.6-5.8
+  ms vs 6.3 ms for per-layer arrays; docs/architecture.md), and what the fused-switch kernel updates.
 - "list": a tuple of L `[in, out]` arrays. On the XLA CPU backend a slice of a stacked weight is
   copied before the dot (measured: 51 ms vs 4.6 ms for 30 SmolLM2-sized matmuls).
 
@@ -28,21 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adafuse_jax.config import ModelConfig
+from adafuse_jax.config import LINEAR_NAMES, ModelConfig
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, swiglu
 
 LinearFn = Callable[[str, int, jax.Array, jax.Array], jax.Array]
-LINEAR_NAMES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-# Linear modules of a block that read the same input, in the order the block calls them.
-INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
-
-
-def input_group(name: str) -> tuple[str, ...]:
-  """The modules that read the same input as `name` (itself included)."""
-  return next(g for g in INPUT_GROUPS if name in g)
-
-
 LAYOUTS = ("stacked", "list")
 
 

@@ -60,7 +60,7 @@ class Tokenizer:
 def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   if pre == "smollm":
-    # SmolLM splits every digit on its own before the byte-level split (FACTS.md).
+    # SmolLM splits every digit on its own before the byte-level split (its GGUF's `smollm` pre-tokenizer).
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
   return byte_level
 

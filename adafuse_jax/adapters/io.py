@@ -1,0 +1,154 @@
+"""Saving and loading an expert pool + router checkpoint (orbax), with config checks.
+
+A checkpoint folder holds `adapter_config.json` (the AdapterConfig and the model shapes it was
+made for) and `state/` (orbax). Loading into a model of other shapes fails naming the mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from adafuse_jax.adapters.mixture import MixtureOfLoRA
+from adafuse_jax.config import AdapterConfig, ModelConfig
+from adafuse_jax.errors import ModelFileError, UserError
+from adafuse_jax.model.llama import default_layout
+from adafuse_jax.vocab import Mode
+
+CONFIG_FILE = "adapter_config.json"
+_SHAPE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn")
+
+
+def model_fingerprint(cfg: ModelConfig) -> dict[str, int]:
+  return {f: getattr(cfg, f) for f in _SHAPE_FIELDS}
+
+
+def save_adapters(path: str | pathlib.Path, adapters: MixtureOfLoRA,
+                  dtype: jnp.dtype | None = None) -> pathlib.Path:
+  """Writes the adapters to a new folder `path` (absolute or relative); `dtype` casts the stored
+  weights (bf16 halves a shipped pool; loading casts back to the dtype asked for)."""
+  path = pathlib.Path(path).absolute()
+  path.mkdir(parents=True, exist_ok=True)
+  meta = {"adapter": adapters.cfg.to_dict(), "model": model_fingerprint(adapters.model_cfg)}
+  (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+  # Checkpoints always hold the stacked layout, so they load on any backend.
+  with ocp.StandardCheckpointer() as ckpt:
+    state = nnx.state(adapters.with_layout("stacked"))
+    if dtype is not None:
+      state = jax.tree.map(lambda x: x.astype(dtype), state)
+    ckpt.save(path / "state", state, force=True)
+    ckpt.wait_until_finished()
+  return path
+
+
+def read_adapter_config(path: str | pathlib.Path) -> tuple[AdapterConfig, dict]:
+  path = pathlib.Path(path)
+  if not (path / CONFIG_FILE).is_file():
+    raise ModelFileError(f"{str(path)!r} is not an adapter checkpoint (no {CONFIG_FILE}); pass a"
+                         " folder written by save_adapters or the training command")
+  try:
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    return AdapterConfig.from_dict(meta["adapter"]), meta["model"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ModelFileError(f"{str(path / CONFIG_FILE)!r} is corrupt ({e})") from None
+
+
+def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
+                  dtype: jnp.dtype = jnp.float32) -> MixtureOfLoRA:
+  """Restores adapters saved by `save_adapters` for a model of config `model_cfg`."""
+  path = pathlib.Path(path).absolute()
+  cfg, shapes = read_adapter_config(path)
+  want = model_fingerprint(model_cfg)
+  diffs = [f"{k}: checkpoint {shapes.get(k)} vs model {v}" for k, v in want.items()
+           if shapes.get(k) != v]
+  if diffs:
+    raise UserError(f"adapter checkpoint {str(path)!r} was made for another model ("
+                    + "; ".join(diffs) + "); load it with the model it was trained on")
+  abstract = nnx.eval_shape(lambda: MixtureOfLoRA(model_cfg, cfg, dtype=dtype, layout="stacked"))
+  graphdef, abstract_state = nnx.split(abstract)
+  # Restore onto this machine's device whatever device saved it (a GPU-trained pool on a CPU).
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      state = ckpt.restore(path / "state", abstract_state)
+  except Exception as e:  # orbax raises many kinds on damaged or mismatched files
+    raise ModelFileError(f"cannot restore adapter checkpoint {str(path)!r}"
+                         f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it may be"
+                         " corrupt or incomplete") from None
+  return nnx.merge(graphdef, state).with_layout(default_layout())
+
+
+DEFAULT_POOL = pathlib.Path(__file__).parent.parent / "pools" / "smollm2-135m"
+
+
+def check_adapter_spec(spec: str | None, cfg: AdapterConfig) -> None:
+  """The checks of `resolve_adapters` that need no model (run before loading one): raises
+  UserError / ModelFileError naming what is wrong and the fix."""
+  if cfg.mode == Mode.BACKBONE:
+    if spec is not None:
+      raise UserError("--adapters was given with --mode backbone; pick an adapter mode"
+                      " (lora, layerwise, pregated) or drop --adapters")
+    return
+  if spec is None:
+    raise UserError(f"--mode {cfg.mode} needs adapters: pass --adapters PATH (a trained"
+                    " checkpoint), --adapters default, or --adapters random for a seeded random"
+                    " pool (tests and benchmarks only)")
+  if spec == "random" or spec.startswith("random:"):
+    if ":" in spec:
+      try:
+        int(spec.split(":", 1)[1])
+      except ValueError:
+        raise UserError(f"--adapters {spec!r}: the seed after 'random:' must be an integer"
+                        ) from None
+    return
+  path = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
+  if spec == "default" and not (path / CONFIG_FILE).is_file():
+    raise ModelFileError(f"no trained default pool is installed at {str(path)!r}; train one"
+                         " (see README, training) or pass --adapters random")
+  if not path.exists():
+    raise ModelFileError(f"adapter checkpoint {spec!r} does not exist")
+  saved_cfg, _ = read_adapter_config(path)
+  if saved_cfg.mode != cfg.mode:
+    raise UserError(f"adapter checkpoint {spec!r} was trained for mode {saved_cfg.mode!r}, not"
+                    f" {cfg.mode!r}; pass --mode {saved_cfg.mode} or another checkpoint")
+
+
+def resolve_adapters(spec: str | None, cfg: AdapterConfig, model_cfg: ModelConfig, *,
+                     dtype: jnp.dtype = jnp.float32, seed: int = 0) -> MixtureOfLoRA | None:
+  """Turns an `--adapters` spec into adapters for `cfg.mode` (None for "backbone").
+
+  spec: a checkpoint folder; "default" (the trained SmolLM2 pool shipped with the package);
+  "random" or "random:SEED" (a seeded random pool with non-zero B, for tests and benchmarks:
+  asked for explicitly, never a silent fallback); None with mode "backbone".
+  """
+  check_adapter_spec(spec, cfg)
+  if cfg.mode == Mode.BACKBONE:
+    return None
+  if spec == "random" or spec.startswith("random:"):
+    seed = int(spec.split(":", 1)[1]) if ":" in spec else seed
+    return MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, random_b=True)
+  path = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
+  return load_adapters(path, model_cfg, dtype=dtype)
+
+
+def load_pool(spec: str, model_cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
+              seed: int = 0) -> MixtureOfLoRA:
+  """A pool by name: "default" (the trained SmolLM2 pool shipped with the package), a folder
+  written by `save_adapters` or training, or "random[:SEED]" (a seeded random pre-gated pool,
+  for tests and benchmarks). Its mode is the saved one (pre-gated for "random")."""
+  if spec == "random" or spec.startswith("random:"):
+    cfg = AdapterConfig()
+  else:
+    path = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
+    if not path.exists():
+      raise ModelFileError(f"adapter pool {spec!r} does not exist; pass 'default', a folder"
+                           " written by save_adapters or training, or 'random'")
+    cfg, _ = read_adapter_config(path)
+  return resolve_adapters(spec, cfg, model_cfg, dtype=dtype, seed=seed)

@@ -1,0 +1,321 @@
+"""`python -m adafuse_jax.bench`: every decode path side by side, against the physical floor.
+
+    python -m adafuse_jax.bench --preset llama2-7b --out docs/benchmarks/h100   # on the GPU
+    python -m adafuse_jax.bench --preset tiny --steps 5                         # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import pathlib
+import sys
+from typing import Sequence
+
+from adafuse_jax.errors import UserError
+
+TINY = dict(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128,
+            max_context=1024, name="tiny")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from adafuse_jax.bench.measure import DEFAULT_VARIANTS
+  p = argparse.ArgumentParser(prog="python -m adafuse_jax.bench", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              allow_abbrev=False)
+  p.add_argument("--preset", default="llama2-7b",
+                 help="llama2-7b, mistral-7b (seeded random weights), smollm2-135m (the real"
+                      " embedded model), or tiny (CPU smoke test)")
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="auto: bfloat16 on a GPU, float32 on the CPU")
+  p.add_argument("--modes", default=",".join(v.name for v in DEFAULT_VARIANTS),
+                 help="comma-separated rows, each MODE[-PATH][@BACKEND][+sere]: a mode"
+                      " (backbone, lora, layerwise, pregated) on a path (xla when omitted; packed,"
+                      " gathered, merged, auto), optionally a kernel backend and SERE re-routing")
+  p.add_argument("--layouts", default="auto",
+                 help="weight layouts for the backbone, comma-separated (stacked,list); auto ="
+                      " the backend's default only")
+  p.add_argument("--experts", type=int, default=8)
+  p.add_argument("--rank", type=int, default=16)
+  p.add_argument("--top-k", type=int, default=2)
+  p.add_argument("--adapt-modules", default="q,k,v,o,gate,up,down")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--cache-len", type=int, default=512,
+                 help="KV-cache slots; decode steps attend to the first half of them")
+  p.add_argument("--prefill", default="128,512,2048", help="prompt lengths to time prefill on")
+  p.add_argument("--prefill-modes", default="backbone,pregated,pregated-gathered,layerwise",
+                 help="modes whose prefill is timed")
+  p.add_argument("--steps", type=int, default=50, help="timed decode steps per mode (>= 20 for reports)")
+  p.add_argument("--warmup", type=int, default=5)
+  p.add_argument("--switch-rate", type=float, default=None,
+                 help="pregated-auto: the share of steps whose experts or gates change, for the"
+                      " merged candidate's expected cost (default 1.0: every step switches, as"
+                      " with random weights)")
+  p.add_argument("--sere-rho", type=float, default=0.0,
+                 help="-sere modes: similarity threshold rho (0: every secondary choice moves to"
+                      " a primary expert; 1: off)")
+  p.add_argument("--sere-primary", type=int, default=1,
+                 help="-sere modes: primary choices per token S (< top-k)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", help="folder for results.json and decode.png")
+  p.add_argument("--profile", help="folder for a JAX profiler trace of the run")
+  return p
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+  try:
+    values = tuple(int(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise UserError(f"--{name} takes comma-separated integers, got {text!r}") from None
+  if any(v <= 0 for v in values):
+    raise UserError(f"--{name} values must be positive, got {text!r}")
+  return values
+
+
+def run(args: argparse.Namespace) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from adafuse_jax.auto import choose_path
+  from adafuse_jax.bench import measure as B
+  from adafuse_jax.config import PRESETS, AdapterConfig, ModelConfig
+  from adafuse_jax.model.llama import LlamaModel, default_layout
+  from adafuse_jax.paths import registry
+  from adafuse_jax.vocab import Mode, parse_variant
+  from adafuse_jax.weights import load_model
+
+  variants = []
+  for text in (m.strip() for m in args.modes.split(",") if m.strip()):
+    variant, note = parse_variant(text)
+    if note:
+      print(f"note: {note}", file=sys.stderr)
+    variants.append(variant)
+  if args.switch_rate is not None and not 0.0 <= args.switch_rate <= 1.0:
+    raise UserError(f"--switch-rate={args.switch_rate} must be in [0, 1]")
+  if not 0.0 <= args.sere_rho <= 1.0:
+    raise UserError(f"--sere-rho={args.sere_rho} must be in [0, 1]")
+  if not 1 <= args.sere_primary:
+    raise UserError(f"--sere-primary={args.sere_primary} must be at least 1")
+  if args.batch < 1:
+    raise UserError(f"--batch={args.batch} must be at least 1")
+  if args.steps < 1 or args.warmup < 0:
+    raise UserError("--steps must be >= 1 and --warmup >= 0")
+  if args.preset not in PRESETS and args.preset != "tiny":
+    raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}, tiny")
+  prefill_lengths = _ints(args.prefill, "prefill") if args.prefill else ()
+  prefill_modes = {parse_variant(m.strip())[0].name for m in args.prefill_modes.split(",")
+                   if m.strip()}
+  modules = tuple(m.strip() for m in args.adapt_modules.split(",") if m.strip())
+  adapter_base = AdapterConfig(mode="pregated", modules=modules, num_experts=args.experts,
+                               rank=args.rank, top_k=args.top_k)  # validates E >= k etc.
+  dtype = jnp.dtype(args.dtype if args.dtype != "auto" else
+                    ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
+  layouts = ([default_layout()] if args.layouts == "auto" else
+             [x.strip() for x in args.layouts.split(",") if x.strip()])
+
+  def make_model(layout: str) -> LlamaModel:
+    if args.preset == "tiny":
+      return LlamaModel(ModelConfig(**TINY), dtype=dtype, seed=args.seed, layout=layout)
+    if args.preset == "smollm2-135m":
+      return load_model("default", dtype=dtype, progress=False).model.with_layout(layout)
+    return LlamaModel(PRESETS[args.preset], dtype=dtype, seed=args.seed, layout=layout)
+
+  if args.profile:
+    jax.profiler.start_trace(args.profile)
+  env = B.environment()
+  bw = B.copy_bandwidth(nbytes=(2 << 30) if jax.default_backend() != "cpu" else (256 << 20),
+                        dtype=dtype)
+  print(f"# {env['device']} | jax {env['jax']} | copy bandwidth {bw / 1e12:.3f} TB/s (read+write)",
+        file=sys.stderr)
+  rows = []
+  for layout in layouts:
+    model = make_model(layout)
+    cfg = model.cfg
+    for variant in (variants if layout == layouts[0] else [B.Variant(Mode.BACKBONE)]):
+      if model is None:  # consumed by a packed path
+        model = make_model(layout)
+      adapters = B.build_adapters(cfg, variant.mode, adapter_base, dtype, args.seed)
+      label = variant.name if len(layouts) == 1 else f"{variant.name}[{layout}]"
+      print(f"# measuring {label} ...", file=sys.stderr)
+      path, backend, auto = variant.path, variant.backend, None
+      if registry.is_auto(path):
+        # [0]: not the chooser's Generator (a model-sized packing must not stay alive while
+        # the chosen path is built again and measured: that ran out of memory at E=64, r=64).
+        auto = choose_path(model, adapters, batch=args.batch, cache_len=args.cache_len,
+                           switch_rate=args.switch_rate, seed=args.seed,
+                           log=lambda m: print(f"#   {m}", file=sys.stderr))[0]
+        print(f"#   auto chose {auto.reason}", file=sys.stderr)
+        path, backend = auto.candidate.path, auto.candidate.backend
+        gc.collect()
+      sere = None
+      if variant.sere:
+        sere = B.calibrated_sere(model, adapters, primary_k=args.sere_primary,
+                                 rho=args.sere_rho, seed=args.seed)
+      # A packing path packs the weights with the model's and the pool's deleted on the way
+      # (one copy in memory: a 7B with 64 rank-64 experts does not fit twice); the next row
+      # rebuilds the model, from the same seed.
+      release = not registry.get(path).reads_own_weights()
+      run_model = model
+      if release:
+        model = None
+      r = B.bench_mode(run_model, adapters, batch=args.batch, cache_len=args.cache_len,
+                       warmup=args.warmup, steps=args.steps,
+                       prefill_lengths=prefill_lengths if variant.name in prefill_modes else (),
+                       seed=args.seed, path=path, backend=backend, sere=sere,
+                       release_weights=release)
+      merge = r.pop("merges_per_token")
+      if sere is not None:
+        r["sere"] = {"rho": sere.rho, "primary_k": sere.primary_k}
+      if auto is not None:
+        r["auto"] = auto.to_dict()
+      # A LoRA merged once reads what the backbone reads.
+      acfg = None if adapters is None or (registry.get(path).merges and not merge) else (
+          adapter_base.replace(mode=variant.mode))
+      nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, args.batch, acfg)
+      if merge:
+        # The merged forward reads no experts; each switch moves the adapted weights twice.
+        r["floor_unchanged_ms"] = B.decode_bytes(cfg, dtype, args.cache_len // 2, 1, None) / bw * 1e3
+        nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, 1, None) + B.switch_bytes(
+            cfg, dtype, acfg)
+      r.update(mode=label, layout=layout, bytes_per_step=nbytes, floor_ms=nbytes / bw * 1e3,
+               effective_tb_s=nbytes / (r["decode"]["median_ms"] / 1e3) / 1e12)
+      rows.append(r)
+      unchanged = r.get("decode_unchanged") or r.get("decode_agreed_unchanged")
+      if unchanged:
+        print(f"#   {label}: {unchanged['median_ms']:.3f} ms/token when nothing switches",
+              file=sys.stderr)
+      print(f"#   {label}: {r['decode']['median_ms']:.3f} ms/token, floor {r['floor_ms']:.3f} ms,"
+            f" {r['kernels_per_step']} kernels, prefill "
+            + ", ".join(f"{n}: {t['median_ms']:.2f} ms" for n, t in r["prefill"].items()),
+            file=sys.stderr)
+      del run_model, adapters
+      gc.collect()
+    del model
+    gc.collect()
+  if args.profile:
+    jax.profiler.stop_trace()
+  base = next((r for r in rows if r["mode"] == B.Variant(Mode.BACKBONE).name
+               or r["mode"].startswith(B.Variant(Mode.BACKBONE).name + "[")), None)
+  for r in rows:
+    r["ratio_to_backbone"] = (r["decode"]["median_ms"] / base["decode"]["median_ms"]) if base else None
+    r["pipelined_ratio_to_backbone"] = (
+        r["decode_pipelined"]["median_ms"] / base["decode_pipelined"]["median_ms"]) if base else None
+  return {"environment": env, "preset": args.preset, "dtype": str(dtype),
+          "adapter": adapter_base.to_dict(), "batch": args.batch, "cache_len": args.cache_len,
+          "copy_bandwidth_tb_s": bw / 1e12, "peak_memory_bytes": B.peak_memory_bytes(),
+          "results": rows}
+
+
+def markdown(report: dict) -> str:
+  lines = [f"Preset `{report['preset']}`, {report['dtype']}, batch {report['batch']}, experts"
+           f" {report['adapter']['num_experts']}, rank {report['adapter']['rank']}, top-"
+           f"{report['adapter']['top_k']}, modules {','.join(report['adapter']['modules'])};"
+           f" {report['environment']['device']}, jax {report['environment']['jax']}, copy"
+           f" bandwidth {report['copy_bandwidth_tb_s']:.2f} TB/s.", "",
+           "Synced: one step, then wait for it (latency). Pipelined: steps dispatched back to back,"
+           " as `generate` runs them (the host enqueues a step while the device runs the last).",
+           "",
+           "| mode | synced ms/token (median) | p10-p90 | vs backbone | pipelined ms/token |"
+           " vs backbone | floor ms | % of copy bw (synced) | kernels/step | compile s |"
+           " distinct experts/step |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in report["results"]:
+    d, pp = r["decode"], r.get("decode_pipelined")  # runs before 2026-11-23 were synced only
+    ratio = f"{r['ratio_to_backbone']:.3f}x" if r["ratio_to_backbone"] else "-"
+    pratio = (f"{r['pipelined_ratio_to_backbone']:.3f}x" if r.get("pipelined_ratio_to_backbone")
+              else "-")
+    lines.append(f"| {r['mode']} | {d['median_ms']:.3f} | {d['p10_ms']:.3f}-{d['p90_ms']:.3f} |"
+                 f" {ratio} | {pp['median_ms'] if pp else float('nan'):.3f} | {pratio} | {r['floor_ms']:.3f} |"
+                 f" {100 * r['effective_tb_s'] / report['copy_bandwidth_tb_s']:.0f}% |"
+                 f" {r['kernels_per_step']} | {r['compile_s']:.1f} |"
+                 f" {r['distinct_experts'] if 'distinct_experts' in r else '-'} |")
+  for r in report["results"]:
+    if r.get("auto"):
+      lines += ["", f"`{r['mode']}` chose **{r['auto']['path']}**: {r['auto']['reason']}."]
+  merged = [r for r in report["results"]
+            if "decode_unchanged" in r or "decode_agreed_unchanged" in r]
+  if merged:
+    lines += ["", "Merged modes: a step that switches (new experts or gates: every step here) and"
+              " one where nothing changed; expected ms/token = s x switched + (1 - s) x unchanged"
+              " for a switch rate s.", "",
+              "| mode | switched ms | floor ms | unchanged ms | floor ms | share of timed steps"
+              " that switched |", "|---|---|---|---|---|---|"]
+    for r in merged:
+      # At batch > 1 both steps are timed on identical rows, which agree (a merged pass); runs
+      # before that timed disagreeing rows here, i.e. two unmerged steps.
+      agreed_rows = "decode_agreed_unchanged" in r
+      switched = r["decode_agreed" if agreed_rows else "decode"]["median_ms"]
+      unchanged = r["decode_agreed_unchanged" if agreed_rows else "decode_unchanged"]["median_ms"]
+      share = r["agreed_switched_share" if agreed_rows else "switched_share"]
+      lines.append(f"| {r['mode']} | {switched:.3f} | {r['floor_ms']:.3f} |"
+                   f" {unchanged:.3f} | {r['floor_unchanged_ms']:.3f} | {share:.2f} |")
+    if report["batch"] > 1 and not all("decode_agreed_unchanged" in r for r in merged):
+      lines += ["", "(Recorded before identical rows were used for this table: at this batch both"
+                " of its timings had rows that disagree, so both ran unmerged; the table below"
+                " is the one to read.)"]
+  agreed = [r for r in report["results"] if "decode_agreed" in r]
+  if agreed:
+    lines += ["", f"Merged modes at batch {report['batch']}: random rows disagree on their experts, so"
+              " those steps run unmerged on the pristine weights; identical rows agree and switch"
+              " the merged weights every step.", "",
+              "| mode | rows disagree ms | share unmerged | rows agree ms | share switched |",
+              "|---|---|---|---|---|"]
+    for r in agreed:
+      lines.append(f"| {r['mode']} | {r['decode']['median_ms']:.3f} | {r['unmerged_share']:.2f} |"
+                   f" {r['decode_agreed']['median_ms']:.3f} | {r['agreed_switched_share']:.2f} |")
+  pre = [r for r in report["results"] if r["prefill"]]
+  if pre:
+    lengths = list(pre[0]["prefill"])
+    lines += ["", "| mode | " + " | ".join(f"prefill {n} ms" for n in lengths) + " |",
+              "|---|" + "---|" * len(lengths)]
+    for r in pre:
+      lines.append(f"| {r['mode']} | " + " | ".join(f"{r['prefill'][n]['median_ms']:.2f}"
+                                                    for n in lengths) + " |")
+  return "\n".join(lines)
+
+
+def plot(report: dict, path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = report["results"]
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  names = [r["mode"] for r in rows]
+  med = [r["decode"]["median_ms"] for r in rows]
+  err = [[m - r["decode"]["p10_ms"] for m, r in zip(med, rows)],
+         [r["decode"]["p90_ms"] - m for m, r in zip(med, rows)]]
+  ax.bar(names, med, yerr=err, color="#4C72B0", capsize=3)
+  floor = rows[0]["floor_ms"]
+  ax.axhline(floor, color="#C44E52", ls="--", label=f"backbone floor at copy bandwidth ({floor:.2f} ms)")
+  ax.set_ylabel("decode latency (ms/token, median, p10-p90)")
+  ax.set_title(f"{report['preset']} {report['dtype']} batch {report['batch']} —"
+               f" {report['environment']['device']}")
+  ax.legend()
+  plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    report = run(args)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  table = markdown(report)
+  print(table)
+  if args.out:
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "table.md").write_text(table + "\n")
+    plot(report, out / "decode.png")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,215 @@
+"""Measurement library behind `python -m adafuse_jax.bench`.
+
+Method: everything is compiled ahead of time (compile time reported apart), warm-up steps are
+discarded, every timed step ends with a device synchronisation, and the median with the
+10th/90th percentiles is reported. Inputs are seeded random weights (never zeros). The floor of
+a decode step is the bytes it must read divided by the device-to-device copy bandwidth measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+import re
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adafuse_jax.adapters.mixture import MixtureOfLoRA
+from adafuse_jax.adapters.sere import SereSettings, calibrate
+from adafuse_jax.config import AdapterConfig, ModelConfig
+from adafuse_jax.costs import decode_bytes, expert_bytes, switch_bytes  # noqa: F401 (the bench's)
+from adafuse_jax.generate import Generator
+from adafuse_jax.model.llama import LlamaModel
+from adafuse_jax.paths import registry
+from adafuse_jax.sampling import SamplingConfig
+from adafuse_jax.timing import Timing, decode_stepper, time_calls, time_pipelined
+from adafuse_jax.vocab import Mode, PathName, Variant
+
+# The bench's default rows, in display order, built from the vocabulary: every mode on every
+# path that can run it, the gathered and packed paths with SERE, the merged switch on XLA beside
+# its kernel, and `auto`.
+_V = Variant
+DEFAULT_VARIANTS: tuple[Variant, ...] = (
+    _V(Mode.BACKBONE), _V(Mode.BACKBONE, PathName.PACKED),
+    _V(Mode.LORA, PathName.MERGED), _V(Mode.LORA), _V(Mode.LORA, PathName.GATHERED),
+    _V(Mode.LORA, PathName.PACKED),
+    _V(Mode.PREGATED), _V(Mode.PREGATED, PathName.GATHERED), _V(Mode.PREGATED, PathName.PACKED),
+    _V(Mode.PREGATED, PathName.GATHERED, sere=True), _V(Mode.PREGATED, PathName.PACKED, sere=True),
+    _V(Mode.PREGATED, PathName.MERGED), _V(Mode.PREGATED, PathName.MERGED, backend="xla"),
+    _V(Mode.PREGATED, PathName.AUTO),
+    _V(Mode.LAYERWISE), _V(Mode.LAYERWISE, PathName.GATHERED), _V(Mode.LAYERWISE, PathName.PACKED),
+)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, dtype=jnp.bfloat16, steps: int = 20) -> float:
+  """Device-to-device copy bandwidth in bytes/s, counting bytes read + written (on the CPU:
+  the read bandwidth of a GEMV, see `_cpu_read_bandwidth`).
+
+  The best of an element-wise pass (`a + 1`) over buffers of nbytes/2, nbytes and 2*nbytes:
+  the floor must not be flattered by one slow size.
+  """
+  if jax.default_backend() == "cpu":
+    return _cpu_read_bandwidth(nbytes, steps)
+  best = 0.0
+  for size in (nbytes // 2, nbytes, 2 * nbytes):
+    t = _time_elementwise_pass(size // jnp.dtype(dtype).itemsize, dtype, steps)
+    best = max(best, 2 * size / (t.median_ms / 1e3))
+  return best
+
+
+def _time_elementwise_pass(n: int, dtype, steps: int) -> Timing:
+  x = jax.random.normal(jax.random.key(0), (n,), jnp.float32).astype(dtype)
+  fn = jax.jit(lambda a: a + jnp.asarray(1, dtype))  # one read + one write per element
+  return time_calls(lambda: fn(x), warmup=3, steps=steps)
+
+
+def _cpu_read_bandwidth(nbytes: int, steps: int) -> float:
+  """CPU: bytes/s read by a multi-threaded matrix-vector product over an f32 matrix of nbytes.
+
+  XLA:CPU runs an element-wise pass on one thread, which would understate the memory system;
+  a GEMV is what a decode step does and reads each byte once.
+  """
+  cols = 4096
+  rows = max(1, nbytes // (4 * cols))
+  w = jax.random.normal(jax.random.key(0), (rows, cols), jnp.float32)
+  x = jax.random.normal(jax.random.key(1), (1, rows), jnp.float32)
+  fn = jax.jit(lambda x, w: x @ w)
+  t = time_calls(lambda: fn(x, w), warmup=3, steps=steps)
+  return rows * cols * 4 / (t.median_ms / 1e3)
+
+
+def count_kernels(compiled) -> int:
+  """Kernels launched by a compiled step: fusions, custom calls and library calls in ENTRY."""
+  text = compiled.as_text()  # a merged step holds two modules: count both ENTRY blocks
+  pattern = r"=\s*\S+\s+(fusion|custom-call|dot|convolution|copy|all-reduce|sort|scatter|gather)\("
+  total = 0
+  for part in text.split("ENTRY")[1:]:
+    total += len(re.findall(pattern, part[:part.find("\n}")]))
+  return total
+
+
+def build_adapters(model_cfg: ModelConfig, mode: Mode, base: AdapterConfig, dtype,
+                   seed: int) -> MixtureOfLoRA | None:
+  """A seeded random pool (non-zero B) of `base`'s shape in `mode`, or None for the backbone."""
+  if mode == Mode.BACKBONE:
+    return None
+  return MixtureOfLoRA(model_cfg, base.replace(mode=mode), seed=seed, dtype=dtype, random_b=True)
+
+
+def calibrated_sere(model: LlamaModel, adapters: MixtureOfLoRA, *, primary_k: int, rho: float,
+                    seed: int, tokens: int = 64):
+  """SERE settings whose expert similarity is calibrated (linear CKA, `adafuse_jax.adapters.sere`) on
+  random token ids through this model: for benchmarks of seeded random presets, where no
+  calibration text is meaningful. Real pools ship a similarity calibrated on text."""
+  ids = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, (1, tokens))
+  similarity = calibrate(model, adapters, jnp.asarray(ids, jnp.int32),
+                         registry.runtime(adapters))
+  return SereSettings(similarity=jnp.asarray(similarity.mean(0)), primary_k=primary_k, rho=rho)
+
+
+def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,
+               warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int,
+               path: PathName = PathName.XLA, backend: str = "auto", sere=None,
+               release_weights: bool = False) -> dict:
+  """Decode step and prefill timings of one model (+ adapters) configuration.
+
+  Decode steps are timed synced (one step, then wait: latency) and pipelined (steps dispatched
+  back to back, as `generate` runs them: throughput).
+  On a path that switches per token ("merged"), the decode is timed twice: feeding back the sampled tokens (random weights pick
+  a new token, hence new experts and gates, nearly every step: every step switches) and feeding
+  one fixed token (nothing changes: no step switches), so that a measured switch rate s gives
+  the expected cost s * switched + (1 - s) * unchanged. At batch > 1 the rows disagree (each
+  step runs unmerged on the pristine weights, `unmerged_share`), so two more timings keep every
+  row identical: the batch agrees and switches (`decode_agreed`), or agrees on a fixed token
+  and switches nothing (`decode_agreed_unchanged`).
+  `release_weights` (packed only) consumes `model` and `adapters`: see `Generator`.
+  """
+  gen = Generator(model, adapters=adapters, path=path, backend=backend, sere=sere,
+                  release_weights=release_weights)
+  merge = gen.merges_per_token
+  sampling = SamplingConfig()
+  t0 = time.perf_counter()
+  step = gen.compiled(batch, 1, cache_len, sampling)
+  compile_s = time.perf_counter() - t0
+  rng = np.random.default_rng(seed)
+  # Start half-way into the cache, as after a prompt: attention reads a realistic prefix.
+  one_step, state = decode_stepper(gen, step, batch, cache_len, seed, start=cache_len // 2)
+  key = jax.random.key(seed)
+
+  def merged_counts() -> np.ndarray:
+    """[2]: steps so far that switched the merged weights, and that ran unmerged."""
+    return np.array([int(gen.switch_state.switches), int(gen.switch_state.unmerged)])
+
+  before = merged_counts() if merge else None
+  decode = time_calls(one_step, warmup=warmup, steps=steps)
+  result = {"decode": dataclasses.asdict(decode), "compile_s": compile_s,
+            "kernels_per_step": count_kernels(step), "merges_per_token": merge}
+  if merge:
+    result["switched_share"], result["unmerged_share"] = (
+        (merged_counts() - before) / (warmup + steps)).tolist()
+  if merge and batch > 1:
+    # Rows that stay identical agree at every step: the merged pass with a switch per step
+    # (random weights change the experts nearly every step), the batch's best case.
+    agreed_step, _ = decode_stepper(gen, step, batch, cache_len, seed + 1, start=cache_len // 2,
+                                    same_token=True)
+    before = merged_counts()
+    agreed = time_calls(agreed_step, warmup=warmup, steps=steps)
+    result["decode_agreed"] = dataclasses.asdict(agreed)
+    result["agreed_switched_share"], result["agreed_unmerged_share"] = (
+        (merged_counts() - before) / (warmup + steps)).tolist()
+    # ... and the same identical rows fed one fixed token: a merged pass that switches nothing,
+    # the batch's "unchanged" step (disagreeing rows would time an unmerged step instead).
+    before = merged_counts()
+    still = time_calls(lambda: agreed_step(feed_back=False), warmup=warmup, steps=steps)
+    result["decode_agreed_unchanged"] = dataclasses.asdict(still)
+    result["agreed_unchanged_switches"] = int(merged_counts()[0] - before[0])
+  if adapters is not None and adapters.cfg.mode == Mode.PREGATED and not merge:
+    # Distinct experts the batch's tokens touch per step (what SERE cuts), over a few steps.
+    counts = []
+    for _ in range(8):
+      one_step()
+      counts.append(len(np.unique(np.asarray(state["routing"][0]))))
+    result["distinct_experts"] = float(np.mean(counts))
+  state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
+  result["decode_pipelined"] = dataclasses.asdict(
+      time_pipelined(one_step, warmup=1, steps=min(steps, cache_len // 8), repeats=4))
+  if merge and batch == 1:
+    # (At batch > 1, random rows disagree and a fixed token would time one more unmerged step:
+    # the merged table reads `decode_agreed_unchanged` there.)
+    before = merged_counts()
+    state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
+    unchanged = time_calls(lambda: one_step(feed_back=False), warmup=warmup, steps=steps)
+    result["decode_unchanged"] = dataclasses.asdict(unchanged)
+    # The first of these steps may switch (to the fixed token's experts); the rest must not.
+    result["unchanged_switches"] = int(merged_counts()[0] - before[0])
+  prefill = {}
+  for length in prefill_lengths:
+    fn = gen.compiled(batch, length, length, sampling)
+    tokens = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (batch, length)), jnp.int32)
+    caches = [gen.new_cache(batch, length) for _ in range(2 + min(steps, 10))]
+    it = iter(caches)
+    t = time_calls(lambda: gen.run(fn, tokens, next(it), key)[0],
+                   warmup=2, steps=len(caches) - 2)
+    prefill[str(length)] = dataclasses.asdict(t)
+  result["prefill"] = prefill
+  return result
+
+
+def environment() -> dict:
+  dev = jax.devices()[0]
+  return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+          "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
+          "python": platform.python_version(), "command": " ".join(sys.argv),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def peak_memory_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")

@@ -1,0 +1,17 @@
+"""Pallas kernels for dynamic LoRA experts, one sub-package per op as the field names them:
+
+- `bgmv`: the decode gather (each row's own experts, reading only those the step uses; the
+  expansion fused into the base matmul);
+- `sgmv`: the segmented prompt matmul (token-expert pairs grouped by expert);
+- `sgmm`: the fused switch (the chosen experts merged into every adapted weight, one launch).
+
+Each op has `reference.py` (plain jnp: the f32 truth, and XLA's own formulation where it has
+one), one file per backend (`triton.py`: the Triton lowering of Pallas; `mosaic.py`: Mosaic GPU;
+`jax_triton.py`: a peer in Triton's language), and its `__init__.py` as the one entry point that
+picks a backend (`backend="auto"` falls back in a stated order). `common.py` holds what they
+share. Each backend's tile sizes are a frozen `Tiles` dataclass with `get_default(...)`.
+"""
+
+from pallas_kernels import bgmv, sgmm, sgmv  # noqa: E402
+
+__all__ = ["bgmv", "sgmm", "sgmv"]
