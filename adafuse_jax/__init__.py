@@ -31,8 +31,8 @@ _EXPORTS = {
     "load_pool": "adafuse_jax.adapters.io", "load_adapters": "adafuse_jax.adapters.io",
     "save_adapters": "adafuse_jax.adapters.io", "SereSettings": "adafuse_jax.adapters.sere",
     # generation
-    "Generator": "adafuse_jax.generate", "generate": "adafuse_jax.generate",
-    "GenerationResult": "adafuse_jax.generate", "SamplingConfig": "adafuse_jax.sampling",
+    "Generator": "adafuse_jax.generation", "generate": "adafuse_jax.generation",
+    "GenerationResult": "adafuse_jax.generation", "SamplingConfig": "adafuse_jax.sampling",
     # path choice and what a step costs
     "Mode": "adafuse_jax.vocab", "PathName": "adafuse_jax.vocab",
     "choose_path": "adafuse_jax.auto", "PathChoice": "adafuse_jax.auto",
@@ -73,7 +73,7 @@ if TYPE_CHECKING:  # what static tools see; at run time names load on first use
   from adafuse_jax.config import PRESETS, AdapterConfig, ModelConfig, preset  # noqa: F401
   from adafuse_jax.costs import decode_bytes, expert_bytes, switch_bytes  # noqa: F401
   from adafuse_jax.errors import ModelFileError, UserError  # noqa: F401
-  from adafuse_jax.generate import GenerationResult, Generator, generate  # noqa: F401
+  from adafuse_jax.generation import GenerationResult, Generator, generate  # noqa: F401
   from adafuse_jax.model.llama import LlamaModel  # noqa: F401
   from adafuse_jax.sampling import SamplingConfig  # noqa: F401
   from adafuse_jax.vocab import Mode, PathName  # noqa: F401

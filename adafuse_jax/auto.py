@@ -29,7 +29,7 @@ import numpy as np
 
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.errors import UserError
-from adafuse_jax.generate import Generator
+from adafuse_jax.generation import Generator
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.paths import merged as merged_path
 from adafuse_jax.paths import registry

@@ -136,9 +136,6 @@ def _path(args: argparse.Namespace) -> tuple[str | None, str]:
     return args.path, args.backend
   if args.path is not None:
     raise UserError("--path replaces --implementation and --merge: pass only --path")
-  if args.merge and args.implementation not in (None, "xla", "pallas"):
-    raise UserError(f"--merge (now --path merged) folds experts into the weights; --implementation"
-                    f" {args.implementation} applies them unmerged: drop one")
   path, backend = legacy_path(args.implementation, args.merge)
   if path is not None:
     print(f"note: --implementation/--merge are now spelled --path {path}"
@@ -151,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
   import jax.numpy as jnp
 
   from adafuse_jax.adapters.io import check_adapter_spec, resolve_adapters
-  from adafuse_jax.generate import Generator, decode_shape, generate
+  from adafuse_jax.generation import Generator, decode_shape, generate
   from adafuse_jax.paths import registry
   from adafuse_jax.sampling import SamplingConfig
   from adafuse_jax.weights import load_model

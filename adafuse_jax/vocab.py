@@ -77,6 +77,9 @@ def legacy_path(implementation: str | None, merge: bool) -> tuple[PathName | Non
   """(path, backend) for the decode CLI's earlier `--implementation X [--merge]` spelling.
 
   implementation None keeps the path unset (the caller's default applies)."""
+  if merge and implementation not in (None, "xla", "pallas"):
+    raise UserError(f"--merge (now --path merged) folds experts into the weights; --implementation"
+                    f" {implementation} applies them unmerged: drop one")
   if merge:
     return PathName.MERGED, "xla" if implementation == "xla" else "auto"
   if implementation is None:

@@ -110,7 +110,7 @@ for r in rows:
   print(f"{r[0]:>8}: backbone {r[1]:.2f} GB, unmerged {r[2]:.2f} GB, merged+switch {r[3]:.2f} GB")
 
 # %% [markdown]
-# Measured on the H100 (`docs/benchmarks/h100-sgmm-mosaic/`, `python tools/sgmm_bench.py
+# Measured on the H100 (`docs/benchmarks/h100/sgmm-switch/`, `python tools/sgmm_bench.py
 # --quick --mosaic`): the Triton-lowered kernel above and its Mosaic GPU twin
 # (`pallas_kernels/sgmm_mosaic.py`: TMA copies into swizzled shared memory, one `wgmma` per
 # tile; GPU only, so not run here) beside plain XLA, on the same weights. Both kernels run at
@@ -118,7 +118,7 @@ for r in rows:
 # Mosaic kernel where it applies.
 
 # %%
-sgmm = json.loads(pathlib.Path("../docs/benchmarks/h100-sgmm-mosaic/sgmm.json").read_text())
+sgmm = json.loads(pathlib.Path("../docs/benchmarks/h100/sgmm-switch/sgmm.json").read_text())
 for row in sgmm["rows"]:
   if "of_copy" in row:
     print(f"{row['config']:>14} | {row['variant']:<34} | {row['ms']:7.3f} ms | {100 * row['of_copy']:4.0f}% of copy")

@@ -119,12 +119,3 @@ if seeds.exists():
   display(Image(filename=str(ROOT / "docs" / "training" / "gpu-1000-seeds-loss.png")))
 else:
   print("no seed comparison in this checkout")
-
-# %% [markdown]
-# Against per-layer routing of the same tied pool (`layerwise-tied`), at pilot scale on the CPU
-# (150 steps of 8 x 128 tokens): the routing-parameter line under the table says how little
-# either pool uses its routed term.
-
-# %%
-twin = ROOT / "docs" / "training" / "cpu-pilot-tied-layerwise" / "results.md"
-print(twin.read_text() if twin.exists() else "no pilot of the tied pools in this checkout")

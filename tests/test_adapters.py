@@ -323,7 +323,7 @@ def test_shared_expert_adds_a_plain_lora_and_folds_into_the_backbone(model, layo
 
 
 def test_shared_expert_must_be_folded_before_kernels_and_is_folded_by_generator(model):
-  from adafuse_jax.generate import Generator, generate
+  from adafuse_jax.generation import Generator, generate
 
   cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, shared_rank=2,
                       router_init_std=0.5)
@@ -436,7 +436,7 @@ def test_tied_pool_folds_into_backbone_and_an_ordinary_pool(model, layout, mode)
 
 def test_tied_pool_decodes_through_generator_and_round_trips(tmp_path, model):
   from adafuse_jax.adapters.io import load_adapters, save_adapters
-  from adafuse_jax.generate import Generator, generate
+  from adafuse_jax.generation import Generator, generate
 
   adapters = _tied(model)
   with pytest.raises(ValueError, match="fold_shared"):
@@ -562,7 +562,7 @@ def test_context_mean_matches_a_loop():
 def test_route_context_starts_as_the_plain_router_and_then_reads_the_context(model):
   """w_ctx starts at zero: same logits and routes as the plain pre-gate router. Once it is not
   zero, the same token routes differently after different tokens; decoding refuses it."""
-  from adafuse_jax.generate import Generator
+  from adafuse_jax.generation import Generator
 
   cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, top_k=2, router_init_std=0.5)
   plain = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True)

@@ -111,7 +111,7 @@ def test_throughput_ceiling_counts_distinct_experts_and_bytes(tmp_path, capsys):
   assert share[0] > share[1]  # more tokens, more distinct experts, a lower ceiling
   assert (tmp_path / "c.md").read_text() == text
   ceiling.main(["--configs", "8x16", "--plot", str(tmp_path / "c.png"), "--measured",
-                str(pathlib.Path(__file__).parents[1] / "docs/benchmarks/h200-batch/batch8")])
+                str(pathlib.Path(__file__).parents[1] / "docs/benchmarks/h200/batch8")])
   assert (tmp_path / "c.png").stat().st_size > 0
   with pytest.raises(SystemExit):
     ceiling.main(["--configs", "1x16"])  # fewer experts than top-k

@@ -59,7 +59,7 @@ def test_help_documents_every_option():
 def test_lora_merged_once_equals_unmerged(default_model):
   from adafuse_jax.adapters.io import resolve_adapters
   from adafuse_jax.config import AdapterConfig
-  from adafuse_jax.generate import Generator, generate
+  from adafuse_jax.generation import Generator, generate
 
   # (--show-routing of a pre-gated pool: test_auto_measures_the_candidates_and_says_what_it_chose)
   merged = run_cli("--json", "--mode", "lora", "--adapters", "random:3", "--path", "merged",

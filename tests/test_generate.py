@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from adafuse_jax.errors import UserError
-from adafuse_jax.generate import Generator, generate, prompt_bucket
+from adafuse_jax.generation import Generator, generate, prompt_bucket
 from adafuse_jax.model import LlamaModel
 from adafuse_jax.sampling import SamplingConfig, sample
 from tests.conftest import tiny_config

@@ -10,7 +10,7 @@ import pytest
 
 from flax import nnx
 
-from adafuse_jax.generate import Generator
+from adafuse_jax.generation import Generator
 from adafuse_jax.model import KVCache, LlamaModel
 from adafuse_jax.weights import default_model_path
 from tests import numpy_reference

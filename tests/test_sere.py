@@ -10,7 +10,7 @@ import pytest
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.adapters.sere import SereSettings
 from adafuse_jax.config import AdapterConfig
-from adafuse_jax.generate import Generator, generate
+from adafuse_jax.generation import Generator, generate
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.adapters.sere import calibrate, distinct_experts, linear_cka, reroute
 from adafuse_jax.paths import registry

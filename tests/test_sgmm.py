@@ -155,7 +155,7 @@ def test_rebuild_does_not_drift_over_10000_switches_while_incremental_does():
   rebuild_err, largest = run(True)
   incremental_err, _ = run(False)
   # One rounding of the merged weight: at most half a bf16 ulp, and a bf16 ulp of x is at most
-  # |x| * 2^-7 (8 significant bits). The bound docs/switching.md states: |err| <= 2^-8 max|W|.
+  # |x| * 2^-7 (8 significant bits). The bound docs/correctness.md states: |err| <= 2^-8 max|W|.
   assert rebuild_err <= largest * 2.0 ** -8 * 1.01, (rebuild_err, largest)
   assert incremental_err > 4 * rebuild_err, (incremental_err, rebuild_err)
 
@@ -165,7 +165,7 @@ def test_rebuild_does_not_drift_over_10000_switches_while_incremental_does():
 from adafuse_jax.adapters.mixture import MixtureOfLoRA  # noqa: E402
 from adafuse_jax.config import AdapterConfig  # noqa: E402
 from adafuse_jax.errors import UserError  # noqa: E402
-from adafuse_jax.generate import Generator, generate  # noqa: E402
+from adafuse_jax.generation import Generator, generate  # noqa: E402
 from adafuse_jax.model.llama import LlamaModel  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 

@@ -119,7 +119,7 @@ def test_bad_training_settings_are_rejected():
 def test_teacher_forced_exact_match_equals_greedy_generation(default_model):
   """The evaluation's exact match (one teacher-forced pass) says 'hit' exactly when greedy
   generation produces the gold continuation."""
-  from adafuse_jax.generate import Generator, generate
+  from adafuse_jax.generation import Generator, generate
   from adafuse_jax.train.eval import item_hits
 
   model, tok = default_model.model, default_model.tokenizer

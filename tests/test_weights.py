@@ -44,7 +44,7 @@ def test_chat_template_special_tokens_map_to_their_ids(default_model):
 
 
 def test_greedy_chat_answer_makes_sense(default_model):
-  from adafuse_jax.generate import Generator, generate
+  from adafuse_jax.generation import Generator, generate
 
   tok = default_model.tokenizer
   ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}]))

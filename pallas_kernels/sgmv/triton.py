@@ -56,7 +56,7 @@ class Tiles:
     smallest dot). Every segment is padded to whole tiles, and every padded row is gathered,
     shrunk, expanded and written: with 64 experts and 512 prompt tokens (1024 pairs, 16 per
     expert on average) 64-row tiles make 5120 rows, 16-row tiles about 2000. Measured on the
-    H200 (docs/benchmarks/h200-segmented/block-m16, block-m64): 5-12% less time (q 3.23 vs
+    H200 (docs/benchmarks/h200/sgmv/block-m16, block-m64): 5-12% less time (q 3.23 vs
     3.69 ms, down 6.23 vs 6.53 ms over 32 layers), far less than the rows saved: the kernels are
     not bound by the padded rows' bytes."""
     mean = max(1, num_pairs // max(1, min(num_experts, num_pairs)))

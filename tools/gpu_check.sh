@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
+# and the decode bench of the 7B preset on every path.
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench (default: all three)
+# Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
+# gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
+# OUT_DIR gets at most 8 files: tests.log, layer-loop/{layer_loop.json,.md}, batch1/{results.json,
+# table.md,decode.png}, bench.log.
+set -uo pipefail
+out=${1:?OUT_DIR}; shift
+parts=${*:-tests layers bench}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null || exit 1
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site JAX_COMPILATION_CACHE_DIR=/tmp/jcc
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+for part in $parts; do
+  case $part in
+    tests)
+      timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_bgmv.py \
+        tests/test_sgmv.py tests/test_sgmm.py tests/test_sgmm_mosaic.py -k "not default_model" \
+        2>&1 | tee "$out/tests.log" | tail -5 ;;
+    layers)
+      timeout "${LAYERS_S:-150}" python3 tools/layer_loop_bench.py --out "$out/layer-loop" ;;
+    bench)
+      timeout "${BENCH_S:-420}" python3 -m adafuse_jax.bench --preset llama2-7b --prefill "" \
+        --steps "${STEPS:-30}" --out "$out/batch1" \
+        --modes "${MODES:-backbone,pregated-xla,pregated-packed,pregated-gathered,pregated-merged}" \
+        2>&1 | tee "$out/bench.log" | tail -25 ;;
+    *) echo "unknown part $part (tests, layers, bench)"; exit 2 ;;
+  esac
+done
