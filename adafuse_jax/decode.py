@@ -169,7 +169,8 @@ def run(args: argparse.Namespace) -> dict:
   if auto and args.adapters is None:
     raise UserError("--path auto chooses how experts are applied: it needs --adapters")
   if not auto:
-    registry.check(path, adapter_cfg if adapter_cfg.mode != "backbone" else None)
+    registry.check(path, adapter_cfg if adapter_cfg.mode != "backbone" else None,
+                   shared_folded=True)
   check_adapter_spec(args.adapters, adapter_cfg)
   loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=not (args.quiet or args.json))
   adapters = resolve_adapters(args.adapters, adapter_cfg, loaded.model.cfg, dtype=jnp.dtype(dtype),

@@ -393,7 +393,7 @@ def test_tied_pool_at_beta_zero_trains_bit_for_bit_as_its_lora_in_bf16(mode, tok
   """The tied pool's shared term runs through the LoRA's own path, so at beta = 0 its bf16 loss
   and its gradients for A and B are the LoRA's exactly, not merely close (a tied run and a LoRA
   run then differ only by what the routed term does)."""
-  from train.loop import forward_loss
+  from adafuse_jax.train.loop import forward_loss
 
   bf16 = LlamaModel(tiny_config(), seed=0, dtype=jnp.bfloat16)
   adapters, lora = _at_beta_zero_and_its_lora(bf16, mode)

@@ -18,7 +18,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 
 def test_tiny_run_writes_json_table_and_plot(tmp_path):
   out = run_bench("--preset", "tiny", "--steps", "2", "--warmup", "1", "--prefill", "16",
-                  "--batch", "4", "--modes",
+                  "--batch", "4", "--rounds", "3", "--modes",
                   "backbone,backbone-packed,pregated,pregated-gathered,pregated-gathered+sere,"
                   "pregated-auto,layerwise-packed",
                   "--out", str(tmp_path))
@@ -29,7 +29,10 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path):
                    "pregated-gathered+sere", "pregated-auto", "layerwise-packed"]
   for r in report["results"]:
     assert r["decode"]["median_ms"] > 0 and r["floor_ms"] > 0 and r["kernels_per_step"] > 0
-    assert r["decode_pipelined"]["median_ms"] > 0 and r["decode_pipelined"]["n"] == 4
+    assert r["decode_pipelined"]["median_ms"] > 0 and r["decode_pipelined"]["n"] == 3
+    assert len(r["rounds_pipelined_ms"]) == len(r["rounds_synced_ms"]) == 3
+    iv = r["pipelined_ratio_interval"]
+    assert iv["rounds"] == 3 and 0 < iv["low"] <= iv["high"]
   by_mode = {r["mode"]: r for r in report["results"]}
   # SERE with rho = 0 and S = 1: every secondary choice lands on a primary expert.
   assert 1 <= by_mode["pregated-gathered+sere"]["distinct_experts"] <= 4
@@ -40,6 +43,10 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path):
   assert (tmp_path / "decode.png").stat().st_size > 1000
   assert "| backbone |" in out.stdout
   assert by_mode["backbone"]["ratio_to_backbone"] == 1.0  # the plain backbone is the reference
+  # paired by round, the backbone against itself is exactly 1 with no spread
+  assert by_mode["backbone"]["pipelined_ratio_interval"] == {"median": 1.0, "rounds": 3,
+                                                             "low": 1.0, "high": 1.0}
+  assert "interleaved rounds" in out.stdout and "[1.000, 1.000]" in out.stdout
 
 
 def test_merged_batch_table_times_identical_rows(tmp_path):

@@ -152,14 +152,19 @@ def test_shipped_pool_is_trained_and_decodes_merged_as_unmerged(default_model):
   assert unmerged == merged and len(unmerged[0]) > len("def fibonacci(n):")
 
 
-def test_earlier_spellings_still_run_and_name_the_new_one():
-  """The decode CLI of earlier versions: `--implementation xla` and `--merge` run as `--path xla`
-  and `--path merged`, with a note naming the new spelling."""
-  for old, new in ((("--implementation", "xla"), "--path xla"),
-                   (("--implementation", "pallas"), "--path gathered"),
-                   (("--merge",), "--path merged")):
-    out = run_cli("--json", "--mode", "pregated", "--adapters", "random:1", "--experts", "4",
-                  "--rank", "4", "--adapt-modules", "q,v", *old, "--max-new-tokens", "2", "Hi")
-    assert out.returncode == 0, out.stderr
-    assert f"now spelled {new}" in out.stderr
-    assert json.loads(out.stdout)["path"] == new.split()[-1]
+def test_earlier_spellings_still_run_and_name_the_new_one(capsys):
+  """The decode CLI of earlier versions: `--implementation X` and `--merge` mean `--path ...`,
+  with a note naming the new spelling; one of them end to end."""
+  from adafuse_jax.decode import _path, build_parser
+
+  for old, new in ((("--implementation", "xla"), ("xla", "auto")),
+                   (("--implementation", "pallas"), ("gathered", "auto")),
+                   (("--merge",), ("merged", "auto")),
+                   (("--merge", "--implementation", "xla"), ("merged", "xla"))):
+    assert _path(build_parser().parse_args([*old, "hi"])) == new
+    assert f"now spelled --path {new[0]}" in capsys.readouterr().err
+  assert _path(build_parser().parse_args(["--path", "gathered", "hi"])) == ("gathered", "auto")
+  out = run_cli("--json", "--mode", "pregated", "--adapters", "random:1", "--experts", "4",
+                "--rank", "4", "--adapt-modules", "q,v", "--merge", "--max-new-tokens", "2", "Hi")
+  assert out.returncode == 0, out.stderr
+  assert "now spelled --path merged" in out.stderr and json.loads(out.stdout)["path"] == "merged"

@@ -238,7 +238,7 @@ def test_compare_training_rows_tool():
   assert rows[0].startswith("| lora |") and rows[0].endswith("none (0 of 7) |")
   assert rows[1].startswith("| pregated-shared, shared_fraction 0.5 |")
   with pytest.raises(SystemExit, match="not comparable"):
-    compare.table(f"{pilot}:lora", [f"{root / 'docs' / 'training' / 'results.json'}:lora"])
+    compare.table(f"{pilot}:lora", [f"{root / 'docs' / 'training' / 'gpu-1000' / 'results.json'}:lora"])
   with pytest.raises(SystemExit, match="with row 'nope'"):
     compare.table(f"{pilot}:nope", [f"{pilot}:lora"])
 
@@ -587,3 +587,25 @@ def test_run_jobs_stops_its_jobs_when_terminated(tmp_path):
   with pytest.raises(ProcessLookupError):  # stopped and reaped, not left behind or a zombie
     os.kill(int(pid_file.read_text()), 0)
   assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+
+
+def test_training_runs_as_part_of_the_package_and_from_a_checkout():
+  """`python -m adafuse_jax.train` is the command; from a checkout, the earlier `python -m train`
+  runs the same one; the installed distribution adds no top-level `train` module."""
+  import importlib.util
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).parents[1]
+  for module, cwd in (("adafuse_jax.train", "/"), ("train", root)):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=cwd, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert "python -m adafuse_jax.train" in out.stdout
+  spec = importlib.util.find_spec("adafuse_jax.train")
+  assert spec is not None and pathlib.Path(spec.origin).parent == root / "train"
+  outside = subprocess.run([sys.executable, "-c", "import train"], capture_output=True, text=True,
+                           timeout=60, cwd="/", env={**os.environ, "PYTHONPATH": ""})
+  assert outside.returncode != 0 and "No module named 'train'" in outside.stderr

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import math
 import pathlib
 import shlex
@@ -30,13 +31,21 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from compare_training_rows import VARIED, check_comparable, differing, load, report  # noqa: E402
-from loss_gap import losses  # noqa: E402
-from train.eval import format_gap, seed_gap  # noqa: E402
-from train.loop import saved_setting  # noqa: E402
+from adafuse_jax.train.eval import format_gap, seed_gap  # noqa: E402
+from adafuse_jax.train.loop import saved_setting  # noqa: E402
 
 TASKS = ("math_em", "analogy_em")
 SEEDS = ("seed", "init_seed")  # what may differ between the runs of one setting
 
+
+
+def losses(path: str) -> np.ndarray:
+  """The per-step training cross-entropy of a training log (metrics/MODE.jsonl)."""
+  try:
+    return np.array([json.loads(line)["ce"] for line in pathlib.Path(path).read_text().splitlines()])
+  except (OSError, json.JSONDecodeError, KeyError) as e:
+    raise SystemExit(f"{path}: not a metrics.jsonl of `python -m adafuse_jax.train`"
+                     f" ({type(e).__name__}: {e})")
 
 def load_group(arg: str) -> tuple[str, list[tuple[dict, dict, str]]]:
   """'LABEL=SPEC,SPEC' -> (label, [(config, row, spec)]) of runs differing in the seed only."""

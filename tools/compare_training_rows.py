@@ -20,8 +20,8 @@ import pathlib
 import shlex
 import sys
 
-from train.eval import format_gap, paired_gap, paired_hits_gap
-from train.loop import saved_setting
+from adafuse_jax.train.eval import format_gap, paired_gap, paired_hits_gap
+from adafuse_jax.train.loop import saved_setting
 
 # Settings that may differ between compared runs (they define what is being compared).
 VARIED = ("shared_fraction", "top_k", "lr", "aux_coef", "seed", "router_lr_scale",

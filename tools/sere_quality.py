@@ -29,8 +29,8 @@ from adafuse_jax.model.cache import KVCache
 from adafuse_jax.paths import registry
 from adafuse_jax.adapters.sere import calibrate, save_similarity
 from adafuse_jax.weights import load_model
-from train import data
-from train.loop import eval_windows
+from adafuse_jax.train import data
+from adafuse_jax.train.loop import eval_windows
 
 
 def main() -> None:

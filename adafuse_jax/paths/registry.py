@@ -57,10 +57,13 @@ def is_auto(path: str | PathName) -> bool:
 
 
 def check(path: str | PathName, adapter_cfg: AdapterConfig | None, *,
-          layout: str = "stacked") -> DecodePath:
+          layout: str = "stacked", shared_folded: bool = False) -> DecodePath:
   """The DecodePath, after checking it can run these adapters (None: the backbone) in this
-  weight layout; `UserError` naming the fix otherwise."""
+  weight layout; `UserError` naming the fix otherwise. `shared_folded`: check the adapters as a
+  Generator runs them, their shared expert folded into the backbone first."""
   decode_path = get(path)
+  if shared_folded and adapter_cfg is not None and adapter_cfg.has_shared:
+    adapter_cfg = adapter_cfg.replace(shared_rank=0, tied_shared=False)
   reason = decode_path.blocker(adapter_cfg, layout)
   if reason is not None:
     raise UserError(f"path {decode_path.name.value!r}: {reason}")
