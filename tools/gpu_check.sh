@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench (default: all three)
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
 # OUT_DIR gets at most 8 files: tests.log, layer-loop/{layer_loop.json,.md}, batch1/{results.json,
-# table.md,decode.png}, bench.log.
+# table.md,decode.png}, bench.log. `floor`: the 7B preset at batch 1 and 32 with the memory
+# ceiling, rows interleaved over rounds and the PyTorch peer (floor-b1/, floor-b32/, floor.log).
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 parts=${*:-tests layers bench}
@@ -28,6 +29,18 @@ for part in $parts; do
         --steps "${STEPS:-30}" --out "$out/batch1" \
         --modes "${MODES:-backbone,pregated-xla,pregated-packed,pregated-gathered,pregated-merged}" \
         2>&1 | tee "$out/bench.log" | tail -25 ;;
-    *) echo "unknown part $part (tests, layers, bench)"; exit 2 ;;
+    floor)
+      # JAX preallocates 75% of the GPU by default: leave room for the PyTorch peer's weights
+      # and cache in the same process.
+      export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.6}
+      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+      for b in ${BATCHES:-1 32}; do
+        modes=${MODES:-backbone,backbone-packed,pregated-packed,pregated-gathered,layerwise-packed}
+        [ "$b" -gt 8 ] && modes=${MODES:-backbone,pregated-packed,pregated-gathered,layerwise-packed}
+        timeout "${FLOOR_S:-280}" python3 -m adafuse_jax.bench --preset "${PRESET:-llama2-7b}" \
+          --prefill "" --batch "$b" --steps "${STEPS:-32}" --rounds "${ROUNDS:-5}" \
+          --modes "$modes" --out "$out/floor-b$b" 2>&1 | tee -a "$out/floor.log" | tail -14
+      done ;;
+    *) echo "unknown part $part (tests, layers, bench, floor)"; exit 2 ;;
   esac
 done

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="modes whose prefill is timed")
   p.add_argument("--steps", type=int, default=50, help="timed decode steps per mode (>= 20 for reports)")
   p.add_argument("--warmup", type=int, default=5)
+  p.add_argument("--rounds", type=int, default=5,
+                 help="after each row's own measurements, time every row again in this many"
+                      " interleaved rounds (A B C A B C ...): ratios to the backbone are paired by"
+                      " round and reported with a 95%% interval; 1 = each row once, in order")
   p.add_argument("--switch-rate", type=float, default=None,
                  help="pregated-auto: the share of steps whose experts or gates change, for the"
                       " merged candidate's expected cost (default 1.0: every step switches, as"
@@ -57,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                       " a primary expert; 1: off)")
   p.add_argument("--sere-primary", type=int, default=1,
                  help="-sere modes: primary choices per token S (< top-k)")
+  p.add_argument("--torch-peer", choices=("auto", "on", "off"), default="auto",
+                 help="time a gpt-fast-style PyTorch decode of the same preset as its own row"
+                      " (fused qkv and gate/up, static KV cache, torch.compile reduce-overhead);"
+                      " auto: on a GPU where PyTorch sees CUDA")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", help="folder for results.json and decode.png")
   p.add_argument("--profile", help="folder for a JAX profiler trace of the run")
@@ -78,6 +86,7 @@ def run(args: argparse.Namespace) -> dict:
   import jax.numpy as jnp
 
   from adafuse_jax.auto import choose_path
+  from adafuse_jax.bench import ceiling, torch_peer
   from adafuse_jax.bench import measure as B
   from adafuse_jax.config import PRESETS, AdapterConfig, ModelConfig
   from adafuse_jax.model.llama import LlamaModel, default_layout
@@ -101,6 +110,8 @@ def run(args: argparse.Namespace) -> dict:
     raise UserError(f"--batch={args.batch} must be at least 1")
   if args.steps < 1 or args.warmup < 0:
     raise UserError("--steps must be >= 1 and --warmup >= 0")
+  if args.rounds < 1:
+    raise UserError(f"--rounds={args.rounds} must be at least 1")
   if args.preset not in PRESETS and args.preset != "tiny":
     raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}, tiny")
   prefill_lengths = _ints(args.prefill, "prefill") if args.prefill else ()
@@ -124,10 +135,18 @@ def run(args: argparse.Namespace) -> dict:
   if args.profile:
     jax.profiler.start_trace(args.profile)
   env = B.environment()
-  bw = B.copy_bandwidth(nbytes=(2 << 30) if jax.default_backend() != "cpu" else (256 << 20),
-                        dtype=dtype)
-  print(f"# {env['device']} | jax {env['jax']} | copy bandwidth {bw / 1e12:.3f} TB/s (read+write)",
+  if jax.default_backend() == "cpu":  # a multi-threaded GEMV's read rate (see copy_bandwidth)
+    bw = elementwise = B.copy_bandwidth(nbytes=256 << 20, dtype=dtype)
+    ceiling_method, rates = "cpu-gemv", {}
+  else:
+    rates = ceiling.measure(2 << 30, log=lambda m: print(f"# {m}", file=sys.stderr))
+    best = ceiling.ceiling(rates)
+    bw, ceiling_method = best.tb_s * 1e12, best.method
+    elementwise = rates["xla-add-one"].tb_s * 1e12
+  print(f"# {env['device']} | jax {env['jax']} | memory ceiling {bw / 1e12:.3f} TB/s"
+        f" ({ceiling_method}); an element-wise XLA pass {elementwise / 1e12:.3f} TB/s",
         file=sys.stderr)
+  keep = args.rounds > 1
   rows = []
   for layout in layouts:
     model = make_model(layout)
@@ -155,7 +174,8 @@ def run(args: argparse.Namespace) -> dict:
       # A packing path packs the weights with the model's and the pool's deleted on the way
       # (one copy in memory: a 7B with 64 rank-64 experts does not fit twice); the next row
       # rebuilds the model, from the same seed.
-      release = not registry.get(path).reads_own_weights()
+      # Interleaved rounds keep every row's Generator alive, and rows share the model: no release.
+      release = not keep and not registry.get(path).reads_own_weights()
       run_model = model
       if release:
         model = None
@@ -163,7 +183,7 @@ def run(args: argparse.Namespace) -> dict:
                        warmup=args.warmup, steps=args.steps,
                        prefill_lengths=prefill_lengths if variant.name in prefill_modes else (),
                        seed=args.seed, path=path, backend=backend, sere=sere,
-                       release_weights=release)
+                       release_weights=release, keep=keep)
       merge = r.pop("merges_per_token")
       if sere is not None:
         r["sere"] = {"rho": sere.rho, "primary_k": sere.primary_k}
@@ -193,41 +213,117 @@ def run(args: argparse.Namespace) -> dict:
       gc.collect()
     del model
     gc.collect()
-  if args.profile:
-    jax.profiler.stop_trace()
   base = next((r for r in rows if r["mode"] == B.Variant(Mode.BACKBONE).name
                or r["mode"].startswith(B.Variant(Mode.BACKBONE).name + "[")), None)
+  peer_ok, peer_why = torch_peer.available()
+  if args.torch_peer == "on" and not peer_ok:
+    raise UserError(f"--torch-peer on: {peer_why}")
+  if args.torch_peer == "on" or (args.torch_peer == "auto" and peer_ok
+                                 and jax.default_backend() == "gpu"):
+    rows.append(_peer_row(cfg, args, dtype, bw, base))
+  if keep:
+    _interleave(rows, args.rounds)
+  for r in rows:
+    r.pop("round", None)
+  if args.profile:
+    jax.profiler.stop_trace()
   for r in rows:
     r["ratio_to_backbone"] = (r["decode"]["median_ms"] / base["decode"]["median_ms"]) if base else None
     r["pipelined_ratio_to_backbone"] = (
         r["decode_pipelined"]["median_ms"] / base["decode_pipelined"]["median_ms"]) if base else None
+    if keep and base is not None:
+      r["pipelined_ratio_interval"] = B.ratio_interval(r["rounds_pipelined_ms"],
+                                                       base["rounds_pipelined_ms"])
+      r["synced_ratio_interval"] = B.ratio_interval(r["rounds_synced_ms"], base["rounds_synced_ms"])
   return {"environment": env, "preset": args.preset, "dtype": str(dtype),
           "adapter": adapter_base.to_dict(), "batch": args.batch, "cache_len": args.cache_len,
-          "copy_bandwidth_tb_s": bw / 1e12, "peak_memory_bytes": B.peak_memory_bytes(),
-          "results": rows}
+          "rounds": args.rounds, "ceiling_tb_s": bw / 1e12, "ceiling_method": ceiling_method,
+          "copy_bandwidth_tb_s": elementwise / 1e12,
+          "ceiling_rates_tb_s": {n: r.tb_s for n, r in rates.items()},
+          "peak_memory_bytes": B.peak_memory_bytes(), "results": rows}
+
+
+def _peer_row(cfg, args, dtype, bw: float, base: dict | None) -> dict:
+  """The PyTorch peer as a bench row (`torch_peer`): compiled, timed once, and timed again in
+  the interleaved rounds."""
+  import dataclasses
+
+  from adafuse_jax.bench import measure as B
+  from adafuse_jax.bench import torch_peer
+  from adafuse_jax.timing import Timing
+
+  print("# measuring pytorch-peer (gpt-fast style: fused weights, static cache, torch.compile"
+        " reduce-overhead) ...", file=sys.stderr)
+  one_round, compile_s, _ = torch_peer.build(cfg, batch=args.batch, cache_len=args.cache_len,
+                                             seed=args.seed)
+  pipelined, synced = one_round()
+  nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, args.batch, None)
+  row = {"mode": "pytorch-peer", "layout": "-", "compile_s": compile_s, "kernels_per_step": "-",
+         "prefill": {}, "decode": dataclasses.asdict(Timing.of([synced / 1e3])),
+         "decode_pipelined": dataclasses.asdict(Timing.of([pipelined / 1e3])),
+         "bytes_per_step": nbytes, "floor_ms": nbytes / bw * 1e3,
+         "effective_tb_s": nbytes / (synced / 1e3) / 1e12, "round": one_round}
+  print(f"#   pytorch-peer: {pipelined:.3f} ms/token pipelined, {synced:.3f} synced, compile"
+        f" {compile_s:.1f} s", file=sys.stderr)
+  return row
+
+
+def _interleave(rows: list[dict], rounds: int) -> None:
+  """Times every row again in `rounds` rounds, rows interleaved (A B C A B C ...), so that the
+  machine's drift hits every row alike; each row's pipelined timing becomes the median of its
+  rounds, and the per-round figures are kept for paired ratios."""
+  import dataclasses
+
+  from adafuse_jax.timing import Timing
+
+  per_row = [([], []) for _ in rows]
+  for i in range(rounds):
+    print(f"# round {i + 1}/{rounds}", file=sys.stderr)
+    for r, (pipelined, synced) in zip(rows, per_row):
+      p, s = r["round"]()
+      pipelined.append(p)
+      synced.append(s)
+  for r, (pipelined, synced) in zip(rows, per_row):
+    del r["round"]
+    r["rounds_pipelined_ms"], r["rounds_synced_ms"] = pipelined, synced
+    r["decode_pipelined"] = dataclasses.asdict(Timing.of([ms / 1e3 for ms in pipelined]))
+
+
+def _interval(r: dict, key: str, ratio: float | None) -> str:
+  """'1.088x [1.071, 1.102]' from a row's interleaved rounds, or the plain ratio."""
+  iv = r.get(key)
+  if iv and "low" in iv:
+    return f"{iv['median']:.3f}x [{iv['low']:.3f}, {iv['high']:.3f}]"
+  return f"{ratio:.3f}x" if ratio else "-"
 
 
 def markdown(report: dict) -> str:
+  ceiling_tb_s = report.get("ceiling_tb_s", report["copy_bandwidth_tb_s"])
+  rounds = report.get("rounds", 1)
   lines = [f"Preset `{report['preset']}`, {report['dtype']}, batch {report['batch']}, experts"
            f" {report['adapter']['num_experts']}, rank {report['adapter']['rank']}, top-"
            f"{report['adapter']['top_k']}, modules {','.join(report['adapter']['modules'])};"
-           f" {report['environment']['device']}, jax {report['environment']['jax']}, copy"
-           f" bandwidth {report['copy_bandwidth_tb_s']:.2f} TB/s.", "",
+           f" {report['environment']['device']}, jax {report['environment']['jax']},"
+           f" {report['environment']['date']}. Memory ceiling {ceiling_tb_s:.2f} TB/s"
+           f" ({report.get('ceiling_method', 'element-wise copy')}; an element-wise XLA pass"
+           f" {report['copy_bandwidth_tb_s']:.2f} TB/s); floors are bytes / ceiling.", "",
            "Synced: one step, then wait for it (latency). Pipelined: steps dispatched back to back,"
-           " as `generate` runs them (the host enqueues a step while the device runs the last).",
+           " as `generate` runs them (the host enqueues a step while the device runs the last)."
+           + (f" Every row timed again in {rounds} interleaved rounds; ratios to the backbone are"
+              " paired by round: median [95% t-interval]." if rounds > 1 else ""),
            "",
-           "| mode | synced ms/token (median) | p10-p90 | vs backbone | pipelined ms/token |"
-           " vs backbone | floor ms | % of copy bw (synced) | kernels/step | compile s |"
+           "| mode | pipelined ms/token | vs backbone | synced ms/token (median) | p10-p90 |"
+           " vs backbone | floor ms | % of floor (pipelined) | kernels/step | compile s |"
            " distinct experts/step |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in report["results"]:
     d, pp = r["decode"], r.get("decode_pipelined")  # runs before 2026-11-23 were synced only
-    ratio = f"{r['ratio_to_backbone']:.3f}x" if r["ratio_to_backbone"] else "-"
-    pratio = (f"{r['pipelined_ratio_to_backbone']:.3f}x" if r.get("pipelined_ratio_to_backbone")
-              else "-")
-    lines.append(f"| {r['mode']} | {d['median_ms']:.3f} | {d['p10_ms']:.3f}-{d['p90_ms']:.3f} |"
-                 f" {ratio} | {pp['median_ms'] if pp else float('nan'):.3f} | {pratio} | {r['floor_ms']:.3f} |"
-                 f" {100 * r['effective_tb_s'] / report['copy_bandwidth_tb_s']:.0f}% |"
+    pms = pp["median_ms"] if pp else float("nan")
+    lines.append(f"| {r['mode']} | {pms:.3f} |"
+                 f" {_interval(r, 'pipelined_ratio_interval', r.get('pipelined_ratio_to_backbone'))} |"
+                 f" {d['median_ms']:.3f} | {d['p10_ms']:.3f}-{d['p90_ms']:.3f} |"
+                 f" {_interval(r, 'synced_ratio_interval', r['ratio_to_backbone'])} |"
+                 f" {r['floor_ms']:.3f} | {100 * r['floor_ms'] / pms:.0f}% |"
                  f" {r['kernels_per_step']} | {r['compile_s']:.1f} |"
                  f" {r['distinct_experts'] if 'distinct_experts' in r else '-'} |")
   for r in report["results"]:
@@ -279,17 +375,25 @@ def plot(report: dict, path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import numpy as np
 
   rows = report["results"]
   fig, ax = plt.subplots(figsize=(8, 4.5))
   names = [r["mode"] for r in rows]
-  med = [r["decode"]["median_ms"] for r in rows]
-  err = [[m - r["decode"]["p10_ms"] for m, r in zip(med, rows)],
-         [r["decode"]["p90_ms"] - m for m, r in zip(med, rows)]]
-  ax.bar(names, med, yerr=err, color="#4C72B0", capsize=3)
+  x = np.arange(len(rows))
+  synced = [r["decode"]["median_ms"] for r in rows]
+  piped = [r["decode_pipelined"]["median_ms"] for r in rows]
+  # error bars: the spread of the interleaved rounds (pipelined), p10-p90 of the steps (synced)
+  perr = [[m - min(r.get("rounds_pipelined_ms", [m])) for m, r in zip(piped, rows)],
+          [max(r.get("rounds_pipelined_ms", [m])) - m for m, r in zip(piped, rows)]]
+  serr = [[m - r["decode"]["p10_ms"] for m, r in zip(synced, rows)],
+          [r["decode"]["p90_ms"] - m for m, r in zip(synced, rows)]]
+  ax.bar(x - 0.2, piped, 0.4, yerr=perr, color="#4C72B0", capsize=3, label="pipelined")
+  ax.bar(x + 0.2, synced, 0.4, yerr=serr, color="#8C8C8C", capsize=3, label="synced")
+  ax.set_xticks(x, names)
   floor = rows[0]["floor_ms"]
-  ax.axhline(floor, color="#C44E52", ls="--", label=f"backbone floor at copy bandwidth ({floor:.2f} ms)")
-  ax.set_ylabel("decode latency (ms/token, median, p10-p90)")
+  ax.axhline(floor, color="#C44E52", ls="--", label=f"backbone floor at the memory ceiling ({floor:.2f} ms)")
+  ax.set_ylabel("decode latency (ms/token, median)")
   ax.set_title(f"{report['preset']} {report['dtype']} batch {report['batch']} —"
                f" {report['environment']['device']}")
   ax.legend()

@@ -117,7 +117,7 @@ def calibrated_sere(model: LlamaModel, adapters: MixtureOfLoRA, *, primary_k: in
 def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,
                warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int,
                path: PathName = PathName.XLA, backend: str = "auto", sere=None,
-               release_weights: bool = False) -> dict:
+               release_weights: bool = False, keep: bool = False) -> dict:
   """Decode step and prefill timings of one model (+ adapters) configuration.
 
   Decode steps are timed synced (one step, then wait: latency) and pipelined (steps dispatched
@@ -130,6 +130,8 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   row identical: the batch agrees and switches (`decode_agreed`), or agrees on a fixed token
   and switches nothing (`decode_agreed_unchanged`).
   `release_weights` (packed only) consumes `model` and `adapters`: see `Generator`.
+  `keep`: the result's "round" entry is a function that times one more round of this row
+  (pipelined and synced ms/step), keeping its Generator alive: rows interleaved over rounds.
   """
   gen = Generator(model, adapters=adapters, path=path, backend=backend, sere=sere,
                   release_weights=release_weights)
@@ -199,7 +201,38 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
                    warmup=2, steps=len(caches) - 2)
     prefill[str(length)] = dataclasses.asdict(t)
   result["prefill"] = prefill
+  if keep:
+    round_steps = min(steps, cache_len // 8)
+
+    def one_round() -> tuple[float, float]:
+      """(pipelined, synced) median ms/step of one round, from half-way into the cache."""
+      state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
+      pipelined = time_pipelined(one_step, warmup=1, steps=round_steps, repeats=1).median_ms
+      state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
+      synced = time_calls(one_step, warmup=1, steps=round_steps).median_ms
+      return pipelined, synced
+
+    result["round"] = one_round
   return result
+
+
+# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (then the normal's).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ratio_interval(ms: list[float], base_ms: list[float]) -> dict[str, float]:
+  """A row's ratio to the backbone over interleaved rounds, paired by round: the median ratio
+  and a 95% t-interval of the mean log ratio (exponentiated). One round: no interval."""
+  ratios = np.asarray(ms) / np.asarray(base_ms)
+  out = {"median": float(np.median(ratios)), "rounds": len(ratios)}
+  if len(ratios) > 1:
+    logs = np.log(ratios)
+    df = len(logs) - 1
+    half = (_T975[df - 1] if df <= len(_T975) else 1.960) * logs.std(ddof=1) / np.sqrt(len(logs))
+    out.update(low=float(np.exp(logs.mean() - half)), high=float(np.exp(logs.mean() + half)))
+  return out
 
 
 def environment() -> dict:
