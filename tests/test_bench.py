@@ -47,6 +47,11 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path):
   assert by_mode["backbone"]["pipelined_ratio_interval"] == {"median": 1.0, "rounds": 3,
                                                              "low": 1.0, "high": 1.0}
   assert "interleaved rounds" in out.stdout and "[1.000, 1.000]" in out.stdout
+  # --table re-renders the same table from results.json, measuring nothing
+  from adafuse_jax.bench.cli import main
+  written = (tmp_path / "table.md").read_text()
+  assert main(["--table", str(tmp_path / "results.json")]) == 0
+  assert (tmp_path / "table.md").read_text() == written
 
 
 def test_merged_batch_table_times_identical_rows(tmp_path):
@@ -123,3 +128,39 @@ def test_throughput_ceiling_counts_distinct_experts_and_bytes(tmp_path, capsys):
   with pytest.raises(SystemExit):
     ceiling.main(["--configs", "1x16"])  # fewer experts than top-k
   assert "E >= top-k" in capsys.readouterr().err
+
+
+def test_ceiling_kernels_compute_what_they_time_and_every_method_reports_a_rate():
+  """The ceiling's Pallas read and copy kernels (interpreted here) give the column sums and the
+  copy of fresh random data; `measure` times every JAX method."""
+  import jax
+  import jax.numpy as jnp
+
+  from adafuse_jax.bench import ceiling
+
+  x = jax.random.normal(jax.random.key(3), (384, ceiling.COLS)).astype(jnp.bfloat16)
+  sums = ceiling.pallas_read(x, block_rows=128, interpret=True)
+  want = np.asarray(x, np.float32).reshape(3, 128, ceiling.COLS).sum(1)
+  np.testing.assert_allclose(np.asarray(sums), want, rtol=1e-5, atol=1e-3)
+  np.testing.assert_array_equal(np.asarray(ceiling.pallas_copy(x, interpret=True)), np.asarray(x))
+  with pytest.raises(ValueError, match="multiple of block_rows"):
+    ceiling.pallas_read(x[:100], block_rows=64, interpret=True)
+  rates = ceiling.measure(1 << 20, rounds=1, reps=1)
+  assert {"xla-sum", "xla-add-one", "pallas-copy 64x1024 w4"} <= set(rates)
+  assert all(r.tb_s > 0 and r.nbytes > 0 for r in rates.values())
+  assert ceiling.ceiling(rates).tb_s == max(r.tb_s for r in rates.values())
+
+
+def test_ratio_interval_is_paired_by_round():
+  from adafuse_jax.bench.measure import ratio_interval
+
+  # the same 5% every round: no spread at all, whatever the rounds' own drift
+  same = ratio_interval([1.05, 2.1, 1.575], [1.0, 2.0, 1.5])
+  assert same["median"] == pytest.approx(1.05) and same["low"] == pytest.approx(1.05)
+  assert same["high"] == pytest.approx(1.05)
+  spread = ratio_interval([1.0, 1.2, 1.1, 1.3], [1.0, 1.0, 1.0, 1.0])
+  logs = np.log([1.0, 1.2, 1.1, 1.3])
+  half = 3.182 * logs.std(ddof=1) / 2  # t(0.975, df 3) with 4 rounds
+  assert spread["low"] == pytest.approx(np.exp(logs.mean() - half))
+  assert spread["high"] == pytest.approx(np.exp(logs.mean() + half))
+  assert "low" not in ratio_interval([1.0], [1.0])  # one round: no interval

@@ -101,9 +101,9 @@ def main(argv=None) -> int:
   lines = [f"{cfg.name} linear layers, batch 1, {dtype.name}; {env['device']}, jax {env['jax']},"
            f" {env['date']}; {args.rounds} interleaved rounds of {args.steps} pipelined steps;"
            f" command: `python tools/layer_loop_bench.py {' '.join(argv or sys.argv[1:])}`", "",
-           "| layer loop | ms/step (median) | min-max | effective TB/s |", "|---|---|---|---|"]
+           "| layer loop | ms/step (median) | min-max | effective GB/s |", "|---|---|---|---|"]
   lines += [f"| {r['variant']} | {r['ms']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} |"
-            f" {r['tb_s']:.2f} |" for r in rows]
+            f" {1000 * r['tb_s']:.1f} |" for r in rows]
   table = "\n".join(lines)
   print(table)
   if args.out:

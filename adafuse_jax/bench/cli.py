@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", help="folder for results.json and decode.png")
   p.add_argument("--profile", help="folder for a JAX profiler trace of the run")
+  p.add_argument("--table", metavar="RESULTS_JSON",
+                 help="measure nothing: re-render table.md (and decode.png) beside a results.json"
+                      " this command wrote")
   return p
 
 
@@ -304,9 +307,9 @@ def markdown(report: dict) -> str:
            f" {report['adapter']['num_experts']}, rank {report['adapter']['rank']}, top-"
            f"{report['adapter']['top_k']}, modules {','.join(report['adapter']['modules'])};"
            f" {report['environment']['device']}, jax {report['environment']['jax']},"
-           f" {report['environment']['date']}. Memory ceiling {ceiling_tb_s:.2f} TB/s"
+           f" {report['environment']['date']}. Memory ceiling {1000 * ceiling_tb_s:.1f} GB/s"
            f" ({report.get('ceiling_method', 'element-wise copy')}; an element-wise XLA pass"
-           f" {report['copy_bandwidth_tb_s']:.2f} TB/s); floors are bytes / ceiling.", "",
+           f" {1000 * report['copy_bandwidth_tb_s']:.1f} GB/s); floors are bytes / ceiling.", "",
            "Synced: one step, then wait for it (latency). Pipelined: steps dispatched back to back,"
            " as `generate` runs them (the host enqueues a step while the device runs the last)."
            + (f" Every row timed again in {rounds} interleaved rounds; ratios to the backbone are"
@@ -403,8 +406,26 @@ def plot(report: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def _rerender(path: str) -> int:
+  """`--table`: table.md and decode.png again from a results.json (no measuring)."""
+  f = pathlib.Path(path)
+  try:
+    report = json.loads(f.read_text())
+    table = markdown(report)
+  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    print(f"error: {path!r} is not a results.json of `python -m adafuse_jax.bench`"
+          f" ({type(e).__name__}: {e})", file=sys.stderr)
+    return 2
+  (f.parent / "table.md").write_text(table + "\n")
+  plot(report, f.parent / "decode.png")
+  print(table)
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  if args.table:
+    return _rerender(args.table)
   try:
     report = run(args)
   except UserError as e:
