@@ -131,9 +131,7 @@ def fit(args, mode: str, loaded, train_streams, heldout):
 
 
 def run_all(args) -> dict:
-  import jax
   import numpy as np
-  from flax import nnx
 
   from adafuse_jax.adapters.io import save_adapters
   from adafuse_jax.bench.measure import environment

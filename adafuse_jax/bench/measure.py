@@ -15,7 +15,6 @@ import platform
 import re
 import sys
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
