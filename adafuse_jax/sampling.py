@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,9 @@ class SamplingConfig:
   top_p: float = 1.0
 
   def __post_init__(self) -> None:
-    if self.temperature < 0:
-      raise UserError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+    if not math.isfinite(self.temperature) or self.temperature < 0:
+      raise UserError(f"temperature={self.temperature} must be a finite number >= 0 (0 means"
+                      " greedy)")
     if not 0 < self.top_p <= 1:
       raise UserError(f"top_p={self.top_p} must be in (0, 1]")
 

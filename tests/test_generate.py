@@ -54,7 +54,9 @@ def test_top_p_keeps_only_the_nucleus():
   assert greedy.tolist() == [0]
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=float("nan")),
+                                 dict(temperature=float("inf")), dict(top_p=0.0), dict(top_p=1.5),
+                                 dict(top_p=float("nan"))])
 def test_bad_sampling_settings_are_rejected(bad):
   with pytest.raises(UserError):
     SamplingConfig(**bad)
