@@ -134,8 +134,6 @@ class Generator:
     self.merges_per_token = self.path.merges and adapters is not None
     self.cfg = model.cfg
     self.dtype = model.dtype
-    self.layout = model.layout
-    self.adapter_cfg = adapters.cfg if adapters is not None else None
     # What the compiled steps read besides the parameters: a packed copy of the weights, the
     # row layout, or the merged weights (`switch_state`), built once here.
     derived = self.path.prepare(model, adapters, release=release_weights)

@@ -126,15 +126,16 @@ def parse_variant(text: str) -> tuple[Variant, str | None]:
                     f" {text.replace('-fused-dense', '-gathered')!r}")
   if text in _LEGACY_VARIANTS:
     text = _LEGACY_VARIANTS[text]
-  elif "-fused" in text:
-    text = text.replace("-fused", "-gathered")
   sere = text.endswith("+sere")
   text = text.removesuffix("+sere")
   text, _, backend = text.partition("@")
   mode_text, _, path_text = text.partition("-")
   mode = parse_mode(mode_text, flag="bench mode")
-  path = parse_path(path_text, flag=f"path of bench mode {original!r}") if path_text else (
-      PathName.XLA)
+  legacy = original in _LEGACY_VARIANTS or path_text in _LEGACY_PATHS
+  if path_text in _LEGACY_PATHS:
+    path = _LEGACY_PATHS[path_text][0]
+  else:
+    path = parse_path(path_text, flag=f"path of bench mode {original!r}") if path_text else (
+        PathName.XLA)
   variant = Variant(mode, path, sere, parse_backend(backend) if backend else "auto")
-  legacy = original in _LEGACY_VARIANTS or "-fused" in original
   return variant, (f"bench mode {original!r} is now spelled {variant.name!r}" if legacy else None)

@@ -27,7 +27,7 @@ import sys
 
 import jax.numpy as jnp
 
-from adafuse_jax.bench import measure as B
+from adafuse_jax import costs
 from adafuse_jax.config import PRESETS
 
 MODULES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -55,9 +55,9 @@ def table(preset: str, configs: list[tuple[int, int]], batches: list[int], top_k
            f" with SERE (S=1, rho=0): distinct | ceiling | SERE's cut | most distinct experts"
            f" for {target:.0%} |", "|---|---|---|---|---|---|---|---|---|---|"]
   for num_experts, rank in configs:
-    per_expert = B.expert_bytes(cfg, jnp.bfloat16, rank, MODULES)
+    per_expert = costs.expert_bytes(cfg, jnp.bfloat16, rank, MODULES)
     for batch in batches:
-      base = B.decode_bytes(cfg, jnp.bfloat16, cache_len // 2, batch, None)
+      base = costs.decode_bytes(cfg, jnp.bfloat16, cache_len // 2, batch, None)
       d = expected_distinct(num_experts, top_k, batch)
       ds = expected_distinct(num_experts, 1, batch)
       most = (base / target - base) / per_expert
@@ -96,8 +96,8 @@ def plot(preset: str, configs: list[tuple[int, int]], top_k: int, cache_len: int
   batches = list(range(1, 65))
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for i, (num_experts, rank) in enumerate(configs):
-    per_expert = B.expert_bytes(cfg, jnp.bfloat16, rank, MODULES)
-    base = [B.decode_bytes(cfg, jnp.bfloat16, cache_len // 2, b, None) for b in batches]
+    per_expert = costs.expert_bytes(cfg, jnp.bfloat16, rank, MODULES)
+    base = [costs.decode_bytes(cfg, jnp.bfloat16, cache_len // 2, b, None) for b in batches]
     for choices, style, what in ((top_k, "-", "ceiling"), (1, ":", "ceiling with SERE")):
       share = [ceiling(bb, expected_distinct(num_experts, choices, b), per_expert)
                for bb, b in zip(base, batches)]

@@ -88,13 +88,14 @@ def run(args: argparse.Namespace) -> dict:
   import jax
   import jax.numpy as jnp
 
+  from adafuse_jax import costs
   from adafuse_jax.auto import choose_path
   from adafuse_jax.bench import ceiling, torch_peer
   from adafuse_jax.bench import measure as B
   from adafuse_jax.config import PRESETS, AdapterConfig, ModelConfig
   from adafuse_jax.model.llama import LlamaModel, default_layout
   from adafuse_jax.paths import registry
-  from adafuse_jax.vocab import Mode, parse_variant
+  from adafuse_jax.vocab import Mode, Variant, parse_variant
   from adafuse_jax.weights import load_model
 
   variants = []
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
   for layout in layouts:
     model = make_model(layout)
     cfg = model.cfg
-    for variant in (variants if layout == layouts[0] else [B.Variant(Mode.BACKBONE)]):
+    for variant in (variants if layout == layouts[0] else [Variant(Mode.BACKBONE)]):
       if model is None:  # consumed by a packed path
         model = make_model(layout)
       adapters = B.build_adapters(cfg, variant.mode, adapter_base, dtype, args.seed)
@@ -195,11 +196,11 @@ def run(args: argparse.Namespace) -> dict:
       # A LoRA merged once reads what the backbone reads.
       acfg = None if adapters is None or (registry.get(path).merges and not merge) else (
           adapter_base.replace(mode=variant.mode))
-      nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, args.batch, acfg)
+      nbytes = costs.decode_bytes(cfg, dtype, args.cache_len // 2, args.batch, acfg)
       if merge:
         # The merged forward reads no experts; each switch moves the adapted weights twice.
-        r["floor_unchanged_ms"] = B.decode_bytes(cfg, dtype, args.cache_len // 2, 1, None) / bw * 1e3
-        nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, 1, None) + B.switch_bytes(
+        r["floor_unchanged_ms"] = costs.decode_bytes(cfg, dtype, args.cache_len // 2, 1, None) / bw * 1e3
+        nbytes = costs.decode_bytes(cfg, dtype, args.cache_len // 2, 1, None) + costs.switch_bytes(
             cfg, dtype, acfg)
       r.update(mode=label, layout=layout, bytes_per_step=nbytes, floor_ms=nbytes / bw * 1e3,
                effective_tb_s=nbytes / (r["decode"]["median_ms"] / 1e3) / 1e12)
@@ -216,8 +217,8 @@ def run(args: argparse.Namespace) -> dict:
       gc.collect()
     del model
     gc.collect()
-  base = next((r for r in rows if r["mode"] == B.Variant(Mode.BACKBONE).name
-               or r["mode"].startswith(B.Variant(Mode.BACKBONE).name + "[")), None)
+  base = next((r for r in rows if r["mode"] == Variant(Mode.BACKBONE).name
+               or r["mode"].startswith(Variant(Mode.BACKBONE).name + "[")), None)
   peer_ok, peer_why = torch_peer.available()
   if args.torch_peer == "on" and not peer_ok:
     raise UserError(f"--torch-peer on: {peer_why}")
@@ -251,16 +252,16 @@ def _peer_row(cfg, args, dtype, bw: float, base: dict | None) -> dict:
   the interleaved rounds."""
   import dataclasses
 
-  from adafuse_jax.bench import measure as B
+  from adafuse_jax import costs
   from adafuse_jax.bench import torch_peer
   from adafuse_jax.timing import Timing
 
   print("# measuring pytorch-peer (gpt-fast style: fused weights, static cache, torch.compile"
         " reduce-overhead) ...", file=sys.stderr)
-  one_round, compile_s, _ = torch_peer.build(cfg, batch=args.batch, cache_len=args.cache_len,
+  one_round, compile_s = torch_peer.build(cfg, batch=args.batch, cache_len=args.cache_len,
                                              seed=args.seed)
   pipelined, synced = one_round()
-  nbytes = B.decode_bytes(cfg, dtype, args.cache_len // 2, args.batch, None)
+  nbytes = costs.decode_bytes(cfg, dtype, args.cache_len // 2, args.batch, None)
   row = {"mode": "pytorch-peer", "layout": "-", "compile_s": compile_s, "kernels_per_step": "-",
          "prefill": {}, "decode": dataclasses.asdict(Timing.of([synced / 1e3])),
          "decode_pipelined": dataclasses.asdict(Timing.of([pipelined / 1e3])),

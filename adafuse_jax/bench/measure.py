@@ -23,7 +23,6 @@ import numpy as np
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.adapters.sere import SereSettings, calibrate
 from adafuse_jax.config import AdapterConfig, ModelConfig
-from adafuse_jax.costs import decode_bytes, expert_bytes, switch_bytes  # noqa: F401 (the bench's)
 from adafuse_jax.generation import Generator
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.paths import registry

@@ -27,8 +27,8 @@ def available() -> tuple[bool, str]:
 
 
 def build(cfg: ModelConfig, *, batch: int, cache_len: int, seed: int = 0
-          ) -> tuple[Callable[[], tuple[float, float]], float, int]:
-  """(one_round() -> (pipelined, synced) ms/step, compile seconds, weight bytes) of the peer.
+          ) -> tuple[Callable[[], tuple[float, float]], float]:
+  """(one_round() -> (pipelined, synced) ms/step, compile seconds) of the peer.
 
   Steps start half-way into the cache, as the JAX rows do."""
   import torch
@@ -91,7 +91,6 @@ def build(cfg: ModelConfig, *, batch: int, cache_len: int, seed: int = 0
       return torch.argmax(F.linear(rms(x), self.head), dim=-1)
 
   model = Peer()
-  nbytes = sum(t.numel() * t.element_size() for t in model.parameters())
 
   def step(tok, pos):
     return model(tok, pos)
@@ -126,4 +125,4 @@ def build(cfg: ModelConfig, *, batch: int, cache_len: int, seed: int = 0
     synced.sort()
     return pipelined, synced[len(synced) // 2] * 1e3
 
-  return one_round, compile_s, nbytes
+  return one_round, compile_s

@@ -18,6 +18,7 @@ takes); its numbers live in the registry.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any
 
@@ -127,8 +128,9 @@ class AdapterRuntime:
   def apply(self, name: str, layer: int, xf: jax.Array, weights, experts: jax.Array,
             gates: jax.Array, dense: jax.Array | None) -> jax.Array:
     """xf [N, in] @ weights[layer] plus the chosen experts' delta -> [N, out] in xf's dtype.
-    experts, gates [N, k] (this layer's gates); dense [N, E] or None."""
-    raise NotImplementedError
+    experts, gates [N, k] (this layer's gates); dense [N, E] or None. Every path implements it,
+    except one that replaces `__call__` whole (`PackedRuntime`)."""
+    raise NotImplementedError(f"{type(self).__name__} implements neither apply nor __call__")
 
   def router_logits(self, name: str, layer: int, xf: jax.Array) -> jax.Array:
     """Layer-wise router logits [N, E] (f32) of one module; a path may read another layout."""
@@ -181,9 +183,10 @@ class AdapterRuntime:
     return e.reshape(experts.shape)
 
 
-class DecodePath:
-  """One way of applying experts, as the registry lists it. Subclasses set `name` and override
-  what differs; the defaults are those of a path that reads the model's own weights."""
+class DecodePath(abc.ABC):
+  """One way of applying experts, as the registry lists it. Subclasses set `name`, implement
+  `runtime` and override what differs; the defaults are those of a path that reads the model's
+  own weights."""
 
   name: PathName
   summary: str = ""
@@ -220,9 +223,10 @@ class DecodePath:
     """Device bytes `prepare` adds to the model and the pool."""
     return 0
 
+  @abc.abstractmethod
   def runtime(self, adapters: MixtureOfLoRA, derived: Any = None, *,
               sere: SereSettings | None = None, backend: str = "auto") -> AdapterRuntime:
-    raise NotImplementedError
+    """The `LinearFn` of one forward pass of these adapters, reading `derived` (`prepare`)."""
 
   def backbone(self, derived: Any = None) -> LinearFn:
     """The `LinearFn` of a pass without adapters."""
