@@ -161,6 +161,16 @@ class Generator:
 
   def _forward(self, params, adapter_params, derived, tokens, cache, key,
                sampling: SamplingConfig):
+    logits, cache, routing = self.apply(params, adapter_params, derived, tokens, cache)
+    return sample(logits, key, sampling), logits, cache, routing
+
+  def apply(self, params, adapter_params, derived, tokens: jax.Array, cache,
+            last: jax.Array | None = None):
+    """The traced forward pass of the path (inside jit): tokens [B, T] at the cache's next slots.
+
+    Returns (logits [B, V], cache, routing): routing is (experts [B, k], gates) of the last
+    position (or of `last` [B], see `LlamaModel.__call__`), None without a router.
+    """
     model = nnx.merge(self.graphdef, params)
     runtime = None
     linear: LinearFn = self.path.backbone(derived)
@@ -168,15 +178,17 @@ class Generator:
       adapters = nnx.merge(self.adapters_graphdef, adapter_params)
       runtime = self.path.runtime(adapters, derived, sere=self.sere, backend=self.backend)
       linear = runtime
-    logits, cache = model(tokens, cache, linear=linear)
+    logits, cache = model(tokens, cache, linear=linear, last=last)
     routing = None
     if runtime is not None and runtime.first_route is not None:
       b, t = tokens.shape
       route = runtime.first_route
-      experts = route.experts.reshape(b, t, -1)[:, -1]
-      gates = route.gates.reshape(b, t, *route.gates.shape[1:])[:, -1]
+      at = jnp.full((b,), t - 1, jnp.int32) if last is None else last
+      rows = jnp.arange(b)
+      experts = route.experts.reshape(b, t, -1)[rows, at]
+      gates = route.gates.reshape(b, t, *route.gates.shape[1:])[rows, at]
       routing = (experts, gates)
-    return sample(logits, key, sampling), logits, cache, routing
+    return logits, cache, routing
 
   def _switch(self, params, adapter_params, state, tokens):
     """Routes the new tokens [B, 1] and rebuilds the merged weights when the batch agrees (state

@@ -47,3 +47,41 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
     threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits >= threshold, logits, -jnp.inf)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
+  """One PRNG key per row from its request's seed and the position being sampled ([B] each):
+  a request's draws do not depend on which other requests share its batch."""
+  return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                top_k: jax.Array) -> jax.Array:
+  """Picks one token per row with each row's own settings (continuous batching).
+
+  Args:
+    logits: [B, V] f32.
+    keys: [B] PRNG keys (`row_keys`).
+    temperature: [B] f32; 0 means greedy for that row.
+    top_p: [B] f32 in (0, 1]; the nucleus mass.
+    top_k: [B] int32; keep the k most likely tokens, 0 for all.
+  Returns:
+    [B] int32.
+  """
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def drawn() -> jax.Array:
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    rank = jnp.arange(logits.shape[-1], dtype=jnp.int32)[None, :]
+    # The first token is always kept; then the prefix within top_p and top_k.
+    kept = (mass_before < top_p[:, None]) & ((top_k[:, None] <= 0) | (rank < top_k[:, None]))
+    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    tokens = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+    return jnp.where(temperature > 0, tokens, greedy)
+
+  # An all-greedy batch (the common serving case) skips the vocabulary sort.
+  return jax.lax.cond(jnp.any(temperature > 0), drawn, lambda: greedy)

@@ -1,9 +1,15 @@
-"""A fixed-size key/value cache: one buffer per layer, written in place at a running slot.
+"""Fixed-size key/value caches: one buffer per layer, written in place.
 
-Batches of ragged prompts are left-padded: every row writes the same slot each step, row b's
-first `pad[b]` slots are padding that no query reads, and its RoPE position is
-`slot - pad[b]`. One slot counter for the whole batch keeps each write a single
-`dynamic_update_slice`, which XLA performs in place on the donated buffer.
+Two bookkeepings, one interface (`positions`, `visible`, `write`, `advanced`) that the decoder
+calls, so the model does not care which it holds:
+
+- `KVCache` (static batches, `generate`): ragged prompts are left-padded, every row writes
+  the same slot each step, row b's first `pad[b]` slots are padding that no query reads, and
+  its RoPE position is `slot - pad[b]`. One slot counter for the whole batch keeps each write
+  a single `dynamic_update_slice`, which XLA performs in place on the donated buffer.
+- `SlotCache` (continuous batching, the serving engine): each row is a slot that holds one
+  request at a time, with its own length; a row's slot s holds its token at position s, so
+  requests of different ages share a step. Writes are one scatter per layer (in place).
 """
 
 from __future__ import annotations
@@ -50,3 +56,84 @@ class KVCache:
 
   def nbytes(self) -> int:
     return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
+
+  def positions(self, t: int) -> jax.Array:
+    """RoPE positions [B, T] of the next t tokens."""
+    slots = self.length + jnp.arange(t, dtype=jnp.int32)
+    return slots[None, :] - self.pad[:, None]
+
+  def visible(self, t: int) -> jax.Array:
+    """[B, T, S] bool: whether the next t tokens' queries may read each slot."""
+    slots = self.length + jnp.arange(t, dtype=jnp.int32)
+    kv = jnp.arange(self.max_len, dtype=jnp.int32)
+    return (kv[None, None, :] <= slots[None, :, None]) & (kv[None, None, :] >= self.pad[:, None, None])
+
+  def write(self, buf: jax.Array, new: jax.Array) -> jax.Array:
+    """Stores new [B, T, Hkv, hd] at the next slots of one layer's buffer [B, S, Hkv, hd]."""
+    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, self.length, 0, 0))
+
+  def advanced(self, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], t: int) -> "KVCache":
+    """The cache after t tokens were written into buffers k, v."""
+    return self.replace(k=k, v=v, length=self.length + t)
+
+
+@flax.struct.dataclass
+class SlotCache:
+  """Per-layer key/value buffers whose rows are independent sequences (continuous batching).
+
+  Attributes:
+    k, v: L arrays of [B, S, Hkv, hd]; row b holds its token at position p in slot p.
+    lengths: [B] int32, tokens held per row (row b's next token goes to slot `lengths[b]`).
+
+  A write of t tokens goes to slots `lengths[b] .. lengths[b] + t - 1` of every row; the caller
+  keeps that inside S (the serving engine's prefill chunks start at multiples of the chunk size
+  and S is a multiple of it) and sets `lengths` for rows that did not really advance.
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  lengths: jax.Array
+
+  @classmethod
+  def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> "SlotCache":
+    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers))  # noqa: E731
+    return cls(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.k[0].shape[1]
+
+  @property
+  def batch(self) -> int:
+    return self.k[0].shape[0]
+
+  def nbytes(self) -> int:
+    return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
+
+  def positions(self, t: int) -> jax.Array:
+    return self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+  def visible(self, t: int) -> jax.Array:
+    kv = jnp.arange(self.max_len, dtype=jnp.int32)
+    return kv[None, None, :] <= self.positions(t)[:, :, None]
+
+  def write(self, buf: jax.Array, new: jax.Array) -> jax.Array:
+    put = lambda row, rows_new, start: jax.lax.dynamic_update_slice(  # noqa: E731
+        row, rows_new, (start, 0, 0))
+    return jax.vmap(put)(buf, new.astype(buf.dtype), self.lengths)
+
+  def advanced(self, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], t: int) -> "SlotCache":
+    return self.replace(k=k, v=v, lengths=self.lengths + t)
+
+  def rows(self, start: jax.Array | int, count: int) -> "SlotCache":
+    """Rows start .. start + count - 1 as a cache of batch `count` (a copy inside jit)."""
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, count, axis=0)  # noqa: E731
+    return SlotCache(k=tuple(map(take, self.k)), v=tuple(map(take, self.v)),
+                     lengths=take(self.lengths))
+
+  def with_rows(self, start: jax.Array | int, part: "SlotCache") -> "SlotCache":
+    """This cache with rows start .. start + part.batch - 1 replaced by `part`."""
+    put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, axis=0)  # noqa: E731
+    return SlotCache(k=tuple(map(put, self.k, part.k)), v=tuple(map(put, self.v, part.v)),
+                     lengths=put(self.lengths, part.lengths))

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from adafuse_jax.config import LINEAR_NAMES, ModelConfig
-from adafuse_jax.model.cache import KVCache
+from adafuse_jax.model.cache import KVCache, SlotCache
 from adafuse_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, swiglu
 
 LinearFn = Callable[[str, int, jax.Array, jax.Array], jax.Array]
@@ -114,26 +114,26 @@ class LlamaModel(nnx.Module):
       return self
     return LlamaModel(self.cfg, weights=self.stacked_weights(), dtype=self.dtype, layout=layout)
 
-  def __call__(self, tokens: jax.Array, cache: KVCache, *, linear: LinearFn = plain_linear,
-               all_logits: bool = False) -> tuple[jax.Array, KVCache]:
+  def __call__(self, tokens: jax.Array, cache: KVCache | SlotCache, *,
+               linear: LinearFn = plain_linear, all_logits: bool = False,
+               last: jax.Array | None = None) -> tuple[jax.Array, KVCache | SlotCache]:
     """Runs T new tokens per row through the decoder, writing them into the cache.
 
     Args:
-      tokens: [B, T] int32, written at slots `cache.length .. cache.length + T - 1`.
-      cache: the KV cache (see `KVCache` for padding).
+      tokens: [B, T] int32, written at the cache's next T slots of each row.
+      cache: the KV cache (`KVCache`: a left-padded static batch; `SlotCache`: rows of their
+        own lengths).
       linear: how each linear module is applied (the adapter seam).
       all_logits: return logits for every position ([B, T, V]) rather than the last ([B, V]).
+      last: [B] int32, the position of each row whose logits to return ([B, V]; right-padded
+        prompt chunks), instead of the last.
     Returns:
       (logits in f32, updated cache).
     """
     cfg = self.cfg
     b, t = tokens.shape
-    start = cache.length
-    slots = start + jnp.arange(t, dtype=jnp.int32)  # [T]
-    positions = slots[None, :] - cache.pad[:, None]  # [B, T]
-    kv_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
-    mask = (kv_slots[None, None, :] <= slots[None, :, None]) & (
-        kv_slots[None, None, :] >= cache.pad[:, None, None])  # [B, T, S]
+    positions = cache.positions(t)  # [B, T]
+    mask = cache.visible(t)  # [B, T, S]
     inv_freq = self.inv_freq[...]
 
     h = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
@@ -145,23 +145,24 @@ class LlamaModel(nnx.Module):
       v = linear("v", l, x, self.v.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
-      new_k[l] = jax.lax.dynamic_update_slice(new_k[l], k.astype(new_k[l].dtype), (0, start, 0, 0))
-      new_v[l] = jax.lax.dynamic_update_slice(new_v[l], v.astype(new_v[l].dtype), (0, start, 0, 0))
+      new_k[l] = cache.write(new_k[l], k)
+      new_v[l] = cache.write(new_v[l], v)
       att = attention(q, new_k[l], new_v[l], mask).reshape(b, t, cfg.q_dim)
       h = h + linear("o", l, att, self.o.get_value())
       x = rms_norm(h, self.ffn_norm[l], cfg.rms_eps)
       act = swiglu(linear("gate", l, x, self.gate.get_value()), linear("up", l, x, self.up.get_value()))
       h = h + linear("down", l, act, self.down.get_value())
 
-    if not all_logits:
+    if last is not None:
+      h = h[jnp.arange(b), last]
+    elif not all_logits:
       h = h[:, -1]
     h = rms_norm(h, self.final_norm[...], cfg.rms_eps)
     if cfg.tie_embeddings:
       logits = jnp.einsum("...d,vd->...v", h, self.embed[...], preferred_element_type=jnp.float32)
     else:
       logits = jnp.einsum("...d,dv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
-    cache = cache.replace(k=tuple(new_k), v=tuple(new_v), length=start + t)
-    return logits, cache
+    return logits, cache.advanced(tuple(new_k), tuple(new_v), t)
 
 
 def _random_weights(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], dtype: jnp.dtype,

@@ -1,0 +1,513 @@
+"""The serving engine: continuous batching of requests over one model and expert pool.
+
+A background thread owns the device state (a `SlotCache` of `max_batch` rows and each row's
+next token) and loops:
+
+1. take new requests and cancellations;
+2. admit waiting requests into free rows, one prompt chunk at a time (at most `chunk` prompt
+   tokens per iteration, so a long prompt delays the running streams by one chunk, not by its
+   whole prefill);
+3. dispatch one decode step over the rows in use (a batch bucket: the smallest compiled batch
+   that holds the highest row in use);
+4. read the tokens of the previous iteration on the host, stream them to their requests and
+   retire the finished ones, whose rows the next iteration can admit into.
+
+Steps are pipelined: the device runs step t+1 while the host reads step t, as in `generate`.
+Every row keeps its own experts (routing is per token); the step is one compiled function per
+batch bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+from typing import AsyncIterator, Iterator, Sequence
+
+import numpy as np
+
+from adafuse_jax.errors import UserError
+from adafuse_jax.generation import Generator, round_up
+from adafuse_jax.serving.detok import IncrementalText
+from adafuse_jax.serving.steps import SlotSteps, bucket_for
+from adafuse_jax.weights.tokenizer import Tokenizer
+
+
+class EngineError(RuntimeError):
+  """The engine failed while running a request (not the request's fault)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How one request is decoded.
+
+  Attributes:
+    max_tokens: the most tokens generated; None = up to the end of the engine's context.
+    temperature: 0 = greedy.
+    top_p: nucleus mass in (0, 1].
+    top_k: keep the k most likely tokens; 0 (or -1, as vLLM spells it) keeps all.
+    seed: the request's sampling seed; None draws one.
+    stop: strings that end the completion (not included in it).
+    ignore_eos: keep generating past the end-of-sequence token (benchmarks).
+  """
+
+  max_tokens: int | None = 16
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+  seed: int | None = None
+  stop: tuple[str, ...] = ()
+  ignore_eos: bool = False
+
+  def __post_init__(self) -> None:
+    if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or self.max_tokens < 1):
+      raise UserError(f"max_tokens={self.max_tokens} must be at least 1")
+    if not np.isfinite(self.temperature) or self.temperature < 0:
+      raise UserError(f"temperature={self.temperature} must be a finite number >= 0 (0 means"
+                      " greedy)")
+    if not (np.isfinite(self.top_p) and 0 < self.top_p <= 1):
+      raise UserError(f"top_p={self.top_p} must be in (0, 1]")
+    if self.top_k < -1:
+      raise UserError(f"top_k={self.top_k} must be >= 1, or 0 / -1 for no limit")
+    if self.seed is not None and not 0 <= self.seed < 2**32:
+      raise UserError(f"seed={self.seed} must be in [0, 2**32)")
+    if len(self.stop) > 16 or any(not isinstance(s, str) for s in self.stop):
+      raise UserError("stop must be at most 16 strings")
+
+
+@dataclasses.dataclass
+class Output:
+  """One event of a request's stream.
+
+  Attributes:
+    text: the new text (a delta; may be empty on the last event).
+    finished: whether this is the last event.
+    finish_reason: "stop" (end token or stop string), "length" (max_tokens or the context),
+      "abort" (cancelled), "error"; None before the end.
+    prompt_tokens, completion_tokens: counts so far.
+  """
+
+  text: str
+  finished: bool = False
+  finish_reason: str | None = None
+  prompt_tokens: int = 0
+  completion_tokens: int = 0
+  error: str | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+  """A finished request, as `RequestStream.result` returns it."""
+
+  text: str
+  finish_reason: str
+  prompt_tokens: int
+  completion_tokens: int
+  token_ids: list[int]
+
+
+class RequestStream:
+  """The handle `Engine.submit` returns: iterate it (sync or async) for `Output` events.
+
+  Events arrive from the engine thread; with an event loop given at submission they are
+  delivered into it (for `async for`), else into a thread-safe queue (for `for`).
+  """
+
+  def __init__(self, request_id: str, prompt_tokens: int, loop: asyncio.AbstractEventLoop | None):
+    self.request_id = request_id
+    self.prompt_tokens = prompt_tokens
+    self.token_ids: list[int] = []
+    self._loop = loop
+    self._async_q: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+    self._sync_q: queue.SimpleQueue = queue.SimpleQueue()
+    self.cancelled = threading.Event()
+    self._engine: Engine | None = None
+
+  def _put(self, out: Output) -> None:
+    if self._loop is not None:
+      try:
+        self._loop.call_soon_threadsafe(self._async_q.put_nowait, out)
+      except RuntimeError:  # the loop closed: nobody listens any more
+        self.cancelled.set()
+    else:
+      self._sync_q.put(out)
+
+  def cancel(self) -> None:
+    """Stops the request and frees its row (a client that went away)."""
+    if not self.cancelled.is_set():
+      self.cancelled.set()
+      if self._engine is not None:
+        self._engine._wake()
+
+  def __iter__(self) -> Iterator[Output]:
+    if self._loop is not None:
+      raise RuntimeError("this stream was submitted from an event loop: use `async for`")
+    while True:
+      out = self._sync_q.get()
+      yield out
+      if out.finished:
+        return
+
+  async def __aiter__(self) -> AsyncIterator[Output]:
+    if self._async_q is None:
+      raise RuntimeError("this stream was submitted without an event loop: use `for`")
+    while True:
+      out = await self._async_q.get()
+      yield out
+      if out.finished:
+        return
+
+  @staticmethod
+  def _join(outs: Sequence[Output], ids: list[int]) -> Completion:
+    last = outs[-1]
+    if last.finish_reason == "error":
+      raise EngineError(last.error or "the engine failed")
+    return Completion(text="".join(o.text for o in outs), finish_reason=last.finish_reason or "",
+                      prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                      token_ids=ids)
+
+  def result(self) -> Completion:
+    """Waits for the whole completion (sync streams)."""
+    return self._join(list(self), self.token_ids)
+
+  async def aresult(self) -> Completion:
+    """Waits for the whole completion (async streams)."""
+    return self._join([o async for o in self], self.token_ids)
+
+
+@dataclasses.dataclass
+class _Seq:
+  stream: RequestStream
+  prompt: list[int]
+  params: SamplingParams
+  max_tokens: int
+  seed: int
+  detok: IncrementalText
+  arrival: float
+  slot: int | None = None
+  prefilled: int = 0
+  generated: int = 0
+  finished: bool = False
+  first_token_s: float | None = None
+  experts: frozenset[int] | None = None
+
+
+@dataclasses.dataclass
+class EngineStats:
+  """Running totals and the latest step's figures (read by /metrics)."""
+
+  requests_finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  prompt_tokens: int = 0
+  generated_tokens: int = 0
+  decode_steps: int = 0
+  running: int = 0
+  waiting: int = 0
+  last_bucket: int = 0
+  last_occupancy: float = 0.0
+  switch_rate: float = 0.0
+  distinct_experts: float = 0.0
+  ttft_s: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=1024))
+  token_times: collections.deque = dataclasses.field(
+      default_factory=lambda: collections.deque(maxlen=4096))
+
+  def tokens_per_s(self, window_s: float = 10.0) -> float:
+    """Generated tokens per second over the last `window_s` seconds."""
+    now = time.perf_counter()
+    recent = [(t, n) for t, n in self.token_times if now - t <= window_s]
+    if not recent:
+      return 0.0
+    span = max(now - recent[0][0], 1e-3)
+    return sum(n for _, n in recent) / span
+
+
+class Engine:
+  """Continuous batching over one generator (a model and, optionally, an expert pool).
+
+  Args:
+    gen: the compiled-step holder (`adafuse_jax.Generator`), any path except the per-token
+      merged switch.
+    tokenizer: text <-> ids, chat template, end-of-sequence ids.
+    max_batch: rows decoded together (slots of the KV cache).
+    max_seq_len: the most tokens (prompt + completion) a request may hold; default the model's
+      context, at most 4096.
+    chunk: the most prompt tokens prefilled between two decode steps.
+    name: the model name requests use.
+
+  Use `start()` (or `with Engine(...) as engine`), then `submit(...)`.
+  """
+
+  def __init__(self, gen: Generator, tokenizer: Tokenizer, *, max_batch: int = 8,
+               max_seq_len: int | None = None, chunk: int = 256, name: str = "model"):
+    if max_batch < 1:
+      raise UserError(f"max_batch={max_batch} must be at least 1")
+    context = gen.cfg.max_context
+    max_seq_len = min(context, 4096) if max_seq_len is None else max_seq_len
+    if not 2 <= max_seq_len <= context:
+      raise UserError(f"max_seq_len={max_seq_len} must be in [2, {context}] (the model's context)")
+    if chunk < 1:
+      raise UserError(f"chunk={chunk} must be at least 1")
+    chunk = min(chunk, max_seq_len)
+    self.name = name
+    self.tokenizer = tokenizer
+    self.max_seq_len = max_seq_len
+    self.steps = SlotSteps(gen, max_batch=max_batch, max_len=round_up(max_seq_len, chunk),
+                           chunk=chunk)
+    self.max_batch, self.chunk = max_batch, chunk
+    self.stats = EngineStats()
+    self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+    self._waiting: collections.deque[_Seq] = collections.deque()
+    self._slots: list[_Seq | None] = [None] * max_batch
+    self._ids = itertools.count()
+    self._thread: threading.Thread | None = None
+    self._stopping = threading.Event()
+    self._failure: BaseException | None = None
+    self._rng = np.random.default_rng()
+
+  # -- public ------------------------------------------------------------------------------
+
+  @property
+  def has_router(self) -> bool:
+    return self.steps.gen.adapter_params is not None
+
+  def start(self, warm_up: bool = False) -> "Engine":
+    """Starts the engine thread (compiling every shape first with `warm_up`)."""
+    if warm_up:
+      self.steps.warm_up()
+    if self._thread is None:
+      self._cache = self.steps.new_cache()
+      self._nxt = self.steps.new_tokens()
+      self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
+      self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    """Stops the thread; requests still running end with finish_reason "abort"."""
+    self._stopping.set()
+    self._wake()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+
+  def __enter__(self) -> "Engine":
+    return self.start()
+
+  def __exit__(self, *exc) -> None:
+    self.stop()
+
+  def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+    ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    vocab = self.steps.gen.cfg.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+      raise UserError(f"prompt token ids must be in [0, {vocab})")
+    return ids
+
+  def submit(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams(), *,
+             loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+    """Queues a request; returns its stream at once.
+
+    Args:
+      prompt: text (tokenized here, BOS as the tokenizer adds it) or token ids.
+      params: sampling and length settings.
+      loop: deliver events into this event loop (for `async for`); `submit_async` passes the
+        running one.
+    Raises:
+      UserError: an empty prompt, a prompt or prompt + max_tokens beyond `max_seq_len`.
+      EngineError: the engine stopped or failed.
+    """
+    if self._failure is not None:
+      raise EngineError(f"the engine failed: {self._failure!r}")
+    if self._thread is None or self._stopping.is_set():
+      raise EngineError("the engine is not running: call start()")
+    ids = self.encode_prompt(prompt)
+    if not ids:
+      raise UserError("the prompt is empty; give some text to continue")
+    n = len(ids)
+    if n >= self.max_seq_len:
+      raise UserError(f"the prompt has {n} tokens but this server's context is"
+                      f" {self.max_seq_len} (prompt + completion); shorten the prompt")
+    max_tokens = params.max_tokens if params.max_tokens is not None else self.max_seq_len - n
+    if n + max_tokens > self.max_seq_len:
+      raise UserError(f"max_tokens={max_tokens} with a prompt of {n} tokens exceeds the context"
+                      f" of {self.max_seq_len}; ask for at most {self.max_seq_len - n} tokens")
+    seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
+    stream = RequestStream(f"{self.name}-{next(self._ids)}", n, loop)
+    stream._engine = self
+    seq = _Seq(stream=stream, prompt=ids, params=params, max_tokens=max_tokens, seed=seed,
+               detok=IncrementalText(self.tokenizer, params.stop), arrival=time.perf_counter())
+    self._inbox.put(seq)
+    return stream
+
+  def submit_async(self, prompt: str | Sequence[int],
+                   params: SamplingParams = SamplingParams()) -> RequestStream:
+    """`submit` from a coroutine: the stream is read with `async for`."""
+    return self.submit(prompt, params, loop=asyncio.get_running_loop())
+
+  def generate(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()
+               ) -> Completion:
+    """Submits one request and waits for it."""
+    return self.submit(prompt, params).result()
+
+  # -- the engine thread ------------------------------------------------------------------
+
+  def _wake(self) -> None:
+    self._inbox.put(None)
+
+  def _run(self) -> None:
+    pending: list[tuple] = []
+    try:
+      while not self._stopping.is_set():
+        idle = not (self._waiting or pending or any(self._slots))
+        self._take_inbox(block=idle)
+        self._drop_cancelled()
+        dispatched: list[tuple] = []
+        self._admit(dispatched)
+        self._dispatch_step(dispatched)
+        self._drain(pending)
+        pending = dispatched
+        self.stats.running = sum(s is not None for s in self._slots)
+        self.stats.waiting = len(self._waiting)
+      self._fail_all("abort", None)
+    except BaseException as e:  # keep serving the error to every request, never hang them
+      self._failure = e
+      self._fail_all("error", f"the engine failed: {e!r}")
+      raise
+
+  def _take_inbox(self, block: bool) -> None:
+    try:
+      item = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+      while True:
+        if item is not None:
+          self._waiting.append(item)
+        item = self._inbox.get_nowait()
+    except queue.Empty:
+      pass
+
+  def _drop_cancelled(self) -> None:
+    for seq in [s for s in self._waiting if s.stream.cancelled.is_set()]:
+      self._waiting.remove(seq)
+      self._finish(seq, "abort")
+    for seq in self._slots:
+      if seq is not None and seq.stream.cancelled.is_set():
+        self._finish(seq, "abort")
+
+  def _admit(self, dispatched: list[tuple]) -> None:
+    budget = self.chunk
+    while self._waiting:
+      seq = self._waiting[0]
+      if seq.slot is None:
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        if not free:
+          return
+        seq.slot = free[0]
+        self._slots[seq.slot] = seq
+      start = seq.prefilled  # a multiple of chunk: chunk writes stay inside the row
+      piece = seq.prompt[start:start + self.chunk]
+      if len(piece) > budget:
+        return
+      p = seq.params
+      self._cache, self._nxt, token, _ = self.steps.prefill(
+          self._cache, self._nxt, seq.slot, piece, start, p.temperature, p.top_p, max(p.top_k, 0),
+          seq.seed)
+      seq.prefilled += len(piece)
+      budget -= len(piece)
+      if seq.prefilled == len(seq.prompt):
+        self._waiting.popleft()
+        dispatched.append(("first", seq, token))
+        self.stats.prompt_tokens += len(seq.prompt)
+      else:
+        return  # the rest of this prompt waits for the next iteration: streams keep flowing
+
+  def _dispatch_step(self, dispatched: list[tuple]) -> None:
+    rows = [(i, s) for i, s in enumerate(self._slots)
+            if s is not None and s.prefilled == len(s.prompt) and not s.finished]
+    if not rows:
+      return
+    b = bucket_for(rows[-1][0] + 1, self.steps.batch_buckets)
+    active = np.zeros(b, bool)
+    temperature = np.zeros(b, np.float32)
+    top_p = np.ones(b, np.float32)
+    top_k = np.zeros(b, np.int32)
+    seeds = np.zeros(b, np.uint32)
+    for i, s in rows:
+      active[i] = True
+      temperature[i], top_p[i], top_k[i] = s.params.temperature, s.params.top_p, max(s.params.top_k, 0)
+      seeds[i] = s.seed
+    self._cache, self._nxt, new, routing = self.steps.decode(
+        self._cache, self._nxt, active, temperature, top_p, top_k, seeds)
+    dispatched.append(("step", rows, new, routing, b))
+
+  def _drain(self, pending: list[tuple]) -> None:
+    for item in pending:
+      if item[0] == "first":
+        _, seq, token = item
+        if not seq.finished:
+          self._on_token(seq, int(token))
+        continue
+      _, rows, new, routing, b = item
+      new = np.asarray(new)
+      experts = np.asarray(routing[0]) if routing is not None else None
+      self._step_stats(rows, experts, b)
+      for i, seq in rows:
+        if not seq.finished:
+          self._on_token(seq, int(new[i]))
+
+  def _step_stats(self, rows: list[tuple[int, _Seq]], experts: np.ndarray | None, b: int) -> None:
+    st = self.stats
+    st.decode_steps += 1
+    st.last_bucket = b
+    st.last_occupancy = len(rows) / b
+    if experts is None:
+      return
+    chosen = [frozenset(experts[i].tolist()) for i, _ in rows]
+    st.distinct_experts = float(len(frozenset().union(*chosen)))
+    switched = [seq.experts != c for (_, seq), c in zip(rows, chosen) if seq.experts is not None]
+    st.switch_rate = float(np.mean(switched)) if switched else 0.0
+    for (_, seq), c in zip(rows, chosen):
+      seq.experts = c
+
+  def _on_token(self, seq: _Seq, token: int) -> None:
+    now = time.perf_counter()
+    if seq.first_token_s is None:
+      seq.first_token_s = now - seq.arrival
+      self.stats.ttft_s.append(seq.first_token_s)
+    seq.generated += 1
+    self.stats.generated_tokens += 1
+    self.stats.token_times.append((now, 1))
+    if not seq.params.ignore_eos and token in self.tokenizer.eos_ids:
+      self._finish(seq, "stop", seq.detok.flush())
+      return
+    seq.stream.token_ids.append(token)
+    delta = seq.detok.add(token)
+    if seq.detok.stopped:
+      self._finish(seq, "stop", delta)
+    elif seq.generated >= seq.max_tokens:
+      self._finish(seq, "length", delta + seq.detok.flush())
+    elif delta:
+      seq.stream._put(Output(delta, prompt_tokens=len(seq.prompt),
+                             completion_tokens=seq.generated))
+
+  def _finish(self, seq: _Seq, reason: str, text: str = "", error: str | None = None) -> None:
+    seq.finished = True
+    if seq.slot is not None and self._slots[seq.slot] is seq:
+      self._slots[seq.slot] = None
+    self.stats.requests_finished[reason] += 1
+    seq.stream._put(Output(text, finished=True, finish_reason=reason,
+                           prompt_tokens=len(seq.prompt), completion_tokens=seq.generated,
+                           error=error))
+
+  def _fail_all(self, reason: str, error: str | None) -> None:
+    for seq in list(self._waiting) + [s for s in self._slots if s is not None]:
+      if not seq.finished:
+        self._finish(seq, reason, error=error)
+    self._waiting.clear()
+    try:  # requests that arrived after the loop ended
+      while True:
+        seq = self._inbox.get_nowait()
+        if seq is not None:
+          self._finish(seq, reason, error=error)
+    except queue.Empty:
+      pass

@@ -1,0 +1,160 @@
+"""The serving engine's two compiled functions over a `SlotCache`: a prompt chunk into one row,
+and a decode step over the first rows of the batch.
+
+Both reuse a `Generator`'s path (packed, xla, gathered, a merged LoRA): the parameters it split
+out, the derived copy it built, its adapter runtime. Each is compiled once per shape: a prefill
+chunk per power-of-two chunk length, a decode step per batch bucket, so a stream of requests of
+any lengths never triggers a compilation after warm-up.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adafuse_jax.errors import UserError
+from adafuse_jax.generation import Generator
+from adafuse_jax.model.cache import SlotCache
+from adafuse_jax.sampling import row_keys, sample_rows
+
+
+def power_buckets(largest: int, smallest: int = 1) -> tuple[int, ...]:
+  """smallest, 2*smallest, ... up to and including `largest`."""
+  out, b = [], smallest
+  while b < largest:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (largest,)
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket that holds n."""
+  for b in buckets:
+    if b >= n:
+      return b
+  raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+class SlotSteps:
+  """Compiled prefill-chunk and decode-step functions of one generator over a slot cache.
+
+  Args:
+    gen: the generator whose path and parameters the steps use. A pool that switches experts
+      into the weights every token (path "merged" with a pre-gated pool) is refused: a served
+      batch's rows pick different experts.
+    max_batch: rows of the slot cache.
+    max_len: slots per row (a multiple of `chunk`).
+    chunk: the longest prompt chunk prefilled at once.
+  """
+
+  def __init__(self, gen: Generator, *, max_batch: int, max_len: int, chunk: int):
+    if gen.merges_per_token:
+      raise UserError("path 'merged' switches one expert choice per batch, while a served batch's"
+                      " rows each keep their own experts: serve this pool with --path packed or"
+                      " gathered")
+    if max_len % chunk:
+      raise ValueError(f"max_len={max_len} must be a multiple of chunk={chunk}")
+    self.gen = gen
+    self.max_batch, self.max_len, self.chunk = max_batch, max_len, chunk
+    self.batch_buckets = power_buckets(max_batch)
+    self.chunk_buckets = power_buckets(chunk, smallest=min(16, chunk))
+    self._prefills: dict[int, Callable] = {}
+    self._decodes: dict[int, Callable] = {}
+
+  def new_cache(self) -> SlotCache:
+    return SlotCache.create(self.gen.cfg, self.max_batch, self.max_len, self.gen.dtype)
+
+  def new_tokens(self) -> jax.Array:
+    """The [max_batch] int32 buffer of each row's next input token."""
+    return jnp.zeros((self.max_batch,), jnp.int32)
+
+  # -- traced bodies ------------------------------------------------------------------------
+
+  def _prefill(self, params, adapter_params, derived, cache: SlotCache, nxt, row, tokens, start,
+               count, temperature, top_p, top_k, seed):
+    """tokens [1, C] (the first `count` real) at positions start.. of row `row`."""
+    part = cache.rows(row, 1).replace(lengths=start[None])
+    logits, part, routing = self.gen.apply(params, adapter_params, derived, tokens, part,
+                                           last=(count - 1)[None])
+    end = start + count
+    part = part.replace(lengths=end[None])
+    keys = row_keys(seed[None], end[None])
+    token = sample_rows(logits, keys, temperature[None], top_p[None], top_k[None])[0]
+    return cache.with_rows(row, part), nxt.at[row].set(token), token, routing
+
+  def _decode(self, params, adapter_params, derived, cache: SlotCache, nxt, active, temperature,
+              top_p, top_k, seeds):
+    """One token for rows [0, b) (b = len(active)); inactive rows compute but do not advance."""
+    b = active.shape[0]
+    part = cache if b == self.max_batch else cache.rows(0, b)
+    before = part.lengths
+    logits, part, routing = self.gen.apply(params, adapter_params, derived, nxt[:b, None], part)
+    part = part.replace(lengths=jnp.where(active, before + 1, before))
+    keys = row_keys(seeds, before + 1)
+    new = sample_rows(logits, keys, temperature, top_p, top_k)
+    cache = part if b == self.max_batch else cache.with_rows(0, part)
+    return cache, nxt.at[:b].set(new), new, routing
+
+  # -- compiled ------------------------------------------------------------------------------
+
+  def prefill_fn(self, length: int) -> Callable:
+    if length not in self._prefills:
+      gen = self.gen
+      i32, f32 = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
+      u32 = jax.ShapeDtypeStruct((), jnp.uint32)
+      cache = jax.eval_shape(self.new_cache)
+      nxt = jax.ShapeDtypeStruct((self.max_batch,), jnp.int32)
+      tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+      self._prefills[length] = jax.jit(self._prefill, donate_argnums=(3, 4)).lower(
+          gen.params, gen.adapter_params, gen.derived, cache, nxt, i32, tokens, i32, i32, f32, f32,
+          i32, u32).compile()
+    return self._prefills[length]
+
+  def decode_fn(self, batch: int) -> Callable:
+    if batch not in self._decodes:
+      gen = self.gen
+      cache = jax.eval_shape(self.new_cache)
+      nxt = jax.ShapeDtypeStruct((self.max_batch,), jnp.int32)
+      row = lambda dt: jax.ShapeDtypeStruct((batch,), dt)  # noqa: E731
+      self._decodes[batch] = jax.jit(self._decode, donate_argnums=(3, 4)).lower(
+          gen.params, gen.adapter_params, gen.derived, cache, nxt, row(jnp.bool_),
+          row(jnp.float32), row(jnp.float32), row(jnp.int32), row(jnp.uint32)).compile()
+    return self._decodes[batch]
+
+  def warm_up(self, log: Callable[[str], None] | None = None) -> None:
+    """Compiles every decode bucket and prompt-chunk length now rather than on first use."""
+    for b in self.batch_buckets:
+      self.decode_fn(b)
+    for c in self.chunk_buckets:
+      self.prefill_fn(c)
+    if log:
+      log(f"compiled decode steps for batches {list(self.batch_buckets)} and prompt chunks"
+          f" {list(self.chunk_buckets)}")
+
+  def prefill(self, cache: SlotCache, nxt: jax.Array, row: int, chunk: Sequence[int], start: int,
+              temperature: float, top_p: float, top_k: int, seed: int):
+    """Writes one prompt chunk into `row` (start = its first position; 0 resets the row).
+
+    Returns (cache, nxt, token, routing): token is the sampled next token (meaningful after
+    the prompt's last chunk), already placed in nxt[row].
+    """
+    count = len(chunk)
+    length = bucket_for(count, self.chunk_buckets)
+    padded = np.zeros((1, length), np.int32)
+    padded[0, :count] = chunk
+    fn = self.prefill_fn(length)
+    return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt,
+              np.int32(row), padded, np.int32(start), np.int32(count), np.float32(temperature),
+              np.float32(top_p), np.int32(top_k), np.uint32(seed))
+
+  def decode(self, cache: SlotCache, nxt: jax.Array, active: np.ndarray, temperature: np.ndarray,
+             top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray):
+    """One decode step of rows [0, len(active)) (a batch bucket).
+
+    Returns (cache, nxt, new [b], routing)."""
+    fn = self.decode_fn(len(active))
+    return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, active,
+              temperature, top_p, top_k, seeds)
