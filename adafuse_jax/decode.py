@@ -14,10 +14,10 @@ import os
 import sys
 from typing import Sequence
 
+from adafuse_jax.cli_options import (add_model_options, add_pool_options, adapter_config,
+                                     resolve_dtype)
 from adafuse_jax.errors import UserError
-from adafuse_jax.vocab import MODES, PATHS, legacy_path
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from adafuse_jax.vocab import PATHS, legacy_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,33 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--prompts-file", help="a file with one prompt per line (decoded as one batch)")
   p.add_argument("--chat", action="store_true",
                  help="wrap each prompt as a user message in the model's chat template")
-  p.add_argument("--model", default="default",
-                 help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file, or a Hugging Face"
-                      " folder with config.json + *.safetensors")
-  p.add_argument("--dtype", choices=DTYPES, default="auto",
-                 help="parameter dtype; auto = float32 on the CPU, bfloat16 on a GPU")
+  add_model_options(p)
   p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per prompt")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   a = p.add_argument_group("dynamic adapters")
-  a.add_argument("--mode", choices=MODES, default=None,
-                 help="backbone (no adapters), lora, layerwise (router at every adapted module),"
-                      " pregated (route once, apply everywhere); default: the checkpoint's mode,"
-                      " or backbone without --adapters")
   a.add_argument("--adapters", default=None,
                  help="an adapter checkpoint folder, 'default' (the shipped SmolLM2 pool), or"
                       " 'random[:SEED]' (a seeded random pool, for tests and benchmarks)")
-  a.add_argument("--experts", type=int, default=8, help="experts per module (random pools)")
-  a.add_argument("--rank", type=int, default=16, help="LoRA rank (random pools)")
-  a.add_argument("--top-k", type=int, default=2, help="experts per token (random pools)")
-  a.add_argument("--adapt-modules", default="q,k,v,o,gate,up,down",
-                 help="comma-separated adapted modules (random pools)")
-  a.add_argument("--per-layer-gates", action="store_true",
-                 help="pregated: one gate vector per layer (random pools)")
-  a.add_argument("--shared-rank", type=int, default=0,
-                 help="rank of a shared expert every token uses, merged into the backbone once"
-                      " (random pools; 0 = none)")
+  add_pool_options(a)
   a.add_argument("--path", choices=PATHS, default=None,
                  help="how the experts are applied: packed (default): every expert's A and the"
                       " layer-wise routers appended to the backbone's matrices, q/k/v and gate/up"
@@ -97,26 +80,6 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     raise UserError("empty prompt: give some text, e.g."
                     " python -m adafuse_jax.decode \"The capital of France is\"")
   return prompts
-
-
-def _adapter_config(args: argparse.Namespace):
-  from adafuse_jax.adapters.io import read_adapter_config
-  from adafuse_jax.config import AdapterConfig
-
-  mode = args.mode
-  saved = None
-  if args.adapters not in (None, "default") and not args.adapters.startswith("random"):
-    import pathlib
-    if pathlib.Path(args.adapters).exists():
-      saved, _ = read_adapter_config(args.adapters)
-  if mode is None:
-    mode = saved.mode if saved else ("pregated" if args.adapters else "backbone")
-  if saved is not None and saved.mode == mode:
-    return saved
-  modules = tuple(m.strip() for m in args.adapt_modules.split(",") if m.strip())
-  return AdapterConfig(mode=mode, modules=modules, num_experts=args.experts, rank=args.rank,
-                       top_k=args.top_k, per_layer_gates=args.per_layer_gates,
-                       shared_rank=args.shared_rank)
 
 
 def _routing_table(tok, res) -> list[dict]:
@@ -158,10 +121,8 @@ def run(args: argparse.Namespace) -> dict:
   sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
   if args.max_new_tokens < 1:
     raise UserError(f"--max-new-tokens={args.max_new_tokens} (max_new_tokens) must be at least 1")
-  dtype = args.dtype
-  if dtype == "auto":
-    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  adapter_cfg = _adapter_config(args)
+  dtype = resolve_dtype(args.dtype)
+  adapter_cfg = adapter_config(args.adapters, args)
   path, backend = _path(args)
   path = path or registry.DEFAULT_PATH
   auto = registry.is_auto(path)

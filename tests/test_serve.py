@@ -1,0 +1,213 @@
+"""The OpenAI-compatible server, driven by the real `openai` client over loopback (CPU, the
+default model and its shipped pool)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from adafuse_jax import decode
+from adafuse_jax.adapters.io import load_pool
+from adafuse_jax.generation import Generator
+from adafuse_jax.serving import Engine
+from adafuse_jax.serving.api import create_app
+
+pytestmark = pytest.mark.xdist_group("server")
+
+CONTEXT = 128
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at",
+           "Once upon a time, in a land far away, there lived", "import numpy as np\n",
+           "The three primary colors are", "SELECT * FROM", "My favourite season is"]
+
+
+@pytest.fixture(scope="module")
+def server(default_model):
+  model, tok = default_model.model, default_model.tokenizer
+  pool = load_pool("default", model.cfg)
+  engines = {"smollm2": Engine(Generator(model), tok, name="smollm2", max_batch=4,
+                               max_seq_len=CONTEXT, chunk=32),
+             "default": Engine(Generator(model, adapters=pool), tok, name="default", max_batch=32,
+                               max_seq_len=CONTEXT, chunk=32)}
+  for e in engines.values():
+    e.start()
+  sock = socket.socket()
+  sock.bind(("127.0.0.1", 0))
+  port = sock.getsockname()[1]
+  srv = uvicorn.Server(uvicorn.Config(create_app(engines, max_body_bytes=1 << 20),
+                                      log_level="warning"))
+  thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+  thread.start()
+  while not srv.started:
+    time.sleep(0.05)
+  yield f"http://127.0.0.1:{port}", engines
+  srv.should_exit = True
+  thread.join(timeout=30)
+  for e in engines.values():
+    e.stop()
+
+
+def client(url: str) -> openai.OpenAI:
+  return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def complete(url: str, prompt: str, max_tokens: int, model: str = "default") -> str:
+  out = client(url).completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                       temperature=0)
+  return out.choices[0].text
+
+
+def decode_cli(capsys, *args: str) -> dict:
+  assert decode.main(["--json", "--quiet", *args]) == 0
+  return json.loads(capsys.readouterr().out)
+
+
+def test_models_lists_the_backbone_and_each_pool(server):
+  url, _ = server
+  names = {m.id for m in client(url).models.list().data}
+  assert names == {"smollm2", "default"}
+  assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_greedy_completion_equals_the_decode_cli(server, capsys):
+  url, _ = server
+  cli = decode_cli(capsys, "--adapters", "default", "--max-new-tokens", "16", PROMPTS[1])
+  out = client(url).completions.create(model="default", prompt=PROMPTS[1], max_tokens=16,
+                                       temperature=0)
+  assert out.choices[0].text == cli["completions"][0]
+  assert out.usage.prompt_tokens == cli["prompt_tokens"][0]
+  assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
+  # The backbone alone, as a model name of its own.
+  cli = decode_cli(capsys, "--max-new-tokens", "8", PROMPTS[0])
+  assert complete(url, PROMPTS[0], 8, model="smollm2") == cli["completions"][0]
+
+
+def test_streaming_completion_and_chat_match_the_whole_answer(server, capsys):
+  url, _ = server
+  c = client(url)
+  whole = c.completions.create(model="default", prompt=PROMPTS[3], max_tokens=12, temperature=0)
+  parts = list(c.completions.create(model="default", prompt=PROMPTS[3], max_tokens=12,
+                                    temperature=0, stream=True))
+  assert len(parts) > 3
+  assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+  assert parts[-1].choices[0].finish_reason == "length"
+
+  messages = [{"role": "user", "content": "What is the capital of France?"}]
+  chat = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=20,
+                                   temperature=0)
+  cli = decode_cli(capsys, "--chat", "--max-new-tokens", "20", messages[0]["content"])
+  assert chat.choices[0].message.content == cli["completions"][0]
+  assert chat.choices[0].message.role == "assistant"
+  assert chat.choices[0].finish_reason == ("stop" if cli["stop_reasons"][0] == "eos" else "length")
+  chunks = list(c.chat.completions.create(model="smollm2", messages=messages, max_tokens=20,
+                                          temperature=0, stream=True,
+                                          stream_options={"include_usage": True}))
+  assert chunks[0].choices[0].delta.role == "assistant"
+  text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+  assert text == chat.choices[0].message.content
+  assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_32_concurrent_streams_of_different_lengths_equal_each_alone(server):
+  url, engines = server
+  requests = [(PROMPTS[i % len(PROMPTS)], 3 + (5 * i) % 17) for i in range(32)]
+  alone = [complete(url, p, n) for p, n in requests]
+
+  async def stream_one(c: openai.AsyncOpenAI, prompt: str, n: int) -> str:
+    parts = await c.completions.create(model="default", prompt=prompt, max_tokens=n,
+                                       temperature=0, stream=True)
+    return "".join([p.choices[0].text async for p in parts])
+
+  async def all_at_once() -> list[str]:
+    c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    return await asyncio.gather(*(stream_one(c, p, n) for p, n in requests))
+
+  steps_before = engines["default"].stats.decode_steps
+  together = asyncio.run(all_at_once())
+  assert together == alone
+  # They shared steps: far fewer steps than tokens.
+  steps = engines["default"].stats.decode_steps - steps_before
+  assert steps < sum(n for _, n in requests) / 4
+
+
+def test_a_client_that_disconnects_frees_its_row(server):
+  url, engines = server
+  engine = engines["default"]
+  body = {"model": "default", "prompt": PROMPTS[2], "max_tokens": CONTEXT - 8, "temperature": 0,
+          "stream": True, "ignore_eos": True}
+  other = threading.Thread(target=lambda: results.append(complete(url, PROMPTS[0], 10)))
+  results: list[str] = []
+  with httpx.Client(timeout=300) as h:
+    with h.stream("POST", url + "/v1/completions", json=body) as r:
+      lines = r.iter_lines()
+      got = [line for _, line in zip(range(6), lines)]
+      assert any(line.startswith("data: {") for line in got)
+      other.start()
+      assert engine.stats.running >= 1
+  # The stream is closed: its row is freed long before its 120 tokens would have finished.
+  deadline = time.time() + 60
+  while engine.stats.requests_finished["abort"] < 1 and time.time() < deadline:
+    time.sleep(0.1)
+  assert engine.stats.requests_finished["abort"] >= 1
+  other.join(timeout=300)
+  assert results == [complete(url, PROMPTS[0], 10)]
+  while engine.stats.running and time.time() < deadline:
+    time.sleep(0.1)
+  assert engine.stats.running == 0
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ("{not json", 400, "not valid JSON"),
+    ({"model": "nope", "prompt": "hi"}, 404, "does not exist"),
+    ({"model": "default", "prompt": ""}, 400, "empty"),
+    ({"model": "default", "prompt": "word " * 200}, 400, "shorten the prompt"),
+    ({"model": "default", "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
+    ({"model": "default", "prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": "default", "prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ({"model": "default", "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"model": "default", "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ({"model": "default", "prompt": "hi", "n": 2}, 400, "n=2"),
+    ({"model": "default"}, 400, "prompt"),
+    ({"model": "default", "messages": []}, 400, "messages"),
+    pytest.param("BIG", 413, "larger than", id="10MB-body"),
+])
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, body, status, words):
+  url, _ = server
+  path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+  content = ("x" * (10 << 20) if body == "BIG" else body) if isinstance(body, str) else json.dumps(body)
+  r = httpx.post(url + path, content=content, headers={"Content-Type": "application/json"},
+                 timeout=60)
+  assert r.status_code == status, r.text
+  error = r.json()["error"]
+  assert words in error["message"] and error["type"]
+  assert httpx.get(url + "/health").json() == {"status": "ok"}
+  assert complete(url, PROMPTS[0], 2)
+
+
+def test_the_client_library_raises_its_own_errors(server):
+  url, _ = server
+  with pytest.raises(openai.NotFoundError):
+    client(url).completions.create(model="nope", prompt="hi", max_tokens=2)
+  with pytest.raises(openai.BadRequestError, match="top_p"):
+    client(url).chat.completions.create(model="default", messages=[{"role": "user",
+                                                                     "content": "hi"}], top_p=2)
+
+
+def test_metrics_report_requests_tokens_and_routing(server):
+  url, _ = server
+  complete(url, PROMPTS[4], 4)
+  text = httpx.get(url + "/metrics").text
+  for name in ("adafuse_requests_total", "adafuse_generation_tokens_total",
+               "adafuse_running_sequences", "adafuse_waiting_sequences", "adafuse_batch_occupancy",
+               "adafuse_tokens_per_second", "adafuse_switch_rate", "adafuse_distinct_experts"):
+    assert f"{name}{{" in text, name
+  generated = [line for line in text.splitlines()
+               if line.startswith('adafuse_generation_tokens_total{model="default"}')]
+  assert float(generated[0].split()[-1]) >= 4
