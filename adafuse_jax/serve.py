@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
   add_model_options(p)
   p.add_argument("--tokenizer", default=None,
-                 help="take the tokenizer from this model spec (for a preset with random"
-                      " weights, which has none); default: the model's own")
+                 help="take the tokenizer from this model spec, or 'bytes' (UTF-8 bytes; for a"
+                      " preset with random weights, which has none); default: the model's own")
   p.add_argument("--served-model-name", default=None,
                  help="the backbone's model name; default: the model file's name")
   a = p.add_argument_group("expert pools")
@@ -109,11 +109,14 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
   dtype = jnp.dtype(resolve_dtype(args.dtype))
   loaded = load_model(args.model, dtype=dtype, progress=not args.quiet)
   tok = loaded.tokenizer
-  if args.tokenizer is not None:
+  if args.tokenizer == "bytes":
+    from adafuse_jax.weights.tokenizer import byte_tokenizer
+    tok = byte_tokenizer(loaded.model.cfg.vocab_size)
+  elif args.tokenizer is not None:
     tok = load_model(args.tokenizer, dtype=jnp.float32, progress=False).tokenizer
   if tok is None:
     raise UserError(f"--model {args.model!r} has no tokenizer; pass --tokenizer SPEC (a model"
-                    " whose tokenizer to use, e.g. --tokenizer default)")
+                    " whose tokenizer to use, e.g. --tokenizer default, or --tokenizer bytes)")
   engine_args = dict(max_batch=args.max_batch, max_seq_len=min(args.max_seq_len,
                                                                loaded.model.cfg.max_context),
                      chunk=args.chunk)

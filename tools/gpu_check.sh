@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor (default: tests layers bench)
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
 # OUT_DIR gets at most 8 files: tests.log, layer-loop/{layer_loop.json,.md}, batch1/{results.json,
 # table.md,decode.png}, bench.log. `floor`: the 7B preset at batch 1 and 32 with the memory
 # ceiling, rows interleaved over rounds and the PyTorch peer (floor-b1/, floor-b32/, floor.log).
+# `serve`: the OpenAI server under load beside the static-batch and sequential decoders
+# (load/{results.json,results.md,load.png}, load.log).
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 parts=${*:-tests layers bench}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
+  --target /tmp/site .whl/gguf-*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site JAX_COMPILATION_CACHE_DIR=/tmp/jcc
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -41,6 +43,16 @@ for part in $parts; do
           --prefill "" --batch "$b" --steps "${STEPS:-32}" --rounds "${ROUNDS:-5}" \
           --modes "$modes" --out "$out/floor-b$b" 2>&1 | tee -a "$out/floor.log" | tail -14
       done ;;
-    *) echo "unknown part $part (tests, layers, bench, floor)"; exit 2 ;;
+    serve)
+      # The server stack's wheels travel in .whl too (`python3 -m pip download -d .whl fastapi
+      # uvicorn prometheus-client httpx` plus pydantic-core for the image's Python).
+      python3 -m pip install -q --no-index --find-links .whl --no-compile --target /tmp/site \
+        fastapi uvicorn prometheus-client httpx >/dev/null 2>&1 || exit 1
+      export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.85}
+      timeout "${SERVE_S:-560}" python3 -m adafuse_jax.bench.load --model "${PRESET:-llama2-7b}" \
+        --tokenizer bytes --adapters "${POOL:-random:0}" --path "${SERVE_PATH:-packed}" \
+        --concurrency "${LEVELS:-1,8,32,64}" --rounds "${ROUNDS:-3}" --max-tokens "${TOKENS:-128}" \
+        --time-limit "${LIMIT_S:-420}" --out "$out/load" 2>&1 | tee "$out/load.log" | tail -20 ;;
+    *) echo "unknown part $part (tests, layers, bench, floor, serve)"; exit 2 ;;
   esac
 done

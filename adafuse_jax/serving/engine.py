@@ -236,12 +236,14 @@ class Engine:
       context, at most 4096.
     chunk: the most prompt tokens prefilled between two decode steps.
     name: the model name requests use.
+    batch_buckets: batch sizes the decode step is compiled for (default: powers of two).
 
   Use `start()` (or `with Engine(...) as engine`), then `submit(...)`.
   """
 
   def __init__(self, gen: Generator, tokenizer: Tokenizer, *, max_batch: int = 8,
-               max_seq_len: int | None = None, chunk: int = 256, name: str = "model"):
+               max_seq_len: int | None = None, chunk: int = 256, name: str = "model",
+               batch_buckets: Sequence[int] | None = None):
     if max_batch < 1:
       raise UserError(f"max_batch={max_batch} must be at least 1")
     context = gen.cfg.max_context
@@ -255,7 +257,7 @@ class Engine:
     self.tokenizer = tokenizer
     self.max_seq_len = max_seq_len
     self.steps = SlotSteps(gen, max_batch=max_batch, max_len=round_up(max_seq_len, chunk),
-                           chunk=chunk)
+                           chunk=chunk, batch_buckets=batch_buckets)
     self.max_batch, self.chunk = max_batch, chunk
     self.stats = EngineStats()
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()

@@ -48,9 +48,12 @@ class SlotSteps:
     max_batch: rows of the slot cache.
     max_len: slots per row (a multiple of `chunk`).
     chunk: the longest prompt chunk prefilled at once.
+    batch_buckets: the batch sizes a decode step is compiled for (default: powers of two up to
+      max_batch); a step runs the smallest that holds the highest row in use.
   """
 
-  def __init__(self, gen: Generator, *, max_batch: int, max_len: int, chunk: int):
+  def __init__(self, gen: Generator, *, max_batch: int, max_len: int, chunk: int,
+               batch_buckets: Sequence[int] | None = None):
     if gen.merges_per_token:
       raise UserError("path 'merged' switches one expert choice per batch, while a served batch's"
                       " rows each keep their own experts: serve this pool with --path packed or"
@@ -59,7 +62,10 @@ class SlotSteps:
       raise ValueError(f"max_len={max_len} must be a multiple of chunk={chunk}")
     self.gen = gen
     self.max_batch, self.max_len, self.chunk = max_batch, max_len, chunk
-    self.batch_buckets = power_buckets(max_batch)
+    buckets = sorted(set(batch_buckets or power_buckets(max_batch)) | {max_batch})
+    if buckets[0] < 1 or buckets[-1] > max_batch:
+      raise UserError(f"batch buckets {buckets} must lie in [1, max_batch={max_batch}]")
+    self.batch_buckets = tuple(buckets)
     self.chunk_buckets = power_buckets(chunk, smallest=min(16, chunk))
     self._prefills: dict[int, Callable] = {}
     self._decodes: dict[int, Callable] = {}

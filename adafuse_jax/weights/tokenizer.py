@@ -121,3 +121,29 @@ def from_hf_folder(folder, config: dict) -> Tokenizer:
   bos = token_id(tcfg.get("bos_token")) if tcfg.get("add_bos_token", False) else None
   return Tokenizer(backend=backend, eos_ids=frozenset(eos), chat_template=tcfg.get("chat_template"),
                    add_bos_id=bos)
+
+
+def byte_tokenizer(vocab_size: int) -> Tokenizer:
+  """A tokenizer for presets with random weights (benchmarks): text is its UTF-8 bytes (ids
+  0-255, GPT-2's byte-level alphabet) and the ids above 255 decode as `<|ID|>`. No merges, no
+  end-of-sequence token, no chat template."""
+  if vocab_size < 256:
+    raise ValueError(f"a byte tokenizer needs a vocabulary of at least 256, not {vocab_size}")
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  # The byte order of GPT-2's table: printable bytes map to themselves, the rest shift up.
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)]
+  chars, shift = {}, 0
+  for b in range(256):
+    if b in printable:
+      chars[b] = chr(b)
+    else:
+      chars[b] = chr(256 + shift)
+      shift += 1
+  assert set(chars.values()) == set(alphabet)
+  vocab = {chars[b]: b for b in range(256)}
+  vocab.update({f"<|{i}|>": i for i in range(256, vocab_size)})
+  backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  backend.decoder = decoders.ByteLevel()
+  return Tokenizer(backend=backend, eos_ids=frozenset())

@@ -1,0 +1,354 @@
+"""`python -m adafuse_jax.bench.load`: the server under load, beside the decoders it is built on.
+
+One process holds the model: it serves the OpenAI API on loopback (the real server: FastAPI,
+uvicorn, the continuous-batching engine) and, in the same run, times the two baselines with the
+same model and pool:
+
+- **static batch**: `generate` on a batch of `--static-batch` prompts, decode tokens/s in its
+  pipelined loop (the `python -m adafuse_jax.bench` step at that batch);
+- **sequential**: the same requests decoded one at a time with `generate` (batch 1).
+
+The load itself comes from a separate client process (so parsing streams does not take the
+server's interpreter): at each concurrency level it keeps that many streaming requests in
+flight until `--requests` (default 4 x the level, at least 8) have finished, and records output
+tokens/s, time to first token and inter-token latency (p50/p99). Levels and the static batch are
+interleaved over `--rounds` rounds; the server's throughput at the static batch's concurrency is
+reported as a ratio to the static batch with a 95% interval. Bounded: every request has a fixed
+length (`ignore_eos`), and the whole run stops after `--time-limit` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+
+from adafuse_jax.errors import UserError
+
+
+def workload(tok, count: int, vocab: int, lengths: tuple[int, int], seed: int = 0) -> list[list[int]]:
+  """`count` prompts of real text, token lengths drawn uniformly from `lengths` (ids folded
+  into the model's vocabulary, for presets whose tokenizer is borrowed)."""
+  text = _corpus()
+  ids = tok.encode(text)
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(count):
+    n = int(rng.integers(lengths[0], lengths[1] + 1))
+    start = int(rng.integers(0, max(1, len(ids) - n)))
+    out.append([t % vocab for t in ids[start:start + n]])
+  return out
+
+
+def _corpus() -> str:
+  here = pathlib.Path(__file__).resolve().parents[2] / "tests" / "data" / "GPL-3.txt"
+  if here.is_file():
+    return here.read_text()
+  import this  # noqa: F401  (the Zen of Python, if the checkout's test data is absent)
+  import codecs
+  return codecs.decode(this.s, "rot13") * 40
+
+
+# -- the client process -------------------------------------------------------------------
+
+async def _one(client, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
+  body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+          "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+  t0 = time.perf_counter()
+  times, tokens = [], 0
+  async with client.stream("POST", url + "/v1/completions", json=body) as r:
+    if r.status_code != 200:
+      raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
+    async for line in r.aiter_lines():
+      if not line.startswith("data: ") or line == "data: [DONE]":
+        continue
+      chunk = json.loads(line[6:])
+      if chunk.get("usage"):
+        tokens = chunk["usage"]["completion_tokens"]
+      if chunk.get("choices") and chunk["choices"][0]["text"]:
+        times.append(time.perf_counter())
+  return {"start": t0, "times": times, "tokens": tokens}
+
+
+async def _level(url: str, model: str, prompts: list[list[int]], max_tokens: int,
+                 concurrency: int) -> dict:
+  import httpx
+
+  limits = httpx.Limits(max_connections=concurrency + 4)
+  async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    queue = list(range(len(prompts)))
+    results: list[dict] = []
+
+    async def worker():
+      while queue:
+        i = queue.pop(0)
+        results.append(await _one(client, url, model, prompts[i], max_tokens))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+  ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
+  itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+  tokens = sum(r["tokens"] for r in results)
+  return {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens,
+          "wall_s": wall, "tokens_per_s": tokens / wall,
+          "ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)),
+          "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)),
+          "itl_p50_ms": 1e3 * float(np.percentile(itl, 50)) if itl else 0.0,
+          "itl_p99_ms": 1e3 * float(np.percentile(itl, 99)) if itl else 0.0}
+
+
+def client_main(argv: Sequence[str]) -> int:
+  spec = json.loads(sys.stdin.read())
+  out = asyncio.run(_level(spec["url"], spec["model"], spec["prompts"], spec["max_tokens"],
+                           spec["concurrency"]))
+  print(json.dumps(out))
+  return 0
+
+
+def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int,
+              concurrency: int, timeout: float) -> dict:
+  spec = json.dumps({"url": url, "model": model, "prompts": prompts, "max_tokens": max_tokens,
+                     "concurrency": concurrency})
+  done = subprocess.run([sys.executable, "-m", "adafuse_jax.bench.load", "--client"],
+                        input=spec, capture_output=True, text=True, timeout=timeout)
+  if done.returncode:
+    raise RuntimeError(f"load client failed: {done.stderr[-2000:]}")
+  return json.loads(done.stdout)
+
+
+# -- the server process -------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m adafuse_jax.bench.load", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              allow_abbrev=False)
+  p.add_argument("--model", default="default", help="'default', a file or folder, or a preset")
+  p.add_argument("--tokenizer", default="default",
+                 help="where a preset's tokenizer comes from (presets have none): a model spec,"
+                      " or 'bytes' (UTF-8 bytes)")
+  p.add_argument("--adapters", default="default",
+                 help="the pool served: 'default', a folder, or 'random[:SEED]'")
+  p.add_argument("--path", default="packed", choices=("packed", "xla", "gathered"))
+  p.add_argument("--dtype", default="auto")
+  p.add_argument("--concurrency", default="1,8,32,64", help="comma-separated levels")
+  p.add_argument("--requests", type=int, default=None,
+                 help="requests per level (default 4 x the level, at least 8)")
+  p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
+  p.add_argument("--prompt-tokens", default="16,128", help="prompt lengths drawn from MIN,MAX")
+  p.add_argument("--static-batch", type=int, default=32, help="the static-batch baseline's batch")
+  p.add_argument("--sequential", type=int, default=8,
+                 help="requests decoded one at a time for the sequential baseline")
+  p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+  p.add_argument("--chunk", type=int, default=256, help="prompt chunk of the engine")
+  p.add_argument("--time-limit", type=float, default=900, help="seconds before the run stops")
+  p.add_argument("--out", default=None, help="folder for results.json, results.md, load.png")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == ["--client"]:
+    return client_main(argv[1:])
+  args = build_parser().parse_args(argv)
+  try:
+    levels = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    lo, hi = (int(x) for x in args.prompt_tokens.split(","))
+  except ValueError:
+    print("error: --concurrency takes integers like 1,8,32 and --prompt-tokens MIN,MAX",
+          file=sys.stderr)
+    return 2
+  if not levels or levels[0] < 1 or not 1 <= lo <= hi or args.max_tokens < 1 or args.rounds < 1:
+    print("error: levels, prompt lengths, --max-tokens and --rounds must be positive",
+          file=sys.stderr)
+    return 2
+  if args.out and pathlib.Path(args.out).is_file():
+    print(f"error: --out {args.out!r} is a file; name a folder", file=sys.stderr)
+    return 2
+  try:
+    result = run(args, levels, (lo, hi))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  text = table(result)
+  print(text)
+  if args.out:
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "results.md").write_text(text + "\n")
+    plot(result, out / "load.png")
+  return 0
+
+
+def run(args, levels: list[int], prompt_range: tuple[int, int]) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import uvicorn
+
+  from adafuse_jax.adapters.io import load_pool
+  from adafuse_jax.bench.measure import environment, ratio_interval
+  from adafuse_jax.cli_options import resolve_dtype
+  from adafuse_jax.generation import Generator, generate
+  from adafuse_jax.serving import Engine
+  from adafuse_jax.serving.api import create_app
+  from adafuse_jax.weights import load_model
+  from adafuse_jax.weights.tokenizer import byte_tokenizer
+
+  deadline = time.time() + args.time_limit
+  log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+  dtype = jnp.dtype(resolve_dtype(args.dtype))
+  loaded = load_model(args.model, dtype=dtype, progress=False)
+  cfg = loaded.model.cfg
+  if loaded.tokenizer is not None:
+    tok = loaded.tokenizer
+  elif args.tokenizer == "bytes":
+    tok = byte_tokenizer(cfg.vocab_size)
+  else:
+    tok = load_model(args.tokenizer, progress=False).tokenizer
+  pool = load_pool(args.adapters, cfg, dtype=dtype)
+  gen = Generator(loaded.model, adapters=pool, path=args.path)
+  largest = max(levels + [args.static_batch])
+  max_seq_len = prompt_range[1] + args.max_tokens
+  engine = Engine(gen, tok, name="pool", max_batch=largest, max_seq_len=max_seq_len,
+                  chunk=min(args.chunk, max_seq_len),
+                  batch_buckets=sorted(set(levels) | {args.static_batch}))
+  t0 = time.perf_counter()
+  engine.steps.warm_up(log)
+  compile_s = time.perf_counter() - t0
+  engine.start()
+  sock = socket.socket()
+  sock.bind(("127.0.0.1", 0))
+  url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+  server = uvicorn.Server(uvicorn.Config(create_app({"pool": engine}), log_level="warning"))
+  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+  thread.start()
+  while not server.started:
+    time.sleep(0.05)
+
+  counts = {c: args.requests or max(8, 4 * c) for c in levels}
+  prompts = {c: workload(tok, n, cfg.vocab_size, prompt_range, seed=c) for c, n in counts.items()}
+  static_prompts = workload(tok, args.static_batch, cfg.vocab_size, prompt_range, seed=10**6)
+  seq_prompts = prompts[max(levels)][:args.sequential]
+
+  def static_round() -> float:
+    res = generate(gen, static_prompts, max_new_tokens=args.max_tokens)
+    return args.static_batch * 1e3 / res.decode_ms_per_token
+
+  def sequential_round() -> float:
+    t, n = 0.0, 0
+    for p in seq_prompts:
+      s = time.perf_counter()
+      res = generate(gen, [p], max_new_tokens=args.max_tokens)
+      t += time.perf_counter() - s
+      n += len(res.tokens[0])
+    return n / t
+
+  log("warming up the baselines and the server")
+  static_round()
+  generate(gen, [seq_prompts[0]], max_new_tokens=4)
+  run_level(url, "pool", prompts[levels[0]][:2], 4, 2, timeout=600)
+  rounds: list[dict] = []
+  for r in range(args.rounds):
+    if time.time() > deadline:
+      log(f"time limit reached after {r} rounds")
+      break
+    row = {"static": static_round(), "sequential": sequential_round(), "levels": {}}
+    for c in levels:
+      left = max(30.0, deadline - time.time())
+      row["levels"][c] = run_level(url, "pool", prompts[c], args.max_tokens, c, timeout=left)
+    rounds.append(row)
+    log(f"round {r + 1}: static {row['static']:.0f} tok/s, " + ", ".join(
+        f"c={c} {v['tokens_per_s']:.0f}" for c, v in row["levels"].items()))
+  server.should_exit = True
+  thread.join(timeout=30)
+  engine.stop()
+  if not rounds:
+    raise UserError("no round finished inside --time-limit; raise it")
+
+  def med(values):
+    return float(np.median(values))
+
+  summary = []
+  for c in levels:
+    per = [rd["levels"][c] for rd in rounds]
+    summary.append({k: (med([p[k] for p in per]) if isinstance(per[0][k], float) else per[0][k])
+                    for k in per[0]})
+  static = [rd["static"] for rd in rounds]
+  ratio = None
+  if args.static_batch in levels:
+    served = [rd["levels"][args.static_batch]["tokens_per_s"] for rd in rounds]
+    # ratio_interval divides its first list by its second: time per token, inverted.
+    ratio = ratio_interval([1 / s for s in static], [1 / s for s in served])
+  return {"environment": environment(), "model": cfg.name, "pool": args.adapters,
+          "path": args.path, "dtype": str(dtype), "max_tokens": args.max_tokens,
+          "prompt_tokens": list(prompt_range), "requests": counts, "rounds": len(rounds),
+          "compile_s": compile_s, "static_batch": args.static_batch,
+          "static_tokens_per_s": med(static), "static_rounds": static,
+          "sequential_tokens_per_s": med([rd["sequential"] for rd in rounds]),
+          "levels": summary, "served_over_static": ratio, "raw_rounds": rounds,
+          "device": jax.devices()[0].device_kind}
+
+
+def table(res: dict) -> str:
+  env = res["environment"]
+  lines = [f"Server under load: {res['model']} + pool {res['pool']} on path {res['path']},"
+           f" {res['dtype']}, {res['max_tokens']} tokens per request, prompts of"
+           f" {res['prompt_tokens'][0]}-{res['prompt_tokens'][1]} tokens; median of"
+           f" {res['rounds']} interleaved rounds.",
+           f"Device {env['device']}, JAX {env['jax']}, {env['date']}; command: `{env['command']}`",
+           "",
+           "| concurrency | requests | output tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
+  for lv in res["levels"]:
+    lines.append(f"| {lv['concurrency']} | {lv['requests']} | {lv['tokens_per_s']:.1f} |"
+                 f" {lv['ttft_p50_ms']:.1f} | {lv['ttft_p99_ms']:.1f} | {lv['itl_p50_ms']:.2f} |"
+                 f" {lv['itl_p99_ms']:.2f} |")
+  lines += ["", f"- sequential decoding (`generate`, batch 1): {res['sequential_tokens_per_s']:.1f}"
+            " tokens/s",
+            f"- static batch {res['static_batch']} (`generate`, decode only):"
+            f" {res['static_tokens_per_s']:.1f} tokens/s"]
+  r = res.get("served_over_static")
+  if r:
+    interval = f" [{r['low']:.3f}, {r['high']:.3f}]" if "low" in r else ""
+    lines.append(f"- server at concurrency {res['static_batch']} / static batch:"
+                 f" {r['median']:.3f}x{interval} (95% interval over {r['rounds']} rounds)")
+  return "\n".join(lines)
+
+
+def plot(res: dict, path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+  cs = [lv["concurrency"] for lv in res["levels"]]
+  a.plot(cs, [lv["tokens_per_s"] for lv in res["levels"]], "o-", label="server")
+  a.axhline(res["static_tokens_per_s"], ls="--", c="k",
+            label=f"static batch {res['static_batch']} (decode)")
+  a.axhline(res["sequential_tokens_per_s"], ls=":", c="gray", label="sequential")
+  a.set(xscale="log", xlabel="concurrent requests", ylabel="output tokens/s",
+        title="throughput")
+  a.legend(fontsize=8)
+  b.plot(cs, [lv["ttft_p50_ms"] for lv in res["levels"]], "o-", label="TTFT p50")
+  b.plot(cs, [lv["itl_p50_ms"] for lv in res["levels"]], "s-", label="ITL p50")
+  b.plot(cs, [lv["itl_p99_ms"] for lv in res["levels"]], "s--", label="ITL p99")
+  b.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="ms", title="latency")
+  b.legend(fontsize=8)
+  fig.suptitle(f"{res['model']} + pool, {res['device']}", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
