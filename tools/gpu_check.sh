@@ -49,10 +49,10 @@ for part in $parts; do
       python3 -m pip install -q --no-index --find-links .whl --no-compile --target /tmp/site \
         fastapi uvicorn prometheus-client httpx >/dev/null 2>&1 || exit 1
       export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.85}
-      timeout "${SERVE_S:-560}" python3 -m adafuse_jax.bench.load --model "${PRESET:-llama2-7b}" \
+      timeout "${SERVE_S:-595}" python3 -m adafuse_jax.bench.load --model "${PRESET:-llama2-7b}" \
         --tokenizer bytes --adapters "${POOL:-random:0}" --path "${SERVE_PATH:-packed}" \
         --concurrency "${LEVELS:-1,8,32,64}" --rounds "${ROUNDS:-3}" --max-tokens "${TOKENS:-128}" \
-        --time-limit "${LIMIT_S:-420}" --out "$out/load" 2>&1 | tee "$out/load.log" | tail -20 ;;
+        --time-limit "${LIMIT_S:-480}" --out "$out/load" 2>&1 | tee "$out/load.log" | tail -20 ;;
     *) echo "unknown part $part (tests, layers, bench, floor, serve)"; exit 2 ;;
   esac
 done

@@ -175,29 +175,29 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.out and pathlib.Path(args.out).is_file():
     print(f"error: --out {args.out!r} is a file; name a folder", file=sys.stderr)
     return 2
+  def write(result: dict) -> None:
+    if args.out:
+      out = pathlib.Path(args.out)
+      out.mkdir(parents=True, exist_ok=True)
+      (out / "results.json").write_text(json.dumps(result, indent=2))
+      (out / "results.md").write_text(table(result) + "\n")
+      plot(result, out / "load.png")
+
   try:
-    result = run(args, levels, (lo, hi))
+    result = run(args, levels, (lo, hi), on_round=write)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  text = table(result)
-  print(text)
-  if args.out:
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "results.md").write_text(text + "\n")
-    plot(result, out / "load.png")
+  print(table(result))
   return 0
 
 
-def run(args, levels: list[int], prompt_range: tuple[int, int]) -> dict:
+def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -> dict:
   import jax
   import jax.numpy as jnp
   import uvicorn
 
   from adafuse_jax.adapters.io import load_pool
-  from adafuse_jax.bench.measure import environment, ratio_interval
   from adafuse_jax.cli_options import resolve_dtype
   from adafuse_jax.generation import Generator, generate
   from adafuse_jax.serving import Engine
@@ -206,7 +206,8 @@ def run(args, levels: list[int], prompt_range: tuple[int, int]) -> dict:
   from adafuse_jax.weights.tokenizer import byte_tokenizer
 
   deadline = time.time() + args.time_limit
-  log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+  began = time.time()
+  log = lambda m: print(f"[{time.time() - began:6.1f} s] {m}", file=sys.stderr, flush=True)  # noqa: E731
   dtype = jnp.dtype(resolve_dtype(args.dtype))
   loaded = load_model(args.model, dtype=dtype, progress=False)
   cfg = loaded.model.cfg
@@ -218,6 +219,7 @@ def run(args, levels: list[int], prompt_range: tuple[int, int]) -> dict:
     tok = load_model(args.tokenizer, progress=False).tokenizer
   pool = load_pool(args.adapters, cfg, dtype=dtype)
   gen = Generator(loaded.model, adapters=pool, path=args.path)
+  log("model and pool ready")
   largest = max(levels + [args.static_batch])
   max_seq_len = prompt_range[1] + args.max_tokens
   engine = Engine(gen, tok, name="pool", max_batch=largest, max_seq_len=max_seq_len,
@@ -256,8 +258,12 @@ def run(args, levels: list[int], prompt_range: tuple[int, int]) -> dict:
 
   log("warming up the baselines and the server")
   static_round()
-  generate(gen, [seq_prompts[0]], max_new_tokens=4)
-  run_level(url, "pool", prompts[levels[0]][:2], 4, 2, timeout=600)
+  log("static batch compiled")
+  for p in seq_prompts:  # every prompt bucket of the sequential baseline
+    generate(gen, [p], max_new_tokens=2)
+  log("sequential compiled")
+  run_level(url, "pool", prompts[levels[0]][:2], 4, 2, timeout=120)
+  log("server answered")
   rounds: list[dict] = []
   for r in range(args.rounds):
     if time.time() > deadline:
@@ -268,6 +274,9 @@ def run(args, levels: list[int], prompt_range: tuple[int, int]) -> dict:
       left = max(30.0, deadline - time.time())
       row["levels"][c] = run_level(url, "pool", prompts[c], args.max_tokens, c, timeout=left)
     rounds.append(row)
+    if on_round is not None:  # a run cut short still leaves the rounds it finished
+      on_round(summarise(args, levels, prompt_range, counts, rounds, compile_s, str(dtype),
+                         cfg.name))
     log(f"round {r + 1}: static {row['static']:.0f} tok/s, " + ", ".join(
         f"c={c} {v['tokens_per_s']:.0f}" for c, v in row["levels"].items()))
   server.should_exit = True
@@ -275,6 +284,14 @@ def run(args, levels: list[int], prompt_range: tuple[int, int]) -> dict:
   engine.stop()
   if not rounds:
     raise UserError("no round finished inside --time-limit; raise it")
+  return summarise(args, levels, prompt_range, counts, rounds, compile_s, str(dtype), cfg.name)
+
+
+def summarise(args, levels, prompt_range, counts, rounds, compile_s, dtype, model) -> dict:
+  """The result of the rounds so far (medians, the served/static ratio with its interval)."""
+  import jax
+
+  from adafuse_jax.bench.measure import environment, ratio_interval
 
   def med(values):
     return float(np.median(values))
@@ -290,8 +307,8 @@ def run(args, levels: list[int], prompt_range: tuple[int, int]) -> dict:
     served = [rd["levels"][args.static_batch]["tokens_per_s"] for rd in rounds]
     # ratio_interval divides its first list by its second: time per token, inverted.
     ratio = ratio_interval([1 / s for s in static], [1 / s for s in served])
-  return {"environment": environment(), "model": cfg.name, "pool": args.adapters,
-          "path": args.path, "dtype": str(dtype), "max_tokens": args.max_tokens,
+  return {"environment": environment(), "model": model, "pool": args.adapters,
+          "path": args.path, "dtype": dtype, "max_tokens": args.max_tokens,
           "prompt_tokens": list(prompt_range), "requests": counts, "rounds": len(rounds),
           "compile_s": compile_s, "static_batch": args.static_batch,
           "static_tokens_per_s": med(static), "static_rounds": static,
