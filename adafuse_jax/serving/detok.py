@@ -30,6 +30,8 @@ class IncrementalText:
   def add(self, token: int) -> str:
     """Appends a token; returns the text that became final (maybe ""). After a stop string
     was found, `stopped` is True and the text ends before it."""
+    if self.stopped:  # the text ended at a stop string: later tokens add nothing
+      return ""
     self.ids.append(token)
     prefix = self.tok.decode(self.ids[self._prefix:self._read])
     full = self.tok.decode(self.ids[self._prefix:])

@@ -497,6 +497,9 @@ class Engine:
     if seq.slot is not None and self._slots[seq.slot] is seq:
       self._slots[seq.slot] = None
     self.stats.requests_finished[reason] += 1
+    # Before the last event goes out, so a caller that saw it reads settled figures.
+    self.stats.running = sum(s is not None for s in self._slots)
+    self.stats.waiting = sum(not s.finished for s in self._waiting)
     seq.stream._put(Output(text, finished=True, finish_reason=reason,
                            prompt_tokens=len(seq.prompt), completion_tokens=seq.generated,
                            error=error))

@@ -9,6 +9,7 @@ any lengths never triggers a compilation after warm-up.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import jax
@@ -106,36 +107,55 @@ class SlotSteps:
 
   # -- compiled ------------------------------------------------------------------------------
 
+  def _lower_prefill(self, length: int):
+    gen = self.gen
+    i32, f32 = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
+    u32 = jax.ShapeDtypeStruct((), jnp.uint32)
+    cache = jax.eval_shape(self.new_cache)
+    nxt = jax.ShapeDtypeStruct((self.max_batch,), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    return jax.jit(self._prefill, donate_argnums=(3, 4)).lower(
+        gen.params, gen.adapter_params, gen.derived, cache, nxt, i32, tokens, i32, i32, f32, f32,
+        i32, u32)
+
+  def _lower_decode(self, batch: int):
+    gen = self.gen
+    cache = jax.eval_shape(self.new_cache)
+    nxt = jax.ShapeDtypeStruct((self.max_batch,), jnp.int32)
+    row = lambda dt: jax.ShapeDtypeStruct((batch,), dt)  # noqa: E731
+    return jax.jit(self._decode, donate_argnums=(3, 4)).lower(
+        gen.params, gen.adapter_params, gen.derived, cache, nxt, row(jnp.bool_),
+        row(jnp.float32), row(jnp.float32), row(jnp.int32), row(jnp.uint32))
+
   def prefill_fn(self, length: int) -> Callable:
+    """The compiled prompt chunk of `length` tokens (compiled on first use)."""
     if length not in self._prefills:
-      gen = self.gen
-      i32, f32 = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
-      u32 = jax.ShapeDtypeStruct((), jnp.uint32)
-      cache = jax.eval_shape(self.new_cache)
-      nxt = jax.ShapeDtypeStruct((self.max_batch,), jnp.int32)
-      tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
-      self._prefills[length] = jax.jit(self._prefill, donate_argnums=(3, 4)).lower(
-          gen.params, gen.adapter_params, gen.derived, cache, nxt, i32, tokens, i32, i32, f32, f32,
-          i32, u32).compile()
+      self._prefills[length] = self._lower_prefill(length).compile()
     return self._prefills[length]
 
   def decode_fn(self, batch: int) -> Callable:
+    """The compiled decode step of `batch` rows (compiled on first use)."""
     if batch not in self._decodes:
-      gen = self.gen
-      cache = jax.eval_shape(self.new_cache)
-      nxt = jax.ShapeDtypeStruct((self.max_batch,), jnp.int32)
-      row = lambda dt: jax.ShapeDtypeStruct((batch,), dt)  # noqa: E731
-      self._decodes[batch] = jax.jit(self._decode, donate_argnums=(3, 4)).lower(
-          gen.params, gen.adapter_params, gen.derived, cache, nxt, row(jnp.bool_),
-          row(jnp.float32), row(jnp.float32), row(jnp.int32), row(jnp.uint32)).compile()
+      self._decodes[batch] = self._lower_decode(batch).compile()
     return self._decodes[batch]
 
-  def warm_up(self, log: Callable[[str], None] | None = None) -> None:
-    """Compiles every decode bucket and prompt-chunk length now rather than on first use."""
-    for b in self.batch_buckets:
-      self.decode_fn(b)
-    for c in self.chunk_buckets:
-      self.prefill_fn(c)
+  def warm_up(self, log: Callable[[str], None] | None = None, threads: int | None = None) -> None:
+    """Compiles every decode bucket and prompt-chunk length now rather than on first use.
+
+    The programs compile in parallel threads (XLA releases the interpreter while it compiles):
+    nine 7B programs took 280 s one after another on the H200 host's 16 cores.
+    """
+    import concurrent.futures
+
+    jobs = [(self._decodes, b, self._lower_decode) for b in self.batch_buckets
+            if b not in self._decodes]
+    jobs += [(self._prefills, c, self._lower_prefill) for c in self.chunk_buckets
+             if c not in self._prefills]
+    workers = threads or min(len(jobs), os.cpu_count() or 1) or 1
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      done = list(pool.map(lambda job: job[2](job[1]).compile(), jobs))
+    for (table, key, _), fn in zip(jobs, done):
+      table[key] = fn
     if log:
       log(f"compiled decode steps for batches {list(self.batch_buckets)} and prompt chunks"
           f" {list(self.chunk_buckets)}")

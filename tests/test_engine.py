@@ -1,0 +1,121 @@
+"""The continuous-batching engine from Python, on a tiny random model: the same tokens as
+`generate`, whatever joins the batch and whenever; chunked prompts; seeded sampling; stop
+strings; cancellation; named errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adafuse_jax.adapters.mixture import MixtureOfLoRA
+from adafuse_jax.config import AdapterConfig
+from adafuse_jax.errors import UserError
+from adafuse_jax.generation import Generator, generate
+from adafuse_jax.model import LlamaModel
+from adafuse_jax.serving import Engine, SamplingParams
+from adafuse_jax.serving.detok import IncrementalText
+from adafuse_jax.weights.tokenizer import byte_tokenizer
+from tests.conftest import tiny_config
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def model():
+  return LlamaModel(tiny_config(vocab_size=VOCAB, max_context=256), seed=11)
+
+
+@pytest.fixture(scope="module")
+def pool_gen(model):
+  cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, top_k=2, router_init_std=0.5)
+  return Generator(model, adapters=MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True),
+                   path="packed")
+
+
+@pytest.fixture(scope="module")
+def engine(pool_gen):
+  with Engine(pool_gen, byte_tokenizer(VOCAB), max_batch=4, max_seq_len=96, chunk=16) as e:
+    yield e
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+  rng = np.random.default_rng(seed)
+  return [rng.integers(3, VOCAB, int(n)).tolist() for n in rng.integers(2, 40, count)]
+
+
+def test_rows_that_join_and_leave_decode_as_each_alone(engine, pool_gen):
+  # 10 requests on 4 rows: requests wait, join between steps and leave at different lengths;
+  # prompts longer than the 16-token chunk prefill over several iterations.
+  ps = prompts(10)
+  lengths = [3 + 5 * i % 13 for i in range(10)]
+  want = [generate(pool_gen, [p], max_new_tokens=n).tokens[0] for p, n in zip(ps, lengths)]
+  streams = [engine.submit(p, SamplingParams(max_tokens=n, ignore_eos=True))
+             for p, n in zip(ps, lengths)]
+  got = [s.result() for s in streams]
+  assert [g.token_ids for g in got] == want
+  assert all(g.finish_reason == "length" and g.completion_tokens == n
+             for g, n in zip(got, lengths))
+  assert engine.stats.running == 0 and engine.stats.waiting == 0
+  assert 0 < engine.stats.distinct_experts <= 4
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine):
+  params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7,
+                          ignore_eos=True)
+  alone = engine.generate([5, 6, 7], params).token_ids
+  crowd = [engine.submit(p, SamplingParams(max_tokens=12, temperature=1.0, seed=i))
+           for i, p in enumerate(prompts(3, seed=1))]
+  again = engine.submit([5, 6, 7], params)
+  assert again.result().token_ids == alone
+  [s.result() for s in crowd]
+  other = engine.generate([5, 6, 7], SamplingParams(max_tokens=12, temperature=0.9, seed=8,
+                                                    ignore_eos=True)).token_ids
+  assert other != alone
+
+
+def test_cancel_frees_the_row(engine):
+  stream = engine.submit([9, 10, 11], SamplingParams(max_tokens=80, ignore_eos=True))
+  events = iter(stream)
+  next(events)
+  stream.cancel()
+  last = list(events)[-1]
+  assert last.finished and last.finish_reason == "abort"
+  assert engine.generate([9, 10], SamplingParams(max_tokens=3)).completion_tokens <= 3
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-5), "top_k"), (dict(seed=-1), "seed")])
+def test_bad_sampling_params_are_named(kwargs, words):
+  with pytest.raises(UserError, match=words):
+    SamplingParams(**kwargs)
+
+
+def test_bad_requests_and_configurations_are_named(engine, model):
+  with pytest.raises(UserError, match="empty"):
+    engine.submit([], SamplingParams())
+  with pytest.raises(UserError, match="shorten the prompt"):
+    engine.submit(list(range(3, 103)), SamplingParams())
+  with pytest.raises(UserError, match="at most 86 tokens"):
+    engine.submit(list(range(3, 13)), SamplingParams(max_tokens=90))
+  with pytest.raises(UserError, match=r"token ids must be in \[0, 300\)"):
+    engine.submit([5, 300], SamplingParams())
+  with pytest.raises(UserError, match="max_seq_len"):
+    Engine(Generator(model), byte_tokenizer(VOCAB), max_seq_len=10_000)
+  pool = MixtureOfLoRA(model.cfg, AdapterConfig(mode="pregated", num_experts=2, rank=2), seed=0)
+  with pytest.raises(UserError, match="serve this pool with --path packed"):
+    Engine(Generator(model, adapters=pool, path="merged"), byte_tokenizer(VOCAB))
+
+
+def test_incremental_text_streams_what_is_final_and_stops_before_a_stop_string():
+  tok = byte_tokenizer(VOCAB)
+  ids = tok.encode("naïve café: the END of it")
+  text = IncrementalText(tok, stop=("END",))
+  parts = [text.add(t) for t in ids]
+  out = "".join(parts)
+  assert text.stopped and out == "naïve café: the "
+  # No part ends inside a multi-byte character.
+  assert all("\ufffd" not in p for p in parts)
+  plain = IncrementalText(tok)
+  assert "".join(plain.add(t) for t in ids) + plain.flush() == "naïve café: the END of it"
