@@ -76,6 +76,10 @@ class KVCache:
     """The cache after t tokens were written into buffers k, v."""
     return self.replace(k=k, v=v, length=self.length + t)
 
+  def readable(self, buf: jax.Array) -> jax.Array:
+    """The part of a layer's buffer that attention reads (all of it)."""
+    return buf
+
 
 @flax.struct.dataclass
 class SlotCache:
@@ -84,6 +88,7 @@ class SlotCache:
   Attributes:
     k, v: L arrays of [B, S, Hkv, hd]; row b holds its token at position p in slot p.
     lengths: [B] int32, tokens held per row (row b's next token goes to slot `lengths[b]`).
+    span: static; attention reads slots [0, span) (None: all).
 
   A write of t tokens goes to slots `lengths[b] .. lengths[b] + t - 1` of every row; the caller
   keeps that inside S (the serving engine's prefill chunks start at multiples of the chunk size
@@ -93,6 +98,12 @@ class SlotCache:
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   lengths: jax.Array
+  # Attention reads slots [0, span) only (a static bound the caller guarantees covers every
+  # row's length): a step on short sequences in a long cache does not read the empty slots.
+  span: int | None = flax.struct.field(pytree_node=False, default=None)
+  # A step over rows [0, rows_used) only (None: all): the buffers stay whole, reads slice them and
+  # writes scatter into them, so a small batch bucket copies nothing.
+  rows_used: int | None = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
   def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> "SlotCache":
@@ -111,14 +122,23 @@ class SlotCache:
   def nbytes(self) -> int:
     return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
 
+  def _lengths(self) -> jax.Array:
+    return self.lengths if self.rows_used is None else self.lengths[:self.rows_used]
+
   def positions(self, t: int) -> jax.Array:
-    return self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return self._lengths()[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
   def visible(self, t: int) -> jax.Array:
-    kv = jnp.arange(self.max_len, dtype=jnp.int32)
+    kv = jnp.arange(self.span or self.max_len, dtype=jnp.int32)
     return kv[None, None, :] <= self.positions(t)[:, :, None]
 
+  def readable(self, buf: jax.Array) -> jax.Array:
+    return buf[:self.rows_used, :self.span]
+
   def write(self, buf: jax.Array, new: jax.Array) -> jax.Array:
+    n, t = new.shape[:2]
+    if t == 1:  # a decode step: one scatter (a slot past the end is dropped, never clamped)
+      return buf.at[jnp.arange(n), self._lengths()].set(new[:, 0].astype(buf.dtype))
     put = lambda row, rows_new, start: jax.lax.dynamic_update_slice(  # noqa: E731
         row, rows_new, (start, 0, 0))
     return jax.vmap(put)(buf, new.astype(buf.dtype), self.lengths)

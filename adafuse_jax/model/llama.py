@@ -147,7 +147,7 @@ class LlamaModel(nnx.Module):
       k = apply_rope(k, positions, inv_freq)
       new_k[l] = cache.write(new_k[l], k)
       new_v[l] = cache.write(new_v[l], v)
-      att = attention(q, new_k[l], new_v[l], mask).reshape(b, t, cfg.q_dim)
+      att = attention(q, cache.readable(new_k[l]), cache.readable(new_v[l]), mask).reshape(b, t, cfg.q_dim)
       h = h + linear("o", l, att, self.o.get_value())
       x = rms_norm(h, self.ffn_norm[l], cfg.rms_eps)
       act = swiglu(linear("gate", l, x, self.gate.get_value()), linear("up", l, x, self.up.get_value()))

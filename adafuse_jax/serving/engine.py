@@ -190,6 +190,7 @@ class _Seq:
   arrival: float
   slot: int | None = None
   prefilled: int = 0
+  position: int = 0  # the slot the row's next decode step writes
   generated: int = 0
   finished: bool = False
   first_token_s: float | None = None
@@ -417,6 +418,7 @@ class Engine:
       seq.prefilled += len(piece)
       budget -= len(piece)
       if seq.prefilled == len(seq.prompt):
+        seq.position = len(seq.prompt)
         self._waiting.popleft()
         dispatched.append(("first", seq, token))
         self.stats.prompt_tokens += len(seq.prompt)
@@ -434,12 +436,15 @@ class Engine:
     top_p = np.ones(b, np.float32)
     top_k = np.zeros(b, np.int32)
     seeds = np.zeros(b, np.uint32)
+    longest = max(s.position for _, s in rows)
     for i, s in rows:
+      s.position += 1
       active[i] = True
       temperature[i], top_p[i], top_k[i] = s.params.temperature, s.params.top_p, max(s.params.top_k, 0)
       seeds[i] = s.seed
     self._cache, self._nxt, new, routing = self.steps.decode(
-        self._cache, self._nxt, active, temperature, top_p, top_k, seeds)
+        self._cache, self._nxt, active, temperature, top_p, top_k, seeds,
+        min(longest, self.steps.max_len - 1))
     dispatched.append(("step", rows, new, routing, b))
 
   def _drain(self, pending: list[tuple]) -> None:

@@ -31,6 +31,16 @@ def power_buckets(largest: int, smallest: int = 1) -> tuple[int, ...]:
   return tuple(out) + (largest,)
 
 
+def span_buckets(max_len: int) -> tuple[int, ...]:
+  """How far a decode step's attention reads: 256, 1024, 4096, ... below max_len, then max_len
+  (a factor of 4 apart: few compiled shapes, at most 4x the slots a step needs)."""
+  out, b = [], 256
+  while b < max_len:
+    out.append(b)
+    b *= 4
+  return tuple(out) + (max_len,)
+
+
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
   """The smallest bucket that holds n."""
   for b in buckets:
@@ -68,6 +78,7 @@ class SlotSteps:
       raise UserError(f"batch buckets {buckets} must lie in [1, max_batch={max_batch}]")
     self.batch_buckets = tuple(buckets)
     self.chunk_buckets = power_buckets(chunk, smallest=min(16, chunk))
+    self.span_buckets = span_buckets(max_len)
     self._prefills: dict[int, Callable] = {}
     self._decodes: dict[int, Callable] = {}
 
@@ -93,16 +104,17 @@ class SlotSteps:
     return cache.with_rows(row, part), nxt.at[row].set(token), token, routing
 
   def _decode(self, params, adapter_params, derived, cache: SlotCache, nxt, active, temperature,
-              top_p, top_k, seeds):
-    """One token for rows [0, b) (b = len(active)); inactive rows compute but do not advance."""
+              top_p, top_k, seeds, span: int):
+    """One token for rows [0, b) (b = len(active)); inactive rows compute but do not advance.
+    Attention reads slots [0, span): every active row's length is below it."""
     b = active.shape[0]
-    part = cache if b == self.max_batch else cache.rows(0, b)
-    before = part.lengths
-    logits, part, routing = self.gen.apply(params, adapter_params, derived, nxt[:b, None], part)
-    part = part.replace(lengths=jnp.where(active, before + 1, before))
+    before = cache.lengths[:b]
+    logits, cache, routing = self.gen.apply(params, adapter_params, derived, nxt[:b, None],
+                                            cache.replace(span=span, rows_used=b))
+    cache = cache.replace(lengths=cache.lengths.at[:b].set(jnp.where(active, before + 1, before)),
+                          span=None, rows_used=None)
     keys = row_keys(seeds, before + 1)
     new = sample_rows(logits, keys, temperature, top_p, top_k)
-    cache = part if b == self.max_batch else cache.with_rows(0, part)
     return cache, nxt.at[:b].set(new), new, routing
 
   # -- compiled ------------------------------------------------------------------------------
@@ -118,14 +130,15 @@ class SlotSteps:
         gen.params, gen.adapter_params, gen.derived, cache, nxt, i32, tokens, i32, i32, f32, f32,
         i32, u32)
 
-  def _lower_decode(self, batch: int):
+  def _lower_decode(self, shape: tuple[int, int]):
+    batch, span = shape
     gen = self.gen
     cache = jax.eval_shape(self.new_cache)
     nxt = jax.ShapeDtypeStruct((self.max_batch,), jnp.int32)
     row = lambda dt: jax.ShapeDtypeStruct((batch,), dt)  # noqa: E731
-    return jax.jit(self._decode, donate_argnums=(3, 4)).lower(
+    return jax.jit(self._decode, donate_argnums=(3, 4), static_argnums=(10,)).lower(
         gen.params, gen.adapter_params, gen.derived, cache, nxt, row(jnp.bool_),
-        row(jnp.float32), row(jnp.float32), row(jnp.int32), row(jnp.uint32))
+        row(jnp.float32), row(jnp.float32), row(jnp.int32), row(jnp.uint32), span)
 
   def prefill_fn(self, length: int) -> Callable:
     """The compiled prompt chunk of `length` tokens (compiled on first use)."""
@@ -133,11 +146,13 @@ class SlotSteps:
       self._prefills[length] = self._lower_prefill(length).compile()
     return self._prefills[length]
 
-  def decode_fn(self, batch: int) -> Callable:
-    """The compiled decode step of `batch` rows (compiled on first use)."""
-    if batch not in self._decodes:
-      self._decodes[batch] = self._lower_decode(batch).compile()
-    return self._decodes[batch]
+  def decode_fn(self, batch: int, span: int | None = None) -> Callable:
+    """The compiled decode step of `batch` rows whose attention reads `span` slots (default:
+    all), compiled on first use."""
+    key = (batch, span or self.max_len)
+    if key not in self._decodes:
+      self._decodes[key] = self._lower_decode(key).compile()
+    return self._decodes[key]
 
   def warm_up(self, log: Callable[[str], None] | None = None, threads: int | None = None) -> None:
     """Compiles every decode bucket and prompt-chunk length now rather than on first use.
@@ -147,8 +162,8 @@ class SlotSteps:
     """
     import concurrent.futures
 
-    jobs = [(self._decodes, b, self._lower_decode) for b in self.batch_buckets
-            if b not in self._decodes]
+    jobs = [(self._decodes, (b, span), self._lower_decode) for b in self.batch_buckets
+            for span in self.span_buckets if (b, span) not in self._decodes]
     jobs += [(self._prefills, c, self._lower_prefill) for c in self.chunk_buckets
              if c not in self._prefills]
     workers = threads or min(len(jobs), os.cpu_count() or 1) or 1
@@ -157,8 +172,8 @@ class SlotSteps:
     for (table, key, _), fn in zip(jobs, done):
       table[key] = fn
     if log:
-      log(f"compiled decode steps for batches {list(self.batch_buckets)} and prompt chunks"
-          f" {list(self.chunk_buckets)}")
+      log(f"compiled decode steps for batches {list(self.batch_buckets)} x attention spans"
+          f" {list(self.span_buckets)} and prompt chunks {list(self.chunk_buckets)}")
 
   def prefill(self, cache: SlotCache, nxt: jax.Array, row: int, chunk: Sequence[int], start: int,
               temperature: float, top_p: float, top_k: int, seed: int):
@@ -177,10 +192,11 @@ class SlotSteps:
               np.float32(top_p), np.int32(top_k), np.uint32(seed))
 
   def decode(self, cache: SlotCache, nxt: jax.Array, active: np.ndarray, temperature: np.ndarray,
-             top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray):
-    """One decode step of rows [0, len(active)) (a batch bucket).
+             top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray, longest: int):
+    """One decode step of rows [0, len(active)) (a batch bucket); `longest` is the highest
+    slot an active row writes (its attention reads up to the span bucket above it).
 
     Returns (cache, nxt, new [b], routing)."""
-    fn = self.decode_fn(len(active))
+    fn = self.decode_fn(len(active), bucket_for(longest + 1, self.span_buckets))
     return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, active,
               temperature, top_p, top_k, seeds)
