@@ -588,3 +588,29 @@ def test_route_context_starts_as_the_plain_router_and_then_reads_the_context(mod
     AdapterConfig(mode="layerwise", route_context=0.5)
   with pytest.raises(UserError, match="route_context"):
     AdapterConfig(mode="pregated", route_context=1.0)
+
+
+def test_an_overwritten_pool_file_is_a_named_error_not_a_silent_load(tmp_path, default_model,
+                                                                      capsys):
+  """4 KB of random bytes in the middle of the shipped pool's largest data file: the load (and
+  the CLI) refuse it by name, whether orbax notices or only the digest does."""
+  import shutil
+
+  from adafuse_jax import decode
+  from adafuse_jax.adapters.io import DEFAULT_POOL, load_adapters
+  from adafuse_jax.errors import ModelFileError
+
+  pool = tmp_path / "pool"
+  shutil.copytree(DEFAULT_POOL, pool)
+  largest = max((p for p in (pool / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 4096] = np.random.default_rng(0).bytes(4096)
+  largest.write_bytes(bytes(data))
+  with pytest.raises(ModelFileError, match="damaged|cannot restore"):
+    load_adapters(pool, default_model.model.cfg)
+  assert decode.main(["--adapters", str(pool), "--quiet", "Hello"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and str(pool) in err[0]
+  # The untouched copy still loads and verifies.
+  load_adapters(DEFAULT_POOL, default_model.model.cfg)

@@ -1,16 +1,20 @@
 """Saving and loading an expert pool + router checkpoint (orbax), with config checks.
 
-A checkpoint folder holds `adapter_config.json` (the AdapterConfig and the model shapes it was
-made for) and `state/` (orbax). Loading into a model of other shapes fails naming the mismatch.
+A checkpoint folder holds `adapter_config.json` (the AdapterConfig, the model shapes it was
+made for, and a SHA-256 digest of the arrays) and `state/` (orbax). Loading into a model of
+other shapes fails naming the mismatch; a damaged file (non-finite values, or arrays whose digest
+differs from the one saved) fails naming the checkpoint, never loads silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -34,16 +38,28 @@ def save_adapters(path: str | pathlib.Path, adapters: MixtureOfLoRA,
   weights (bf16 halves a shipped pool; loading casts back to the dtype asked for)."""
   path = pathlib.Path(path).absolute()
   path.mkdir(parents=True, exist_ok=True)
-  meta = {"adapter": adapters.cfg.to_dict(), "model": model_fingerprint(adapters.model_cfg)}
-  (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
   # Checkpoints always hold the stacked layout, so they load on any backend.
+  state = nnx.state(adapters.with_layout("stacked"))
+  if dtype is not None:
+    state = jax.tree.map(lambda x: x.astype(dtype), state)
+  meta = {"adapter": adapters.cfg.to_dict(), "model": model_fingerprint(adapters.model_cfg),
+          "digest": state_digest(state)}
+  (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
   with ocp.StandardCheckpointer() as ckpt:
-    state = nnx.state(adapters.with_layout("stacked"))
-    if dtype is not None:
-      state = jax.tree.map(lambda x: x.astype(dtype), state)
     ckpt.save(path / "state", state, force=True)
     ckpt.wait_until_finished()
   return path
+
+
+def state_digest(state) -> str:
+  """SHA-256 over every array of a pool's state as float32 (exact for the bf16/f16/f32 it is
+  stored in), in key order: what a load recomputes to know the files are the ones saved."""
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  for key, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    h.update(jax.tree_util.keystr(key).encode())
+    h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+  return "sha256:" + h.hexdigest()
 
 
 def read_adapter_config(path: str | pathlib.Path) -> tuple[AdapterConfig, dict]:
@@ -69,7 +85,9 @@ def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
   if diffs:
     raise UserError(f"adapter checkpoint {str(path)!r} was made for another model ("
                     + "; ".join(diffs) + "); load it with the model it was trained on")
-  abstract = nnx.eval_shape(lambda: MixtureOfLoRA(model_cfg, cfg, dtype=dtype, layout="stacked"))
+  # Restored as float32 (exact for what is stored), checked, then cast to `dtype`.
+  abstract = nnx.eval_shape(lambda: MixtureOfLoRA(model_cfg, cfg, dtype=jnp.float32,
+                                                  layout="stacked"))
   graphdef, abstract_state = nnx.split(abstract)
   # Restore onto this machine's device whatever device saved it (a GPU-trained pool on a CPU).
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -82,7 +100,25 @@ def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
     raise ModelFileError(f"cannot restore adapter checkpoint {str(path)!r}"
                          f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it may be"
                          " corrupt or incomplete") from None
+  check_state(path, state)
+  state = jax.tree.map(lambda x: x.astype(dtype), state)
   return nnx.merge(graphdef, state).with_layout(default_layout())
+
+
+def check_state(path: pathlib.Path, state) -> None:
+  """Raises ModelFileError if a restored pool holds non-finite values or differs from the
+  digest its config recorded (a damaged or edited file)."""
+  for key, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    bad = int(np.size(leaf) - np.isfinite(np.asarray(leaf)).sum())
+    if bad:
+      raise ModelFileError(f"adapter checkpoint {str(path)!r} is damaged: array"
+                           f" {jax.tree_util.keystr(key)} holds {bad} NaN/Inf values; restore"
+                           " the folder from its source or train it again")
+  saved = json.loads((path / CONFIG_FILE).read_text()).get("digest")
+  if saved is not None and state_digest(state) != saved:
+    raise ModelFileError(f"adapter checkpoint {str(path)!r} is damaged: its arrays do not match"
+                         f" the digest in {CONFIG_FILE} (a file under state/ was changed);"
+                         " restore the folder from its source or train it again")
 
 
 DEFAULT_POOL = pathlib.Path(__file__).parent.parent / "pools" / "smollm2-135m"
