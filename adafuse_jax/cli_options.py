@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+from adafuse_jax.errors import UserError
 from adafuse_jax.vocab import MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -18,20 +19,25 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                  help="parameter dtype; auto = float32 on the CPU, bfloat16 on a GPU")
 
 
+POOL_DEFAULTS = {"experts": 8, "rank": 16, "top_k": 2, "adapt_modules": "q,k,v,o,gate,up,down",
+                 "per_layer_gates": False, "shared_rank": 0}
+
+
 def add_pool_options(a: argparse._ArgumentGroup) -> None:
   """--mode and the shape of random pools (a saved pool fixes its own)."""
   a.add_argument("--mode", choices=MODES, default=None,
                  help="backbone (no adapters), lora, layerwise (router at every adapted module),"
                       " pregated (route once, apply everywhere); default: the checkpoint's mode,"
                       " or backbone without --adapters")
-  a.add_argument("--experts", type=int, default=8, help="experts per module (random pools)")
-  a.add_argument("--rank", type=int, default=16, help="LoRA rank (random pools)")
-  a.add_argument("--top-k", type=int, default=2, help="experts per token (random pools)")
-  a.add_argument("--adapt-modules", default="q,k,v,o,gate,up,down",
+  d = POOL_DEFAULTS
+  a.add_argument("--experts", type=int, default=d["experts"], help="experts per module (random pools)")
+  a.add_argument("--rank", type=int, default=d["rank"], help="LoRA rank (random pools)")
+  a.add_argument("--top-k", type=int, default=d["top_k"], help="experts per token (random pools)")
+  a.add_argument("--adapt-modules", default=d["adapt_modules"],
                  help="comma-separated adapted modules (random pools)")
   a.add_argument("--per-layer-gates", action="store_true",
                  help="pregated: one gate vector per layer (random pools)")
-  a.add_argument("--shared-rank", type=int, default=0,
+  a.add_argument("--shared-rank", type=int, default=d["shared_rank"],
                  help="rank of a shared expert every token uses, merged into the backbone once"
                       " (random pools; 0 = none)")
 
@@ -50,14 +56,27 @@ def adapter_config(spec: str | None, args: argparse.Namespace):
   from adafuse_jax.adapters.io import read_adapter_config
   from adafuse_jax.config import AdapterConfig
 
+  from adafuse_jax.adapters.io import DEFAULT_POOL, CONFIG_FILE
+
   mode = args.mode
   saved = None
-  if spec not in (None, "default") and not spec.startswith("random"):
-    if pathlib.Path(spec).exists():
-      saved, _ = read_adapter_config(spec)
+  if spec is not None and not spec.startswith("random"):
+    folder = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
+    if (folder / CONFIG_FILE).is_file():
+      saved, _ = read_adapter_config(folder)
   if mode is None:
     mode = saved.mode if saved else ("pregated" if spec else "backbone")
   if saved is not None and saved.mode == mode:
+    fixed = {"experts": saved.num_experts, "rank": saved.rank, "top_k": saved.top_k,
+             "shared_rank": saved.shared_rank, "per_layer_gates": saved.per_layer_gates,
+             "adapt_modules": ",".join(saved.modules)}
+    asked = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, value in fixed.items()
+             if getattr(args, name) != POOL_DEFAULTS[name] and getattr(args, name) != value]
+    if asked:
+      raise UserError(f"{', '.join(asked)} shape random pools, but the pool {spec!r} fixes its"
+                      f" own (experts {saved.num_experts}, rank {saved.rank}, top-k"
+                      f" {saved.top_k}, modules {','.join(saved.modules)}); drop them, or train"
+                      " a pool of that shape")
     return saved
   modules = tuple(m.strip() for m in args.adapt_modules.split(",") if m.strip())
   return AdapterConfig(mode=mode, modules=modules, num_experts=args.experts, rank=args.rank,

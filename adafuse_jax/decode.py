@@ -76,6 +76,14 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         prompts += [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
       raise UserError(f"cannot read --prompts-file {args.prompts_file!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+      raise UserError(f"--prompts-file {args.prompts_file!r} is not UTF-8 text (byte"
+                      f" {e.start}); save it as UTF-8") from None
+  for i, p in enumerate(prompts):
+    try:  # argv that is not UTF-8 arrives as surrogate escapes: refuse it here, once
+      p.encode("utf-8")
+    except UnicodeEncodeError:
+      raise UserError(f"prompt {i} is not valid UTF-8; pass UTF-8 text") from None
   if not prompts or any(not p.strip() for p in prompts):
     raise UserError("empty prompt: give some text, e.g."
                     " python -m adafuse_jax.decode \"The capital of France is\"")
@@ -111,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
   import jax.numpy as jnp
 
   from adafuse_jax.adapters.io import check_adapter_spec, resolve_adapters
-  from adafuse_jax.generation import Generator, decode_shape, generate
+  from adafuse_jax.generation import Generator, check_prompts, decode_shape, generate
   from adafuse_jax.paths import registry
   from adafuse_jax.sampling import SamplingConfig
   from adafuse_jax.weights import load_model
@@ -143,6 +151,12 @@ def run(args: argparse.Namespace) -> dict:
   texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
            for p in prompts]
   ids = [tok.encode(t) for t in texts]
+  context = loaded.model.cfg.max_context
+  check_prompts(ids, context)  # before anything is echoed: a long prompt is never printed back
+  room = context - max(len(i) for i in ids)
+  if args.max_new_tokens > room and not args.json:
+    print(f"note: --max-new-tokens {args.max_new_tokens} is capped at {room}, the room the"
+          f" model's {context}-token context leaves after the prompt", file=sys.stderr)
 
   stream = not args.json and len(prompts) == 1
   shown = [""]
@@ -195,6 +209,7 @@ def run(args: argparse.Namespace) -> dict:
       "decode_ms_per_token": round(res.decode_ms_per_token, 3),
       "tokens_per_s": round(res.tokens_per_s, 2), "compile_s": round(res.compile_s, 3),
       "streamed": stream,
+      "max_new_tokens": min(args.max_new_tokens, room),  # after the context's cap
       "mode": adapter_cfg.mode,
       "path": (choice.candidate.name if choice else gen.path_name.value),
       "auto": choice.to_dict() if choice else None,

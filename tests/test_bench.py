@@ -81,6 +81,7 @@ def test_merged_batch_table_times_identical_rows(tmp_path):
     (("--preset", "tiny", "--modes", "pregated-fused-dense"), "use 'pregated-gathered'"),
     (("--preset", "tiny", "--sere-rho", "1.5"), "--sere-rho"),
     (("--preset", "tiny", "--switch-rate", "-0.1"), "--switch-rate"),
+    (("--preset", "tiny", "--out", "pyproject.toml"), "is a file; name a folder"),
 ])
 def test_bad_arguments_are_rejected(args, message):
   out = run_bench(*args)

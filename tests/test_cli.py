@@ -38,6 +38,7 @@ def test_streaming_prints_text_then_one_figures_line():
     (("--temperature", "-1", "hi"), "temperature"),
     (("--max-new-tokens", "0", "hi"), "max_new_tokens"),
     (("x " * 9000,), "context is 8192"),
+    ((b"caf\xe9".decode("utf-8", "surrogateescape"),), "not valid UTF-8"),
 ])
 def test_bad_input_is_one_line_error_exit_2(args, message):
   out = run_cli(*args)
@@ -46,6 +47,7 @@ def test_bad_input_is_one_line_error_exit_2(args, message):
   error_lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
   assert len(error_lines) == 1 and message in error_lines[0], out.stderr
   assert out.stderr.rstrip().endswith(error_lines[0])
+  assert len(out.stdout) < 200  # a long prompt is never echoed back
 
 
 def test_help_documents_every_option():
@@ -89,6 +91,8 @@ def test_lora_merged_once_equals_unmerged(default_model):
     (("--path", "packed", "--implementation", "xla", "hi"), "pass only --path"),
     (("--mode", "pregated", "--adapters", "random", "--implementation", "cuda", "hi"),
      "unknown --implementation 'cuda'"),
+    (("--adapters", "default", "--top-k", "3", "--rank", "4", "hi"),
+     "--rank 4, --top-k 3 shape random pools, but the pool 'default' fixes its own"),
 ])
 def test_bad_adapter_arguments_exit_2(args, message):
   out = run_cli(*args)
@@ -168,3 +172,12 @@ def test_earlier_spellings_still_run_and_name_the_new_one(capsys):
                 "--rank", "4", "--adapt-modules", "q,v", "--merge", "--max-new-tokens", "2", "Hi")
   assert out.returncode == 0, out.stderr
   assert "now spelled --path merged" in out.stderr and json.loads(out.stdout)["path"] == "merged"
+
+
+def test_a_prompts_file_that_is_not_utf8_is_one_error_line(tmp_path):
+  path = tmp_path / "prompts.txt"
+  path.write_bytes(b"hello\ncaf\xe9 au lait\n")
+  out = run_cli("--prompts-file", str(path))
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines() == [
+      f"error: --prompts-file {str(path)!r} is not UTF-8 text (byte 9); save it as UTF-8"]

@@ -114,6 +114,10 @@ def test_bad_training_settings_are_rejected():
     TrainConfig(mode="moe")
   with pytest.raises(UserError, match="batch=0"):
     TrainConfig(batch=0)
+  for field, value in (("lr", -1.0), ("lr", float("nan")), ("weight_decay", -0.1),
+                       ("aux_coef", float("inf")), ("rank", 0)):
+    with pytest.raises(UserError, match=field):
+      TrainConfig(**{field: value})
 
 
 def test_teacher_forced_exact_match_equals_greedy_generation(default_model):

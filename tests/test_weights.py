@@ -194,3 +194,105 @@ def test_preset_builds_seeded_random_model_without_tokenizer():
   assert a.tokenizer is None
   np.testing.assert_array_equal(a.model.linear_weight("q"), b.model.linear_weight("q"))
   assert float(jnp.std(a.model.linear_weight("q"))) > 0
+
+
+def _write_llama_gguf(path: pathlib.Path, cfg, *, drop: tuple[str, ...] = (), **override) -> None:
+  """A tiny random Llama GGUF written by the gguf package, with a byte-level BPE vocabulary;
+  `drop` leaves metadata keys out and `override` replaces their values (damaged files)."""
+  rng = np.random.default_rng(0)
+  writer = gguf.GGUFWriter(str(path), arch="llama")
+  meta = {"llama.block_count": cfg.layers, "llama.context_length": cfg.max_context,
+          "llama.embedding_length": cfg.hidden, "llama.feed_forward_length": cfg.ffn,
+          "llama.attention.head_count": cfg.heads, "llama.attention.head_count_kv": cfg.kv_heads,
+          "llama.attention.layer_norm_rms_epsilon": cfg.rms_eps}
+  meta.update(override)
+  for key, value in meta.items():
+    if key in drop:
+      continue
+    (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(key, value)
+  if "tokenizer.ggml.tokens" not in drop:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(3, cfg.vocab_size)])
+    writer.add_token_merges(["a b"])
+    writer.add_eos_token_id(2)
+  t = {"token_embd.weight": rng.normal(size=(cfg.vocab_size, cfg.hidden)),
+       "output_norm.weight": np.ones(cfg.hidden)}
+  names = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
+           "up": "ffn_up", "down": "ffn_down"}
+  for l in range(cfg.layers):
+    for name, (i, o) in cfg.linear_shapes().items():
+      t[f"blk.{l}.{names[name]}.weight"] = rng.normal(size=(o, i)) / np.sqrt(i)
+    t[f"blk.{l}.attn_norm.weight"] = np.ones(cfg.hidden)
+    t[f"blk.{l}.ffn_norm.weight"] = np.ones(cfg.hidden)
+  for name, arr in t.items():
+    writer.add_tensor(name, arr.astype(np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+@pytest.mark.parametrize("drop, override, words", [
+    ((), {}, None),
+    (("tokenizer.ggml.tokens",), {}, "lacks 'tokenizer.ggml.tokens'"),
+    ((), {"llama.attention.head_count": 0}, "must be positive"),
+    ((), {"llama.embedding_length": 40}, "disagree"),
+    ((), {"llama.attention.head_count_kv": 4}, "must be a multiple of kv_heads"),
+    (("llama.feed_forward_length",), {}, "lacks 'llama.feed_forward_length'"),
+])
+def test_damaged_gguf_metadata_is_a_named_error(tmp_path, drop, override, words):
+  path = tmp_path / "tiny.gguf"
+  _write_llama_gguf(path, tiny_config(), drop=drop, **override)
+  if words is None:  # the undamaged file loads
+    assert load_model(str(path), progress=False).model.cfg.hidden == tiny_config().hidden
+    return
+  with pytest.raises(ModelFileError, match=words):
+    load_model(str(path), progress=False)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"num_attention_heads": None}, "lacks integer num_attention_heads"),
+    ({"num_attention_heads": 0}, "must be positive|ZeroDivisionError"),
+    ({"hidden_size": 40}, "disagree"),
+])
+def test_damaged_hf_config_is_a_named_error(tmp_path, change, words):
+  _write_hf_folder(tmp_path, tiny_config(), np.random.default_rng(0))
+  config = json.loads((tmp_path / "config.json").read_text())
+  config.update(change)
+  (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                    if v is not None}))
+  with pytest.raises(ModelFileError, match=words):
+    load_model(str(tmp_path), progress=False)
+
+
+def test_fuzzed_gguf_files_load_finite_or_fail_by_name(tmp_path):
+  """Truncations and bit flips at seeded offsets of a tiny GGUF written by the gguf package:
+  each loads and runs to finite logits, or is a ModelFileError; the source is never touched."""
+  from adafuse_jax.model import KVCache
+
+  good = tmp_path / "good.gguf"
+  _write_llama_gguf(good, tiny_config())
+  data = good.read_bytes()
+  rng = np.random.default_rng(1234)
+  outcomes = {"loaded": 0, "named": 0}
+  for case in range(40):
+    bad = bytearray(data)
+    if case % 4 == 0:
+      bad = bad[:int(rng.integers(0, len(data)))]
+    else:
+      for _ in range(int(rng.integers(1, 4))):
+        at = int(rng.integers(0, len(bad)))
+        bad[at] ^= 1 << int(rng.integers(0, 8))
+    path = tmp_path / f"case{case}.gguf"
+    path.write_bytes(bytes(bad))
+    try:
+      loaded = load_model(str(path), progress=False)
+    except ModelFileError:
+      outcomes["named"] += 1
+      continue
+    cache = KVCache.create(loaded.model.cfg, 1, 8, loaded.model.dtype)
+    logits, _ = loaded.model(jnp.asarray([[1, 2, 3]], jnp.int32), cache)
+    assert np.isfinite(np.asarray(logits)).all(), f"case {case} loaded to non-finite logits"
+    outcomes["loaded"] += 1
+  assert good.read_bytes() == data
+  assert outcomes["named"] >= 10 and sum(outcomes.values()) == 40

@@ -89,9 +89,17 @@ class TrainConfig:
   def __post_init__(self) -> None:
     if self.mode not in TRAIN_MODES:
       raise UserError(f"unknown training mode {self.mode!r}; choose one of {', '.join(TRAIN_MODES)}")
-    if self.router_lr_scale <= 0:
-      raise UserError(f"router_lr_scale={self.router_lr_scale} must be positive")
-    for name in ("steps", "batch", "seq_len", "eval_every", "checkpoint_every", "keep"):
+    import math
+    for name in ("lr", "router_lr_scale"):
+      value = getattr(self, name)
+      if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{name}={value} must be a positive finite number (e.g. 1e-3)")
+    for name in ("aux_coef", "weight_decay", "route_context"):
+      value = getattr(self, name)
+      if not (math.isfinite(value) and value >= 0):
+        raise UserError(f"{name}={value} must be a finite number >= 0")
+    for name in ("steps", "batch", "seq_len", "eval_every", "checkpoint_every", "keep",
+                 "num_experts", "rank", "top_k"):
       if getattr(self, name) < 1:
         raise UserError(f"{name}={getattr(self, name)} must be at least 1")
     routed = self.rank * (1 - self.shared_fraction)

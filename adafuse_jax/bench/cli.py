@@ -116,6 +116,10 @@ def run(args: argparse.Namespace) -> dict:
     raise UserError("--steps must be >= 1 and --warmup >= 0")
   if args.rounds < 1:
     raise UserError(f"--rounds={args.rounds} must be at least 1")
+  if args.out and pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():
+    # Checked before minutes of measuring, not after.
+    raise UserError(f"--out {args.out!r} is a file; name a folder (it gets results.json,"
+                    " table.md, decode.png)")
   if args.preset not in PRESETS and args.preset != "tiny":
     raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}, tiny")
   prefill_lengths = _ints(args.prefill, "prefill") if args.prefill else ()

@@ -134,11 +134,14 @@ def config_from_fields(fields: dict, tensor_names: set[str], path: str) -> Model
   p = "llama."
   heads = int(_field(fields, p + "attention.head_count"))
   hidden = int(_field(fields, p + "embedding_length"))
+  if heads < 1 or hidden < 1:
+    raise ModelFileError(f"{path!r} declares {heads} attention heads and embedding length"
+                         f" {hidden}; both must be positive (the metadata is damaged)")
   head_dim = int(_field(fields, p + "rope.dimension_count", hidden // heads))
   scaling = None
   if _field(fields, p + "rope.scaling.type", "none") == "linear":
     scaling = RopeScaling(kind="linear", factor=float(_field(fields, p + "rope.scaling.factor")))
-  vocab = int(_field(fields, p + "vocab_size", len(fields["tokenizer.ggml.tokens"].data)))
+  vocab = int(_field(fields, p + "vocab_size", len(_field(fields, "tokenizer.ggml.tokens"))))
   return ModelConfig(
       vocab_size=vocab, hidden=hidden, layers=int(_field(fields, p + "block_count")),
       heads=heads, kv_heads=int(_field(fields, p + "attention.head_count_kv", heads)),

@@ -23,6 +23,13 @@ def config_from_hf(c: dict, name: str) -> ModelConfig:
   if c.get("model_type") not in SUPPORTED_TYPES:
     raise ModelFileError(f"config.json has model_type {c.get('model_type')!r}; supported:"
                          f" {', '.join(SUPPORTED_TYPES)}")
+  required = ("num_attention_heads", "hidden_size", "vocab_size", "num_hidden_layers",
+              "intermediate_size")
+  missing = [k for k in required if not isinstance(c.get(k), int)]
+  if missing:
+    raise ModelFileError(f"config.json of {name!r} lacks integer {', '.join(missing)}; a"
+                         " Llama-family config.json sets them (the file is damaged or of"
+                         " another kind)")
   heads = int(c["num_attention_heads"])
   hidden = int(c["hidden_size"])
   rs = c.get("rope_scaling") or None

@@ -81,8 +81,37 @@ def load_model(spec: str | None = None, *, dtype: jnp.dtype = jnp.float32, seed:
                     f" 'default', or a preset ({', '.join(PRESETS)})")
   with tqdm(desc=f"loading {path.name}", unit="tensor", disable=not progress,
             leave=False) as bar:
-    cfg, weights, tok = reader_fn(str(path), progress=bar)
+    try:
+      cfg, weights, tok = reader_fn(str(path), progress=bar)
+    except ModelFileError:
+      raise
+    except (KeyError, ValueError, TypeError, ZeroDivisionError, IndexError) as e:
+      # Metadata that parsed but does not describe a model we can build.
+      raise ModelFileError(f"{spec!r} has inconsistent model metadata ({type(e).__name__}: {e});"
+                           " the file is damaged or not a Llama-family model") from None
+  check_config(cfg, spec)
   check_finite(weights, spec)
-  return LoadedModel(LlamaModel(cfg, weights=weights, dtype=dtype), tok, str(path))
+  try:
+    model = LlamaModel(cfg, weights=weights, dtype=dtype)
+  except ValueError as e:  # a tensor whose shape the metadata contradicts
+    raise ModelFileError(f"{spec!r}: {e}; the metadata and the tensors disagree (a damaged or"
+                         " hand-edited file)") from None
+  return LoadedModel(model, tok, str(path))
+
+
+def check_config(cfg, source: str) -> None:
+  """Raises ModelFileError for a config no decoder can have (read from a file's metadata)."""
+  sizes = {"vocab_size": cfg.vocab_size, "hidden": cfg.hidden, "layers": cfg.layers,
+           "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+           "ffn": cfg.ffn, "max_context": cfg.max_context}
+  bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+  if bad:
+    raise ModelFileError(f"{source!r} declares {', '.join(bad)}; every size must be positive"
+                         " (the file's metadata is damaged)")
+  if cfg.heads % cfg.kv_heads:
+    raise ModelFileError(f"{source!r} declares {cfg.heads} attention heads over {cfg.kv_heads}"
+                         " key/value heads, which do not divide; the metadata is damaged")
+  if cfg.head_dim % 2:
+    raise ModelFileError(f"{source!r} declares head_dim={cfg.head_dim}; RoPE needs an even one")
 
 
