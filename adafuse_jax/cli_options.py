@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+import numpy as np
+
 from adafuse_jax.errors import UserError
 from adafuse_jax.vocab import MODES
 
@@ -82,3 +84,52 @@ def adapter_config(spec: str | None, args: argparse.Namespace):
   return AdapterConfig(mode=mode, modules=modules, num_experts=args.experts, rank=args.rank,
                        top_k=args.top_k, per_layer_gates=args.per_layer_gates,
                        shared_rank=args.shared_rank)
+
+
+def add_sere_options(a: argparse._ArgumentGroup) -> None:
+  a.add_argument("--sere-rho", type=float, default=None,
+                 help="SERE: move a batch step's secondary expert choices to the most similar"
+                      " primary expert when their similarity is at least RHO (0 moves every one,"
+                      " 1 none); needs a pre-gated pool saved with its similarity"
+                      " (sere_similarity.npy); default off")
+  a.add_argument("--sere-primary", type=int, default=1,
+                 help="SERE: choices per token kept as they are (the primary experts)")
+
+
+def sere_settings(args: argparse.Namespace, spec: str | None, cfg):
+  """SereSettings from --sere-rho/--sere-primary for the pool `spec` (None when off); checks the
+  values and that the pool carries its similarity, before any model loads."""
+  import math
+
+  if args.sere_rho is None:
+    return None
+  from adafuse_jax.adapters.io import DEFAULT_POOL
+  from adafuse_jax.adapters.sere import SIMILARITY_FILE, SereSettings, load_similarity
+
+  rho, primary = args.sere_rho, args.sere_primary
+  if not (math.isfinite(rho) and 0.0 <= rho <= 1.0):
+    raise UserError(f"--sere-rho {rho} must be in [0, 1] (0 re-routes every secondary choice,"
+                    " 1 none)")
+  if cfg is None or cfg.mode != "pregated":
+    raise UserError("--sere-rho re-routes pre-gated choices: it needs a pre-gated pool"
+                    " (--adapters with mode pregated)")
+  if not 1 <= primary <= cfg.top_k:
+    raise UserError(f"--sere-primary {primary} must be in [1, top-k = {cfg.top_k}] for this pool")
+  if spec is None or spec.startswith("random"):
+    raise UserError(f"--adapters {spec!r} has no SERE similarity file; SERE needs a saved pool"
+                    f" with {SIMILARITY_FILE} beside it (the shipped 'default' pool has one)")
+  folder = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
+  similarity = load_similarity(folder)
+  if similarity is None:
+    raise UserError(f"the pool {spec!r} has no {SIMILARITY_FILE}; compute it with"
+                    " adafuse_jax.adapters.sere.calibrate and save_similarity (see"
+                    " tools/sere_quality.py), or drop --sere-rho")
+  if similarity.ndim != 3 or similarity.shape[1:] != (cfg.num_experts, cfg.num_experts) or \
+     not np.isfinite(similarity).all():
+    raise UserError(f"{str(folder / SIMILARITY_FILE)!r} holds {similarity.shape}, not finite"
+                    f" [layers, {cfg.num_experts}, {cfg.num_experts}] similarities; compute it"
+                    " again")
+  import jax.numpy as jnp
+
+  # A pre-gated choice serves every layer: re-route on the mean similarity over layers.
+  return SereSettings(similarity=jnp.asarray(similarity.mean(0)), primary_k=primary, rho=rho)

@@ -14,8 +14,8 @@ import os
 import sys
 from typing import Sequence
 
-from adafuse_jax.cli_options import (add_model_options, add_pool_options, adapter_config,
-                                     resolve_dtype)
+from adafuse_jax.cli_options import (add_model_options, add_pool_options, add_sere_options,
+                                     adapter_config, resolve_dtype, sere_settings)
 from adafuse_jax.errors import UserError
 from adafuse_jax.vocab import PATHS, legacy_path
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="an adapter checkpoint folder, 'default' (the shipped SmolLM2 pool), or"
                       " 'random[:SEED]' (a seeded random pool, for tests and benchmarks)")
   add_pool_options(a)
+  add_sere_options(a)
   a.add_argument("--path", choices=PATHS, default=None,
                  help="how the experts are applied: packed (default): every expert's A and the"
                       " layer-wise routers appended to the backbone's matrices, q/k/v and gate/up"
@@ -141,6 +142,10 @@ def run(args: argparse.Namespace) -> dict:
     registry.check(path, adapter_cfg if adapter_cfg.mode != "backbone" else None,
                    shared_folded=True)
   check_adapter_spec(args.adapters, adapter_cfg)
+  sere = sere_settings(args, args.adapters,
+                       adapter_cfg if adapter_cfg.mode != "backbone" else None)
+  if sere is not None and auto:
+    raise UserError("--path auto measures the paths without SERE: pick a path with --sere-rho")
   loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=not (args.quiet or args.json))
   adapters = resolve_adapters(args.adapters, adapter_cfg, loaded.model.cfg, dtype=jnp.dtype(dtype),
                               seed=args.seed)
@@ -191,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
     note = registry.get(path).note(model.layout)
     if note and adapters is not None and not args.json:
       print(f"note: {note}", file=sys.stderr)
-    gen = Generator(model, adapters=adapters, path=path, backend=backend)
+    gen = Generator(model, adapters=adapters, path=path, backend=backend, sere=sere)
   switch_per_token = gen.merges_per_token
   if stream:
     sys.stdout.write(prompts[0] if not args.chat else "")
@@ -211,6 +216,7 @@ def run(args: argparse.Namespace) -> dict:
       "streamed": stream,
       "max_new_tokens": min(args.max_new_tokens, room),  # after the context's cap
       "mode": adapter_cfg.mode,
+      "sere": ({"rho": sere.rho, "primary": sere.primary_k} if sere is not None else None),
       "path": (choice.candidate.name if choice else gen.path_name.value),
       "auto": choice.to_dict() if choice else None,
       "switches": int(gen.switch_state.switches) if switch_per_token else None,

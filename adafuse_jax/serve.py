@@ -16,7 +16,8 @@ import pathlib
 import sys
 from typing import Sequence
 
-from adafuse_jax.cli_options import add_model_options, add_pool_options, adapter_config, resolve_dtype
+from adafuse_jax.cli_options import (add_model_options, add_pool_options, add_sere_options,
+                                     adapter_config, resolve_dtype, sere_settings)
 from adafuse_jax.errors import UserError
 
 SERVE_PATHS = ("packed", "xla", "gathered", "merged")
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
   a.add_argument("--no-backbone", action="store_true",
                  help="do not serve the backbone alone (saves its KV cache)")
   add_pool_options(a)
+  add_sere_options(a)
   a.add_argument("--path", choices=SERVE_PATHS, default="packed",
                  help="how experts are applied (see `python -m adafuse_jax.decode --help`);"
                       " merged serves plain LoRAs only")
@@ -98,7 +100,7 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
   pools = pool_specs(args)
   if args.no_backbone and not pools:
     raise UserError("--no-backbone with no --adapters leaves nothing to serve")
-  configs = {}
+  configs, sere = {}, {}
   for name, spec in pools:
     cfg = adapter_config(spec, args)
     if cfg.mode == "backbone":
@@ -106,6 +108,7 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
     registry.check(args.path, cfg, shared_folded=True)
     check_adapter_spec(spec, cfg)
     configs[name] = cfg
+    sere[name] = sere_settings(args, spec, cfg)
   dtype = jnp.dtype(resolve_dtype(args.dtype))
   loaded = load_model(args.model, dtype=dtype, progress=not args.quiet)
   tok = loaded.tokenizer
@@ -126,7 +129,8 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
     engines[name] = Engine(Generator(loaded.model), tok, name=name, **engine_args)
   for name, spec in pools:
     pool = resolve_adapters(spec, configs[name], loaded.model.cfg, dtype=dtype)
-    gen = Generator(loaded.model, adapters=pool, path=args.path, backend=args.backend)
+    gen = Generator(loaded.model, adapters=pool, path=args.path, backend=args.backend,
+                    sere=sere[name])
     engines[name] = Engine(gen, tok, name=name, **engine_args)
   for name, engine in engines.items():
     engine.start(warm_up=args.warm_up)

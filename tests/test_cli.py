@@ -91,6 +91,11 @@ def test_lora_merged_once_equals_unmerged(default_model):
     (("--path", "packed", "--implementation", "xla", "hi"), "pass only --path"),
     (("--mode", "pregated", "--adapters", "random", "--implementation", "cuda", "hi"),
      "unknown --implementation 'cuda'"),
+    (("--adapters", "default", "--sere-rho", "1.5", "hi"), "--sere-rho 1.5 must be in [0, 1]"),
+    (("--adapters", "default", "--sere-rho", "0.2", "--sere-primary", "3", "hi"),
+     "--sere-primary 3 must be in [1, top-k = 2]"),
+    (("--adapters", "random", "--sere-rho", "0.2", "hi"), "has no SERE similarity file"),
+    (("--sere-rho", "0.2", "hi"), "needs a pre-gated pool"),
     (("--adapters", "default", "--top-k", "3", "--rank", "4", "hi"),
      "--rank 4, --top-k 3 shape random pools, but the pool 'default' fixes its own"),
 ])
@@ -181,3 +186,12 @@ def test_a_prompts_file_that_is_not_utf8_is_one_error_line(tmp_path):
   assert out.returncode == 2 and "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines() == [
       f"error: --prompts-file {str(path)!r} is not UTF-8 text (byte 9); save it as UTF-8"]
+
+
+def test_sere_runs_from_the_command_line_with_the_pools_similarity():
+  out = run_cli("--adapters", "default", "--sere-rho", "0", "--json", "--max-new-tokens", "6",
+                "--prompt", "def fibonacci(n):", "--prompt", "The capital of France is")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout)
+  assert result["sere"] == {"rho": 0.0, "primary": 1}
+  assert all(n > 0 for n in result["generated_tokens"])
