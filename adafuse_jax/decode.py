@@ -118,6 +118,7 @@ def _path(args: argparse.Namespace) -> tuple[str | None, str]:
 def run(args: argparse.Namespace) -> dict:
   import jax
   import jax.numpy as jnp
+  import numpy as np
 
   from adafuse_jax.adapters.io import check_adapter_spec, resolve_adapters
   from adafuse_jax.generation import Generator, check_prompts, decode_shape, generate
@@ -217,6 +218,9 @@ def run(args: argparse.Namespace) -> dict:
       "max_new_tokens": min(args.max_new_tokens, room),  # after the context's cap
       "mode": adapter_cfg.mode,
       "sere": ({"rho": sere.rho, "primary": sere.primary_k} if sere is not None else None),
+      # Experts a decode step read, over the batch (what SERE lowers).
+      "distinct_experts_per_step": (round(float(np.mean([len(np.unique(e)) for e, _ in res.routes])), 3)
+                                    if res.routes else None),
       "path": (choice.candidate.name if choice else gen.path_name.value),
       "auto": choice.to_dict() if choice else None,
       "switches": int(gen.switch_state.switches) if switch_per_token else None,

@@ -194,4 +194,6 @@ def test_sere_runs_from_the_command_line_with_the_pools_similarity():
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout)
   assert result["sere"] == {"rho": 0.0, "primary": 1}
+  # Two rows of top-2 choices: at most 4 experts a step, and rho 0 keeps only the primaries.
+  assert 1 <= result["distinct_experts_per_step"] <= 2
   assert all(n > 0 for n in result["generated_tokens"])
