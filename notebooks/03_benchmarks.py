@@ -32,8 +32,11 @@ import adafuse_jax as af
 
 ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
 BENCH = ROOT / "docs" / "benchmarks"
-runs = {p.parent.relative_to(BENCH).as_posix(): json.loads(p.read_text())
-        for p in sorted(BENCH.glob("**/results.json"))}
+results = {p.parent.relative_to(BENCH).as_posix(): json.loads(p.read_text())
+           for p in sorted(BENCH.glob("**/results.json"))}
+# Decode benches name a preset; the server's load runs (`bench.load`) have levels instead.
+runs = {name: r for name, r in results.items() if "preset" in r}
+loads = {name: r for name, r in results.items() if "levels" in r}
 for name, r in runs.items():
   print(f"{name:<28} {r['environment']['device']:<22} {r['preset']:<12} batch {r['batch']:<3}"
         f" E={r['adapter']['num_experts']} r={r['adapter']['rank']}  {r['environment']['date'][:10]}")
@@ -151,3 +154,20 @@ pool = af.AdapterConfig(mode="pregated", num_experts=8, rank=16, top_k=2)
 backbone = af.decode_bytes(cfg, "bfloat16", 256, 1, None)
 print(f"backbone {backbone / 1e9:.2f} GB per step; with 2 of 8 rank-16 experts on all 7 modules"
       f" {af.decode_bytes(cfg, 'bfloat16', 256, 1, pool) / 1e9:.2f} GB")
+
+# %% [markdown]
+# ## The server under load
+#
+# `python -m adafuse_jax.bench.load` serves the pool over the OpenAI API and keeps 1-8 (CPU) or
+# 1-64 (GPU) streams in flight, beside `generate` on a static batch and one request at a time.
+
+# %%
+for name, r in loads.items():
+  print(f"{name}: {r['model']} + pool {r['pool']}, {r['environment']['device']},"
+        f" {r['environment']['date'][:10]}")
+  for lv in r["levels"]:
+    print(f"  concurrency {lv['concurrency']:>3}: {lv['tokens_per_s']:7.1f} tokens/s,"
+          f" TTFT p50 {lv['ttft_p50_ms']:7.1f} ms, ITL p50 {lv['itl_p50_ms']:6.1f} ms")
+  print(f"  static batch {r['static_batch']}: {r['static_tokens_per_s']:.1f} tokens/s;"
+        f" sequential: {r['sequential_tokens_per_s']:.1f} tokens/s")
+
