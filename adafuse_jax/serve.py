@@ -106,6 +106,10 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
     if cfg.mode == "backbone":
       raise UserError(f"--adapters {spec!r} with --mode backbone: drop one of them")
     registry.check(args.path, cfg, shared_folded=True)
+    if args.path == "merged" and cfg.mode != "lora":
+      raise UserError(f"path 'merged' switches one expert choice per batch, while a served"
+                      f" batch's rows each keep their own: serve the {cfg.mode} pool {spec!r}"
+                      " with --path packed or gathered (merged serves plain LoRAs)")
     check_adapter_spec(spec, cfg)
     configs[name] = cfg
     sere[name] = sere_settings(args, spec, cfg)

@@ -211,3 +211,20 @@ def test_metrics_report_requests_tokens_and_routing(server):
   generated = [line for line in text.splitlines()
                if line.startswith('adafuse_generation_tokens_total{model="default"}')]
   assert float(generated[0].split()[-1]) >= 4
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--port", "99999"), "--port 99999 must be in [0, 65535]"),
+    (("--adapters", "default", "--sere-rho", "2"), "--sere-rho 2.0 must be in [0, 1]"),
+    (("--adapters", "a=default", "--adapters", "a=random"), "two pools are named 'a'"),
+    (("--adapters", "default", "--path", "merged"), "path 'merged'"),
+])
+def test_bad_server_options_are_one_error_line(args, words):
+  import subprocess
+  import sys
+
+  out = subprocess.run([sys.executable, "-m", "adafuse_jax.serve", *args], capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 2, out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: ") and words in lines[-1] and "Traceback" not in out.stderr
