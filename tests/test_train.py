@@ -613,3 +613,20 @@ def test_training_runs_as_part_of_the_package_and_from_a_checkout():
   outside = subprocess.run([sys.executable, "-c", "import train"], capture_output=True, text=True,
                            timeout=60, cwd="/", env={**os.environ, "PYTHONPATH": ""})
   assert outside.returncode != 0 and "No module named 'train'" in outside.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (("fit", "--mode", "pregated", "--workdir", "pyproject.toml"), "--workdir 'pyproject.toml' is a file"),
+    (("--cache", "README.md", "data"), "--cache 'README.md' is a file"),
+    (("fit", "--mode", "pregated", "--workdir", "/proc/no-such/run"), "cannot be created"),
+])
+def test_output_folders_are_checked_before_any_work(args, words):
+  import subprocess
+  import sys
+
+  out = subprocess.run([sys.executable, "-m", "adafuse_jax.train", *args], capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines() == [line for line in out.stderr.strip().splitlines()
+                                             if line.startswith("error: ")]
+  assert words in out.stderr

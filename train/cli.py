@@ -472,9 +472,26 @@ def loss_plot(workdir: pathlib.Path, modes: list[str], path: pathlib.Path) -> No
   plt.close(fig)
 
 
+def writable_folder(path: str, flag: str) -> pathlib.Path:
+  """Creates `path` (and its parents) as a folder, or raises UserError naming why it cannot be."""
+  folder = pathlib.Path(path)
+  if folder.exists() and not folder.is_dir():
+    raise UserError(f"{flag} {path!r} is a file; name a folder")
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"{flag} {path!r} cannot be created ({e.strerror}); name a folder you can"
+                    " write") from None
+  return folder
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
+    # Folders the run writes, checked before minutes of data preparation and training.
+    for flag in ("cache", "workdir", "out"):
+      if getattr(args, flag, None):
+        writable_folder(getattr(args, flag), "--" + flag)
     if args.command == "data":
       from adafuse_jax.train import data
       manifest = data.prepare(pathlib.Path(args.cache) if args.cache else None)
