@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import pathlib
 
 import numpy as np
 
@@ -55,15 +54,13 @@ def resolve_dtype(name: str) -> str:
 def adapter_config(spec: str | None, args: argparse.Namespace):
   """The AdapterConfig of an --adapters spec: a saved pool's own (unless --mode asks for
   another), else one built from the random-pool options."""
-  from adafuse_jax.adapters.io import read_adapter_config
+  from adafuse_jax.adapters.io import CONFIG_FILE, pool_folder, read_adapter_config
   from adafuse_jax.config import AdapterConfig
-
-  from adafuse_jax.adapters.io import DEFAULT_POOL, CONFIG_FILE
 
   mode = args.mode
   saved = None
   if spec is not None and not spec.startswith("random"):
-    folder = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
+    folder = pool_folder(spec)
     if (folder / CONFIG_FILE).is_file():
       saved, _ = read_adapter_config(folder)
   if mode is None:
@@ -103,7 +100,7 @@ def sere_settings(args: argparse.Namespace, spec: str | None, cfg):
 
   if args.sere_rho is None:
     return None
-  from adafuse_jax.adapters.io import DEFAULT_POOL
+  from adafuse_jax.adapters.io import pool_folder
   from adafuse_jax.adapters.sere import SIMILARITY_FILE, SereSettings, load_similarity
 
   rho, primary = args.sere_rho, args.sere_primary
@@ -118,7 +115,7 @@ def sere_settings(args: argparse.Namespace, spec: str | None, cfg):
   if spec is None or spec.startswith("random"):
     raise UserError(f"--adapters {spec!r} has no SERE similarity file; SERE needs a saved pool"
                     f" with {SIMILARITY_FILE} beside it (the shipped 'default' pool has one)")
-  folder = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
+  folder = pool_folder(spec)
   similarity = load_similarity(folder)
   if similarity is None:
     raise UserError(f"the pool {spec!r} has no {SIMILARITY_FILE}; compute it with"

@@ -74,7 +74,8 @@ class ModelConfig:
   name: str = "llama"
 
   def __post_init__(self) -> None:
-    for field in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn"):
+    for field in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn",
+                  "max_context"):
       if getattr(self, field) <= 0:
         raise UserError(f"ModelConfig.{field}={getattr(self, field)} must be positive")
     if self.heads % self.kv_heads:

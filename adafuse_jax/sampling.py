@@ -39,14 +39,23 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / cfg.temperature
   if cfg.top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept = mass_before < cfg.top_p
-    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    logits = _keep_top(logits, jnp.float32(cfg.top_p))
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _keep_top(scaled: jax.Array, top_p: jax.Array, top_k: jax.Array | None = None) -> jax.Array:
+  """scaled [B, V] with the tokens outside each row's nucleus (the smallest prefix of the sorted
+  distribution whose mass reaches top_p; the first token is always kept) and, with top_k [B],
+  outside its k most likely (0 = no limit) set to -inf. top_p: [] or [B]."""
+  sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  kept = mass_before < jnp.reshape(top_p, (-1, 1))
+  if top_k is not None:
+    rank = jnp.arange(scaled.shape[-1], dtype=jnp.int32)[None, :]
+    kept &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
+  threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
 def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
@@ -72,14 +81,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
 
   def drawn() -> jax.Array:
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    rank = jnp.arange(logits.shape[-1], dtype=jnp.int32)[None, :]
-    # The first token is always kept; then the prefix within top_p and top_k.
-    kept = (mass_before < top_p[:, None]) & ((top_k[:, None] <= 0) | (rank < top_k[:, None]))
-    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    masked = _keep_top(scaled, top_p, top_k)
     tokens = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     return jnp.where(temperature > 0, tokens, greedy)
 

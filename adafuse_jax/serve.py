@@ -93,6 +93,7 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
   from adafuse_jax.generation import Generator
   from adafuse_jax.paths import registry
   from adafuse_jax.serving.engine import Engine
+  from adafuse_jax.serving.steps import MERGED_REFUSAL
   from adafuse_jax.weights import load_model
 
   if args.port is not None and not 0 <= args.port < 65536:
@@ -107,9 +108,7 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
       raise UserError(f"--adapters {spec!r} with --mode backbone: drop one of them")
     registry.check(args.path, cfg, shared_folded=True)
     if args.path == "merged" and cfg.mode != "lora":
-      raise UserError(f"path 'merged' switches one expert choice per batch, while a served"
-                      f" batch's rows each keep their own: serve the {cfg.mode} pool {spec!r}"
-                      " with --path packed or gathered (merged serves plain LoRAs)")
+      raise UserError(f"--adapters {spec!r} ({cfg.mode}): {MERGED_REFUSAL}")
     check_adapter_spec(spec, cfg)
     configs[name] = cfg
     sere[name] = sere_settings(args, spec, cfg)

@@ -124,6 +124,11 @@ def check_state(path: pathlib.Path, state) -> None:
 DEFAULT_POOL = pathlib.Path(__file__).parent.parent / "pools" / "smollm2-135m"
 
 
+def pool_folder(spec: str) -> pathlib.Path:
+  """The folder of a saved-pool spec: "default" (the shipped pool) or a path."""
+  return DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
+
+
 def check_adapter_spec(spec: str | None, cfg: AdapterConfig) -> None:
   """The checks of `resolve_adapters` that need no model (run before loading one): raises
   UserError / ModelFileError naming what is wrong and the fix."""
@@ -144,7 +149,7 @@ def check_adapter_spec(spec: str | None, cfg: AdapterConfig) -> None:
         raise UserError(f"--adapters {spec!r}: the seed after 'random:' must be an integer"
                         ) from None
     return
-  path = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
+  path = pool_folder(spec)
   if spec == "default" and not (path / CONFIG_FILE).is_file():
     raise ModelFileError(f"no trained default pool is installed at {str(path)!r}; train one"
                          " (see README, training) or pass --adapters random")
@@ -170,7 +175,7 @@ def resolve_adapters(spec: str | None, cfg: AdapterConfig, model_cfg: ModelConfi
   if spec == "random" or spec.startswith("random:"):
     seed = int(spec.split(":", 1)[1]) if ":" in spec else seed
     return MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, random_b=True)
-  path = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
+  path = pool_folder(spec)
   return load_adapters(path, model_cfg, dtype=dtype)
 
 
@@ -182,7 +187,7 @@ def load_pool(spec: str, model_cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float
   if spec == "random" or spec.startswith("random:"):
     cfg = AdapterConfig()
   else:
-    path = DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
+    path = pool_folder(spec)
     if not path.exists():
       raise ModelFileError(f"adapter pool {spec!r} does not exist; pass 'default', a folder"
                            " written by save_adapters or training, or 'random'")

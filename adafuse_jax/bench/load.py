@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -193,7 +192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -> dict:
-  import jax
   import jax.numpy as jnp
   import uvicorn
 

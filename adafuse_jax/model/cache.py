@@ -21,8 +21,29 @@ import jax.numpy as jnp
 from adafuse_jax.config import ModelConfig
 
 
+def _zeros(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> tuple[jax.Array, ...]:
+  """One zeroed [batch, max_len, Hkv, hd] buffer per layer."""
+  shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+  return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers))
+
+
+class _Buffers:
+  """What both caches read off their per-layer buffers `k`, `v` ([B, S, Hkv, hd] each)."""
+
+  @property
+  def max_len(self) -> int:
+    return self.k[0].shape[1]
+
+  @property
+  def batch(self) -> int:
+    return self.k[0].shape[0]
+
+  def nbytes(self) -> int:
+    return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
+
+
 @flax.struct.dataclass
-class KVCache:
+class KVCache(_Buffers):
   """Per-layer key/value buffers and the bookkeeping that locates tokens in them.
 
   Attributes:
@@ -39,23 +60,10 @@ class KVCache:
   @classmethod
   def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype,
              pad: jax.Array | None = None) -> "KVCache":
-    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers))  # noqa: E731
     if pad is None:
       pad = jnp.zeros((batch,), jnp.int32)
-    return cls(k=zeros(), v=zeros(), pad=jnp.asarray(pad, jnp.int32),
-               length=jnp.zeros((), jnp.int32))
-
-  @property
-  def max_len(self) -> int:
-    return self.k[0].shape[1]
-
-  @property
-  def batch(self) -> int:
-    return self.k[0].shape[0]
-
-  def nbytes(self) -> int:
-    return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
+    return cls(k=_zeros(cfg, batch, max_len, dtype), v=_zeros(cfg, batch, max_len, dtype),
+               pad=jnp.asarray(pad, jnp.int32), length=jnp.zeros((), jnp.int32))
 
   def positions(self, t: int) -> jax.Array:
     """RoPE positions [B, T] of the next t tokens."""
@@ -82,7 +90,7 @@ class KVCache:
 
 
 @flax.struct.dataclass
-class SlotCache:
+class SlotCache(_Buffers):
   """Per-layer key/value buffers whose rows are independent sequences (continuous batching).
 
   Attributes:
@@ -107,20 +115,8 @@ class SlotCache:
 
   @classmethod
   def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> "SlotCache":
-    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers))  # noqa: E731
-    return cls(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
-
-  @property
-  def max_len(self) -> int:
-    return self.k[0].shape[1]
-
-  @property
-  def batch(self) -> int:
-    return self.k[0].shape[0]
-
-  def nbytes(self) -> int:
-    return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
+    return cls(k=_zeros(cfg, batch, max_len, dtype), v=_zeros(cfg, batch, max_len, dtype),
+               lengths=jnp.zeros((batch,), jnp.int32))
 
   def _lengths(self) -> jax.Array:
     return self.lengths if self.rows_used is None else self.lengths[:self.rows_used]

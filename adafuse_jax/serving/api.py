@@ -115,6 +115,7 @@ class ChatRequest(_Common):
 
 
 def _usage(out) -> dict[str, int]:
+  """OpenAI's usage object from an `Output` or a `Completion` (both carry the two counts)."""
   return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
           "total_tokens": out.prompt_tokens + out.completion_tokens}
 
@@ -163,17 +164,16 @@ class _BodyLimit:
 
 
 class _TooLarge(Exception):
-  pass
+  """A request body grew past the limit while it was read."""
 
 
 class _UnknownModel(Exception):
-  pass
+  """A request named a model this server does not serve (answered with 404)."""
 
 
 def create_app(engines: dict[str, Engine], *, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
   """The FastAPI app serving `engines` (model name -> started engine)."""
   app = FastAPI(title="adafuse-jax", docs_url=None, redoc_url=None)
-  app.state.engines = engines
   app.state.http_counts = {}
   created = int(time.time())
 
@@ -256,9 +256,7 @@ def create_app(engines: dict[str, Engine], *, max_body_bytes: int = DEFAULT_MAX_
       return _stream_response(stream, chunk, body.include_usage)
     result = await _result(stream)
     out = chunk(result.text, result.finish_reason)
-    out["usage"] = {"prompt_tokens": result.prompt_tokens,
-                    "completion_tokens": result.completion_tokens,
-                    "total_tokens": result.prompt_tokens + result.completion_tokens}
+    out["usage"] = _usage(result)
     return out
 
   @app.post("/v1/chat/completions")
@@ -292,9 +290,7 @@ def create_app(engines: dict[str, Engine], *, max_body_bytes: int = DEFAULT_MAX_
             "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "logprobs": None, "finish_reason": result.finish_reason}],
-            "usage": {"prompt_tokens": result.prompt_tokens,
-                      "completion_tokens": result.completion_tokens,
-                      "total_tokens": result.prompt_tokens + result.completion_tokens}}
+            "usage": _usage(result)}
 
   return _BodyLimit(app, max_body_bytes)  # type: ignore[return-value]
 

@@ -213,16 +213,15 @@ class EngineStats:
   distinct_experts: float = 0.0
   ttft_s: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=1024))
   token_times: collections.deque = dataclasses.field(
-      default_factory=lambda: collections.deque(maxlen=4096))
+      default_factory=lambda: collections.deque(maxlen=4096))  # when each token was read
 
   def tokens_per_s(self, window_s: float = 10.0) -> float:
     """Generated tokens per second over the last `window_s` seconds."""
     now = time.perf_counter()
-    recent = [(t, n) for t, n in self.token_times if now - t <= window_s]
+    recent = [t for t in self.token_times if now - t <= window_s]
     if not recent:
       return 0.0
-    span = max(now - recent[0][0], 1e-3)
-    return sum(n for _, n in recent) / span
+    return len(recent) / max(now - recent[0], 1e-3)
 
 
 class Engine:
@@ -483,7 +482,7 @@ class Engine:
       self.stats.ttft_s.append(seq.first_token_s)
     seq.generated += 1
     self.stats.generated_tokens += 1
-    self.stats.token_times.append((now, 1))
+    self.stats.token_times.append(now)
     if not seq.params.ignore_eos and token in self.tokenizer.eos_ids:
       self._finish(seq, "stop", seq.detok.flush())
       return

@@ -22,6 +22,13 @@ from adafuse_jax.model.cache import SlotCache
 from adafuse_jax.sampling import row_keys, sample_rows
 
 
+# Why a routed pool cannot be served on path "merged" (refused here and, before the model loads,
+# by `python -m adafuse_jax.serve`).
+MERGED_REFUSAL = ("path 'merged' switches one expert choice per batch, while a served batch's"
+                  " rows each keep their own experts: serve this pool with --path packed or"
+                  " gathered (merged serves plain LoRAs)")
+
+
 def power_buckets(largest: int, smallest: int = 1) -> tuple[int, ...]:
   """smallest, 2*smallest, ... up to and including `largest`."""
   out, b = [], smallest
@@ -66,9 +73,7 @@ class SlotSteps:
   def __init__(self, gen: Generator, *, max_batch: int, max_len: int, chunk: int,
                batch_buckets: Sequence[int] | None = None):
     if gen.merges_per_token:
-      raise UserError("path 'merged' switches one expert choice per batch, while a served batch's"
-                      " rows each keep their own experts: serve this pool with --path packed or"
-                      " gathered")
+      raise UserError(MERGED_REFUSAL)
     if max_len % chunk:
       raise ValueError(f"max_len={max_len} must be a multiple of chunk={chunk}")
     self.gen = gen
@@ -80,7 +85,7 @@ class SlotSteps:
     self.chunk_buckets = power_buckets(chunk, smallest=min(16, chunk))
     self.span_buckets = span_buckets(max_len)
     self._prefills: dict[int, Callable] = {}
-    self._decodes: dict[int, Callable] = {}
+    self._decodes: dict[tuple[int, int], Callable] = {}  # by (batch, span)
 
   def new_cache(self) -> SlotCache:
     return SlotCache.create(self.gen.cfg, self.max_batch, self.max_len, self.gen.dtype)

@@ -86,10 +86,10 @@ def load_model(spec: str | None = None, *, dtype: jnp.dtype = jnp.float32, seed:
     except ModelFileError:
       raise
     except (KeyError, ValueError, TypeError, ZeroDivisionError, IndexError) as e:
-      # Metadata that parsed but does not describe a model we can build.
+      # Metadata that parsed but does not describe a model we can build (ModelConfig's own
+      # checks of sizes, heads and RoPE raise UserError, a ValueError).
       raise ModelFileError(f"{spec!r} has inconsistent model metadata ({type(e).__name__}: {e});"
                            " the file is damaged or not a Llama-family model") from None
-  check_config(cfg, spec)
   check_finite(weights, spec)
   try:
     model = LlamaModel(cfg, weights=weights, dtype=dtype)
@@ -98,20 +98,5 @@ def load_model(spec: str | None = None, *, dtype: jnp.dtype = jnp.float32, seed:
                          " hand-edited file)") from None
   return LoadedModel(model, tok, str(path))
 
-
-def check_config(cfg, source: str) -> None:
-  """Raises ModelFileError for a config no decoder can have (read from a file's metadata)."""
-  sizes = {"vocab_size": cfg.vocab_size, "hidden": cfg.hidden, "layers": cfg.layers,
-           "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-           "ffn": cfg.ffn, "max_context": cfg.max_context}
-  bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
-  if bad:
-    raise ModelFileError(f"{source!r} declares {', '.join(bad)}; every size must be positive"
-                         " (the file's metadata is damaged)")
-  if cfg.heads % cfg.kv_heads:
-    raise ModelFileError(f"{source!r} declares {cfg.heads} attention heads over {cfg.kv_heads}"
-                         " key/value heads, which do not divide; the metadata is damaged")
-  if cfg.head_dim % 2:
-    raise ModelFileError(f"{source!r} declares head_dim={cfg.head_dim}; RoPE needs an even one")
 
 
