@@ -162,8 +162,9 @@ class SlotSteps:
   def warm_up(self, log: Callable[[str], None] | None = None, threads: int | None = None) -> None:
     """Compiles every decode bucket and prompt-chunk length now rather than on first use.
 
-    The programs compile in parallel threads (XLA releases the interpreter while it compiles):
-    nine 7B programs took 280 s one after another on the H200 host's 16 cores.
+    The programs compile in parallel threads (XLA releases the interpreter while it compiles);
+    on the H200 that did not shorten nine 7B programs (280 s one after another, 350 s in
+    threads): the GEMM autotuner's measurements share the one GPU.
     """
     import concurrent.futures
 
