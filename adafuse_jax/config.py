@@ -26,9 +26,16 @@ def input_group(name: str) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-  """RoPE frequency scaling as Hugging Face configs spell it.
+  """RoPE frequency scaling as Hugging Face configs spell it (`rope_parameters` / `rope_scaling`).
 
-  kind: "linear" (positions divided by `factor`) or "llama3" (wavelength-dependent blend).
+  kind: "linear" (positions divided by `factor`), "llama3" (wavelength-dependent blend),
+    "yarn" (NTK-by-parts blend between `beta_fast` and `beta_slow` rotations, cos/sin scaled
+    by `attention_factor`) or "dynamic" (dynamic NTK: frequencies change only past
+    `max_position_embeddings`, which the model's context is capped at, so inside it they are
+    the unscaled ones).
+  original_max_position: the pre-training context the llama3 and yarn formulas measure against.
+  attention_factor: yarn's scale of cos and sin (None: transformers' default from `factor`,
+    `mscale`, `mscale_all_dim`); 1 for the other kinds.
   """
 
   kind: str = "linear"
@@ -36,6 +43,10 @@ class RopeScaling:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position: int = 8192
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  attention_factor: float = 1.0
+  truncate: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

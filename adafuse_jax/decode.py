@@ -154,9 +154,8 @@ def run(args: argparse.Namespace) -> dict:
   if tok is None:
     raise UserError(f"--model {args.model!r} has no tokenizer; a Hugging Face folder needs"
                     " tokenizer.json")
-  texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
-           for p in prompts]
-  ids = [tok.encode(t) for t in texts]
+  ids = [tok.encode_chat([{"role": "user", "content": p}]) if args.chat else tok.encode(p)
+         for p in prompts]
   context = loaded.model.cfg.max_context
   check_prompts(ids, context)  # before anything is echoed: a long prompt is never printed back
   room = context - max(len(i) for i in ids)

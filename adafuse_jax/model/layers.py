@@ -24,11 +24,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """Inverse frequencies [head_dim // 2] of the rotary embedding, with the config's scaling."""
+  """Inverse frequencies [head_dim // 2] of the rotary embedding, with the config's scaling
+  (the formulas of transformers' `modeling_rope_utils`, computed in f64)."""
   half = cfg.head_dim // 2
-  inv_freq = 1.0 / (cfg.rope_base ** (np.arange(half, dtype=np.float64) * 2 / cfg.head_dim))
+  dims = np.arange(half, dtype=np.float64) * 2 / cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_base ** dims)
   s = cfg.rope_scaling
-  if s is None:
+  if s is None or s.kind == "dynamic":  # dynamic NTK is the plain rope inside the context
     return inv_freq.astype(np.float32)
   if s.kind == "linear":
     return (inv_freq / s.factor).astype(np.float32)
@@ -43,18 +45,38 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     out = np.where(wavelen > low_wavelen, inv_freq / s.factor,
                    np.where(wavelen < high_wavelen, inv_freq, blended))
     return out.astype(np.float32)
+  if s.kind == "yarn":
+    # Dimensions rotating more than beta_fast times in the original context keep their
+    # frequency, those under beta_slow are interpolated by `factor`, a linear ramp between.
+    def correction_dim(rotations: float) -> float:
+      return (cfg.head_dim * math.log(s.original_max_position / (rotations * 2 * math.pi))
+              / (2 * math.log(cfg.rope_base)))
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, cfg.head_dim - 1)
+    if low == high:
+      high += 0.001
+    ramp = np.clip((np.arange(half, dtype=np.float64) - low) / (high - low), 0, 1)
+    keep = 1 - ramp
+    out = inv_freq / s.factor * (1 - keep) + inv_freq * keep
+    return out.astype(np.float32)
   raise ValueError(f"unsupported rope scaling kind {s.kind!r}")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0
+               ) -> jax.Array:
   """Rotates x [B, T, H, hd] by positions [B, T] in the `rotate_half` (Hugging Face) layout.
 
   Pairs are (i, i + hd/2). GGUF files store Q/K rows permuted for interleaved pairs; the GGUF
-  loader undoes that permutation so one RoPE serves every format.
+  loader undoes that permutation so one RoPE serves every format. `scale` multiplies cos and
+  sin (yarn's attention factor).
   """
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
+  if scale != 1.0:
+    cos, sin = cos * scale, sin * scale
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -135,6 +135,7 @@ class LlamaModel(nnx.Module):
     positions = cache.positions(t)  # [B, T]
     mask = cache.visible(t)  # [B, T, S]
     inv_freq = self.inv_freq[...]
+    rope_scale = cfg.rope_scaling.attention_factor if cfg.rope_scaling else 1.0
 
     h = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
     new_k, new_v = list(cache.k), list(cache.v)
@@ -143,8 +144,8 @@ class LlamaModel(nnx.Module):
       q = linear("q", l, x, self.q.get_value()).reshape(b, t, cfg.heads, cfg.head_dim)
       k = linear("k", l, x, self.k.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
       v = linear("v", l, x, self.v.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
-      q = apply_rope(q, positions, inv_freq)
-      k = apply_rope(k, positions, inv_freq)
+      q = apply_rope(q, positions, inv_freq, rope_scale)
+      k = apply_rope(k, positions, inv_freq, rope_scale)
       new_k[l] = cache.write(new_k[l], k)
       new_v[l] = cache.write(new_v[l], v)
       att = attention(q, cache.readable(new_k[l]), cache.readable(new_v[l]), mask).reshape(b, t, cfg.q_dim)

@@ -265,7 +265,7 @@ def create_app(engines: dict[str, Engine], *, max_body_bytes: int = DEFAULT_MAX_
     params = body.sampling(default_max_tokens=None)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
-      prompt = engine.tokenizer.apply_chat_template(messages)
+      prompt = engine.tokenizer.encode_chat(messages)
     except ValueError as e:
       raise UserError(f"model {body.model!r}: {e}") from None
     stream = engine.submit_async(prompt, params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import numpy as np
@@ -19,10 +20,70 @@ _HF_LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn
                "down": "mlp.down_proj"}
 
 
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+def rope_from_hf(c: dict) -> tuple[float, RopeScaling | None]:
+  """(theta, scaling) from a config's `rope_parameters` (transformers 5) or its older
+  `rope_theta` + `rope_scaling` keys. An unknown rope type is a ModelFileError, never a silent
+  default."""
+  params = c.get("rope_parameters")
+  if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+    raise ModelFileError("config.json sets rope_parameters per layer type; Llama-family models"
+                         " use one rotary embedding for every layer")
+  rope = dict(c.get("rope_scaling") or {})
+  if isinstance(params, dict):
+    rope.update(params)
+  theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+  kind = rope.get("rope_type", rope.get("type")) or "default"
+  if kind not in ROPE_TYPES:
+    raise ModelFileError(f"config.json asks for rope type {kind!r}, which is not supported"
+                         f" ({', '.join(ROPE_TYPES)} are); use a model with one of those")
+  if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise ModelFileError("config.json rotates part of each head (partial_rotary_factor"
+                         f" {rope['partial_rotary_factor']}); Llama-family models rotate all of it")
+  max_pos = int(c.get("max_position_embeddings", 4096))
+  factor = rope.get("factor")
+  if kind == "default":
+    return theta, None
+  if kind in ("linear", "dynamic"):
+    return theta, RopeScaling(kind=kind, factor=float(factor))
+  original = int(rope.get("original_max_position_embeddings") or max_pos)
+  if kind == "llama3":
+    return theta, RopeScaling(kind="llama3", factor=float(factor),
+                              low_freq_factor=float(rope["low_freq_factor"]),
+                              high_freq_factor=float(rope["high_freq_factor"]),
+                              original_max_position=original)
+  # yarn, with transformers' defaults for what the config leaves out
+  factor = float(factor) if factor is not None else max_pos / original
+  attention = rope.get("attention_factor")
+  if attention is None:
+    def mscale(scale: float, m: float = 1.0) -> float:
+      return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+  return theta, RopeScaling(kind="yarn", factor=factor, original_max_position=original,
+                            beta_fast=float(rope.get("beta_fast") or 32),
+                            beta_slow=float(rope.get("beta_slow") or 1),
+                            attention_factor=float(attention),
+                            truncate=bool(rope.get("truncate", True)))
+
+
 def config_from_hf(c: dict, name: str) -> ModelConfig:
+  """A ModelConfig from a Llama/Mistral `config.json` (keys of transformers 5 and earlier).
+
+  What this decoder does not compute (another architecture or activation, biases, a rope type
+  or partial rotation it lacks) is a ModelFileError naming it. Mistral's sliding window is
+  exact as long as the context stays inside it, so the context is capped at the window.
+  """
   if c.get("model_type") not in SUPPORTED_TYPES:
     raise ModelFileError(f"config.json has model_type {c.get('model_type')!r}; supported:"
-                         f" {', '.join(SUPPORTED_TYPES)}")
+                         f" {', '.join(SUPPORTED_TYPES)} (a Llama-family model)")
+  arch = [a for a in c.get("architectures") or [] if a not in SUPPORTED_ARCHITECTURES]
+  if arch:
+    raise ModelFileError(f"config.json names architecture {arch[0]!r}; supported:"
+                         f" {', '.join(SUPPORTED_ARCHITECTURES)}")
   required = ("num_attention_heads", "hidden_size", "vocab_size", "num_hidden_layers",
               "intermediate_size")
   missing = [k for k in required if not isinstance(c.get(k), int)]
@@ -30,29 +91,26 @@ def config_from_hf(c: dict, name: str) -> ModelConfig:
     raise ModelFileError(f"config.json of {name!r} lacks integer {', '.join(missing)}; a"
                          " Llama-family config.json sets them (the file is damaged or of"
                          " another kind)")
+  act = c.get("hidden_act", "silu")
+  if act != "silu":
+    raise ModelFileError(f"config.json asks for activation {act!r}; Llama-family models (and"
+                         " this decoder) use 'silu'")
+  biased = [k for k in ("attention_bias", "mlp_bias") if c.get(k)]
+  if biased:
+    raise ModelFileError(f"config.json sets {', '.join(biased)}; this decoder has no bias"
+                         " terms (Llama and Mistral models have none)")
   heads = int(c["num_attention_heads"])
   hidden = int(c["hidden_size"])
-  rs = c.get("rope_scaling") or None
-  scaling = None
-  if rs:
-    kind = rs.get("rope_type", rs.get("type"))
-    if kind == "linear":
-      scaling = RopeScaling(kind="linear", factor=float(rs["factor"]))
-    elif kind == "llama3":
-      scaling = RopeScaling(kind="llama3", factor=float(rs["factor"]),
-                            low_freq_factor=float(rs["low_freq_factor"]),
-                            high_freq_factor=float(rs["high_freq_factor"]),
-                            original_max_position=int(rs["original_max_position_embeddings"]))
-    elif kind not in (None, "default"):
-      raise ModelFileError(f"rope_scaling type {kind!r} is not supported (linear, llama3 are)")
+  theta, scaling = rope_from_hf(c)
+  context = int(c.get("max_position_embeddings", 4096))
+  if c.get("sliding_window"):
+    context = min(context, int(c["sliding_window"]))
   return ModelConfig(
       vocab_size=int(c["vocab_size"]), hidden=hidden, layers=int(c["num_hidden_layers"]),
       heads=heads, kv_heads=int(c.get("num_key_value_heads") or heads),
       head_dim=int(c.get("head_dim") or hidden // heads), ffn=int(c["intermediate_size"]),
-      rope_base=float(c.get("rope_theta", 10000.0)), rope_scaling=scaling,
-      rms_eps=float(c.get("rms_norm_eps", 1e-5)),
-      max_context=int(c.get("max_position_embeddings", 4096)),
-      tie_embeddings=bool(c.get("tie_word_embeddings", False)), name=name)
+      rope_base=theta, rope_scaling=scaling, rms_eps=float(c.get("rms_norm_eps", 1e-5)),
+      max_context=context, tie_embeddings=bool(c.get("tie_word_embeddings", False)), name=name)
 
 
 def _tensor_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:

@@ -5,8 +5,10 @@ plus the model's chat template.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from typing import Sequence
 
+import jinja2
 import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
@@ -18,27 +20,40 @@ _GGUF_USER_DEFINED = 4
 
 @dataclasses.dataclass
 class Tokenizer:
-  """Text <-> ids, and chat formatting.
+  """Text <-> ids, and chat formatting, as transformers does them.
 
   Attributes:
     backend: the `tokenizers.Tokenizer` doing the work.
-    eos_ids: ids that end generation.
+    eos_ids: ids that end generation (the tokenizer's EOS and every id `generation_config.json`
+      or the GGUF names).
     chat_template: a Jinja template over `messages` (role/content dicts), or None.
-    add_bos_id: an id to put before every prompt, or None.
+    add_bos_id: an id to put before every prompt that does not already start with it, or None
+      (GGUF's `add_bos_token`, older HF folders' `add_bos_token` without a post-processor).
+    post_process: whether `encode` runs the backend's post-processor (a Hugging Face
+      `tokenizer.json` adds BOS there, the Llama-3 pattern).
+    bos_token, eos_token: the strings a chat template's `{{ bos_token }}` / `{{ eos_token }}`
+      render to.
   """
 
   backend: tokenizers.Tokenizer
   eos_ids: frozenset[int]
   chat_template: str | None = None
   add_bos_id: int | None = None
+  post_process: bool = False
+  bos_token: str = ""
+  eos_token: str = ""
 
   @property
   def vocab_size(self) -> int:
     return self.backend.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str) -> list[int]:
-    ids = self.backend.encode(text, add_special_tokens=False).ids
-    return ([self.add_bos_id] if self.add_bos_id is not None else []) + ids
+  def encode(self, text: str, special: bool = True) -> list[int]:
+    """Ids of `text`; with `special` the BOS (or whatever else) the tokenizer adds to a prompt,
+    as transformers' `tokenizer(text)` does."""
+    ids = self.backend.encode(text, add_special_tokens=special and self.post_process).ids
+    if special and self.add_bos_id is not None and ids[:1] != [self.add_bos_id]:
+      ids = [self.add_bos_id] + ids
+    return ids
 
   def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
     return self.backend.decode(list(ids), skip_special_tokens=skip_special)
@@ -48,13 +63,31 @@ class Tokenizer:
 
   def apply_chat_template(self, messages: Sequence[dict[str, str]],
                           add_generation_prompt: bool = True) -> str:
-    """Formats a conversation with the model's own template."""
+    """A conversation as text in the model's own template (BOS included when the template
+    writes `{{ bos_token }}`): transformers' `apply_chat_template(..., tokenize=False)`."""
     if not self.chat_template:
-      raise ValueError("this model has no chat template; drop --chat and give a plain prompt")
+      raise ValueError("this model has no chat template (no chat_template.jinja or"
+                       " tokenizer_config.json entry); drop --chat and give a plain prompt")
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    template = env.from_string(self.chat_template)
-    return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                           bos_token="", eos_token="")
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+      template = env.from_string(self.chat_template)
+      return template.render(messages=list(messages),
+                             add_generation_prompt=add_generation_prompt,
+                             bos_token=self.bos_token, eos_token=self.eos_token)
+    except jinja2.TemplateError as e:
+      raise ValueError(f"the model's chat template failed: {e}") from None
+
+  def encode_chat(self, messages: Sequence[dict[str, str]],
+                  add_generation_prompt: bool = True) -> list[int]:
+    """Ids of a conversation: the template's text, tokenized without adding specials again
+    (transformers' `apply_chat_template(..., tokenize=True)`)."""
+    return self.encode(self.apply_chat_template(messages, add_generation_prompt), special=False)
+
+
+def _raise_template_error(message: str):
+  raise ValueError(f"the model's chat template refused the conversation: {message}")
 
 
 def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
@@ -92,35 +125,59 @@ def from_gguf_fields(fields: dict) -> Tokenizer:
   bos = int(fields["tokenizer.ggml.bos_token_id"].contents()) if add_bos else None
   template = (fields["tokenizer.chat_template"].contents()
               if "tokenizer.chat_template" in fields else None)
-  return Tokenizer(backend=backend, eos_ids=frozenset(eos), chat_template=template, add_bos_id=bos)
+  bos_str = tokens[int(fields["tokenizer.ggml.bos_token_id"].contents())] if (
+      "tokenizer.ggml.bos_token_id" in fields) else ""
+  eos_str = tokens[int(fields["tokenizer.ggml.eos_token_id"].contents())]
+  return Tokenizer(backend=backend, eos_ids=frozenset(eos), chat_template=template, add_bos_id=bos,
+                   bos_token=bos_str, eos_token=eos_str)
 
 
 def from_hf_folder(folder, config: dict) -> Tokenizer:
-  """Loads `tokenizer.json` (+ `tokenizer_config.json` for the template) from a HF folder."""
+  """The tokenizer of a Hugging Face folder: `tokenizer.json` (its post-processor adds BOS),
+  `tokenizer_config.json` (special tokens, an older `add_bos_token`, the template), the chat
+  template from `chat_template.jinja` (transformers 5) or `tokenizer_config.json`, and the EOS
+  ids of `generation_config.json` and `config.json`."""
   import json
   import pathlib
 
   folder = pathlib.Path(folder)
   backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-  tcfg_path = folder / "tokenizer_config.json"
-  tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.exists() else {}
+
+  def read(name: str) -> dict:
+    path = folder / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+  tcfg, gcfg = read("tokenizer_config.json"), read("generation_config.json")
+
+  def token_str(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
 
   def token_id(value) -> int | None:
-    if isinstance(value, dict):
-      value = value.get("content")
+    value = token_str(value)
     return backend.token_to_id(value) if isinstance(value, str) else None
 
   eos: set[int] = set()
-  cfg_eos = config.get("eos_token_id")
-  if isinstance(cfg_eos, int):
-    eos.add(cfg_eos)
-  elif isinstance(cfg_eos, list):
-    eos.update(int(e) for e in cfg_eos)
+  for source in (config.get("eos_token_id"), gcfg.get("eos_token_id")):
+    if isinstance(source, int):
+      eos.add(source)
+    elif isinstance(source, list):
+      eos.update(int(e) for e in source)
   if (tid := token_id(tcfg.get("eos_token"))) is not None:
     eos.add(tid)
-  bos = token_id(tcfg.get("bos_token")) if tcfg.get("add_bos_token", False) else None
-  return Tokenizer(backend=backend, eos_ids=frozenset(eos), chat_template=tcfg.get("chat_template"),
-                   add_bos_id=bos)
+  bos_id = token_id(tcfg.get("bos_token"))
+  # Older Llama folders say add_bos_token in tokenizer_config.json and may lack a
+  # post-processor that adds it; prepend it then, once.
+  add_bos = bos_id if tcfg.get("add_bos_token", False) else None
+  template = tcfg.get("chat_template")
+  if (folder / "chat_template.jinja").exists():
+    template = (folder / "chat_template.jinja").read_text()
+  if isinstance(template, list):  # named templates: transformers picks "default"
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = named.get("default")
+  return Tokenizer(backend=backend, eos_ids=frozenset(eos), chat_template=template,
+                   add_bos_id=add_bos, post_process=True,
+                   bos_token=token_str(tcfg.get("bos_token")) or "",
+                   eos_token=token_str(tcfg.get("eos_token")) or "")
 
 
 def byte_tokenizer(vocab_size: int) -> Tokenizer:
