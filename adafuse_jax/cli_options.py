@@ -57,7 +57,21 @@ def adapter_config(spec: str | None, args: argparse.Namespace):
   from adafuse_jax.adapters.io import CONFIG_FILE, pool_folder, read_adapter_config
   from adafuse_jax.config import AdapterConfig
 
+  from adafuse_jax.adapters import peft
+
   mode = args.mode
+  if peft.is_peft_spec(spec):
+    cfg = peft.spec_config(spec, mode=mode, top_k=args.top_k)
+    asked = [f"--{name.replace('_', '-')} {getattr(args, name)}"
+             for name in ("experts", "rank", "adapt_modules", "shared_rank")
+             if getattr(args, name) != POOL_DEFAULTS[name]]
+    if asked:
+      raise UserError(f"{', '.join(asked)} shape random pools, but the PEFT adapters {spec!r}"
+                      f" fix their own ({cfg.num_experts} expert(s), rank {cfg.rank}, modules"
+                      f" {','.join(cfg.modules)}); drop them")
+    if peft.is_export(spec):
+      return cfg
+    return cfg.replace(per_layer_gates=args.per_layer_gates) if cfg.mode == "pregated" else cfg
   saved = None
   if spec is not None and not spec.startswith("random"):
     folder = pool_folder(spec)

@@ -47,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
       s.add_argument("--mode", choices=TRAIN_MODES, default="pregated")
       s.add_argument("--resume-step", type=int, default=None,
                      help="restore this checkpoint step rather than the latest")
+      s.add_argument("--model", default="default",
+                     help="the frozen base model: 'default', a GGUF file or a Hugging Face folder")
+      s.add_argument("--data", default=None,
+                     help="your own text instead of the built-in domains: a folder with one"
+                          " subfolder of .txt files per domain, or JSONL lines with \"text\""
+                          " (and \"domain\")")
+      s.add_argument("--adapters", default=None, metavar="SPEC",
+                     help="start from this pool instead of a fresh one: PEFT LoRA folders"
+                          " (DIR1,DIR2,...: one expert each, a fresh router) or a saved pool;"
+                          " only its router trains unless --train-experts")
+      s.add_argument("--train-experts", action="store_true",
+                     help="with --adapters: train the experts too, not only the router")
+      s.add_argument("--export", help="save the trained pool here (load it with --adapters)")
     else:
       s.add_argument("--modes", default=",".join(("backbone",) + TRAIN_MODES),
                      help="rows of the table: backbone and/or training modes")
@@ -113,15 +126,25 @@ def _setup(args, cache: pathlib.Path):
   from adafuse_jax.train import data
 
   dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-  loaded = load_model(dtype=dtype, progress=not args.quiet)
+  loaded = load_model(getattr(args, "model", "default"), dtype=dtype, progress=not args.quiet)
+  if cache is None:  # the user's own --data
+    if loaded.tokenizer is None:
+      raise UserError(f"--model {args.model!r} has no tokenizer to read --data with")
+    return (loaded, *data.user_streams(args.data, loaded.tokenizer, args.seq_len))
   return loaded, data.load_streams(cache, "train"), data.load_streams(cache, "heldout")
 
 
 def fit(args, mode: str, loaded, train_streams, heldout):
   from adafuse_jax.train.loop import Trainer
 
+  start_from = getattr(args, "adapters", None)
+  pool = None
+  if start_from:
+    from adafuse_jax.adapters.io import load_pool
+    pool = load_pool(start_from, loaded.model.cfg, dtype=loaded.model.dtype, seed=args.seed)
   trainer = Trainer(loaded.model, _config(args, mode), train_streams, heldout,
-                    pathlib.Path(args.workdir) / mode if args.command == "all" else args.workdir)
+                    pathlib.Path(args.workdir) / mode if args.command == "all" else args.workdir,
+                    adapters=pool, router_only=bool(start_from) and not args.train_experts)
   start = trainer.restore(getattr(args, "resume_step", None))
   if start:
     print(f"# {mode}: resumed at step {start}", file=sys.stderr)
@@ -506,10 +529,19 @@ def main(argv: Sequence[str] | None = None) -> int:
       (path.parent / "results.md").write_text(text)
       print(text)
     elif args.command == "fit":
-      loaded, tr, ho = _setup(args, _prepared_cache(args))
+      if args.export:
+        writable_folder(args.export, "--export")
+      loaded, tr, ho = _setup(args, None if args.data else _prepared_cache(args))
       trainer, secs = fit(args, args.mode, loaded, tr, ho)
-      print(json.dumps({"mode": args.mode, "step": trainer.step, "train_s": secs,
-                        "heldout_ppl": trainer.evaluate()}, indent=2))
+      print(json.dumps({"mode": trainer.adapters.cfg.mode, "step": trainer.step, "train_s": secs,
+                        "domains": sorted(tr), "heldout_ppl": trainer.evaluate(),
+                        "routing": routing_summary(trainer.adapters)
+                        if trainer.adapters.router is not None else None}, indent=2))
+      if args.export:
+        from adafuse_jax.adapters.io import save_adapters
+        save_adapters(args.export, trainer.adapters)
+        print(f"saved the trained pool to {args.export} (use it with --adapters"
+              f" {args.export})", file=sys.stderr)
     else:
       print(markdown(run_all(args)))
   except UserError as e:

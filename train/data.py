@@ -37,6 +37,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from adafuse_jax.errors import UserError
+
 DOMAINS = ("code", "computing", "definitions", "quotes", "math")
 LICENCES = {"code": "PSF-2.0 (Python standard library)", "computing": "GFDL-1.1+ (FOLDOC)",
             "definitions": "WordNet 3.0 licence (Princeton, BSD-like)",
@@ -272,3 +274,70 @@ def load_streams(cache: pathlib.Path, split: str) -> dict[str, np.ndarray]:
       raise SystemExit(f"error: {path} is missing; run `python -m adafuse_jax.train data` first")
     out[domain] = np.load(path)
   return out
+
+
+def user_documents(path: str | pathlib.Path) -> dict[str, list[tuple[str, str]]]:
+  """domain -> [(doc id, text)] from the user's data: a folder with one subfolder of text files
+  per domain (files directly in the folder form the domain "text"), or a JSONL file whose lines
+  hold "text" and optionally "domain"."""
+  import json
+
+  path = pathlib.Path(path)
+  docs: dict[str, list[tuple[str, str]]] = {}
+  if path.is_file():
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines()):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        text = row["text"]
+      except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"--data {str(path)!r} line {n + 1} is not a JSON object with a"
+                        " \"text\" field") from None
+      if not isinstance(text, str):
+        raise UserError(f"--data {str(path)!r} line {n + 1}: \"text\" must be a string")
+      docs.setdefault(str(row.get("domain", "text")), []).append((f"{path.name}:{n}", text))
+  elif path.is_dir():
+    for f in sorted(path.rglob("*")):
+      rel = f.relative_to(path)
+      if not f.is_file() or any(part.startswith(".") for part in rel.parts):
+        continue
+      try:
+        text = f.read_text(encoding="utf-8")
+      except UnicodeDecodeError as e:
+        raise UserError(f"--data file {str(f)!r} is not UTF-8 text ({e.reason} at byte"
+                        f" {e.start}); convert it or move it out of the folder") from None
+      domain = rel.parts[0] if len(rel.parts) > 1 else "text"
+      docs.setdefault(domain, []).append((str(rel), text))
+  else:
+    raise UserError(f"--data {str(path)!r} does not exist; pass a folder of text files (one"
+                    " subfolder per domain) or a JSONL file with a \"text\" field")
+  if not docs:
+    raise UserError(f"--data {str(path)!r} holds no text files or JSONL lines")
+  return docs
+
+
+def user_streams(path: str | pathlib.Path, tok, seq_len: int
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(train, held-out) token streams per domain of the user's data, tokenized with `tok` and
+  split by document id as the built-in domains are (10% held out; a domain of one document
+  splits it at 90% of its tokens)."""
+  eos = min(tok.eos_ids) if tok.eos_ids else 0
+  train: dict[str, np.ndarray] = {}
+  heldout: dict[str, np.ndarray] = {}
+  for domain, items in user_documents(path).items():
+    parts: dict[bool, list[int]] = {False: [], True: []}
+    for doc_id, text in items:
+      parts[is_heldout(f"{domain}/{doc_id}")] += tok.encode(text) + [eos]
+    if not parts[True] or not parts[False]:
+      ids = parts[True] + parts[False]
+      cut = int(len(ids) * (1 - HELDOUT_SHARE))
+      parts = {False: ids[:cut], True: ids[cut:]}
+    for split, ids in parts.items():
+      if len(ids) <= seq_len:
+        raise UserError(f"--data domain {domain!r} has {len(ids)} {'held-out' if split else 'training'}"
+                        f" tokens, fewer than a window of --seq-len {seq_len} + 1; add text or"
+                        " lower --seq-len")
+    train[domain] = np.asarray(parts[False], np.int32)
+    heldout[domain] = np.asarray(parts[True], np.int32)
+  return train, heldout

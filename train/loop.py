@@ -31,7 +31,7 @@ from flax import nnx
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.config import AdapterConfig
 from adafuse_jax.errors import UserError
-from adafuse_jax.adapters.pool import AdapterParam
+from adafuse_jax.adapters.pool import AdapterParam, RouterParam
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.adapters.routing import load_balancing_loss
@@ -186,14 +186,14 @@ def forward_loss(model: LlamaModel, adapters: MixtureOfLoRA | None, windows: jax
                                "window_ce": token_ce.mean(axis=-1)}
 
 
-def make_optimizer(adapters: MixtureOfLoRA, cfg: TrainConfig) -> nnx.Optimizer:
+def make_optimizer(adapters: MixtureOfLoRA, cfg: TrainConfig, wrt=AdapterParam) -> nnx.Optimizer:
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup, cfg.steps),
                                                 max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.1)
   clip = clip_by_group_norm(cfg.clip) if cfg.clip_apart else optax.clip_by_global_norm(cfg.clip)
   tx = optax.chain(clip, optax.adamw(schedule, weight_decay=cfg.weight_decay))
   if cfg.router_lr_scale != 1.0:
     tx = optax.chain(tx, scale_routing_updates(cfg.router_lr_scale))
-  return nnx.Optimizer(adapters, tx, wrt=AdapterParam)
+  return nnx.Optimizer(adapters, tx, wrt=wrt)
 
 
 def path_keys(path) -> list[str]:
@@ -286,16 +286,25 @@ class Trainer:
   """
 
   def __init__(self, model: LlamaModel, cfg: TrainConfig, train_streams: dict[str, np.ndarray],
-               heldout_streams: dict[str, np.ndarray], workdir: str | pathlib.Path):
+               heldout_streams: dict[str, np.ndarray], workdir: str | pathlib.Path, *,
+               adapters: MixtureOfLoRA | None = None, router_only: bool = False):
     self.model, self.cfg = model, cfg
     self.train_streams, self.heldout = train_streams, heldout_streams
     self.workdir = pathlib.Path(workdir).absolute()
     self.workdir.mkdir(parents=True, exist_ok=True)
     # Stacked pools whatever the backend: a Variable holding a per-layer tuple is not one leaf
     # for optax, and training is not the latency-bound path the "list" layout serves.
-    self.adapters = MixtureOfLoRA(model.cfg, cfg.adapter_config(), layout="stacked",
-                                  seed=cfg.seed if cfg.init_seed is None else cfg.init_seed)
-    self.optimizer = make_optimizer(self.adapters, cfg)
+    # `adapters` starts training from a given pool (PEFT LoRAs made into experts, a saved
+    # pool); `router_only` then trains its router(s) alone and keeps the experts as they are.
+    if adapters is not None:
+      self.adapters = adapters.with_layout("stacked")
+    else:
+      self.adapters = MixtureOfLoRA(model.cfg, cfg.adapter_config(), layout="stacked",
+                                    seed=cfg.seed if cfg.init_seed is None else cfg.init_seed)
+    if router_only and self.adapters.router is None:
+      raise UserError(f"a pool of mode {self.adapters.cfg.mode!r} has no router to train; train"
+                      " its experts, or give several PEFT adapters (one pre-gated pool)")
+    self.optimizer = make_optimizer(self.adapters, cfg, RouterParam if router_only else AdapterParam)
     self.step = 0
     self.manager = ocp.CheckpointManager(
         self.workdir / "ckpt",

@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from adafuse_jax.adapters import peft
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.config import AdapterConfig, ModelConfig
 from adafuse_jax.errors import ModelFileError, UserError
@@ -141,6 +142,13 @@ def check_adapter_spec(spec: str | None, cfg: AdapterConfig) -> None:
     raise UserError(f"--mode {cfg.mode} needs adapters: pass --adapters PATH (a trained"
                     " checkpoint), --adapters default, or --adapters random for a seeded random"
                     " pool (tests and benchmarks only)")
+  if peft.is_peft_spec(spec):
+    if peft.is_export(spec):
+      peft.exported_config(spec)
+      return
+    for folder in peft.spec_folders(spec):
+      peft.peek(folder)  # each is a readable PEFT LoRA folder
+    return
   if spec == "random" or spec.startswith("random:"):
     if ":" in spec:
       try:
@@ -166,12 +174,15 @@ def resolve_adapters(spec: str | None, cfg: AdapterConfig, model_cfg: ModelConfi
   """Turns an `--adapters` spec into adapters for `cfg.mode` (None for "backbone").
 
   spec: a checkpoint folder; "default" (the trained SmolLM2 pool shipped with the package);
-  "random" or "random:SEED" (a seeded random pool with non-zero B, for tests and benchmarks:
-  asked for explicitly, never a silent fallback); None with mode "backbone".
+  a PEFT LoRA folder, or several joined by commas (`adafuse_jax.adapters.peft`); "random" or
+  "random:SEED" (a seeded random pool with non-zero B, for tests and benchmarks: asked for
+  explicitly, never a silent fallback); None with mode "backbone".
   """
   check_adapter_spec(spec, cfg)
   if cfg.mode == Mode.BACKBONE:
     return None
+  if peft.is_peft_spec(spec):
+    return peft.load_peft_pool(spec, model_cfg, cfg, dtype=dtype, seed=seed)
   if spec == "random" or spec.startswith("random:"):
     seed = int(spec.split(":", 1)[1]) if ":" in spec else seed
     return MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, random_b=True)
@@ -182,10 +193,13 @@ def resolve_adapters(spec: str | None, cfg: AdapterConfig, model_cfg: ModelConfi
 def load_pool(spec: str, model_cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
               seed: int = 0) -> MixtureOfLoRA:
   """A pool by name: "default" (the trained SmolLM2 pool shipped with the package), a folder
-  written by `save_adapters` or training, or "random[:SEED]" (a seeded random pre-gated pool,
+  written by `save_adapters` or training, PEFT LoRA folders ("DIR" or "DIR1,DIR2,..."), or
+  "random[:SEED]" (a seeded random pre-gated pool,
   for tests and benchmarks). Its mode is the saved one (pre-gated for "random")."""
   if spec == "random" or spec.startswith("random:"):
     cfg = AdapterConfig()
+  elif peft.is_peft_spec(spec):
+    cfg = peft.spec_config(spec)
   else:
     path = pool_folder(spec)
     if not path.exists():
