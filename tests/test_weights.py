@@ -196,7 +196,8 @@ def test_preset_builds_seeded_random_model_without_tokenizer():
   assert float(jnp.std(a.model.linear_weight("q"))) > 0
 
 
-def _write_llama_gguf(path: pathlib.Path, cfg, *, drop: tuple[str, ...] = (), **override) -> None:
+def _write_llama_gguf(path: pathlib.Path, cfg, *, drop: tuple[str, ...] = (), tok_model="gpt2",
+                      pre: str | None = None, **override) -> None:
   """A tiny random Llama GGUF written by the gguf package, with a byte-level BPE vocabulary;
   `drop` leaves metadata keys out and `override` replaces their values (damaged files)."""
   rng = np.random.default_rng(0)
@@ -211,7 +212,9 @@ def _write_llama_gguf(path: pathlib.Path, cfg, *, drop: tuple[str, ...] = (), **
       continue
     (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(key, value)
   if "tokenizer.ggml.tokens" not in drop:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(tok_model)
+    if pre is not None:
+      writer.add_tokenizer_pre(pre)
     writer.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(3, cfg.vocab_size)])
     writer.add_token_merges(["a b"])
     writer.add_eos_token_id(2)
@@ -296,3 +299,24 @@ def test_fuzzed_gguf_files_load_finite_or_fail_by_name(tmp_path):
     outcomes["loaded"] += 1
   assert good.read_bytes() == data
   assert outcomes["named"] >= 10 and sum(outcomes.values()) == 40
+
+
+def test_gguf_pre_tokenizers_split_as_named(tmp_path):
+  """A Llama-3 GGUF (`llama-bpe`) splits digits in threes, as its tokenizer.json does; the
+  GPT-2 rule (`default`) keeps them whole."""
+  splits = {}
+  for pre in ("llama-bpe", "default", "smollm"):
+    _write_llama_gguf(tmp_path / f"{pre}.gguf", tiny_config(), pre=pre)
+    tok = load_model(str(tmp_path / f"{pre}.gguf"), progress=False).tokenizer
+    splits[pre] = [w for w, _ in tok.backend.pre_tokenizer.pre_tokenize_str("12345 abc")]
+  assert splits == {"llama-bpe": ["123", "45", "Ġabc"], "default": ["12345", "Ġabc"],
+                    "smollm": ["1", "2", "3", "4", "5", "Ġabc"]}
+
+
+@pytest.mark.parametrize("kw, words", [({"pre": "qwen2"}, "pre-tokenizer 'qwen2'"),
+                                       ({"tok_model": "llama"}, "tokenizer model 'llama'"),
+                                       ({"tok_model": "bert"}, "tokenizer model 'bert'")])
+def test_unsupported_gguf_tokenizer_is_a_named_error(tmp_path, kw, words):
+  _write_llama_gguf(tmp_path / "t.gguf", tiny_config(), **kw)
+  with pytest.raises(ModelFileError, match=words):
+    load_model(str(tmp_path / "t.gguf"), progress=False)

@@ -13,6 +13,8 @@ import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from adafuse_jax.errors import ModelFileError
+
 # GGUF token types (gguf.TokenType): CONTROL tokens are specials matched whole in text.
 _GGUF_CONTROL = 3
 _GGUF_USER_DEFINED = 4
@@ -90,20 +92,40 @@ def _raise_template_error(message: str):
   raise ValueError(f"the model's chat template refused the conversation: {message}")
 
 
+# The split rule of Llama-3's tokenizer.json (and of llama.cpp's `llama-bpe` pre-tokenizer):
+# a GGUF names it, the merges were learned over it, so the GPT-2 rule would give other ids.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE_TOKENIZERS = ("default", "gpt2", "gpt-2", "smollm", "llama3", "llama-v3", "llama-bpe",
+                       "smaug-bpe", "dbrx")
+
+
 def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+  """The split before byte-level BPE for a GGUF's `tokenizer.ggml.pre` (as transformers' GGUF
+  reader builds it); an unknown name is a ModelFileError, never the GPT-2 rule by default."""
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre in ("default", "gpt2", "gpt-2"):
+    return byte_level
   if pre == "smollm":
     # SmolLM splits every digit on its own before the byte-level split (its GGUF's `smollm` pre-tokenizer).
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-  return byte_level
+  if pre in GGUF_PRE_TOKENIZERS:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  raise ModelFileError(f"the GGUF's pre-tokenizer {pre!r} is not supported ("
+                       f"{', '.join(GGUF_PRE_TOKENIZERS)} are); use the model's Hugging Face"
+                       " folder, whose tokenizer.json spells its split")
 
 
 def from_gguf_fields(fields: dict) -> Tokenizer:
   """Builds the tokenizer from a GGUFReader's metadata fields (a `gpt2` BPE model)."""
   model_kind = fields["tokenizer.ggml.model"].contents()
   if model_kind != "gpt2":
-    raise ValueError(f"GGUF tokenizer model {model_kind!r} is not supported (only byte-level BPE"
-                     " 'gpt2'); use a Hugging Face folder with tokenizer.json instead")
+    raise ModelFileError(f"the GGUF's tokenizer model {model_kind!r} is not supported yet (only"
+                         " byte-level BPE 'gpt2'; SentencePiece 'llama' files, Llama-2 and"
+                         " Mistral, are not): use the model's Hugging Face folder, whose"
+                         " tokenizer.json this project reads")
   tokens: list[str] = fields["tokenizer.ggml.tokens"].contents()
   merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
   types = (fields["tokenizer.ggml.token_type"].contents()
