@@ -57,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--max-seq-len", type=int, default=2048,
                  help="most tokens (prompt + completion) per request")
   s.add_argument("--chunk", type=int, default=256,
-                 help="most prompt tokens prefilled between two decode steps")
+                 help="most prompt tokens one request prefills between two decode steps")
+  s.add_argument("--prefill-rows", default=None, metavar="N,N,...",
+                 help="prompts one prefill pass takes at once, as compiled buckets (default:"
+                      " powers of four up to --max-batch)")
+  s.add_argument("--prefill-lengths", default=None, metavar="N,N,...",
+                 help="chunk lengths a prefill pass is compiled for (default: powers of two"
+                      " from 16 up to --chunk, which must be the largest)")
   s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
   s.add_argument("--warm-up", action="store_true",
                  help="compile every batch bucket and prompt chunk before listening")
@@ -125,7 +131,8 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
                     " whose tokenizer to use, e.g. --tokenizer default, or --tokenizer bytes)")
   engine_args = dict(max_batch=args.max_batch, max_seq_len=min(args.max_seq_len,
                                                                loaded.model.cfg.max_context),
-                     chunk=args.chunk)
+                     chunk=args.chunk, prefill_rows=int_list(args.prefill_rows, "--prefill-rows"),
+                     prefill_lengths=int_list(args.prefill_lengths, "--prefill-lengths"))
   engines = {}
   if not args.no_backbone:
     name = args.served_model_name or pathlib.Path(loaded.source).stem.split(".")[0]
@@ -140,6 +147,19 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
     log(f"serving {name!r} (max batch {engine.max_batch}, context {engine.max_seq_len})")
   return engines
 
+
+
+def int_list(text: str | None, flag: str) -> list[int] | None:
+  """'1,4,16' -> [1, 4, 16]; None stays None."""
+  if text is None:
+    return None
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise UserError(f"{flag} {text!r} must be integers separated by commas, like 1,4,16") from None
+  if not values or min(values) < 1:
+    raise UserError(f"{flag} {text!r} must name positive integers, like 1,4,16")
+  return values
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)

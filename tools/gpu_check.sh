@@ -52,7 +52,7 @@ for part in $parts; do
       timeout "${SERVE_S:-595}" python3 -m adafuse_jax.bench.load --model "${PRESET:-llama2-7b}" \
         --tokenizer bytes --adapters "${POOL:-random:0}" --path "${SERVE_PATH:-packed}" \
         --concurrency "${LEVELS:-1,8,32,64}" --rounds "${ROUNDS:-3}" --max-tokens "${TOKENS:-128}" \
-        --sequential "${SEQUENTIAL:-8}" \
+        --sequential "${SEQUENTIAL:-8}" --chunk "${CHUNK:-256}" ${PREFILL_LENGTHS:+--prefill-lengths $PREFILL_LENGTHS} \
         --time-limit "${LIMIT_S:-480}" --out "$out/load" 2>&1 | tee "$out/load.log" | tail -20 ;;
     *) echo "unknown part $part (tests, layers, bench, floor, serve)"; exit 2 ;;
   esac

@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="requests decoded one at a time for the sequential baseline")
   p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
   p.add_argument("--chunk", type=int, default=256, help="prompt chunk of the engine")
+  p.add_argument("--prefill-rows", default=None,
+                 help="the engine's prefill-pass row buckets (default: powers of four)")
+  p.add_argument("--prefill-lengths", default=None,
+                 help="the engine's prefill-pass lengths (default: powers of two up to --chunk)")
   p.add_argument("--time-limit", type=float, default=900, help="seconds before the run stops")
   p.add_argument("--out", default=None, help="folder for results.json, results.md, load.png")
   return p
@@ -199,6 +203,7 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
   from adafuse_jax.cli_options import resolve_dtype
   from adafuse_jax.generation import Generator, generate
   from adafuse_jax.serving import Engine
+  from adafuse_jax.serve import int_list
   from adafuse_jax.serving.api import create_app
   from adafuse_jax.weights import load_model
   from adafuse_jax.weights.tokenizer import byte_tokenizer
@@ -222,7 +227,9 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
   max_seq_len = prompt_range[1] + args.max_tokens
   engine = Engine(gen, tok, name="pool", max_batch=largest, max_seq_len=max_seq_len,
                   chunk=min(args.chunk, max_seq_len),
-                  batch_buckets=sorted(set(levels) | {args.static_batch}))
+                  batch_buckets=sorted(set(levels) | {args.static_batch}),
+                  prefill_rows=int_list(args.prefill_rows, "--prefill-rows"),
+                  prefill_lengths=int_list(args.prefill_lengths, "--prefill-lengths"))
   t0 = time.perf_counter()
   engine.steps.warm_up(log)
   compile_s = time.perf_counter() - t0

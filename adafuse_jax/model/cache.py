@@ -142,14 +142,16 @@ class SlotCache(_Buffers):
   def advanced(self, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], t: int) -> "SlotCache":
     return self.replace(k=k, v=v, lengths=self.lengths + t)
 
-  def rows(self, start: jax.Array | int, count: int) -> "SlotCache":
-    """Rows start .. start + count - 1 as a cache of batch `count` (a copy inside jit)."""
-    take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, count, axis=0)  # noqa: E731
+  def take_rows(self, rows: jax.Array) -> "SlotCache":
+    """Rows `rows` [R] as a cache of batch R (a copy inside jit); an index past the last row
+    (padding) reads zeros."""
+    take = lambda a: a.at[rows].get(mode="fill", fill_value=0)  # noqa: E731
     return SlotCache(k=tuple(map(take, self.k)), v=tuple(map(take, self.v)),
                      lengths=take(self.lengths))
 
-  def with_rows(self, start: jax.Array | int, part: "SlotCache") -> "SlotCache":
-    """This cache with rows start .. start + part.batch - 1 replaced by `part`."""
-    put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, axis=0)  # noqa: E731
+  def put_rows(self, rows: jax.Array, part: "SlotCache") -> "SlotCache":
+    """This cache with rows `rows` [R] replaced by `part`'s R rows; an index past the last row
+    (padding) is dropped. Indices must be distinct."""
+    put = lambda a, b: a.at[rows].set(b, mode="drop")  # noqa: E731
     return SlotCache(k=tuple(map(put, self.k, part.k)), v=tuple(map(put, self.v, part.v)),
                      lengths=put(self.lengths, part.lengths))

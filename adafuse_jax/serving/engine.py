@@ -4,9 +4,10 @@ A background thread owns the device state (a `SlotCache` of `max_batch` rows and
 next token) and loops:
 
 1. take new requests and cancellations;
-2. admit waiting requests into free rows, one prompt chunk at a time (at most `chunk` prompt
-   tokens per iteration, so a long prompt delays the running streams by one chunk, not by its
-   whole prefill);
+2. admit waiting requests into free rows: one prefill pass writes the next chunk (at most
+   `chunk` tokens) of up to `prefill_rows[-1]` waiting prompts, each into its own row, so a
+   burst of arrivals costs one read of the weights and a long prompt delays the running
+   streams by one pass, not by its whole prefill;
 3. dispatch one decode step over the rows in use (a batch bucket: the smallest compiled batch
    that holds the highest row in use);
 4. read the tokens of the previous iteration on the host, stream them to their requests and
@@ -234,16 +235,21 @@ class Engine:
     max_batch: rows decoded together (slots of the KV cache).
     max_seq_len: the most tokens (prompt + completion) a request may hold; default the model's
       context, at most 4096.
-    chunk: the most prompt tokens prefilled between two decode steps.
+    chunk: the most prompt tokens one request prefills between two decode steps.
     name: the model name requests use.
     batch_buckets: batch sizes the decode step is compiled for (default: powers of two).
+    prefill_rows, prefill_lengths: the shapes of the one prefill pass between decode steps
+      (default: rows in powers of four up to max_batch, lengths in powers of two from 16 up to
+      chunk); see `SlotSteps`.
 
   Use `start()` (or `with Engine(...) as engine`), then `submit(...)`.
   """
 
   def __init__(self, gen: Generator, tokenizer: Tokenizer, *, max_batch: int = 8,
                max_seq_len: int | None = None, chunk: int = 256, name: str = "model",
-               batch_buckets: Sequence[int] | None = None):
+               batch_buckets: Sequence[int] | None = None,
+               prefill_rows: Sequence[int] | None = None,
+               prefill_lengths: Sequence[int] | None = None):
     if max_batch < 1:
       raise UserError(f"max_batch={max_batch} must be at least 1")
     context = gen.cfg.max_context
@@ -257,7 +263,8 @@ class Engine:
     self.tokenizer = tokenizer
     self.max_seq_len = max_seq_len
     self.steps = SlotSteps(gen, max_batch=max_batch, max_len=round_up(max_seq_len, chunk),
-                           chunk=chunk, batch_buckets=batch_buckets)
+                           chunk=chunk, batch_buckets=batch_buckets,
+                           prefill_rows=prefill_rows, prefill_lengths=prefill_lengths)
     self.max_batch, self.chunk = max_batch, chunk
     self.stats = EngineStats()
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -397,32 +404,37 @@ class Engine:
         self._finish(seq, "abort")
 
   def _admit(self, dispatched: list[tuple]) -> None:
-    budget = self.chunk
-    while self._waiting:
-      seq = self._waiting[0]
+    """One prefill pass between decode steps: the next chunk of up to the largest prefill-rows
+    bucket of waiting prompts (in arrival order, each into its own row), in one call, so a
+    burst of arrivals reads the weights once rather than once per prompt."""
+    chosen: list[_Seq] = []
+    for seq in self._waiting:
+      if len(chosen) == self.steps.prefill_rows[-1]:
+        break
       if seq.slot is None:
         free = [i for i, s in enumerate(self._slots) if s is None]
         if not free:
-          return
+          break
         seq.slot = free[0]
         self._slots[seq.slot] = seq
-      start = seq.prefilled  # a multiple of chunk: chunk writes stay inside the row
-      piece = seq.prompt[start:start + self.chunk]
-      if len(piece) > budget:
-        return
-      p = seq.params
-      self._cache, self._nxt, token, _ = self.steps.prefill(
-          self._cache, self._nxt, seq.slot, piece, start, p.temperature, p.top_p, max(p.top_k, 0),
-          seq.seed)
+      chosen.append(seq)
+    if not chosen:
+      return
+    # A multiple of chunk: chunk writes stay inside the row.
+    pieces = [(seq.slot, seq.prompt[seq.prefilled:seq.prefilled + self.chunk], seq.prefilled)
+              for seq in chosen]
+    params = [seq.params for seq in chosen]
+    self._cache, self._nxt, tokens, _ = self.steps.prefill(
+        self._cache, self._nxt, pieces, [p.temperature for p in params],
+        [p.top_p for p in params], [max(p.top_k, 0) for p in params],
+        [seq.seed for seq in chosen])
+    for i, (seq, (_, piece, _)) in enumerate(zip(chosen, pieces)):
       seq.prefilled += len(piece)
-      budget -= len(piece)
       if seq.prefilled == len(seq.prompt):
         seq.position = len(seq.prompt)
-        self._waiting.popleft()
-        dispatched.append(("first", seq, token))
+        self._waiting.remove(seq)
+        dispatched.append(("first", seq, tokens, i))
         self.stats.prompt_tokens += len(seq.prompt)
-      else:
-        return  # the rest of this prompt waits for the next iteration: streams keep flowing
 
   def _dispatch_step(self, dispatched: list[tuple]) -> None:
     rows = [(i, s) for i, s in enumerate(self._slots)
@@ -449,9 +461,9 @@ class Engine:
   def _drain(self, pending: list[tuple]) -> None:
     for item in pending:
       if item[0] == "first":
-        _, seq, token = item
+        _, seq, tokens, i = item
         if not seq.finished:
-          self._on_token(seq, int(token))
+          self._on_token(seq, int(np.asarray(tokens)[i]))
         continue
       _, rows, new, routing, b = item
       new = np.asarray(new)

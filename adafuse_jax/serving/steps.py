@@ -1,10 +1,10 @@
-"""The serving engine's two compiled functions over a `SlotCache`: a prompt chunk into one row,
-and a decode step over the first rows of the batch.
+"""The serving engine's two compiled functions over a `SlotCache`: one prefill pass of prompt
+chunks into several rows at once, and a decode step over the first rows of the batch.
 
 Both reuse a `Generator`'s path (packed, xla, gathered, a merged LoRA): the parameters it split
 out, the derived copy it built, its adapter runtime. Each is compiled once per shape: a prefill
-chunk per power-of-two chunk length, a decode step per batch bucket, so a stream of requests of
-any lengths never triggers a compilation after warm-up.
+pass per (rows bucket, chunk-length bucket), a decode step per (batch bucket, attention span),
+so a stream of requests of any lengths never triggers a compilation after warm-up.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ MERGED_REFUSAL = ("path 'merged' switches one expert choice per batch, while a s
                   " gathered (merged serves plain LoRAs)")
 
 
-def power_buckets(largest: int, smallest: int = 1) -> tuple[int, ...]:
-  """smallest, 2*smallest, ... up to and including `largest`."""
+def power_buckets(largest: int, smallest: int = 1, factor: int = 2) -> tuple[int, ...]:
+  """smallest, factor*smallest, ... up to and including `largest`."""
   out, b = [], smallest
   while b < largest:
     out.append(b)
-    b *= 2
+    b *= factor
   return tuple(out) + (largest,)
 
 
@@ -65,13 +65,20 @@ class SlotSteps:
       batch's rows pick different experts.
     max_batch: rows of the slot cache.
     max_len: slots per row (a multiple of `chunk`).
-    chunk: the longest prompt chunk prefilled at once.
+    chunk: the longest prompt chunk a row prefills in one pass.
     batch_buckets: the batch sizes a decode step is compiled for (default: powers of two up to
       max_batch); a step runs the smallest that holds the highest row in use.
+    prefill_rows: the numbers of rows one prefill pass is compiled for (default: powers of four
+      up to max_batch, and max_batch): prompts admitted together share one pass, and so one
+      read of the weights.
+    prefill_lengths: the chunk lengths a prefill pass is compiled for (default: powers of two
+      from 16 up to `chunk`); fewer lengths mean fewer programs and more padding.
   """
 
   def __init__(self, gen: Generator, *, max_batch: int, max_len: int, chunk: int,
-               batch_buckets: Sequence[int] | None = None):
+               batch_buckets: Sequence[int] | None = None,
+               prefill_rows: Sequence[int] | None = None,
+               prefill_lengths: Sequence[int] | None = None):
     if gen.merges_per_token:
       raise UserError(MERGED_REFUSAL)
     if max_len % chunk:
@@ -82,9 +89,17 @@ class SlotSteps:
     if buckets[0] < 1 or buckets[-1] > max_batch:
       raise UserError(f"batch buckets {buckets} must lie in [1, max_batch={max_batch}]")
     self.batch_buckets = tuple(buckets)
-    self.chunk_buckets = power_buckets(chunk, smallest=min(16, chunk))
+    self.prefill_rows = tuple(sorted(set(prefill_rows or power_buckets(max_batch, factor=4))))
+    if self.prefill_rows[0] < 1 or self.prefill_rows[-1] > max_batch:
+      raise UserError(f"prefill rows {list(self.prefill_rows)} must lie in [1, max_batch="
+                      f"{max_batch}]")
+    lengths = sorted(set(prefill_lengths or power_buckets(chunk, smallest=min(16, chunk))))
+    if lengths[0] < 1 or lengths[-1] != chunk:
+      raise UserError(f"prefill lengths {lengths} must lie in [1, chunk={chunk}] and include"
+                      " the chunk")
+    self.chunk_buckets = tuple(lengths)
     self.span_buckets = span_buckets(max_len)
-    self._prefills: dict[int, Callable] = {}
+    self._prefills: dict[tuple[int, int], Callable] = {}  # by (rows, length)
     self._decodes: dict[tuple[int, int], Callable] = {}  # by (batch, span)
 
   def new_cache(self) -> SlotCache:
@@ -96,17 +111,17 @@ class SlotSteps:
 
   # -- traced bodies ------------------------------------------------------------------------
 
-  def _prefill(self, params, adapter_params, derived, cache: SlotCache, nxt, row, tokens, start,
-               count, temperature, top_p, top_k, seed):
-    """tokens [1, C] (the first `count` real) at positions start.. of row `row`."""
-    part = cache.rows(row, 1).replace(lengths=start[None])
+  def _prefill(self, params, adapter_params, derived, cache: SlotCache, nxt, rows, tokens, starts,
+               counts, temperature, top_p, top_k, seeds):
+    """tokens [R, C] (row i's first counts[i] real) at positions starts[i].. of cache rows
+    rows[i]; a padding entry names row max_batch, which reads zeros and writes nothing."""
+    part = cache.take_rows(rows).replace(lengths=starts)
     logits, part, routing = self.gen.apply(params, adapter_params, derived, tokens, part,
-                                           last=(count - 1)[None])
-    end = start + count
-    part = part.replace(lengths=end[None])
-    keys = row_keys(seed[None], end[None])
-    token = sample_rows(logits, keys, temperature[None], top_p[None], top_k[None])[0]
-    return cache.with_rows(row, part), nxt.at[row].set(token), token, routing
+                                           last=counts - 1)
+    ends = starts + counts
+    part = part.replace(lengths=ends)
+    new = sample_rows(logits, row_keys(seeds, ends), temperature, top_p, top_k)
+    return cache.put_rows(rows, part), nxt.at[rows].set(new, mode="drop"), new, routing
 
   def _decode(self, params, adapter_params, derived, cache: SlotCache, nxt, active, temperature,
               top_p, top_k, seeds, span: int):
@@ -124,16 +139,17 @@ class SlotSteps:
 
   # -- compiled ------------------------------------------------------------------------------
 
-  def _lower_prefill(self, length: int):
+  def _lower_prefill(self, shape: tuple[int, int]):
+    rows, length = shape
     gen = self.gen
-    i32, f32 = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
-    u32 = jax.ShapeDtypeStruct((), jnp.uint32)
     cache = jax.eval_shape(self.new_cache)
     nxt = jax.ShapeDtypeStruct((self.max_batch,), jnp.int32)
-    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    per_row = lambda dt: jax.ShapeDtypeStruct((rows,), dt)  # noqa: E731
+    tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
     return jax.jit(self._prefill, donate_argnums=(3, 4)).lower(
-        gen.params, gen.adapter_params, gen.derived, cache, nxt, i32, tokens, i32, i32, f32, f32,
-        i32, u32)
+        gen.params, gen.adapter_params, gen.derived, cache, nxt, per_row(jnp.int32), tokens,
+        per_row(jnp.int32), per_row(jnp.int32), per_row(jnp.float32), per_row(jnp.float32),
+        per_row(jnp.int32), per_row(jnp.uint32))
 
   def _lower_decode(self, shape: tuple[int, int]):
     batch, span = shape
@@ -145,11 +161,11 @@ class SlotSteps:
         gen.params, gen.adapter_params, gen.derived, cache, nxt, row(jnp.bool_),
         row(jnp.float32), row(jnp.float32), row(jnp.int32), row(jnp.uint32), span)
 
-  def prefill_fn(self, length: int) -> Callable:
-    """The compiled prompt chunk of `length` tokens (compiled on first use)."""
-    if length not in self._prefills:
-      self._prefills[length] = self._lower_prefill(length).compile()
-    return self._prefills[length]
+  def prefill_fn(self, rows: int, length: int) -> Callable:
+    """The compiled prefill pass of `rows` rows x `length` tokens (compiled on first use)."""
+    if (rows, length) not in self._prefills:
+      self._prefills[rows, length] = self._lower_prefill((rows, length)).compile()
+    return self._prefills[rows, length]
 
   def decode_fn(self, batch: int, span: int | None = None) -> Callable:
     """The compiled decode step of `batch` rows whose attention reads `span` slots (default:
@@ -170,8 +186,8 @@ class SlotSteps:
 
     jobs = [(self._decodes, (b, span), self._lower_decode) for b in self.batch_buckets
             for span in self.span_buckets if (b, span) not in self._decodes]
-    jobs += [(self._prefills, c, self._lower_prefill) for c in self.chunk_buckets
-             if c not in self._prefills]
+    jobs += [(self._prefills, (r, c), self._lower_prefill) for r in self.prefill_rows
+             for c in self.chunk_buckets if (r, c) not in self._prefills]
     workers = threads or min(len(jobs), os.cpu_count() or 1) or 1
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       done = list(pool.map(lambda job: job[2](job[1]).compile(), jobs))
@@ -179,23 +195,39 @@ class SlotSteps:
       table[key] = fn
     if log:
       log(f"compiled decode steps for batches {list(self.batch_buckets)} x attention spans"
-          f" {list(self.span_buckets)} and prompt chunks {list(self.chunk_buckets)}")
+          f" {list(self.span_buckets)}, prefill passes of rows {list(self.prefill_rows)} x"
+          f" lengths {list(self.chunk_buckets)}")
 
-  def prefill(self, cache: SlotCache, nxt: jax.Array, row: int, chunk: Sequence[int], start: int,
-              temperature: float, top_p: float, top_k: int, seed: int):
-    """Writes one prompt chunk into `row` (start = its first position; 0 resets the row).
+  def prefill(self, cache: SlotCache, nxt: jax.Array, pieces: Sequence[tuple[int, Sequence[int], int]],
+              temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray):
+    """One pass writing prompt chunks into several rows: pieces[i] = (row, chunk, start), with
+    start the chunk's first position (0 resets the row) and distinct rows; the sampling
+    settings are per piece.
 
-    Returns (cache, nxt, token, routing): token is the sampled next token (meaningful after
-    the prompt's last chunk), already placed in nxt[row].
+    Returns (cache, nxt, tokens, routing): tokens[i] is the token sampled after piece i
+    (meaningful after a prompt's last chunk), already placed in nxt[row]; entries past
+    len(pieces) are padding.
     """
-    count = len(chunk)
-    length = bucket_for(count, self.chunk_buckets)
-    padded = np.zeros((1, length), np.int32)
-    padded[0, :count] = chunk
-    fn = self.prefill_fn(length)
-    return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt,
-              np.int32(row), padded, np.int32(start), np.int32(count), np.float32(temperature),
-              np.float32(top_p), np.int32(top_k), np.uint32(seed))
+    n = len(pieces)
+    rows = bucket_for(n, self.prefill_rows)
+    length = bucket_for(max(len(c) for _, c, _ in pieces), self.chunk_buckets)
+    index = np.full((rows,), self.max_batch, np.int32)  # padding: past the last row
+    tokens = np.zeros((rows, length), np.int32)
+    starts = np.zeros((rows,), np.int32)
+    counts = np.ones((rows,), np.int32)
+    for i, (row, chunk, start) in enumerate(pieces):
+      index[i], starts[i], counts[i] = row, start, len(chunk)
+      tokens[i, :len(chunk)] = chunk
+
+    def pad(values, fill, dtype):
+      out = np.full((rows,), fill, dtype)
+      out[:n] = values
+      return out
+
+    fn = self.prefill_fn(rows, length)
+    return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, index,
+              tokens, starts, counts, pad(temperature, 0, np.float32), pad(top_p, 1, np.float32),
+              pad(top_k, 0, np.int32), pad(seeds, 0, np.uint32))
 
   def decode(self, cache: SlotCache, nxt: jax.Array, active: np.ndarray, temperature: np.ndarray,
              top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray, longest: int):
