@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                       " powers of four up to --max-batch)")
   s.add_argument("--prefill-lengths", default=None, metavar="N,N,...",
                  help="chunk lengths a prefill pass is compiled for (default: powers of two"
-                      " from 16 up to --chunk, which must be the largest)")
+                      " from 16 up to --chunk; --chunk is always one)")
   s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
   s.add_argument("--warm-up", action="store_true",
                  help="compile every batch bucket and prompt chunk before listening")

@@ -72,7 +72,8 @@ class SlotSteps:
       up to max_batch, and max_batch): prompts admitted together share one pass, and so one
       read of the weights.
     prefill_lengths: the chunk lengths a prefill pass is compiled for (default: powers of two
-      from 16 up to `chunk`); fewer lengths mean fewer programs and more padding.
+      from 16 up to `chunk`; `chunk` is always one, longer ones are cut to it); fewer lengths
+      mean fewer programs and more padding.
   """
 
   def __init__(self, gen: Generator, *, max_batch: int, max_len: int, chunk: int,
@@ -93,10 +94,11 @@ class SlotSteps:
     if self.prefill_rows[0] < 1 or self.prefill_rows[-1] > max_batch:
       raise UserError(f"prefill rows {list(self.prefill_rows)} must lie in [1, max_batch="
                       f"{max_batch}]")
-    lengths = sorted(set(prefill_lengths or power_buckets(chunk, smallest=min(16, chunk))))
-    if lengths[0] < 1 or lengths[-1] != chunk:
-      raise UserError(f"prefill lengths {lengths} must lie in [1, chunk={chunk}] and include"
-                      " the chunk")
+    # The chunk is always a length (a long prompt's pieces are that long); longer ones are cut.
+    lengths = sorted({min(n, chunk) for n in prefill_lengths or
+                      power_buckets(chunk, smallest=min(16, chunk))} | {chunk})
+    if lengths[0] < 1:
+      raise UserError(f"prefill lengths {lengths} must be positive")
     self.chunk_buckets = tuple(lengths)
     self.span_buckets = span_buckets(max_len)
     self._prefills: dict[tuple[int, int], Callable] = {}  # by (rows, length)
