@@ -1,6 +1,8 @@
 """The project against transformers itself: folders saved by transformers 5 (rope types, GQA,
 head_dim, tied embeddings, Mistral, the older config keys) give transformers' logits, and the
-tokenizer gives its ids (BOS from the post-processor, chat_template.jinja, several EOS ids).
+tokenizer gives its ids (BOS from the post-processor, chat_template.jinja, several EOS ids); a
+Llama-2-style GGUF (SentencePiece tokenizer, Q8_0 weights) gives what transformers' GGUF reader
+gives.
 
 The fixtures and their expected outputs are made by `tests/fixtures/make_fixtures.py` in an
 environment with torch, transformers and peft; this file only reads them.
@@ -100,3 +102,15 @@ def test_unsupported_config_is_a_named_error(tmp_path, change, words):
   (folder / "config.json").write_text(json.dumps(raw))
   with pytest.raises(ModelFileError, match=words.replace("(", r"\(")):
     load_model(str(folder), progress=False)
+
+
+def test_sentencepiece_gguf_equals_transformers_gguf_reader():
+  spm = IDS["spm"]
+  loaded = load_model(str(FIXTURES / "spm.gguf"), progress=False)
+  tok = loaded.tokenizer
+  for text, ids, decoded in zip(spm["texts"], spm["tokens"], spm["decoded"]):
+    assert tok.encode(text) == ids  # BOS, the U+2581 prefix, byte fallback for 東 and 🚀
+    assert tok.decode(ids) == decoded
+  assert any(t in range(3, 259) for t in spm["tokens"][-1])  # the byte pieces were used
+  got = np.asarray(full_logits(loaded.model, EXPECTED["spm-prompt"][None].astype(np.int32))[0])
+  assert relative_error(got, EXPECTED["spm"]) < 1e-4  # Q8_0 FFN weights dequantized alike

@@ -314,7 +314,7 @@ def test_gguf_pre_tokenizers_split_as_named(tmp_path):
 
 
 @pytest.mark.parametrize("kw, words", [({"pre": "qwen2"}, "pre-tokenizer 'qwen2'"),
-                                       ({"tok_model": "llama"}, "tokenizer model 'llama'"),
+                                       ({"tok_model": "llama"}, "lacks tokenizer.ggml.scores"),
                                        ({"tok_model": "bert"}, "tokenizer model 'bert'")])
 def test_unsupported_gguf_tokenizer_is_a_named_error(tmp_path, kw, words):
   _write_llama_gguf(tmp_path / "t.gguf", tiny_config(), **kw)

@@ -119,13 +119,16 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
 
 
 def from_gguf_fields(fields: dict) -> Tokenizer:
-  """Builds the tokenizer from a GGUFReader's metadata fields (a `gpt2` BPE model)."""
+  """Builds the tokenizer from a GGUFReader's metadata fields: byte-level BPE ("gpt2", with the
+  pre-tokenizer the file names) or SentencePiece BPE ("llama": Llama-2, Mistral), as
+  transformers' GGUF reader builds them."""
   model_kind = fields["tokenizer.ggml.model"].contents()
+  if model_kind == "llama":
+    return _sentencepiece_from_gguf(fields)
   if model_kind != "gpt2":
-    raise ModelFileError(f"the GGUF's tokenizer model {model_kind!r} is not supported yet (only"
-                         " byte-level BPE 'gpt2'; SentencePiece 'llama' files, Llama-2 and"
-                         " Mistral, are not): use the model's Hugging Face folder, whose"
-                         " tokenizer.json this project reads")
+    raise ModelFileError(f"the GGUF's tokenizer model {model_kind!r} is not supported (byte-level"
+                         " BPE 'gpt2' and SentencePiece 'llama' are): use the model's Hugging"
+                         " Face folder, whose tokenizer.json this project reads")
   tokens: list[str] = fields["tokenizer.ggml.tokens"].contents()
   merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
   types = (fields["tokenizer.ggml.token_type"].contents()
@@ -139,6 +142,12 @@ def from_gguf_fields(fields: dict) -> Tokenizer:
   specials = [tokenizers.AddedToken(tok, special=True, normalized=False)
               for tok, ty in zip(tokens, types) if ty in (_GGUF_CONTROL, _GGUF_USER_DEFINED)]
   backend.add_special_tokens(specials)
+  return _with_gguf_specials(backend, tokens, fields)
+
+
+def _with_gguf_specials(backend: tokenizers.Tokenizer, tokens: list[str], fields: dict
+                        ) -> Tokenizer:
+  """The Tokenizer around `backend` with the GGUF's EOS/EOT ids, BOS policy and template."""
   eos = {int(fields["tokenizer.ggml.eos_token_id"].contents())}
   if "tokenizer.ggml.eot_token_id" in fields:
     eos.add(int(fields["tokenizer.ggml.eot_token_id"].contents()))
@@ -152,6 +161,43 @@ def from_gguf_fields(fields: dict) -> Tokenizer:
   eos_str = tokens[int(fields["tokenizer.ggml.eos_token_id"].contents())]
   return Tokenizer(backend=backend, eos_ids=frozenset(eos), chat_template=template, add_bos_id=bos,
                    bos_token=bos_str, eos_token=eos_str)
+
+
+def _sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+  """The BPE merges a SentencePiece vocabulary implies: every split of a piece into two pieces
+  of the vocabulary, best score first (transformers' `generate_merges`)."""
+  vocab = {t: i for i, t in enumerate(tokens)}
+  merges = []
+  for piece, score in zip(tokens, scores):
+    local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+             if piece[:i] in vocab and piece[i:] in vocab]
+    merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+  merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+  return [(a, b) for a, b, _ in merges]
+
+
+def _sentencepiece_from_gguf(fields: dict) -> Tokenizer:
+  """SentencePiece BPE from GGUF metadata: scores order the merges, unknown characters fall
+  back to the <0xNN> byte pieces, a space is U+2581 and the text gets one in front."""
+  tokens: list[str] = fields["tokenizer.ggml.tokens"].contents()
+  if "tokenizer.ggml.scores" not in fields:
+    raise ModelFileError("the GGUF's SentencePiece tokenizer lacks tokenizer.ggml.scores, which"
+                         " order its merges; the file is damaged or was converted incompletely")
+  scores = [float(x) for x in fields["tokenizer.ggml.scores"].contents()]
+  types = (fields["tokenizer.ggml.token_type"].contents()
+           if "tokenizer.ggml.token_type" in fields else [1] * len(tokens))
+  backend = tokenizers.Tokenizer(models.BPE(
+      vocab={t: i for i, t in enumerate(tokens)}, merges=_sentencepiece_merges(tokens, scores),
+      fuse_unk=True, byte_fallback=True))
+  backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                   split=False)
+  backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                       decoders.Fuse(), decoders.Strip(content=" ", left=1)])
+  backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                              for t, ty in zip(tokens, types) if ty == _GGUF_CONTROL])
+  backend.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
+                      for t, ty in zip(tokens, types) if ty == _GGUF_USER_DEFINED])
+  return _with_gguf_specials(backend, tokens, fields)
 
 
 def from_hf_folder(folder, config: dict) -> Tokenizer:
