@@ -407,19 +407,20 @@ class Engine:
     """One prefill pass between decode steps: the next chunk of up to the largest prefill-rows
     bucket of waiting prompts (in arrival order, each into its own row), in one call, so a
     burst of arrivals reads the weights once rather than once per prompt."""
-    chosen: list[_Seq] = []
-    for seq in self._waiting:
-      if len(chosen) == self.steps.prefill_rows[-1]:
-        break
-      if seq.slot is None:
-        free = [i for i, s in enumerate(self._slots) if s is None]
-        if not free:
-          break
-        seq.slot = free[0]
-        self._slots[seq.slot] = seq
-      chosen.append(seq)
-    if not chosen:
+    free = [i for i, s in enumerate(self._slots) if s is None]
+    ready = [seq for seq in itertools.islice(self._waiting, self.steps.prefill_rows[-1])]
+    ready = [seq for seq in ready if seq.slot is not None] + [
+        seq for seq in ready if seq.slot is None][:len(free)]
+    if not ready:
       return
+    # Exactly a compiled rows bucket, never padded with empty rows (whose compute is waste
+    # where prefill is compute-bound, as on a CPU); the rest waits one decode step.
+    take = max(b for b in self.steps.prefill_rows if b <= len(ready))
+    chosen = sorted(ready[:take], key=lambda seq: seq.arrival)
+    for seq in chosen:
+      if seq.slot is None:
+        seq.slot = free.pop(0)
+        self._slots[seq.slot] = seq
     # A multiple of chunk: chunk writes stay inside the row.
     pieces = [(seq.slot, seq.prompt[seq.prefilled:seq.prefilled + self.chunk], seq.prefilled)
               for seq in chosen]
