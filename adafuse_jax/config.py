@@ -140,6 +140,11 @@ PRESETS: dict[str, ModelConfig] = {
     "mistral-7b": ModelConfig(
         vocab_size=32000, hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
         ffn=14336, rope_base=1000000.0, rms_eps=1e-5, max_context=32768, name="mistral-7b"),
+    # The shape of Llama-2-70B (GQA, 8 KV heads): 138 GB in bf16, more than one 141 GB GPU
+    # holds with a KV cache; the tensor-parallel case.
+    "llama2-70b": ModelConfig(
+        vocab_size=32000, hidden=8192, layers=80, heads=64, kv_heads=8, head_dim=128,
+        ffn=28672, rope_base=10000.0, rms_eps=1e-5, max_context=4096, name="llama2-70b"),
 }
 
 

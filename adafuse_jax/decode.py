@@ -147,6 +147,16 @@ def run(args: argparse.Namespace) -> dict:
                        adapter_cfg if adapter_cfg.mode != "backbone" else None)
   if sere is not None and auto:
     raise UserError("--path auto measures the paths without SERE: pick a path with --sere-rho")
+  if args.devices != 1 and auto:
+    raise UserError("--path auto measures single-device paths; with --devices pick --path packed"
+                    " or xla")
+  if args.devices != 1 and path not in ("packed", "xla"):
+    raise UserError(f"--path {path} runs Pallas kernels not yet partitioned across devices; with"
+                    " --devices use --path packed or xla")
+  mesh = None
+  if args.devices != 1:
+    from adafuse_jax.parallel import make_mesh
+    mesh = make_mesh(args.devices)
   loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=not (args.quiet or args.json))
   adapters = resolve_adapters(args.adapters, adapter_cfg, loaded.model.cfg, dtype=jnp.dtype(dtype),
                               seed=args.seed)
@@ -196,7 +206,7 @@ def run(args: argparse.Namespace) -> dict:
     note = registry.get(path).note(model.layout)
     if note and adapters is not None and not args.json:
       print(f"note: {note}", file=sys.stderr)
-    gen = Generator(model, adapters=adapters, path=path, backend=backend, sere=sere)
+    gen = Generator(model, adapters=adapters, path=path, backend=backend, sere=sere, mesh=mesh)
   switch_per_token = gen.merges_per_token
   if stream:
     sys.stdout.write(prompts[0] if not args.chat else "")

@@ -109,7 +109,8 @@ class Generator:
 
   def __init__(self, model: LlamaModel, *, adapters: MixtureOfLoRA | None = None,
                path: str | PathName = registry.DEFAULT_PATH, backend: str = "auto",
-               sere: SereSettings | None = None, release_weights: bool = False):
+               sere: SereSettings | None = None, release_weights: bool = False,
+               mesh: "jax.sharding.Mesh | None" = None):
     if adapters is not None and adapters.cfg.route_context:
       raise UserError("these adapters route on the running context (route_context), which"
                       " decoding does not carry from step to step yet; evaluate them with"
@@ -153,7 +154,30 @@ class Generator:
         for m in adapters.cfg.modules:
           for f in (f"A_{m}", f"B_{m}"):
             pool[f] = pool[f].replace(value=jnp.zeros((0,), model.dtype))
+    self.mesh = mesh
+    if mesh is not None and mesh.size > 1:
+      self._shard(mesh)
     self._compiled: dict[tuple, Callable] = {}
+
+  def _shard(self, mesh) -> None:
+    """Places parameters, adapters and the derived copy on a tensor-parallel mesh
+    (`adafuse_jax.parallel`): each compiled step is then one SPMD program."""
+    from adafuse_jax import parallel
+
+    if self.path.name not in (PathName.XLA, PathName.PACKED):
+      raise UserError(f"path {self.path.name.value!r} runs Pallas kernels that are not"
+                      " partitioned across devices yet; with --devices > 1 use path packed or"
+                      " xla")
+    parallel.check_divisible(self.cfg, mesh.size)
+    self.params = parallel.shard_params(self.params, mesh)
+    if self.adapter_params is not None:
+      self.adapter_params = parallel.shard_adapter_params(self.adapter_params, mesh)
+    if self.derived is not None:
+      self.derived = parallel.shard_last_axis(self.derived, mesh)
+
+  @property
+  def sharded(self) -> bool:
+    return self.mesh is not None and self.mesh.size > 1
 
   @property
   def path_name(self) -> PathName:
@@ -162,7 +186,12 @@ class Generator:
   def _forward(self, params, adapter_params, derived, tokens, cache, key,
                sampling: SamplingConfig):
     logits, cache, routing = self.apply(params, adapter_params, derived, tokens, cache)
-    return sample(logits, key, sampling), logits, cache, routing
+    nxt = sample(logits, key, sampling)
+    if self.sharded:
+      from adafuse_jax import parallel
+      cache = parallel.constrain_cache(cache, self.mesh)
+      nxt, logits, routing = parallel.constrain_replicated((nxt, logits, routing), self.mesh)
+    return nxt, logits, cache, routing
 
   def apply(self, params, adapter_params, derived, tokens: jax.Array, cache,
             last: jax.Array | None = None):
@@ -227,6 +256,11 @@ class Generator:
     if sig not in self._compiled:
       cache = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, cache_len, self.dtype))
       tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+      if self.sharded:
+        from adafuse_jax import parallel
+        cache = parallel.cache_shapes(cache, self.mesh)
+        tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype,
+                                      sharding=parallel.replicated(self.mesh))
       key = jax.eval_shape(lambda: jax.random.key(0))
       if self.merges(length):
         # Two compiled functions, dispatched back to back: XLA:GPU materialises a slice of a
@@ -260,11 +294,19 @@ class Generator:
       nxt, logits, cache = fn.forward(self.params, self.adapter_params, self.switch_state.weights,
                                       agree, tokens, cache, key)
       return nxt, logits, cache, routing
+    if self.sharded:
+      from adafuse_jax import parallel
+      tokens = jax.device_put(tokens, parallel.replicated(self.mesh))
+      key = jax.device_put(key, parallel.replicated(self.mesh))
     return fn(self.params, self.adapter_params, self.derived, tokens, cache, key)
 
   def new_cache(self, batch: int, cache_len: int, pad: Sequence[int] | None = None) -> KVCache:
-    return KVCache.create(self.cfg, batch, cache_len, self.dtype,
-                          pad=None if pad is None else jnp.asarray(pad, jnp.int32))
+    cache = KVCache.create(self.cfg, batch, cache_len, self.dtype,
+                           pad=None if pad is None else jnp.asarray(pad, jnp.int32))
+    if self.sharded:
+      from adafuse_jax import parallel
+      cache = parallel.shard_cache(cache, self.mesh)
+    return cache
 
   def forward(self, tokens: jax.Array, cache: KVCache, key: jax.Array,
               sampling: SamplingConfig = SamplingConfig()):

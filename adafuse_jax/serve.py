@@ -104,6 +104,9 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
 
   if args.port is not None and not 0 <= args.port < 65536:
     raise UserError(f"--port {args.port} must be in [0, 65535]")
+  if args.devices != 1:
+    raise UserError("the server runs on one device for now; --devices applies to"
+                    " `python -m adafuse_jax.decode`")
   pools = pool_specs(args)
   if args.no_backbone and not pools:
     raise UserError("--no-backbone with no --adapters leaves nothing to serve")

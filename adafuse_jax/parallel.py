@@ -1,0 +1,160 @@
+"""Tensor parallelism over a 1-D device mesh (axis "tp"), in the Megatron pattern, through JAX's
+SPMD partitioner: the arrays carry `NamedSharding`s and the compiled step is one SPMD program
+whose collectives XLA inserts.
+
+- q, k, v, gate, up are split by output columns and o, down by input rows, so each attention
+  and MLP half ends in one all-reduce; the KV cache is split by KV heads (a device keeps the
+  heads its q/k/v columns produce); the head is split by vocabulary; norms, embeddings and the
+  rotary table are replicated.
+- Experts follow their module's weight so the adapter delta needs no collective of its own:
+  for a column-split module A is replicated and B split by output, for a row-split one A is
+  split by input (as x is) and B replicated. Routers are replicated: every device routes the
+  same tokens to the same experts.
+- Arrays a path derives from these (the packed copy) are split along their last axis where it
+  divides, else replicated; the partitioner keeps every layout exact, the choice only moves
+  where the collectives fall.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from adafuse_jax.config import ModelConfig
+from adafuse_jax.errors import UserError
+
+AXIS = "tp"
+COLUMN = ("q", "k", "v", "gate", "up")  # split by output columns
+ROW = ("o", "down")  # split by input rows
+
+
+def make_mesh(devices: int, model_cfg: ModelConfig | None = None) -> Mesh:
+  """A 1-D tensor-parallel mesh over the first `devices` devices.
+
+  Raises UserError when fewer devices exist or the model's head, KV-head or FFN counts are not
+  divisible by `devices` (each device must hold whole heads and an equal FFN slice).
+  """
+  available = jax.devices()
+  if devices < 1:
+    raise UserError(f"--devices {devices} must be at least 1")
+  if devices > len(available):
+    raise UserError(f"--devices {devices} asks for more devices than exist ({len(available)}"
+                    f" {available[0].platform} device(s)); on a CPU, simulate more with"
+                    f" XLA_FLAGS=--xla_force_host_platform_device_count={devices}")
+  if model_cfg is not None:
+    check_divisible(model_cfg, devices)
+  return Mesh(np.asarray(available[:devices]), (AXIS,))
+
+
+def check_divisible(cfg: ModelConfig, devices: int) -> None:
+  bad = [f"{name} {value}" for name, value in (("attention heads", cfg.heads),
+                                               ("KV heads", cfg.kv_heads),
+                                               ("FFN width", cfg.ffn)) if value % devices]
+  if bad:
+    raise UserError(f"{devices} devices do not divide the model's {', '.join(bad)}: tensor"
+                    " parallelism gives each device whole heads and an equal FFN slice; pick a"
+                    " device count that divides them")
+
+
+def _name(path) -> str:
+  keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  return ".".join(str(k) for k in keys if k is not None)
+
+
+def _model_axis(name: str) -> int | None:
+  """The split axis of a model parameter: columns (-1) of q, k, v, gate, up and the head; rows
+  (-2) of o and down (stacked [L, in, out] or per layer [in, out]); None: replicated."""
+  leaf = name.split(".")[0]
+  if leaf in COLUMN or leaf == "lm_head":
+    return -1
+  return -2 if leaf in ROW else None
+
+
+def _adapter_axis(name: str) -> int | None:
+  """The split axis of a pool array: A [.., in, E, r] of a row module by input (-3), its shared
+  SA [.., in, rs] by input (-2); B [.., r, out] and SB of a column module by output (-1); the
+  rest (the other A/B, betas, routers) replicated."""
+  parts = name.split(".")
+  if parts[0] != "pool" or len(parts) < 2:
+    return None
+  prefix, _, module = parts[1].partition("_")
+  if module in ROW:
+    return {"A": -3, "SA": -2}.get(prefix)
+  if module in COLUMN:
+    return -1 if prefix in ("B", "SB") else None
+  return None
+
+
+def _place(tree, mesh: Mesh, axis_of):
+  """Every array of `tree` on the mesh, split along `axis_of(name)` where that axis divides by
+  the device count, else replicated."""
+  def put(path, leaf):
+    if not isinstance(leaf, jax.Array):
+      return leaf
+    axis = axis_of(_name(path)) if leaf.ndim else None
+    if axis is not None and (-axis > leaf.ndim or leaf.shape[axis] % mesh.size):
+      axis = None
+    spec = P() if axis is None else P(*[AXIS if i == axis % leaf.ndim else None
+                                        for i in range(leaf.ndim)])
+    return jax.device_put(leaf, NamedSharding(mesh, spec))
+  return jax.tree_util.tree_map_with_path(put, tree)
+
+
+def shard_params(params, mesh: Mesh):
+  """The model's parameters (an nnx State) placed on the mesh, Megatron-style."""
+  return _place(params, mesh, _model_axis)
+
+
+def shard_adapter_params(params, mesh: Mesh):
+  """A MixtureOfLoRA's parameters placed consistently with the weights they adapt."""
+  return _place(params, mesh, _adapter_axis)
+
+
+def shard_last_axis(tree, mesh: Mesh):
+  """Any other arrays (a path's derived copy): split along the last axis where it divides."""
+  return _place(tree, mesh, lambda name: -1)
+
+
+def cache_sharding(mesh: Mesh) -> NamedSharding:
+  """Key/value buffers [B, S, Hkv, hd] split by KV heads."""
+  return NamedSharding(mesh, P(None, None, AXIS, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def shard_cache(cache, mesh: Mesh):
+  """A KVCache / SlotCache with its buffers split by KV heads and the rest replicated."""
+  kv = cache_sharding(mesh)
+  rep = replicated(mesh)
+  def put(path, leaf):
+    if not isinstance(leaf, jax.Array):
+      return leaf
+    return jax.device_put(leaf, kv if leaf.ndim == 4 else rep)
+  return jax.tree_util.tree_map_with_path(put, cache)
+
+
+def cache_shapes(cache_shape, mesh: Mesh):
+  """ShapeDtypeStructs of a cache (from `jax.eval_shape`) with the shardings `shard_cache`
+  gives, for ahead-of-time compilation."""
+  kv = cache_sharding(mesh)
+  rep = replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                     sharding=kv if len(s.shape) == 4 else rep),
+                      cache_shape)
+
+
+def constrain_cache(cache, mesh: Mesh):
+  """Inside jit: pins a cache's buffers to `shard_cache`'s layout, so that every compiled step
+  returns the cache laid out as the next one expects it."""
+  kv, rep = cache_sharding(mesh), replicated(mesh)
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv if x.ndim == 4 else rep),
+                      cache)
+
+
+def constrain_replicated(tree, mesh: Mesh):
+  """Inside jit: pins small outputs (next tokens, logits, routing) replicated."""
+  rep = replicated(mesh)
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep), tree)
