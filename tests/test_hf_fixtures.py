@@ -114,3 +114,13 @@ def test_sentencepiece_gguf_equals_transformers_gguf_reader():
   assert any(t in range(3, 259) for t in spm["tokens"][-1])  # the byte pieces were used
   got = np.asarray(full_logits(loaded.model, EXPECTED["spm-prompt"][None].astype(np.int32))[0])
   assert relative_error(got, EXPECTED["spm"]) < 1e-4  # Q8_0 FFN weights dequantized alike
+
+
+def test_llama3_style_gguf_equals_transformers_gguf_reader():
+  """A byte-level GGUF naming pre-tokenizer `llama-bpe` (every Llama-3 GGUF)."""
+  bpe = IDS["bpe"]
+  loaded = load_model(str(FIXTURES / "bpe.gguf"), progress=False)
+  for text, ids in zip(bpe["texts"], bpe["tokens"]):
+    assert loaded.tokenizer.encode(text) == ids
+  got = np.asarray(full_logits(loaded.model, EXPECTED["bpe-prompt"][None].astype(np.int32))[0])
+  assert relative_error(got, EXPECTED["bpe"]) < 1e-4
