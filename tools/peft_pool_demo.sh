@@ -9,7 +9,7 @@
 # The domain text is the training cache's own (`python -m adafuse_jax.train data`), decoded
 # back to text files: the commands read it as a user's --data folder would be read.
 set -euo pipefail
-out=${1:?OUT}; lora_steps=${2:-150}; router_steps=${3:-300}
+out=${1:?OUT}; lora_steps=${2:-60}; router_steps=${3:-200}
 work=$out/work
 mkdir -p "$work"
 log=$out/demo.log
@@ -32,12 +32,10 @@ for domain in ("code", "quotes", "math"):
 print("domain text:", sorted(p.name for p in out.iterdir()))
 EOF
 
-common=(--batch 8 --seq-len 128 --eval-every 1000 --checkpoint-every 1000 --quiet)
+common=(--batch 4 --seq-len 64 --eval-every 1000 --checkpoint-every 1000 --quiet)
 for d in code quotes math; do
-  mkdir -p "$work/one-$d"
-  ln -sfn "$work/text/$d" "$work/one-$d/$d"
   say python -m adafuse_jax.train fit --mode lora --num-experts 1 --rank 8 --modules q,k,v,o \
-    --data "$work/one-$d" --workdir "$work/runs/lora-$d" --steps "$lora_steps" "${common[@]}" \
+    --data "$work/text/$d" --workdir "$work/runs/lora-$d" --steps "$lora_steps" "${common[@]}" \
     --export "$work/lora-$d"
   say python -m adafuse_jax.export --adapters "$work/lora-$d" --out "$work/peft-$d"
 done
