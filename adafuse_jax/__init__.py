@@ -30,6 +30,9 @@ _EXPORTS = {
     "AdapterConfig": "adafuse_jax.config", "MixtureOfLoRA": "adafuse_jax.adapters.mixture",
     "load_pool": "adafuse_jax.adapters.io", "load_adapters": "adafuse_jax.adapters.io",
     "save_adapters": "adafuse_jax.adapters.io", "SereSettings": "adafuse_jax.adapters.sere",
+    "export_peft": "adafuse_jax.adapters.peft",
+    # several devices
+    "make_mesh": "adafuse_jax.parallel",
     # generation
     "Generator": "adafuse_jax.generation", "generate": "adafuse_jax.generation",
     "GenerationResult": "adafuse_jax.generation", "SamplingConfig": "adafuse_jax.sampling",
@@ -68,6 +71,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what static tools see; at run time names load on first use
   from adafuse_jax.adapters.io import load_adapters, load_pool, save_adapters  # noqa: F401
   from adafuse_jax.adapters.mixture import MixtureOfLoRA  # noqa: F401
+  from adafuse_jax.adapters.peft import export_peft  # noqa: F401
+  from adafuse_jax.parallel import make_mesh  # noqa: F401
   from adafuse_jax.adapters.sere import SereSettings  # noqa: F401
   from adafuse_jax.auto import PathChoice, choose_path  # noqa: F401
   from adafuse_jax.config import PRESETS, AdapterConfig, ModelConfig, preset  # noqa: F401
