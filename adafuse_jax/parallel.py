@@ -111,6 +111,19 @@ def shard_adapter_params(params, mesh: Mesh):
   return _place(params, mesh, _adapter_axis)
 
 
+def adapter_shardings(shapes, mesh: Mesh):
+  """The `NamedSharding`s `shard_adapter_params` gives, for a tree of ShapeDtypeStructs (a
+  checkpoint restored straight onto the mesh, whatever device count saved it)."""
+  def spec(path, leaf):
+    axis = _adapter_axis(_name(path)) if leaf.ndim else None
+    if axis is not None and (-axis > leaf.ndim or leaf.shape[axis] % mesh.size):
+      axis = None
+    parts = [AXIS if axis is not None and i == axis % leaf.ndim else None
+             for i in range(leaf.ndim)]
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, P(*parts)))
+  return jax.tree_util.tree_map_with_path(spec, shapes)
+
+
 def shard_last_axis(tree, mesh: Mesh):
   """Any other arrays (a path's derived copy): split along the last axis where it divides."""
   return _place(tree, mesh, lambda name: -1)

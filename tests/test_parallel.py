@@ -29,20 +29,26 @@ def runs() -> dict:
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert out["devices"] == 4
-  return out["runs"]
+  return out
 
 
 @pytest.mark.parametrize("layout", ["stacked", "list"])
 @pytest.mark.parametrize("mode", ["backbone", "lora", "pregated", "layerwise"])
 @pytest.mark.parametrize("path", ["xla", "packed"])
 def test_sharded_decode_equals_one_device(runs, layout, mode, path):
-  one = runs[f"{layout}/{mode}/{path}/1"]
+  one = runs["runs"][f"{layout}/{mode}/{path}/1"]
   assert one["q_shards"] == 1
   for devices in (2, 4):
-    many = runs[f"{layout}/{mode}/{path}/{devices}"]
+    many = runs["runs"][f"{layout}/{mode}/{path}/{devices}"]
     assert many["q_shards"] == devices and "tp" in many["q_spec"]  # q really split
     assert many["tokens"] == one["tokens"]
     np.testing.assert_allclose(many["logits"], one["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_restores_onto_another_device_count(runs):
+  ck = runs["checkpoints"]
+  assert ck["restored_on"] == 4  # a pool saved on one device restored split over four
+  assert ck["equal_4"] and ck["equal_2"] and ck["equal_1"]  # saved from four, restored on 2, 1
 
 
 def test_bad_device_counts_are_named_errors():

@@ -76,8 +76,10 @@ def read_adapter_config(path: str | pathlib.Path) -> tuple[AdapterConfig, dict]:
 
 
 def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
-                  dtype: jnp.dtype = jnp.float32) -> MixtureOfLoRA:
-  """Restores adapters saved by `save_adapters` for a model of config `model_cfg`."""
+                  dtype: jnp.dtype = jnp.float32, mesh=None) -> MixtureOfLoRA:
+  """Restores adapters saved by `save_adapters` for a model of config `model_cfg`; with a
+  tensor-parallel `mesh` (`adafuse_jax.parallel`), straight onto it, split as the weights they
+  adapt, whatever device count saved them."""
   path = pathlib.Path(path).absolute()
   cfg, shapes = read_adapter_config(path)
   want = model_fingerprint(model_cfg)
@@ -90,10 +92,15 @@ def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
   abstract = nnx.eval_shape(lambda: MixtureOfLoRA(model_cfg, cfg, dtype=jnp.float32,
                                                   layout="stacked"))
   graphdef, abstract_state = nnx.split(abstract)
-  # Restore onto this machine's device whatever device saved it (a GPU-trained pool on a CPU).
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
+  # Restore onto this machine's device(s) whatever saved it (a GPU-trained pool on a CPU, a
+  # pool saved from 4 devices onto 1 or 2).
+  if mesh is not None and mesh.size > 1:
+    from adafuse_jax.parallel import adapter_shardings
+    abstract_state = adapter_shardings(abstract_state, mesh)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
   try:
     with ocp.StandardCheckpointer() as ckpt:
       state = ckpt.restore(path / "state", abstract_state)
@@ -103,7 +110,12 @@ def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
                          " corrupt or incomplete") from None
   check_state(path, state)
   state = jax.tree.map(lambda x: x.astype(dtype), state)
-  return nnx.merge(graphdef, state).with_layout(default_layout())
+  adapters = nnx.merge(graphdef, state).with_layout(default_layout())
+  if mesh is not None and mesh.size > 1:  # the per-layer split places its slices anew
+    from adafuse_jax.parallel import shard_adapter_params
+    graphdef, state = nnx.split(adapters)
+    adapters = nnx.merge(graphdef, shard_adapter_params(state, mesh))
+  return adapters
 
 
 def check_state(path: pathlib.Path, state) -> None:
