@@ -185,3 +185,43 @@ def test_own_data_errors_are_named(tmp_path):
   good = tmp_path / "good.jsonl"
   good.write_text('{"text": "a", "domain": "x"}\n\n{"text": "b"}\n')
   assert {k: len(v) for k, v in user_documents(good).items()} == {"x": 1, "text": 1}
+
+
+def test_cli_bad_model_files_are_one_error_line(tmp_path):
+  """The issue's other bad inputs through the CLI: a PEFT folder without its safetensors, a GGUF
+  whose tokenizer is unsupported, an HF folder of another architecture."""
+  import gguf
+
+  nofile = tmp_path / "nofile"
+  shutil.copytree(FIXTURES / "peft-qv", nofile)
+  (nofile / "adapter_model.safetensors").unlink()
+  other = tmp_path / "qwen"
+  shutil.copytree(FIXTURES / "hf-default", other)
+  cfg = json.loads((other / "config.json").read_text())
+  (other / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen2ForCausalLM"]}))
+  bad_gguf = tmp_path / "bert-tok.gguf"
+  reader = gguf.GGUFReader(str(FIXTURES / "bpe.gguf"))
+  writer = gguf.GGUFWriter(str(bad_gguf), arch="llama")
+  for field in reader.fields.values():
+    if field.name.startswith("GGUF.") or field.name == "general.architecture":
+      continue
+    value = field.contents()
+    if field.name == "tokenizer.ggml.model":
+      value = "bert"
+    writer.add_key_value(field.name, value, field.types[0],
+                         sub_type=field.types[-1] if len(field.types) > 1 else None)
+  for t in reader.tensors:
+    writer.add_tensor(t.name, np.asarray(t.data), raw_shape=list(reversed(t.shape.tolist())),
+                      raw_dtype=t.tensor_type)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  cases = [(["--model", "hf-llama3", "--adapters", str(nofile)], "lacks adapter_model.safetensors"),
+           (["--model", str(other)], "architecture 'Qwen2ForCausalLM'"),
+           (["--model", str(bad_gguf)], "tokenizer model 'bert'")]
+  for argv, words in cases:
+    r = run_cli("-m", "adafuse_jax.decode", *argv, "--prompt", "hi", "--quiet")
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error:") and words in lines[0], lines[0]
