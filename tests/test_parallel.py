@@ -72,3 +72,23 @@ def test_cli_default_model_and_pool_on_three_devices_writes_the_same_text():
   one, three = decode(1), decode(3)
   assert three["completions"] == one["completions"]
   assert three["generated_tokens"] == one["generated_tokens"]
+
+
+def test_bench_runs_rows_on_a_mesh(tmp_path):
+  """`python -m adafuse_jax.bench --devices 2`: every row runs split, the floor is per device
+  (simulated CPU devices: a check that it runs and records, not a speed figure)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  r = subprocess.run([sys.executable, "-m", "adafuse_jax.bench", "--preset", "tiny",
+                      "--devices", "2", "--modes", "backbone,pregated-packed", "--steps", "20",
+                      "--rounds", "2", "--prefill", "", "--out", str(tmp_path)],
+                     capture_output=True, text=True, env=env, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  report = json.loads((tmp_path / "results.json").read_text())
+  assert report["devices"] == 2
+  assert "2 tensor-parallel devices" in (tmp_path / "table.md").read_text()
+  one = subprocess.run([sys.executable, "-m", "adafuse_jax.bench", "--preset", "tiny",
+                        "--devices", "2", "--modes", "pregated-gathered", "--steps", "20",
+                        "--prefill", ""], capture_output=True, text=True, env=env, timeout=600)
+  assert one.returncode == 2 and "not\n" not in one.stderr
+  assert "partitioned across devices" in one.stderr

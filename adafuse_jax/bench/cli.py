@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top-k", type=int, default=2)
   p.add_argument("--adapt-modules", default="q,k,v,o,gate,up,down")
   p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--devices", type=int, default=1,
+                 help="tensor-parallel devices every row runs on (paths packed and xla); the"
+                      " floor is then each device's share of the bytes")
   p.add_argument("--cache-len", type=int, default=512,
                  help="KV-cache slots; decode steps attend to the first half of them")
   p.add_argument("--prefill", default="128,512,2048", help="prompt lengths to time prefill on")
@@ -112,6 +115,8 @@ def run(args: argparse.Namespace) -> dict:
     raise UserError(f"--sere-primary={args.sere_primary} must be at least 1")
   if args.batch < 1:
     raise UserError(f"--batch={args.batch} must be at least 1")
+  if args.devices > 1 and args.torch_peer == "on":
+    raise UserError("--torch-peer on runs the PyTorch peer on one device; drop it with --devices")
   if args.steps < 1 or args.warmup < 0:
     raise UserError("--steps must be >= 1 and --warmup >= 0")
   if args.rounds < 1:
@@ -156,9 +161,13 @@ def run(args: argparse.Namespace) -> dict:
         file=sys.stderr)
   keep = args.rounds > 1
   rows = []
+  mesh = None
   for layout in layouts:
     model = make_model(layout)
     cfg = model.cfg
+    if args.devices > 1:
+      from adafuse_jax.parallel import make_mesh
+      mesh = make_mesh(args.devices, cfg)
     for variant in (variants if layout == layouts[0] else [Variant(Mode.BACKBONE)]):
       if model is None:  # consumed by a packed path
         model = make_model(layout)
@@ -191,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
                        warmup=args.warmup, steps=args.steps,
                        prefill_lengths=prefill_lengths if variant.name in prefill_modes else (),
                        seed=args.seed, path=path, backend=backend, sere=sere,
-                       release_weights=release, keep=keep)
+                       release_weights=release, keep=keep, mesh=mesh)
       merge = r.pop("merges_per_token")
       if sere is not None:
         r["sere"] = {"rho": sere.rho, "primary_k": sere.primary_k}
@@ -206,6 +215,9 @@ def run(args: argparse.Namespace) -> dict:
         r["floor_unchanged_ms"] = costs.decode_bytes(cfg, dtype, args.cache_len // 2, 1, None) / bw * 1e3
         nbytes = costs.decode_bytes(cfg, dtype, args.cache_len // 2, 1, None) + costs.switch_bytes(
             cfg, dtype, acfg)
+      # Split over devices, each reads about its share (the replicated A of column modules
+      # and norms aside): the floor per device.
+      nbytes = nbytes // args.devices
       r.update(mode=label, layout=layout, bytes_per_step=nbytes, floor_ms=nbytes / bw * 1e3,
                effective_tb_s=nbytes / (r["decode"]["median_ms"] / 1e3) / 1e12)
       rows.append(r)
@@ -226,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
   peer_ok, peer_why = torch_peer.available()
   if args.torch_peer == "on" and not peer_ok:
     raise UserError(f"--torch-peer on: {peer_why}")
-  if args.torch_peer == "on" or (args.torch_peer == "auto" and peer_ok
+  if args.torch_peer == "on" or (args.torch_peer == "auto" and peer_ok and args.devices == 1
                                  and jax.default_backend() == "gpu"):
     rows.append(_peer_row(cfg, args, dtype, bw, base))
   if keep:
@@ -245,6 +257,7 @@ def run(args: argparse.Namespace) -> dict:
       r["synced_ratio_interval"] = B.ratio_interval(r["rounds_synced_ms"], base["rounds_synced_ms"])
   return {"environment": env, "preset": args.preset, "dtype": str(dtype),
           "adapter": adapter_base.to_dict(), "batch": args.batch, "cache_len": args.cache_len,
+          "devices": args.devices,
           "rounds": args.rounds, "ceiling_tb_s": bw / 1e12, "ceiling_method": ceiling_method,
           "copy_bandwidth_tb_s": elementwise / 1e12,
           "ceiling_rates_tb_s": {n: r.tb_s for n, r in rates.items()},
@@ -308,7 +321,10 @@ def _interval(r: dict, key: str, ratio: float | None) -> str:
 def markdown(report: dict) -> str:
   ceiling_tb_s = report.get("ceiling_tb_s", report["copy_bandwidth_tb_s"])
   rounds = report.get("rounds", 1)
-  lines = [f"Preset `{report['preset']}`, {report['dtype']}, batch {report['batch']}, experts"
+  devices = report.get("devices", 1)
+  lines = [f"Preset `{report['preset']}`, {report['dtype']}, batch {report['batch']},"
+           + (f" {devices} tensor-parallel devices (floors per device)," if devices > 1 else "")
+           + f" experts"
            f" {report['adapter']['num_experts']}, rank {report['adapter']['rank']}, top-"
            f"{report['adapter']['top_k']}, modules {','.join(report['adapter']['modules'])};"
            f" {report['environment']['device']}, jax {report['environment']['jax']},"

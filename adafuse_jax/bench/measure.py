@@ -115,7 +115,7 @@ def calibrated_sere(model: LlamaModel, adapters: MixtureOfLoRA, *, primary_k: in
 def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,
                warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int,
                path: PathName = PathName.XLA, backend: str = "auto", sere=None,
-               release_weights: bool = False, keep: bool = False) -> dict:
+               release_weights: bool = False, keep: bool = False, mesh=None) -> dict:
   """Decode step and prefill timings of one model (+ adapters) configuration.
 
   Decode steps are timed synced (one step, then wait: latency) and pipelined (steps dispatched
@@ -130,9 +130,10 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   `release_weights` (packed only) consumes `model` and `adapters`: see `Generator`.
   `keep`: the result's "round" entry is a function that times one more round of this row
   (pipelined and synced ms/step), keeping its Generator alive: rows interleaved over rounds.
+  `mesh`: a tensor-parallel mesh the step runs on (`adafuse_jax.parallel`).
   """
   gen = Generator(model, adapters=adapters, path=path, backend=backend, sere=sere,
-                  release_weights=release_weights)
+                  release_weights=release_weights, mesh=mesh)
   merge = gen.merges_per_token
   sampling = SamplingConfig()
   t0 = time.perf_counter()
