@@ -101,6 +101,21 @@ def adapter_config(spec: str | None, args: argparse.Namespace):
                        shared_rank=args.shared_rank)
 
 
+def positive_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+  """'1,4,16' -> (1, 4, 16) for a command-line option; None stays None."""
+  if text is None:
+    return None
+  try:
+    values = tuple(int(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise UserError(f"{flag} {text!r} must be positive integers separated by commas, like"
+                    " 1,4,16") from None
+  if not values or min(values) < 1:
+    raise UserError(f"{flag} {text!r} must be positive integers separated by commas, like"
+                    " 1,4,16")
+  return values
+
+
 def add_sere_options(a: argparse._ArgumentGroup) -> None:
   a.add_argument("--sere-rho", type=float, default=None,
                  help="SERE: move a batch step's secondary expert choices to the most similar"

@@ -17,7 +17,8 @@ import sys
 from typing import Sequence
 
 from adafuse_jax.cli_options import (add_model_options, add_pool_options, add_sere_options,
-                                     adapter_config, resolve_dtype, sere_settings)
+                                     adapter_config, positive_ints, resolve_dtype,
+                                     sere_settings)
 from adafuse_jax.errors import UserError
 
 SERVE_PATHS = ("packed", "xla", "gathered", "merged")
@@ -134,8 +135,9 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
                     " whose tokenizer to use, e.g. --tokenizer default, or --tokenizer bytes)")
   engine_args = dict(max_batch=args.max_batch, max_seq_len=min(args.max_seq_len,
                                                                loaded.model.cfg.max_context),
-                     chunk=args.chunk, prefill_rows=int_list(args.prefill_rows, "--prefill-rows"),
-                     prefill_lengths=int_list(args.prefill_lengths, "--prefill-lengths"))
+                     chunk=args.chunk,
+                     prefill_rows=positive_ints(args.prefill_rows, "--prefill-rows"),
+                     prefill_lengths=positive_ints(args.prefill_lengths, "--prefill-lengths"))
   engines = {}
   if not args.no_backbone:
     name = args.served_model_name or pathlib.Path(loaded.source).stem.split(".")[0]
@@ -152,17 +154,6 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
 
 
 
-def int_list(text: str | None, flag: str) -> list[int] | None:
-  """'1,4,16' -> [1, 4, 16]; None stays None."""
-  if text is None:
-    return None
-  try:
-    values = [int(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise UserError(f"{flag} {text!r} must be integers separated by commas, like 1,4,16") from None
-  if not values or min(values) < 1:
-    raise UserError(f"{flag} {text!r} must name positive integers, like 1,4,16")
-  return values
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)

@@ -13,6 +13,7 @@ import pathlib
 import sys
 from typing import Sequence
 
+from adafuse_jax.cli_options import positive_ints
 from adafuse_jax.errors import UserError
 
 TINY = dict(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128,
@@ -77,16 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def _ints(text: str, name: str) -> tuple[int, ...]:
-  try:
-    values = tuple(int(x) for x in text.split(",") if x.strip())
-  except ValueError:
-    raise UserError(f"--{name} takes comma-separated integers, got {text!r}") from None
-  if any(v <= 0 for v in values):
-    raise UserError(f"--{name} values must be positive, got {text!r}")
-  return values
-
-
 def run(args: argparse.Namespace) -> dict:
   import jax
   import jax.numpy as jnp
@@ -127,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
                     " table.md, decode.png)")
   if args.preset not in PRESETS and args.preset != "tiny":
     raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}, tiny")
-  prefill_lengths = _ints(args.prefill, "prefill") if args.prefill else ()
+  prefill_lengths = positive_ints(args.prefill, "--prefill") if args.prefill else ()
   prefill_modes = {parse_variant(m.strip())[0].name for m in args.prefill_modes.split(",")
                    if m.strip()}
   modules = tuple(m.strip() for m in args.adapt_modules.split(",") if m.strip())

@@ -203,7 +203,7 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
   from adafuse_jax.cli_options import resolve_dtype
   from adafuse_jax.generation import Generator, generate
   from adafuse_jax.serving import Engine
-  from adafuse_jax.serve import int_list
+  from adafuse_jax.cli_options import positive_ints
   from adafuse_jax.serving.api import create_app
   from adafuse_jax.weights import load_model
   from adafuse_jax.weights.tokenizer import byte_tokenizer
@@ -228,8 +228,8 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
   engine = Engine(gen, tok, name="pool", max_batch=largest, max_seq_len=max_seq_len,
                   chunk=min(args.chunk, max_seq_len),
                   batch_buckets=sorted(set(levels) | {args.static_batch}),
-                  prefill_rows=int_list(args.prefill_rows, "--prefill-rows"),
-                  prefill_lengths=int_list(args.prefill_lengths, "--prefill-lengths"))
+                  prefill_rows=positive_ints(args.prefill_rows, "--prefill-rows"),
+                  prefill_lengths=positive_ints(args.prefill_lengths, "--prefill-lengths"))
   t0 = time.perf_counter()
   engine.steps.warm_up(log)
   compile_s = time.perf_counter() - t0
