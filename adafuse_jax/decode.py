@@ -150,12 +150,10 @@ def run(args: argparse.Namespace) -> dict:
   if args.devices != 1 and auto:
     raise UserError("--path auto measures single-device paths; with --devices pick --path packed"
                     " or xla")
-  if args.devices != 1 and path not in ("packed", "xla"):
-    raise UserError(f"--path {path} runs Pallas kernels not yet partitioned across devices; with"
-                    " --devices use --path packed or xla")
   mesh = None
   if args.devices != 1:
-    from adafuse_jax.parallel import make_mesh
+    from adafuse_jax.parallel import check_path, make_mesh
+    check_path(path)  # before the model loads
     mesh = make_mesh(args.devices)
   loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=not (args.quiet or args.json))
   adapters = resolve_adapters(args.adapters, adapter_cfg, loaded.model.cfg, dtype=jnp.dtype(dtype),

@@ -37,12 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from adafuse_jax.adapters.io import load_pool
-    from adafuse_jax.adapters.peft import export_peft
+    from adafuse_jax.adapters.peft import check_new_folder, export_peft
     from adafuse_jax.weights import load_model
 
     out = pathlib.Path(args.out)
-    if out.is_file() or (out.exists() and any(out.iterdir())):
-      raise UserError(f"--out {args.out!r} exists and is not empty; name a new folder")
+    check_new_folder(out)  # before the model loads
     loaded = load_model(args.model, dtype=jnp.float32, progress=False)
     pool = load_pool(args.adapters, loaded.model.cfg)
     base = args.base_model or (

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from adafuse_jax import parallel
 from adafuse_jax.adapters.mixture import MixtureOfLoRA, fold_shared
 from adafuse_jax.adapters.sere import SereSettings
 from adafuse_jax.config import LINEAR_NAMES
@@ -162,12 +163,7 @@ class Generator:
   def _shard(self, mesh) -> None:
     """Places parameters, adapters and the derived copy on a tensor-parallel mesh
     (`adafuse_jax.parallel`): each compiled step is then one SPMD program."""
-    from adafuse_jax import parallel
-
-    if self.path.name not in (PathName.XLA, PathName.PACKED):
-      raise UserError(f"path {self.path.name.value!r} runs Pallas kernels that are not"
-                      " partitioned across devices yet; with --devices > 1 use path packed or"
-                      " xla")
+    parallel.check_path(self.path.name.value)
     parallel.check_divisible(self.cfg, mesh.size)
     self.params = parallel.shard_params(self.params, mesh)
     if self.adapter_params is not None:
@@ -188,7 +184,6 @@ class Generator:
     logits, cache, routing = self.apply(params, adapter_params, derived, tokens, cache)
     nxt = sample(logits, key, sampling)
     if self.sharded:
-      from adafuse_jax import parallel
       cache = parallel.constrain_cache(cache, self.mesh)
       nxt, logits, routing = parallel.constrain_replicated((nxt, logits, routing), self.mesh)
     return nxt, logits, cache, routing
@@ -257,7 +252,6 @@ class Generator:
       cache = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, cache_len, self.dtype))
       tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
       if self.sharded:
-        from adafuse_jax import parallel
         cache = parallel.cache_shapes(cache, self.mesh)
         tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype,
                                       sharding=parallel.replicated(self.mesh))
@@ -295,7 +289,6 @@ class Generator:
                                       agree, tokens, cache, key)
       return nxt, logits, cache, routing
     if self.sharded:
-      from adafuse_jax import parallel
       tokens = jax.device_put(tokens, parallel.replicated(self.mesh))
       key = jax.device_put(key, parallel.replicated(self.mesh))
     return fn(self.params, self.adapter_params, self.derived, tokens, cache, key)
@@ -304,7 +297,6 @@ class Generator:
     cache = KVCache.create(self.cfg, batch, cache_len, self.dtype,
                            pad=None if pad is None else jnp.asarray(pad, jnp.int32))
     if self.sharded:
-      from adafuse_jax import parallel
       cache = parallel.shard_cache(cache, self.mesh)
     return cache
 

@@ -47,6 +47,16 @@ def make_mesh(devices: int, model_cfg: ModelConfig | None = None) -> Mesh:
   return Mesh(np.asarray(available[:devices]), (AXIS,))
 
 
+SHARDED_PATHS = ("packed", "xla")
+
+
+def check_path(path: str) -> None:
+  """Raises UserError for a decode path that does not run split across devices yet."""
+  if str(path) not in SHARDED_PATHS:
+    raise UserError(f"path {str(path)!r} runs Pallas kernels that are not partitioned across"
+                    " devices yet; with --devices > 1 use path packed or xla")
+
+
 def check_divisible(cfg: ModelConfig, devices: int) -> None:
   bad = [f"{name} {value}" for name, value in (("attention heads", cfg.heads),
                                                ("KV heads", cfg.kv_heads),
@@ -86,18 +96,22 @@ def _adapter_axis(name: str) -> int | None:
   return None
 
 
+def _sharding(name: str, shape: tuple[int, ...], mesh: Mesh, axis_of) -> NamedSharding:
+  """Split along `axis_of(name)` where that axis divides by the device count, else
+  replicated."""
+  axis = axis_of(name) if shape else None
+  if axis is not None and (-axis > len(shape) or shape[axis] % mesh.size):
+    axis = None
+  return NamedSharding(mesh, P() if axis is None else P(
+      *[AXIS if i == axis % len(shape) else None for i in range(len(shape))]))
+
+
 def _place(tree, mesh: Mesh, axis_of):
-  """Every array of `tree` on the mesh, split along `axis_of(name)` where that axis divides by
-  the device count, else replicated."""
+  """Every array of `tree` on the mesh, laid out by `_sharding`."""
   def put(path, leaf):
     if not isinstance(leaf, jax.Array):
       return leaf
-    axis = axis_of(_name(path)) if leaf.ndim else None
-    if axis is not None and (-axis > leaf.ndim or leaf.shape[axis] % mesh.size):
-      axis = None
-    spec = P() if axis is None else P(*[AXIS if i == axis % leaf.ndim else None
-                                        for i in range(leaf.ndim)])
-    return jax.device_put(leaf, NamedSharding(mesh, spec))
+    return jax.device_put(leaf, _sharding(_name(path), leaf.shape, mesh, axis_of))
   return jax.tree_util.tree_map_with_path(put, tree)
 
 
@@ -112,16 +126,12 @@ def shard_adapter_params(params, mesh: Mesh):
 
 
 def adapter_shardings(shapes, mesh: Mesh):
-  """The `NamedSharding`s `shard_adapter_params` gives, for a tree of ShapeDtypeStructs (a
-  checkpoint restored straight onto the mesh, whatever device count saved it)."""
-  def spec(path, leaf):
-    axis = _adapter_axis(_name(path)) if leaf.ndim else None
-    if axis is not None and (-axis > leaf.ndim or leaf.shape[axis] % mesh.size):
-      axis = None
-    parts = [AXIS if axis is not None and i == axis % leaf.ndim else None
-             for i in range(leaf.ndim)]
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, P(*parts)))
-  return jax.tree_util.tree_map_with_path(spec, shapes)
+  """The layout `shard_adapter_params` gives, for a tree of ShapeDtypeStructs (a checkpoint
+  restored straight onto the mesh, whatever device count saved it)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jax.ShapeDtypeStruct(
+          leaf.shape, leaf.dtype, sharding=_sharding(_name(path), leaf.shape, mesh,
+                                                     _adapter_axis)), shapes)
 
 
 def shard_last_axis(tree, mesh: Mesh):
@@ -129,42 +139,32 @@ def shard_last_axis(tree, mesh: Mesh):
   return _place(tree, mesh, lambda name: -1)
 
 
-def cache_sharding(mesh: Mesh) -> NamedSharding:
-  """Key/value buffers [B, S, Hkv, hd] split by KV heads."""
-  return NamedSharding(mesh, P(None, None, AXIS, None))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def _cache_layout(ndim: int, mesh: Mesh) -> NamedSharding:
+  """Key/value buffers [B, S, Hkv, hd] split by KV heads; the lengths replicated."""
+  return NamedSharding(mesh, P(None, None, AXIS, None)) if ndim == 4 else replicated(mesh)
+
+
 def shard_cache(cache, mesh: Mesh):
-  """A KVCache / SlotCache with its buffers split by KV heads and the rest replicated."""
-  kv = cache_sharding(mesh)
-  rep = replicated(mesh)
-  def put(path, leaf):
-    if not isinstance(leaf, jax.Array):
-      return leaf
-    return jax.device_put(leaf, kv if leaf.ndim == 4 else rep)
-  return jax.tree_util.tree_map_with_path(put, cache)
+  """A KVCache / SlotCache placed in `_cache_layout`."""
+  return jax.tree.map(lambda x: jax.device_put(x, _cache_layout(x.ndim, mesh)), cache)
 
 
 def cache_shapes(cache_shape, mesh: Mesh):
-  """ShapeDtypeStructs of a cache (from `jax.eval_shape`) with the shardings `shard_cache`
-  gives, for ahead-of-time compilation."""
-  kv = cache_sharding(mesh)
-  rep = replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                     sharding=kv if len(s.shape) == 4 else rep),
-                      cache_shape)
+  """ShapeDtypeStructs of a cache (from `jax.eval_shape`) in `_cache_layout`, for
+  ahead-of-time compilation."""
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+      s.shape, s.dtype, sharding=_cache_layout(len(s.shape), mesh)), cache_shape)
 
 
 def constrain_cache(cache, mesh: Mesh):
-  """Inside jit: pins a cache's buffers to `shard_cache`'s layout, so that every compiled step
-  returns the cache laid out as the next one expects it."""
-  kv, rep = cache_sharding(mesh), replicated(mesh)
-  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv if x.ndim == 4 else rep),
-                      cache)
+  """Inside jit: pins a cache to `_cache_layout`, so that every compiled step returns the cache
+  laid out as the next one expects it."""
+  return jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(x, _cache_layout(x.ndim, mesh)), cache)
 
 
 def constrain_replicated(tree, mesh: Mesh):

@@ -35,6 +35,19 @@ OURS_TO_PEFT = {v: k for k, v in PEFT_MODULES.items()}
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 
 
+def module_path(module: str, layer: int) -> str:
+  """PEFT's (transformers') name of one of our modules at one layer: layers.3.mlp.up_proj."""
+  part = "self_attn" if module in ("q", "k", "v", "o") else "mlp"
+  return f"layers.{layer}.{part}.{OURS_TO_PEFT[module]}"
+
+
+def check_new_folder(out: str | pathlib.Path) -> None:
+  """Raises UserError unless `out` is a folder still to be made (or an empty one)."""
+  out = pathlib.Path(out)
+  if out.is_file() or (out.exists() and any(out.iterdir())):
+    raise UserError(f"--out {str(out)!r} exists and is not empty; name a new folder")
+
+
 def is_peft_folder(path: str | pathlib.Path) -> bool:
   """Whether `path` is a folder whose adapter_config.json was written by PEFT."""
   cfg = pathlib.Path(path) / CONFIG_FILE
@@ -197,8 +210,7 @@ def read_lora(path: str | pathlib.Path, model_cfg: ModelConfig) -> PeftLora:
 def _pattern(pattern: dict, module: str, layer: int, default):
   """PEFT's per-module override (`alpha_pattern`): the first key that matches the module's
   full name or ends it."""
-  full = f"layers.{layer}.{'self_attn' if module in ('q', 'k', 'v', 'o') else 'mlp'}." + (
-      OURS_TO_PEFT[module])
+  full = module_path(module, layer)
   for key, value in pattern.items():
     if re.fullmatch(rf"(.*\.)?{key}", full) or full.endswith(key):
       return value
@@ -240,19 +252,25 @@ def load_peft_pool(spec: str, model_cfg: ModelConfig, cfg: AdapterConfig | None 
     raise UserError(f"{len(loras)} PEFT adapters cannot fill a pool of {cfg.num_experts}"
                     " experts")
   mix = MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, layout="stacked")
-  shapes = model_cfg.linear_shapes()
-  r = cfg.rank
-  for m in cfg.modules:
+  _set_experts(mix, loras, b_scale=1.0)  # alpha = rank: the pool's own scale is 1
+  return mix.with_layout(default_layout())
+
+
+def _set_experts(mix, loras: list[PeftLora], b_scale: float) -> None:
+  """Packs LoRAs as experts 0..E-1 of a stacked pool: each zero-padded to the pool's rank, zero
+  where it lacks a module, B divided by `b_scale` (the pool's alpha / rank)."""
+  shapes, layers, r = mix.model_cfg.linear_shapes(), mix.model_cfg.layers, mix.cfg.rank
+  for m in mix.cfg.modules:
     d_in, d_out = shapes[m]
-    a = np.zeros((model_cfg.layers, d_in, len(loras), r), np.float32)
-    b = np.zeros((model_cfg.layers, len(loras), r, d_out), np.float32)
+    a = np.zeros((layers, d_in, len(loras), r), np.float32)
+    b = np.zeros((layers, len(loras), r, d_out), np.float32)
     for e, lora in enumerate(loras):
       if m in lora.A:
         a[:, :, e, :lora.rank] = lora.A[m]
-        b[:, e, :lora.rank, :] = lora.B[m]
+        b[:, e, :lora.rank, :] = lora.B[m] / b_scale
+    dtype = getattr(mix.pool, f"A_{m}").get_value().dtype
     getattr(mix.pool, f"A_{m}").set_value(jnp.asarray(a, dtype))
     getattr(mix.pool, f"B_{m}").set_value(jnp.asarray(b, dtype))
-  return mix.with_layout(default_layout())
 
 
 # -- out ---------------------------------------------------------------------------------------
@@ -271,9 +289,8 @@ def _write_lora(folder: pathlib.Path, a: dict[str, np.ndarray], b: dict[str, np.
   rank = next(iter(a.values())).shape[-1]
   tensors = {}
   for m in a:
-    part = "self_attn" if m in ("q", "k", "v", "o") else "mlp"
     for l in range(a[m].shape[0]):
-      key = f"base_model.model.model.layers.{l}.{part}.{OURS_TO_PEFT[m]}"
+      key = f"base_model.model.model.{module_path(m, l)}"
       tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[m][l].T, np.float32)
       tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[m][l].T, np.float32)
   save_file(tensors, str(folder / WEIGHTS_FILE))
@@ -299,8 +316,7 @@ def export_peft(mix, out: str | pathlib.Path, base_model: str = "") -> list[path
 
   cfg = mix.cfg
   out = pathlib.Path(out)
-  if out.exists() and any(out.iterdir()):
-    raise UserError(f"--out {str(out)!r} exists and is not empty; name a new folder")
+  check_new_folder(out)
   stacked = {m: [np.asarray(x, np.float32) for x in mix.pool.stacked(m)] for m in cfg.modules}
   live = (np.arange(mix.model_cfg.layers) >= cfg.first_layer).astype(np.float32)
 
@@ -372,14 +388,8 @@ def load_exported(path: str | pathlib.Path, model_cfg: ModelConfig, *,
   cfg = exported_config(path)
   meta = json.loads((path / POOL_FILE).read_text())
   mix = MixtureOfLoRA(model_cfg, cfg, dtype=jnp.float32, layout="stacked")
-  for e, name in enumerate(meta["experts"]):
-    lora = read_lora(path / name, model_cfg)
-    for m in cfg.modules:
-      a = np.asarray(getattr(mix.pool, f"A_{m}").get_value()).copy()
-      b = np.asarray(getattr(mix.pool, f"B_{m}").get_value()).copy()
-      a[:, :, e], b[:, e] = lora.A[m][..., :cfg.rank], lora.B[m][:, :cfg.rank] / cfg.scale
-      getattr(mix.pool, f"A_{m}").set_value(jnp.asarray(a))
-      getattr(mix.pool, f"B_{m}").set_value(jnp.asarray(b))
+  _set_experts(mix, [read_lora(path / name, model_cfg) for name in meta["experts"]],
+               b_scale=cfg.scale)
   if cfg.shared_rank:
     shared = read_lora(path / meta["shared"], model_cfg)
     for m in cfg.modules:

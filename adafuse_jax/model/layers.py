@@ -58,9 +58,7 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     if low == high:
       high += 0.001
     ramp = np.clip((np.arange(half, dtype=np.float64) - low) / (high - low), 0, 1)
-    keep = 1 - ramp
-    out = inv_freq / s.factor * (1 - keep) + inv_freq * keep
-    return out.astype(np.float32)
+    return (inv_freq / s.factor * ramp + inv_freq * (1 - ramp)).astype(np.float32)
   raise ValueError(f"unsupported rope scaling kind {s.kind!r}")
 
 

@@ -408,7 +408,7 @@ class Engine:
     bucket of waiting prompts (in arrival order, each into its own row), in one call, so a
     burst of arrivals reads the weights once rather than once per prompt."""
     free = [i for i, s in enumerate(self._slots) if s is None]
-    ready = [seq for seq in itertools.islice(self._waiting, self.steps.prefill_rows[-1])]
+    ready = list(itertools.islice(self._waiting, self.steps.prefill_rows[-1]))
     ready = [seq for seq in ready if seq.slot is not None] + [
         seq for seq in ready if seq.slot is None][:len(free)]
     if not ready:
@@ -429,13 +429,16 @@ class Engine:
         self._cache, self._nxt, pieces, [p.temperature for p in params],
         [p.top_p for p in params], [max(p.top_k, 0) for p in params],
         [seq.seed for seq in chosen])
+    done = []  # (index in the pass, seq) of the prompts this pass completed
     for i, (seq, (_, piece, _)) in enumerate(zip(chosen, pieces)):
       seq.prefilled += len(piece)
       if seq.prefilled == len(seq.prompt):
         seq.position = len(seq.prompt)
         self._waiting.remove(seq)
-        dispatched.append(("first", seq, tokens, i))
+        done.append((i, seq))
         self.stats.prompt_tokens += len(seq.prompt)
+    if done:
+      dispatched.append(("first", done, tokens))
 
   def _dispatch_step(self, dispatched: list[tuple]) -> None:
     rows = [(i, s) for i, s in enumerate(self._slots)
@@ -462,9 +465,11 @@ class Engine:
   def _drain(self, pending: list[tuple]) -> None:
     for item in pending:
       if item[0] == "first":
-        _, seq, tokens, i = item
-        if not seq.finished:
-          self._on_token(seq, int(np.asarray(tokens)[i]))
+        _, done, tokens = item
+        tokens = np.asarray(tokens)  # one transfer for the whole pass
+        for i, seq in done:
+          if not seq.finished:
+            self._on_token(seq, int(tokens[i]))
         continue
       _, rows, new, routing, b = item
       new = np.asarray(new)

@@ -153,14 +153,15 @@ def _with_gguf_specials(backend: tokenizers.Tokenizer, tokens: list[str], fields
     eos.add(int(fields["tokenizer.ggml.eot_token_id"].contents()))
   add_bos = ("tokenizer.ggml.add_bos_token" in fields
              and bool(fields["tokenizer.ggml.add_bos_token"].contents()))
-  bos = int(fields["tokenizer.ggml.bos_token_id"].contents()) if add_bos else None
+  # A file that asks for BOS must name it (a KeyError here is the loader's named error).
+  bos_id = (int(fields["tokenizer.ggml.bos_token_id"].contents())
+            if add_bos or "tokenizer.ggml.bos_token_id" in fields else None)
   template = (fields["tokenizer.chat_template"].contents()
               if "tokenizer.chat_template" in fields else None)
-  bos_str = tokens[int(fields["tokenizer.ggml.bos_token_id"].contents())] if (
-      "tokenizer.ggml.bos_token_id" in fields) else ""
   eos_str = tokens[int(fields["tokenizer.ggml.eos_token_id"].contents())]
-  return Tokenizer(backend=backend, eos_ids=frozenset(eos), chat_template=template, add_bos_id=bos,
-                   bos_token=bos_str, eos_token=eos_str)
+  return Tokenizer(backend=backend, eos_ids=frozenset(eos), chat_template=template,
+                   add_bos_id=bos_id if add_bos else None,
+                   bos_token=tokens[bos_id] if bos_id is not None else "", eos_token=eos_str)
 
 
 def _sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
