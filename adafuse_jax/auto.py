@@ -122,7 +122,8 @@ def _measure(gen: Generator, cand: Candidate, batch: int, cache_len: int, steps:
 def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
                 cache_len: int = 256, switch_rate: float | None = None,
                 agree_rate: float | None = None, steps: int = 8, sere=None, seed: int = 0,
-                log: Callable[[str], None] | None = None) -> tuple[PathChoice, Generator]:
+                log: Callable[[str], None] | None = None,
+                mesh: "jax.sharding.Mesh | None" = None) -> tuple[PathChoice, Generator]:
   """Measures every candidate path and returns (choice, the winner's Generator).
 
   Args:
@@ -134,6 +135,8 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
     steps: pipelined decode steps per timing (3 repeats, median).
     sere: SERE settings for unmerged batch steps.
     log: optional callable(str) for progress lines.
+    mesh: a tensor-parallel mesh (`adafuse_jax.parallel.make_mesh`): every candidate is built
+      and measured split across it, its extra memory counted per device.
   """
   if steps * 3 + 2 >= cache_len:
     raise UserError(f"cache_len={cache_len} is too short to time {steps} steps x 3")
@@ -144,7 +147,7 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
   skipped = {}
   for cand in cands:
     free = free_device_bytes()
-    need = registry.PATHS[cand.path].extra_bytes(model, adapters)
+    need = registry.PATHS[cand.path].extra_bytes(model, adapters) // (mesh.size if mesh else 1)
     if free is not None and need > 0.9 * free:  # a 7B with 64 rank-64 experts packs to 33 GB
       skipped[cand.name] = (f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free; JAX takes"
                             " 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says more")
@@ -154,7 +157,7 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
     if log:
       log(f"auto: measuring {cand.name} ...")
     gen = Generator(model, adapters=adapters, path=cand.path, backend=cand.backend,
-                    sere=None if cand.merges else sere)
+                    sere=None if cand.merges else sere, mesh=mesh)
     measured = _measure(gen, cand, batch, cache_len, steps, seed)
     expected[cand.name] = registry.expected_ms(measured, switch_rate=rate, batch=batch,
                                                agree_rate=agree_rate)

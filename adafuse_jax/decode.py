@@ -147,13 +147,9 @@ def run(args: argparse.Namespace) -> dict:
                        adapter_cfg if adapter_cfg.mode != "backbone" else None)
   if sere is not None and auto:
     raise UserError("--path auto measures the paths without SERE: pick a path with --sere-rho")
-  if args.devices != 1 and auto:
-    raise UserError("--path auto measures single-device paths; with --devices pick --path packed"
-                    " or xla")
   mesh = None
   if args.devices != 1:
-    from adafuse_jax.parallel import check_path, make_mesh
-    check_path(path)  # before the model loads
+    from adafuse_jax.parallel import make_mesh
     mesh = make_mesh(args.devices)
   loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=not (args.quiet or args.json))
   adapters = resolve_adapters(args.adapters, adapter_cfg, loaded.model.cfg, dtype=jnp.dtype(dtype),
@@ -197,7 +193,7 @@ def run(args: argparse.Namespace) -> dict:
     agree = prompt_agreement_rate(model, adapters, ids)
     log = None if args.json else (lambda m: print(m, file=sys.stderr))
     choice, gen = choose_path(model, adapters, batch=len(ids), cache_len=cache_len,
-                              switch_rate=rate, agree_rate=agree, log=log)
+                              switch_rate=rate, agree_rate=agree, log=log, mesh=mesh)
     if not args.json:
       print(f"auto chose {choice.reason}", file=sys.stderr)
   else:

@@ -163,13 +163,14 @@ class Generator:
   def _shard(self, mesh) -> None:
     """Places parameters, adapters and the derived copy on a tensor-parallel mesh
     (`adafuse_jax.parallel`): each compiled step is then one SPMD program."""
-    parallel.check_path(self.path.name.value)
     parallel.check_divisible(self.cfg, mesh.size)
     self.params = parallel.shard_params(self.params, mesh)
     if self.adapter_params is not None:
       self.adapter_params = parallel.shard_adapter_params(self.adapter_params, mesh)
     if self.derived is not None:
       self.derived = parallel.shard_last_axis(self.derived, mesh)
+    if self.switch_state is not None:
+      self.switch_state = parallel.shard_switch_state(self.switch_state, mesh)
 
   @property
   def sharded(self) -> bool:
@@ -200,7 +201,8 @@ class Generator:
     linear: LinearFn = self.path.backbone(derived)
     if adapter_params is not None:
       adapters = nnx.merge(self.adapters_graphdef, adapter_params)
-      runtime = self.path.runtime(adapters, derived, sere=self.sere, backend=self.backend)
+      runtime = self.path.runtime(adapters, derived, sere=self.sere, backend=self.backend,
+                                  mesh=self.mesh)
       linear = runtime
     logits, cache = model(tokens, cache, linear=linear, last=last)
     routing = None
@@ -221,7 +223,8 @@ class Generator:
     adapters = nnx.merge(self.adapters_graphdef, adapter_params)
     experts, gates, _ = merged_path.route_tokens(model, adapters, tokens)
     agree = merged_path.batch_agrees(experts, gates) if tokens.shape[0] > 1 else jnp.bool_(True)
-    state = merged_path.switch(state, model, adapters, experts[0], gates[0], self.backend, agree)
+    state = merged_path.switch(state, model, adapters, experts[0], gates[0], self.backend, agree,
+                               mesh=self.mesh)
     return state, (experts, gates), agree
 
   def _merged_forward(self, params, adapter_params, merged_weights, agree, tokens, cache, key,
@@ -235,7 +238,8 @@ class Generator:
 
     def unmerged(cache):
       adapters = nnx.merge(self.adapters_graphdef, adapter_params)
-      return model(tokens, cache, linear=self.path.runtime(adapters, backend=self.backend))
+      return model(tokens, cache, linear=self.path.runtime(adapters, backend=self.backend,
+                                                           mesh=self.mesh))
 
     if tokens.shape[0] == 1:  # one sequence always agrees with itself
       logits, cache = merged(cache)
@@ -282,15 +286,15 @@ class Generator:
     """Calls a compiled step (from `compiled`), carrying the merged weights when it merges.
 
     Returns (next [B], logits [B, V], cache, routing)."""
+    if self.sharded:
+      tokens = jax.device_put(tokens, parallel.replicated(self.mesh))
+      key = jax.device_put(key, parallel.replicated(self.mesh))
     if isinstance(fn, MergedStep):
       self.switch_state, routing, agree = fn.switch(self.params, self.adapter_params,
                                                     self.switch_state, tokens)
       nxt, logits, cache = fn.forward(self.params, self.adapter_params, self.switch_state.weights,
                                       agree, tokens, cache, key)
       return nxt, logits, cache, routing
-    if self.sharded:
-      tokens = jax.device_put(tokens, parallel.replicated(self.mesh))
-      key = jax.device_put(key, parallel.replicated(self.mesh))
     return fn(self.params, self.adapter_params, self.derived, tokens, cache, key)
 
   def new_cache(self, batch: int, cache_len: int, pad: Sequence[int] | None = None) -> KVCache:

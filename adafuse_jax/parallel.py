@@ -13,9 +13,15 @@ whose collectives XLA inserts.
 - Arrays a path derives from these (the packed copy) are split along their last axis where it
   divides, else replicated; the partitioner keeps every layout exact, the choice only moves
   where the collectives fall.
+- Pallas kernels (the gathered path's BGMV/SGMV, the merged path's SGMM switch) are opaque to
+  the partitioner: they run per shard inside `shard_map` (`on_shards`) with the layouts of
+  `ModuleSplit`, each device on its own slice of the weights and experts; a row-split module's
+  partial outputs are summed with one `psum`, as XLA does for the plain matmul.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -47,14 +53,40 @@ def make_mesh(devices: int, model_cfg: ModelConfig | None = None) -> Mesh:
   return Mesh(np.asarray(available[:devices]), (AXIS,))
 
 
-SHARDED_PATHS = ("packed", "xla")
+@dataclasses.dataclass(frozen=True)
+class ModuleSplit:
+  """How one module's operands lie on the mesh, for kernels run per shard (stacked layouts).
+
+  Attributes:
+    x: the input [N, in]; w: the weight [L, in, out]; a: the experts' A [L, in, E, r];
+    b: their B [L, E, r, out]; y: the output [N, out].
+    partial: each device's output is a partial sum over its slice of `in` (a row-split module):
+      `psum` it over the axis.
+  """
+
+  x: P
+  w: P
+  a: P
+  b: P
+  y: P
+  partial: bool
 
 
-def check_path(path: str) -> None:
-  """Raises UserError for a decode path that does not run split across devices yet."""
-  if str(path) not in SHARDED_PATHS:
-    raise UserError(f"path {str(path)!r} runs Pallas kernels that are not partitioned across"
-                    " devices yet; with --devices > 1 use path packed or xla")
+def module_split(name: str) -> ModuleSplit:
+  """The `ModuleSplit` of module `name` ("q", ..., "down") under the rules above."""
+  if name in COLUMN:
+    return ModuleSplit(x=P(), w=P(None, None, AXIS), a=P(), b=P(None, None, None, AXIS),
+                       y=P(None, AXIS), partial=False)
+  if name in ROW:
+    return ModuleSplit(x=P(None, AXIS), w=P(None, AXIS, None), a=P(None, AXIS, None, None),
+                       b=P(), y=P(), partial=True)
+  raise ValueError(f"no tensor-parallel split for module {name!r}")
+
+
+def on_shards(fn, mesh: Mesh, in_specs, out_specs):
+  """`fn` run once per device on its shards (`jax.shard_map`), for Pallas kernels that the
+  SPMD partitioner cannot split. Replication is not checked: the kernels are custom calls."""
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def check_divisible(cfg: ModelConfig, devices: int) -> None:
@@ -132,6 +164,18 @@ def adapter_shardings(shapes, mesh: Mesh):
       lambda path, leaf: jax.ShapeDtypeStruct(
           leaf.shape, leaf.dtype, sharding=_sharding(_name(path), leaf.shape, mesh,
                                                      _adapter_axis)), shapes)
+
+
+def shard_switch_state(state, mesh: Mesh):
+  """A merged path's SwitchState: each merged weight split as the model's weight of its module;
+  the experts and coefficients replicated."""
+  weights = {m: jax.device_put(w, _sharding(m, w.shape, mesh, _model_axis)) if isinstance(
+      w, jax.Array) else tuple(jax.device_put(x, _sharding(m, x.shape, mesh, _model_axis))
+                               for x in w) for m, w in state.weights.items()}
+  rest = jax.device_put((state.experts, state.coefs, state.switches, state.unmerged),
+                        replicated(mesh))
+  return dataclasses.replace(state, weights=weights, experts=rest[0], coefs=rest[1],
+                             switches=rest[2], unmerged=rest[3])
 
 
 def shard_last_axis(tree, mesh: Mesh):

@@ -1,7 +1,12 @@
 """Run by tests/test_parallel.py in a process of its own with simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX starts): decodes the same
-prompts on 1, 2 and 4 devices for every adapter mode on the paths that shard, and prints what
-it measured as one JSON line."""
+prompts on 1, 2 and 4 devices for every adapter mode and path, and prints what it measured as
+one JSON line.
+
+    python tests/parallel_worker.py xla       # paths xla and packed, both layouts; checkpoints
+    python tests/parallel_worker.py kernels   # paths gathered and merged: Pallas kernels (in the
+                                              # interpreter) run per shard; the switch itself
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from adafuse_jax.adapters.mixture import MixtureOfLoRA  # noqa: E402
 from adafuse_jax.config import AdapterConfig, ModelConfig  # noqa: E402
 from adafuse_jax.generation import Generator, generate  # noqa: E402
 from adafuse_jax.model import LlamaModel  # noqa: E402
+from adafuse_jax import parallel  # noqa: E402
 from adafuse_jax.parallel import make_mesh  # noqa: E402
 
 CFG = ModelConfig(vocab_size=96, hidden=64, layers=2, heads=8, kv_heads=4, head_dim=8, ffn=96,
@@ -24,14 +30,30 @@ CFG = ModelConfig(vocab_size=96, hidden=64, layers=2, heads=8, kv_heads=4, head_
 PROMPTS = [[5, 17, 3, 88, 42, 9, 61], [1, 2, 3]]
 
 
-def run(mode: str, path: str, devices: int, layout: str) -> dict:
+SHARD_CALLS = [0]  # kernels wrapped to run per shard while tracing
+
+
+def _counting(fn, *args, **kwargs):
+  SHARD_CALLS[0] += 1
+  return fn(*args, **kwargs)
+
+
+_on_shards = parallel.on_shards
+parallel.on_shards = lambda *a, **k: _counting(_on_shards, *a, **k)
+
+
+def build(mode: str, path: str, devices: int, layout: str, backend: str = "auto") -> Generator:
   model = LlamaModel(CFG, seed=1, layout=layout)
   adapters = None
   if mode != "backbone":
     adapters = MixtureOfLoRA(CFG, AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2),
                              seed=2, random_b=True, layout=layout)
   mesh = make_mesh(devices, CFG) if devices > 1 else None
-  gen = Generator(model, adapters=adapters, path=path, mesh=mesh)
+  return Generator(model, adapters=adapters, path=path, backend=backend, mesh=mesh)
+
+
+def run(mode: str, path: str, devices: int, layout: str) -> dict:
+  gen = build(mode, path, devices, layout)
   res = generate(gen, PROMPTS, max_new_tokens=6)
   cache = gen.new_cache(1, 16)
   _, logits, _, _ = gen.forward(np.asarray([PROMPTS[0][:4]], np.int32), cache, jax.random.key(0))
@@ -40,6 +62,43 @@ def run(mode: str, path: str, devices: int, layout: str) -> dict:
   return {"tokens": [list(map(int, t)) for t in res.tokens],
           "logits": np.asarray(logits, np.float64).tolist(),
           "q_spec": str(getattr(q.sharding, "spec", None)), "q_shards": len(q.sharding.device_set)}
+
+
+def run_steps(mode: str, path: str, devices: int, rows: int) -> dict:
+  """A prompt pass and three greedy decode steps through `Generator.forward` (two compiled
+  programs: the kernels' interpreter makes each compile slow): tokens and every step's logits."""
+  gen = build(mode, path, devices, "stacked", backend="triton")
+  before = SHARD_CALLS[0]
+  cache = gen.new_cache(rows, 8)
+  tokens = np.asarray([p[:3] for p in PROMPTS[:rows]], np.int32)
+  out, logits = [], []
+  for _ in range(4):
+    nxt, step_logits, cache, _ = gen.forward(tokens, cache, jax.random.key(0))
+    out.append(np.asarray(nxt).tolist())
+    logits.append(np.asarray(step_logits, np.float64).tolist())
+    tokens = np.asarray(nxt, np.int32)[:, None]
+  q = gen.params["q"].get_value()
+  return {"tokens": out, "logits": logits, "q_spec": str(getattr(q.sharding, "spec", None)),
+          "q_shards": len(q.sharding.device_set), "shard_calls": SHARD_CALLS[0] - before}
+
+
+def switch_equality() -> dict:
+  """The merged path's switch (the SGMM kernel, interpreted) on 4 devices against one: after the
+  same decode, the merged weights of every module agree."""
+  out = {}
+  states = {}
+  for devices in (1, 4):
+    gen = build("pregated", "merged", devices, "stacked", backend="triton")
+    generate(gen, PROMPTS[:1], max_new_tokens=3)  # the prompt's token and two switches
+    states[devices] = gen.switch_state
+  one, four = states[1], states[4]
+  out["switches"] = [int(one.switches), int(four.switches)]
+  out["experts_equal"] = bool(np.array_equal(np.asarray(one.experts), np.asarray(four.experts)))
+  out["max_weight_diff"] = max(
+      float(np.max(np.abs(np.asarray(one.weights[m], np.float64)
+                          - np.asarray(four.weights[m], np.float64)))) for m in one.weights)
+  out["weights_split"] = {m: len(w.sharding.device_set) for m, w in four.weights.items()}
+  return out
 
 
 def checkpoints() -> dict:
@@ -71,15 +130,27 @@ def checkpoints() -> dict:
   return out
 
 
-def main() -> None:
-  out = {"devices": len(jax.devices()), "runs": {}, "checkpoints": checkpoints()}
-  for layout in ("stacked", "list"):
-    for mode in ("backbone", "lora", "pregated", "layerwise"):
-      for path in ("xla", "packed"):
+def main(part: str) -> None:
+  out = {"devices": len(jax.devices()), "runs": {}}
+  if part == "xla":
+    out["checkpoints"] = checkpoints()
+    for layout in ("stacked", "list"):
+      for mode in ("backbone", "lora", "pregated", "layerwise"):
+        for path in ("xla", "packed"):
+          for devices in (1, 2, 4):
+            out["runs"][f"{layout}/{mode}/{path}/{devices}"] = run(mode, path, devices, layout)
+  else:  # the kernels read stacked weights; "triton" runs them in the Pallas interpreter
+    out["switch"] = switch_equality()
+    for path, modes in (("gathered", ("lora", "pregated", "layerwise")),
+                        ("merged", ("lora", "pregated"))):
+      for mode in modes:
         for devices in (1, 2, 4):
-          out["runs"][f"{layout}/{mode}/{path}/{devices}"] = run(mode, path, devices, layout)
+          # merged at batch 1, where every step switches (a batch of two disagrees and runs
+          # unmerged)
+          out["runs"][f"stacked/{mode}/{path}/{devices}"] = run_steps(
+              mode, path, devices, rows=1 if path == "merged" else 2)
   print(json.dumps(out))
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "xla"))

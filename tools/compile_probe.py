@@ -23,9 +23,9 @@ from adafuse_jax.serving.steps import SlotSteps
 from adafuse_jax.weights import load_model
 
 
-def main(batch: int = 32, span: int = 256, steps_timed: int = 30) -> None:
+def main(preset: str = "llama2-7b", batch: int = 32, span: int = 256, steps_timed: int = 30) -> None:
   t0 = time.perf_counter()
-  loaded = load_model("llama2-7b", dtype=jnp.bfloat16, progress=False)
+  loaded = load_model(preset, dtype=jnp.bfloat16, progress=False)
   pool = load_pool("random:0", loaded.model.cfg, dtype=jnp.bfloat16)
   gen = Generator(loaded.model, adapters=pool, path="packed")
   ready_s = time.perf_counter() - t0
@@ -48,7 +48,7 @@ def main(batch: int = 32, span: int = 256, steps_timed: int = 30) -> None:
     cache, nxt, new, _ = fn(gen.params, gen.adapter_params, gen.derived, cache, nxt, *args)
   jax.block_until_ready(new)
   step_ms = (time.perf_counter() - t) * 1e3 / steps_timed
-  print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": batch, "span": span,
+  print(json.dumps({"preset": preset, "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": batch, "span": span,
                     "model_and_pool_s": round(ready_s, 1),
                     "engine_decode_compile_s": round(engine_compile_s, 1),
                     "generate_decode_compile_s": round(generate_compile_s, 1),
@@ -57,4 +57,5 @@ def main(batch: int = 32, span: int = 256, steps_timed: int = 30) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  import sys
+  main(*sys.argv[1:2])

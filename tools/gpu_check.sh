@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve (default: tests layers bench)
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
 # OUT_DIR gets at most 8 files: tests.log, layer-loop/{layer_loop.json,.md}, batch1/{results.json,
@@ -54,6 +54,17 @@ for part in $parts; do
         --concurrency "${LEVELS:-1,8,32,64}" --rounds "${ROUNDS:-3}" --max-tokens "${TOKENS:-128}" \
         --sequential "${SEQUENTIAL:-8}" --chunk "${CHUNK:-256}" ${PREFILL_LENGTHS:+--prefill-lengths $PREFILL_LENGTHS} \
         --time-limit "${LIMIT_S:-480}" --out "$out/load" 2>&1 | tee "$out/load.log" | tail -20 ;;
-    *) echo "unknown part $part (tests, layers, bench, floor, serve)"; exit 2 ;;
+    probe)
+      # Why compiles are slow and where a step's time goes: compile_probe under XLA's defaults
+      # and without autotuning, then the per-kernel profile of two decode steps.
+      for flags in "" "--xla_gpu_autotune_level=0"; do
+        XLA_FLAGS="$flags" timeout "${PROBE_S:-240}" python3 tools/compile_probe.py 2>>"$out/probe.log" \
+          | tee -a "$out/compile_probe.jsonl"
+      done
+      for mode in ${PROFILE_MODES:-backbone backbone-packed pregated-packed}; do
+        timeout 200 python3 tools/kernel_breakdown.py --preset llama2-7b --mode "$mode" \
+          --out /tmp/kb >>"$out/probe.log" 2>&1 && cat /tmp/kb/kernels_"$mode".md >>"$out/kernels.md"
+      done ;;
+    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe)"; exit 2 ;;
   esac
 done

@@ -225,8 +225,11 @@ class DecodePath(abc.ABC):
 
   @abc.abstractmethod
   def runtime(self, adapters: MixtureOfLoRA, derived: Any = None, *,
-              sere: SereSettings | None = None, backend: str = "auto") -> AdapterRuntime:
-    """The `LinearFn` of one forward pass of these adapters, reading `derived` (`prepare`)."""
+              sere: SereSettings | None = None, backend: str = "auto",
+              mesh: "jax.sharding.Mesh | None" = None) -> AdapterRuntime:
+    """The `LinearFn` of one forward pass of these adapters, reading `derived` (`prepare`).
+    `mesh`: the tensor-parallel mesh the arrays lie on (`adafuse_jax.parallel`), for paths
+    whose Pallas kernels run per shard; XLA's own matmuls are partitioned without it."""
 
   def backbone(self, derived: Any = None) -> LinearFn:
     """The `LinearFn` of a pass without adapters."""

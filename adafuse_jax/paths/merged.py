@@ -27,9 +27,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import sgmm
 
+from adafuse_jax import parallel
 from adafuse_jax.adapters.mixture import MixtureOfLoRA, merged_model
 from adafuse_jax.adapters.routing import gates_for, top_k_gates
 from adafuse_jax.config import LINEAR_NAMES, AdapterConfig
@@ -135,9 +137,12 @@ def batch_agrees(experts: jax.Array, gates: jax.Array) -> jax.Array:
 
 
 def switch(state: SwitchState, model, adapters, experts: jax.Array, gates: jax.Array,
-           backend: str = "auto", agree: jax.Array | bool = True) -> SwitchState:
+           backend: str = "auto", agree: jax.Array | bool = True,
+           mesh: jax.sharding.Mesh | None = None) -> SwitchState:
   """Rebuilds the merged weights for the new experts [k] / gates [k] or [L, k] (no work when
-  they are unchanged, or when `agree` is False: the batch disagreed and runs unmerged)."""
+  they are unchanged, or when `agree` is False: the batch disagreed and runs unmerged). On a
+  tensor-parallel `mesh` the SGMM launch runs per shard: each device rebuilds its slice of
+  every weight from its slices of W0, A and B, with no collective."""
   cfg = adapters.cfg
   num_layers = model.cfg.layers
   coefs = jnp.broadcast_to(gates if gates.ndim == 2 else gates[None], (num_layers, cfg.top_k))
@@ -155,8 +160,17 @@ def switch(state: SwitchState, model, adapters, experts: jax.Array, gates: jax.A
   else:
     pools = [adapters.pool.stacked(m) for m in modules]
     a_pools, b_pools = [p[0] for p in pools], [p[1] for p in pools]
-    new = sgmm.switch_weights(current, a_pools, b_pools, experts, coefs, changed, base,
-                              backend=backend)
+
+    def rebuild(current, a_pools, b_pools, experts, coefs, changed, base):
+      return tuple(sgmm.switch_weights(current, a_pools, b_pools, experts, coefs, changed, base,
+                                       backend=backend))
+
+    if mesh is not None and mesh.size > 1:
+      splits = [parallel.module_split(m) for m in modules]
+      w = tuple(s.w for s in splits)
+      rebuild = parallel.on_shards(rebuild, mesh, (w, [s.a for s in splits],
+                                                   [s.b for s in splits], P(), P(), P(), w), w)
+    new = rebuild(current, a_pools, b_pools, experts, coefs, changed, base)
   return SwitchState(weights=dict(zip(modules, new)), experts=experts, coefs=coefs,
                      switches=state.switches + changed.astype(jnp.int32),
                      unmerged=state.unmerged + (~agree).astype(jnp.int32))
@@ -218,9 +232,9 @@ class MergedPath(DecodePath):
     return layers * item * sum(i * o for m, (i, o) in model.cfg.linear_shapes().items()
                                if m in adapters.cfg.modules)
 
-  def runtime(self, adapters, derived=None, *, sere=None, backend="auto"):
+  def runtime(self, adapters, derived=None, *, sere=None, backend="auto", mesh=None):
     """The unmerged runtime of prompts and of batch steps whose rows disagree: the gathered
     kernels where the switch runs a Pallas kernel, else plain XLA."""
     if backend != "xla" and jax.default_backend() == "gpu":
-      return GatheredRuntime(adapters, self.thresholds, sere)
+      return GatheredRuntime(adapters, self.thresholds, sere, mesh=mesh)
     return XlaRuntime(adapters, self.thresholds, sere)

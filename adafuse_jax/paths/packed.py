@@ -302,7 +302,7 @@ class PackedPath(DecodePath):
     return model.cfg.linear_bytes(item) + layers * item * cols * sum(
         i + o for m, (i, o) in model.cfg.linear_shapes().items() if m in cfg.modules)
 
-  def runtime(self, adapters, derived=None, *, sere=None, backend="auto"):
+  def runtime(self, adapters, derived=None, *, sere=None, backend="auto", mesh=None):
     return PackedRuntime(adapters, self.thresholds, sere, packed=derived)
 
   def backbone(self, derived=None):

@@ -122,7 +122,7 @@ class XlaPath(DecodePath):
   def extra_bytes(self, model: LlamaModel, adapters: MixtureOfLoRA) -> int:
     return rows_nbytes(adapters) if self.wants_rows(adapters.cfg) else 0
 
-  def runtime(self, adapters, derived=None, *, sere=None, backend="auto"):
+  def runtime(self, adapters, derived=None, *, sere=None, backend="auto", mesh=None):
     return XlaRuntime(adapters, self.thresholds, sere, rows=derived)
 
 
