@@ -163,6 +163,9 @@ class Generator:
   def _shard(self, mesh) -> None:
     """Places parameters, adapters and the derived copy on a tensor-parallel mesh
     (`adafuse_jax.parallel`): each compiled step is then one SPMD program."""
+    if parallel.data_size(mesh) > 1:
+      raise UserError("decoding runs tensor-parallel only: give a mesh without a data-parallel"
+                      " axis (make_mesh(N) rather than make_mesh(N, data=D))")
     parallel.check_divisible(self.cfg, mesh.size)
     self.params = parallel.shard_params(self.params, mesh)
     if self.adapter_params is not None:

@@ -31,15 +31,19 @@ from adafuse_jax.config import ModelConfig
 from adafuse_jax.errors import UserError
 
 AXIS = "tp"
+DATA_AXIS = "dp"  # training's batch split (data parallel), beside "tp"
 COLUMN = ("q", "k", "v", "gate", "up")  # split by output columns
 ROW = ("o", "down")  # split by input rows
 
 
-def make_mesh(devices: int, model_cfg: ModelConfig | None = None) -> Mesh:
-  """A 1-D tensor-parallel mesh over the first `devices` devices.
+def make_mesh(devices: int, model_cfg: ModelConfig | None = None, *, data: int = 1) -> Mesh:
+  """A tensor-parallel mesh over the first `devices` devices: 1-D (axis "tp"), or with
+  `data` > 1 a 2-D (data, tensor) mesh, axes ("dp", "tp"), of devices // data devices per
+  tensor group (training: the batch split over "dp", the weights over "tp").
 
-  Raises UserError when fewer devices exist or the model's head, KV-head or FFN counts are not
-  divisible by `devices` (each device must hold whole heads and an equal FFN slice).
+  Raises UserError when fewer devices exist, `data` does not divide `devices`, or the model's
+  head, KV-head or FFN counts are not divisible by the tensor-parallel size (each device must
+  hold whole heads and an equal FFN slice).
   """
   available = jax.devices()
   if devices < 1:
@@ -48,9 +52,24 @@ def make_mesh(devices: int, model_cfg: ModelConfig | None = None) -> Mesh:
     raise UserError(f"--devices {devices} asks for more devices than exist ({len(available)}"
                     f" {available[0].platform} device(s)); on a CPU, simulate more with"
                     f" XLA_FLAGS=--xla_force_host_platform_device_count={devices}")
+  if data < 1 or devices % data:
+    raise UserError(f"--data-parallel {data} must divide --devices {devices} (each data-parallel"
+                    " group gets devices / data-parallel devices for tensor parallelism)")
   if model_cfg is not None:
-    check_divisible(model_cfg, devices)
-  return Mesh(np.asarray(available[:devices]), (AXIS,))
+    check_divisible(model_cfg, devices // data)
+  if data == 1:
+    return Mesh(np.asarray(available[:devices]), (AXIS,))
+  return Mesh(np.asarray(available[:devices]).reshape(data, devices // data), (DATA_AXIS, AXIS))
+
+
+def tensor_size(mesh: Mesh) -> int:
+  """Devices along the tensor-parallel axis (1 without one)."""
+  return dict(mesh.shape).get(AXIS, 1)
+
+
+def data_size(mesh: Mesh) -> int:
+  """Devices along the data-parallel axis (1 without one)."""
+  return dict(mesh.shape).get(DATA_AXIS, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +123,7 @@ def _name(path) -> str:
   return ".".join(str(k) for k in keys if k is not None)
 
 
-def _model_axis(name: str) -> int | None:
+def model_axis(name: str) -> int | None:
   """The split axis of a model parameter: columns (-1) of q, k, v, gate, up and the head; rows
   (-2) of o and down (stacked [L, in, out] or per layer [in, out]); None: replicated."""
   leaf = name.split(".")[0]
@@ -113,7 +132,7 @@ def _model_axis(name: str) -> int | None:
   return -2 if leaf in ROW else None
 
 
-def _adapter_axis(name: str) -> int | None:
+def adapter_axis(name: str) -> int | None:
   """The split axis of a pool array: A [.., in, E, r] of a row module by input (-3), its shared
   SA [.., in, rs] by input (-2); B [.., r, out] and SB of a column module by output (-1); the
   rest (the other A/B, betas, routers) replicated."""
@@ -132,7 +151,7 @@ def _sharding(name: str, shape: tuple[int, ...], mesh: Mesh, axis_of) -> NamedSh
   """Split along `axis_of(name)` where that axis divides by the device count, else
   replicated."""
   axis = axis_of(name) if shape else None
-  if axis is not None and (-axis > len(shape) or shape[axis] % mesh.size):
+  if axis is not None and (-axis > len(shape) or shape[axis] % tensor_size(mesh)):
     axis = None
   return NamedSharding(mesh, P() if axis is None else P(
       *[AXIS if i == axis % len(shape) else None for i in range(len(shape))]))
@@ -149,12 +168,12 @@ def _place(tree, mesh: Mesh, axis_of):
 
 def shard_params(params, mesh: Mesh):
   """The model's parameters (an nnx State) placed on the mesh, Megatron-style."""
-  return _place(params, mesh, _model_axis)
+  return _place(params, mesh, model_axis)
 
 
 def shard_adapter_params(params, mesh: Mesh):
   """A MixtureOfLoRA's parameters placed consistently with the weights they adapt."""
-  return _place(params, mesh, _adapter_axis)
+  return _place(params, mesh, adapter_axis)
 
 
 def adapter_shardings(shapes, mesh: Mesh):
@@ -163,14 +182,27 @@ def adapter_shardings(shapes, mesh: Mesh):
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: jax.ShapeDtypeStruct(
           leaf.shape, leaf.dtype, sharding=_sharding(_name(path), leaf.shape, mesh,
-                                                     _adapter_axis)), shapes)
+                                                     adapter_axis)), shapes)
+
+
+def batch_split(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Training windows [B, T+1]: rows split over "dp" (replicated over "tp")."""
+  return NamedSharding(mesh, P(DATA_AXIS if DATA_AXIS in mesh.axis_names else None,
+                               *[None] * (ndim - 1)))
+
+
+def shard_module(module, mesh: Mesh, axis_of) -> None:
+  """An nnx Module's arrays placed on the mesh in place (`model_axis` for a model,
+  `adapter_axis` for a pool: names as in its state)."""
+  from flax import nnx
+  nnx.update(module, _place(nnx.state(module), mesh, axis_of))
 
 
 def shard_switch_state(state, mesh: Mesh):
   """A merged path's SwitchState: each merged weight split as the model's weight of its module;
   the experts and coefficients replicated."""
-  weights = {m: jax.device_put(w, _sharding(m, w.shape, mesh, _model_axis)) if isinstance(
-      w, jax.Array) else tuple(jax.device_put(x, _sharding(m, x.shape, mesh, _model_axis))
+  weights = {m: jax.device_put(w, _sharding(m, w.shape, mesh, model_axis)) if isinstance(
+      w, jax.Array) else tuple(jax.device_put(x, _sharding(m, x.shape, mesh, model_axis))
                                for x in w) for m, w in state.weights.items()}
   rest = jax.device_put((state.experts, state.coefs, state.switches, state.unmerged),
                         replicated(mesh))

@@ -6,6 +6,7 @@ one JSON line.
     python tests/parallel_worker.py xla       # paths xla and packed, both layouts; checkpoints
     python tests/parallel_worker.py kernels   # paths gathered and merged: Pallas kernels (in the
                                               # interpreter) run per shard; the switch itself
+    python tests/parallel_worker.py train     # data x tensor parallel training and its checkpoint
 """
 
 from __future__ import annotations
@@ -130,9 +131,51 @@ def checkpoints() -> dict:
   return out
 
 
+def training() -> dict:
+  """Four training steps of a pre-gated pool on one device and on a 2 (data) x 2 (tensor) mesh:
+  the losses and the trained pools agree; the mesh's checkpoint restores on one device."""
+  import tempfile
+
+  from flax import nnx
+
+  from adafuse_jax.adapters.pool import AdapterParam
+  from adafuse_jax.train.loop import TrainConfig, Trainer
+
+  rng = np.random.default_rng(0)
+  streams = {d: rng.integers(0, CFG.vocab_size, 3000).astype(np.int32) for d in ("a", "b")}
+  heldout = {d: rng.integers(0, CFG.vocab_size, 400).astype(np.int32) for d in ("a", "b")}
+  cfg = TrainConfig(mode="pregated", modules=("q", "k", "v", "o", "gate", "up", "down"),
+                    num_experts=4, rank=4, top_k=2, steps=4, batch=4, seq_len=16, warmup=1,
+                    eval_every=4, eval_windows=2, checkpoint_every=4)
+
+  def pool(trainer):
+    return jax.tree.map(lambda x: np.asarray(x, np.float64),
+                        nnx.state(trainer.adapters, AdapterParam).to_pure_dict())
+
+  def max_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+
+  with tempfile.TemporaryDirectory() as tmp:
+    one = Trainer(LlamaModel(CFG, seed=1), cfg, streams, heldout, f"{tmp}/one")
+    one_losses = one.fit(progress=False)
+    mesh = make_mesh(4, CFG, data=2)
+    split = Trainer(LlamaModel(CFG, seed=1), cfg, streams, heldout, f"{tmp}/mesh", mesh=mesh)
+    split_losses = split.fit(progress=False)
+    a_q = split.adapters.pool.B_q.get_value()
+    back = Trainer(LlamaModel(CFG, seed=1), cfg, streams, heldout, f"{tmp}/mesh")
+    restored_step = back.restore()
+    return {"losses_one": one_losses, "losses_mesh": split_losses,
+            "pool_diff": max_diff(pool(one), pool(split)),
+            "restored_step": restored_step, "restored_diff": max_diff(pool(split), pool(back)),
+            "b_q_spec": str(a_q.sharding.spec), "b_q_shards": len(a_q.sharding.device_set),
+            "batch_spec": str(split._place(np.zeros((4, 17), np.int32)).sharding.spec)}
+
+
 def main(part: str) -> None:
   out = {"devices": len(jax.devices()), "runs": {}}
-  if part == "xla":
+  if part == "train":
+    out["training"] = training()
+  elif part == "xla":
     out["checkpoints"] = checkpoints()
     for layout in ("stacked", "list"):
       for mode in ("backbone", "lora", "pregated", "layerwise"):

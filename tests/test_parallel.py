@@ -81,6 +81,23 @@ def test_switch_on_a_sharded_model_equals_the_unsharded_switch(kernel_runs):
   assert set(sw["weights_split"].values()) == {4}  # every merged weight really split
 
 
+@pytest.mark.xdist_group("tp-train")
+def test_data_by_tensor_parallel_training_equals_one_device():
+  """Trainer(mesh=make_mesh(4, cfg, data=2)): batches split over "dp", weights and experts over
+  "tp"; four steps give one device's losses and pool, and the split checkpoint restores on one
+  device."""
+  tr = _worker("train")["training"]
+  np.testing.assert_allclose(tr["losses_mesh"], tr["losses_one"], rtol=1e-5)
+  assert tr["pool_diff"] < 1e-4
+  assert "tp" in tr["b_q_spec"] and "dp" in tr["batch_spec"]
+  assert tr["restored_step"] == 4 and tr["restored_diff"] == 0.0
+
+
+def test_data_parallel_bad_counts_are_named_errors():
+  with pytest.raises(UserError, match="must divide --devices"):
+    make_mesh(1, data=2)
+
+
 @pytest.mark.xdist_group("tp-xla")
 def test_checkpoint_restores_onto_another_device_count(runs):
   ck = runs["checkpoints"]

@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
       s.add_argument("--train-experts", action="store_true",
                      help="with --adapters: train the experts too, not only the router")
       s.add_argument("--export", help="save the trained pool here (load it with --adapters)")
+      s.add_argument("--devices", type=int, default=1,
+                     help="train on N devices: the weights and experts split over N / D"
+                          " tensor-parallel devices, each batch over D = --data-parallel groups")
+      s.add_argument("--data-parallel", type=int, default=1, metavar="D",
+                     help="with --devices: data-parallel groups (default 1: all tensor-parallel)")
     else:
       s.add_argument("--modes", default=",".join(("backbone",) + TRAIN_MODES),
                      help="rows of the table: backbone and/or training modes")
@@ -142,9 +147,14 @@ def fit(args, mode: str, loaded, train_streams, heldout):
   if start_from:
     from adafuse_jax.adapters.io import load_pool
     pool = load_pool(start_from, loaded.model.cfg, dtype=loaded.model.dtype, seed=args.seed)
+  mesh = None
+  if getattr(args, "devices", 1) != 1 or getattr(args, "data_parallel", 1) != 1:
+    from adafuse_jax.parallel import make_mesh
+    mesh = make_mesh(args.devices, loaded.model.cfg, data=args.data_parallel)
   trainer = Trainer(loaded.model, _config(args, mode), train_streams, heldout,
                     pathlib.Path(args.workdir) / mode if args.command == "all" else args.workdir,
-                    adapters=pool, router_only=bool(start_from) and not args.train_experts)
+                    adapters=pool, router_only=bool(start_from) and not args.train_experts,
+                    mesh=mesh)
   start = trainer.restore(getattr(args, "resume_step", None))
   if start:
     print(f"# {mode}: resumed at step {start}", file=sys.stderr)

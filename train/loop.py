@@ -28,6 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from adafuse_jax import parallel
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.config import AdapterConfig
 from adafuse_jax.errors import UserError
@@ -283,12 +284,24 @@ class Trainer:
     cfg: the run's settings.
     train_streams / heldout_streams: domain -> token stream.
     workdir: checkpoints (`ckpt/`) and the metrics log (`metrics.jsonl`).
+    adapters: start from this pool (PEFT LoRAs made into experts, a saved pool).
+    router_only: train the router(s) alone.
+    mesh: a device mesh (`adafuse_jax.parallel.make_mesh(N, cfg, data=D)`): the model's and the
+      pool's arrays are placed on it in place, split over "tp" as decoding splits them, and
+      each batch is split over "dp"; checkpoints save and restore the split arrays (orbax).
   """
 
   def __init__(self, model: LlamaModel, cfg: TrainConfig, train_streams: dict[str, np.ndarray],
                heldout_streams: dict[str, np.ndarray], workdir: str | pathlib.Path, *,
-               adapters: MixtureOfLoRA | None = None, router_only: bool = False):
+               adapters: MixtureOfLoRA | None = None, router_only: bool = False,
+               mesh: "jax.sharding.Mesh | None" = None):
     self.model, self.cfg = model, cfg
+    self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+    if self.mesh is not None:
+      parallel.check_divisible(model.cfg, parallel.tensor_size(self.mesh))
+      if cfg.batch % parallel.data_size(self.mesh):
+        raise UserError(f"--batch {cfg.batch} does not split over {parallel.data_size(self.mesh)}"
+                        " data-parallel groups; use a batch that --data-parallel divides")
     self.train_streams, self.heldout = train_streams, heldout_streams
     self.workdir = pathlib.Path(workdir).absolute()
     self.workdir.mkdir(parents=True, exist_ok=True)
@@ -301,6 +314,11 @@ class Trainer:
     else:
       self.adapters = MixtureOfLoRA(model.cfg, cfg.adapter_config(), layout="stacked",
                                     seed=cfg.seed if cfg.init_seed is None else cfg.init_seed)
+    if self.mesh is not None:
+      # Weights and experts split over "tp" as decoding splits them; the optimizer's state,
+      # made from the experts below, follows their layout; batches split over "dp".
+      parallel.shard_module(model, self.mesh, parallel.model_axis)
+      parallel.shard_module(self.adapters, self.mesh, parallel.adapter_axis)
     if router_only and self.adapters.router is None:
       raise UserError(f"a pool of mode {self.adapters.cfg.mode!r} has no router to train; train"
                       " its experts, or give several PEFT adapters (one pre-gated pool)")
@@ -361,6 +379,12 @@ class Trainer:
     return self.step
 
   # --- training ---------------------------------------------------------------------------------
+  def _place(self, windows: np.ndarray) -> jax.Array:
+    """A batch of windows [B, T+1] on the device(s): rows split over the data-parallel axis."""
+    if self.mesh is None:
+      return jnp.asarray(windows)
+    return jax.device_put(windows, parallel.batch_split(self.mesh))
+
   def evaluate(self) -> dict[str, float]:
     """Held-out perplexity per domain (through `window_ce`, the program the final table's
     evaluation also runs, so that a run compiles one evaluation program, not two)."""
@@ -381,7 +405,8 @@ class Trainer:
         dynamic_ncols=True) as bar:
       t_last = time.perf_counter()
       while self.step < until:
-        windows = jnp.asarray(batch_at(self.train_streams, self.step, cfg.batch, cfg.seq_len, cfg.seed))
+        windows = self._place(batch_at(self.train_streams, self.step, cfg.batch, cfg.seq_len,
+                                       cfg.seed))
         loss, metrics = train_step(self.model, self.adapters, self.optimizer, windows, cfg.aux_coef)
         loss = float(loss)
         if not math.isfinite(loss):
