@@ -19,8 +19,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", choices=DTYPES, default="auto",
                  help="parameter dtype; auto = float32 on the CPU, bfloat16 on a GPU")
   p.add_argument("--devices", type=int, default=1,
-                 help="tensor-parallel devices (weights split Megatron-style, KV cache by heads;"
-                      " paths packed and xla); on a CPU simulate them with"
+                 help="tensor-parallel devices (weights split Megatron-style, KV cache by heads,"
+                      " Pallas kernels per shard; every path); on a CPU simulate them with"
                       " XLA_FLAGS=--xla_force_host_platform_device_count=N")
 
 

@@ -105,9 +105,10 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
 
   if args.port is not None and not 0 <= args.port < 65536:
     raise UserError(f"--port {args.port} must be in [0, 65535]")
+  mesh = None
   if args.devices != 1:
-    raise UserError("the server runs on one device for now; --devices applies to"
-                    " `python -m adafuse_jax.decode`")
+    from adafuse_jax import parallel
+    mesh = parallel.make_mesh(args.devices)
   pools = pool_specs(args)
   if args.no_backbone and not pools:
     raise UserError("--no-backbone with no --adapters leaves nothing to serve")
@@ -133,6 +134,11 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
   if tok is None:
     raise UserError(f"--model {args.model!r} has no tokenizer; pass --tokenizer SPEC (a model"
                     " whose tokenizer to use, e.g. --tokenizer default, or --tokenizer bytes)")
+  if mesh is not None:
+    from adafuse_jax import parallel
+    parallel.check_divisible(loaded.model.cfg, mesh.size)
+    # Once for every engine: each Generator then finds the weights already split.
+    parallel.shard_module(loaded.model, mesh, parallel.model_axis)
   engine_args = dict(max_batch=args.max_batch, max_seq_len=min(args.max_seq_len,
                                                                loaded.model.cfg.max_context),
                      chunk=args.chunk,
@@ -141,11 +147,11 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
   engines = {}
   if not args.no_backbone:
     name = args.served_model_name or pathlib.Path(loaded.source).stem.split(".")[0]
-    engines[name] = Engine(Generator(loaded.model), tok, name=name, **engine_args)
+    engines[name] = Engine(Generator(loaded.model, mesh=mesh), tok, name=name, **engine_args)
   for name, spec in pools:
     pool = resolve_adapters(spec, configs[name], loaded.model.cfg, dtype=dtype)
     gen = Generator(loaded.model, adapters=pool, path=args.path, backend=args.backend,
-                    sere=sere[name])
+                    sere=sere[name], mesh=mesh)
     engines[name] = Engine(gen, tok, name=name, **engine_args)
   for name, engine in engines.items():
     engine.start(warm_up=args.warm_up)

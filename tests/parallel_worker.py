@@ -6,7 +6,8 @@ one JSON line.
     python tests/parallel_worker.py xla       # paths xla and packed, both layouts; checkpoints
     python tests/parallel_worker.py kernels   # paths gathered and merged: Pallas kernels (in the
                                               # interpreter) run per shard; the switch itself
-    python tests/parallel_worker.py train     # data x tensor parallel training and its checkpoint
+    python tests/parallel_worker.py train     # data x tensor parallel training, its checkpoint;
+                                              # the serving engine on a mesh
 """
 
 from __future__ import annotations
@@ -171,10 +172,35 @@ def training() -> dict:
             "batch_spec": str(split._place(np.zeros((4, 17), np.int32)).sharding.spec)}
 
 
+def serving() -> dict:
+  """The serving engine (continuous batching over a slot cache) on 1, 2 and 4 devices: six
+  greedy requests of different lengths in flight together, each one's token ids."""
+  import dataclasses
+
+  from adafuse_jax.serving.engine import Engine, SamplingParams
+  from adafuse_jax.weights.tokenizer import byte_tokenizer
+
+  cfg = dataclasses.replace(CFG, vocab_size=256)  # the byte tokenizer's alphabet
+  out = {}
+  for devices in (1, 2, 4):
+    model = LlamaModel(cfg, seed=1)
+    pool = MixtureOfLoRA(cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4, top_k=2),
+                         seed=2, random_b=True)
+    mesh = make_mesh(devices, cfg) if devices > 1 else None
+    gen = Generator(model, adapters=pool, path="packed", mesh=mesh)
+    with Engine(gen, byte_tokenizer(256), max_batch=4, max_seq_len=48, chunk=16) as engine:
+      streams = [engine.submit(list(range(3 + 5 * i, 10 + 7 * i)), SamplingParams(max_tokens=4 + i))
+                 for i in range(6)]
+      out[str(devices)] = [s.result().token_ids for s in streams]
+      out[f"cache_spec_{devices}"] = str(getattr(engine._cache.k[0].sharding, "spec", None))
+  return out
+
+
 def main(part: str) -> None:
   out = {"devices": len(jax.devices()), "runs": {}}
   if part == "train":
     out["training"] = training()
+    out["serving"] = serving()
   elif part == "xla":
     out["checkpoints"] = checkpoints()
     for layout in ("stacked", "list"):

@@ -42,6 +42,11 @@ def kernel_runs() -> dict:
   return _worker("kernels")
 
 
+@pytest.fixture(scope="module")
+def train_runs() -> dict:
+  return _worker("train")
+
+
 def _equal_across_devices(runs: dict, key: str, rtol: float = 1e-4) -> None:
   one = runs["runs"][f"{key}/1"]
   assert one["q_shards"] == 1
@@ -82,15 +87,24 @@ def test_switch_on_a_sharded_model_equals_the_unsharded_switch(kernel_runs):
 
 
 @pytest.mark.xdist_group("tp-train")
-def test_data_by_tensor_parallel_training_equals_one_device():
+def test_data_by_tensor_parallel_training_equals_one_device(train_runs):
   """Trainer(mesh=make_mesh(4, cfg, data=2)): batches split over "dp", weights and experts over
   "tp"; four steps give one device's losses and pool, and the split checkpoint restores on one
   device."""
-  tr = _worker("train")["training"]
+  tr = train_runs["training"]
   np.testing.assert_allclose(tr["losses_mesh"], tr["losses_one"], rtol=1e-5)
   assert tr["pool_diff"] < 1e-4
   assert "tp" in tr["b_q_spec"] and "dp" in tr["batch_spec"]
   assert tr["restored_step"] == 4 and tr["restored_diff"] == 0.0
+
+
+@pytest.mark.xdist_group("tp-train")
+def test_serving_engine_on_a_mesh_writes_one_devices_tokens(train_runs):
+  """Continuous batching with the slot cache split by KV heads: six requests of different
+  lengths in flight together give the same greedy ids on 2 and 4 devices as on one."""
+  sv = train_runs["serving"]
+  assert sv["2"] == sv["1"] and sv["4"] == sv["1"]
+  assert "tp" in sv["cache_spec_2"] and "tp" in sv["cache_spec_4"]
 
 
 def test_data_parallel_bad_counts_are_named_errors():

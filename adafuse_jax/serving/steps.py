@@ -2,9 +2,11 @@
 chunks into several rows at once, and a decode step over the first rows of the batch.
 
 Both reuse a `Generator`'s path (packed, xla, gathered, a merged LoRA): the parameters it split
-out, the derived copy it built, its adapter runtime. Each is compiled once per shape: a prefill
-pass per (rows bucket, chunk-length bucket), a decode step per (batch bucket, attention span),
-so a stream of requests of any lengths never triggers a compilation after warm-up.
+out, the derived copy it built, its adapter runtime, and its tensor-parallel mesh if it has one
+(the slot cache then split by KV heads, the per-row inputs and outputs replicated). Each is
+compiled once per shape: a prefill pass per (rows bucket, chunk-length bucket), a decode step
+per (batch bucket, attention span), so a stream of requests of any lengths never triggers a
+compilation after warm-up.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adafuse_jax import parallel
 from adafuse_jax.errors import UserError
 from adafuse_jax.generation import Generator
 from adafuse_jax.model.cache import SlotCache
@@ -105,11 +108,32 @@ class SlotSteps:
     self._decodes: dict[tuple[int, int], Callable] = {}  # by (batch, span)
 
   def new_cache(self) -> SlotCache:
-    return SlotCache.create(self.gen.cfg, self.max_batch, self.max_len, self.gen.dtype)
+    cache = SlotCache.create(self.gen.cfg, self.max_batch, self.max_len, self.gen.dtype)
+    return parallel.shard_cache(cache, self.gen.mesh) if self.gen.sharded else cache
 
   def new_tokens(self) -> jax.Array:
     """The [max_batch] int32 buffer of each row's next input token."""
-    return jnp.zeros((self.max_batch,), jnp.int32)
+    return self._replicated(jnp.zeros((self.max_batch,), jnp.int32))
+
+  def _replicated(self, x):
+    """Small inputs (tokens, per-row settings) as the compiled steps expect them."""
+    return jax.device_put(x, parallel.replicated(self.gen.mesh)) if self.gen.sharded else x
+
+  def _abstract(self, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.replicated(self.gen.mesh)
+                                if self.gen.sharded else None)
+
+  def _abstract_cache(self):
+    cache = jax.eval_shape(lambda: SlotCache.create(self.gen.cfg, self.max_batch, self.max_len,
+                                                    self.gen.dtype))
+    return parallel.cache_shapes(cache, self.gen.mesh) if self.gen.sharded else cache
+
+  def _pin(self, cache, small):
+    """Inside jit, on a mesh: the cache keeps its layout from step to step, the rest replicated."""
+    if not self.gen.sharded:
+      return cache, small
+    return (parallel.constrain_cache(cache, self.gen.mesh),
+            parallel.constrain_replicated(small, self.gen.mesh))
 
   # -- traced bodies ------------------------------------------------------------------------
 
@@ -123,7 +147,9 @@ class SlotSteps:
     ends = starts + counts
     part = part.replace(lengths=ends)
     new = sample_rows(logits, row_keys(seeds, ends), temperature, top_p, top_k)
-    return cache.put_rows(rows, part), nxt.at[rows].set(new, mode="drop"), new, routing
+    cache, (nxt, new, routing) = self._pin(cache.put_rows(rows, part),
+                                           (nxt.at[rows].set(new, mode="drop"), new, routing))
+    return cache, nxt, new, routing
 
   def _decode(self, params, adapter_params, derived, cache: SlotCache, nxt, active, temperature,
               top_p, top_k, seeds, span: int):
@@ -137,17 +163,18 @@ class SlotSteps:
                           span=None, rows_used=None)
     keys = row_keys(seeds, before + 1)
     new = sample_rows(logits, keys, temperature, top_p, top_k)
-    return cache, nxt.at[:b].set(new), new, routing
+    cache, (nxt, new, routing) = self._pin(cache, (nxt.at[:b].set(new), new, routing))
+    return cache, nxt, new, routing
 
   # -- compiled ------------------------------------------------------------------------------
 
   def _lower_prefill(self, shape: tuple[int, int]):
     rows, length = shape
     gen = self.gen
-    cache = jax.eval_shape(self.new_cache)
-    nxt = jax.ShapeDtypeStruct((self.max_batch,), jnp.int32)
-    per_row = lambda dt: jax.ShapeDtypeStruct((rows,), dt)  # noqa: E731
-    tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+    cache = self._abstract_cache()
+    nxt = self._abstract((self.max_batch,), jnp.int32)
+    per_row = lambda dt: self._abstract((rows,), dt)  # noqa: E731
+    tokens = self._abstract((rows, length), jnp.int32)
     return jax.jit(self._prefill, donate_argnums=(3, 4)).lower(
         gen.params, gen.adapter_params, gen.derived, cache, nxt, per_row(jnp.int32), tokens,
         per_row(jnp.int32), per_row(jnp.int32), per_row(jnp.float32), per_row(jnp.float32),
@@ -156,9 +183,9 @@ class SlotSteps:
   def _lower_decode(self, shape: tuple[int, int]):
     batch, span = shape
     gen = self.gen
-    cache = jax.eval_shape(self.new_cache)
-    nxt = jax.ShapeDtypeStruct((self.max_batch,), jnp.int32)
-    row = lambda dt: jax.ShapeDtypeStruct((batch,), dt)  # noqa: E731
+    cache = self._abstract_cache()
+    nxt = self._abstract((self.max_batch,), jnp.int32)
+    row = lambda dt: self._abstract((batch,), dt)  # noqa: E731
     return jax.jit(self._decode, donate_argnums=(3, 4), static_argnums=(10,)).lower(
         gen.params, gen.adapter_params, gen.derived, cache, nxt, row(jnp.bool_),
         row(jnp.float32), row(jnp.float32), row(jnp.int32), row(jnp.uint32), span)
@@ -227,9 +254,10 @@ class SlotSteps:
       return out
 
     fn = self.prefill_fn(rows, length)
-    return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, index,
-              tokens, starts, counts, pad(temperature, 0, np.float32), pad(top_p, 1, np.float32),
-              pad(top_k, 0, np.int32), pad(seeds, 0, np.uint32))
+    inputs = self._replicated((index, tokens, starts, counts, pad(temperature, 0, np.float32),
+                               pad(top_p, 1, np.float32), pad(top_k, 0, np.int32),
+                               pad(seeds, 0, np.uint32)))
+    return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, *inputs)
 
   def decode(self, cache: SlotCache, nxt: jax.Array, active: np.ndarray, temperature: np.ndarray,
              top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray, longest: int):
@@ -238,5 +266,5 @@ class SlotSteps:
 
     Returns (cache, nxt, new [b], routing)."""
     fn = self.decode_fn(len(active), bucket_for(longest + 1, self.span_buckets))
-    return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, active,
-              temperature, top_p, top_k, seeds)
+    inputs = self._replicated((active, temperature, top_p, top_k, seeds))
+    return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, *inputs)
