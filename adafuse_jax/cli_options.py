@@ -116,6 +116,19 @@ def positive_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
   return values
 
 
+def packed_sizes(text: str | None) -> tuple[int, ...] | None:
+  """--packed-prefill: 'off' -> () (no packed passes), '512,2048' -> (512, 2048), None stays
+  None (the engine's default)."""
+  if text is not None and text.strip().lower() == "off":
+    return ()
+  return positive_ints(text, "--packed-prefill")
+
+
+PACKED_HELP = ("token counts of a packed prefill pass (whole prompts of up to --chunk tokens"
+               " laid end to end, no padding between them), as compiled buckets; default"
+               " --chunk and 4 x --chunk; 'off': every prompt prefills in its own row")
+
+
 def add_sere_options(a: argparse._ArgumentGroup) -> None:
   a.add_argument("--sere-rho", type=float, default=None,
                  help="SERE: move a batch step's secondary expert choices to the most similar"

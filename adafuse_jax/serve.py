@@ -16,9 +16,9 @@ import pathlib
 import sys
 from typing import Sequence
 
-from adafuse_jax.cli_options import (add_model_options, add_pool_options, add_sere_options,
-                                     adapter_config, positive_ints, resolve_dtype,
-                                     sere_settings)
+from adafuse_jax.cli_options import (PACKED_HELP, add_model_options, add_pool_options,
+                                     add_sere_options, adapter_config, packed_sizes,
+                                     positive_ints, resolve_dtype, sere_settings)
 from adafuse_jax.errors import UserError
 
 SERVE_PATHS = ("packed", "xla", "gathered", "merged")
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--prefill-lengths", default=None, metavar="N,N,...",
                  help="chunk lengths a prefill pass is compiled for (default: powers of two"
                       " from 16 up to --chunk; --chunk is always one)")
+  s.add_argument("--packed-prefill", default=None, metavar="N,N,...|off", help=PACKED_HELP)
   s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
   s.add_argument("--warm-up", action="store_true",
                  help="compile every batch bucket and prompt chunk before listening")
@@ -143,7 +144,8 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
                                                                loaded.model.cfg.max_context),
                      chunk=args.chunk,
                      prefill_rows=positive_ints(args.prefill_rows, "--prefill-rows"),
-                     prefill_lengths=positive_ints(args.prefill_lengths, "--prefill-lengths"))
+                     prefill_lengths=positive_ints(args.prefill_lengths, "--prefill-lengths"),
+                     packed_tokens=packed_sizes(args.packed_prefill))
   engines = {}
   if not args.no_backbone:
     name = args.served_model_name or pathlib.Path(loaded.source).stem.split(".")[0]

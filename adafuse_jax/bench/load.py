@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from adafuse_jax.cli_options import PACKED_HELP
 from adafuse_jax.errors import UserError
 
 
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the engine's prefill-pass row buckets (default: powers of four)")
   p.add_argument("--prefill-lengths", default=None,
                  help="the engine's prefill-pass lengths (default: powers of two up to --chunk)")
+  p.add_argument("--packed-prefill", default=None, help=PACKED_HELP)
   p.add_argument("--time-limit", type=float, default=900, help="seconds before the run stops")
   p.add_argument("--out", default=None, help="folder for results.json, results.md, load.png")
   return p
@@ -203,7 +205,7 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
   from adafuse_jax.cli_options import resolve_dtype
   from adafuse_jax.generation import Generator, generate
   from adafuse_jax.serving import Engine
-  from adafuse_jax.cli_options import positive_ints
+  from adafuse_jax.cli_options import packed_sizes, positive_ints
   from adafuse_jax.serving.api import create_app
   from adafuse_jax.weights import load_model
   from adafuse_jax.weights.tokenizer import byte_tokenizer
@@ -229,7 +231,8 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
                   chunk=min(args.chunk, max_seq_len),
                   batch_buckets=sorted(set(levels) | {args.static_batch}),
                   prefill_rows=positive_ints(args.prefill_rows, "--prefill-rows"),
-                  prefill_lengths=positive_ints(args.prefill_lengths, "--prefill-lengths"))
+                  prefill_lengths=positive_ints(args.prefill_lengths, "--prefill-lengths"),
+                  packed_tokens=packed_sizes(args.packed_prefill))
   t0 = time.perf_counter()
   engine.steps.warm_up(log)
   compile_s = time.perf_counter() - t0

@@ -10,6 +10,9 @@ calls, so the model does not care which it holds:
 - `SlotCache` (continuous batching, the serving engine): each row is a slot that holds one
   request at a time, with its own length; a row's slot s holds its token at position s, so
   requests of different ages share a step. Writes are one scatter per layer (in place).
+- `PackedPrompts` (the serving engine's prefill): whole prompts of several requests packed end
+  to end into one sequence without padding between them; each token attends to the tokens of
+  its own prompt only, and its key/value is scattered into its request's row of a `SlotCache`.
 """
 
 from __future__ import annotations
@@ -155,3 +158,48 @@ class SlotCache(_Buffers):
     put = lambda a, b: a.at[rows].set(b, mode="drop")  # noqa: E731
     return SlotCache(k=tuple(map(put, self.k, part.k)), v=tuple(map(put, self.v, part.v)),
                      lengths=put(self.lengths, part.lengths))
+
+
+@flax.struct.dataclass
+class PackedPrompts(_Buffers):
+  """A `SlotCache` seen by one packed prefill pass: tokens [1, T] are whole prompts laid end to
+  end, token i belonging to cache row `rows[i]` at position `pos[i]` (a padding token names a
+  row past the last, which writes nothing).
+
+  Attention reads the pass's own keys (gathered back from the rows just written) under a
+  block-diagonal causal mask, so no prompt sees another and no padding is computed between
+  prompts; the rows' earlier contents are not read (each prompt starts its row afresh).
+
+  Attributes:
+    k, v: the slot cache's L buffers [B, S, Hkv, hd].
+    lengths: [B] int32, the slot cache's lengths.
+    rows, pos: [T] int32 per token.
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  lengths: jax.Array
+  rows: jax.Array
+  pos: jax.Array
+
+  @classmethod
+  def over(cls, cache: SlotCache, rows: jax.Array, pos: jax.Array) -> "PackedPrompts":
+    return cls(k=cache.k, v=cache.v, lengths=cache.lengths, rows=rows, pos=pos)
+
+  def positions(self, t: int) -> jax.Array:
+    return self.pos[None, :]
+
+  def visible(self, t: int) -> jax.Array:
+    same = self.rows[:, None] == self.rows[None, :]
+    return (same & (self.pos[None, :] <= self.pos[:, None]))[None]
+
+  def write(self, buf: jax.Array, new: jax.Array) -> jax.Array:
+    return buf.at[self.rows, self.pos].set(new[0].astype(buf.dtype), mode="drop")
+
+  def readable(self, buf: jax.Array) -> jax.Array:
+    return buf.at[self.rows, self.pos].get(mode="fill", fill_value=0)[None]
+
+  def advanced(self, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], t: int) -> SlotCache:
+    """The slot cache after the pass: each prompt's row holds exactly its prompt."""
+    lengths = self.lengths.at[self.rows].set(0, mode="drop")
+    return SlotCache(k=k, v=v, lengths=lengths.at[self.rows].max(self.pos + 1, mode="drop"))

@@ -119,6 +119,9 @@ class LlamaModel(nnx.Module):
                last: jax.Array | None = None) -> tuple[jax.Array, KVCache | SlotCache]:
     """Runs T new tokens per row through the decoder, writing them into the cache.
 
+    `cache` may also be a `PackedPrompts` view (several whole prompts in one row), which
+    returns the `SlotCache` it wrote into.
+
     Args:
       tokens: [B, T] int32, written at the cache's next T slots of each row.
       cache: the KV cache (`KVCache`: a left-padded static batch; `SlotCache`: rows of their
@@ -126,7 +129,8 @@ class LlamaModel(nnx.Module):
       linear: how each linear module is applied (the adapter seam).
       all_logits: return logits for every position ([B, T, V]) rather than the last ([B, V]).
       last: [B] int32, the position of each row whose logits to return ([B, V]; right-padded
-        prompt chunks), instead of the last.
+        prompt chunks), instead of the last; or [B, R]: R positions per row ([B, R, V]; the
+        prompts of a packed pass).
     Returns:
       (logits in f32, updated cache).
     """

@@ -4,8 +4,9 @@ A background thread owns the device state (a `SlotCache` of `max_batch` rows and
 next token) and loops:
 
 1. take new requests and cancellations;
-2. admit waiting requests into free rows: one prefill pass writes the next chunk (at most
-   `chunk` tokens) of up to `prefill_rows[-1]` waiting prompts, each into its own row, so a
+2. admit waiting requests into free rows with one prefill pass: whole prompts of at most
+   `chunk` tokens packed end to end (no padding between them, up to the largest packed size),
+   or else the next chunk of up to `prefill_rows[-1]` long prompts, each into its own row; so a
    burst of arrivals costs one read of the weights and a long prompt delays the running
    streams by one pass, not by its whole prefill;
 3. dispatch one decode step over the rows in use (a batch bucket: the smallest compiled batch
@@ -206,6 +207,8 @@ class EngineStats:
   prompt_tokens: int = 0
   generated_tokens: int = 0
   decode_steps: int = 0
+  packed_passes: int = 0  # prefill passes of whole prompts end to end
+  row_passes: int = 0  # prefill passes of prompt chunks, one row each
   running: int = 0
   waiting: int = 0
   last_bucket: int = 0
@@ -241,6 +244,8 @@ class Engine:
     prefill_rows, prefill_lengths: the shapes of the one prefill pass between decode steps
       (default: rows in powers of four up to max_batch, lengths in powers of two from 16 up to
       chunk); see `SlotSteps`.
+    packed_tokens: the sizes of packed prefill passes (default chunk and 4 x chunk; empty:
+      every prompt goes by rows); see `SlotSteps`.
 
   Use `start()` (or `with Engine(...) as engine`), then `submit(...)`.
   """
@@ -249,7 +254,8 @@ class Engine:
                max_seq_len: int | None = None, chunk: int = 256, name: str = "model",
                batch_buckets: Sequence[int] | None = None,
                prefill_rows: Sequence[int] | None = None,
-               prefill_lengths: Sequence[int] | None = None):
+               prefill_lengths: Sequence[int] | None = None,
+               packed_tokens: Sequence[int] | None = None):
     if max_batch < 1:
       raise UserError(f"max_batch={max_batch} must be at least 1")
     context = gen.cfg.max_context
@@ -264,7 +270,8 @@ class Engine:
     self.max_seq_len = max_seq_len
     self.steps = SlotSteps(gen, max_batch=max_batch, max_len=round_up(max_seq_len, chunk),
                            chunk=chunk, batch_buckets=batch_buckets,
-                           prefill_rows=prefill_rows, prefill_lengths=prefill_lengths)
+                           prefill_rows=prefill_rows, prefill_lengths=prefill_lengths,
+                           packed_tokens=packed_tokens)
     self.max_batch, self.chunk = max_batch, chunk
     self.stats = EngineStats()
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -404,10 +411,14 @@ class Engine:
         self._finish(seq, "abort")
 
   def _admit(self, dispatched: list[tuple]) -> None:
-    """One prefill pass between decode steps: the next chunk of up to the largest prefill-rows
-    bucket of waiting prompts (in arrival order, each into its own row), in one call, so a
-    burst of arrivals reads the weights once rather than once per prompt."""
+    """One prefill pass between decode steps. Whole prompts of at most `chunk` tokens go in a
+    packed pass (`_admit_packed`: laid end to end, no padding between them); a long prompt's
+    chunks go in a row pass: the next chunk of up to the largest prefill-rows bucket of waiting
+    prompts (in arrival order, each into its own row). Either way a burst of arrivals reads the
+    weights once rather than once per prompt."""
     free = [i for i, s in enumerate(self._slots) if s is None]
+    if self._admit_packed(free, dispatched):
+      return
     ready = list(itertools.islice(self._waiting, self.steps.prefill_rows[-1]))
     ready = [seq for seq in ready if seq.slot is not None] + [
         seq for seq in ready if seq.slot is None][:len(free)]
@@ -429,6 +440,7 @@ class Engine:
         self._cache, self._nxt, pieces, [p.temperature for p in params],
         [p.top_p for p in params], [max(p.top_k, 0) for p in params],
         [seq.seed for seq in chosen])
+    self.stats.row_passes += 1
     done = []  # (index in the pass, seq) of the prompts this pass completed
     for i, (seq, (_, piece, _)) in enumerate(zip(chosen, pieces)):
       seq.prefilled += len(piece)
@@ -439,6 +451,40 @@ class Engine:
         self.stats.prompt_tokens += len(seq.prompt)
     if done:
       dispatched.append(("first", done, tokens))
+
+  def _admit_packed(self, free: list[int], dispatched: list[tuple]) -> bool:
+    """A packed pass of the waiting whole prompts (in arrival order, while they fit the largest
+    packed size and the free rows), when the oldest waiting prompt is one; False otherwise."""
+    steps = self.steps
+    if not steps.packed_buckets or not free:
+      return False
+    chosen, total = [], 0
+    for seq in self._waiting:
+      if seq.slot is not None or len(seq.prompt) > self.chunk:
+        if not chosen:
+          return False  # the oldest is a long prompt mid-prefill: the row pass serves it
+        break
+      if len(chosen) == len(free) or total + len(seq.prompt) > steps.packed_buckets[-1]:
+        break
+      chosen.append(seq)
+      total += len(seq.prompt)
+    if not chosen:
+      return False
+    for seq, row in zip(chosen, free):
+      seq.slot = row
+      self._slots[row] = seq
+    params = [seq.params for seq in chosen]
+    self._cache, self._nxt, tokens, _ = steps.packed_prefill(
+        self._cache, self._nxt, [(seq.slot, seq.prompt) for seq in chosen],
+        [p.temperature for p in params], [p.top_p for p in params],
+        [max(p.top_k, 0) for p in params], [seq.seed for seq in chosen])
+    self.stats.packed_passes += 1
+    for seq in chosen:
+      seq.prefilled = seq.position = len(seq.prompt)
+      self._waiting.remove(seq)
+      self.stats.prompt_tokens += len(seq.prompt)
+    dispatched.append(("first", list(enumerate(chosen)), tokens))
+    return True
 
   def _dispatch_step(self, dispatched: list[tuple]) -> None:
     rows = [(i, s) for i, s in enumerate(self._slots)

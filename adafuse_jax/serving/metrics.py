@@ -27,6 +27,9 @@ class _Collector:
         "prompt_tokens": ("Prompt tokens prefilled", "prompt_tokens"),
         "generation_tokens": ("Tokens generated", "generated_tokens"),
         "decode_steps": ("Decode steps run", "decode_steps"),
+        "packed_prefill_passes": ("Prefill passes of whole prompts packed end to end",
+                                  "packed_passes"),
+        "row_prefill_passes": ("Prefill passes of prompt chunks, one row each", "row_passes"),
     }
     gauges = {
         "running_sequences": "Requests holding a batch row",

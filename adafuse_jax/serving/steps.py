@@ -21,7 +21,7 @@ import numpy as np
 from adafuse_jax import parallel
 from adafuse_jax.errors import UserError
 from adafuse_jax.generation import Generator
-from adafuse_jax.model.cache import SlotCache
+from adafuse_jax.model.cache import PackedPrompts, SlotCache
 from adafuse_jax.sampling import row_keys, sample_rows
 
 
@@ -77,12 +77,17 @@ class SlotSteps:
     prefill_lengths: the chunk lengths a prefill pass is compiled for (default: powers of two
       from 16 up to `chunk`; `chunk` is always one, longer ones are cut to it); fewer lengths
       mean fewer programs and more padding.
+    packed_tokens: the token counts a packed prefill pass is compiled for (default: `chunk`
+      and 4 x `chunk`): whole prompts of up to `chunk` tokens laid end to end, up to
+      `max_batch` prompts per pass, padded only at the end (`packed_prefill`). Empty: no
+      packed passes.
   """
 
   def __init__(self, gen: Generator, *, max_batch: int, max_len: int, chunk: int,
                batch_buckets: Sequence[int] | None = None,
                prefill_rows: Sequence[int] | None = None,
-               prefill_lengths: Sequence[int] | None = None):
+               prefill_lengths: Sequence[int] | None = None,
+               packed_tokens: Sequence[int] | None = None):
     if gen.merges_per_token:
       raise UserError(MERGED_REFUSAL)
     if max_len % chunk:
@@ -103,8 +108,14 @@ class SlotSteps:
     if lengths[0] < 1:
       raise UserError(f"prefill lengths {lengths} must be positive")
     self.chunk_buckets = tuple(lengths)
+    packed = (chunk, 4 * chunk) if packed_tokens is None else packed_tokens
+    if any(n < chunk for n in packed):
+      raise UserError(f"packed prefill sizes {list(packed)} must hold a whole chunk ({chunk}"
+                      " tokens) each")
+    self.packed_buckets = tuple(sorted(set(packed)))
     self.span_buckets = span_buckets(max_len)
     self._prefills: dict[tuple[int, int], Callable] = {}  # by (rows, length)
+    self._packed: dict[int, Callable] = {}  # by tokens
     self._decodes: dict[tuple[int, int], Callable] = {}  # by (batch, span)
 
   def new_cache(self) -> SlotCache:
@@ -151,6 +162,20 @@ class SlotSteps:
                                            (nxt.at[rows].set(new, mode="drop"), new, routing))
     return cache, nxt, new, routing
 
+  def _packed_prefill(self, params, adapter_params, derived, cache: SlotCache, nxt, tokens,
+                      token_rows, token_pos, rows, last, temperature, top_p, top_k, seeds):
+    """tokens [1, T]: whole prompts end to end, token i of cache row token_rows[i] at position
+    token_pos[i]; prompt j (rows[j]; a padding entry names row max_batch) ends at index last[j]
+    of the pass. Each prompt's row is rewritten from slot 0."""
+    view = PackedPrompts.over(cache, token_rows, token_pos)
+    logits, cache, routing = self.gen.apply(params, adapter_params, derived, tokens, view,
+                                            last=last[None])
+    ends = token_pos[last] + 1
+    new = sample_rows(logits[0], row_keys(seeds, ends), temperature, top_p, top_k)
+    cache, (nxt, new, routing) = self._pin(cache, (nxt.at[rows].set(new, mode="drop"), new,
+                                                   routing))
+    return cache, nxt, new, routing
+
   def _decode(self, params, adapter_params, derived, cache: SlotCache, nxt, active, temperature,
               top_p, top_k, seeds, span: int):
     """One token for rows [0, b) (b = len(active)); inactive rows compute but do not advance.
@@ -180,6 +205,17 @@ class SlotSteps:
         per_row(jnp.int32), per_row(jnp.int32), per_row(jnp.float32), per_row(jnp.float32),
         per_row(jnp.int32), per_row(jnp.uint32))
 
+  def _lower_packed(self, tokens: int):
+    gen = self.gen
+    per_token = lambda: self._abstract((tokens,), jnp.int32)  # noqa: E731
+    per_prompt = lambda dt: self._abstract((self.max_batch,), dt)  # noqa: E731
+    return jax.jit(self._packed_prefill, donate_argnums=(3, 4)).lower(
+        gen.params, gen.adapter_params, gen.derived, self._abstract_cache(),
+        self._abstract((self.max_batch,), jnp.int32), self._abstract((1, tokens), jnp.int32),
+        per_token(), per_token(), per_prompt(jnp.int32), per_prompt(jnp.int32),
+        per_prompt(jnp.float32), per_prompt(jnp.float32), per_prompt(jnp.int32),
+        per_prompt(jnp.uint32))
+
   def _lower_decode(self, shape: tuple[int, int]):
     batch, span = shape
     gen = self.gen
@@ -195,6 +231,12 @@ class SlotSteps:
     if (rows, length) not in self._prefills:
       self._prefills[rows, length] = self._lower_prefill((rows, length)).compile()
     return self._prefills[rows, length]
+
+  def packed_fn(self, tokens: int) -> Callable:
+    """The compiled packed prefill pass of `tokens` tokens (compiled on first use)."""
+    if tokens not in self._packed:
+      self._packed[tokens] = self._lower_packed(tokens).compile()
+    return self._packed[tokens]
 
   def decode_fn(self, batch: int, span: int | None = None) -> Callable:
     """The compiled decode step of `batch` rows whose attention reads `span` slots (default:
@@ -217,6 +259,8 @@ class SlotSteps:
             for span in self.span_buckets if (b, span) not in self._decodes]
     jobs += [(self._prefills, (r, c), self._lower_prefill) for r in self.prefill_rows
              for c in self.chunk_buckets if (r, c) not in self._prefills]
+    jobs += [(self._packed, n, self._lower_packed) for n in self.packed_buckets
+             if n not in self._packed]
     workers = threads or min(len(jobs), os.cpu_count() or 1) or 1
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       done = list(pool.map(lambda job: job[2](job[1]).compile(), jobs))
@@ -225,7 +269,8 @@ class SlotSteps:
     if log:
       log(f"compiled decode steps for batches {list(self.batch_buckets)} x attention spans"
           f" {list(self.span_buckets)}, prefill passes of rows {list(self.prefill_rows)} x"
-          f" lengths {list(self.chunk_buckets)}")
+          f" lengths {list(self.chunk_buckets)}, packed prefill passes of"
+          f" {list(self.packed_buckets)} tokens")
 
   def prefill(self, cache: SlotCache, nxt: jax.Array, pieces: Sequence[tuple[int, Sequence[int], int]],
               temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray):
@@ -257,6 +302,41 @@ class SlotSteps:
     inputs = self._replicated((index, tokens, starts, counts, pad(temperature, 0, np.float32),
                                pad(top_p, 1, np.float32), pad(top_k, 0, np.int32),
                                pad(seeds, 0, np.uint32)))
+    return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, *inputs)
+
+  def packed_prefill(self, cache: SlotCache, nxt: jax.Array,
+                     prompts: Sequence[tuple[int, Sequence[int]]], temperature: np.ndarray,
+                     top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray):
+    """One pass prefilling whole prompts: prompts[j] = (row, ids), distinct rows, at most
+    `max_batch` prompts of at most `chunk` tokens whose total fits the largest packed size.
+
+    Returns (cache, nxt, tokens, routing) as `prefill`: tokens[j] is the token sampled after
+    prompt j, already placed in nxt[row]."""
+    n = len(prompts)
+    total = sum(len(ids) for _, ids in prompts)
+    size = bucket_for(total, self.packed_buckets)
+    tokens = np.zeros((1, size), np.int32)
+    token_rows = np.full((size,), self.max_batch, np.int32)  # padding: past the last row
+    token_pos = np.zeros((size,), np.int32)
+    rows = np.full((self.max_batch,), self.max_batch, np.int32)
+    last = np.zeros((self.max_batch,), np.int32)
+    at = 0
+    for j, (row, ids) in enumerate(prompts):
+      tokens[0, at:at + len(ids)] = ids
+      token_rows[at:at + len(ids)] = row
+      token_pos[at:at + len(ids)] = np.arange(len(ids))
+      rows[j], last[j] = row, at + len(ids) - 1
+      at += len(ids)
+
+    def pad(values, fill, dtype):
+      out = np.full((self.max_batch,), fill, dtype)
+      out[:n] = values
+      return out
+
+    fn = self.packed_fn(size)
+    inputs = self._replicated((tokens, token_rows, token_pos, rows, last,
+                               pad(temperature, 0, np.float32), pad(top_p, 1, np.float32),
+                               pad(top_k, 0, np.int32), pad(seeds, 0, np.uint32)))
     return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, *inputs)
 
   def decode(self, cache: SlotCache, nxt: jax.Array, active: np.ndarray, temperature: np.ndarray,
