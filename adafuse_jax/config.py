@@ -8,6 +8,7 @@ seeded random numbers, so nothing is downloaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from adafuse_jax.errors import UserError
@@ -95,6 +96,11 @@ class ModelConfig:
           " (grouped-query attention shares each kv head among a whole group of query heads)")
     if self.head_dim % 2:
       raise UserError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+    for field in ("rms_eps", "rope_base"):
+      value = getattr(self, field)
+      if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise UserError(f"ModelConfig.{field}={value} must be a positive finite number (the"
+                        " model file's RMSNorm epsilon / RoPE theta)")
 
   @property
   def q_dim(self) -> int:

@@ -117,15 +117,23 @@ def _tensor_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
   """Maps each tensor name to the safetensors file that holds it (sharded or not)."""
   index = folder / "model.safetensors.index.json"
   if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    return {k: folder / v for k, v in weight_map.items()}
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+      return {str(k): folder / str(v) for k, v in weight_map.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ModelFileError(f"cannot read {str(index)!r} ({type(e).__name__}: {e}); the index"
+                           " is damaged: copy it again") from None
   files = sorted(folder.glob("*.safetensors"))
   if not files:
     raise ModelFileError(f"{str(folder)!r} has no *.safetensors files")
   out: dict[str, pathlib.Path] = {}
   for f in files:
-    with safe_open(str(f), framework="flax") as sf:
-      out.update({k: f for k in sf.keys()})
+    try:
+      with safe_open(str(f), framework="flax") as sf:
+        out.update({k: f for k in sf.keys()})
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own kinds for a bad header
+      raise ModelFileError(f"cannot read {str(f)!r} ({e}); the file is truncated or damaged:"
+                           " copy it again") from None
   return out
 
 
