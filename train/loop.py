@@ -32,6 +32,7 @@ from adafuse_jax import parallel
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.config import AdapterConfig
 from adafuse_jax.errors import UserError
+from adafuse_jax.file_digests import damaged_files, folder_digests
 from adafuse_jax.adapters.pool import AdapterParam, RouterParam
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.llama import LlamaModel
@@ -339,6 +340,15 @@ class Trainer:
         meta=ocp.args.JsonSave({"step": self.step, "config": self.cfg.to_json(),
                                 "data_position": self.step})))
     self.manager.wait_until_finished()
+    # The step's files as written: `restore` checks them before orbax reads any.
+    digests = self.workdir / "digests"
+    digests.mkdir(exist_ok=True)
+    (digests / f"{self.step}.json").write_text(json.dumps(
+        folder_digests(self.workdir / "ckpt" / str(self.step)), indent=1))
+    kept = {str(s) for s in self.manager.all_steps()}
+    for old in digests.glob("*.json"):
+      if old.stem not in kept:
+        old.unlink()
 
   def restore(self, step: int | None = None) -> int:
     """Restores the latest (or the given) checkpoint; returns its step (0 when none exists)."""
@@ -351,6 +361,7 @@ class Trainer:
     if step not in steps:
       raise CheckpointError(f"no checkpoint for step {step} in {self.workdir / 'ckpt'}; present:"
                             f" {sorted(steps)}")
+    self._check_files(step, sorted(steps))
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; name the file and the cure
@@ -377,6 +388,24 @@ class Trainer:
     nnx.update(self.optimizer.opt_state, state["optimizer"])
     self.step = int(meta["step"])
     return self.step
+
+  def _check_files(self, step: int, steps: list[int]) -> None:
+    """CheckpointError if a file of the step differs from the digests written when it was
+    saved (checkpoints saved without digests are left to orbax's own checks)."""
+    record = self.workdir / "digests" / f"{step}.json"
+    if not record.is_file():
+      return
+    try:
+      recorded = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"the digests of checkpoint step {step} ({record}) are unreadable"
+                            f" ({e}); restore an earlier step with --resume-step (present:"
+                            f" {steps})") from None
+    bad = damaged_files(self.workdir / "ckpt" / str(step), recorded)
+    if bad:
+      raise CheckpointError(f"checkpoint step {step} in {self.workdir / 'ckpt'} is corrupt:"
+                            f" {len(bad)} file(s) differ from those saved ({', '.join(bad[:3])});"
+                            f" restore an earlier step with --resume-step (present: {steps})")
 
   # --- training ---------------------------------------------------------------------------------
   def _place(self, windows: np.ndarray) -> jax.Array:

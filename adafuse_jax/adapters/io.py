@@ -1,9 +1,10 @@
 """Saving and loading an expert pool + router checkpoint (orbax), with config checks.
 
 A checkpoint folder holds `adapter_config.json` (the AdapterConfig, the model shapes it was
-made for, and a SHA-256 digest of the arrays) and `state/` (orbax). Loading into a model of
-other shapes fails naming the mismatch; a damaged file (non-finite values, or arrays whose digest
-differs from the one saved) fails naming the checkpoint, never loads silently.
+made for, a SHA-256 digest of the arrays and one of every file under `state/`) and `state/`
+(orbax). Loading into a model of other shapes fails naming the mismatch; a damaged file (one
+whose bytes differ from those saved, checked before orbax reads it; non-finite values; arrays
+whose digest differs) fails naming the checkpoint, never loads silently.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from adafuse_jax.adapters import peft
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.config import AdapterConfig, ModelConfig
 from adafuse_jax.errors import ModelFileError, UserError
+from adafuse_jax.file_digests import damaged_files, folder_digests
 from adafuse_jax.model.llama import default_layout
 from adafuse_jax.vocab import Mode
 
@@ -45,10 +47,11 @@ def save_adapters(path: str | pathlib.Path, adapters: MixtureOfLoRA,
     state = jax.tree.map(lambda x: x.astype(dtype), state)
   meta = {"adapter": adapters.cfg.to_dict(), "model": model_fingerprint(adapters.model_cfg),
           "digest": state_digest(state)}
-  (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path / "state", state, force=True)
     ckpt.wait_until_finished()
+  meta["files"] = folder_digests(path / "state")
+  (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
   return path
 
 
@@ -88,6 +91,7 @@ def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
   if diffs:
     raise UserError(f"adapter checkpoint {str(path)!r} was made for another model ("
                     + "; ".join(diffs) + "); load it with the model it was trained on")
+  check_files(path)
   # Restored as float32 (exact for what is stored), checked, then cast to `dtype`.
   abstract = nnx.eval_shape(lambda: MixtureOfLoRA(model_cfg, cfg, dtype=jnp.float32,
                                                   layout="stacked"))
@@ -116,6 +120,19 @@ def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
     graphdef, state = nnx.split(adapters)
     adapters = nnx.merge(graphdef, shard_adapter_params(state, mesh))
   return adapters
+
+
+def check_files(path: pathlib.Path) -> None:
+  """Raises ModelFileError if a file under state/ differs from the digest its config recorded
+  (pools saved before the config held file digests are checked after the restore only)."""
+  recorded = json.loads((path / CONFIG_FILE).read_text()).get("files")
+  if not recorded:
+    return
+  bad = damaged_files(path / "state", recorded)
+  if bad:
+    raise ModelFileError(f"adapter checkpoint {str(path)!r} is damaged: {len(bad)} file(s) under"
+                         f" state/ differ from the digests in {CONFIG_FILE} ({', '.join(bad[:3])});"
+                         " restore the folder from its source or train it again")
 
 
 def check_state(path: pathlib.Path, state) -> None:
