@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> dict:
     gen = Generator(model, adapters=adapters, path=path, backend=backend, sere=sere, mesh=mesh)
   switch_per_token = gen.merges_per_token
   if stream:
-    sys.stdout.write(prompts[0] if not args.chat else "")
+    sys.stdout.write(echo(prompts[0]) if not args.chat else "")
     sys.stdout.flush()
   res = generate(gen, ids, max_new_tokens=args.max_new_tokens,
                  sampling=sampling, seed=args.seed, stop_ids=tok.eos_ids, pad_id=pad_id,
@@ -231,6 +231,18 @@ def run(args: argparse.Namespace) -> dict:
       "unmerged_steps": int(gen.switch_state.unmerged) if switch_per_token else None,
       "routing": _routing_table(tok, res) if args.show_routing else None,
   }
+
+
+ECHO_CHARS = 400
+
+
+def echo(prompt: str) -> str:
+  """What streaming prints before the completion: the prompt, or for a long one its last
+  ECHO_CHARS characters after a marker saying how much was left out (a long input is never
+  printed back whole)."""
+  if len(prompt) <= ECHO_CHARS:
+    return prompt
+  return f"[... {len(prompt) - ECHO_CHARS} characters of the prompt ...]" + prompt[-ECHO_CHARS:]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

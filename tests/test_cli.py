@@ -31,6 +31,15 @@ def test_streaming_prints_text_then_one_figures_line():
   assert "prefill" in lines[-1] and "ms/token" in lines[-1] and "tokens/s" in lines[-1]
 
 
+def test_a_long_prompt_is_not_echoed_whole():
+  from adafuse_jax.decode import ECHO_CHARS, echo
+
+  long = "a" * 5000 + "THE END"
+  shown = echo(long)
+  assert len(shown) < ECHO_CHARS + 60 and shown.endswith("THE END") and "4607 characters" in shown
+  assert echo("short") == "short"
+
+
 @pytest.mark.parametrize("args, message", [
     ((" ",), "empty prompt"),
     (("--model", "/nonexistent/model.gguf", "hi"), "does not exist"),
