@@ -54,22 +54,11 @@ def build(mode: str, path: str, devices: int, layout: str, backend: str = "auto"
   return Generator(model, adapters=adapters, path=path, backend=backend, mesh=mesh)
 
 
-def run(mode: str, path: str, devices: int, layout: str) -> dict:
-  gen = build(mode, path, devices, layout)
-  res = generate(gen, PROMPTS, max_new_tokens=6)
-  cache = gen.new_cache(1, 16)
-  _, logits, _, _ = gen.forward(np.asarray([PROMPTS[0][:4]], np.int32), cache, jax.random.key(0))
-  q = gen.params["q"].get_value()
-  q = q[0] if isinstance(q, tuple) else q
-  return {"tokens": [list(map(int, t)) for t in res.tokens],
-          "logits": np.asarray(logits, np.float64).tolist(),
-          "q_spec": str(getattr(q.sharding, "spec", None)), "q_shards": len(q.sharding.device_set)}
-
-
-def run_steps(mode: str, path: str, devices: int, rows: int) -> dict:
-  """A prompt pass and three greedy decode steps through `Generator.forward` (two compiled
-  programs: the kernels' interpreter makes each compile slow): tokens and every step's logits."""
-  gen = build(mode, path, devices, "stacked", backend="triton")
+def run_steps(mode: str, path: str, devices: int, rows: int = 2, layout: str = "stacked",
+              backend: str = "triton") -> dict:
+  """A prompt pass of `rows` prompts and three greedy decode steps through `Generator.forward`
+  (two compiled programs): the tokens and every step's logits."""
+  gen = build(mode, path, devices, layout, backend)
   before = SHARD_CALLS[0]
   cache = gen.new_cache(rows, 8)
   tokens = np.asarray([p[:3] for p in PROMPTS[:rows]], np.int32)
@@ -80,6 +69,7 @@ def run_steps(mode: str, path: str, devices: int, rows: int) -> dict:
     logits.append(np.asarray(step_logits, np.float64).tolist())
     tokens = np.asarray(nxt, np.int32)[:, None]
   q = gen.params["q"].get_value()
+  q = q[0] if isinstance(q, tuple) else q
   return {"tokens": out, "logits": logits, "q_spec": str(getattr(q.sharding, "spec", None)),
           "q_shards": len(q.sharding.device_set), "shard_calls": SHARD_CALLS[0] - before}
 
@@ -207,7 +197,8 @@ def main(part: str) -> None:
       for mode in ("backbone", "lora", "pregated", "layerwise"):
         for path in ("xla", "packed"):
           for devices in (1, 2, 4):
-            out["runs"][f"{layout}/{mode}/{path}/{devices}"] = run(mode, path, devices, layout)
+            out["runs"][f"{layout}/{mode}/{path}/{devices}"] = run_steps(
+                mode, path, devices, layout=layout, backend="auto")
   else:  # the kernels read stacked weights; "triton" runs them in the Pallas interpreter
     out["switch"] = switch_equality()
     for path, modes in (("gathered", ("lora", "pregated", "layerwise")),

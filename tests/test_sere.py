@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,3 +81,35 @@ def test_runtime_with_rho_one_equals_plain_pregated_and_calibration_runs():
 def test_calibration_covers_only_the_layers_that_carry_experts():
   cfg, _, _, sim = _calibrated(first_layer=1)
   assert sim.shape == (cfg.layers - 1, 4, 4) and np.isfinite(sim).all()
+
+
+def test_sere_calibrate_saves_the_similarity_that_decode_then_reads(tmp_path, capsys):
+  """`train sere-calibrate` on a copy of the shipped pool, calibrated on the user's own text:
+  the [L, E, E] file lands beside the pool and `decode --sere-rho` runs with it; the shipped
+  pool itself and a pool of another mode are refused by name."""
+  import json
+  import shutil
+
+  from adafuse_jax import decode
+  from adafuse_jax.adapters.io import DEFAULT_POOL
+  from adafuse_jax.adapters.sere import SIMILARITY_FILE
+  from adafuse_jax.train import cli
+
+  pool = tmp_path / "pool"
+  shutil.copytree(DEFAULT_POOL, pool)
+  (pool / SIMILARITY_FILE).unlink()
+  text = (pathlib.Path(__file__).parent / "data" / "GPL-3.txt").read_text()
+  (tmp_path / "mine.jsonl").write_text(json.dumps({"text": text}) + "\n")
+  assert cli.main(["sere-calibrate", "--adapters", str(pool), "--data",
+                   str(tmp_path / "mine.jsonl"), "--windows", "2", "--seq-len", "64",
+                   "--quiet"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  similarity = np.load(pool / SIMILARITY_FILE)
+  assert similarity.shape == (30, 8, 8) == tuple(report["shape"])
+  assert np.isfinite(similarity).all()
+  np.testing.assert_allclose(np.diagonal(similarity, axis1=1, axis2=2), 1.0, atol=1e-4)
+  assert decode.main(["--adapters", str(pool), "--sere-rho", "0", "--max-new-tokens", "3",
+                      "--json", "--prompt", "Hello"]) == 0
+  assert json.loads(capsys.readouterr().out)["sere"]["rho"] == 0.0
+  assert cli.main(["sere-calibrate", "--adapters", str(DEFAULT_POOL)]) == 2
+  assert "already carries its similarity" in capsys.readouterr().err

@@ -40,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
   t = sub.add_parser("table", help="re-render results.md from a results.json (after a change to"
                                    " the table's layout; the numbers are the run's)")
   t.add_argument("results", help="a results.json written by `python -m adafuse_jax.train all`")
+  c = sub.add_parser("sere-calibrate",
+                     help="compute a saved pool's SERE expert similarity once and save it beside"
+                          " the pool (what --sere-rho reads)")
+  c.add_argument("--adapters", required=True, metavar="DIR",
+                 help="a saved pre-gated pool (a folder written by save_adapters or fit --export)")
+  c.add_argument("--model", default="default",
+                 help="the base model the pool was trained on (default: the embedded one)")
+  c.add_argument("--data", default=None,
+                 help="your own text to calibrate on (as fit --data); default: the built-in"
+                      " domains' training text")
+  c.add_argument("--windows", type=int, default=2,
+                 help="calibration windows of --seq-len tokens per domain")
+  c.add_argument("--seq-len", type=int, default=128)
+  c.add_argument("--quiet", action="store_true")
   for name in ("fit", "all"):
     s = sub.add_parser(name)
     p.commands[name] = s  # for _job_argv, which re-spells an `all` command option by option
@@ -161,6 +175,43 @@ def fit(args, mode: str, loaded, train_streams, heldout):
   t0 = time.perf_counter()
   trainer.fit(progress=not args.quiet)
   return trainer, time.perf_counter() - t0
+
+
+def sere_calibrate(args) -> dict:
+  """`train sere-calibrate`: the pool's [L, E, E] expert similarity on calibration windows,
+  saved as sere_similarity.npy in the pool's folder."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from adafuse_jax.adapters.io import DEFAULT_POOL, load_adapters, read_adapter_config
+  from adafuse_jax.adapters.sere import SIMILARITY_FILE, calibrate, save_similarity
+  from adafuse_jax.paths import registry
+  from adafuse_jax.train.loop import eval_windows
+
+  folder = pathlib.Path(args.adapters)
+  if args.windows < 1 or args.seq_len < 2:
+    raise UserError(f"--windows {args.windows} and --seq-len {args.seq_len} must be at least 1"
+                    " and 2")
+  if folder.resolve() == DEFAULT_POOL.resolve():
+    raise UserError("the shipped pool 'default' already carries its similarity; calibrate a"
+                    " pool you saved (a copy of it, or one trained with fit --export)")
+  cfg, _ = read_adapter_config(folder)  # a named error for a folder that is not a pool
+  if cfg.mode != "pregated":
+    raise UserError(f"SERE re-routes pre-gated choices; {str(folder)!r} is a {cfg.mode!r} pool")
+  writable_folder(str(folder), "--adapters")
+  loaded, streams, _ = _setup(args, None if args.data else _prepared_cache(args))
+  pool = load_adapters(folder, loaded.model.cfg, dtype=loaded.model.dtype)
+  windows = [eval_windows(s, args.windows, args.seq_len)[:, :-1] for s in streams.values()]
+  similarity = calibrate(loaded.model, pool, jnp.asarray(np.concatenate(windows)),
+                         registry.runtime(pool))
+  save_similarity(folder, similarity)
+  mean = similarity.mean(0)
+  off = mean[~np.eye(mean.shape[0], dtype=bool)]
+  return {"saved": str(folder / SIMILARITY_FILE), "shape": list(similarity.shape),
+          "windows": int(sum(len(w) for w in windows)), "seq_len": args.seq_len,
+          "domains": sorted(streams),
+          "off_diagonal_similarity": {"min": float(off.min()), "mean": float(off.mean()),
+                                      "max": float(off.max())}}
 
 
 def run_all(args) -> dict:
@@ -552,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_adapters(args.export, trainer.adapters)
         print(f"saved the trained pool to {args.export} (use it with --adapters"
               f" {args.export})", file=sys.stderr)
+    elif args.command == "sere-calibrate":
+      print(json.dumps(sere_calibrate(args), indent=2))
     else:
       print(markdown(run_all(args)))
   except UserError as e:
