@@ -126,7 +126,8 @@ def packed_sizes(text: str | None) -> tuple[int, ...] | None:
 
 PACKED_HELP = ("token counts of a packed prefill pass (whole prompts of up to --chunk tokens"
                " laid end to end, no padding between them), as compiled buckets; default"
-               " --chunk and 4 x --chunk; 'off': every prompt prefills in its own row")
+               " powers of two from 64 up to 4 x --chunk; 'off': every prompt prefills in its"
+               " own row")
 
 
 def add_sere_options(a: argparse._ArgumentGroup) -> None:

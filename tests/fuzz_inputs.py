@@ -127,6 +127,7 @@ def _damage_config(data: bytes, rng: random.Random) -> bytes:
 
 
 def _snapshot(path: pathlib.Path) -> dict:
+  """Every file's bytes under `path`: a load must not change its input."""
   files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
   return {str(p): p.read_bytes() for p in files}
 
@@ -153,20 +154,25 @@ def pool_files(cases: int, seed: int, work: pathlib.Path) -> collections.Counter
                                   jax.random.key(0))
     return np.asarray(logits)
 
-  want = logits_of(good)
+  want = logits_of(good)  # a pool that loads must be the pool that was saved
+  return _damaged_copies(good, files, cases, seed, work,
+                         lambda target: np.array_equal(logits_of(target), want))
+
+
+def _damaged_copies(good: pathlib.Path, files: list, cases: int, seed: int, work: pathlib.Path,
+                    same: Callable[[pathlib.Path], bool]) -> collections.Counter:
+  """`cases` copies of the folder `good`, each with one of `files` damaged; `same(copy)` loads
+  the copy and says whether it gives the original's output. A copy the load changed is
+  "corrupt"."""
   rng = random.Random(seed)
   counts = collections.Counter()
   for case in range(cases):
-    target = work / f"pool-{case}"
+    target = work / f"{good.name}-{case}"
     shutil.copytree(good, target)
     victim = target / rng.choice(files)
     victim.write_bytes(mutate(victim.read_bytes(), rng))
     before = _snapshot(target)
-
-    def run() -> bool:  # a pool that loads must be the pool that was saved
-      return np.array_equal(logits_of(target), want)
-
-    outcome = _classify(run)
+    outcome = _classify(lambda: same(target))
     counts["corrupt" if _snapshot(target) != before else outcome] += 1
     shutil.rmtree(target)
   return counts
@@ -196,21 +202,9 @@ def checkpoint_files(cases: int, seed: int, work: pathlib.Path) -> collections.C
     trainer.restore()
     return trainer.evaluate()
 
-  want = restored(good)
-  rng = random.Random(seed)
-  counts = collections.Counter()
-  for case in range(cases):
-    target = work / f"run-{case}"
-    shutil.copytree(good, target)
-    victim = target / rng.choice(files)
-    victim.write_bytes(mutate(victim.read_bytes(), rng))
-
-    def run() -> bool:  # a checkpoint that restores must be the one that was saved
-      return restored(target) == want
-
-    counts[_classify(run)] += 1
-    shutil.rmtree(target)
-  return counts
+  want = restored(good)  # a checkpoint that restores must be the one that was saved
+  return _damaged_copies(good, files, cases, seed, work,
+                         lambda target: restored(target) == want)
 
 
 # -- the command line and prompts ------------------------------------------------------------

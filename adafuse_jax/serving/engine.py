@@ -244,8 +244,8 @@ class Engine:
     prefill_rows, prefill_lengths: the shapes of the one prefill pass between decode steps
       (default: rows in powers of four up to max_batch, lengths in powers of two from 16 up to
       chunk); see `SlotSteps`.
-    packed_tokens: the sizes of packed prefill passes (default chunk and 4 x chunk; empty:
-      every prompt goes by rows); see `SlotSteps`.
+    packed_tokens: the sizes of packed prefill passes (default powers of two from 64 up to
+      4 x chunk; empty: every prompt goes by rows); see `SlotSteps`.
 
   Use `start()` (or `with Engine(...) as engine`), then `submit(...)`.
   """

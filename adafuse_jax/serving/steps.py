@@ -77,9 +77,9 @@ class SlotSteps:
     prefill_lengths: the chunk lengths a prefill pass is compiled for (default: powers of two
       from 16 up to `chunk`; `chunk` is always one, longer ones are cut to it); fewer lengths
       mean fewer programs and more padding.
-    packed_tokens: the token counts a packed prefill pass is compiled for (default: `chunk`
-      and 4 x `chunk`): whole prompts of up to `chunk` tokens laid end to end, up to
-      `max_batch` prompts per pass, padded only at the end (`packed_prefill`). Empty: no
+    packed_tokens: the token counts a packed prefill pass is compiled for (default: powers of
+      two from 64 up to 4 x `chunk`): whole prompts of up to `chunk` tokens laid end to end, up
+      to `max_batch` prompts per pass, padded only at the end (`packed_prefill`). Empty: no
       packed passes.
   """
 
@@ -108,10 +108,13 @@ class SlotSteps:
     if lengths[0] < 1:
       raise UserError(f"prefill lengths {lengths} must be positive")
     self.chunk_buckets = tuple(lengths)
-    packed = (chunk, 4 * chunk) if packed_tokens is None else packed_tokens
-    if any(n < chunk for n in packed):
-      raise UserError(f"packed prefill sizes {list(packed)} must hold a whole chunk ({chunk}"
-                      " tokens) each")
+    # Powers of two: a pass pads at most to twice its tokens, where prefill is compute-bound
+    # (a CPU; long bursts on a GPU) padding costs as much as real tokens.
+    packed = (power_buckets(4 * chunk, smallest=min(64, chunk)) if packed_tokens is None
+              else packed_tokens)
+    if packed and max(packed) < chunk:
+      raise UserError(f"packed prefill sizes {list(packed)}: the largest must hold a whole"
+                      f" chunk ({chunk} tokens)")
     self.packed_buckets = tuple(sorted(set(packed)))
     self.span_buckets = span_buckets(max_len)
     self._prefills: dict[tuple[int, int], Callable] = {}  # by (rows, length)
