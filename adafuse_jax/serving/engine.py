@@ -468,7 +468,7 @@ class Engine:
         break
       chosen.append(seq)
       total += len(seq.prompt)
-    if not chosen:
+    if not chosen or self._rows_pass_is_smaller(chosen):
       return False
     for seq, row in zip(chosen, free):
       seq.slot = row
@@ -485,6 +485,17 @@ class Engine:
       self.stats.prompt_tokens += len(seq.prompt)
     dispatched.append(("first", list(enumerate(chosen)), tokens))
     return True
+
+  def _rows_pass_is_smaller(self, chosen: list) -> bool:
+    """Whether one row pass of these prompts computes fewer tokens, padding included, than their
+    packed pass (a few prompts of one length fill their rows; many of mixed lengths pack)."""
+    steps = self.steps
+    if len(chosen) > steps.prefill_rows[-1]:
+      return False
+    rows = bucket_for(len(chosen), steps.prefill_rows)
+    length = bucket_for(max(len(seq.prompt) for seq in chosen), steps.chunk_buckets)
+    return rows * length < bucket_for(sum(len(seq.prompt) for seq in chosen),
+                                      steps.packed_buckets)
 
   def _dispatch_step(self, dispatched: list[tuple]) -> None:
     rows = [(i, s) for i, s in enumerate(self._slots)
