@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--adapt-modules", default="q,k,v,o,gate,up,down")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--devices", type=int, default=1,
-                 help="tensor-parallel devices every row runs on (paths packed and xla); the"
+                 help="tensor-parallel devices every row runs on (every path); the"
                       " floor is then each device's share of the bytes")
   p.add_argument("--cache-len", type=int, default=512,
                  help="KV-cache slots; decode steps attend to the first half of them")
