@@ -59,6 +59,17 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int:
   raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+def _sampling_rows(size: int, temperature, top_p, top_k, seeds) -> tuple[np.ndarray, ...]:
+  """Per-row sampling settings padded to `size` entries (padding: greedy, seed 0)."""
+  out = []
+  for values, fill, dtype in ((temperature, 0, np.float32), (top_p, 1, np.float32),
+                              (top_k, 0, np.int32), (seeds, 0, np.uint32)):
+    row = np.full((size,), fill, dtype)
+    row[:len(values)] = values
+    out.append(row)
+  return tuple(out)
+
+
 class SlotSteps:
   """Compiled prefill-chunk and decode-step functions of one generator over a slot cache.
 
@@ -296,15 +307,9 @@ class SlotSteps:
       index[i], starts[i], counts[i] = row, start, len(chunk)
       tokens[i, :len(chunk)] = chunk
 
-    def pad(values, fill, dtype):
-      out = np.full((rows,), fill, dtype)
-      out[:n] = values
-      return out
-
     fn = self.prefill_fn(rows, length)
-    inputs = self._replicated((index, tokens, starts, counts, pad(temperature, 0, np.float32),
-                               pad(top_p, 1, np.float32), pad(top_k, 0, np.int32),
-                               pad(seeds, 0, np.uint32)))
+    inputs = self._replicated((index, tokens, starts, counts,
+                               *_sampling_rows(rows, temperature, top_p, top_k, seeds)))
     return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, *inputs)
 
   def packed_prefill(self, cache: SlotCache, nxt: jax.Array,
@@ -315,7 +320,6 @@ class SlotSteps:
 
     Returns (cache, nxt, tokens, routing) as `prefill`: tokens[j] is the token sampled after
     prompt j, already placed in nxt[row]."""
-    n = len(prompts)
     total = sum(len(ids) for _, ids in prompts)
     size = bucket_for(total, self.packed_buckets)
     tokens = np.zeros((1, size), np.int32)
@@ -331,15 +335,9 @@ class SlotSteps:
       rows[j], last[j] = row, at + len(ids) - 1
       at += len(ids)
 
-    def pad(values, fill, dtype):
-      out = np.full((self.max_batch,), fill, dtype)
-      out[:n] = values
-      return out
-
     fn = self.packed_fn(size)
     inputs = self._replicated((tokens, token_rows, token_pos, rows, last,
-                               pad(temperature, 0, np.float32), pad(top_p, 1, np.float32),
-                               pad(top_k, 0, np.int32), pad(seeds, 0, np.uint32)))
+                               *_sampling_rows(self.max_batch, temperature, top_p, top_k, seeds)))
     return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, *inputs)
 
   def decode(self, cache: SlotCache, nxt: jax.Array, active: np.ndarray, temperature: np.ndarray,
