@@ -188,8 +188,7 @@ class Generator:
     logits, cache, routing = self.apply(params, adapter_params, derived, tokens, cache)
     nxt = sample(logits, key, sampling)
     if self.sharded:
-      cache = parallel.constrain_cache(cache, self.mesh)
-      nxt, logits, routing = parallel.constrain_replicated((nxt, logits, routing), self.mesh)
+      cache, (nxt, logits, routing) = parallel.pin_step(cache, (nxt, logits, routing), self.mesh)
     return nxt, logits, cache, routing
 
   def apply(self, params, adapter_params, derived, tokens: jax.Array, cache,

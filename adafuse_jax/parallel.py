@@ -243,6 +243,12 @@ def constrain_cache(cache, mesh: Mesh):
       lambda x: jax.lax.with_sharding_constraint(x, _cache_layout(x.ndim, mesh)), cache)
 
 
+def pin_step(cache, small, mesh: Mesh):
+  """Inside jit, the end of a compiled step: (the cache in `_cache_layout`, so the next step
+  reads it as laid out; `small` outputs replicated)."""
+  return constrain_cache(cache, mesh), constrain_replicated(small, mesh)
+
+
 def constrain_replicated(tree, mesh: Mesh):
   """Inside jit: pins small outputs (next tokens, logits, routing) replicated."""
   rep = replicated(mesh)

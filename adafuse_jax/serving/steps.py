@@ -157,8 +157,7 @@ class SlotSteps:
     """Inside jit, on a mesh: the cache keeps its layout from step to step, the rest replicated."""
     if not self.gen.sharded:
       return cache, small
-    return (parallel.constrain_cache(cache, self.gen.mesh),
-            parallel.constrain_replicated(small, self.gen.mesh))
+    return parallel.pin_step(cache, small, self.gen.mesh)
 
   # -- traced bodies ------------------------------------------------------------------------
 
