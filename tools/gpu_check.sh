@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe (default: tests layers bench)
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags
+#   (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
 # OUT_DIR gets at most 8 files: tests.log, layer-loop/{layer_loop.json,.md}, batch1/{results.json,
@@ -66,6 +67,24 @@ for part in $parts; do
         timeout 200 python3 tools/kernel_breakdown.py --preset llama2-7b --mode "$mode" \
           --out /tmp/kb >>"$out/probe.log" 2>&1 && cat /tmp/kb/kernels_"$mode".md >>"$out/kernels.md"
       done ;;
-    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe)"; exit 2 ;;
+    gemv)
+      # XLA's dot against a Pallas split-K GEMV on the 7B module shapes (tools/gemv_sweep.py).
+      timeout "${GEMV_S:-300}" python3 tools/gemv_sweep.py --out "$out" 2>>"$out/gemv.log" \
+        | tee "$out/gemv.jsonl" | grep '"xla"' ;;
+    flags)
+      # One decode row under several XLA flag sets (a process each: flags are per process):
+      # XLA's Triton GEMMs, cuBLAS, and command buffers (CUDA graphs) for every kernel kind.
+      XLA_FLAGS=--help python3 -c "import jax; jax.numpy.zeros(1)" 2>&1 \
+        | grep -E -A2 "command_buffer|graph_min|triton_gemm[= ]" >"$out/xla_flags_help.txt"
+      i=0
+      while IFS= read -r flags; do
+        i=$((i + 1))
+        echo "== flags: ${flags:-(defaults)}" | tee -a "$out/flags.log"
+        XLA_FLAGS="$flags" timeout "${FLAGS_S:-150}" python3 -m adafuse_jax.bench --preset llama2-7b \
+          --prefill "" --batch 1 --steps 32 --rounds 3 --modes "${MODES:-backbone-packed}" --torch-peer off \
+          --out "/tmp/flags/$i" 2>&1 | grep -E "^\| (backbone|pregated)" | tee -a "$out/flags.log"
+      done <<< "${FLAG_SETS:-$(printf '%s\n' "" "--xla_gpu_enable_triton_gemm=false" \
+        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION --xla_gpu_graph_min_graph_size=1")}" ;;
+    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags)"; exit 2 ;;
   esac
 done
