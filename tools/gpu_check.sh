@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags step
 #   (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
@@ -85,6 +85,13 @@ for part in $parts; do
           --out "/tmp/flags/$i" 2>&1 | grep -E "^\| (backbone|pregated)" | tee -a "$out/flags.log"
       done <<< "${FLAG_SETS:-$(printf '%s\n' "" "--xla_gpu_enable_triton_gemm=false" \
         "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION --xla_gpu_graph_min_graph_size=1")}" ;;
-    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags)"; exit 2 ;;
+    step)
+      # Pipelined, synced and host-dispatch time of one decode step per XLA compiler option set
+      # (tools/step_probe.py), interleaved in one process.
+      for mode in ${STEP_MODES:-backbone-packed pregated-packed}; do
+        timeout "${STEP_S:-200}" python3 tools/step_probe.py --mode "$mode" 2>>"$out/step.log" \
+          | tee -a "$out/step.jsonl"
+      done ;;
+    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags, step)"; exit 2 ;;
   esac
 done

@@ -1,0 +1,112 @@
+"""Where does a synced decode step's time go beyond the GPU's own? One 7B decode step compiled
+under several XLA compiler options in one process, timed in interleaved rounds: pipelined
+(steps back to back), synced (one step, then wait), and the host's dispatch alone (how long
+`run` takes to return, before the device is done).
+
+    python tools/step_probe.py [--mode backbone-packed] [--rounds 5]     # GPU; JSON lines
+
+Options tried: XLA's defaults; command buffers (CUDA graphs) off; command buffers for every
+kernel kind with no minimum graph size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adafuse_jax.bench import measure as B
+from adafuse_jax.config import PRESETS, AdapterConfig
+from adafuse_jax.generation import Generator
+from adafuse_jax.sampling import SamplingConfig
+from adafuse_jax.model.llama import LlamaModel
+from adafuse_jax.vocab import parse_variant
+
+OPTIONS = {
+    "defaults": {},
+    "no-command-buffers": {"xla_gpu_enable_command_buffer": ""},
+    "all-command-buffers": {
+        "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
+                                         "DYNAMIC_SLICE_FUSION",
+        "xla_gpu_graph_min_graph_size": "1"},
+}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--preset", default="llama2-7b")
+  p.add_argument("--mode", default="backbone-packed")
+  p.add_argument("--cache-len", type=int, default=512)
+  p.add_argument("--steps", type=int, default=32)
+  p.add_argument("--rounds", type=int, default=5)
+  args = p.parse_args()
+  model = LlamaModel(PRESETS[args.preset], dtype=jnp.bfloat16)
+  variant, _ = parse_variant(args.mode)
+  adapters = (B.build_adapters(model.cfg, variant.mode, AdapterConfig(), jnp.bfloat16, 0)
+              if variant.mode is not None else None)
+  gen = Generator(model, adapters=adapters, path=variant.path, backend=variant.backend)
+  sampling = SamplingConfig()
+  cache = gen.new_cache(1, args.cache_len)
+  tokens = jnp.ones((1, 1), jnp.int32)
+  key = jax.random.key(0)
+  steps = {}
+  for name, opts in OPTIONS.items():
+    t = time.perf_counter()
+    fn = jax.jit(gen._forward, static_argnums=(6,), donate_argnums=(4,))
+    try:
+      steps[name] = fn.lower(gen.params, gen.adapter_params, gen.derived, tokens, cache, key,
+                             sampling).compile(compiler_options=opts)
+    except Exception as e:  # an option this XLA does not know: say so and go on
+      print(json.dumps({"option": name, "error": str(e).splitlines()[0][:300]}), flush=True)
+      continue
+    print(json.dumps({"option": name, "compile_s": round(time.perf_counter() - t, 1)}), flush=True)
+
+  state = {"cache": gen.new_cache(1, args.cache_len)}
+
+  def step(fn) -> jax.Array:
+    nxt, _, state["cache"], _ = fn(gen.params, gen.adapter_params, gen.derived, tokens,
+                                   state["cache"], key)
+    return nxt
+
+  def reset() -> None:
+    state["cache"] = state["cache"].replace(length=jnp.asarray(args.cache_len // 2, jnp.int32))
+
+  times = {n: {"pipelined": [], "synced": [], "dispatch": []} for n in steps}
+  for fn in steps.values():  # warm every program
+    reset()
+    for _ in range(3):
+      jax.block_until_ready(step(fn))
+  for _ in range(args.rounds):
+    for name, fn in steps.items():
+      reset()
+      t = time.perf_counter()
+      out = None
+      for _ in range(args.steps):
+        out = step(fn)
+      jax.block_until_ready(out)
+      times[name]["pipelined"].append((time.perf_counter() - t) / args.steps * 1e3)
+      reset()
+      synced, dispatch = [], []
+      for _ in range(args.steps):
+        t = time.perf_counter()
+        out = step(fn)
+        t1 = time.perf_counter()
+        jax.block_until_ready(out)
+        t2 = time.perf_counter()
+        synced.append((t2 - t) * 1e3)
+        dispatch.append((t1 - t) * 1e3)
+      times[name]["synced"].append(float(np.median(synced)))
+      times[name]["dispatch"].append(float(np.median(dispatch)))
+  for name, ts in times.items():
+    print(json.dumps({"option": name, "mode": args.mode, "rounds": args.rounds,
+                      **{k: round(float(np.median(v)), 3) for k, v in ts.items()},
+                      "device": jax.devices()[0].device_kind, "jax": jax.__version__}),
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
