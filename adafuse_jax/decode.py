@@ -206,7 +206,8 @@ def run(args: argparse.Namespace) -> dict:
     sys.stdout.write(echo(prompts[0]) if not args.chat else "")
     sys.stdout.flush()
   res = generate(gen, ids, max_new_tokens=args.max_new_tokens,
-                 sampling=sampling, seed=args.seed, stop_ids=tok.eos_ids, pad_id=pad_id,
+                 sampling=sampling, seed=args.seed, pad_id=pad_id,
+                 stop_ids=tok.chat_stop_ids if args.chat else tok.eos_ids,
                  on_token=on_token if stream else None)
   completions = [tok.decode(t) for t in res.tokens]
   return {

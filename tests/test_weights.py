@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import pathlib
 
@@ -41,6 +43,17 @@ def test_chat_template_special_tokens_map_to_their_ids(default_model):
   assert ids.count(1) == 3 and ids.count(2) == 2  # system, user, assistant / two <|im_end|>
   assert tok.token_to_id("<|im_end|>") == 2 and 2 in tok.eos_ids
   assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_chat_turn_ends_at_any_marker_the_template_writes(default_model):
+  """A reply ends at EOS and at every special token the chat template writes: a model that
+  writes `<|im_start|>` has begun the next turn (the shipped pool did, with `\\nuser\\n...`)."""
+  tok = default_model.tokenizer
+  assert tok.chat_stop_ids == tok.eos_ids | {tok.token_to_id("<|im_start|>")}
+  assert {tok.decode([i], skip_special=False) for i in tok.chat_stop_ids} == {
+      "<|im_start|>", "<|im_end|>"}
+  plain = dataclasses.replace(tok, chat_template=None)
+  assert plain.chat_stop_ids == tok.eos_ids
 
 
 def test_greedy_chat_answer_makes_sense(default_model):

@@ -5,6 +5,7 @@
     python -m adafuse_jax.train all --out docs/training --workdir runs [--export adafuse_jax/pools/smollm2-135m]
                         [--jobs 4]                   # up to 4 modes at once, one process each
     python -m adafuse_jax.train table docs/training/gpu-1000-all/results.json  # re-render results.md
+    python -m adafuse_jax.train chat-mix --jsonl mix.jsonl   # the backbone's chats + domain text
 
 `all` trains every mode (lora at the pool's parameter budget, layerwise, pregated, pregated with
 per-layer gates) on the frozen SmolLM2-135M, evaluates them and the backbone (per-domain
@@ -54,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
                  help="calibration windows of --seq-len tokens per domain")
   c.add_argument("--seq-len", type=int, default=128)
   c.add_argument("--quiet", action="store_true")
+  m = sub.add_parser("chat-mix",
+                     help="the backbone's own chats plus the domains' text, as JSONL for fit"
+                          " --data: a pool trained on it keeps the chat format's end of turn")
+  m.add_argument("--jsonl", required=True, metavar="FILE", help="the JSONL file to write")
+  m.add_argument("--chats", type=int, default=80, help="questions asked per domain")
+  m.add_argument("--docs-per-domain", type=int, default=400,
+                 help="training documents of each built-in domain written beside the chats")
+  m.add_argument("--max-new-tokens", type=int, default=96,
+                 help="longest reply kept (longer ones are dropped: they never ended their turn)")
+  m.add_argument("--seed", type=int, default=0)
+  m.add_argument("--quiet", action="store_true")
   for name in ("fit", "all"):
     s = sub.add_parser(name)
     p.commands[name] = s  # for _job_argv, which re-spells an `all` command option by option
@@ -175,6 +187,27 @@ def fit(args, mode: str, loaded, train_streams, heldout):
   t0 = time.perf_counter()
   trainer.fit(progress=not args.quiet)
   return trainer, time.perf_counter() - t0
+
+
+def chat_mix(args) -> dict:
+  """`chat-mix`: writes --jsonl; returns lines per domain and where the file is."""
+  from adafuse_jax.train import chat
+  from adafuse_jax.weights import load_model
+
+  out = pathlib.Path(args.jsonl)
+  if out.exists() or not out.parent.is_dir():
+    raise UserError(f"--jsonl {str(out)!r} exists or its folder does not; name a new file in an"
+                    " existing folder")
+  if args.chats < 1 or args.docs_per_domain < 0 or args.max_new_tokens < 1:
+    raise UserError("--chats and --max-new-tokens must be at least 1, --docs-per-domain >= 0")
+  cache = _prepared_cache(args)
+  loaded = load_model(progress=not args.quiet)
+  questions = chat.chat_questions(cache, loaded.tokenizer, args.chats, seed=args.seed)
+  chats = chat.self_distilled_chats(loaded.model, loaded.tokenizer, questions,
+                                    max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+  counts = chat.write_chat_mix(out, cache, chats, loaded.tokenizer, args.docs_per_domain,
+                               seed=args.seed)
+  return {"jsonl": str(out), "questions": len(questions), "lines": counts}
 
 
 def sere_calibrate(args) -> dict:
@@ -605,6 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f" {args.export})", file=sys.stderr)
     elif args.command == "sere-calibrate":
       print(json.dumps(sere_calibrate(args), indent=2))
+    elif args.command == "chat-mix":
+      print(json.dumps(chat_mix(args), indent=2))
     else:
       print(markdown(run_all(args)))
   except UserError as e:

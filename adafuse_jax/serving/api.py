@@ -9,6 +9,8 @@ serving.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import time
 import uuid
@@ -268,6 +270,7 @@ def create_app(engines: dict[str, Engine], *, max_body_bytes: int = DEFAULT_MAX_
       prompt = engine.tokenizer.encode_chat(messages)
     except ValueError as e:
       raise UserError(f"model {body.model!r}: {e}") from None
+    params = dataclasses.replace(params, stop_token_ids=engine.tokenizer.chat_stop_ids)
     stream = engine.submit_async(prompt, params)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     first = [True]

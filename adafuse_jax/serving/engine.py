@@ -55,6 +55,8 @@ class SamplingParams:
     seed: the request's sampling seed; None draws one.
     stop: strings that end the completion (not included in it).
     ignore_eos: keep generating past the end-of-sequence token (benchmarks).
+    stop_token_ids: more ids that end the completion, not included in it (vLLM's field; a chat
+      request gets the template's turn markers, `Tokenizer.chat_stop_ids`).
   """
 
   max_tokens: int | None = 16
@@ -64,6 +66,7 @@ class SamplingParams:
   seed: int | None = None
   stop: tuple[str, ...] = ()
   ignore_eos: bool = False
+  stop_token_ids: frozenset[int] = frozenset()
 
   def __post_init__(self) -> None:
     if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or self.max_tokens < 1):
@@ -558,7 +561,8 @@ class Engine:
     seq.generated += 1
     self.stats.generated_tokens += 1
     self.stats.token_times.append(now)
-    if not seq.params.ignore_eos and token in self.tokenizer.eos_ids:
+    if ((not seq.params.ignore_eos and token in self.tokenizer.eos_ids)
+        or token in seq.params.stop_token_ids):
       self._finish(seq, "stop", seq.detok.flush())
       return
     seq.stream.token_ids.append(token)

@@ -5,6 +5,7 @@ plus the model's chat template.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime
 from typing import Sequence
 
@@ -86,6 +87,23 @@ class Tokenizer:
     """Ids of a conversation: the template's text, tokenized without adding specials again
     (transformers' `apply_chat_template(..., tokenize=True)`)."""
     return self.encode(self.apply_chat_template(messages, add_generation_prompt), special=False)
+
+
+  @functools.cached_property
+  def chat_stop_ids(self) -> frozenset[int]:
+    """Ids that end an assistant's turn: EOS, and every special token the chat template itself
+    writes (ChatML's `<|im_start|>`/`<|im_end|>`, Llama-3's header and `<|eot_id|>` markers).
+    Such a token never belongs inside a reply: a model that writes one has begun the next turn
+    (what Ollama's and llama.cpp's chat stop lists do). Plain EOS without a template."""
+    if not self.chat_template:
+      return self.eos_ids
+    ids = self.encode_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                            {"role": "user", "content": "z"}])
+    special = {i for i in ids if self.backend.id_to_token(i) in self._special_tokens()}
+    return self.eos_ids | frozenset(special)
+
+  def _special_tokens(self) -> set[str]:
+    return {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
 
 
 def _raise_template_error(message: str):
