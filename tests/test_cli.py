@@ -23,6 +23,17 @@ def test_json_chat_answer_and_figures():
   assert result["prefill_ms"] > 0 and result["tokens_per_s"] > 0
 
 
+def test_chat_with_the_shipped_pool_ends_its_turn():
+  """The shipped pool writes `\\n<|im_start|>user\\n...` after its answer rather than
+  `<|im_end|>`; the turn ends at either (stop reason eos), and no next turn leaks out."""
+  out = run_cli("--chat", "--json", "--adapters", "default", "--max-new-tokens", "24",
+                "What is 2 + 2?")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout)
+  assert result["stop_reasons"] == ["eos"], result
+  assert "4" in result["completions"][0] and "user" not in result["completions"][0]
+
+
 def test_streaming_prints_text_then_one_figures_line():
   out = run_cli("--max-new-tokens", "8", "--quiet", "--prompt", "The capital of France is")
   assert out.returncode == 0, out.stderr

@@ -53,13 +53,14 @@ def _question(domain: str, text: str) -> str | None:
   return None
 
 
-def chat_questions(cache: pathlib.Path, tok, per_domain: int, seed: int = 0
-                   ) -> list[tuple[str, str]]:
-  """[(domain, question)]: `per_domain` questions from each domain's training documents."""
+def chat_questions(cache: pathlib.Path, tok, per_domain: int, seed: int = 0,
+                   split: str = "train") -> list[tuple[str, str]]:
+  """[(domain, question)]: `per_domain` questions from each domain's documents of `split`
+  ("heldout" for questions no training chat was made from)."""
   separator = min(tok.eos_ids)
   rng = np.random.default_rng(seed)
   out = []
-  for domain, stream in load_streams(cache, "train").items():
+  for domain, stream in load_streams(cache, split).items():
     docs = list(documents(stream, separator))
     picked = []
     for i in rng.permutation(len(docs)):
