@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
       s.add_argument("--train-experts", action="store_true",
                      help="with --adapters: train the experts too, not only the router")
       s.add_argument("--export", help="save the trained pool here (load it with --adapters)")
+      s.add_argument("--export-dtype", choices=("float32", "bfloat16"), default=None,
+                     help="store the exported pool in this dtype (bfloat16 halves it; default:"
+                          " the training dtype)")
       s.add_argument("--devices", type=int, default=1,
                      help="train on N devices: the weights and experts split over N / D"
                           " tensor-parallel devices, each batch over D = --data-parallel groups")
@@ -633,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if trainer.adapters.router is not None else None}, indent=2))
       if args.export:
         from adafuse_jax.adapters.io import save_adapters
-        save_adapters(args.export, trainer.adapters)
+        save_adapters(args.export, trainer.adapters, dtype=args.export_dtype)
         print(f"saved the trained pool to {args.export} (use it with --adapters"
               f" {args.export})", file=sys.stderr)
     elif args.command == "sere-calibrate":
