@@ -24,14 +24,15 @@ def test_json_chat_answer_and_figures():
 
 
 def test_chat_with_the_shipped_pool_ends_its_turn():
-  """The shipped pool writes `\\n<|im_start|>user\\n...` after its answer rather than
-  `<|im_end|>`; the turn ends at either (stop reason eos), and no next turn leaks out."""
-  out = run_cli("--chat", "--json", "--adapters", "default", "--max-new-tokens", "24",
+  """The pool trained on raw text alone answered "2 + 2 = 4" and went on with "\\n\\nuser\\n
+  What is ..." (stop reason length); the shipped pool, tuned with the backbone's own chats
+  (docs/training/chat-tuned), ends its turn with EOS and writes no next turn."""
+  out = run_cli("--chat", "--json", "--adapters", "default", "--max-new-tokens", "64",
                 "What is 2 + 2?")
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout)
   assert result["stop_reasons"] == ["eos"], result
-  assert "4" in result["completions"][0] and "user" not in result["completions"][0]
+  assert "\nuser\n" not in result["completions"][0], result
 
 
 def test_streaming_prints_text_then_one_figures_line():

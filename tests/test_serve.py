@@ -114,13 +114,11 @@ def test_streaming_completion_and_chat_match_the_whole_answer(server, capsys):
   assert text == chat.choices[0].message.content
   assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
-  # The shipped pool begins the next turn (<|im_start|>) instead of ending its own: a chat
-  # request ends there too, and the next turn never reaches the client.
-  pooled = c.chat.completions.create(model="default", max_tokens=24, temperature=0,
+  # The shipped pool ends its chat turn (a pool trained on raw text alone wrote the next one).
+  pooled = c.chat.completions.create(model="default", max_tokens=64, temperature=0,
                                      messages=[{"role": "user", "content": "What is 2 + 2?"}])
   assert pooled.choices[0].finish_reason == "stop", pooled
-  assert "4" in pooled.choices[0].message.content
-  assert "user" not in pooled.choices[0].message.content
+  assert "\nuser\n" not in pooled.choices[0].message.content
 
 
 def test_32_concurrent_streams_of_different_lengths_equal_each_alone(server):
