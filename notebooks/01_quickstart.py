@@ -20,7 +20,8 @@
 # SmolLM2-135M-Instruct, generate, attach the trained pre-gated expert pool shipped with the
 # package (8 LoRA experts of rank 8 on q, k, v, o, tied: every token uses all eight at gate 1 and
 # its top-2 again at a learned per-layer scale; trained on five domains, see
-# `docs/training/gpu-1000-all/`), look at which experts each token picked, and compare decode
+# `docs/training/gpu-1000-all/`, then tuned with the backbone's own chats to keep the chat
+# format, see `docs/training/chat-tuned/`), look at which experts each token picked, and compare decode
 # modes.
 
 # %%

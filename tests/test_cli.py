@@ -144,7 +144,7 @@ def test_auto_measures_the_candidates_and_says_what_it_chose():
 
 
 def test_shipped_pool_is_trained_and_decodes_merged_as_unmerged(default_model):
-  """`--adapters default`: the tied pool of docs/training/gpu-1000-all loads, lowers the loss on
+  """`--adapters default`: the tied pool (docs/training/gpu-1000-all, chat-tuned) loads, lowers the loss on
   Python source (its code domain is the standard library's) well below the backbone's, and
   switching its experts into the weights (--path merged) writes the same greedy tokens as applying
   them unmerged."""
