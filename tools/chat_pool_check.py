@@ -69,8 +69,8 @@ def main() -> None:
   lines = [f"Made by `python tools/chat_pool_check.py --pools {args.pools} --out {args.out}`"
            f" on {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}"
            f" ({jax.default_backend()}, JAX {jax.__version__}); {args.windows} held-out windows of"
-           f" 256 tokens per domain; {len(questions)} chat questions from held-out documents"
-           f" (plus \"What is 2 + 2?\"), greedy, at most {args.max_new_tokens} new tokens.", "",
+           f" 256 tokens per domain; {len(questions) - 1} chat questions from held-out documents"
+           f" plus \"What is 2 + 2?\", greedy, at most {args.max_new_tokens} new tokens.", "",
            "| | " + " | ".join(domains) + " | mean vs " + ref + " | chat turns ended | next turn"
            " written as text |", "|---" * (len(domains) + 4) + "|"]
   report = {}
