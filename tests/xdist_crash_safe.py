@@ -47,8 +47,7 @@ class CrashSafeLoadGroup(LoadGroupScheduling):
     # A replacement joined after the first distribution: a worker runs a test once it knows
     # the next one, so give it a second unit, or the shutdown that lets it run its only one.
     for node in self.nodes:
-      self._reschedule(node)
-      if self.assigned_work.get(node) and not node.shutting_down:
+      for _ in range(2):  # a no-op for a node with work enough or already shutting down
         self._reschedule(node)
 
 

@@ -55,7 +55,8 @@ def main() -> None:
   cache = data.default_cache()
   data.prepare(cache, progress=False)
   heldout = data.load_streams(cache, "heldout")
-  questions = chat.chat_questions(cache, tok, args.questions, seed=1, split="heldout")
+  questions = chat.chat_questions(chat.domain_documents(cache, "heldout", min(tok.eos_ids)), tok,
+                                  args.questions, seed=1)
   questions.append(("canonical", "What is 2 + 2?"))
   rows = {}
   for spec in ["backbone", *args.pools.split(",")]:

@@ -40,8 +40,8 @@ def _tree_rss(proc: psutil.Process) -> int:
   for p in [proc, *proc.children(recursive=True)]:
     try:
       total += p.memory_info().rss
-    except psutil.Error:
-      pass
+    except psutil.Error:  # a child that ended between the listing and the reading
+      continue
   return total
 
 

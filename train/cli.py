@@ -205,10 +205,11 @@ def chat_mix(args) -> dict:
     raise UserError("--chats and --max-new-tokens must be at least 1, --docs-per-domain >= 0")
   cache = _prepared_cache(args)
   loaded = load_model(progress=not args.quiet)
-  questions = chat.chat_questions(cache, loaded.tokenizer, args.chats, seed=args.seed)
+  docs = chat.domain_documents(cache, "train", min(loaded.tokenizer.eos_ids))
+  questions = chat.chat_questions(docs, loaded.tokenizer, args.chats, seed=args.seed)
   chats = chat.self_distilled_chats(loaded.model, loaded.tokenizer, questions,
                                     max_new_tokens=args.max_new_tokens, progress=not args.quiet)
-  counts = chat.write_chat_mix(out, cache, chats, loaded.tokenizer, args.docs_per_domain,
+  counts = chat.write_chat_mix(out, docs, chats, loaded.tokenizer, args.docs_per_domain,
                                seed=args.seed)
   return {"jsonl": str(out), "questions": len(questions), "lines": counts}
 

@@ -10,7 +10,6 @@ serving.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import time
 import uuid

@@ -5,8 +5,8 @@ plus the model's chat template.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import datetime
+import functools
 from typing import Sequence
 
 import jinja2
@@ -99,11 +99,8 @@ class Tokenizer:
       return self.eos_ids
     ids = self.encode_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
                             {"role": "user", "content": "z"}])
-    special = {i for i in ids if self.backend.id_to_token(i) in self._special_tokens()}
-    return self.eos_ids | frozenset(special)
-
-  def _special_tokens(self) -> set[str]:
-    return {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+    special = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+    return self.eos_ids | frozenset(special.intersection(ids))
 
 
 def _raise_template_error(message: str):
