@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags step
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags step autotune
 #   (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
@@ -92,6 +92,19 @@ for part in $parts; do
         timeout "${STEP_S:-200}" python3 tools/step_probe.py --mode "$mode" 2>>"$out/step.log" \
           | tee -a "$out/step.jsonl"
       done ;;
-    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags, step)"; exit 2 ;;
+    autotune)
+      # Does XLA's per-fusion autotune cache (kept on disk) take the autotuning out of the
+      # server's compiles? compile_probe twice on one empty cache directory, JAX's own
+      # compilation cache off so that the second run compiles again.
+      XLA_FLAGS=--help python3 -c "import jax; jax.numpy.zeros(1)" 2>&1 \
+        | grep -E -A2 "autotune_cache|autotune_level" >"$out/autotune_flags_help.txt"
+      rm -rf /tmp/atc
+      for run in populate reuse; do
+        JAX_COMPILATION_CACHE_DIR= XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/atc" \
+          timeout "${PROBE_S:-240}" python3 tools/compile_probe.py 2>>"$out/autotune.log" \
+          | sed "s/^{/{\"autotune_cache\": \"$run\", /" | tee -a "$out/autotune.jsonl"
+      done
+      ls /tmp/atc | wc -l >>"$out/autotune.log" ;;
+    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags, step, autotune)"; exit 2 ;;
   esac
 done
