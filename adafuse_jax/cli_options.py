@@ -6,6 +6,7 @@ import argparse
 
 import numpy as np
 
+from adafuse_jax.compile_cache import HELP as COMPILE_CACHE_HELP
 from adafuse_jax.errors import UserError
 from adafuse_jax.vocab import MODES
 
@@ -22,6 +23,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                  help="tensor-parallel devices (weights split Megatron-style, KV cache by heads,"
                       " Pallas kernels per shard; every path); on a CPU simulate them with"
                       " XLA_FLAGS=--xla_force_host_platform_device_count=N")
+  p.add_argument("--compile-cache", default="auto", metavar="auto|off|DIR", help=COMPILE_CACHE_HELP)
 
 
 POOL_DEFAULTS = {"experts": 8, "rank": 16, "top_k": 2, "adapt_modules": "q,k,v,o,gate,up,down",

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Sequence
 
+from adafuse_jax import compile_cache
 from adafuse_jax.cli_options import (add_model_options, add_pool_options, add_sere_options,
                                      adapter_config, resolve_dtype, sere_settings)
 from adafuse_jax.errors import UserError
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> dict:
   sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
   if args.max_new_tokens < 1:
     raise UserError(f"--max-new-tokens={args.max_new_tokens} (max_new_tokens) must be at least 1")
+  compile_cache.from_option(args.compile_cache)  # before anything starts the backend
   dtype = resolve_dtype(args.dtype)
   adapter_cfg = adapter_config(args.adapters, args)
   path, backend = _path(args)

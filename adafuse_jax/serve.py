@@ -16,6 +16,7 @@ import pathlib
 import sys
 from typing import Sequence
 
+from adafuse_jax import compile_cache
 from adafuse_jax.cli_options import (PACKED_HELP, add_model_options, add_pool_options,
                                      add_sere_options, adapter_config, packed_sizes,
                                      positive_ints, resolve_dtype, sere_settings)
@@ -106,6 +107,9 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
 
   if args.port is not None and not 0 <= args.port < 65536:
     raise UserError(f"--port {args.port} must be in [0, 65535]")
+  cache_dir = compile_cache.from_option(args.compile_cache)  # before anything starts the backend
+  if cache_dir is not None:
+    log(f"compile cache: {cache_dir}")
   mesh = None
   if args.devices != 1:
     from adafuse_jax import parallel

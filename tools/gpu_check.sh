@@ -93,16 +93,17 @@ for part in $parts; do
           | tee -a "$out/step.jsonl"
       done ;;
     autotune)
-      # Does XLA's per-fusion autotune cache (kept on disk) take the autotuning out of the
-      # server's compiles? compile_probe twice on one empty cache directory, JAX's own
-      # compilation cache off so that the second run compiles again.
+      # What a second start of the server saves: compile_probe on empty caches, then again with
+      # XLA's per-fusion autotune cache kept on disk (JAX's compilation cache off, so it compiles
+      # again), then with JAX's compilation cache too (populate, reuse).
       XLA_FLAGS=--help python3 -c "import jax; jax.numpy.zeros(1)" 2>&1 \
         | grep -E -A2 "autotune_cache|autotune_level" >"$out/autotune_flags_help.txt"
-      rm -rf /tmp/atc
-      for run in populate reuse; do
-        JAX_COMPILATION_CACHE_DIR= XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/atc" \
+      rm -rf /tmp/atc /tmp/jcc-probe
+      for run in autotune-populate autotune-reuse jax-populate jax-reuse; do
+        jcc=; [ "${run#jax}" != "$run" ] && jcc=/tmp/jcc-probe
+        JAX_COMPILATION_CACHE_DIR=$jcc XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/atc" \
           timeout "${PROBE_S:-240}" python3 tools/compile_probe.py 2>>"$out/autotune.log" \
-          | sed "s/^{/{\"autotune_cache\": \"$run\", /" | tee -a "$out/autotune.jsonl"
+          | sed "s/^{/{\"run\": \"$run\", /" | tee -a "$out/autotune.jsonl"
       done
       ls /tmp/atc | wc -l >>"$out/autotune.log" ;;
     *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags, step, autotune)"; exit 2 ;;

@@ -4,9 +4,12 @@ under several XLA compiler options in one process, timed in interleaved rounds: 
 `run` takes to return, before the device is done).
 
     python tools/step_probe.py [--mode backbone-packed] [--rounds 5]     # GPU; JSON lines
+    python tools/step_probe.py --preset smollm2-135m --mode pregated-packed --rank 8 \
+        --adapt-modules q,k,v,o                                         # CPU, float32
 
-Options tried: XLA's defaults; command buffers (CUDA graphs) off; command buffers for every
-kernel kind with no minimum graph size.
+Options tried on a GPU: XLA's defaults; command buffers (CUDA graphs) off; command buffers for
+every kernel kind with no minimum graph size. On the CPU: XLA's defaults, its XNNPACK graph
+fusion and its oneDNN dots.
 """
 
 from __future__ import annotations
@@ -26,13 +29,19 @@ from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.vocab import parse_variant
 
-OPTIONS = {
+GPU_OPTIONS = {
     "defaults": {},
     "no-command-buffers": {"xla_gpu_enable_command_buffer": ""},
     "all-command-buffers": {
         "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
                                          "DYNAMIC_SLICE_FUSION",
         "xla_gpu_graph_min_graph_size": "1"},
+}
+# XLA:CPU's library paths for dots and element-wise work (both off by default in this XLA).
+CPU_OPTIONS = {
+    "defaults": {},
+    "xnn-graph-greedy": {"xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_GREEDY"},
+    "onednn": {"xla_cpu_use_onednn": True},
 }
 
 
@@ -43,10 +52,18 @@ def main() -> None:
   p.add_argument("--cache-len", type=int, default=512)
   p.add_argument("--steps", type=int, default=32)
   p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--experts", type=int, default=8)
+  p.add_argument("--rank", type=int, default=16)
+  p.add_argument("--adapt-modules", default="q,k,v,o,gate,up,down")
   args = p.parse_args()
-  model = LlamaModel(PRESETS[args.preset], dtype=jnp.bfloat16)
+  on_cpu = jax.default_backend() == "cpu"
+  options = CPU_OPTIONS if on_cpu else GPU_OPTIONS
+  dtype = jnp.float32 if on_cpu else jnp.bfloat16
+  model = LlamaModel(PRESETS[args.preset], dtype=dtype)
   variant, _ = parse_variant(args.mode)
-  adapters = (B.build_adapters(model.cfg, variant.mode, AdapterConfig(), jnp.bfloat16, 0)
+  acfg = AdapterConfig(num_experts=args.experts, rank=args.rank,
+                       modules=tuple(args.adapt_modules.split(",")))
+  adapters = (B.build_adapters(model.cfg, variant.mode, acfg, dtype, 0)
               if variant.mode is not None else None)
   gen = Generator(model, adapters=adapters, path=variant.path, backend=variant.backend)
   sampling = SamplingConfig()
@@ -54,7 +71,7 @@ def main() -> None:
   tokens = jnp.ones((1, 1), jnp.int32)
   key = jax.random.key(0)
   steps = {}
-  for name, opts in OPTIONS.items():
+  for name, opts in options.items():
     t = time.perf_counter()
     fn = jax.jit(gen._forward, static_argnums=(6,), donate_argnums=(4,))
     try:
