@@ -60,6 +60,7 @@ def test_a_long_prompt_is_not_echoed_whole():
     (("--max-new-tokens", "0", "hi"), "max_new_tokens"),
     (("x " * 9000,), "context is 8192"),
     ((b"caf\xe9".decode("utf-8", "surrogateescape"),), "not valid UTF-8"),
+    (("--compile-cache", "/proc/no-such-dir", "hi"), "cannot write there"),
 ])
 def test_bad_input_is_one_line_error_exit_2(args, message):
   out = run_cli(*args)
@@ -71,11 +72,25 @@ def test_bad_input_is_one_line_error_exit_2(args, message):
   assert len(out.stdout) < 200  # a long prompt is never echoed back
 
 
+def test_a_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
+  """`--compile-cache DIR` keeps the compiled programs (JAX's persistent cache): the second run
+  writes nothing new there and decodes the same tokens."""
+  args = ("--json", "--max-new-tokens", "6", "--compile-cache", str(tmp_path), "Hello")
+  first = run_cli(*args)
+  assert first.returncode == 0, first.stderr
+  programs = sorted(p.name for p in (tmp_path / "jax").iterdir())
+  assert programs, "nothing was cached"
+  second = run_cli(*args)
+  assert second.returncode == 0, second.stderr
+  assert sorted(p.name for p in (tmp_path / "jax").iterdir()) == programs
+  assert json.loads(second.stdout)["completions"] == json.loads(first.stdout)["completions"]
+
+
 def test_help_documents_every_option():
   out = run_cli("--help")
   assert out.returncode == 0
   for flag in ("--chat", "--model", "--dtype", "--max-new-tokens", "--temperature", "--top-p",
-               "--seed", "--json"):
+               "--seed", "--json", "--compile-cache"):
     assert flag in out.stdout
 
 
