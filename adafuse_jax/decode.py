@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
   sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
   if args.max_new_tokens < 1:
     raise UserError(f"--max-new-tokens={args.max_new_tokens} (max_new_tokens) must be at least 1")
-  compile_cache.from_option(args.compile_cache)  # before anything starts the backend
+  compile_cache.from_option(args.compile_cache)
   dtype = resolve_dtype(args.dtype)
   adapter_cfg = adapter_config(args.adapters, args)
   path, backend = _path(args)

@@ -107,7 +107,7 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
 
   if args.port is not None and not 0 <= args.port < 65536:
     raise UserError(f"--port {args.port} must be in [0, 65535]")
-  cache_dir = compile_cache.from_option(args.compile_cache)  # before anything starts the backend
+  cache_dir = compile_cache.from_option(args.compile_cache)
   if cache_dir is not None:
     log(f"compile cache: {cache_dir}")
   mesh = None

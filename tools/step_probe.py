@@ -1,7 +1,8 @@
 """Where does a synced decode step's time go beyond the GPU's own? One 7B decode step compiled
 under several XLA compiler options in one process, timed in interleaved rounds: pipelined
 (steps back to back), synced (one step, then wait), and the host's dispatch alone (how long
-`run` takes to return, before the device is done).
+`run` takes to return, before the device is done); beside them a program with the step's
+arguments and no work, for the host's cost of a call alone.
 
     python tools/step_probe.py [--mode backbone-packed] [--rounds 5]     # GPU; JSON lines
     python tools/step_probe.py --preset smollm2-135m --mode pregated-packed --rank 8 \
@@ -81,6 +82,12 @@ def main() -> None:
       print(json.dumps({"option": name, "error": str(e).splitlines()[0][:300]}), flush=True)
       continue
     print(json.dumps({"option": name, "compile_s": round(time.perf_counter() - t, 1)}), flush=True)
+  # The host's share of a call alone: the same arguments (every weight array, the cache donated
+  # and handed back), no work on the device.
+  no_work = jax.jit(lambda params, ap, derived, tok, c, k, s: (tok[:, 0], None, c, None),
+                    static_argnums=(6,), donate_argnums=(4,))
+  steps["no-work, same arguments"] = no_work.lower(gen.params, gen.adapter_params, gen.derived,
+                                                   tokens, cache, key, sampling).compile()
 
   state = {"cache": gen.new_cache(1, args.cache_len)}
 
