@@ -57,28 +57,34 @@ def test_rows_that_join_and_leave_decode_as_each_alone(engine, pool_gen):
              for g, n in zip(got, lengths))
   assert engine.stats.running == 0 and engine.stats.waiting == 0
   assert 0 < engine.stats.distinct_experts <= 4
-  # short prompts went in packed passes, the long ones' chunks in row passes
-  assert engine.stats.packed_passes > 0 and engine.stats.row_passes > 0
+  # short prompts rode in decode steps, the long ones' chunks went in row passes
+  assert engine.stats.mixed_steps > 0 and engine.stats.row_passes > 0
 
 
 @pytest.mark.parametrize("path", ["xla", "packed"])
-def test_packed_prefill_samples_what_row_prefill_samples(model, path):
-  """Whole prompts end to end in one pass (no padding between them) against one row each:
-  the same greedy and seeded-sampled ids, on the paths with and without a packed copy."""
+def test_packed_and_mixed_prefill_sample_what_row_prefill_samples(model, path):
+  """Whole prompts end to end in one pass (no padding between them), or riding in a decode
+  step (after its decode tokens), against one row each: the same greedy and seeded-sampled
+  ids, on the paths with and without a packed copy. Two requests start first, so the others
+  arrive while rows decode."""
   cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, top_k=2, router_init_std=0.5)
   gen = Generator(model, adapters=MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True),
                   path=path)
   ps = [p[:16] for p in prompts(6, seed=2)]
-  params = [SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.8 * (i % 2), seed=i)
+  params = [SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8 * (i % 2), seed=i)
             for i in range(6)]
   got = {}
-  for packed in ([], None):
+  for name, packed, mixed in (("rows", [], []), ("packed", None, []), ("mixed", None, None)):
     with Engine(gen, byte_tokenizer(VOCAB), max_batch=8, max_seq_len=64, chunk=16,
-                packed_tokens=packed) as e:
-      got[str(packed)] = [s.result().token_ids for s in
-                          [e.submit(p, sp) for p, sp in zip(ps, params)]]
-      assert (e.stats.packed_passes > 0) == (packed is None)
-  assert got["None"] == got["[]"]
+                packed_tokens=packed, mixed_tokens=mixed) as e:
+      first = [e.submit(p, sp) for p, sp in zip(ps[:2], params[:2])]
+      head = [next(iter(s)) for s in first]  # both decoding before the rest arrive
+      rest = [e.submit(p, sp) for p, sp in zip(ps[2:], params[2:])]
+      got[name] = [s.result().token_ids for s in first + rest]
+      assert all(not h.finished for h in head)
+      assert (e.stats.packed_passes > 0) == (name != "rows")
+      assert (e.stats.mixed_steps > 0) == (name == "mixed")
+  assert got["packed"] == got["rows"] and got["mixed"] == got["rows"]
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):

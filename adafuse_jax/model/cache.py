@@ -13,6 +13,13 @@ calls, so the model does not care which it holds:
 - `PackedPrompts` (the serving engine's prefill): whole prompts of several requests packed end
   to end into one sequence without padding between them; each token attends to the tokens of
   its own prompt only, and its key/value is scattered into its request's row of a `SlotCache`.
+- `DecodeWithPrompts` (the serving engine's mixed step): one decode token for each of the first
+  rows of a `SlotCache` followed by packed whole prompts, in one sequence: the linear layers read
+  their weights once for both, attention splits them.
+
+The decoder calls `attend` per layer (write the new keys and values, attend to what the view may
+read); `_Buffers.attend` composes `write`, `readable` and `visible`'s mask, and a view that is
+two views in one (`DecodeWithPrompts`) splits the sequence between them.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from adafuse_jax.config import ModelConfig
+from adafuse_jax.model.layers import attention
 
 
 def _zeros(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> tuple[jax.Array, ...]:
@@ -43,6 +51,15 @@ class _Buffers:
 
   def nbytes(self) -> int:
     return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, k_buf: jax.Array, v_buf: jax.Array,
+             mask) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One layer: writes the new k, v [B, T, Hkv, hd] into its buffers [B, S, Hkv, hd] and
+    attends q [B, T, Hq, hd] to what this view reads under `mask` (from `visible`).
+
+    Returns (attention output [B, T, Hq, hd], k buffer, v buffer)."""
+    k_buf, v_buf = self.write(k_buf, k), self.write(v_buf, v)
+    return attention(q, self.readable(k_buf), self.readable(v_buf), mask), k_buf, v_buf
 
 
 @flax.struct.dataclass
@@ -203,3 +220,52 @@ class PackedPrompts(_Buffers):
     """The slot cache after the pass: each prompt's row holds exactly its prompt."""
     lengths = self.lengths.at[self.rows].set(0, mode="drop")
     return SlotCache(k=k, v=v, lengths=lengths.at[self.rows].max(self.pos + 1, mode="drop"))
+
+
+@flax.struct.dataclass
+class DecodeWithPrompts:
+  """A decode step and a packed prefill in one pass over a `SlotCache`: tokens [1, b + T] are
+  the next token of each of rows [0, b) (`decode`, a `SlotCache` with `rows_used` = b and its
+  attention span) followed by whole prompts end to end (`prompts`, a `PackedPrompts` view).
+
+  The linear layers see one sequence, so the weights are read once for both; attention splits
+  it: the decode tokens read their rows' slots, the prompt tokens their own prompt. The prompts
+  are written after the decode tokens, so a prompt may take a row inside [0, b) that is not
+  decoding. Lengths are left for the caller to set (`advanced` returns the slot cache as
+  written, lengths unchanged).
+  """
+
+  decode: SlotCache
+  prompts: PackedPrompts
+
+  @property
+  def k(self) -> tuple[jax.Array, ...]:
+    return self.decode.k
+
+  @property
+  def v(self) -> tuple[jax.Array, ...]:
+    return self.decode.v
+
+  @property
+  def rows(self) -> int:
+    return self.decode.rows_used
+
+  def positions(self, t: int) -> jax.Array:
+    b = self.rows
+    return jnp.concatenate([self.decode.positions(1).reshape(1, b),
+                            self.prompts.positions(t - b)], axis=1)
+
+  def visible(self, t: int):
+    return self.decode.visible(1), self.prompts.visible(t - self.rows)
+
+  def attend(self, q, k, v, k_buf, v_buf, mask):
+    b = self.rows
+    as_rows = lambda x: x[0, :b][:, None]  # noqa: E731  [1, b, ...] -> [b, 1, ...]
+    out_d, k_buf, v_buf = self.decode.attend(as_rows(q), as_rows(k), as_rows(v), k_buf, v_buf,
+                                             mask[0])
+    out_p, k_buf, v_buf = self.prompts.attend(q[:, b:], k[:, b:], v[:, b:], k_buf, v_buf,
+                                              mask[1])
+    return jnp.concatenate([out_d[:, 0][None], out_p], axis=1), k_buf, v_buf
+
+  def advanced(self, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], t: int) -> SlotCache:
+    return SlotCache(k=k, v=v, lengths=self.decode.lengths)

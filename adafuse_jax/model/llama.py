@@ -30,7 +30,7 @@ from flax import nnx
 
 from adafuse_jax.config import LINEAR_NAMES, ModelConfig
 from adafuse_jax.model.cache import KVCache, SlotCache
-from adafuse_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, swiglu
+from adafuse_jax.model.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 
 LinearFn = Callable[[str, int, jax.Array, jax.Array], jax.Array]
 LAYOUTS = ("stacked", "list")
@@ -119,8 +119,9 @@ class LlamaModel(nnx.Module):
                last: jax.Array | None = None) -> tuple[jax.Array, KVCache | SlotCache]:
     """Runs T new tokens per row through the decoder, writing them into the cache.
 
-    `cache` may also be a `PackedPrompts` view (several whole prompts in one row), which
-    returns the `SlotCache` it wrote into.
+    `cache` may also be a `PackedPrompts` view (several whole prompts in one row) or a
+    `DecodeWithPrompts` view (decode tokens and whole prompts in one row), which return the
+    `SlotCache` they wrote into.
 
     Args:
       tokens: [B, T] int32, written at the cache's next T slots of each row.
@@ -150,9 +151,8 @@ class LlamaModel(nnx.Module):
       v = linear("v", l, x, self.v.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
       q = apply_rope(q, positions, inv_freq, rope_scale)
       k = apply_rope(k, positions, inv_freq, rope_scale)
-      new_k[l] = cache.write(new_k[l], k)
-      new_v[l] = cache.write(new_v[l], v)
-      att = attention(q, cache.readable(new_k[l]), cache.readable(new_v[l]), mask).reshape(b, t, cfg.q_dim)
+      att, new_k[l], new_v[l] = cache.attend(q, k, v, new_k[l], new_v[l], mask)
+      att = att.reshape(b, t, cfg.q_dim)
       h = h + linear("o", l, att, self.o.get_value())
       x = rms_norm(h, self.ffn_norm[l], cfg.rms_eps)
       act = swiglu(linear("gate", l, x, self.gate.get_value()), linear("up", l, x, self.up.get_value()))

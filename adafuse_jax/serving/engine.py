@@ -4,13 +4,15 @@ A background thread owns the device state (a `SlotCache` of `max_batch` rows and
 next token) and loops:
 
 1. take new requests and cancellations;
-2. admit waiting requests into free rows with one prefill pass: whole prompts of at most
-   `chunk` tokens packed end to end (no padding between them, up to the largest packed size),
-   or else the next chunk of up to `prefill_rows[-1]` long prompts, each into its own row; so a
-   burst of arrivals costs one read of the weights and a long prompt delays the running
-   streams by one pass, not by its whole prefill;
+2. admit waiting requests into free rows: while rows are decoding, whole prompts of at most
+   `chunk` tokens ride in the next decode step (a mixed step: the prompts packed end to end
+   after the decode tokens, so they cost no read of the weights of their own); otherwise one
+   prefill pass: whole prompts packed end to end (no padding between them, up to the largest
+   packed size), or else the next chunk of up to `prefill_rows[-1]` long prompts, each into its
+   own row; so a burst of arrivals costs one read of the weights and a long prompt delays the
+   running streams by one pass, not by its whole prefill;
 3. dispatch one decode step over the rows in use (a batch bucket: the smallest compiled batch
-   that holds the highest row in use);
+   that holds the highest row in use), with the riding prompts if any;
 4. read the tokens of the previous iteration on the host, stream them to their requests and
    retire the finished ones, whose rows the next iteration can admit into.
 
@@ -211,6 +213,7 @@ class EngineStats:
   generated_tokens: int = 0
   decode_steps: int = 0
   packed_passes: int = 0  # prefill passes of whole prompts end to end
+  mixed_steps: int = 0  # decode steps that also prefilled whole prompts
   row_passes: int = 0  # prefill passes of prompt chunks, one row each
   running: int = 0
   waiting: int = 0
@@ -249,6 +252,8 @@ class Engine:
       chunk); see `SlotSteps`.
     packed_tokens: the sizes of packed prefill passes (default powers of two from 64 up to
       4 x chunk; empty: every prompt goes by rows); see `SlotSteps`.
+    mixed_tokens: the prompt tokens a decode step can also prefill (default: chunk; empty: none,
+      every prompt takes a pass of its own); see `SlotSteps`.
 
   Use `start()` (or `with Engine(...) as engine`), then `submit(...)`.
   """
@@ -258,7 +263,8 @@ class Engine:
                batch_buckets: Sequence[int] | None = None,
                prefill_rows: Sequence[int] | None = None,
                prefill_lengths: Sequence[int] | None = None,
-               packed_tokens: Sequence[int] | None = None):
+               packed_tokens: Sequence[int] | None = None,
+               mixed_tokens: Sequence[int] | None = None):
     if max_batch < 1:
       raise UserError(f"max_batch={max_batch} must be at least 1")
     context = gen.cfg.max_context
@@ -274,12 +280,13 @@ class Engine:
     self.steps = SlotSteps(gen, max_batch=max_batch, max_len=round_up(max_seq_len, chunk),
                            chunk=chunk, batch_buckets=batch_buckets,
                            prefill_rows=prefill_rows, prefill_lengths=prefill_lengths,
-                           packed_tokens=packed_tokens)
+                           packed_tokens=packed_tokens, mixed_tokens=mixed_tokens)
     self.max_batch, self.chunk = max_batch, chunk
     self.stats = EngineStats()
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self._waiting: collections.deque[_Seq] = collections.deque()
     self._slots: list[_Seq | None] = [None] * max_batch
+    self._riding: list[_Seq] = []  # whole prompts admitted into the next decode step
     self._ids = itertools.count()
     self._thread: threading.Thread | None = None
     self._stopping = threading.Event()
@@ -420,7 +427,7 @@ class Engine:
     prompts (in arrival order, each into its own row). Either way a burst of arrivals reads the
     weights once rather than once per prompt."""
     free = [i for i, s in enumerate(self._slots) if s is None]
-    if self._admit_packed(free, dispatched):
+    if self._admit_riding(free) or self._admit_packed(free, dispatched):
       return
     ready = list(itertools.islice(self._waiting, self.steps.prefill_rows[-1]))
     ready = [seq for seq in ready if seq.slot is not None] + [
@@ -455,22 +462,37 @@ class Engine:
     if done:
       dispatched.append(("first", done, tokens))
 
+  def _whole_prompts(self, free: list[int], room: int) -> list[_Seq]:
+    """The waiting whole prompts (at most `chunk` tokens) at the head of the queue, in arrival
+    order, while they fit `room` tokens and the free rows."""
+    chosen, total = [], 0
+    for seq in self._waiting:
+      if (seq.slot is not None or len(seq.prompt) > self.chunk or len(chosen) == len(free)
+          or total + len(seq.prompt) > room):
+        break
+      chosen.append(seq)
+      total += len(seq.prompt)
+    return chosen
+
+  def _admit_riding(self, free: list[int]) -> bool:
+    """While rows are decoding: the waiting whole prompts that fit the largest mixed step ride
+    in the next decode step (`_dispatch_step`); False when there are none or nothing decodes."""
+    if not self.steps.mixed_buckets or not free or not self._decoding_rows():
+      return False
+    self._riding = self._whole_prompts(free, self.steps.mixed_buckets[-1])
+    for seq, row in zip(self._riding, free):
+      seq.slot = row
+      self._slots[row] = seq
+    return bool(self._riding)
+
   def _admit_packed(self, free: list[int], dispatched: list[tuple]) -> bool:
     """A packed pass of the waiting whole prompts (in arrival order, while they fit the largest
     packed size and the free rows), when the oldest waiting prompt is one; False otherwise."""
     steps = self.steps
     if not steps.packed_buckets or not free:
       return False
-    chosen, total = [], 0
-    for seq in self._waiting:
-      if seq.slot is not None or len(seq.prompt) > self.chunk:
-        if not chosen:
-          return False  # the oldest is a long prompt mid-prefill: the row pass serves it
-        break
-      if len(chosen) == len(free) or total + len(seq.prompt) > steps.packed_buckets[-1]:
-        break
-      chosen.append(seq)
-      total += len(seq.prompt)
+    # An oldest prompt that is long (or mid-prefill) yields none: the row pass serves it.
+    chosen = self._whole_prompts(free, steps.packed_buckets[-1])
     if not chosen or self._rows_pass_is_smaller(chosen):
       return False
     for seq, row in zip(chosen, free):
@@ -500,9 +522,12 @@ class Engine:
     return rows * length < bucket_for(sum(len(seq.prompt) for seq in chosen),
                                       steps.packed_buckets)
 
-  def _dispatch_step(self, dispatched: list[tuple]) -> None:
-    rows = [(i, s) for i, s in enumerate(self._slots)
+  def _decoding_rows(self) -> list[tuple[int, _Seq]]:
+    return [(i, s) for i, s in enumerate(self._slots)
             if s is not None and s.prefilled == len(s.prompt) and not s.finished]
+
+  def _dispatch_step(self, dispatched: list[tuple]) -> None:
+    rows = self._decoding_rows()
     if not rows:
       return
     b = bucket_for(rows[-1][0] + 1, self.steps.batch_buckets)
@@ -517,10 +542,25 @@ class Engine:
       active[i] = True
       temperature[i], top_p[i], top_k[i] = s.params.temperature, s.params.top_p, max(s.params.top_k, 0)
       seeds[i] = s.seed
-    self._cache, self._nxt, new, routing = self.steps.decode(
-        self._cache, self._nxt, active, temperature, top_p, top_k, seeds,
-        min(longest, self.steps.max_len - 1))
+    longest = min(longest, self.steps.max_len - 1)
+    riding, self._riding = self._riding, []
+    if not riding:
+      self._cache, self._nxt, new, routing = self.steps.decode(
+          self._cache, self._nxt, active, temperature, top_p, top_k, seeds, longest)
+      dispatched.append(("step", rows, new, routing, b))
+      return
+    params = [seq.params for seq in riding]
+    self._cache, self._nxt, new, routing = self.steps.decode_with_prompts(
+        self._cache, self._nxt, active, temperature, top_p, top_k, seeds, longest,
+        [(seq.slot, seq.prompt) for seq in riding], [p.temperature for p in params],
+        [p.top_p for p in params], [max(p.top_k, 0) for p in params], [seq.seed for seq in riding])
+    self.stats.mixed_steps += 1
+    for seq in riding:
+      seq.prefilled = seq.position = len(seq.prompt)
+      self._waiting.remove(seq)
+      self.stats.prompt_tokens += len(seq.prompt)
     dispatched.append(("step", rows, new, routing, b))
+    dispatched.append(("first", [(b + j, seq) for j, seq in enumerate(riding)], new))
 
   def _drain(self, pending: list[tuple]) -> None:
     for item in pending:

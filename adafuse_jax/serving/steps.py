@@ -21,7 +21,7 @@ import numpy as np
 from adafuse_jax import parallel
 from adafuse_jax.errors import UserError
 from adafuse_jax.generation import Generator
-from adafuse_jax.model.cache import PackedPrompts, SlotCache
+from adafuse_jax.model.cache import DecodeWithPrompts, PackedPrompts, SlotCache
 from adafuse_jax.sampling import row_keys, sample_rows
 
 
@@ -92,13 +92,18 @@ class SlotSteps:
       two from 64 up to 4 x `chunk`): whole prompts of up to `chunk` tokens laid end to end, up
       to `max_batch` prompts per pass, padded only at the end (`packed_prefill`). Empty: no
       packed passes.
+    mixed_tokens: the prompt-token counts a mixed step is compiled for, per batch bucket and
+      attention span (`decode_with_prompts`: a decode step that also prefills whole prompts
+      packed end to end, so the prompts ride in the step's weight read). Default: `chunk`
+      alone. Empty: no mixed steps.
   """
 
   def __init__(self, gen: Generator, *, max_batch: int, max_len: int, chunk: int,
                batch_buckets: Sequence[int] | None = None,
                prefill_rows: Sequence[int] | None = None,
                prefill_lengths: Sequence[int] | None = None,
-               packed_tokens: Sequence[int] | None = None):
+               packed_tokens: Sequence[int] | None = None,
+               mixed_tokens: Sequence[int] | None = None):
     if gen.merges_per_token:
       raise UserError(MERGED_REFUSAL)
     if max_len % chunk:
@@ -127,10 +132,16 @@ class SlotSteps:
       raise UserError(f"packed prefill sizes {list(packed)}: the largest must hold a whole"
                       f" chunk ({chunk} tokens)")
     self.packed_buckets = tuple(sorted(set(packed)))
+    mixed = (chunk,) if mixed_tokens is None else tuple(mixed_tokens)
+    if mixed and max(mixed) < chunk:
+      raise UserError(f"mixed step sizes {list(mixed)}: the largest must hold a whole chunk"
+                      f" ({chunk} tokens)")
+    self.mixed_buckets = tuple(sorted(set(mixed)))
     self.span_buckets = span_buckets(max_len)
     self._prefills: dict[tuple[int, int], Callable] = {}  # by (rows, length)
     self._packed: dict[int, Callable] = {}  # by tokens
     self._decodes: dict[tuple[int, int], Callable] = {}  # by (batch, span)
+    self._mixed: dict[tuple[int, int, int], Callable] = {}  # by (batch, span, prompt tokens)
 
   def new_cache(self) -> SlotCache:
     cache = SlotCache.create(self.gen.cfg, self.max_batch, self.max_len, self.gen.dtype)
@@ -204,6 +215,35 @@ class SlotSteps:
     cache, (nxt, new, routing) = self._pin(cache, (nxt.at[:b].set(new), new, routing))
     return cache, nxt, new, routing
 
+  def _decode_with_prompts(self, params, adapter_params, derived, cache: SlotCache, nxt, active,
+                           temperature, top_p, top_k, seeds, tokens, token_rows, token_pos, rows,
+                           last, p_temperature, p_top_p, p_top_k, p_seeds, span: int):
+    """`_decode` over rows [0, b) and `_packed_prefill` of tokens [1, T] in one pass: the
+    sequence is the b decode tokens, then the prompts. A prompt's row may lie inside [0, b)
+    (a row that is not decoding): the prompt is written after the decode token, and its row's
+    length and next token are set after the decode rows'."""
+    b = active.shape[0]
+    before = cache.lengths[:b]
+    view = DecodeWithPrompts(decode=cache.replace(span=span, rows_used=b),
+                             prompts=PackedPrompts.over(cache, token_rows, token_pos))
+    at = jnp.concatenate([jnp.arange(b, dtype=jnp.int32), b + last])
+    logits, cache, routing = self.gen.apply(params, adapter_params, derived,
+                                            jnp.concatenate([nxt[None, :b], tokens], axis=1),
+                                            view, last=at[None])
+    lengths = cache.lengths.at[:b].set(jnp.where(active, before + 1, before))
+    ends = token_pos[last] + 1
+    lengths = lengths.at[rows].set(0, mode="drop").at[rows].max(ends, mode="drop")
+    cache = cache.replace(lengths=lengths)
+    keys = jnp.concatenate([row_keys(seeds, before + 1), row_keys(p_seeds, ends)])
+    cat = lambda a, c: jnp.concatenate([a, c])  # noqa: E731
+    new = sample_rows(logits[0], keys, cat(temperature, p_temperature), cat(top_p, p_top_p),
+                      cat(top_k, p_top_k))
+    nxt = nxt.at[:b].set(new[:b]).at[rows].set(new[b:], mode="drop")
+    if routing is not None:
+      routing = tuple(r[0, :b] for r in routing)
+    cache, (nxt, new, routing) = self._pin(cache, (nxt, new, routing))
+    return cache, nxt, new, routing
+
   # -- compiled ------------------------------------------------------------------------------
 
   def _lower_prefill(self, shape: tuple[int, int]):
@@ -239,6 +279,20 @@ class SlotSteps:
         gen.params, gen.adapter_params, gen.derived, cache, nxt, row(jnp.bool_),
         row(jnp.float32), row(jnp.float32), row(jnp.int32), row(jnp.uint32), span)
 
+  def _lower_mixed(self, shape: tuple[int, int, int]):
+    batch, span, tokens = shape
+    gen = self.gen
+    row = lambda dt: self._abstract((batch,), dt)  # noqa: E731
+    per_token = lambda: self._abstract((tokens,), jnp.int32)  # noqa: E731
+    per_prompt = lambda dt: self._abstract((self.max_batch,), dt)  # noqa: E731
+    return jax.jit(self._decode_with_prompts, donate_argnums=(3, 4), static_argnums=(19,)).lower(
+        gen.params, gen.adapter_params, gen.derived, self._abstract_cache(),
+        self._abstract((self.max_batch,), jnp.int32), row(jnp.bool_), row(jnp.float32),
+        row(jnp.float32), row(jnp.int32), row(jnp.uint32),
+        self._abstract((1, tokens), jnp.int32), per_token(), per_token(),
+        per_prompt(jnp.int32), per_prompt(jnp.int32), per_prompt(jnp.float32),
+        per_prompt(jnp.float32), per_prompt(jnp.int32), per_prompt(jnp.uint32), span)
+
   def prefill_fn(self, rows: int, length: int) -> Callable:
     """The compiled prefill pass of `rows` rows x `length` tokens (compiled on first use)."""
     if (rows, length) not in self._prefills:
@@ -259,6 +313,13 @@ class SlotSteps:
       self._decodes[key] = self._lower_decode(key).compile()
     return self._decodes[key]
 
+  def mixed_fn(self, batch: int, span: int, tokens: int) -> Callable:
+    """The compiled mixed step (compiled on first use)."""
+    key = (batch, span, tokens)
+    if key not in self._mixed:
+      self._mixed[key] = self._lower_mixed(key).compile()
+    return self._mixed[key]
+
   def warm_up(self, log: Callable[[str], None] | None = None, threads: int | None = None) -> None:
     """Compiles every decode bucket and prompt-chunk length now rather than on first use.
 
@@ -274,6 +335,9 @@ class SlotSteps:
              for c in self.chunk_buckets if (r, c) not in self._prefills]
     jobs += [(self._packed, n, self._lower_packed) for n in self.packed_buckets
              if n not in self._packed]
+    jobs += [(self._mixed, (b, span, n), self._lower_mixed) for b in self.batch_buckets
+             for span in self.span_buckets for n in self.mixed_buckets
+             if (b, span, n) not in self._mixed]
     workers = threads or min(len(jobs), os.cpu_count() or 1) or 1
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       done = list(pool.map(lambda job: job[2](job[1]).compile(), jobs))
@@ -283,7 +347,8 @@ class SlotSteps:
       log(f"compiled decode steps for batches {list(self.batch_buckets)} x attention spans"
           f" {list(self.span_buckets)}, prefill passes of rows {list(self.prefill_rows)} x"
           f" lengths {list(self.chunk_buckets)}, packed prefill passes of"
-          f" {list(self.packed_buckets)} tokens")
+          f" {list(self.packed_buckets)} tokens, mixed steps with {list(self.mixed_buckets)}"
+          " prompt tokens")
 
   def prefill(self, cache: SlotCache, nxt: jax.Array, pieces: Sequence[tuple[int, Sequence[int], int]],
               temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray):
@@ -319,8 +384,15 @@ class SlotSteps:
 
     Returns (cache, nxt, tokens, routing) as `prefill`: tokens[j] is the token sampled after
     prompt j, already placed in nxt[row]."""
-    total = sum(len(ids) for _, ids in prompts)
-    size = bucket_for(total, self.packed_buckets)
+    size = bucket_for(sum(len(ids) for _, ids in prompts), self.packed_buckets)
+    fn = self.packed_fn(size)
+    inputs = self._replicated((*self._pack(prompts, size),
+                               *_sampling_rows(self.max_batch, temperature, top_p, top_k, seeds)))
+    return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, *inputs)
+
+  def _pack(self, prompts: Sequence[tuple[int, Sequence[int]]], size: int):
+    """Whole prompts end to end in `size` tokens: (tokens [1, size], token_rows, token_pos
+    [size], rows [max_batch], last [max_batch]); padding names row max_batch."""
     tokens = np.zeros((1, size), np.int32)
     token_rows = np.full((size,), self.max_batch, np.int32)  # padding: past the last row
     token_pos = np.zeros((size,), np.int32)
@@ -333,11 +405,7 @@ class SlotSteps:
       token_pos[at:at + len(ids)] = np.arange(len(ids))
       rows[j], last[j] = row, at + len(ids) - 1
       at += len(ids)
-
-    fn = self.packed_fn(size)
-    inputs = self._replicated((tokens, token_rows, token_pos, rows, last,
-                               *_sampling_rows(self.max_batch, temperature, top_p, top_k, seeds)))
-    return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, *inputs)
+    return tokens, token_rows, token_pos, rows, last
 
   def decode(self, cache: SlotCache, nxt: jax.Array, active: np.ndarray, temperature: np.ndarray,
              top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray, longest: int):
@@ -347,4 +415,24 @@ class SlotSteps:
     Returns (cache, nxt, new [b], routing)."""
     fn = self.decode_fn(len(active), bucket_for(longest + 1, self.span_buckets))
     inputs = self._replicated((active, temperature, top_p, top_k, seeds))
+    return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, *inputs)
+
+  def decode_with_prompts(self, cache: SlotCache, nxt: jax.Array, active: np.ndarray,
+                          temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
+                          seeds: np.ndarray, longest: int,
+                          prompts: Sequence[tuple[int, Sequence[int]]], p_temperature,
+                          p_top_p, p_top_k, p_seeds):
+    """`decode` of rows [0, len(active)) and the whole prompts `prompts` (as `packed_prefill`:
+    (row, ids), distinct rows that are not decoding, at most the largest mixed size in total)
+    in one pass.
+
+    Returns (cache, nxt, new [b + max_batch], routing of the decode rows): new[i] for i < b is
+    decode row i's token, new[b + j] the token sampled after prompt j."""
+    b = len(active)
+    size = bucket_for(sum(len(ids) for _, ids in prompts), self.mixed_buckets)
+    fn = self.mixed_fn(b, bucket_for(longest + 1, self.span_buckets), size)
+    inputs = self._replicated((active, temperature, top_p, top_k, seeds,
+                               *self._pack(prompts, size),
+                               *_sampling_rows(self.max_batch, p_temperature, p_top_p, p_top_k,
+                                               p_seeds)))
     return fn(self.gen.params, self.gen.adapter_params, self.gen.derived, cache, nxt, *inputs)
