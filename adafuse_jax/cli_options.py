@@ -118,18 +118,23 @@ def positive_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
   return values
 
 
-def packed_sizes(text: str | None) -> tuple[int, ...] | None:
-  """--packed-prefill: 'off' -> () (no packed passes), '512,2048' -> (512, 2048), None stays
-  None (the engine's default)."""
+def packed_sizes(text: str | None, flag: str = "--packed-prefill") -> tuple[int, ...] | None:
+  """--packed-prefill and --mixed-prefill: 'off' -> () (none), '512,2048' -> (512, 2048), None
+  stays None (the engine's default)."""
   if text is not None and text.strip().lower() == "off":
     return ()
-  return positive_ints(text, "--packed-prefill")
+  return positive_ints(text, flag)
 
 
 PACKED_HELP = ("token counts of a packed prefill pass (whole prompts of up to --chunk tokens"
                " laid end to end, no padding between them), as compiled buckets; default"
                " powers of two from 64 up to 4 x --chunk; 'off': every prompt prefills in its"
                " own row")
+MIXED_HELP = ("prompt-token counts a decode step can also prefill (while rows decode, waiting"
+              " whole prompts ride in the next step, packed after its decode tokens: one read of"
+              " the weights for both), compiled per batch bucket and attention span; default"
+              " --chunk on a GPU, off on the CPU (compute-bound prefill); 'off': every prompt"
+              " takes a pass of its own")
 
 
 def add_sere_options(a: argparse._ArgumentGroup) -> None:

@@ -17,7 +17,7 @@ import sys
 from typing import Sequence
 
 from adafuse_jax import compile_cache
-from adafuse_jax.cli_options import (PACKED_HELP, add_model_options, add_pool_options,
+from adafuse_jax.cli_options import (MIXED_HELP, PACKED_HELP, add_model_options, add_pool_options,
                                      add_sere_options, adapter_config, packed_sizes,
                                      positive_ints, resolve_dtype, sere_settings)
 from adafuse_jax.errors import UserError
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="chunk lengths a prefill pass is compiled for (default: powers of two"
                       " from 16 up to --chunk; --chunk is always one)")
   s.add_argument("--packed-prefill", default=None, metavar="N,N,...|off", help=PACKED_HELP)
+  s.add_argument("--mixed-prefill", default=None, metavar="N,N,...|off", help=MIXED_HELP)
   s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
   s.add_argument("--warm-up", action="store_true",
                  help="compile every batch bucket and prompt chunk before listening")
@@ -149,7 +150,8 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
                      chunk=args.chunk,
                      prefill_rows=positive_ints(args.prefill_rows, "--prefill-rows"),
                      prefill_lengths=positive_ints(args.prefill_lengths, "--prefill-lengths"),
-                     packed_tokens=packed_sizes(args.packed_prefill))
+                     packed_tokens=packed_sizes(args.packed_prefill),
+                     mixed_tokens=packed_sizes(args.mixed_prefill, "--mixed-prefill"))
   engines = {}
   if not args.no_backbone:
     name = args.served_model_name or pathlib.Path(loaded.source).stem.split(".")[0]

@@ -34,7 +34,8 @@ def pool_gen(model):
 
 @pytest.fixture(scope="module")
 def engine(pool_gen):
-  with Engine(pool_gen, byte_tokenizer(VOCAB), max_batch=4, max_seq_len=96, chunk=16) as e:
+  with Engine(pool_gen, byte_tokenizer(VOCAB), max_batch=4, max_seq_len=96, chunk=16,
+              mixed_tokens=(16,)) as e:
     yield e
 
 
@@ -74,7 +75,7 @@ def test_packed_and_mixed_prefill_sample_what_row_prefill_samples(model, path):
   params = [SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8 * (i % 2), seed=i)
             for i in range(6)]
   got = {}
-  for name, packed, mixed in (("rows", [], []), ("packed", None, []), ("mixed", None, None)):
+  for name, packed, mixed in (("rows", [], []), ("packed", None, []), ("mixed", None, [16])):
     with Engine(gen, byte_tokenizer(VOCAB), max_batch=8, max_seq_len=64, chunk=16,
                 packed_tokens=packed, mixed_tokens=mixed) as e:
       first = [e.submit(p, sp) for p, sp in zip(ps[:2], params[:2])]

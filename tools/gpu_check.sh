@@ -54,7 +54,7 @@ for part in $parts; do
         --tokenizer bytes --adapters "${POOL:-random:0}" --path "${SERVE_PATH:-packed}" \
         --concurrency "${LEVELS:-1,8,32,64}" --rounds "${ROUNDS:-3}" --max-tokens "${TOKENS:-128}" \
         --sequential "${SEQUENTIAL:-8}" --chunk "${CHUNK:-256}" ${PREFILL_LENGTHS:+--prefill-lengths $PREFILL_LENGTHS} \
-        ${PACKED:+--packed-prefill $PACKED} ${PREFILL_ROWS:+--prefill-rows $PREFILL_ROWS} \
+        ${PACKED:+--packed-prefill $PACKED} ${PREFILL_ROWS:+--prefill-rows $PREFILL_ROWS} ${MIXED:+--mixed-prefill $MIXED} \
         --time-limit "${LIMIT_S:-480}" --out "$out/load" 2>&1 | tee "$out/load.log" | tail -20 ;;
     probe)
       # Why compiles are slow and where a step's time goes: compile_probe under XLA's defaults

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from adafuse_jax.cli_options import PACKED_HELP
+from adafuse_jax.cli_options import MIXED_HELP, PACKED_HELP
 from adafuse_jax.errors import UserError
 
 
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--prefill-lengths", default=None,
                  help="the engine's prefill-pass lengths (default: powers of two up to --chunk)")
   p.add_argument("--packed-prefill", default=None, help=PACKED_HELP)
+  p.add_argument("--mixed-prefill", default=None, help=MIXED_HELP)
   p.add_argument("--time-limit", type=float, default=900, help="seconds before the run stops")
   p.add_argument("--out", default=None, help="folder for results.json, results.md, load.png")
   return p
@@ -232,7 +233,8 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
                   batch_buckets=sorted(set(levels) | {args.static_batch}),
                   prefill_rows=positive_ints(args.prefill_rows, "--prefill-rows"),
                   prefill_lengths=positive_ints(args.prefill_lengths, "--prefill-lengths"),
-                  packed_tokens=packed_sizes(args.packed_prefill))
+                  packed_tokens=packed_sizes(args.packed_prefill),
+                  mixed_tokens=packed_sizes(args.mixed_prefill, "--mixed-prefill"))
   t0 = time.perf_counter()
   engine.steps.warm_up(log)
   compile_s = time.perf_counter() - t0
@@ -280,7 +282,10 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
     row = {"static": static_round(), "sequential": sequential_round(), "levels": {}}
     for c in levels:
       left = max(30.0, deadline - time.time())
+      before = engine_counts(engine.stats)
       row["levels"][c] = run_level(url, "pool", prompts[c], args.max_tokens, c, timeout=left)
+      after = engine_counts(engine.stats)
+      row["levels"][c].update({k: float(after[k] - before[k]) for k in after})
     rounds.append(row)
     if on_round is not None:  # a run cut short still leaves the rounds it finished
       on_round(summarise(args, levels, prompt_range, counts, rounds, compile_s, str(dtype),
@@ -293,6 +298,14 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
   if not rounds:
     raise UserError("no round finished inside --time-limit; raise it")
   return summarise(args, levels, prompt_range, counts, rounds, compile_s, str(dtype), cfg.name)
+
+
+def engine_counts(stats) -> dict[str, int]:
+  """What the engine did, to explain a level's time: decode steps (mixed ones among them),
+  prefill passes of their own, tokens generated."""
+  return {"decode_steps": stats.decode_steps, "mixed_steps": stats.mixed_steps,
+          "prefill_passes": stats.packed_passes + stats.row_passes,
+          "generated": stats.generated_tokens}
 
 
 def summarise(args, levels, prompt_range, counts, rounds, compile_s, dtype, model) -> dict:
@@ -333,12 +346,19 @@ def table(res: dict) -> str:
            f" {res['rounds']} interleaved rounds.",
            f"Device {env['device']}, JAX {env['jax']}, {env['date']}; command: `{env['command']}`",
            "",
-           "| concurrency | requests | output tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
-           "|---:|---:|---:|---:|---:|---:|---:|"]
+           "Engine columns (median per round): decode steps, those of them that also prefilled"
+           " prompts (mixed), prefill passes of their own, and tokens generated per decode step.",
+           "",
+           "| concurrency | requests | output tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms |"
+           " ITL p99 ms | decode steps | mixed | prefill passes | tokens/step |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for lv in res["levels"]:
+    steps = lv.get("decode_steps", float("nan"))
+    per_step = lv["generated"] / steps if steps and "generated" in lv else float("nan")
     lines.append(f"| {lv['concurrency']} | {lv['requests']} | {lv['tokens_per_s']:.1f} |"
                  f" {lv['ttft_p50_ms']:.1f} | {lv['ttft_p99_ms']:.1f} | {lv['itl_p50_ms']:.2f} |"
-                 f" {lv['itl_p99_ms']:.2f} |")
+                 f" {lv['itl_p99_ms']:.2f} | {steps:.0f} | {lv.get('mixed_steps', 0):.0f} |"
+                 f" {lv.get('prefill_passes', 0):.0f} | {per_step:.1f} |")
   lines += ["", f"- sequential decoding (`generate`, batch 1): {res['sequential_tokens_per_s']:.1f}"
             " tokens/s",
             f"- static batch {res['static_batch']} (`generate`, decode only):"

@@ -252,8 +252,8 @@ class Engine:
       chunk); see `SlotSteps`.
     packed_tokens: the sizes of packed prefill passes (default powers of two from 64 up to
       4 x chunk; empty: every prompt goes by rows); see `SlotSteps`.
-    mixed_tokens: the prompt tokens a decode step can also prefill (default: chunk; empty: none,
-      every prompt takes a pass of its own); see `SlotSteps`.
+    mixed_tokens: the prompt tokens a decode step can also prefill (default: chunk on a GPU,
+      none on the CPU; empty: none, every prompt takes a pass of its own); see `SlotSteps`.
 
   Use `start()` (or `with Engine(...) as engine`), then `submit(...)`.
   """

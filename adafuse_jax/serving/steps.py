@@ -132,7 +132,9 @@ class SlotSteps:
       raise UserError(f"packed prefill sizes {list(packed)}: the largest must hold a whole"
                       f" chunk ({chunk} tokens)")
     self.packed_buckets = tuple(sorted(set(packed)))
-    mixed = (chunk,) if mixed_tokens is None else tuple(mixed_tokens)
+    if mixed_tokens is None:
+      mixed_tokens = () if jax.default_backend() == "cpu" else (chunk,)
+    mixed = tuple(mixed_tokens)
     if mixed and max(mixed) < chunk:
       raise UserError(f"mixed step sizes {list(mixed)}: the largest must hold a whole chunk"
                       f" ({chunk} tokens)")
