@@ -344,7 +344,8 @@ def table(res: dict) -> str:
            f" {res['dtype']}, {res['max_tokens']} tokens per request, prompts of"
            f" {res['prompt_tokens'][0]}-{res['prompt_tokens'][1]} tokens; median of"
            f" {res['rounds']} interleaved rounds.",
-           f"Device {env['device']}, JAX {env['jax']}, {env['date']}; command: `{env['command']}`",
+           f"Device {env['device']}, JAX {env['jax']}, {env['date']}; command: `{env['command']}`"
+           + (f" with XLA_FLAGS=`{env['xla_flags']}`" if env.get("xla_flags") else ""),
            "",
            "Engine columns (median per round): decode steps, those of them that also prefilled"
            " prompts (mixed), prefill passes of their own, and tokens generated per decode step.",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import platform
 import re
 import sys
@@ -239,6 +240,7 @@ def environment() -> dict:
   return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
           "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
           "python": platform.python_version(), "command": " ".join(sys.argv),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
