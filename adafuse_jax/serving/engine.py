@@ -4,10 +4,10 @@ A background thread owns the device state (a `SlotCache` of `max_batch` rows and
 next token) and loops:
 
 1. take new requests and cancellations;
-2. admit waiting requests into free rows: while rows are decoding, whole prompts of at most
-   `chunk` tokens ride in the next decode step (a mixed step: the prompts packed end to end
-   after the decode tokens, so they cost no read of the weights of their own); otherwise one
-   prefill pass: whole prompts packed end to end (no padding between them, up to the largest
+2. admit waiting requests into free rows: with mixed steps on (`mixed_tokens`) and rows
+   decoding, whole prompts of at most `chunk` tokens ride in the next decode step (packed end
+   to end after its decode tokens, so they cost no read of the weights of their own); otherwise
+   one prefill pass: whole prompts packed end to end (no padding between them, up to the largest
    packed size), or else the next chunk of up to `prefill_rows[-1]` long prompts, each into its
    own row; so a burst of arrivals costs one read of the weights and a long prompt delays the
    running streams by one pass, not by its whole prefill;
@@ -252,8 +252,8 @@ class Engine:
       chunk); see `SlotSteps`.
     packed_tokens: the sizes of packed prefill passes (default powers of two from 64 up to
       4 x chunk; empty: every prompt goes by rows); see `SlotSteps`.
-    mixed_tokens: the prompt tokens a decode step can also prefill (default: chunk on a GPU,
-      none on the CPU; empty: none, every prompt takes a pass of its own); see `SlotSteps`.
+    mixed_tokens: the prompt tokens a decode step can also prefill (default none: every prompt
+      takes a pass of its own); see `SlotSteps`.
 
   Use `start()` (or `with Engine(...) as engine`), then `submit(...)`.
   """

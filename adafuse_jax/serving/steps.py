@@ -94,8 +94,10 @@ class SlotSteps:
       packed passes.
     mixed_tokens: the prompt-token counts a mixed step is compiled for, per batch bucket and
       attention span (`decode_with_prompts`: a decode step that also prefills whole prompts
-      packed end to end, so the prompts ride in the step's weight read). Default: `chunk`
-      alone. Empty: no mixed steps.
+      packed end to end, so the prompts ride in the step's weight read). Default none:
+      measured on the H200 the mixed steps made the server slower, not faster
+      (docs/serving.md); on the CPU prefill is compute-bound and a prompt padded to the mixed
+      size costs more compute than the weight read it saves.
   """
 
   def __init__(self, gen: Generator, *, max_batch: int, max_len: int, chunk: int,
@@ -132,9 +134,7 @@ class SlotSteps:
       raise UserError(f"packed prefill sizes {list(packed)}: the largest must hold a whole"
                       f" chunk ({chunk} tokens)")
     self.packed_buckets = tuple(sorted(set(packed)))
-    if mixed_tokens is None:
-      mixed_tokens = () if jax.default_backend() == "cpu" else (chunk,)
-    mixed = tuple(mixed_tokens)
+    mixed = tuple(mixed_tokens or ())
     if mixed and max(mixed) < chunk:
       raise UserError(f"mixed step sizes {list(mixed)}: the largest must hold a whole chunk"
                       f" ({chunk} tokens)")
