@@ -86,6 +86,17 @@ def test_a_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
   assert json.loads(second.stdout)["completions"] == json.loads(first.stdout)["completions"]
 
 
+def test_compile_cache_auto_is_off_on_the_cpu_and_off_is_off():
+  import jax
+
+  from adafuse_jax import compile_cache
+
+  assert jax.default_backend() == "cpu" and not jax.config.jax_compilation_cache_dir
+  assert compile_cache.from_option("auto") is None
+  assert compile_cache.from_option("off") is None
+  assert not jax.config.jax_compilation_cache_dir  # nothing switched on for the process
+
+
 def test_help_documents_every_option():
   out = run_cli("--help")
   assert out.returncode == 0
