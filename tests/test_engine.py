@@ -88,6 +88,24 @@ def test_packed_and_mixed_prefill_sample_what_row_prefill_samples(model, path):
   assert got["packed"] == got["rows"] and got["mixed"] == got["rows"]
 
 
+def test_no_step_copies_a_cache_buffer(pool_gen):
+  """Decode, packed and mixed steps write the donated cache in place: no copy of a layer's
+  K or V buffer in the compiled program. (The first mixed step read the decode rows between
+  two writes of each buffer, and XLA copied every buffer to keep the read's version.)"""
+  from adafuse_jax.serving.steps import SlotSteps
+
+  cfg = pool_gen.cfg
+  steps = SlotSteps(pool_gen, max_batch=4, max_len=32, chunk=16, mixed_tokens=(16,),
+                    packed_tokens=(16,))
+  buffer = f"f32[4,32,{cfg.kv_heads},{cfg.head_dim}]"
+  for lowered in (steps._lower_decode((4, 32)), steps._lower_packed(16),
+                  steps._lower_mixed((4, 32, 16))):
+    hlo = lowered.compile().as_text()
+    copies = [line for line in hlo.splitlines()
+              if " copy(" in line and line.split("=", 1)[1].lstrip().startswith(buffer)]
+    assert not copies, copies[:2]
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
   params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7,
                           ignore_eos=True)

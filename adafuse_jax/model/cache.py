@@ -261,10 +261,16 @@ class DecodeWithPrompts:
   def attend(self, q, k, v, k_buf, v_buf, mask):
     b = self.rows
     as_rows = lambda x: x[0, :b][:, None]  # noqa: E731  [1, b, ...] -> [b, 1, ...]
-    out_d, k_buf, v_buf = self.decode.attend(as_rows(q), as_rows(k), as_rows(v), k_buf, v_buf,
-                                             mask[0])
-    out_p, k_buf, v_buf = self.prompts.attend(q[:, b:], k[:, b:], v[:, b:], k_buf, v_buf,
-                                              mask[1])
+    # Every write before any read: a read between two writes of one buffer makes XLA copy the
+    # whole buffer (per layer, K and V) to keep the read's version. The prompts write rows that
+    # do not decode, so the decode rows read the same values either way.
+    for view, new_k, new_v in ((self.decode, as_rows(k), as_rows(v)),
+                               (self.prompts, k[:, b:], v[:, b:])):
+      k_buf, v_buf = view.write(k_buf, new_k), view.write(v_buf, new_v)
+    out_d = attention(as_rows(q), self.decode.readable(k_buf), self.decode.readable(v_buf),
+                      mask[0])
+    out_p = attention(q[:, b:], self.prompts.readable(k_buf), self.prompts.readable(v_buf),
+                      mask[1])
     return jnp.concatenate([out_d[:, 0][None], out_p], axis=1), k_buf, v_buf
 
   def advanced(self, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], t: int) -> SlotCache:
