@@ -9,7 +9,8 @@
 # table.md,decode.png}, bench.log. `floor`: the 7B preset at batch 1 and 32 with the memory
 # ceiling, rows interleaved over rounds and the PyTorch peer (floor-b1/, floor-b32/, floor.log).
 # `serve`: the OpenAI server under load beside the static-batch and sequential decoders
-# (load/{results.json,results.md,load.png}, load.log).
+# (load/{results.json,results.md,load.png}, load.log); COMPILE_CACHE=DIR loads and fills JAX's
+# compilation cache there, SAVE_CACHE=1 sends it back as jcc.tgz.* (at most 3 pieces fit $OUT).
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 parts=${*:-tests layers bench}
@@ -55,7 +56,13 @@ for part in $parts; do
         --concurrency "${LEVELS:-1,8,32,64}" --rounds "${ROUNDS:-3}" --max-tokens "${TOKENS:-128}" \
         --sequential "${SEQUENTIAL:-8}" --chunk "${CHUNK:-256}" ${PREFILL_LENGTHS:+--prefill-lengths $PREFILL_LENGTHS} \
         ${PACKED:+--packed-prefill $PACKED} ${PREFILL_ROWS:+--prefill-rows $PREFILL_ROWS} ${MIXED:+--mixed-prefill $MIXED} \
-        --time-limit "${LIMIT_S:-480}" --out "$out/load" 2>&1 | tee "$out/load.log" | tail -20 ;;
+        --time-limit "${LIMIT_S:-480}" ${COMPILE_CACHE:+--compile-cache $COMPILE_CACHE} \
+        --out "$out/load" 2>&1 | tee "$out/load.log" | tail -20
+      # The filled cache goes back in pieces of at most 15 MiB, for the next call to carry:
+      # `cat jcc.tgz.* | tar -xz -C .jcc` here, then carry .jcc (ignored) with COMPILE_CACHE=.jcc.
+      if [ -n "${COMPILE_CACHE:-}" ] && [ -n "${SAVE_CACHE:-}" ]; then
+        tar -C "$COMPILE_CACHE" -cz . | split -b 15m - "$out/jcc.tgz."
+      fi ;;
     probe)
       # Why compiles are slow and where a step's time goes: compile_probe under XLA's defaults
       # and without autotuning, then the per-kernel profile of two decode steps.

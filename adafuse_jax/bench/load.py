@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--packed-prefill", default=None, help=PACKED_HELP)
   p.add_argument("--mixed-prefill", default=None, help=MIXED_HELP)
   p.add_argument("--time-limit", type=float, default=900, help="seconds before the run stops")
+  p.add_argument("--compile-cache", default="off", metavar="off|DIR",
+                 help="load and keep compiled programs in DIR (JAX's persistent cache), so a"
+                      " second run skips the warm-up's compiles; default off (compile_s then"
+                      " measures compiling)")
   p.add_argument("--out", default=None, help="folder for results.json, results.md, load.png")
   return p
 
@@ -213,6 +217,8 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
 
   deadline = time.time() + args.time_limit
   began = time.time()
+  from adafuse_jax import compile_cache
+  compile_cache.from_option(args.compile_cache)
   log = lambda m: print(f"[{time.time() - began:6.1f} s] {m}", file=sys.stderr, flush=True)  # noqa: E731
   dtype = jnp.dtype(resolve_dtype(args.dtype))
   loaded = load_model(args.model, dtype=dtype, progress=False)
