@@ -224,6 +224,9 @@ def test_metrics_report_requests_tokens_and_routing(server):
     (("--adapters", "default", "--sere-rho", "2"), "--sere-rho 2.0 must be in [0, 1]"),
     (("--adapters", "a=default", "--adapters", "a=random"), "two pools are named 'a'"),
     (("--adapters", "default", "--path", "merged"), "path 'merged'"),
+    (("--mixed-prefill", "8"), "mixed step sizes [8]: the largest must hold a whole chunk"),
+    (("--mixed-prefill", "many"), "--mixed-prefill 'many' must be positive integers"),
+    (("--compile-cache", "/proc/no-such-dir"), "cannot write there"),
 ])
 def test_bad_server_options_are_one_error_line(args, words):
   import subprocess
