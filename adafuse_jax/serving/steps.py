@@ -95,8 +95,8 @@ class SlotSteps:
     mixed_tokens: the prompt-token counts a mixed step is compiled for, per batch bucket and
       attention span (`decode_with_prompts`: a decode step that also prefills whole prompts
       packed end to end, so the prompts ride in the step's weight read). Default none:
-      measured on the H200 the mixed steps made the server slower, not faster
-      (docs/serving.md); on the CPU prefill is compute-bound and a prompt padded to the mixed
+      measured on the H200 the mixed steps made the server slower, not faster (before a fix of
+      their cache copies, not yet re-measured; docs/serving.md); on the CPU prefill is compute-bound and a prompt padded to the mixed
       size costs more compute than the weight read it saves.
   """
 
