@@ -206,6 +206,7 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
   import jax.numpy as jnp
   import uvicorn
 
+  from adafuse_jax import compile_cache
   from adafuse_jax.adapters.io import load_pool
   from adafuse_jax.cli_options import resolve_dtype
   from adafuse_jax.generation import Generator, generate
@@ -217,7 +218,6 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
 
   deadline = time.time() + args.time_limit
   began = time.time()
-  from adafuse_jax import compile_cache
   compile_cache.from_option(args.compile_cache)
   log = lambda m: print(f"[{time.time() - began:6.1f} s] {m}", file=sys.stderr, flush=True)  # noqa: E731
   dtype = jnp.dtype(resolve_dtype(args.dtype))

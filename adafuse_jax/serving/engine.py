@@ -421,11 +421,12 @@ class Engine:
         self._finish(seq, "abort")
 
   def _admit(self, dispatched: list[tuple]) -> None:
-    """One prefill pass between decode steps. Whole prompts of at most `chunk` tokens go in a
-    packed pass (`_admit_packed`: laid end to end, no padding between them); a long prompt's
-    chunks go in a row pass: the next chunk of up to the largest prefill-rows bucket of waiting
-    prompts (in arrival order, each into its own row). Either way a burst of arrivals reads the
-    weights once rather than once per prompt."""
+    """Admission between decode steps: with mixed steps on and rows decoding, whole prompts ride
+    in the next decode step (`_admit_riding`); else one prefill pass. Whole prompts of at most
+    `chunk` tokens go in a packed pass (`_admit_packed`: laid end to end, no padding between
+    them); a long prompt's chunks go in a row pass: the next chunk of up to the largest
+    prefill-rows bucket of waiting prompts (in arrival order, each into its own row). Either
+    way a burst of arrivals reads the weights once rather than once per prompt."""
     free = [i for i, s in enumerate(self._slots) if s is None]
     if self._admit_riding(free) or self._admit_packed(free, dispatched):
       return
