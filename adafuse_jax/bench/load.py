@@ -13,7 +13,9 @@ server's interpreter): at each concurrency level it keeps that many streaming re
 flight until `--requests` (default 4 x the level, at least 8) have finished, and records output
 tokens/s, time to first token and inter-token latency (p50/p99). Levels and the static batch are
 interleaved over `--rounds` rounds; the server's throughput at the static batch's concurrency is
-reported as a ratio to the static batch with a 95% interval. Bounded: every request has a fixed
+reported as a ratio to the static batch with a 95% interval. With `--compare-mixed` every level
+runs twice a round, with the engine's mixed steps off and on (one engine, the order alternating
+by round), and the mixed/unmixed ratio is paired by round. Bounded: every request has a fixed
 length (`ignore_eos`), and the whole run stops after `--time-limit` seconds.
 """
 
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--prompt-tokens", default="16,128", help="prompt lengths drawn from MIN,MAX")
   p.add_argument("--static-batch", type=int, default=32, help="the static-batch baseline's batch")
   p.add_argument("--sequential", type=int, default=8,
-                 help="requests decoded one at a time for the sequential baseline")
+                 help="requests decoded one at a time for the sequential baseline (0: none)")
   p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
   p.add_argument("--chunk", type=int, default=256, help="prompt chunk of the engine")
   p.add_argument("--prefill-rows", default=None,
@@ -157,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the engine's prefill-pass lengths (default: powers of two up to --chunk)")
   p.add_argument("--packed-prefill", default=None, help=PACKED_HELP)
   p.add_argument("--mixed-prefill", default=None, help=MIXED_HELP)
+  p.add_argument("--compare-mixed", action="store_true",
+                 help="run every level with mixed steps off and on, in the same rounds (needs"
+                      " --mixed-prefill)")
   p.add_argument("--time-limit", type=float, default=900, help="seconds before the run stops")
   p.add_argument("--compile-cache", default="off", metavar="off|DIR",
                  help="load and keep compiled programs in DIR (JAX's persistent cache), so a"
@@ -180,6 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   if not levels or levels[0] < 1 or not 1 <= lo <= hi or args.max_tokens < 1 or args.rounds < 1:
     print("error: levels, prompt lengths, --max-tokens and --rounds must be positive",
+          file=sys.stderr)
+    return 2
+  if args.sequential < 0:
+    print("error: --sequential must be 0 (no sequential baseline) or more", file=sys.stderr)
+    return 2
+  if args.compare_mixed and not args.mixed_prefill:
+    print("error: --compare-mixed needs --mixed-prefill N (the mixed step sizes to compile)",
           file=sys.stderr)
     return 2
   if args.out and pathlib.Path(args.out).is_file():
@@ -264,6 +276,8 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
     return args.static_batch * 1e3 / res.decode_ms_per_token
 
   def sequential_round() -> float:
+    if not seq_prompts:
+      return float("nan")
     t, n = 0.0, 0
     for p in seq_prompts:
       s = time.perf_counter()
@@ -286,24 +300,39 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
       log(f"time limit reached after {r} rounds")
       break
     row = {"static": static_round(), "sequential": sequential_round(), "levels": {}}
-    for c in levels:
+    for label, c, mixed in level_variants(levels, args.compare_mixed, flip=r % 2 == 1):
+      if mixed is not None:
+        engine.mixed_prefill = mixed
       left = max(30.0, deadline - time.time())
       before = engine_counts(engine.stats)
-      row["levels"][c] = run_level(url, "pool", prompts[c], args.max_tokens, c, timeout=left)
+      res = run_level(url, "pool", prompts[c], args.max_tokens, c, timeout=left)
       after = engine_counts(engine.stats)
-      row["levels"][c].update({k: float(after[k] - before[k]) for k in after})
+      res.update({k: float(after[k] - before[k]) for k in after})
+      res.update(label=label, mixed=engine.mixed_prefill)
+      row["levels"][label] = res
     rounds.append(row)
     if on_round is not None:  # a run cut short still leaves the rounds it finished
       on_round(summarise(args, levels, prompt_range, counts, rounds, compile_s, str(dtype),
                          cfg.name))
     log(f"round {r + 1}: static {row['static']:.0f} tok/s, " + ", ".join(
-        f"c={c} {v['tokens_per_s']:.0f}" for c, v in row["levels"].items()))
+        f"c={label} {v['tokens_per_s']:.0f}" for label, v in row["levels"].items()))
   server.should_exit = True
   thread.join(timeout=30)
   engine.stop()
   if not rounds:
     raise UserError("no round finished inside --time-limit; raise it")
   return summarise(args, levels, prompt_range, counts, rounds, compile_s, str(dtype), cfg.name)
+
+
+def level_variants(levels: list[int], compare_mixed: bool, flip: bool = False
+                   ) -> list[tuple[str, int, bool | None]]:
+  """(label, concurrency, mixed steps on/off or None to leave the engine's setting) per level
+  run of a round; with `compare_mixed` each level twice, the order flipped on alternate rounds
+  so that neither setting always runs second."""
+  if not compare_mixed:
+    return [(str(c), c, None) for c in levels]
+  pair = (False, True) if not flip else (True, False)
+  return [(f"{c} mixed" if m else str(c), c, m) for c in levels for m in pair]
 
 
 def engine_counts(stats) -> dict[str, int]:
@@ -324,23 +353,33 @@ def summarise(args, levels, prompt_range, counts, rounds, compile_s, dtype, mode
     return float(np.median(values))
 
   summary = []
-  for c in levels:
-    per = [rd["levels"][c] for rd in rounds]
+  for label, _, _ in level_variants(levels, args.compare_mixed):
+    per = [rd["levels"][label] for rd in rounds]
     summary.append({k: (med([p[k] for p in per]) if isinstance(per[0][k], float) else per[0][k])
                     for k in per[0]})
   static = [rd["static"] for rd in rounds]
-  ratio = None
-  if args.static_batch in levels:
-    served = [rd["levels"][args.static_batch]["tokens_per_s"] for rd in rounds]
+
+  def over(label: str, base: list[float]) -> dict | None:
+    if not all(label in rd["levels"] for rd in rounds):
+      return None
+    served = [rd["levels"][label]["tokens_per_s"] for rd in rounds]
     # ratio_interval divides its first list by its second: time per token, inverted.
-    ratio = ratio_interval([1 / s for s in static], [1 / s for s in served])
+    return ratio_interval([1 / s for s in base], [1 / s for s in served])
+
+  plain, mixed = str(args.static_batch), f"{args.static_batch} mixed"
+  ratio = over(plain, static)
+  ratios = {}
+  if args.compare_mixed and ratio is not None:
+    ratios = {"mixed_over_static": over(mixed, static),
+              "mixed_over_unmixed": over(mixed, [rd["levels"][plain]["tokens_per_s"]
+                                                 for rd in rounds])}
   return {"environment": environment(), "model": model, "pool": args.adapters,
           "path": args.path, "dtype": dtype, "max_tokens": args.max_tokens,
           "prompt_tokens": list(prompt_range), "requests": counts, "rounds": len(rounds),
           "compile_s": compile_s, "static_batch": args.static_batch,
           "static_tokens_per_s": med(static), "static_rounds": static,
           "sequential_tokens_per_s": med([rd["sequential"] for rd in rounds]),
-          "levels": summary, "served_over_static": ratio, "raw_rounds": rounds,
+          "levels": summary, "served_over_static": ratio, **ratios, "raw_rounds": rounds,
           "device": jax.devices()[0].device_kind}
 
 
@@ -362,12 +401,14 @@ def table(res: dict) -> str:
   for lv in res["levels"]:
     steps = lv.get("decode_steps", float("nan"))
     per_step = lv["generated"] / steps if steps and "generated" in lv else float("nan")
-    lines.append(f"| {lv['concurrency']} | {lv['requests']} | {lv['tokens_per_s']:.1f} |"
+    lines.append(f"| {lv.get('label', lv['concurrency'])} | {lv['requests']} |"
+                 f" {lv['tokens_per_s']:.1f} |"
                  f" {lv['ttft_p50_ms']:.1f} | {lv['ttft_p99_ms']:.1f} | {lv['itl_p50_ms']:.2f} |"
                  f" {lv['itl_p99_ms']:.2f} | {steps:.0f} | {lv.get('mixed_steps', 0):.0f} |"
                  f" {lv.get('prefill_passes', 0):.0f} | {per_step:.1f} |")
-  lines += ["", f"- sequential decoding (`generate`, batch 1): {res['sequential_tokens_per_s']:.1f}"
-            " tokens/s",
+  seq = res["sequential_tokens_per_s"]
+  lines += ["", "- sequential decoding (`generate`, batch 1): "
+            + ("not run" if seq != seq else f"{seq:.1f} tokens/s"),
             f"- static batch {res['static_batch']} (`generate`, decode only):"
             f" {res['static_tokens_per_s']:.1f} tokens/s"]
   r = res.get("served_over_static")
@@ -375,6 +416,13 @@ def table(res: dict) -> str:
     interval = f" [{r['low']:.3f}, {r['high']:.3f}]" if "low" in r else ""
     lines.append(f"- server at concurrency {res['static_batch']} / static batch:"
                  f" {r['median']:.3f}x{interval} (95% interval over {r['rounds']} rounds)")
+  for key, what in (("mixed_over_static", "with mixed steps / static batch"),
+                    ("mixed_over_unmixed", "with mixed steps / without them")):
+    r = res.get(key)
+    if r:
+      interval = f" [{r['low']:.3f}, {r['high']:.3f}]" if "low" in r else ""
+      lines.append(f"- server at concurrency {res['static_batch']} {what}: {r['median']:.3f}x"
+                   f"{interval} (paired by round)")
   return "\n".join(lines)
 
 
@@ -384,17 +432,23 @@ def plot(res: dict, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-  cs = [lv["concurrency"] for lv in res["levels"]]
-  a.plot(cs, [lv["tokens_per_s"] for lv in res["levels"]], "o-", label="server")
+  compared = len({lv.get("mixed") for lv in res["levels"]}) > 1
+  for mixed in sorted({lv.get("mixed") for lv in res["levels"]}, key=str):
+    lvs = [lv for lv in res["levels"] if lv.get("mixed") == mixed]
+    tag = (" (mixed steps)" if mixed else " (no mixed steps)") if compared else ""
+    cs = [lv["concurrency"] for lv in lvs]
+    a.plot(cs, [lv["tokens_per_s"] for lv in lvs], "o-" if not mixed else "o:",
+           label="server" + tag)
+    b.plot(cs, [lv["ttft_p50_ms"] for lv in lvs], "o-", label="TTFT p50" + tag)
+    b.plot(cs, [lv["itl_p50_ms"] for lv in lvs], "s-", label="ITL p50" + tag)
+    b.plot(cs, [lv["itl_p99_ms"] for lv in lvs], "s--", label="ITL p99" + tag)
   a.axhline(res["static_tokens_per_s"], ls="--", c="k",
             label=f"static batch {res['static_batch']} (decode)")
-  a.axhline(res["sequential_tokens_per_s"], ls=":", c="gray", label="sequential")
+  if res["sequential_tokens_per_s"] == res["sequential_tokens_per_s"]:  # not NaN: it ran
+    a.axhline(res["sequential_tokens_per_s"], ls=":", c="gray", label="sequential")
   a.set(xscale="log", xlabel="concurrent requests", ylabel="output tokens/s",
         title="throughput")
   a.legend(fontsize=8)
-  b.plot(cs, [lv["ttft_p50_ms"] for lv in res["levels"]], "o-", label="TTFT p50")
-  b.plot(cs, [lv["itl_p50_ms"] for lv in res["levels"]], "s-", label="ITL p50")
-  b.plot(cs, [lv["itl_p99_ms"] for lv in res["levels"]], "s--", label="ITL p99")
   b.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="ms", title="latency")
   b.legend(fontsize=8)
   fig.suptitle(f"{res['model']} + pool, {res['device']}", fontsize=10)

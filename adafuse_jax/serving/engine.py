@@ -282,6 +282,9 @@ class Engine:
                            prefill_rows=prefill_rows, prefill_lengths=prefill_lengths,
                            packed_tokens=packed_tokens, mixed_tokens=mixed_tokens)
     self.max_batch, self.chunk = max_batch, chunk
+    # Whether whole prompts ride in decode steps; settable between steps (the load bench
+    # compares both ways on one engine), only meaningful when mixed steps were compiled.
+    self.mixed_prefill = bool(self.steps.mixed_buckets)
     self.stats = EngineStats()
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self._waiting: collections.deque[_Seq] = collections.deque()
@@ -478,7 +481,8 @@ class Engine:
   def _admit_riding(self, free: list[int]) -> bool:
     """While rows are decoding: the waiting whole prompts that fit the largest mixed step ride
     in the next decode step (`_dispatch_step`); False when there are none or nothing decodes."""
-    if not self.steps.mixed_buckets or not free or not self._decoding_rows():
+    if (not self.mixed_prefill or not self.steps.mixed_buckets or not free
+        or not self._decoding_rows()):
       return False
     self._riding = self._whole_prompts(free, self.steps.mixed_buckets[-1])
     for seq, row in zip(self._riding, free):

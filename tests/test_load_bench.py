@@ -1,0 +1,45 @@
+"""The load benchmark end to end on a tiny checkpoint made by transformers: the real server on
+loopback, a client process, the static-batch baseline, and mixed steps compared on one engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adafuse_jax.bench import load
+
+FIXTURE = "tests/fixtures/hf-llama3"
+
+
+def test_the_load_bench_compares_mixed_steps_on_one_engine(tmp_path):
+  argv = ["--model", FIXTURE, "--adapters", "random:0", "--concurrency", "2", "--static-batch", "2",
+          "--sequential", "0", "--requests", "3", "--max-tokens", "4", "--prompt-tokens", "4,12",
+          "--rounds", "2", "--chunk", "16", "--mixed-prefill", "16", "--compare-mixed",
+          "--out", str(tmp_path)]
+  assert load.main(argv) == 0
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert res["rounds"] == 2
+  assert [(lv["label"], lv["mixed"]) for lv in res["levels"]] == [("2", False), ("2 mixed", True)]
+  for lv in res["levels"]:  # every request's every token arrived, and the engine counted them
+    assert lv["output_tokens"] == 3 * 4 and lv["generated"] == 3 * 4
+    assert lv["decode_steps"] >= 3 and lv["tokens_per_s"] > 0
+  # The second round ran the pair in the other order.
+  assert [v["mixed"] for v in res["raw_rounds"][1]["levels"].values()] == [True, False]
+  for key in ("served_over_static", "mixed_over_static", "mixed_over_unmixed"):
+    assert res[key]["rounds"] == 2 and res[key]["low"] <= res[key]["median"] <= res[key]["high"]
+  assert res["sequential_tokens_per_s"] != res["sequential_tokens_per_s"]  # NaN: not run
+  table = (tmp_path / "results.md").read_text()
+  assert "| 2 mixed |" in table and "sequential decoding (`generate`, batch 1): not run" in table
+  assert (tmp_path / "load.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--compare-mixed"], "--compare-mixed needs --mixed-prefill"),
+    (["--sequential", "-1"], "--sequential must be 0"),
+    (["--concurrency", "a"], "--concurrency takes integers"),
+])
+def test_bad_options_are_one_error_line(argv, words, capsys):
+  assert load.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and words in err and "Traceback" not in err
