@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags step autotune
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags step autotune switch
 #   (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
@@ -113,6 +113,11 @@ for part in $parts; do
           | sed "s/^{/{\"run\": \"$run\", /" | tee -a "$out/autotune.jsonl"
       done
       ls /tmp/atc | wc -l >>"$out/autotune.log" ;;
-    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags, step, autotune)"; exit 2 ;;
+    switch)
+      # The SGMM switch kernel alone on the 7B shapes (Triton lowering at its default tiles,
+      # Mosaic GPU at several, plain XLA), against the memory ceiling of the same run.
+      timeout "${SWITCH_S:-240}" python3 tools/sgmm_bench.py --quick --mosaic --out "$out/sgmm" \
+        2>&1 | tee "$out/switch.log" | grep -E "ceiling|xla|mosaic|pallas" | head -20 ;;
+    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags, step, autotune, switch)"; exit 2 ;;
   esac
 done
