@@ -27,6 +27,32 @@ from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.vocab import parse_variant
 
 
+def kernel_table(trace_dir: pathlib.Path, steps: int, tag: str) -> str:
+  """The GPU kernels of the newest trace under `trace_dir` (written by `jax.profiler.trace`
+  around `steps` steps), grouped by name: count per step, µs per step, share (top 25)."""
+  trace_file = sorted(glob.glob(str(trace_dir / "**" / "*.json.gz"), recursive=True))[-1]
+  events = json.load(gzip.open(trace_file))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  # GPU kernels live on the device's stream threads; keep complete events with a duration.
+  pids = {e["pid"]: e["args"]["name"] for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpu_pids = {pid for pid, name in pids.items() if "gpu" in name.lower() or "/device" in name.lower()}
+  agg: dict[str, list[float]] = collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e:
+      name = re.sub(r"_\d+$", "", e["name"].split("(")[0])[:60]
+      agg[name].append(float(e["dur"]))
+  total = sum(sum(v) for v in agg.values()) / steps
+  if not total:
+    return f"mode {tag}: no GPU kernels in the trace (a CPU run)"
+  lines = [f"mode {tag}: {sum(len(v) for v in agg.values()) / steps:.0f} GPU events/step,"
+           f" {total:.0f} µs busy/step", "| kernel | per step | µs/step | share |", "|---|---|---|---|"]
+  for name, durs in sorted(agg.items(), key=lambda kv: -sum(kv[1]))[:25]:
+    lines.append(f"| {name} | {len(durs) / steps:.0f} | {sum(durs) / steps:.0f} |"
+                 f" {100 * sum(durs) / steps / total:.1f}% |")
+  return "\n".join(lines)
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--preset", default="llama2-7b")
@@ -62,25 +88,7 @@ def main() -> None:
     run_steps(args.steps)
   tag = args.mode if args.tokens == 1 else f"{args.mode}_prefill{args.tokens}"
   (out / f"hlo_{tag}.txt").write_text(step.as_text())
-  trace_file = sorted(glob.glob(str(out / "trace" / "**" / "*.json.gz"), recursive=True))[-1]
-  events = json.load(gzip.open(trace_file))
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  # GPU kernels live on the device's stream threads; keep complete events with a duration.
-  pids = {e["pid"]: e["args"]["name"] for e in events
-          if e.get("ph") == "M" and e.get("name") == "process_name"}
-  gpu_pids = {pid for pid, name in pids.items() if "gpu" in name.lower() or "/device" in name.lower()}
-  agg: dict[str, list[float]] = collections.defaultdict(list)
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e:
-      name = re.sub(r"_\d+$", "", e["name"].split("(")[0])[:60]
-      agg[name].append(float(e["dur"]))
-  total = sum(sum(v) for v in agg.values()) / args.steps
-  lines = [f"mode {tag}: {sum(len(v) for v in agg.values()) / args.steps:.0f} GPU events/step,"
-           f" {total:.0f} µs busy/step", "| kernel | per step | µs/step | share |", "|---|---|---|---|"]
-  for name, durs in sorted(agg.items(), key=lambda kv: -sum(kv[1]))[:25]:
-    lines.append(f"| {name} | {len(durs) / args.steps:.0f} | {sum(durs) / args.steps:.0f} |"
-                 f" {100 * sum(durs) / args.steps / total:.1f}% |")
-  text = "\n".join(lines)
+  text = kernel_table(out / "trace", args.steps, tag)
   print(text)
   (out / f"kernels_{tag}.md").write_text(text + "\n")
 
