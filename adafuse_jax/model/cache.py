@@ -271,6 +271,10 @@ class DecodeWithPrompts:
                       mask[0])
     out_p = attention(q[:, b:], self.prompts.readable(k_buf), self.prompts.readable(v_buf),
                       mask[1])
+    # Without the barrier XLA on the GPU fused the decode rows' attention-times-values into
+    # the concatenation, an element-wise loop that ran 273 µs a layer against ~15 µs as its
+    # own reduction (the H200 profile in docs/benchmarks/h200/serve-steps/kernels.md).
+    out_d, out_p = jax.lax.optimization_barrier((out_d, out_p))
     return jnp.concatenate([out_d[:, 0][None], out_p], axis=1), k_buf, v_buf
 
   def advanced(self, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], t: int) -> SlotCache:
