@@ -95,9 +95,10 @@ class SlotSteps:
     mixed_tokens: the prompt-token counts a mixed step is compiled for, per batch bucket and
       attention span (`decode_with_prompts`: a decode step that also prefills whole prompts
       packed end to end, so the prompts ride in the step's weight read). Default none:
-      measured on the H200 the mixed steps made the server slower, not faster (before a fix of
-      their cache copies, not yet re-measured; docs/serving.md); on the CPU prefill is compute-bound and a prompt padded to the mixed
-      size costs more compute than the weight read it saves.
+      on the H200 the mixed steps made the server slower, not faster (0.847x of it without
+      them at 32 streams: a mixed step still costs about twice a decode step; docs/serving.md);
+      on the CPU prefill is compute-bound and a prompt padded to the mixed size costs more
+      compute than the weight read it saves.
   """
 
   def __init__(self, gen: Generator, *, max_batch: int, max_len: int, chunk: int,
