@@ -18,8 +18,9 @@ calls, so the model does not care which it holds:
   their weights once for both, attention splits them.
 
 The decoder calls `attend` per layer (write the new keys and values, attend to what the view may
-read); `_Buffers.attend` composes `write`, `readable` and `visible`'s mask, and a view that is
-two views in one (`DecodeWithPrompts`) splits the sequence between them.
+read); `_Buffers.attend` composes `write`, `readable` and `visible`'s mask; `PackedPrompts`
+attends to the pass's own keys without reading them back, and a view that is two views in one
+(`DecodeWithPrompts`) splits the sequence between them.
 """
 
 from __future__ import annotations
@@ -183,9 +184,11 @@ class PackedPrompts(_Buffers):
   end, token i belonging to cache row `rows[i]` at position `pos[i]` (a padding token names a
   row past the last, which writes nothing).
 
-  Attention reads the pass's own keys (gathered back from the rows just written) under a
-  block-diagonal causal mask, so no prompt sees another and no padding is computed between
-  prompts; the rows' earlier contents are not read (each prompt starts its row afresh).
+  Attention reads the pass's own keys and values as computed (in the buffers' dtype, the values
+  a read of the rows just written would return) under a block-diagonal causal mask, so no
+  prompt sees another and no padding is computed between prompts; the buffers are only written
+  (each prompt starts its row afresh). Reading them back instead put a gather inside each
+  attention matmul.
 
   Attributes:
     k, v: the slot cache's L buffers [B, S, Hkv, hd].
@@ -213,8 +216,15 @@ class PackedPrompts(_Buffers):
   def write(self, buf: jax.Array, new: jax.Array) -> jax.Array:
     return buf.at[self.rows, self.pos].set(new[0].astype(buf.dtype), mode="drop")
 
-  def readable(self, buf: jax.Array) -> jax.Array:
-    return buf.at[self.rows, self.pos].get(mode="fill", fill_value=0)[None]
+  def attend(self, q, k, v, k_buf, v_buf, mask):
+    k_buf, v_buf = self.write(k_buf, k), self.write(v_buf, v)
+    return attention(q, *self.own(k, v, k_buf), mask), k_buf, v_buf
+
+  @staticmethod
+  def own(k: jax.Array, v: jax.Array, buf: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The pass's own keys and values [1, T, Hkv, hd] as the buffers hold them (their dtype).
+    A padding token's differ from the zeros a read would give, but only padding sees them."""
+    return k.astype(buf.dtype), v.astype(buf.dtype)
 
   def advanced(self, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], t: int) -> SlotCache:
     """The slot cache after the pass: each prompt's row holds exactly its prompt."""
@@ -269,8 +279,7 @@ class DecodeWithPrompts:
       k_buf, v_buf = view.write(k_buf, new_k), view.write(v_buf, new_v)
     out_d = attention(as_rows(q), self.decode.readable(k_buf), self.decode.readable(v_buf),
                       mask[0])
-    out_p = attention(q[:, b:], self.prompts.readable(k_buf), self.prompts.readable(v_buf),
-                      mask[1])
+    out_p = attention(q[:, b:], *self.prompts.own(k[:, b:], v[:, b:], k_buf), mask[1])
     # Without the barrier XLA on the GPU fused the decode rows' attention-times-values into
     # the concatenation, an element-wise loop that ran 273 µs a layer against ~15 µs as its
     # own reduction (the H200 profile in docs/benchmarks/h200/serve-steps/kernels.md).
