@@ -217,6 +217,12 @@ def test_metrics_report_requests_tokens_and_routing(server):
   generated = [line for line in text.splitlines()
                if line.startswith('adafuse_generation_tokens_total{model="default"}')]
   assert float(generated[0].split()[-1]) >= 4
+  # The engine thread's time: it served a request, so it waited for the device and worked.
+  seconds = {line.split('state="')[1].split('"')[0]: float(line.split()[-1])
+             for line in text.splitlines()
+             if line.startswith('adafuse_engine_seconds_total{model="default"')}
+  assert set(seconds) == {"device_wait", "host", "idle"}
+  assert seconds["device_wait"] > 0 and seconds["host"] > 0 and seconds["idle"] >= 0
 
 
 @pytest.mark.parametrize("args, words", [

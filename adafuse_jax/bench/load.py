@@ -335,12 +335,14 @@ def level_variants(levels: list[int], compare_mixed: bool, flip: bool = False
   return [(f"{c} mixed" if m else str(c), c, m) for c in levels for m in pair]
 
 
-def engine_counts(stats) -> dict[str, int]:
+def engine_counts(stats) -> dict[str, float]:
   """What the engine did, to explain a level's time: decode steps (mixed ones among them),
-  prefill passes of their own, tokens generated."""
+  prefill passes of their own, tokens generated, and its thread's seconds waiting for the
+  device, working on the host and idle (no request to serve)."""
   return {"decode_steps": stats.decode_steps, "mixed_steps": stats.mixed_steps,
           "prefill_passes": stats.packed_passes + stats.row_passes,
-          "generated": stats.generated_tokens}
+          "generated": stats.generated_tokens, "device_wait_s": stats.device_wait_s,
+          "host_s": stats.host_s, "idle_s": stats.idle_s}
 
 
 def summarise(args, levels, prompt_range, counts, rounds, compile_s, dtype, model) -> dict:
@@ -393,11 +395,14 @@ def table(res: dict) -> str:
            + (f" with XLA_FLAGS=`{env['xla_flags']}`" if env.get("xla_flags") else ""),
            "",
            "Engine columns (median per round): decode steps, those of them that also prefilled"
-           " prompts (mixed), prefill passes of their own, and tokens generated per decode step.",
+           " prompts (mixed), prefill passes of their own, tokens generated per decode step,"
+           " and the engine thread's seconds over the level: waiting for the device's results,"
+           " working on the host, idle (no request to serve).",
            "",
            "| concurrency | requests | output tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms |"
-           " ITL p99 ms | decode steps | mixed | prefill passes | tokens/step |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           " ITL p99 ms | decode steps | mixed | prefill passes | tokens/step | device wait s |"
+           " host s | idle s |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for lv in res["levels"]:
     steps = lv.get("decode_steps", float("nan"))
     per_step = lv["generated"] / steps if steps and "generated" in lv else float("nan")
@@ -405,7 +410,9 @@ def table(res: dict) -> str:
                  f" {lv['tokens_per_s']:.1f} |"
                  f" {lv['ttft_p50_ms']:.1f} | {lv['ttft_p99_ms']:.1f} | {lv['itl_p50_ms']:.2f} |"
                  f" {lv['itl_p99_ms']:.2f} | {steps:.0f} | {lv.get('mixed_steps', 0):.0f} |"
-                 f" {lv.get('prefill_passes', 0):.0f} | {per_step:.1f} |")
+                 f" {lv.get('prefill_passes', 0):.0f} | {per_step:.1f} |"
+                 f" {lv.get('device_wait_s', float('nan')):.2f} | {lv.get('host_s', float('nan')):.2f} |"
+                 f" {lv.get('idle_s', float('nan')):.2f} |")
   seq = res["sequential_tokens_per_s"]
   lines += ["", "- sequential decoding (`generate`, batch 1): "
             + ("not run" if seq != seq else f"{seq:.1f} tokens/s"),

@@ -23,6 +23,10 @@ class _Collector:
     yield http
     finished = CounterMetricFamily(p + "requests", "Requests finished",
                                    labels=["model", "finish_reason"])
+    engine_time = CounterMetricFamily(
+        p + "engine_seconds", "The engine thread's time: waiting for the device's results"
+        " (device_wait), working on the host (host), with no request to serve (idle)",
+        labels=["model", "state"])
     counters = {
         "prompt_tokens": ("Prompt tokens prefilled", "prompt_tokens"),
         "generation_tokens": ("Tokens generated", "generated_tokens"),
@@ -47,6 +51,8 @@ class _Collector:
       st = e.stats
       for reason, n in sorted(st.requests_finished.items()):
         finished.add_metric([name, reason], n)
+      for state in ("device_wait", "host", "idle"):
+        engine_time.add_metric([name, state], getattr(st, state + "_s"))
       for k, (_, attr) in counters.items():
         cfam[k].add_metric([name], getattr(st, attr))
       ttft = list(st.ttft_s)
@@ -58,6 +64,7 @@ class _Collector:
       for k, v in values.items():
         gfam[k].add_metric([name], v)
     yield finished
+    yield engine_time
     yield from cfam.values()
     yield from gfam.values()
 
