@@ -223,6 +223,9 @@ def test_metrics_report_requests_tokens_and_routing(server):
              if line.startswith('adafuse_engine_seconds_total{model="default"')}
   assert set(seconds) == {"device_wait", "host", "idle"}
   assert seconds["device_wait"] > 0 and seconds["host"] > 0 and seconds["idle"] >= 0
+  answered = [line for line in text.splitlines()
+              if line.startswith('adafuse_http_requests_total{path="/v1/completions",status="200"}')]
+  assert answered and float(answered[0].split()[-1]) >= 1
 
 
 @pytest.mark.parametrize("args, words", [

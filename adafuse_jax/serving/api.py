@@ -164,6 +164,29 @@ class _BodyLimit:
         await too_large(scope, receive, send)
 
 
+class _CountResponses:
+  """Counts answered HTTP requests by path and status into `counts` (for /metrics).
+
+  A plain ASGI wrapper, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware passes
+  every chunk of a streamed response through a task and a memory stream, which a CPU profile
+  of the server under 32 streams put at a third of the event loop's time."""
+
+  def __init__(self, app, counts: dict[tuple[str, str], int]):
+    self.app, self.counts = app, counts
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+
+    async def counting_send(message):
+      if message["type"] == "http.response.start":
+        key = (scope["path"], str(message["status"]))
+        self.counts[key] = self.counts.get(key, 0) + 1
+      await send(message)
+
+    await self.app(scope, receive, counting_send)
+
+
 class _TooLarge(Exception):
   """A request body grew past the limit while it was read."""
 
@@ -177,13 +200,6 @@ def create_app(engines: dict[str, Engine], *, max_body_bytes: int = DEFAULT_MAX_
   app = FastAPI(title="adafuse-jax", docs_url=None, redoc_url=None)
   app.state.http_counts = {}
   created = int(time.time())
-
-  @app.middleware("http")
-  async def count_requests(request: Request, call_next):
-    response = await call_next(request)
-    key = (request.url.path, str(response.status_code))
-    app.state.http_counts[key] = app.state.http_counts.get(key, 0) + 1
-    return response
 
   @app.exception_handler(RequestValidationError)
   async def invalid(request: Request, exc: RequestValidationError):
@@ -294,7 +310,8 @@ def create_app(engines: dict[str, Engine], *, max_body_bytes: int = DEFAULT_MAX_
                          "logprobs": None, "finish_reason": result.finish_reason}],
             "usage": _usage(result)}
 
-  return _BodyLimit(app, max_body_bytes)  # type: ignore[return-value]
+  return _CountResponses(_BodyLimit(app, max_body_bytes),  # type: ignore[return-value]
+                         app.state.http_counts)
 
 
 async def _result(stream: RequestStream):
