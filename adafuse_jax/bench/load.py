@@ -111,7 +111,10 @@ async def _level(url: str, model: str, prompts: list[list[int]], max_tokens: int
 
 
 def client_main(argv: Sequence[str]) -> int:
-  spec = json.loads(sys.stdin.read())
+  spec = json.loads(sys.stdin.readline())
+  import httpx  # noqa: F401  (imported before "ready": the level's clock starts at "go")
+  print("ready", flush=True)
+  sys.stdin.readline()  # "go"
   out = asyncio.run(_level(spec["url"], spec["model"], spec["prompts"], spec["max_tokens"],
                            spec["concurrency"]))
   print(json.dumps(out))
@@ -119,14 +122,26 @@ def client_main(argv: Sequence[str]) -> int:
 
 
 def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int,
-              concurrency: int, timeout: float) -> dict:
+              concurrency: int, timeout: float, on_start=None) -> dict:
+  """One level from a fresh client process; `on_start()` runs once the client has started
+  and imported what it needs, just before it sends its first request."""
   spec = json.dumps({"url": url, "model": model, "prompts": prompts, "max_tokens": max_tokens,
                      "concurrency": concurrency})
-  done = subprocess.run([sys.executable, "-m", "adafuse_jax.bench.load", "--client"],
-                        input=spec, capture_output=True, text=True, timeout=timeout)
-  if done.returncode:
-    raise RuntimeError(f"load client failed: {done.stderr[-2000:]}")
-  return json.loads(done.stdout)
+  client = subprocess.Popen([sys.executable, "-m", "adafuse_jax.bench.load", "--client"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+  try:
+    client.stdin.write(spec + "\n")
+    client.stdin.flush()
+    if client.stdout.readline().strip() == "ready" and on_start is not None:
+      on_start()
+    out, err = client.communicate("go\n", timeout=timeout)
+  except subprocess.TimeoutExpired:
+    client.kill()
+    raise
+  if client.returncode:
+    raise RuntimeError(f"load client failed: {err[-2000:]}")
+  return json.loads(out)
 
 
 # -- the server process -------------------------------------------------------------------
@@ -304,8 +319,9 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
       if mixed is not None:
         engine.mixed_prefill = mixed
       left = max(30.0, deadline - time.time())
-      before = engine_counts(engine.stats)
-      res = run_level(url, "pool", prompts[c], args.max_tokens, c, timeout=left)
+      before = {}
+      res = run_level(url, "pool", prompts[c], args.max_tokens, c, timeout=left,
+                      on_start=lambda: before.update(engine_counts(engine.stats)))
       after = engine_counts(engine.stats)
       res.update({k: float(after[k] - before[k]) for k in after})
       res.update(label=label, mixed=engine.mixed_prefill)
