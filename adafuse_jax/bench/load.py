@@ -28,6 +28,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Sequence
@@ -117,30 +118,41 @@ def client_main(argv: Sequence[str]) -> int:
   sys.stdin.readline()  # "go"
   out = asyncio.run(_level(spec["url"], spec["model"], spec["prompts"], spec["max_tokens"],
                            spec["concurrency"]))
+  print("done", flush=True)
   print(json.dumps(out))
   return 0
 
 
 def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int,
-              concurrency: int, timeout: float, on_start=None) -> dict:
+              concurrency: int, timeout: float, on_start=None, on_done=None) -> dict:
   """One level from a fresh client process; `on_start()` runs once the client has started
-  and imported what it needs, just before it sends its first request."""
+  and imported what it needs, just before it sends its first request, and `on_done()` once its
+  last request has finished (before the process reports and exits)."""
   spec = json.dumps({"url": url, "model": model, "prompts": prompts, "max_tokens": max_tokens,
                      "concurrency": concurrency})
-  client = subprocess.Popen([sys.executable, "-m", "adafuse_jax.bench.load", "--client"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-  try:
-    client.stdin.write(spec + "\n")
-    client.stdin.flush()
-    if client.stdout.readline().strip() == "ready" and on_start is not None:
-      on_start()
-    out, err = client.communicate("go\n", timeout=timeout)
-  except subprocess.TimeoutExpired:
-    client.kill()
-    raise
-  if client.returncode:
-    raise RuntimeError(f"load client failed: {err[-2000:]}")
+  # stderr goes to a file: the pipes are read line by line here, never by communicate() (whose
+  # reads would miss what readline() has already buffered).
+  with tempfile.TemporaryFile("w+") as err:
+    client = subprocess.Popen([sys.executable, "-m", "adafuse_jax.bench.load", "--client"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+    killer = threading.Timer(timeout, client.kill)
+    killer.start()
+    try:
+      client.stdin.write(spec + "\n")
+      client.stdin.flush()
+      if client.stdout.readline().strip() == "ready" and on_start is not None:
+        on_start()
+      client.stdin.write("go\n")
+      client.stdin.close()
+      if client.stdout.readline().strip() == "done" and on_done is not None:
+        on_done()
+      out = client.stdout.read()
+      client.wait()
+    finally:
+      killer.cancel()
+    if client.returncode:
+      err.seek(0)
+      raise RuntimeError(f"load client failed (exit {client.returncode}): {err.read()[-2000:]}")
   return json.loads(out)
 
 
@@ -319,10 +331,10 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
       if mixed is not None:
         engine.mixed_prefill = mixed
       left = max(30.0, deadline - time.time())
-      before = {}
+      before, after = {}, {}
       res = run_level(url, "pool", prompts[c], args.max_tokens, c, timeout=left,
-                      on_start=lambda: before.update(engine_counts(engine.stats)))
-      after = engine_counts(engine.stats)
+                      on_start=lambda: before.update(engine_counts(engine.stats)),
+                      on_done=lambda: after.update(engine_counts(engine.stats)))
       res.update({k: float(after[k] - before[k]) for k in after})
       res.update(label=label, mixed=engine.mixed_prefill)
       row["levels"][label] = res
