@@ -98,7 +98,10 @@ for part in $parts; do
       for mode in ${STEP_MODES:-backbone-packed pregated-packed}; do
         timeout "${STEP_S:-200}" python3 tools/step_probe.py --mode "$mode" 2>>"$out/step.log" \
           | tee -a "$out/step.jsonl"
-      done ;;
+      done
+      # The host's cost of one call by its number of arrays (a 7B packed step takes ~206).
+      timeout 120 python3 tools/dispatch_probe.py --out "$out/dispatch.jsonl" 2>>"$out/step.log" \
+        | cut -c1-60 ;;
     autotune)
       # What a second start of the server saves: compile_probe on empty caches, then again with
       # XLA's per-fusion autotune cache kept on disk (JAX's compilation cache off, so it compiles
