@@ -135,7 +135,8 @@ def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int,
   with tempfile.TemporaryFile("w+") as err:
     client = subprocess.Popen([sys.executable, "-m", "adafuse_jax.bench.load", "--client"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
-    killer = threading.Timer(timeout, client.kill)
+    timed_out = threading.Event()
+    killer = threading.Timer(timeout, lambda: (timed_out.set(), client.kill()))
     killer.start()
     try:
       client.stdin.write(spec + "\n")
@@ -150,6 +151,8 @@ def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int,
       client.wait()
     finally:
       killer.cancel()
+    if timed_out.is_set():
+      raise RuntimeError(f"the load client's level did not finish in {timeout:.0f} s")
     if client.returncode:
       err.seek(0)
       raise RuntimeError(f"load client failed (exit {client.returncode}): {err.read()[-2000:]}")
