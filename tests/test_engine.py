@@ -153,6 +153,9 @@ def test_bad_requests_and_configurations_are_named(engine, model):
   pool = MixtureOfLoRA(model.cfg, AdapterConfig(mode="pregated", num_experts=2, rank=2), seed=0)
   with pytest.raises(UserError, match="serve this pool with --path packed"):
     Engine(Generator(model, adapters=pool, path="merged"), byte_tokenizer(VOCAB))
+  steps = engine.steps  # a packed size must be compiled and hold the prompts (checked first)
+  with pytest.raises(UserError, match=r"packed size 7 is not a compiled size holding 3 tokens"):
+    steps.packed_prefill(None, None, [(0, [5, 6, 7])], [0.0], [1.0], [0], [0], size=7)
 
 
 def test_incremental_text_streams_what_is_final_and_stops_before_a_stop_string():

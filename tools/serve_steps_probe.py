@@ -91,8 +91,8 @@ def main() -> None:
   for size in packed:
     fitting = [pr for i, pr in enumerate(prompts) if (i + 1) * args.prompt_tokens <= size]
     programs[f"packed pass {size} ({len(fitting)}x{args.prompt_tokens} tokens)"] = (
-        lambda c, n, fitting=fitting: steps.packed_prefill(
-            c, n, fitting, *([x[0]] * len(fitting) for x in per_prompt)))
+        lambda c, n, fitting=fitting, size=size: steps.packed_prefill(
+            c, n, fitting, *([x[0]] * len(fitting) for x in per_prompt), size=size))
 
   def timed(fn, calls: int) -> float:
     jax.block_until_ready(state["nxt"])

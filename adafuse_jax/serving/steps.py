@@ -381,13 +381,20 @@ class SlotSteps:
 
   def packed_prefill(self, cache: SlotCache, nxt: jax.Array,
                      prompts: Sequence[tuple[int, Sequence[int]]], temperature: np.ndarray,
-                     top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray):
+                     top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray,
+                     size: int | None = None):
     """One pass prefilling whole prompts: prompts[j] = (row, ids), distinct rows, at most
     `max_batch` prompts of at most `chunk` tokens whose total fits the largest packed size.
+    `size`: the packed size to run (default the smallest that holds the prompts; a larger one
+    pads more, as when timing each size).
 
     Returns (cache, nxt, tokens, routing) as `prefill`: tokens[j] is the token sampled after
     prompt j, already placed in nxt[row]."""
-    size = bucket_for(sum(len(ids) for _, ids in prompts), self.packed_buckets)
+    need = sum(len(ids) for _, ids in prompts)
+    if size is not None and (size not in self.packed_buckets or size < need):
+      raise UserError(f"packed size {size} is not a compiled size holding {need} tokens"
+                      f" (compiled: {list(self.packed_buckets)})")
+    size = size or bucket_for(need, self.packed_buckets)
     fn = self.packed_fn(size)
     inputs = self._replicated((*self._pack(prompts, size),
                                *_sampling_rows(self.max_batch, temperature, top_p, top_k, seeds)))
