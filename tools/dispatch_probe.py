@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adafuse_jax.timing import time_pipelined
+
 
 def per_call_us(fn, args, calls: int) -> float:
-  out = fn(*args)
-  jax.block_until_ready(out)
-  t0 = time.perf_counter()
-  for _ in range(calls):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / calls * 1e6
+  """µs per call of `calls` calls back to back, one sync at the end (after one warm call)."""
+  return time_pipelined(lambda: fn(*args), warmup=1, steps=calls, repeats=1).median_ms * 1e3
 
 
 def main() -> None:

@@ -15,12 +15,13 @@ import functools
 import itertools
 import json
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from adafuse_jax.timing import time_pipelined
 
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
 LAYERS = 8
@@ -59,13 +60,10 @@ def pallas_gemv(x, w, *, bn, bk, splits, warps, stages):
 
 
 def timed(fn, args, rounds_of: int = 20) -> float:
-  out = fn(*args)
-  jax.block_until_ready(out)
-  t = time.perf_counter()
-  for _ in range(rounds_of):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / rounds_of / LAYERS
+  """Seconds per weight: `rounds_of` calls back to back (after one warm call), each over
+  LAYERS distinct weights."""
+  per_call = time_pipelined(lambda: fn(*args), warmup=1, steps=rounds_of, repeats=1)
+  return per_call.median_ms / 1e3 / LAYERS
 
 
 def main() -> None:
