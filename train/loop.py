@@ -325,9 +325,15 @@ class Trainer:
                       " its experts, or give several PEFT adapters (one pre-gated pool)")
     self.optimizer = make_optimizer(self.adapters, cfg, RouterParam if router_only else AdapterParam)
     self.step = 0
-    self.manager = ocp.CheckpointManager(
-        self.workdir / "ckpt",
-        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True))
+    try:
+      # The manager reads every kept step's metadata file as it starts.
+      self.manager = ocp.CheckpointManager(
+          self.workdir / "ckpt",
+          options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True))
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds; name the folder and the cure
+      raise CheckpointError(f"the checkpoints in {self.workdir / 'ckpt'} are unreadable"
+                            f" ({type(e).__name__}: {str(e)[:120]}); move the damaged step's"
+                            " folder aside, or use a fresh --workdir") from None
     self._eval_sets = {d: jnp.asarray(eval_windows(s, cfg.eval_windows, cfg.seq_len))
                        for d, s in heldout_streams.items()}
 
