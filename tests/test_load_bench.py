@@ -35,6 +35,23 @@ def test_the_load_bench_compares_mixed_steps_on_one_engine(tmp_path):
   assert (tmp_path / "load.png").stat().st_size > 0
 
 
+def test_the_load_bench_drives_the_engine_in_process_beside_the_server(tmp_path):
+  argv = ["--model", FIXTURE, "--adapters", "random:0", "--concurrency", "2", "--static-batch", "2",
+          "--sequential", "0", "--requests", "3", "--max-tokens", "4", "--prompt-tokens", "4,12",
+          "--rounds", "2", "--chunk", "16", "--in-process", "--out", str(tmp_path)]
+  assert load.main(argv) == 0
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert [(lv["label"], lv["in_process"]) for lv in res["levels"]] == [
+      ("2", False), ("2 in-process", True)]
+  for lv in res["levels"]:
+    assert lv["output_tokens"] == 3 * 4 and lv["generated"] == 3 * 4 and lv["requests"] == 3
+    assert lv["ttft_p50_ms"] > 0 and lv["itl_p50_ms"] > 0
+  assert [v["in_process"] for v in res["raw_rounds"][1]["levels"].values()] == [True, False]
+  for key in ("in_process_over_static", "served_over_in_process"):
+    assert res[key]["rounds"] == 2 and res[key]["low"] <= res[key]["median"] <= res[key]["high"]
+  assert "| 2 in-process |" in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--compare-mixed"], "--compare-mixed needs --mixed-prefill"),
     (["--sequential", "-1"], "--sequential must be 0"),

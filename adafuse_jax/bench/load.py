@@ -100,6 +100,11 @@ async def _level(url: str, model: str, prompts: list[list[int]], max_tokens: int
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
+  return level_figures(results, wall, concurrency)
+
+
+def level_figures(results: list[dict], wall: float, concurrency: int) -> dict:
+  """A level's figures from its requests' start times, token arrival times and token counts."""
   ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
   itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
   tokens = sum(r["tokens"] for r in results)
@@ -159,6 +164,49 @@ def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int,
   return json.loads(out)
 
 
+def engine_level(engine, prompts: list[list[int]], max_tokens: int, concurrency: int,
+                 timeout: float) -> dict:
+  """One level driven in this process straight into the engine (`Engine.submit_async` from an
+  event loop in its own thread, the server's path without HTTP): the same closed loop and
+  figures as `run_level`, so the two differ only by the HTTP stack and the client process."""
+  from adafuse_jax.serving import SamplingParams
+
+  params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+  async def one(prompt: list[int]) -> dict:
+    t0 = time.perf_counter()
+    times, tokens = [], 0
+    async for out in engine.submit_async(prompt, params):
+      tokens = out.completion_tokens
+      if out.text:
+        times.append(time.perf_counter())
+      if out.finished and out.finish_reason not in ("length", "stop"):
+        raise RuntimeError(f"an in-process request ended with {out.finish_reason}: {out.error}")
+    return {"start": t0, "times": times, "tokens": tokens}
+
+  async def level() -> dict:
+    queue = list(range(len(prompts)))
+    results: list[dict] = []
+
+    async def worker():
+      while queue:
+        results.append(await one(prompts[queue.pop(0)]))
+
+    t0 = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout)
+    return {"results": results, "wall_s": time.perf_counter() - t0}
+
+  box: dict = {}
+  # Its own thread and loop, as the server's uvicorn loop has: the engine thread then competes
+  # with one busy event loop for the interpreter, as it does when serving.
+  thread = threading.Thread(target=lambda: box.update(out=asyncio.run(level())), daemon=True)
+  thread.start()
+  thread.join()
+  if "out" not in box:
+    raise RuntimeError(f"the in-process level did not finish in {timeout:.0f} s")
+  return level_figures(box["out"]["results"], box["out"]["wall_s"], concurrency)
+
+
 # -- the server process -------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the engine's prefill-pass lengths (default: powers of two up to --chunk)")
   p.add_argument("--packed-prefill", default=None, help=PACKED_HELP)
   p.add_argument("--mixed-prefill", default=None, help=MIXED_HELP)
+  p.add_argument("--in-process", action="store_true",
+                 help="run every level twice a round: through the server, and driven in this"
+                 " process straight into the engine (no HTTP), to price the HTTP stack")
   p.add_argument("--compare-mixed", action="store_true",
                  help="run every level with mixed steps off and on, in the same rounds (needs"
                       " --mixed-prefill)")
@@ -330,16 +381,22 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
       log(f"time limit reached after {r} rounds")
       break
     row = {"static": static_round(), "sequential": sequential_round(), "levels": {}}
-    for label, c, mixed in level_variants(levels, args.compare_mixed, flip=r % 2 == 1):
+    for label, c, mixed, direct in level_variants(levels, args.compare_mixed, args.in_process,
+                                                  flip=r % 2 == 1):
       if mixed is not None:
         engine.mixed_prefill = mixed
       left = max(30.0, deadline - time.time())
       before, after = {}, {}
-      res = run_level(url, "pool", prompts[c], args.max_tokens, c, timeout=left,
-                      on_start=lambda: before.update(engine_counts(engine.stats)),
-                      on_done=lambda: after.update(engine_counts(engine.stats)))
+      if direct:
+        before.update(engine_counts(engine.stats))
+        res = engine_level(engine, prompts[c], args.max_tokens, c, timeout=left)
+        after.update(engine_counts(engine.stats))
+      else:
+        res = run_level(url, "pool", prompts[c], args.max_tokens, c, timeout=left,
+                        on_start=lambda: before.update(engine_counts(engine.stats)),
+                        on_done=lambda: after.update(engine_counts(engine.stats)))
       res.update({k: float(after[k] - before[k]) for k in after})
-      res.update(label=label, mixed=engine.mixed_prefill)
+      res.update(label=label, mixed=engine.mixed_prefill, in_process=direct)
       row["levels"][label] = res
     rounds.append(row)
     if on_round is not None:  # a run cut short still leaves the rounds it finished
@@ -355,15 +412,18 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
   return summarise(args, levels, prompt_range, counts, rounds, compile_s, str(dtype), cfg.name)
 
 
-def level_variants(levels: list[int], compare_mixed: bool, flip: bool = False
-                   ) -> list[tuple[str, int, bool | None]]:
-  """(label, concurrency, mixed steps on/off or None to leave the engine's setting) per level
-  run of a round; with `compare_mixed` each level twice, the order flipped on alternate rounds
-  so that neither setting always runs second."""
-  if not compare_mixed:
-    return [(str(c), c, None) for c in levels]
-  pair = (False, True) if not flip else (True, False)
-  return [(f"{c} mixed" if m else str(c), c, m) for c in levels for m in pair]
+def level_variants(levels: list[int], compare_mixed: bool, in_process: bool = False,
+                   flip: bool = False) -> list[tuple[str, int, bool | None, bool]]:
+  """(label, concurrency, mixed steps on/off or None to leave the engine's setting, whether
+  driven in-process) per level run of a round: with `compare_mixed` each level with mixed steps
+  off and on, with `in_process` each through the server and in-process; the order flipped on
+  alternate rounds so that no variant always runs second."""
+  mixes = (False, True) if compare_mixed else (None,)
+  ways = (False, True) if in_process else (False,)
+  if flip:
+    mixes, ways = mixes[::-1], ways[::-1]
+  return [(" ".join([str(c)] + ["mixed"] * bool(m) + ["in-process"] * d), c, m, d)
+          for c in levels for m in mixes for d in ways]
 
 
 def engine_counts(stats) -> dict[str, float]:
@@ -386,7 +446,7 @@ def summarise(args, levels, prompt_range, counts, rounds, compile_s, dtype, mode
     return float(np.median(values))
 
   summary = []
-  for label, _, _ in level_variants(levels, args.compare_mixed):
+  for label, *_ in level_variants(levels, args.compare_mixed, args.in_process):
     per = [rd["levels"][label] for rd in rounds]
     summary.append({k: (med([p[k] for p in per]) if isinstance(per[0][k], float) else per[0][k])
                     for k in per[0]})
@@ -406,6 +466,11 @@ def summarise(args, levels, prompt_range, counts, rounds, compile_s, dtype, mode
     ratios = {"mixed_over_static": over(mixed, static),
               "mixed_over_unmixed": over(mixed, [rd["levels"][plain]["tokens_per_s"]
                                                  for rd in rounds])}
+  if args.in_process and ratio is not None:
+    direct = f"{args.static_batch} in-process"
+    ratios.update(in_process_over_static=over(direct, static),
+                  served_over_in_process=over(plain, [rd["levels"][direct]["tokens_per_s"]
+                                                      for rd in rounds]))
   return {"environment": environment(), "model": model, "pool": args.adapters,
           "path": args.path, "dtype": dtype, "max_tokens": args.max_tokens,
           "prompt_tokens": list(prompt_range), "requests": counts, "rounds": len(rounds),
@@ -454,12 +519,14 @@ def table(res: dict) -> str:
     interval = f" [{r['low']:.3f}, {r['high']:.3f}]" if "low" in r else ""
     lines.append(f"- server at concurrency {res['static_batch']} / static batch:"
                  f" {r['median']:.3f}x{interval} (95% interval over {r['rounds']} rounds)")
-  for key, what in (("mixed_over_static", "with mixed steps / static batch"),
-                    ("mixed_over_unmixed", "with mixed steps / without them")):
+  for key, what in (("mixed_over_static", "server with mixed steps / static batch"),
+                    ("mixed_over_unmixed", "server with mixed steps / without them"),
+                    ("in_process_over_static", "engine driven in-process / static batch"),
+                    ("served_over_in_process", "server / engine driven in-process")):
     r = res.get(key)
     if r:
       interval = f" [{r['low']:.3f}, {r['high']:.3f}]" if "low" in r else ""
-      lines.append(f"- server at concurrency {res['static_batch']} {what}: {r['median']:.3f}x"
+      lines.append(f"- at concurrency {res['static_batch']}, {what}: {r['median']:.3f}x"
                    f"{interval} (paired by round)")
   return "\n".join(lines)
 
@@ -470,13 +537,20 @@ def plot(res: dict, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-  compared = len({lv.get("mixed") for lv in res["levels"]}) > 1
-  for mixed in sorted({lv.get("mixed") for lv in res["levels"]}, key=str):
-    lvs = [lv for lv in res["levels"] if lv.get("mixed") == mixed]
-    tag = (" (mixed steps)" if mixed else " (no mixed steps)") if compared else ""
+  kinds = sorted({(lv.get("mixed"), lv.get("in_process", False)) for lv in res["levels"]},
+                 key=str)
+  for mixed, direct in kinds:
+    lvs = [lv for lv in res["levels"]
+           if (lv.get("mixed"), lv.get("in_process", False)) == (mixed, direct)]
+    tag = ""
+    if len({m for m, _ in kinds}) > 1:
+      tag += " mixed steps" if mixed else " no mixed steps"
+    if direct:
+      tag += " in-process"
+    tag = f" ({tag.strip()})" if tag else ""
     cs = [lv["concurrency"] for lv in lvs]
     a.plot(cs, [lv["tokens_per_s"] for lv in lvs], "o-" if not mixed else "o:",
-           label="server" + tag)
+           label=("engine" if direct else "server") + tag)
     b.plot(cs, [lv["ttft_p50_ms"] for lv in lvs], "o-", label="TTFT p50" + tag)
     b.plot(cs, [lv["itl_p50_ms"] for lv in lvs], "s-", label="ITL p50" + tag)
     b.plot(cs, [lv["itl_p99_ms"] for lv in lvs], "s--", label="ITL p99" + tag)
