@@ -24,6 +24,7 @@ def test_the_load_bench_compares_mixed_steps_on_one_engine(tmp_path):
   for lv in res["levels"]:  # every request's every token arrived, and the engine counted them
     assert lv["output_tokens"] == 3 * 4 and lv["generated"] == 3 * 4
     assert lv["decode_steps"] >= 3 and lv["tokens_per_s"] > 0
+    assert lv["prefill_computed_tokens"] >= lv["prompt_tokens"] >= 3 * 4
     assert lv["device_wait_s"] > 0 and lv["host_s"] > 0 and lv["idle_s"] >= 0
   # The second round ran the pair in the other order.
   assert [v["mixed"] for v in res["raw_rounds"][1]["levels"].values()] == [True, False]

@@ -217,6 +217,10 @@ def test_metrics_report_requests_tokens_and_routing(server):
   generated = [line for line in text.splitlines()
                if line.startswith('adafuse_generation_tokens_total{model="default"}')]
   assert float(generated[0].split()[-1]) >= 4
+  prompt, computed = (float(line.split()[-1]) for name in ("prompt", "prefill_computed")
+                      for line in text.splitlines()
+                      if line.startswith(f'adafuse_{name}_tokens_total{{model="default"}}'))
+  assert computed >= prompt > 0  # the passes computed the prompt tokens and their padding
   # The engine thread's time: it served a request, so it waited for the device and worked.
   seconds = {line.split('state="')[1].split('"')[0]: float(line.split()[-1])
              for line in text.splitlines()

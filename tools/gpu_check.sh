@@ -55,7 +55,7 @@ for part in $parts; do
         --tokenizer bytes --adapters "${POOL:-random:0}" --path "${SERVE_PATH:-packed}" \
         --concurrency "${LEVELS:-1,8,32,64}" --rounds "${ROUNDS:-3}" --max-tokens "${TOKENS:-128}" \
         --sequential "${SEQUENTIAL:-8}" --chunk "${CHUNK:-256}" ${PREFILL_LENGTHS:+--prefill-lengths $PREFILL_LENGTHS} \
-        ${PACKED:+--packed-prefill $PACKED} ${PREFILL_ROWS:+--prefill-rows $PREFILL_ROWS} ${MIXED:+--mixed-prefill $MIXED} ${COMPARE_MIXED:+--compare-mixed} \
+        ${PACKED:+--packed-prefill $PACKED} ${PREFILL_ROWS:+--prefill-rows $PREFILL_ROWS} ${MIXED:+--mixed-prefill $MIXED} ${COMPARE_MIXED:+--compare-mixed} ${IN_PROCESS:+--in-process} \
         --time-limit "${LIMIT_S:-480}" ${COMPILE_CACHE:+--compile-cache $COMPILE_CACHE} \
         --out "$out/load" 2>&1 | tee "$out/load.log" | tail -20
       # The filled cache goes back in pieces of at most 15 MiB, for the next call to carry:

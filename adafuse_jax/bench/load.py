@@ -432,6 +432,8 @@ def engine_counts(stats) -> dict[str, float]:
   device, working on the host and idle (no request to serve)."""
   return {"decode_steps": stats.decode_steps, "mixed_steps": stats.mixed_steps,
           "prefill_passes": stats.packed_passes + stats.row_passes,
+          "prompt_tokens": stats.prompt_tokens,
+          "prefill_computed_tokens": stats.prefill_computed_tokens,
           "generated": stats.generated_tokens, "device_wait_s": stats.device_wait_s,
           "host_s": stats.host_s, "idle_s": stats.idle_s}
 
@@ -491,14 +493,16 @@ def table(res: dict) -> str:
            + (f" with XLA_FLAGS=`{env['xla_flags']}`" if env.get("xla_flags") else ""),
            "",
            "Engine columns (median per round): decode steps, those of them that also prefilled"
-           " prompts (mixed), prefill passes of their own, tokens generated per decode step,"
+           " prompts (mixed), prefill passes of their own, the prompt tokens prefilled and"
+           " those the passes computed (padding to their compiled sizes included), tokens"
+           " generated per decode step,"
            " and the engine thread's seconds over the level: waiting for the device's results,"
            " working on the host, idle (no request to serve).",
            "",
            "| concurrency | requests | output tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms |"
-           " ITL p99 ms | decode steps | mixed | prefill passes | tokens/step | device wait s |"
-           " host s | idle s |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           " ITL p99 ms | decode steps | mixed | prefill passes | prompt tokens |"
+           " computed | tokens/step | device wait s | host s | idle s |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for lv in res["levels"]:
     steps = lv.get("decode_steps", float("nan"))
     per_step = lv["generated"] / steps if steps and "generated" in lv else float("nan")
@@ -506,7 +510,8 @@ def table(res: dict) -> str:
                  f" {lv['tokens_per_s']:.1f} |"
                  f" {lv['ttft_p50_ms']:.1f} | {lv['ttft_p99_ms']:.1f} | {lv['itl_p50_ms']:.2f} |"
                  f" {lv['itl_p99_ms']:.2f} | {steps:.0f} | {lv.get('mixed_steps', 0):.0f} |"
-                 f" {lv.get('prefill_passes', 0):.0f} | {per_step:.1f} |"
+                 f" {lv.get('prefill_passes', 0):.0f} | {lv.get('prompt_tokens', float('nan')):.0f} |"
+                 f" {lv.get('prefill_computed_tokens', float('nan')):.0f} | {per_step:.1f} |"
                  f" {lv.get('device_wait_s', float('nan')):.2f} | {lv.get('host_s', float('nan')):.2f} |"
                  f" {lv.get('idle_s', float('nan')):.2f} |")
   seq = res["sequential_tokens_per_s"]

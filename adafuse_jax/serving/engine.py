@@ -218,6 +218,9 @@ class EngineStats:
   packed_passes: int = 0  # prefill passes of whole prompts end to end
   mixed_steps: int = 0  # decode steps that also prefilled whole prompts
   row_passes: int = 0  # prefill passes of prompt chunks, one row each
+  # Prompt tokens the prefill passes and mixed steps computed, padding to their compiled
+  # sizes included (against `prompt_tokens`: what padding costs).
+  prefill_computed_tokens: int = 0
   running: int = 0
   waiting: int = 0
   last_bucket: int = 0
@@ -471,6 +474,8 @@ class Engine:
         [p.top_p for p in params], [max(p.top_k, 0) for p in params],
         [seq.seed for seq in chosen])
     self.stats.row_passes += 1
+    self.stats.prefill_computed_tokens += bucket_for(len(pieces), self.steps.prefill_rows) * (
+        bucket_for(max(len(piece) for _, piece, _ in pieces), self.steps.chunk_buckets))
     done = []  # (index in the pass, seq) of the prompts this pass completed
     for i, (seq, (_, piece, _)) in enumerate(zip(chosen, pieces)):
       seq.prefilled += len(piece)
@@ -525,6 +530,8 @@ class Engine:
         [p.temperature for p in params], [p.top_p for p in params],
         [max(p.top_k, 0) for p in params], [seq.seed for seq in chosen])
     self.stats.packed_passes += 1
+    self.stats.prefill_computed_tokens += bucket_for(sum(len(seq.prompt) for seq in chosen),
+                                                     steps.packed_buckets)
     for seq in chosen:
       seq.prefilled = seq.position = len(seq.prompt)
       self._waiting.remove(seq)
@@ -576,6 +583,8 @@ class Engine:
         [(seq.slot, seq.prompt) for seq in riding], [p.temperature for p in params],
         [p.top_p for p in params], [max(p.top_k, 0) for p in params], [seq.seed for seq in riding])
     self.stats.mixed_steps += 1
+    self.stats.prefill_computed_tokens += bucket_for(sum(len(seq.prompt) for seq in riding),
+                                                     self.steps.mixed_buckets)
     for seq in riding:
       seq.prefilled = seq.position = len(seq.prompt)
       self._waiting.remove(seq)

@@ -34,6 +34,9 @@ class _Collector:
         "packed_prefill_passes": ("Prefill passes of whole prompts packed end to end",
                                   "packed_passes"),
         "row_prefill_passes": ("Prefill passes of prompt chunks, one row each", "row_passes"),
+        "mixed_steps": ("Decode steps that also prefilled whole prompts", "mixed_steps"),
+        "prefill_computed_tokens": ("Prompt tokens the prefill passes computed, padding to their"
+                                    " compiled sizes included", "prefill_computed_tokens"),
     }
     gauges = {
         "running_sequences": "Requests holding a batch row",
