@@ -120,11 +120,40 @@ class Completion:
   token_ids: list[int]
 
 
+class _Outbox:
+  """Events for streams read from event loops, held by the engine thread until `flush`: one
+  wake-up per loop per engine iteration carries every stream's events, where a wake-up per
+  event (a write to the loop's self-pipe each) took a quarter of the engine thread's time
+  under 32 streams."""
+
+  def __init__(self) -> None:
+    self._held: dict[asyncio.AbstractEventLoop, list[tuple["RequestStream", Output]]] = {}
+
+  def add(self, stream: "RequestStream", out: Output) -> None:
+    self._held.setdefault(stream._loop, []).append((stream, out))
+
+  def flush(self) -> None:
+    held, self._held = self._held, {}
+    for loop, events in held.items():
+      try:
+        loop.call_soon_threadsafe(_deliver, events)
+      except RuntimeError:  # the loop closed: nobody listens any more
+        for stream, _ in events:
+          stream.cancelled.set()
+
+
+def _deliver(events: list[tuple["RequestStream", "Output"]]) -> None:
+  """Runs in the streams' event loop."""
+  for stream, out in events:
+    stream._async_q.put_nowait(out)
+
+
 class RequestStream:
   """The handle `Engine.submit` returns: iterate it (sync or async) for `Output` events.
 
   Events arrive from the engine thread; with an event loop given at submission they are
-  delivered into it (for `async for`), else into a thread-safe queue (for `for`).
+  delivered into it (for `async for`; batched per engine iteration, `_Outbox`), else into a
+  thread-safe queue (for `for`).
   """
 
   def __init__(self, request_id: str, prompt_tokens: int, loop: asyncio.AbstractEventLoop | None):
@@ -137,12 +166,9 @@ class RequestStream:
     self.cancelled = threading.Event()
     self._engine: Engine | None = None
 
-  def _put(self, out: Output) -> None:
+  def _put(self, out: Output, outbox: _Outbox) -> None:
     if self._loop is not None:
-      try:
-        self._loop.call_soon_threadsafe(self._async_q.put_nowait, out)
-      except RuntimeError:  # the loop closed: nobody listens any more
-        self.cancelled.set()
+      outbox.add(self, out)
     else:
       self._sync_q.put(out)
 
@@ -307,6 +333,7 @@ class Engine:
     self._stopping = threading.Event()
     self._failure: BaseException | None = None
     self._rng = np.random.default_rng()
+    self._outbox = _Outbox()
 
   # -- public ------------------------------------------------------------------------------
 
@@ -414,6 +441,7 @@ class Engine:
         self._admit(dispatched)
         self._dispatch_step(dispatched)
         self._drain(pending)
+        self._outbox.flush()
         pending = dispatched
         st.host_s += time.perf_counter() - (t1 if idle else t0) - (st.device_wait_s - waited)
         self.stats.running = sum(s is not None for s in self._slots)
@@ -650,7 +678,7 @@ class Engine:
       self._finish(seq, "length", delta + seq.detok.flush())
     elif delta:
       seq.stream._put(Output(delta, prompt_tokens=len(seq.prompt),
-                             completion_tokens=seq.generated))
+                             completion_tokens=seq.generated), self._outbox)
 
   def _finish(self, seq: _Seq, reason: str, text: str = "", error: str | None = None) -> None:
     seq.finished = True
@@ -662,7 +690,7 @@ class Engine:
     self.stats.waiting = sum(not s.finished for s in self._waiting)
     seq.stream._put(Output(text, finished=True, finish_reason=reason,
                            prompt_tokens=len(seq.prompt), completion_tokens=seq.generated,
-                           error=error))
+                           error=error), self._outbox)
 
   def _fail_all(self, reason: str, error: str | None) -> None:
     for seq in list(self._waiting) + [s for s in self._slots if s is not None]:
@@ -676,3 +704,4 @@ class Engine:
           self._finish(seq, reason, error=error)
     except queue.Empty:
       pass
+    self._outbox.flush()
