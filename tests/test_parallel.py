@@ -21,8 +21,11 @@ WORKER = pathlib.Path(__file__).parent / "parallel_worker.py"
 
 
 def _worker(part: str) -> dict:
+  # LLVM at -O0: the worker compiles ~100 programs of a tiny model and runs each a few times,
+  # so compiling is its time (a third less at -O0); 1 and N devices compile alike.
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS="--xla_force_host_platform_device_count=4"
+                       " --xla_backend_optimization_level=0")
   r = subprocess.run([sys.executable, str(WORKER), part], capture_output=True, text=True,
                      env=env, timeout=900, cwd=WORKER.parent.parent)
   assert r.returncode == 0, r.stderr[-3000:]
