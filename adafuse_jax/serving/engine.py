@@ -502,8 +502,8 @@ class Engine:
         [p.top_p for p in params], [max(p.top_k, 0) for p in params],
         [seq.seed for seq in chosen])
     self.stats.row_passes += 1
-    self.stats.prefill_computed_tokens += bucket_for(len(pieces), self.steps.prefill_rows) * (
-        bucket_for(max(len(piece) for _, piece, _ in pieces), self.steps.chunk_buckets))
+    rows, length = self.steps.row_pass_shape([len(piece) for _, piece, _ in pieces])
+    self.stats.prefill_computed_tokens += rows * length
     done = []  # (index in the pass, seq) of the prompts this pass completed
     for i, (seq, (_, piece, _)) in enumerate(zip(chosen, pieces)):
       seq.prefilled += len(piece)
@@ -558,8 +558,7 @@ class Engine:
         [p.temperature for p in params], [p.top_p for p in params],
         [max(p.top_k, 0) for p in params], [seq.seed for seq in chosen])
     self.stats.packed_passes += 1
-    self.stats.prefill_computed_tokens += bucket_for(sum(len(seq.prompt) for seq in chosen),
-                                                     steps.packed_buckets)
+    self.stats.prefill_computed_tokens += steps.packed_size([len(seq.prompt) for seq in chosen])
     for seq in chosen:
       seq.prefilled = seq.position = len(seq.prompt)
       self._waiting.remove(seq)
@@ -573,10 +572,9 @@ class Engine:
     steps = self.steps
     if len(chosen) > steps.prefill_rows[-1]:
       return False
-    rows = bucket_for(len(chosen), steps.prefill_rows)
-    length = bucket_for(max(len(seq.prompt) for seq in chosen), steps.chunk_buckets)
-    return rows * length < bucket_for(sum(len(seq.prompt) for seq in chosen),
-                                      steps.packed_buckets)
+    lengths = [len(seq.prompt) for seq in chosen]
+    rows, length = steps.row_pass_shape(lengths)
+    return rows * length < steps.packed_size(lengths)
 
   def _decoding_rows(self) -> list[tuple[int, _Seq]]:
     return [(i, s) for i, s in enumerate(self._slots)
@@ -611,8 +609,8 @@ class Engine:
         [(seq.slot, seq.prompt) for seq in riding], [p.temperature for p in params],
         [p.top_p for p in params], [max(p.top_k, 0) for p in params], [seq.seed for seq in riding])
     self.stats.mixed_steps += 1
-    self.stats.prefill_computed_tokens += bucket_for(sum(len(seq.prompt) for seq in riding),
-                                                     self.steps.mixed_buckets)
+    self.stats.prefill_computed_tokens += self.steps.packed_size(
+        [len(seq.prompt) for seq in riding], mixed=True)
     for seq in riding:
       seq.prefilled = seq.position = len(seq.prompt)
       self._waiting.remove(seq)

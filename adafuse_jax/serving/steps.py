@@ -353,6 +353,16 @@ class SlotSteps:
           f" {list(self.packed_buckets)} tokens, mixed steps with {list(self.mixed_buckets)}"
           " prompt tokens")
 
+  def row_pass_shape(self, lengths: Sequence[int]) -> tuple[int, int]:
+    """(rows, length) of the compiled row pass that holds pieces of these token lengths."""
+    return (bucket_for(len(lengths), self.prefill_rows),
+            bucket_for(max(lengths), self.chunk_buckets))
+
+  def packed_size(self, lengths: Sequence[int], mixed: bool = False) -> int:
+    """The compiled size of the packed pass (`mixed`: of the mixed step's prompt part) that
+    holds whole prompts of these token lengths."""
+    return bucket_for(sum(lengths), self.mixed_buckets if mixed else self.packed_buckets)
+
   def prefill(self, cache: SlotCache, nxt: jax.Array, pieces: Sequence[tuple[int, Sequence[int], int]],
               temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray):
     """One pass writing prompt chunks into several rows: pieces[i] = (row, chunk, start), with
@@ -363,9 +373,7 @@ class SlotSteps:
     (meaningful after a prompt's last chunk), already placed in nxt[row]; entries past
     len(pieces) are padding.
     """
-    n = len(pieces)
-    rows = bucket_for(n, self.prefill_rows)
-    length = bucket_for(max(len(c) for _, c, _ in pieces), self.chunk_buckets)
+    rows, length = self.row_pass_shape([len(c) for _, c, _ in pieces])
     index = np.full((rows,), self.max_batch, np.int32)  # padding: past the last row
     tokens = np.zeros((rows, length), np.int32)
     starts = np.zeros((rows,), np.int32)
@@ -394,7 +402,7 @@ class SlotSteps:
     if size is not None and (size not in self.packed_buckets or size < need):
       raise UserError(f"packed size {size} is not a compiled size holding {need} tokens"
                       f" (compiled: {list(self.packed_buckets)})")
-    size = size or bucket_for(need, self.packed_buckets)
+    size = size or self.packed_size([len(ids) for _, ids in prompts])
     fn = self.packed_fn(size)
     inputs = self._replicated((*self._pack(prompts, size),
                                *_sampling_rows(self.max_batch, temperature, top_p, top_k, seeds)))
@@ -439,7 +447,7 @@ class SlotSteps:
     Returns (cache, nxt, new [b + max_batch], routing of the decode rows): new[i] for i < b is
     decode row i's token, new[b + j] the token sampled after prompt j."""
     b = len(active)
-    size = bucket_for(sum(len(ids) for _, ids in prompts), self.mixed_buckets)
+    size = self.packed_size([len(ids) for _, ids in prompts], mixed=True)
     fn = self.mixed_fn(b, bucket_for(longest + 1, self.span_buckets), size)
     inputs = self._replicated((active, temperature, top_p, top_k, seeds,
                                *self._pack(prompts, size),
