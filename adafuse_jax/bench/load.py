@@ -83,23 +83,29 @@ async def _one(client, url: str, model: str, prompt: list[int], max_tokens: int)
   return {"start": t0, "times": times, "tokens": tokens}
 
 
+async def closed_loop(one, prompts: list[list[int]], concurrency: int) -> tuple[list[dict], float]:
+  """`concurrency` workers, each sending the next prompt (`await one(prompt)`) as soon as its
+  last request finished, until every prompt is done: (each request's record, wall seconds)."""
+  queue = list(range(len(prompts)))
+  results: list[dict] = []
+
+  async def worker():
+    while queue:
+      results.append(await one(prompts[queue.pop(0)]))
+
+  t0 = time.perf_counter()
+  await asyncio.gather(*(worker() for _ in range(concurrency)))
+  return results, time.perf_counter() - t0
+
+
 async def _level(url: str, model: str, prompts: list[list[int]], max_tokens: int,
                  concurrency: int) -> dict:
   import httpx
 
   limits = httpx.Limits(max_connections=concurrency + 4)
   async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-    queue = list(range(len(prompts)))
-    results: list[dict] = []
-
-    async def worker():
-      while queue:
-        i = queue.pop(0)
-        results.append(await _one(client, url, model, prompts[i], max_tokens))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
+    results, wall = await closed_loop(lambda p: _one(client, url, model, p, max_tokens), prompts,
+                                      concurrency)
   return level_figures(results, wall, concurrency)
 
 
@@ -184,27 +190,16 @@ def engine_level(engine, prompts: list[list[int]], max_tokens: int, concurrency:
         raise RuntimeError(f"an in-process request ended with {out.finish_reason}: {out.error}")
     return {"start": t0, "times": times, "tokens": tokens}
 
-  async def level() -> dict:
-    queue = list(range(len(prompts)))
-    results: list[dict] = []
-
-    async def worker():
-      while queue:
-        results.append(await one(prompts[queue.pop(0)]))
-
-    t0 = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout)
-    return {"results": results, "wall_s": time.perf_counter() - t0}
-
   box: dict = {}
   # Its own thread and loop, as the server's uvicorn loop has: the engine thread then competes
   # with one busy event loop for the interpreter, as it does when serving.
-  thread = threading.Thread(target=lambda: box.update(out=asyncio.run(level())), daemon=True)
+  thread = threading.Thread(target=lambda: box.update(out=asyncio.run(
+      asyncio.wait_for(closed_loop(one, prompts, concurrency), timeout))), daemon=True)
   thread.start()
   thread.join()
   if "out" not in box:
     raise RuntimeError(f"the in-process level did not finish in {timeout:.0f} s")
-  return level_figures(box["out"]["results"], box["out"]["wall_s"], concurrency)
+  return level_figures(*box["out"], concurrency)
 
 
 # -- the server process -------------------------------------------------------------------
