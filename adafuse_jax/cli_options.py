@@ -136,6 +136,11 @@ MIXED_HELP = ("prompt-token counts a decode step can also prefill (while rows de
               " (every prompt takes a pass of its own: with mixed steps the H200 server made"
               " 0.85x the tokens/s at 32 streams; see docs/serving.md)")
 
+PREFILL_WAIT_HELP = ("most decode steps a new prompt's prefill pass waits, while rows decode, for"
+                     " more prompts to share it (requests freed together arrive a few ms apart;"
+                     " one pass reads the weights once for all of them); 0: a pass whenever a"
+                     " prompt waits")
+
 
 def add_sere_options(a: argparse._ArgumentGroup) -> None:
   a.add_argument("--sere-rho", type=float, default=None,

@@ -17,9 +17,10 @@ import sys
 from typing import Sequence
 
 from adafuse_jax import compile_cache
-from adafuse_jax.cli_options import (MIXED_HELP, PACKED_HELP, add_model_options, add_pool_options,
-                                     add_sere_options, adapter_config, packed_sizes,
-                                     positive_ints, resolve_dtype, sere_settings)
+from adafuse_jax.cli_options import (MIXED_HELP, PACKED_HELP, PREFILL_WAIT_HELP,
+                                     add_model_options, add_pool_options, add_sere_options,
+                                     adapter_config, packed_sizes, positive_ints, resolve_dtype,
+                                     sere_settings)
 from adafuse_jax.errors import UserError
 
 SERVE_PATHS = ("packed", "xla", "gathered", "merged")
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                       " from 16 up to --chunk; --chunk is always one)")
   s.add_argument("--packed-prefill", default=None, metavar="N,N,...|off", help=PACKED_HELP)
   s.add_argument("--mixed-prefill", default=None, metavar="N,N,...|off", help=MIXED_HELP)
+  s.add_argument("--prefill-wait", type=int, default=2, metavar="STEPS", help=PREFILL_WAIT_HELP)
   s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
   s.add_argument("--warm-up", action="store_true",
                  help="compile every batch bucket and prompt chunk before listening")
@@ -108,6 +110,9 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
 
   if args.port is not None and not 0 <= args.port < 65536:
     raise UserError(f"--port {args.port} must be in [0, 65535]")
+  if args.prefill_wait < 0:
+    raise UserError(f"--prefill-wait {args.prefill_wait} must be 0 (no waiting) or more decode"
+                    " steps")
   cache_dir = compile_cache.from_option(args.compile_cache)
   if cache_dir is not None:
     log(f"compile cache: {cache_dir}")
@@ -151,7 +156,8 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
                      prefill_rows=positive_ints(args.prefill_rows, "--prefill-rows"),
                      prefill_lengths=positive_ints(args.prefill_lengths, "--prefill-lengths"),
                      packed_tokens=packed_sizes(args.packed_prefill),
-                     mixed_tokens=packed_sizes(args.mixed_prefill, "--mixed-prefill"))
+                     mixed_tokens=packed_sizes(args.mixed_prefill, "--mixed-prefill"),
+                     prefill_wait=args.prefill_wait)
   engines = {}
   if not args.no_backbone:
     name = args.served_model_name or pathlib.Path(loaded.source).stem.split(".")[0]

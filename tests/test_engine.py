@@ -13,6 +13,7 @@ from adafuse_jax.errors import UserError
 from adafuse_jax.generation import Generator, generate
 from adafuse_jax.model import LlamaModel
 from adafuse_jax.serving import Engine, SamplingParams
+from adafuse_jax.serving.engine import should_wait_for_prompts
 from adafuse_jax.serving.detok import IncrementalText
 from adafuse_jax.weights.tokenizer import byte_tokenizer
 from tests.conftest import tiny_config
@@ -86,6 +87,36 @@ def test_packed_and_mixed_prefill_sample_what_row_prefill_samples(model, path):
       assert (e.stats.packed_passes > 0) == (name != "rows")
       assert (e.stats.mixed_steps > 0) == (name == "mixed")
   assert got["packed"] == got["rows"] and got["mixed"] == got["rows"]
+
+
+@pytest.mark.parametrize("waited, decoding, free, tokens, limit, wait", [
+    ([0], 8, 4, 20, 2, True),  # one prompt of four could still share the pass: wait
+    ([1, 0], 8, 4, 40, 2, True),
+    ([2, 0], 8, 4, 40, 2, False),  # the oldest waited the limit
+    ([0, 0, 0, 0], 8, 4, 80, 2, False),  # the prompts fill the free rows
+    ([0, 0], 8, 4, 512, 2, False),  # ... or the largest pass
+    ([0], 0, 4, 20, 2, False),  # nothing decodes: the device would idle
+    ([1, 1], 2, 4, 20, 4, False),  # two steps waited cost what the pass costs two rows
+    ([0], 8, 4, 20, 0, False),  # waiting off
+])
+def test_a_prefill_pass_waits_only_while_waiting_costs_less_than_the_pass(
+    waited, decoding, free, tokens, limit, wait):
+  assert should_wait_for_prompts(waited, decoding, free, tokens, 512, limit) is wait
+
+
+def test_prompts_that_wait_for_a_shared_pass_decode_as_each_alone(pool_gen):
+  """A request that arrives while eight rows decode waits (up to `prefill_wait` steps) for
+  others to share its pass, then decodes what it decodes alone."""
+  ps = prompts(10, seed=4)
+  want = [generate(pool_gen, [p], max_new_tokens=8).tokens[0] for p in ps]
+  for wait in (0, 3):
+    with Engine(pool_gen, byte_tokenizer(VOCAB), max_batch=16, max_seq_len=96, chunk=64,
+                prefill_wait=wait) as e:
+      first = [e.submit(p, SamplingParams(max_tokens=8, ignore_eos=True)) for p in ps[:8]]
+      [next(iter(s)) for s in first]  # all eight decoding
+      late = [e.submit(p, SamplingParams(max_tokens=8, ignore_eos=True)) for p in ps[8:]]
+      assert [s.result().token_ids for s in first + late] == want
+      assert (e.stats.prefill_waits > 0) == (wait > 0)
 
 
 def test_no_step_copies_a_cache_buffer(pool_gen):

@@ -53,8 +53,28 @@ def test_the_load_bench_drives_the_engine_in_process_beside_the_server(tmp_path)
   assert "| 2 in-process |" in (tmp_path / "results.md").read_text()
 
 
+def test_the_load_bench_compares_waiting_prefill_passes_with_passes_that_do_not(tmp_path):
+  argv = ["--model", FIXTURE, "--adapters", "random:0", "--concurrency", "3", "--static-batch", "3",
+          "--sequential", "0", "--requests", "6", "--max-tokens", "5", "--prompt-tokens", "4,12",
+          "--rounds", "2", "--chunk", "16", "--prefill-wait", "3", "--compare-prefill-wait",
+          "--out", str(tmp_path)]
+  assert load.main(argv) == 0
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert [(lv["label"], lv["prefill_wait"]) for lv in res["levels"]] == [("3", 3),
+                                                                         ("3 no-wait", 0)]
+  for lv in res["levels"]:
+    assert lv["output_tokens"] == 6 * 5 and lv["generated"] == 6 * 5
+  assert res["levels"][1]["prefill_waits"] == 0  # passes that do not wait never wait
+  assert [v["prefill_wait"] for v in res["raw_rounds"][1]["levels"].values()] == [0, 3]
+  r = res["wait_over_no_wait"]
+  assert r["rounds"] == 2 and r["low"] <= r["median"] <= r["high"]
+  assert "| 3 no-wait |" in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--compare-mixed"], "--compare-mixed needs --mixed-prefill"),
+    (["--compare-prefill-wait", "--prefill-wait", "0"], "at least 1 with --compare-prefill-wait"),
+    (["--prefill-wait", "-2"], "--prefill-wait must be 0 or more"),
     (["--sequential", "-1"], "--sequential must be 0"),
     (["--concurrency", "a"], "--concurrency takes integers"),
 ])

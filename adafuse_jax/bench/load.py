@@ -15,7 +15,8 @@ tokens/s, time to first token and inter-token latency (p50/p99). Levels and the 
 interleaved over `--rounds` rounds; the server's throughput at the static batch's concurrency is
 reported as a ratio to the static batch with a 95% interval. With `--compare-mixed` every level
 runs twice a round, with the engine's mixed steps off and on (one engine, the order alternating
-by round), and the mixed/unmixed ratio is paired by round. Bounded: every request has a fixed
+by round), and the mixed/unmixed ratio is paired by round; `--compare-prefill-wait` does the same
+for prefill passes that wait for arrivals (`--prefill-wait`) and passes that do not. Bounded: every request has a fixed
 length (`ignore_eos`), and the whole run stops after `--time-limit` seconds.
 """
 
@@ -31,11 +32,11 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from adafuse_jax.cli_options import MIXED_HELP, PACKED_HELP
+from adafuse_jax.cli_options import MIXED_HELP, PACKED_HELP, PREFILL_WAIT_HELP
 from adafuse_jax.errors import UserError
 
 
@@ -232,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the engine's prefill-pass lengths (default: powers of two up to --chunk)")
   p.add_argument("--packed-prefill", default=None, help=PACKED_HELP)
   p.add_argument("--mixed-prefill", default=None, help=MIXED_HELP)
+  p.add_argument("--prefill-wait", type=int, default=2, metavar="STEPS", help=PREFILL_WAIT_HELP)
+  p.add_argument("--compare-prefill-wait", action="store_true",
+                 help="run every level with --prefill-wait and with 0 (passes that do not wait),"
+                      " in the same rounds on one engine")
   p.add_argument("--in-process", action="store_true",
                  help="run every level twice a round: through the server, and driven in this"
                  " process straight into the engine (no HTTP), to price the HTTP stack")
@@ -262,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not levels or levels[0] < 1 or not 1 <= lo <= hi or args.max_tokens < 1 or args.rounds < 1:
     print("error: levels, prompt lengths, --max-tokens and --rounds must be positive",
           file=sys.stderr)
+    return 2
+  if args.prefill_wait < 0 or (args.compare_prefill_wait and args.prefill_wait == 0):
+    print("error: --prefill-wait must be 0 or more decode steps (at least 1 with"
+          " --compare-prefill-wait, which compares it with 0)", file=sys.stderr)
     return 2
   if args.sequential < 0:
     print("error: --sequential must be 0 (no sequential baseline) or more", file=sys.stderr)
@@ -328,7 +337,8 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
                   prefill_rows=positive_ints(args.prefill_rows, "--prefill-rows"),
                   prefill_lengths=positive_ints(args.prefill_lengths, "--prefill-lengths"),
                   packed_tokens=packed_sizes(args.packed_prefill),
-                  mixed_tokens=packed_sizes(args.mixed_prefill, "--mixed-prefill"))
+                  mixed_tokens=packed_sizes(args.mixed_prefill, "--mixed-prefill"),
+                  prefill_wait=args.prefill_wait)
   t0 = time.perf_counter()
   engine.steps.warm_up(log)
   compile_s = time.perf_counter() - t0
@@ -376,10 +386,12 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
       log(f"time limit reached after {r} rounds")
       break
     row = {"static": static_round(), "sequential": sequential_round(), "levels": {}}
-    for label, c, mixed, direct in level_variants(levels, args.compare_mixed, args.in_process,
-                                                  flip=r % 2 == 1):
+    for label, c, mixed, direct, wait in level_variants(
+        levels, args.compare_mixed, args.in_process, flip=r % 2 == 1,
+        compare_wait=wait_compared(args)):
       if mixed is not None:
         engine.mixed_prefill = mixed
+      engine.prefill_wait = args.prefill_wait if wait is None else wait
       left = max(30.0, deadline - time.time())
       before, after = {}, {}
       if direct:
@@ -391,7 +403,8 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
                         on_start=lambda: before.update(engine_counts(engine.stats)),
                         on_done=lambda: after.update(engine_counts(engine.stats)))
       res.update({k: float(after[k] - before[k]) for k in after})
-      res.update(label=label, mixed=engine.mixed_prefill, in_process=direct)
+      res.update(label=label, mixed=engine.mixed_prefill, in_process=direct,
+                 prefill_wait=engine.prefill_wait)
       row["levels"][label] = res
     rounds.append(row)
     if on_round is not None:  # a run cut short still leaves the rounds it finished
@@ -407,30 +420,48 @@ def run(args, levels: list[int], prompt_range: tuple[int, int], on_round=None) -
   return summarise(args, levels, prompt_range, counts, rounds, compile_s, str(dtype), cfg.name)
 
 
+class Variant(NamedTuple):
+  """One level run of a round: its label, concurrency, the engine settings it runs with (None:
+  leave the engine's own) and whether it is driven in-process."""
+
+  label: str
+  concurrency: int
+  mixed: bool | None
+  in_process: bool
+  prefill_wait: int | None
+
+
 def level_variants(levels: list[int], compare_mixed: bool, in_process: bool = False,
-                   flip: bool = False) -> list[tuple[str, int, bool | None, bool]]:
-  """(label, concurrency, mixed steps on/off or None to leave the engine's setting, whether
-  driven in-process) per level run of a round: with `compare_mixed` each level with mixed steps
-  off and on, with `in_process` each through the server and in-process; the order flipped on
-  alternate rounds so that no variant always runs second."""
+                   flip: bool = False, compare_wait: int | None = None) -> list[Variant]:
+  """The level runs of a round: with `compare_mixed` each level with mixed steps off and on,
+  with `compare_wait` (the engine's --prefill-wait) each with prefill passes that wait for
+  arrivals and without ("no-wait"), with `in_process` each through the server and in-process;
+  the order flipped on alternate rounds so that no variant always runs second."""
   mixes = (False, True) if compare_mixed else (None,)
+  waits = (compare_wait, 0) if compare_wait is not None else (None,)
   ways = (False, True) if in_process else (False,)
   if flip:
-    mixes, ways = mixes[::-1], ways[::-1]
-  return [(" ".join([str(c)] + ["mixed"] * bool(m) + ["in-process"] * d), c, m, d)
-          for c in levels for m in mixes for d in ways]
+    mixes, waits, ways = mixes[::-1], waits[::-1], ways[::-1]
+  return [Variant(" ".join([str(c)] + ["mixed"] * bool(m) + ["no-wait"] * (w == 0)
+                           + ["in-process"] * d), c, m, d, w)
+          for c in levels for m in mixes for w in waits for d in ways]
 
 
 def engine_counts(stats) -> dict[str, float]:
   """What the engine did, to explain a level's time: decode steps (mixed ones among them),
-  prefill passes of their own, tokens generated, and its thread's seconds waiting for the
+  prefill passes of their own, steps run while new prompts waited for a shared pass, tokens
+  generated, and its thread's seconds waiting for the
   device, working on the host and idle (no request to serve)."""
   return {"decode_steps": stats.decode_steps, "mixed_steps": stats.mixed_steps,
           "prefill_passes": stats.packed_passes + stats.row_passes,
-          "prompt_tokens": stats.prompt_tokens,
+          "prefill_waits": stats.prefill_waits, "prompt_tokens": stats.prompt_tokens,
           "prefill_computed_tokens": stats.prefill_computed_tokens,
           "generated": stats.generated_tokens, "device_wait_s": stats.device_wait_s,
           "host_s": stats.host_s, "idle_s": stats.idle_s}
+
+
+def wait_compared(args) -> int | None:
+  return args.prefill_wait if args.compare_prefill_wait else None
 
 
 def summarise(args, levels, prompt_range, counts, rounds, compile_s, dtype, model) -> dict:
@@ -443,7 +474,8 @@ def summarise(args, levels, prompt_range, counts, rounds, compile_s, dtype, mode
     return float(np.median(values))
 
   summary = []
-  for label, *_ in level_variants(levels, args.compare_mixed, args.in_process):
+  for label, *_ in level_variants(levels, args.compare_mixed, args.in_process,
+                                  compare_wait=wait_compared(args)):
     per = [rd["levels"][label] for rd in rounds]
     summary.append({k: (med([p[k] for p in per]) if isinstance(per[0][k], float) else per[0][k])
                     for k in per[0]})
@@ -463,6 +495,9 @@ def summarise(args, levels, prompt_range, counts, rounds, compile_s, dtype, mode
     ratios = {"mixed_over_static": over(mixed, static),
               "mixed_over_unmixed": over(mixed, [rd["levels"][plain]["tokens_per_s"]
                                                  for rd in rounds])}
+  if args.compare_prefill_wait and ratio is not None:
+    ratios["wait_over_no_wait"] = over(plain, [rd["levels"][f"{plain} no-wait"]["tokens_per_s"]
+                                               for rd in rounds])
   if args.in_process and ratio is not None:
     direct = f"{args.static_batch} in-process"
     ratios.update(in_process_over_static=over(direct, static),
@@ -488,16 +523,17 @@ def table(res: dict) -> str:
            + (f" with XLA_FLAGS=`{env['xla_flags']}`" if env.get("xla_flags") else ""),
            "",
            "Engine columns (median per round): decode steps, those of them that also prefilled"
-           " prompts (mixed), prefill passes of their own, the prompt tokens prefilled and"
+           " prompts (mixed), prefill passes of their own, decode steps run while new prompts"
+           " waited for more to share a pass (waits), the prompt tokens prefilled and"
            " those the passes computed (padding to their compiled sizes included), tokens"
            " generated per decode step,"
            " and the engine thread's seconds over the level: waiting for the device's results,"
            " working on the host, idle (no request to serve).",
            "",
            "| concurrency | requests | output tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms |"
-           " ITL p99 ms | decode steps | mixed | prefill passes | prompt tokens |"
+           " ITL p99 ms | decode steps | mixed | prefill passes | waits | prompt tokens |"
            " computed | tokens/step | device wait s | host s | idle s |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for lv in res["levels"]:
     steps = lv.get("decode_steps", float("nan"))
     per_step = lv["generated"] / steps if steps and "generated" in lv else float("nan")
@@ -505,7 +541,8 @@ def table(res: dict) -> str:
                  f" {lv['tokens_per_s']:.1f} |"
                  f" {lv['ttft_p50_ms']:.1f} | {lv['ttft_p99_ms']:.1f} | {lv['itl_p50_ms']:.2f} |"
                  f" {lv['itl_p99_ms']:.2f} | {steps:.0f} | {lv.get('mixed_steps', 0):.0f} |"
-                 f" {lv.get('prefill_passes', 0):.0f} | {lv.get('prompt_tokens', float('nan')):.0f} |"
+                 f" {lv.get('prefill_passes', 0):.0f} | {lv.get('prefill_waits', float('nan')):.0f} |"
+                 f" {lv.get('prompt_tokens', float('nan')):.0f} |"
                  f" {lv.get('prefill_computed_tokens', float('nan')):.0f} | {per_step:.1f} |"
                  f" {lv.get('device_wait_s', float('nan')):.2f} | {lv.get('host_s', float('nan')):.2f} |"
                  f" {lv.get('idle_s', float('nan')):.2f} |")
@@ -521,6 +558,8 @@ def table(res: dict) -> str:
                  f" {r['median']:.3f}x{interval} (95% interval over {r['rounds']} rounds)")
   for key, what in (("mixed_over_static", "server with mixed steps / static batch"),
                     ("mixed_over_unmixed", "server with mixed steps / without them"),
+                    ("wait_over_no_wait", "server with prefill passes that wait for arrivals"
+                     " / without waiting"),
                     ("in_process_over_static", "engine driven in-process / static batch"),
                     ("served_over_in_process", "server / engine driven in-process")):
     r = res.get(key)
@@ -537,14 +576,17 @@ def plot(res: dict, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-  kinds = sorted({(lv.get("mixed"), lv.get("in_process", False)) for lv in res["levels"]},
-                 key=str)
-  for mixed, direct in kinds:
-    lvs = [lv for lv in res["levels"]
-           if (lv.get("mixed"), lv.get("in_process", False)) == (mixed, direct)]
+  def kind(lv: dict) -> tuple:
+    return lv.get("mixed"), lv.get("in_process", False), lv.get("label", "").find("no-wait") > 0
+
+  kinds = sorted({kind(lv) for lv in res["levels"]}, key=str)
+  for mixed, direct, no_wait in kinds:
+    lvs = [lv for lv in res["levels"] if kind(lv) == (mixed, direct, no_wait)]
     tag = ""
-    if len({m for m, _ in kinds}) > 1:
+    if len({m for m, _, _ in kinds}) > 1:
       tag += " mixed steps" if mixed else " no mixed steps"
+    if no_wait:
+      tag += " passes do not wait"
     if direct:
       tag += " in-process"
     tag = f" ({tag.strip()})" if tag else ""

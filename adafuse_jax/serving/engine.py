@@ -10,7 +10,9 @@ next token) and loops:
    one prefill pass: whole prompts packed end to end (no padding between them, up to the largest
    packed size), or else the next chunk of up to `prefill_rows[-1]` long prompts, each into its
    own row; so a burst of arrivals costs one read of the weights and a long prompt delays the
-   running streams by one pass, not by its whole prefill;
+   running streams by one pass, not by its whole prefill. While rows decode, a pass of new
+   prompts may wait a decode step or two for more arrivals to share it (`prefill_wait`,
+   `should_wait_for_prompts`);
 3. dispatch one decode step over the rows in use (a batch bucket: the smallest compiled batch
    that holds the highest row in use), with the riding prompts if any;
 4. read the tokens of the previous iteration on the host, stream them to their requests and
@@ -42,6 +44,38 @@ from adafuse_jax.weights.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
   import jax
+
+
+def should_wait_for_prompts(waited: Sequence[int], decoding: int, free: int, tokens: int,
+                            largest: int, limit: int) -> bool:
+  """Whether a prefill pass of the waiting new prompts should wait one more decode step for
+  more prompts to share it.
+
+  A pass costs every decoding row about one step (it reads all the weights, as a step does),
+  whatever it carries up to its largest size, while a prompt left waiting costs only its own
+  row a step. Requests that free rows together (a wave of fixed-length completions, clients
+  that answer at once) arrive a few milliseconds apart, so taking them as they come runs
+  several small passes where one would do. Text Generation Inference waits the same way
+  (`--waiting-served-ratio`, `--max-waiting-tokens`).
+
+  Args:
+    waited: decode steps each waiting new prompt has waited so far.
+    decoding: rows decoding now.
+    free: rows free to admit into.
+    tokens: the waiting prompts' tokens.
+    largest: the most prompt tokens one pass takes.
+    limit: the most steps any prompt waits (0: never wait).
+  Returns:
+    True to run the decode step without the pass. Never while nothing decodes (the device
+    would idle), once the prompts fill the free rows or the largest pass, once one has waited
+    `limit` steps, or once the steps they waited add up to the decoding rows (their wait has
+    then cost what the pass costs the others).
+  """
+  if limit < 1 or not waited or decoding < 1:
+    return False
+  if len(waited) >= free or tokens >= largest or max(waited) >= limit:
+    return False
+  return sum(waited) < decoding
 
 
 class EngineError(RuntimeError):
@@ -226,6 +260,7 @@ class _Seq:
   arrival: float
   slot: int | None = None
   prefilled: int = 0
+  waited: int = 0  # decode steps run while it waited for its first prefill pass
   position: int = 0  # the slot the row's next decode step writes
   generated: int = 0
   finished: bool = False
@@ -244,6 +279,7 @@ class EngineStats:
   packed_passes: int = 0  # prefill passes of whole prompts end to end
   mixed_steps: int = 0  # decode steps that also prefilled whole prompts
   row_passes: int = 0  # prefill passes of prompt chunks, one row each
+  prefill_waits: int = 0  # decode steps run while new prompts waited for more to share a pass
   # Prompt tokens the prefill passes and mixed steps computed, padding to their compiled
   # sizes included (against `prompt_tokens`: what padding costs).
   prefill_computed_tokens: int = 0
@@ -292,6 +328,8 @@ class Engine:
       4 x chunk; empty: every prompt goes by rows); see `SlotSteps`.
     mixed_tokens: the prompt tokens a decode step can also prefill (default none: every prompt
       takes a pass of its own); see `SlotSteps`.
+    prefill_wait: the most decode steps a new prompt's prefill pass waits, while rows decode,
+      for more prompts to share it (`should_wait_for_prompts`; 0: a pass whenever one waits).
 
   Use `start()` (or `with Engine(...) as engine`), then `submit(...)`.
   """
@@ -302,7 +340,7 @@ class Engine:
                prefill_rows: Sequence[int] | None = None,
                prefill_lengths: Sequence[int] | None = None,
                packed_tokens: Sequence[int] | None = None,
-               mixed_tokens: Sequence[int] | None = None):
+               mixed_tokens: Sequence[int] | None = None, prefill_wait: int = 2):
     if max_batch < 1:
       raise UserError(f"max_batch={max_batch} must be at least 1")
     context = gen.cfg.max_context
@@ -311,6 +349,8 @@ class Engine:
       raise UserError(f"max_seq_len={max_seq_len} must be in [2, {context}] (the model's context)")
     if chunk < 1:
       raise UserError(f"chunk={chunk} must be at least 1")
+    if prefill_wait < 0:
+      raise UserError(f"prefill_wait={prefill_wait} must be 0 (no waiting) or more decode steps")
     chunk = min(chunk, max_seq_len)
     self.name = name
     self.tokenizer = tokenizer
@@ -323,6 +363,7 @@ class Engine:
     # Whether whole prompts ride in decode steps; settable between steps (the load bench
     # compares both ways on one engine), only meaningful when mixed steps were compiled.
     self.mixed_prefill = bool(self.steps.mixed_buckets)
+    self.prefill_wait = prefill_wait  # settable between steps too
     self.stats = EngineStats()
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self._waiting: collections.deque[_Seq] = collections.deque()
@@ -478,7 +519,8 @@ class Engine:
     prefill-rows bucket of waiting prompts (in arrival order, each into its own row). Either
     way a burst of arrivals reads the weights once rather than once per prompt."""
     free = [i for i, s in enumerate(self._slots) if s is None]
-    if self._admit_riding(free) or self._admit_packed(free, dispatched):
+    if (self._admit_riding(free) or self._wait_for_prompts(free)
+        or self._admit_packed(free, dispatched)):
       return
     ready = list(itertools.islice(self._waiting, self.steps.prefill_rows[-1]))
     ready = [seq for seq in ready if seq.slot is not None] + [
@@ -514,6 +556,23 @@ class Engine:
         self.stats.prompt_tokens += len(seq.prompt)
     if done:
       dispatched.append(("first", done, tokens))
+
+  def _wait_for_prompts(self, free: list[int]) -> bool:
+    """Whether this iteration skips the prefill pass so that prompts still arriving share the
+    next one (`should_wait_for_prompts`); never while a long prompt is mid-prefill."""
+    if self.prefill_wait < 1 or not self._waiting or not free:
+      return False
+    new = [seq for seq in self._waiting if seq.slot is None]
+    if len(new) < len(self._waiting):
+      return False
+    steps = self.steps
+    largest = (steps.packed_buckets[-1] if steps.packed_buckets
+               else steps.prefill_rows[-1] * self.chunk)
+    wait = should_wait_for_prompts([seq.waited for seq in new], len(self._decoding_rows()),
+                                   len(free), sum(len(seq.prompt) for seq in new), largest,
+                                   self.prefill_wait)
+    self.stats.prefill_waits += wait
+    return wait
 
   def _whole_prompts(self, free: list[int], room: int) -> list[_Seq]:
     """The waiting whole prompts (at most `chunk` tokens) at the head of the queue, in arrival
@@ -597,6 +656,8 @@ class Engine:
       temperature[i], top_p[i], top_k[i] = s.params.temperature, s.params.top_p, max(s.params.top_k, 0)
       seeds[i] = s.seed
     longest = min(longest, self.steps.max_len - 1)
+    for seq in self._waiting:
+      seq.waited += seq.slot is None
     riding, self._riding = self._riding, []
     if not riding:
       self._cache, self._nxt, new, routing = self.steps.decode(

@@ -35,6 +35,8 @@ class _Collector:
                                   "packed_passes"),
         "row_prefill_passes": ("Prefill passes of prompt chunks, one row each", "row_passes"),
         "mixed_steps": ("Decode steps that also prefilled whole prompts", "mixed_steps"),
+        "prefill_waits": ("Decode steps run while new prompts waited for more to share their"
+                          " prefill pass", "prefill_waits"),
         "prefill_computed_tokens": ("Prompt tokens the prefill passes computed, padding to their"
                                     " compiled sizes included", "prefill_computed_tokens"),
     }
