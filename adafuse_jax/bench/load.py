@@ -460,6 +460,17 @@ def engine_counts(stats) -> dict[str, float]:
           "host_s": stats.host_s, "idle_s": stats.idle_s}
 
 
+def server_stack() -> str:
+  """What uvicorn serves with here: it takes httptools and uvloop when they are installed."""
+  import importlib.util
+
+  import uvicorn
+
+  have = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+  return (f"uvicorn {uvicorn.__version__}, HTTP {'httptools' if have('httptools') else 'h11'},"
+          f" loop {'uvloop' if have('uvloop') else 'asyncio'}")
+
+
 def wait_compared(args) -> int | None:
   return args.prefill_wait if args.compare_prefill_wait else None
 
@@ -505,6 +516,7 @@ def summarise(args, levels, prompt_range, counts, rounds, compile_s, dtype, mode
                                                       for rd in rounds]))
   return {"environment": environment(), "model": model, "pool": args.adapters,
           "path": args.path, "dtype": dtype, "max_tokens": args.max_tokens,
+          "server_stack": server_stack(), "prefill_wait": args.prefill_wait,
           "prompt_tokens": list(prompt_range), "requests": counts, "rounds": len(rounds),
           "compile_s": compile_s, "static_batch": args.static_batch,
           "static_tokens_per_s": med(static), "static_rounds": static,
@@ -520,7 +532,8 @@ def table(res: dict) -> str:
            f" {res['prompt_tokens'][0]}-{res['prompt_tokens'][1]} tokens; median of"
            f" {res['rounds']} interleaved rounds.",
            f"Device {env['device']}, JAX {env['jax']}, {env['date']}; command: `{env['command']}`"
-           + (f" with XLA_FLAGS=`{env['xla_flags']}`" if env.get("xla_flags") else ""),
+           + (f" with XLA_FLAGS=`{env['xla_flags']}`" if env.get("xla_flags") else "")
+           + (f"; server: {res['server_stack']}" if res.get("server_stack") else ""),
            "",
            "Engine columns (median per round): decode steps, those of them that also prefilled"
            " prompts (mixed), prefill passes of their own, decode steps run while new prompts"
