@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                       " from 16 up to --chunk; --chunk is always one)")
   s.add_argument("--packed-prefill", default=None, metavar="N,N,...|off", help=PACKED_HELP)
   s.add_argument("--mixed-prefill", default=None, metavar="N,N,...|off", help=MIXED_HELP)
-  s.add_argument("--prefill-wait", type=int, default=2, metavar="STEPS", help=PREFILL_WAIT_HELP)
+  s.add_argument("--prefill-wait", type=int, default=0, metavar="STEPS", help=PREFILL_WAIT_HELP)
   s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
   s.add_argument("--warm-up", action="store_true",
                  help="compile every batch bucket and prompt chunk before listening")

@@ -47,13 +47,14 @@ for part in $parts; do
       done ;;
     serve)
       # The server stack's wheels travel in .whl too (`python3 -m pip download -d .whl fastapi
-      # uvicorn httptools uvloop prometheus-client httpx` plus pydantic-core for the image's Python).
+      # uvicorn prometheus-client httpx` plus pydantic-core for the image's Python; HTTP_STACK=
+      # "httptools uvloop" installs those too, which uvicorn then takes by itself).
       python3 -m pip install -q --no-index --find-links .whl --no-compile --target /tmp/site \
-        fastapi uvicorn httptools uvloop prometheus-client httpx >/dev/null 2>&1 || exit 1
+        fastapi uvicorn prometheus-client httpx ${HTTP_STACK:-} >/dev/null 2>&1 || exit 1
       export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.85}
       timeout "${SERVE_S:-595}" python3 -m adafuse_jax.bench.load --model "${PRESET:-llama2-7b}" \
         --tokenizer bytes --adapters "${POOL:-random:0}" --path "${SERVE_PATH:-packed}" \
-        --concurrency "${LEVELS:-1,8,32,64}" --rounds "${ROUNDS:-3}" --max-tokens "${TOKENS:-128}" \
+        --concurrency "${LEVELS:-1,8,32,64}" ${REQUESTS:+--requests $REQUESTS} --rounds "${ROUNDS:-3}" --max-tokens "${TOKENS:-128}" \
         --sequential "${SEQUENTIAL:-8}" --chunk "${CHUNK:-256}" ${PREFILL_LENGTHS:+--prefill-lengths $PREFILL_LENGTHS} \
         ${PACKED:+--packed-prefill $PACKED} ${PREFILL_ROWS:+--prefill-rows $PREFILL_ROWS} ${MIXED:+--mixed-prefill $MIXED} ${COMPARE_MIXED:+--compare-mixed} ${IN_PROCESS:+--in-process} \
         ${PREFILL_WAIT:+--prefill-wait $PREFILL_WAIT} ${COMPARE_WAIT:+--compare-prefill-wait} \

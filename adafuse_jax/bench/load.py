@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the engine's prefill-pass lengths (default: powers of two up to --chunk)")
   p.add_argument("--packed-prefill", default=None, help=PACKED_HELP)
   p.add_argument("--mixed-prefill", default=None, help=MIXED_HELP)
-  p.add_argument("--prefill-wait", type=int, default=2, metavar="STEPS", help=PREFILL_WAIT_HELP)
+  p.add_argument("--prefill-wait", type=int, default=0, metavar="STEPS", help=PREFILL_WAIT_HELP)
   p.add_argument("--compare-prefill-wait", action="store_true",
                  help="run every level with --prefill-wait and with 0 (passes that do not wait),"
                       " in the same rounds on one engine")

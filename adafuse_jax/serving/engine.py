@@ -340,7 +340,7 @@ class Engine:
                prefill_rows: Sequence[int] | None = None,
                prefill_lengths: Sequence[int] | None = None,
                packed_tokens: Sequence[int] | None = None,
-               mixed_tokens: Sequence[int] | None = None, prefill_wait: int = 2):
+               mixed_tokens: Sequence[int] | None = None, prefill_wait: int = 0):
     if max_batch < 1:
       raise UserError(f"max_batch={max_batch} must be at least 1")
     context = gen.cfg.max_context
