@@ -621,6 +621,7 @@ def plot(res: dict, path: pathlib.Path) -> None:
   fig.suptitle(f"{res['model']} + pool, {res['device']}", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+  plt.close(fig)  # one plot per finished round: keep no figure open
 
 
 if __name__ == "__main__":
