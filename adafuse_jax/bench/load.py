@@ -15,9 +15,10 @@ tokens/s, time to first token and inter-token latency (p50/p99). Levels and the 
 interleaved over `--rounds` rounds; the server's throughput at the static batch's concurrency is
 reported as a ratio to the static batch with a 95% interval. With `--compare-mixed` every level
 runs twice a round, with the engine's mixed steps off and on (one engine, the order alternating
-by round), and the mixed/unmixed ratio is paired by round; `--compare-prefill-wait` does the same
-for prefill passes that wait for arrivals (`--prefill-wait`) and passes that do not. Bounded: every request has a fixed
-length (`ignore_eos`), and the whole run stops after `--time-limit` seconds.
+by round), and the mixed/unmixed ratio is paired by round; `--compare-prefill-wait` does the
+same for prefill passes that wait for arrivals (`--prefill-wait`) and passes that do not.
+Bounded: every request has a fixed length (`ignore_eos`), and the whole run stops after
+`--time-limit` seconds.
 """
 
 from __future__ import annotations
@@ -450,8 +451,8 @@ def level_variants(levels: list[int], compare_mixed: bool, in_process: bool = Fa
 def engine_counts(stats) -> dict[str, float]:
   """What the engine did, to explain a level's time: decode steps (mixed ones among them),
   prefill passes of their own, steps run while new prompts waited for a shared pass, tokens
-  generated, and its thread's seconds waiting for the
-  device, working on the host and idle (no request to serve)."""
+  generated, and its thread's seconds waiting for the device, working on the host and idle (no
+  request to serve)."""
   return {"decode_steps": stats.decode_steps, "mixed_steps": stats.mixed_steps,
           "prefill_passes": stats.packed_passes + stats.row_passes,
           "prefill_waits": stats.prefill_waits, "prompt_tokens": stats.prompt_tokens,
@@ -472,6 +473,7 @@ def server_stack() -> str:
 
 
 def wait_compared(args) -> int | None:
+  """The --prefill-wait compared with 0 in every round, or None when no comparison runs."""
   return args.prefill_wait if args.compare_prefill_wait else None
 
 
