@@ -212,7 +212,8 @@ def test_metrics_report_requests_tokens_and_routing(server):
   text = httpx.get(url + "/metrics").text
   for name in ("adafuse_requests_total", "adafuse_generation_tokens_total",
                "adafuse_running_sequences", "adafuse_waiting_sequences", "adafuse_batch_occupancy",
-               "adafuse_tokens_per_second", "adafuse_switch_rate", "adafuse_distinct_experts"):
+               "adafuse_tokens_per_second", "adafuse_switch_rate", "adafuse_distinct_experts",
+               "adafuse_prefill_waits_total", "adafuse_mixed_steps_total"):
     assert f"{name}{{" in text, name
   generated = [line for line in text.splitlines()
                if line.startswith('adafuse_generation_tokens_total{model="default"}')]
@@ -240,6 +241,7 @@ def test_metrics_report_requests_tokens_and_routing(server):
     (("--mixed-prefill", "8"), "mixed step sizes [8]: the largest must hold a whole chunk"),
     (("--mixed-prefill", "many"), "--mixed-prefill 'many' must be positive integers"),
     (("--compile-cache", "/proc/no-such-dir"), "cannot write there"),
+    (("--prefill-wait", "-1"), "--prefill-wait -1 must be 0 (no waiting) or more decode steps"),
 ])
 def test_bad_server_options_are_one_error_line(args, words):
   import subprocess
