@@ -592,7 +592,7 @@ def plot(res: dict, path: pathlib.Path) -> None:
 
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
   def kind(lv: dict) -> tuple:
-    return lv.get("mixed"), lv.get("in_process", False), lv.get("label", "").find("no-wait") > 0
+    return lv.get("mixed"), lv.get("in_process", False), "no-wait" in lv.get("label", "").split()
 
   kinds = sorted({kind(lv) for lv in res["levels"]}, key=str)
   for mixed, direct, no_wait in kinds:
