@@ -1,0 +1,169 @@
+"""Which way of writing the packed path's expansion lets XLA:GPU add the fewest launches?
+
+    python tools/expand_probe.py --batches 1,32 --rounds 5      # GPU; JSON lines on stdout
+
+The pre-gated packed step adds ~9 small kernels per layer to the backbone's packed step on the
+H200 (probe/kernels.md: 4 reductions, 2 multiplies, 2 converts): each launch costs ~2 µs, which is
+what keeps the path above the backbone at batch 1. This probe compiles the same
+`pregated-packed` step with the expansion (`paths.packed.expand`) and the add of its delta
+(`PackedRuntime.__call__`) written several ways, times them interleaved in rounds with the
+backbone's packed step, and counts each program's kernels per step from a profiler trace.
+Variants are monkeypatched in for the probe only; the winner goes into the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adafuse_jax.bench import measure as B
+from adafuse_jax.config import PRESETS, AdapterConfig, input_group
+from adafuse_jax.generation import Generator
+from adafuse_jax.model.llama import LlamaModel
+from adafuse_jax.paths import packed as P
+from adafuse_jax.sampling import SamplingConfig
+from adafuse_jax.vocab import Mode, PathName
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from kernel_breakdown import kernel_table  # noqa: E402
+
+_ORIGINAL_EXPAND = P.expand
+_ORIGINAL_CALL = P.PackedRuntime.__call__
+
+
+def expand_einsum_f32(h, dense, b_flat, scale, dtype):
+  """The gated shrink in the weights' dtype, the expansion accumulated and returned in f32 by
+  the dot itself (no convert after it)."""
+  n, m = h.shape[:2]
+  e = dense.shape[-1]
+  hg = (h.astype(jnp.float32).reshape(n, m, e, -1) * (dense[..., None] * scale)).reshape(n, m, -1)
+  return jnp.einsum("nmk,mko->nmo", hg.astype(dtype), b_flat,
+                    preferred_element_type=jnp.float32)
+
+
+def expand_mulsum(h, dense, b_flat, scale, dtype):
+  """One token: the gates, the shrink and B multiplied element-wise and summed over E·r in f32,
+  one expression XLA can fuse into a single reduction; more tokens: the einsum."""
+  n, m = h.shape[:2]
+  if n != 1:
+    return _ORIGINAL_EXPAND(h, dense, b_flat, scale, dtype)
+  e = dense.shape[-1]
+  r = h.shape[-1] // e
+  g = jnp.repeat(dense * scale, r, axis=-1)  # [1, M or 1, E·r]
+  hg = h.astype(jnp.float32) * g  # [1, M, E·r]
+  return jnp.sum(hg[..., None] * b_flat.astype(jnp.float32)[None], axis=-2)
+
+
+def call_bf16_add(self, name, layer, x, weights):
+  """The delta rounded to the activations' dtype and added there (no f32 copy of the base)."""
+  del weights
+  y = self._groups.base(name, layer, x)
+  if self.adapts(name, layer):
+    group = input_group(name)
+    deltas = P.cached_on_input(self._deltas, (layer, group), x,
+                               lambda: self._group_deltas(group, layer, x))
+    y = y + deltas[name].astype(y.dtype)
+  return y.reshape(*x.shape[:-1], -1)
+
+
+VARIANTS = {
+    "einsum": (_ORIGINAL_EXPAND, _ORIGINAL_CALL),
+    "einsum-f32out": (expand_einsum_f32, _ORIGINAL_CALL),
+    "einsum+bf16add": (_ORIGINAL_EXPAND, call_bf16_add),
+    "einsum-f32out+bf16add": (expand_einsum_f32, call_bf16_add),
+    "mulsum": (expand_mulsum, _ORIGINAL_CALL),
+    "mulsum+bf16add": (expand_mulsum, call_bf16_add),
+}
+
+
+def compile_step(gen: Generator, batch: int, cache_len: int, variant) -> object:
+  P.expand, P.PackedRuntime.__call__ = variant
+  try:
+    cache = gen.new_cache(batch, cache_len)
+    tokens = jnp.ones((batch, 1), jnp.int32)
+    fn = jax.jit(gen._forward, static_argnums=(6,), donate_argnums=(4,))
+    return fn.lower(gen.params, gen.adapter_params, gen.derived, tokens, cache,
+                    jax.random.key(0), SamplingConfig()).compile()
+  finally:
+    P.expand, P.PackedRuntime.__call__ = _ORIGINAL_EXPAND, _ORIGINAL_CALL
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--preset", default="llama2-7b")
+  p.add_argument("--batches", default="1,32")
+  p.add_argument("--cache-len", type=int, default=512)
+  p.add_argument("--steps", type=int, default=32)
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--variants", default=",".join(VARIANTS),
+                 help="comma-separated names from VARIANTS")
+  p.add_argument("--experts", type=int, default=8)
+  p.add_argument("--rank", type=int, default=16)
+  p.add_argument("--trace-dir", default="/tmp/expand-probe-traces",
+                 help="where the profiler traces go (kernel counts are read back from them)")
+  args = p.parse_args()
+  traces = pathlib.Path(args.trace_dir)
+  on_cpu = jax.default_backend() == "cpu"
+  dtype = jnp.float32 if on_cpu else jnp.bfloat16
+  model = LlamaModel(PRESETS[args.preset], dtype=dtype)
+  acfg = AdapterConfig(num_experts=args.experts, rank=args.rank,
+                       modules=("q", "k", "v", "o", "gate", "up", "down"))
+  adapters = B.build_adapters(model.cfg, Mode.PREGATED, acfg, dtype, 0)
+  gens = {"backbone-packed": Generator(model, path=PathName.PACKED),
+          "pregated": Generator(model, adapters=adapters, path=PathName.PACKED)}
+  names = [v for v in args.variants.split(",") if v]
+  env = {"preset": args.preset, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+  for batch in (int(b) for b in args.batches.split(",")):
+    programs = {}
+    t = time.perf_counter()
+    programs["backbone-packed"] = (gens["backbone-packed"], compile_step(
+        gens["backbone-packed"], batch, args.cache_len, VARIANTS["einsum"]))
+    for name in names:
+      programs[name] = (gens["pregated"], compile_step(gens["pregated"], batch, args.cache_len,
+                                                        VARIANTS[name]))
+    print(json.dumps({"batch": batch, "compile_s": round(time.perf_counter() - t, 1)}), flush=True)
+    key = jax.random.key(0)
+    tokens = jnp.ones((batch, 1), jnp.int32)
+    caches = {n: g.new_cache(batch, args.cache_len) for n, (g, _) in programs.items()}
+
+    def run(name: str, steps: int) -> None:
+      gen, fn = programs[name]
+      caches[name] = caches[name].replace(length=jnp.asarray(args.cache_len // 2, jnp.int32))
+      nxt = None
+      for _ in range(steps):
+        nxt, _, caches[name], _ = fn(gen.params, gen.adapter_params, gen.derived, tokens,
+                                     caches[name], key)
+      jax.block_until_ready(nxt)
+
+    kernels = {}
+    for name in programs:
+      run(name, 3)
+      if not on_cpu:
+        trace = traces / f"b{batch}-{len(kernels)}"
+        with jax.profiler.trace(str(trace)):
+          run(name, 4)
+        kernels[name] = kernel_table(trace, 4, name).splitlines()[0]
+    times: dict[str, list[float]] = {n: [] for n in programs}
+    for _ in range(args.rounds):
+      for name in programs:
+        t = time.perf_counter()
+        run(name, args.steps)
+        times[name].append((time.perf_counter() - t) / args.steps * 1e3)
+    for name in programs:
+      row = {"batch": batch, "program": name, "pipelined_ms": round(float(np.median(times[name])), 3),
+             "vs_backbone_packed": {k: round(v, 4) for k, v in B.ratio_interval(
+                 times[name], times["backbone-packed"]).items()},
+             "kernels": kernels.get(name, ""), **env}
+      print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()
