@@ -14,6 +14,7 @@ Variants are monkeypatched in for the probe only; the winner goes into the libra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -73,23 +74,47 @@ def call_bf16_add(self, name, layer, x, weights):
   return y.reshape(*x.shape[:-1], -1)
 
 
+def _gated(h, dense, scale):
+  n, m = h.shape[:2]
+  e = dense.shape[-1]
+  return (h.astype(jnp.float32).reshape(n, m, e, -1) * (dense[..., None] * scale)).reshape(n, m, -1)
+
+
+def expand_bt_einsum(h, dense, bt, scale, dtype):
+  """B stored transposed, [M, out, E·r]: the contraction runs over each row's contiguous E·r
+  elements (a row reduction for one token), f32 out of the dot."""
+  return jnp.einsum("nmk,mok->nmo", _gated(h, dense, scale).astype(dtype), bt,
+                    preferred_element_type=jnp.float32)
+
+
+def expand_bt_rowsum(h, dense, bt, scale, dtype):
+  """B transposed; one token: an explicit multiply and sum over the contiguous E·r axis."""
+  if h.shape[0] != 1:
+    return expand_bt_einsum(h, dense, bt, scale, dtype)
+  hg = _gated(h, dense, scale)  # [1, M, E·r] f32
+  return jnp.sum(hg[:, :, None, :] * bt.astype(jnp.float32)[None], axis=-1)
+
+
+# name -> (expand, PackedRuntime.__call__, B stored as [M, out, E·r] instead of [M, E·r, out])
 VARIANTS = {
-    "einsum": (_ORIGINAL_EXPAND, _ORIGINAL_CALL),
-    "einsum-f32out": (expand_einsum_f32, _ORIGINAL_CALL),
-    "einsum+bf16add": (_ORIGINAL_EXPAND, call_bf16_add),
-    "einsum-f32out+bf16add": (expand_einsum_f32, call_bf16_add),
-    "mulsum": (expand_mulsum, _ORIGINAL_CALL),
-    "mulsum+bf16add": (expand_mulsum, call_bf16_add),
+    "einsum": (_ORIGINAL_EXPAND, _ORIGINAL_CALL, False),
+    "einsum-f32out": (expand_einsum_f32, _ORIGINAL_CALL, False),
+    "einsum+bf16add": (_ORIGINAL_EXPAND, call_bf16_add, False),
+    "einsum-f32out+bf16add": (expand_einsum_f32, call_bf16_add, False),
+    "mulsum": (expand_mulsum, _ORIGINAL_CALL, False),
+    "mulsum+bf16add": (expand_mulsum, call_bf16_add, False),
+    "bT-einsum": (expand_bt_einsum, _ORIGINAL_CALL, True),
+    "bT-rowsum": (expand_bt_rowsum, _ORIGINAL_CALL, True),
 }
 
 
-def compile_step(gen: Generator, batch: int, cache_len: int, variant) -> object:
-  P.expand, P.PackedRuntime.__call__ = variant
+def compile_step(gen: Generator, derived, batch: int, cache_len: int, variant) -> object:
+  P.expand, P.PackedRuntime.__call__ = variant[:2]
   try:
     cache = gen.new_cache(batch, cache_len)
     tokens = jnp.ones((batch, 1), jnp.int32)
     fn = jax.jit(gen._forward, static_argnums=(6,), donate_argnums=(4,))
-    return fn.lower(gen.params, gen.adapter_params, gen.derived, tokens, cache,
+    return fn.lower(gen.params, gen.adapter_params, derived, tokens, cache,
                     jax.random.key(0), SamplingConfig()).compile()
   finally:
     P.expand, P.PackedRuntime.__call__ = _ORIGINAL_EXPAND, _ORIGINAL_CALL
@@ -119,27 +144,33 @@ def main() -> None:
   gens = {"backbone-packed": Generator(model, path=PathName.PACKED),
           "pregated": Generator(model, adapters=adapters, path=PathName.PACKED)}
   names = [v for v in args.variants.split(",") if v]
+  derived = {False: gens["pregated"].derived, None: gens["backbone-packed"].derived}
+  if any(VARIANTS[n][2] for n in names):
+    d = gens["pregated"].derived  # the same packed matrices, B transposed (a copy of B only)
+    derived[True] = dataclasses.replace(
+        d, b=jax.tree.map(lambda b: jnp.swapaxes(b, -1, -2).copy(), d.b))
   env = {"preset": args.preset, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
          "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
   for batch in (int(b) for b in args.batches.split(",")):
     programs = {}
     t = time.perf_counter()
-    programs["backbone-packed"] = (gens["backbone-packed"], compile_step(
-        gens["backbone-packed"], batch, args.cache_len, VARIANTS["einsum"]))
+    programs["backbone-packed"] = (gens["backbone-packed"], derived[None], compile_step(
+        gens["backbone-packed"], derived[None], batch, args.cache_len, VARIANTS["einsum"]))
     for name in names:
-      programs[name] = (gens["pregated"], compile_step(gens["pregated"], batch, args.cache_len,
-                                                        VARIANTS[name]))
+      d = derived[VARIANTS[name][2]]
+      programs[name] = (gens["pregated"], d, compile_step(gens["pregated"], d, batch,
+                                                           args.cache_len, VARIANTS[name]))
     print(json.dumps({"batch": batch, "compile_s": round(time.perf_counter() - t, 1)}), flush=True)
     key = jax.random.key(0)
     tokens = jnp.ones((batch, 1), jnp.int32)
-    caches = {n: g.new_cache(batch, args.cache_len) for n, (g, _) in programs.items()}
+    caches = {n: g.new_cache(batch, args.cache_len) for n, (g, _, _) in programs.items()}
 
     def run(name: str, steps: int) -> None:
-      gen, fn = programs[name]
+      gen, d, fn = programs[name]
       caches[name] = caches[name].replace(length=jnp.asarray(args.cache_len // 2, jnp.int32))
       nxt = None
       for _ in range(steps):
-        nxt, _, caches[name], _ = fn(gen.params, gen.adapter_params, gen.derived, tokens,
+        nxt, _, caches[name], _ = fn(gen.params, gen.adapter_params, d, tokens,
                                      caches[name], key)
       jax.block_until_ready(nxt)
 
@@ -150,7 +181,9 @@ def main() -> None:
         trace = traces / f"b{batch}-{len(kernels)}"
         with jax.profiler.trace(str(trace)):
           run(name, 4)
-        kernels[name] = kernel_table(trace, 4, name).splitlines()[0]
+        table = kernel_table(trace, 4, f"{name} (batch {batch})")
+        print(table, file=sys.stderr, flush=True)  # the whole table, for the log
+        kernels[name] = table.splitlines()[0]
     times: dict[str, list[float]] = {n: [] for n in programs}
     for _ in range(args.rounds):
       for name in programs:
