@@ -1,14 +1,14 @@
-"""Which way of writing the packed path's expansion lets XLA:GPU add the fewest launches?
+"""How should the packed path's expansion be written for XLA:GPU?
 
     python tools/expand_probe.py --batches 1,32 --rounds 5      # GPU; JSON lines on stdout
 
-The pre-gated packed step adds ~9 small kernels per layer to the backbone's packed step on the
-H200 (probe/kernels.md: 4 reductions, 2 multiplies, 2 converts): each launch costs ~2 µs, which is
-what keeps the path above the backbone at batch 1. This probe compiles the same
+The pre-gated packed step costs more than the backbone's packed step beyond the bytes its
+experts add: small kernels that each read a little slowly. This probe compiles the same
 `pregated-packed` step with the expansion (`paths.packed.expand`) and the add of its delta
-(`PackedRuntime.__call__`) written several ways, times them interleaved in rounds with the
-backbone's packed step, and counts each program's kernels per step from a profiler trace.
-Variants are monkeypatched in for the probe only; the winner goes into the library.
+(`PackedRuntime.__call__`) written several ways, times them interleaved in rounds beside the
+backbone's packed step (ratios paired by round: median [95% interval]), and counts each
+program's kernels per step from a profiler trace (the whole table goes to stderr). Variants are
+monkeypatched in for the probe only; what wins goes into the library ("library" is today's).
 """
 
 from __future__ import annotations
@@ -35,31 +35,30 @@ from adafuse_jax.vocab import Mode, PathName
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from kernel_breakdown import kernel_table  # noqa: E402
 
-_ORIGINAL_EXPAND = P.expand
-_ORIGINAL_CALL = P.PackedRuntime.__call__
+_LIBRARY_EXPAND = P.expand
+_LIBRARY_CALL = P.PackedRuntime.__call__
 
 
-def expand_einsum_f32(h, dense, b_flat, scale, dtype):
-  """The gated shrink in the weights' dtype, the expansion accumulated and returned in f32 by
-  the dot itself (no convert after it)."""
-  n, m = h.shape[:2]
-  e = dense.shape[-1]
-  hg = (h.astype(jnp.float32).reshape(n, m, e, -1) * (dense[..., None] * scale)).reshape(n, m, -1)
-  return jnp.einsum("nmk,mko->nmo", hg.astype(dtype), b_flat,
-                    preferred_element_type=jnp.float32)
+def expand_untransposed(h, gates, b_flat, dtype):
+  """B as [M, E·r, out] (the layout before B was stored transposed): a column reduction for one
+  token on XLA:GPU; f32 out of the dot."""
+  hg = (h.astype(jnp.float32) * gates).astype(dtype)
+  return jnp.einsum("nmk,mko->nmo", hg, b_flat, preferred_element_type=jnp.float32)
 
 
-def expand_mulsum(h, dense, b_flat, scale, dtype):
-  """One token: the gates, the shrink and B multiplied element-wise and summed over E·r in f32,
-  one expression XLA can fuse into a single reduction; more tokens: the einsum."""
-  n, m = h.shape[:2]
-  if n != 1:
-    return _ORIGINAL_EXPAND(h, dense, b_flat, scale, dtype)
-  e = dense.shape[-1]
-  r = h.shape[-1] // e
-  g = jnp.repeat(dense * scale, r, axis=-1)  # [1, M or 1, E·r]
-  hg = h.astype(jnp.float32) * g  # [1, M, E·r]
-  return jnp.sum(hg[..., None] * b_flat.astype(jnp.float32)[None], axis=-2)
+def expand_untransposed_bf16out(h, gates, b_flat, dtype):
+  """The expansion as it was first written: B as [M, E·r, out], the dot's result in the weights'
+  dtype, upcast after."""
+  hg = (h.astype(jnp.float32) * gates).astype(dtype)
+  return jnp.einsum("nmk,mko->nmo", hg, b_flat).astype(jnp.float32)
+
+
+def expand_rowsum(h, gates, b_t, dtype):
+  """B transposed; one token: an explicit multiply and sum over the contiguous E·r axis."""
+  if h.shape[0] != 1:
+    return _LIBRARY_EXPAND(h, gates, b_t, dtype)
+  hg = h.astype(jnp.float32) * gates  # [1, M, E·r]
+  return jnp.sum(hg[:, :, None, :] * b_t.astype(jnp.float32)[None], axis=-1)
 
 
 def call_bf16_add(self, name, layer, x, weights):
@@ -74,37 +73,15 @@ def call_bf16_add(self, name, layer, x, weights):
   return y.reshape(*x.shape[:-1], -1)
 
 
-def _gated(h, dense, scale):
-  n, m = h.shape[:2]
-  e = dense.shape[-1]
-  return (h.astype(jnp.float32).reshape(n, m, e, -1) * (dense[..., None] * scale)).reshape(n, m, -1)
-
-
-def expand_bt_einsum(h, dense, bt, scale, dtype):
-  """B stored transposed, [M, out, E·r]: the contraction runs over each row's contiguous E·r
-  elements (a row reduction for one token), f32 out of the dot."""
-  return jnp.einsum("nmk,mok->nmo", _gated(h, dense, scale).astype(dtype), bt,
-                    preferred_element_type=jnp.float32)
-
-
-def expand_bt_rowsum(h, dense, bt, scale, dtype):
-  """B transposed; one token: an explicit multiply and sum over the contiguous E·r axis."""
-  if h.shape[0] != 1:
-    return expand_bt_einsum(h, dense, bt, scale, dtype)
-  hg = _gated(h, dense, scale)  # [1, M, E·r] f32
-  return jnp.sum(hg[:, :, None, :] * bt.astype(jnp.float32)[None], axis=-1)
-
-
-# name -> (expand, PackedRuntime.__call__, B stored as [M, out, E·r] instead of [M, E·r, out])
+# name -> (expand, PackedRuntime.__call__, B stored untransposed [M, E·r, out]). Measured and
+# dropped (docs/benchmarks/h200/expand/README.md): the add in bf16, a multiply-and-sum on the
+# untransposed B.
 VARIANTS = {
-    "einsum": (_ORIGINAL_EXPAND, _ORIGINAL_CALL, False),
-    "einsum-f32out": (expand_einsum_f32, _ORIGINAL_CALL, False),
-    "einsum+bf16add": (_ORIGINAL_EXPAND, call_bf16_add, False),
-    "einsum-f32out+bf16add": (expand_einsum_f32, call_bf16_add, False),
-    "mulsum": (expand_mulsum, _ORIGINAL_CALL, False),
-    "mulsum+bf16add": (expand_mulsum, call_bf16_add, False),
-    "bT-einsum": (expand_bt_einsum, _ORIGINAL_CALL, True),
-    "bT-rowsum": (expand_bt_rowsum, _ORIGINAL_CALL, True),
+    "library": (_LIBRARY_EXPAND, _LIBRARY_CALL, False),
+    "untransposed": (expand_untransposed, _LIBRARY_CALL, True),
+    "untransposed-bf16out": (expand_untransposed_bf16out, _LIBRARY_CALL, True),
+    "rowsum": (expand_rowsum, _LIBRARY_CALL, False),
+    "library+bf16add": (_LIBRARY_EXPAND, call_bf16_add, False),
 }
 
 
@@ -117,7 +94,7 @@ def compile_step(gen: Generator, derived, batch: int, cache_len: int, variant) -
     return fn.lower(gen.params, gen.adapter_params, derived, tokens, cache,
                     jax.random.key(0), SamplingConfig()).compile()
   finally:
-    P.expand, P.PackedRuntime.__call__ = _ORIGINAL_EXPAND, _ORIGINAL_CALL
+    P.expand, P.PackedRuntime.__call__ = _LIBRARY_EXPAND, _LIBRARY_CALL
 
 
 def main() -> None:
@@ -146,7 +123,7 @@ def main() -> None:
   names = [v for v in args.variants.split(",") if v]
   derived = {False: gens["pregated"].derived, None: gens["backbone-packed"].derived}
   if any(VARIANTS[n][2] for n in names):
-    d = gens["pregated"].derived  # the same packed matrices, B transposed (a copy of B only)
+    d = gens["pregated"].derived  # the same packed matrices, B untransposed (a copy of B only)
     derived[True] = dataclasses.replace(
         d, b=jax.tree.map(lambda b: jnp.swapaxes(b, -1, -2).copy(), d.b))
   env = {"preset": args.preset, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -155,7 +132,7 @@ def main() -> None:
     programs = {}
     t = time.perf_counter()
     programs["backbone-packed"] = (gens["backbone-packed"], derived[None], compile_step(
-        gens["backbone-packed"], derived[None], batch, args.cache_len, VARIANTS["einsum"]))
+        gens["backbone-packed"], derived[None], batch, args.cache_len, VARIANTS["library"]))
     for name in names:
       d = derived[VARIANTS[name][2]]
       programs[name] = (gens["pregated"], d, compile_step(gens["pregated"], d, batch,

@@ -38,12 +38,19 @@ for part in $parts; do
       # and cache in the same process.
       export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.6}
       export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+      # MODES_B1 / MODES_B32 pick rows per batch size (MODES both); PEER_LARGE=off leaves the
+      # PyTorch peer out above batch 8.
       for b in ${BATCHES:-1 32}; do
-        modes=${MODES:-backbone,backbone-packed,pregated-packed,pregated-gathered,layerwise-packed}
-        [ "$b" -gt 8 ] && modes=${MODES:-backbone,pregated-packed,pregated-gathered,layerwise-packed}
+        modes=${MODES:-${MODES_B1:-backbone,backbone-packed,pregated-packed,pregated-gathered,layerwise-packed}}
+        peer=auto
+        if [ "$b" -gt 8 ]; then
+          modes=${MODES:-${MODES_B32:-backbone,backbone-packed,pregated-packed,pregated-gathered,layerwise-packed}}
+          peer=${PEER_LARGE:-auto}
+        fi
         timeout "${FLOOR_S:-280}" python3 -m adafuse_jax.bench --preset "${PRESET:-llama2-7b}" \
           --prefill "" --batch "$b" --steps "${STEPS:-32}" --rounds "${ROUNDS:-5}" \
-          --modes "$modes" --out "$out/floor-b$b" 2>&1 | tee -a "$out/floor.log" | tail -14
+          --modes "$modes" --torch-peer "$peer" --out "$out/floor${PRESET:+-$PRESET}-b$b" 2>&1 \
+          | tee -a "$out/floor.log" | tail -14
       done ;;
     serve)
       # The server stack's wheels travel in .whl too (`python3 -m pip download -d .whl fastapi

@@ -11,7 +11,11 @@ layer-wise step's 19 ms on the H100). Appended to the backbone's matrix they rid
                                     base outputs      all experts' shrink   router logits
 
 then per adapted module the gates select the experts (dense over E, zeros elsewhere) and one
-small matmul expands: y = base + (alpha/r) · (h ⊙ gates) @ B_flat, B_flat = B[l] as [E·r, out].
+small matmul expands: y = base + (alpha/r) · (h ⊙ gates) @ B_flat, B_flat = B[l] as [E·r, out],
+stored transposed ([out, E·r]) so that for one token the contraction runs along each row's
+contiguous E·r elements: XLA:GPU then emits a row reduction, where [E·r, out] gave a column
+reduction that read B slowly (the pre-gated step 1.131x the backbone's packed step against
+1.082x transposed, H200 batch 1, `tools/expand_probe.py`; docs/benchmarks/h200/expand/).
 Reading every expert's A and B costs E·r·(in+out) bytes per module (~5% of the weights at E=8,
 r=16 on the 7B shape), paid to run with no gather and no router launch at all. The same packing
 serves the backbone (q/k/v and gate/up as one matmul each) and prompts, where the extra columns
@@ -93,7 +97,8 @@ class PackedWeights:
   """Per group, the packed matrices; per adapted module, B flattened.
 
   w: group tuple -> [L, in, columns] (or a tuple of L [in, columns] in the "list" layout).
-  b: expand batch (tuple of modules) -> [L, M, E·r, out] (or a tuple of L [M, E·r, out]).
+  b: expand batch (tuple of modules) -> [L, M, out, E·r] (or a tuple of L [M, out, E·r]): B
+    transposed, see the module's docstring.
   layout: the PackLayout (static).
   """
 
@@ -151,7 +156,8 @@ def pack(model, adapters=None, *, release: bool = False) -> PackedWeights:
   for batches in layout.expand_batches.values():
     for batch in batches:
       bs = [pools[m][1] for m in batch]
-      bb = jnp.stack([x.reshape(x.shape[0], e * r, x.shape[-1]) for x in bs], axis=1).astype(dtype)
+      bb = jnp.stack([jnp.swapaxes(x.reshape(x.shape[0], e * r, x.shape[-1]), -1, -2)
+                      for x in bs], axis=1).astype(dtype)
       b[batch] = per_layer(bb) if model.layout == "list" else bb
       del bs
       if release:
@@ -221,20 +227,23 @@ class PackedBackbone:
     return self.groups.base(name, layer, x).reshape(*x.shape[:-1], -1)
 
 
-def expand(h: jax.Array, dense: jax.Array, b_flat: jax.Array, scale: float,
-           dtype: jnp.dtype) -> jax.Array:
-  """Σ_e dense[:, m, e] · h_e @ B_m,e for M modules at once: one batched matmul.
+def expand(h: jax.Array, gates: jax.Array, b_t: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """Σ_e gate[:, m, e] · h_e @ B_m,e for M modules at once: one batched matmul.
 
-  h: [N, M, E·r] shrink of every expert; dense: [N, M, E] gates (0 for unchosen experts),
-  or [N, 1, E] when every module shares them (pre-gated); b_flat: [M, E·r, out].
+  h: [N, M, E·r] shrink of every expert; gates: [N, M, E·r] f32, each expert's gate (times the
+  pool's scale, 0 for unchosen experts) repeated over its r columns, or [N, 1, E·r] when every
+  module shares them (pre-gated); b_t: [M, out, E·r], B transposed.
   Returns [N, M, out] f32.
   """
-  n, num_modules = h.shape[:2]
-  num_experts = dense.shape[-1]
-  hg = h.astype(jnp.float32).reshape(n, num_modules, num_experts, -1) * (dense[..., None] * scale)
-  hg = hg.reshape(n, num_modules, -1).astype(dtype)
-  # In the weights' dtype with the result upcast after: see GroupCache on f32 results.
-  return jnp.einsum("nmk,mko->nmo", hg, b_flat).astype(jnp.float32)
+  # The gated shrink in the weights' dtype (an f32 operand would have XLA:GPU convert all of B
+  # to f32 first, see GroupCache), accumulated and returned in f32 by the dot itself.
+  hg = (h.astype(jnp.float32) * gates).astype(dtype)
+  return jnp.einsum("nmk,mok->nmo", hg, b_t, preferred_element_type=jnp.float32)
+
+
+def expert_columns(dense: jax.Array, rank: int, scale: float) -> jax.Array:
+  """[..., E] gates -> [..., E·r] f32: each expert's gate times `scale` over its r columns."""
+  return jnp.repeat(dense.astype(jnp.float32) * scale, rank, axis=-1)
 
 
 class PackedRuntime(AdapterRuntime):
@@ -282,7 +291,8 @@ class PackedRuntime(AdapterRuntime):
     for batch in packed.layout.expand_batches[group]:
       h = self._groups.block("shrink", batch, layer, x)  # [N, M, E*r]
       d = jnp.stack([dense[m] for m in batch], 1) if dense else shared[:, None]
-      out = expand(h, d, packed.b[batch][layer], self.cfg.scale, x.dtype)
+      out = expand(h, expert_columns(d, self.cfg.rank, self.cfg.scale), packed.b[batch][layer],
+                   x.dtype)
       deltas.update({m: out[:, i] for i, m in enumerate(batch)})
     return deltas
 
