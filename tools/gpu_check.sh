@@ -38,11 +38,11 @@ for part in $parts; do
       # and cache in the same process.
       export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.6}
       export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-      # MODES_B1 / MODES_B32 pick rows per batch size (MODES both); PEER_LARGE=off leaves the
-      # PyTorch peer out above batch 8.
+      # MODES_B1 / MODES_B32 pick rows per batch size (MODES both); PEER_SMALL=off / PEER_LARGE=off
+      # leave the PyTorch peer out at batch 8 and below / above it.
       for b in ${BATCHES:-1 32}; do
         modes=${MODES:-${MODES_B1:-backbone,backbone-packed,pregated-packed,pregated-gathered,layerwise-packed}}
-        peer=auto
+        peer=${PEER_SMALL:-auto}
         if [ "$b" -gt 8 ]; then
           modes=${MODES:-${MODES_B32:-backbone,backbone-packed,pregated-packed,pregated-gathered,layerwise-packed}}
           peer=${PEER_LARGE:-auto}
