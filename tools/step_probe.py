@@ -9,7 +9,9 @@ arguments and no work, for the host's cost of a call alone.
         --adapt-modules q,k,v,o                                         # CPU, float32
 
 Options tried on a GPU: XLA's defaults; command buffers (CUDA graphs) off; command buffers for
-every kernel kind with no minimum graph size. On the CPU: XLA's defaults, its XNNPACK graph
+every kernel kind with no minimum graph size; command buffers with conditionals and loops as
+graph nodes. Beside them the step compiled with argmax in place of the sampler (whose greedy-or-
+draw `lax.cond` may make the host wait for the device mid-call). On the CPU: XLA's defaults, its XNNPACK graph
 fusion and its oneDNN dots.
 """
 
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adafuse_jax import generation
 from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS, AdapterConfig
 from adafuse_jax.generation import Generator
@@ -37,6 +40,11 @@ GPU_OPTIONS = {
         "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
                                          "DYNAMIC_SLICE_FUSION",
         "xla_gpu_graph_min_graph_size": "1"},
+    # Conditionals (the sampler's greedy-or-draw `lax.cond`) as CUDA graph conditional nodes
+    # instead of a predicate copied to the host between graphs.
+    "command-buffers+conditionals": {
+        "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
+                                         "CONDITIONAL,WHILE"},
 }
 # XLA:CPU's library paths for dots and element-wise work (both off by default in this XLA).
 CPU_OPTIONS = {
@@ -82,6 +90,16 @@ def main() -> None:
       print(json.dumps({"option": name, "error": str(e).splitlines()[0][:300]}), flush=True)
       continue
     print(json.dumps({"option": name, "compile_s": round(time.perf_counter() - t, 1)}), flush=True)
+  # The same step sampling by argmax alone (no `lax.cond` in the program): does the sampler's
+  # conditional make the host wait for the device mid-call?
+  original_sample = generation.sample
+  generation.sample = lambda logits, key, sampling: jnp.argmax(logits, -1).astype(jnp.int32)
+  try:
+    fn = jax.jit(gen._forward, static_argnums=(6,), donate_argnums=(4,))
+    steps["defaults, argmax sampling"] = fn.lower(
+        gen.params, gen.adapter_params, gen.derived, tokens, cache, key, sampling).compile()
+  finally:
+    generation.sample = original_sample
   # The host's share of a call alone: the same arguments (every weight array, the cache donated
   # and handed back), no work on the device.
   no_work = jax.jit(lambda params, ap, derived, tok, c, k, s: (tok[:, 0], None, c, None),
