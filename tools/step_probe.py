@@ -9,9 +9,8 @@ arguments and no work, for the host's cost of a call alone.
         --adapt-modules q,k,v,o                                         # CPU, float32
 
 Options tried on a GPU: XLA's defaults; command buffers (CUDA graphs) off; command buffers for
-every kernel kind with no minimum graph size; command buffers with conditionals and loops as
-graph nodes. Beside them the step compiled with argmax in place of the sampler (whose greedy-or-
-draw `lax.cond` may make the host wait for the device mid-call). On the CPU: XLA's defaults, its XNNPACK graph
+every kernel kind with no minimum graph size. Beside them the step compiled with the router's
+top-k written as k masked argmaxes (same experts, same order) instead of `lax.top_k`. On the CPU: XLA's defaults, its XNNPACK graph
 fusion and its oneDNN dots.
 """
 
@@ -25,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adafuse_jax import generation
 from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS, AdapterConfig
 from adafuse_jax.generation import Generator
@@ -40,11 +38,6 @@ GPU_OPTIONS = {
         "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
                                          "DYNAMIC_SLICE_FUSION",
         "xla_gpu_graph_min_graph_size": "1"},
-    # Conditionals (the sampler's greedy-or-draw `lax.cond`) as CUDA graph conditional nodes
-    # instead of a predicate copied to the host between graphs.
-    "command-buffers+conditionals": {
-        "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
-                                         "CONDITIONAL,WHILE"},
 }
 # XLA:CPU's library paths for dots and element-wise work (both off by default in this XLA).
 CPU_OPTIONS = {
@@ -52,6 +45,19 @@ CPU_OPTIONS = {
     "xnn-graph-greedy": {"xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_GREEDY"},
     "onednn": {"xla_cpu_use_onednn": True},
 }
+
+
+def argmax_top_k_gates(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`routing.top_k_gates` without `lax.top_k`: k rounds of argmax, each masking its pick (the
+  lowest index first among ties, as `lax.top_k`)."""
+  x = logits.astype(jnp.float32)
+  experts, tops = [], []
+  for _ in range(k):
+    e = jnp.argmax(x, axis=-1)
+    experts.append(e)
+    tops.append(jnp.take_along_axis(x, e[:, None], axis=-1)[:, 0])
+    x = jnp.where(jax.nn.one_hot(e, x.shape[-1], dtype=bool), -jnp.inf, x)
+  return jnp.stack(experts, -1).astype(jnp.int32), jax.nn.softmax(jnp.stack(tops, -1), axis=-1)
 
 
 def main() -> None:
@@ -90,16 +96,17 @@ def main() -> None:
       print(json.dumps({"option": name, "error": str(e).splitlines()[0][:300]}), flush=True)
       continue
     print(json.dumps({"option": name, "compile_s": round(time.perf_counter() - t, 1)}), flush=True)
-  # The same step sampling by argmax alone (no `lax.cond` in the program): does the sampler's
-  # conditional make the host wait for the device mid-call?
-  original_sample = generation.sample
-  generation.sample = lambda logits, key, sampling: jnp.argmax(logits, -1).astype(jnp.int32)
+  # The same step with the router's top-k as k masked argmaxes (no sort or TopK kernel): is it
+  # what holds the host for the whole step in the pre-gated program (probe/README.md)?
+  from adafuse_jax.paths import base as paths_base
+  original_top_k = paths_base.top_k_gates
+  paths_base.top_k_gates = argmax_top_k_gates
   try:
     fn = jax.jit(gen._forward, static_argnums=(6,), donate_argnums=(4,))
-    steps["defaults, argmax sampling"] = fn.lower(
+    steps["defaults, argmax top-k"] = fn.lower(
         gen.params, gen.adapter_params, gen.derived, tokens, cache, key, sampling).compile()
   finally:
-    generation.sample = original_sample
+    paths_base.top_k_gates = original_top_k
   # The host's share of a call alone: the same arguments (every weight array, the cache donated
   # and handed back), no work on the device.
   no_work = jax.jit(lambda params, ap, derived, tok, c, k, s: (tok[:, 0], None, c, None),
