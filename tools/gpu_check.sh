@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags step autotune expand switch
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags step autotune expand attention switch
 #   (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
@@ -131,6 +131,12 @@ for part in $parts; do
       timeout "${EXPAND_S:-540}" python3 tools/expand_probe.py --preset "${PRESET:-llama2-7b}" \
         --batches "${BATCHES:-1,32}" --rounds "${ROUNDS:-5}" ${VARIANTS:+--variants "$VARIANTS"} \
         2>"$out/expand.log" | tee "$out/expand.jsonl" ;;
+    attention)
+      # One decode token's grouped-query attention written several ways, alone, per preset and
+      # batch (attention.jsonl; kernel tables in attention.log).
+      timeout "${ATTENTION_S:-240}" python3 tools/attention_probe.py \
+        --presets "${PRESETS:-llama2-7b,mistral-7b}" --batches "${BATCHES:-1,32}" \
+        2>"$out/attention.log" | tee "$out/attention.jsonl" | cut -c1-160 ;;
     switch)
       # The SGMM switch kernel alone on the 7B shapes (Triton lowering at its default tiles,
       # Mosaic GPU at several, plain XLA), against the memory ceiling of the same run.
