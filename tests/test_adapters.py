@@ -222,6 +222,27 @@ def test_packed_path_equals_xla_path(model, layout, mode, per_layer_gates, modul
     np.testing.assert_array_equal(a.experts, b.experts)
 
 
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shared", [False, True])
+def test_packed_expand_is_the_gated_sum_over_experts(dtype, tol, shared):
+  """`expand` on B stored transposed [M, out, E·r] equals Σ_e gate_e · (h_e @ B_e) per module,
+  with the gates shared by every module (pre-gated) or per module (layer-wise)."""
+  from adafuse_jax.paths.packed import expand, expert_columns
+
+  n, m, e, r, out, scale = 3, 2, 4, 3, 5, 0.5
+  keys = jax.random.split(jax.random.key(int(shared)), 3)
+  h = jax.random.normal(keys[0], (n, m, e * r), jnp.float32)
+  b = jax.random.normal(keys[1], (m, e, r, out), jnp.float32)  # B per module and expert
+  dense = jax.nn.relu(jax.random.normal(keys[2], (n, 1 if shared else m, e)))  # some zeros
+  b_t = jnp.swapaxes(b.reshape(m, e * r, out), -1, -2).astype(dtype)
+  got = expand(h.astype(dtype), expert_columns(dense, r, scale), b_t, dtype)
+  hn, bn = np.asarray(h.astype(dtype), np.float64), np.asarray(b.astype(dtype), np.float64)
+  gn = np.broadcast_to(np.asarray(dense, np.float64), (n, m, e)) * scale
+  want = np.einsum("nme,nmer,mero->nmo", gn, hn.reshape(n, m, e, r), bn)
+  assert got.dtype == jnp.float32 and got.shape == (n, m, out)
+  np.testing.assert_allclose(np.asarray(got), want, atol=tol * np.abs(want).max(), rtol=tol)
+
+
 def test_packed_backbone_equals_backbone(model):
   from adafuse_jax.paths.packed import PackedBackbone, pack
 
