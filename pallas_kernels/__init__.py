@@ -3,7 +3,9 @@
 - `bgmv`: the decode gather (each row's own experts, reading only those the step uses; the
   expansion fused into the base matmul);
 - `sgmv`: the segmented prompt matmul (token-expert pairs grouped by expert);
-- `sgmm`: the fused switch (the chosen experts merged into every adapted weight, one launch).
+- `sgmm`: the fused switch (the chosen experts merged into every adapted weight, one launch);
+- `decode_attention`: one query token per row against its KV cache (flash-decoding: split over
+  the cache, only the filled blocks read), for the decode step's attention.
 
 Each op has `reference.py` (plain jnp: the f32 truth, and XLA's own formulation where it has
 one), one file per backend (`triton.py`: the Triton lowering of Pallas; `mosaic.py`: Mosaic GPU;
@@ -12,6 +14,6 @@ picks a backend (`backend="auto"` falls back in a stated order). `common.py` hol
 share. Each backend's tile sizes are a frozen `Tiles` dataclass with `get_default(...)`.
 """
 
-from pallas_kernels import bgmv, sgmm, sgmv  # noqa: E402
+from pallas_kernels import bgmv, decode_attention, sgmm, sgmv  # noqa: E402
 
-__all__ = ["bgmv", "sgmm", "sgmv"]
+__all__ = ["bgmv", "decode_attention", "sgmm", "sgmv"]

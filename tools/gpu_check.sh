@@ -24,7 +24,7 @@ for part in $parts; do
   case $part in
     tests)
       timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_bgmv.py \
-        tests/test_sgmv.py tests/test_sgmm.py tests/test_sgmm_mosaic.py -k "not default_model" \
+        tests/test_sgmv.py tests/test_sgmm.py tests/test_sgmm_mosaic.py tests/test_decode_attention.py -k "not default_model" \
         2>&1 | tee "$out/tests.log" | tail -5 ;;
     layers)
       timeout "${LAYERS_S:-150}" python3 tools/layer_loop_bench.py --out "$out/layer-loop" ;;

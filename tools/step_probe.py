@@ -10,7 +10,8 @@ arguments and no work, for the host's cost of a call alone.
 
 Options tried on a GPU: XLA's defaults; command buffers (CUDA graphs) off; command buffers for
 every kernel kind with no minimum graph size. Beside them the step compiled with the router's
-top-k written as k masked argmaxes (same experts, same order) instead of `lax.top_k`. On the CPU: XLA's defaults, its XNNPACK graph
+top-k written as k masked argmaxes (same experts, same order) instead of `lax.top_k`, and with
+each layer's attention in the Pallas decode-attention kernel. On the CPU: XLA's defaults, its XNNPACK graph
 fusion and its oneDNN dots.
 """
 
@@ -29,7 +30,9 @@ from adafuse_jax.config import PRESETS, AdapterConfig
 from adafuse_jax.generation import Generator
 from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.model.llama import LlamaModel
+from adafuse_jax.model.layers import attention
 from adafuse_jax.vocab import parse_variant
+from pallas_kernels.decode_attention.triton import decode_attention
 
 GPU_OPTIONS = {
     "defaults": {},
@@ -58,6 +61,15 @@ def argmax_top_k_gates(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]
     tops.append(jnp.take_along_axis(x, e[:, None], axis=-1)[:, 0])
     x = jnp.where(jax.nn.one_hot(e, x.shape[-1], dtype=bool), -jnp.inf, x)
   return jnp.stack(experts, -1).astype(jnp.int32), jax.nn.softmax(jnp.stack(tops, -1), axis=-1)
+
+
+def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`model.layers.attention` with one query token per row run by the Pallas kernel
+  (`pallas_kernels.decode_attention`; the interpreter on the CPU)."""
+  if q.shape[1] != 1:
+    return attention(q, k, v, mask)
+  return decode_attention(q[:, 0], k, v, mask[:, 0],
+                          interpret=jax.default_backend() == "cpu")[:, None]
 
 
 def main() -> None:
@@ -107,6 +119,17 @@ def main() -> None:
         gen.params, gen.adapter_params, gen.derived, tokens, cache, key, sampling).compile()
   finally:
     paths_base.top_k_gates = original_top_k
+  # The same step with each layer's one-token attention in the Pallas decode-attention kernel
+  # (split over the cache, only the filled blocks read) instead of XLA's fusions.
+  from adafuse_jax.model import cache as model_cache
+  original_attention = model_cache.attention
+  model_cache.attention = kernel_attention
+  try:
+    fn = jax.jit(gen._forward, static_argnums=(6,), donate_argnums=(4,))
+    steps["defaults, pallas attention"] = fn.lower(
+        gen.params, gen.adapter_params, gen.derived, tokens, cache, key, sampling).compile()
+  finally:
+    model_cache.attention = original_attention
   # The host's share of a call alone: the same arguments (every weight array, the cache donated
   # and handed back), no work on the device.
   no_work = jax.jit(lambda params, ap, derived, tok, c, k, s: (tok[:, 0], None, c, None),

@@ -1,0 +1,108 @@
+"""Decode attention (pallas_kernels/decode_attention) against its f32 reference.
+
+Interpret mode on the CPU, compiled on a GPU. Shapes are not multiples of the tiles (slots,
+head_dim, query heads per KV head), inputs are fresh random draws, the kernel's partial outputs
+start as NaN, and every cache slot a row may not read holds NaN (it must not reach the result).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode_attention as da
+from pallas_kernels.common import dot_block
+from pallas_kernels.decode_attention.reference import decode_attention_reference
+from pallas_kernels.decode_attention.triton import Tiles, decode_attention, split_plan
+from adafuse_jax.model.layers import attention
+
+INTERPRET = jax.default_backend() != "gpu"
+SMALL = Tiles(block_s=16, target_programs=24)
+# dtype -> max error relative to max |reference|.
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def _problem(seed: int, batch: int, slots: int, kv_heads: int, groups: int, head_dim: int,
+             dtype, pads, ends):
+  """Random q, k, v and a mask of rows [pad, end) (left padding, rows of their own lengths);
+  the slots a row may not read hold NaN."""
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(kq, (batch, kv_heads * groups, head_dim), dtype)
+  k = jax.random.normal(kk, (batch, slots, kv_heads, head_dim), dtype)
+  v = jax.random.normal(kv, (batch, slots, kv_heads, head_dim), dtype)
+  pads, ends = np.asarray(pads), np.asarray(ends)
+  s = np.arange(slots)[None]
+  mask = jnp.asarray((s >= pads[:, None]) & (s < ends[:, None]))
+  unseen = ~mask[:, :, None, None]
+  return q, jnp.where(unseen, jnp.nan, k), jnp.where(unseen, jnp.nan, v), mask
+
+
+def _poisoned_partials(q, k, tiles):
+  b, hq, hd = q.shape
+  hkv = k.shape[2]
+  splits, _ = split_plan(b, hkv, k.shape[1], tiles)
+  g, d = dot_block(hq // hkv), dot_block(hd)
+  return (jnp.full((b, hkv, splits, g, d), jnp.nan, jnp.float32),
+          jnp.full((b, hkv, splits, g), jnp.nan, jnp.float32),
+          jnp.full((b, hkv, splits, g), jnp.nan, jnp.float32))
+
+
+def _check(q, k, v, mask, dtype, tiles=SMALL):
+  got = decode_attention(q, k, v, mask, tiles=tiles, interpret=INTERPRET,
+                         partials=_poisoned_partials(q, k, tiles))
+  want = decode_attention_reference(q, jnp.nan_to_num(k), jnp.nan_to_num(v), mask)
+  assert got.dtype == q.dtype and got.shape == q.shape
+  assert not bool(jnp.isnan(got).any()), "NaN: a partial never written or a NaN slot read"
+  err = float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
+  assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("batch, slots, kv_heads, groups, head_dim, pads, ends", [
+    (1, 37, 2, 1, 24, [0], [37]),                 # batch 1, Llama-like groups of one, ragged
+    (3, 50, 2, 4, 32, [0, 5, 11], [50, 33, 20]),  # Mistral-like groups of 4, left padding
+    (2, 70, 1, 3, 16, [0, 0], [9, 41]),           # cache filled to 41 of 70: later blocks skipped
+    (5, 16, 4, 2, 64, [0, 1, 2, 3, 15], [16] * 5),  # one block exactly, a row of one slot
+])
+def test_matches_reference_on_ragged_shapes(dtype, batch, slots, kv_heads, groups, head_dim,
+                                            pads, ends):
+  prob = _problem(batch * slots + groups, batch, slots, kv_heads, groups, head_dim, dtype,
+                  pads, ends)
+  _check(*prob, dtype)
+
+
+def test_splits_cover_the_cache_and_spread_a_small_batch():
+  for batch, heads, slots in [(1, 32, 512), (32, 8, 512), (1, 2, 37), (3, 1, 1000)]:
+    splits, per = split_plan(batch, heads, slots, Tiles())
+    blocks = -(-slots // Tiles().block_s)
+    assert splits * per >= blocks > (splits - 1) * per  # every block in exactly one split
+  assert split_plan(1, 32, 512, Tiles())[0] == 8  # batch 1 of a 7B: 256 programs, not 32
+  assert split_plan(32, 32, 512, Tiles())[0] == 1
+
+
+def test_model_attention_equals_the_kernel_for_one_token():
+  """The model's `attention` (what the kernel would replace) and the kernel agree."""
+  q, k, v, mask = _problem(7, 2, 45, 2, 2, 32, jnp.float32, [0, 3], [45, 30])
+  k, v = jnp.nan_to_num(k), jnp.nan_to_num(v)
+  want = attention(q[:, None], k, v, mask[:, None])[:, 0]
+  got = decode_attention(q, k, v, mask, tiles=SMALL, interpret=INTERPRET)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_entry_point_picks_xla_off_the_gpu_and_names_bad_input():
+  q, k, v, mask = _problem(3, 2, 20, 1, 2, 16, jnp.float32, [0, 0], [20, 20])
+  if jax.default_backend() != "gpu":
+    out = da.decode_attention(q, k, v, mask)  # auto: the XLA formulation here
+    np.testing.assert_allclose(np.asarray(out), np.asarray(decode_attention_reference(
+        q, k, v, mask)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'triton' cannot run this call: .*CUDA GPU"):
+      da.decode_attention(q, k, v, mask, backend="triton")
+  with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+    da.decode_attention(q, k, v, mask, backend="cuda")
+  with pytest.raises(ValueError, match="not a multiple of 2 KV heads"):
+    decode_attention(q[:, :1], jnp.concatenate([k, k], 2), jnp.concatenate([v, v], 2), mask,
+                     interpret=INTERPRET)
+  with pytest.raises(ValueError, match=r"mask has shape \(2, 19\)"):
+    decode_attention(q, k, v, mask[:, 1:], interpret=INTERPRET)
