@@ -108,28 +108,24 @@ def main() -> None:
       print(json.dumps({"option": name, "error": str(e).splitlines()[0][:300]}), flush=True)
       continue
     print(json.dumps({"option": name, "compile_s": round(time.perf_counter() - t, 1)}), flush=True)
-  # The same step with the router's top-k as k masked argmaxes (no sort or TopK kernel): is it
-  # what holds the host for the whole step in the pre-gated program (probe/README.md)?
-  from adafuse_jax.paths import base as paths_base
-  original_top_k = paths_base.top_k_gates
-  paths_base.top_k_gates = argmax_top_k_gates
-  try:
-    fn = jax.jit(gen._forward, static_argnums=(6,), donate_argnums=(4,))
-    steps["defaults, argmax top-k"] = fn.lower(
-        gen.params, gen.adapter_params, gen.derived, tokens, cache, key, sampling).compile()
-  finally:
-    paths_base.top_k_gates = original_top_k
-  # The same step with each layer's one-token attention in the Pallas decode-attention kernel
-  # (split over the cache, only the filled blocks read) instead of XLA's fusions.
+  # The same step with one function of the library swapped at trace time:
+  # - the router's top-k as k masked argmaxes (no sort or TopK kernel): is it what holds the
+  #   host for the whole step in the pre-gated program (probe/README.md)?
+  # - each layer's one-token attention in the Pallas decode-attention kernel (split over the
+  #   cache, only the filled blocks read) instead of XLA's fusions.
   from adafuse_jax.model import cache as model_cache
-  original_attention = model_cache.attention
-  model_cache.attention = kernel_attention
-  try:
-    fn = jax.jit(gen._forward, static_argnums=(6,), donate_argnums=(4,))
-    steps["defaults, pallas attention"] = fn.lower(
-        gen.params, gen.adapter_params, gen.derived, tokens, cache, key, sampling).compile()
-  finally:
-    model_cache.attention = original_attention
+  from adafuse_jax.paths import base as paths_base
+  for name, module, attr, swap in [
+      ("defaults, argmax top-k", paths_base, "top_k_gates", argmax_top_k_gates),
+      ("defaults, pallas attention", model_cache, "attention", kernel_attention)]:
+    original = getattr(module, attr)
+    setattr(module, attr, swap)
+    try:
+      fn = jax.jit(gen._forward, static_argnums=(6,), donate_argnums=(4,))
+      steps[name] = fn.lower(gen.params, gen.adapter_params, gen.derived, tokens, cache, key,
+                             sampling).compile()
+    finally:
+      setattr(module, attr, original)
   # The host's share of a call alone: the same arguments (every weight array, the cache donated
   # and handed back), no work on the device.
   no_work = jax.jit(lambda params, ap, derived, tok, c, k, s: (tok[:, 0], None, c, None),
