@@ -18,8 +18,10 @@
 #
 # Reads the recorded results under `docs/benchmarks/` (each written by `python -m adafuse_jax.bench
 # ... --out DIR` or a script in `tools/`, with its command and versions in the file; nothing typed
-# by hand) and plots them. `docs/benchmarks.md` explains each and its caveats: the floors divide
-# by an element-wise copy rate that under-measures the GPU, so read the ratios between rows.
+# by hand) and plots them. `docs/benchmarks.md` explains each and its caveats: the `floor-*` runs
+# divide bytes by the memory ceiling measured in the same run and quote ratios over interleaved
+# rounds with their 95% intervals; older single runs divide by an element-wise copy rate that
+# under-measures the GPU, so read only the ratios between their rows.
 
 # %%
 import json
@@ -48,7 +50,42 @@ def row_name(mode: str) -> str:
 
 
 # %% [markdown]
-# ## Batch-1 decode on the H200: every path beside the backbone
+# ## The floor runs (H200): each row over the backbone, interleaved rounds, 95% intervals
+# `bash tools/gpu_check.sh OUT floor` (each `results.json` holds its bench command): Llama-2-7B
+# and Mistral-7B shapes, 8 experts of rank 16, top-2 on all 7 modules, batch 1 and 32. Bars are
+# the pipelined step's median ratio to the backbone's, paired by round; whiskers the interval.
+
+# %%
+floor_runs = sorted(k for k in runs if k.startswith("h200/floor"))
+fig, axes = plt.subplots(1, len(floor_runs), figsize=(3.2 * len(floor_runs), 3.6), sharey=True)
+for ax, key in zip(np.atleast_1d(axes), floor_runs):
+  r = runs[key]
+  rows = [row for row in r["results"] if "pipelined_ratio_interval" in row]
+  mid = np.array([row["pipelined_ratio_interval"]["median"] for row in rows])
+  low = np.array([row["pipelined_ratio_interval"].get("low", m) for row, m in zip(rows, mid)])
+  high = np.array([row["pipelined_ratio_interval"].get("high", m) for row, m in zip(rows, mid)])
+  ax.bar(range(len(rows)), mid, yerr=[mid - low, high - mid], capsize=3,
+         color=["#55A868" if "pregated" in row["mode"] else "#8C8C8C" for row in rows])
+  ax.axhline(1.05, color="#C44E52", ls="--", lw=1)
+  ax.set_xticks(range(len(rows)), [row["mode"] for row in rows], rotation=35, ha="right",
+                fontsize=7)
+  ax.set_ylim(0.8, max(1.3, float(high.max()) + 0.05))
+  ax.set_title(f"{r['preset']} batch {r['batch']}", fontsize=9)
+np.atleast_1d(axes)[0].set_ylabel("pipelined step / backbone's")
+fig.tight_layout()
+plt.show()
+for key in floor_runs:
+  r = runs[key]
+  print(f"{key}: ceiling {r['ceiling_tb_s']:.2f} TB/s ({r['ceiling_method']}), "
+        f"{r['environment']['date'][:10]}")
+  for row in r["results"]:
+    ci = row.get("pipelined_ratio_interval", {})
+    print(f"  {row['mode']:<18} {row['decode_pipelined']['median_ms']:7.3f} ms"
+          f"  {ci.get('median', float('nan')):.3f}x [{ci.get('low', float('nan')):.3f},"
+          f" {ci.get('high', float('nan')):.3f}]  {100 * row['floor_ms'] / row['decode_pipelined']['median_ms']:3.0f}% of floor")
+
+# %% [markdown]
+# ## Batch-1 decode on the H200 (an older single run): every path beside the backbone
 # Two timings per row: *synced* (one step, then wait: latency) and *pipelined* (steps dispatched
 # back to back, as `generate` runs them). The dashed line is the backbone's floor at the copy
 # rate measured in the same run (an under-estimate of the hardware's bandwidth).
