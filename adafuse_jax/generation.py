@@ -25,6 +25,7 @@ from adafuse_jax.adapters.sere import SereSettings
 from adafuse_jax.config import LINEAR_NAMES
 from adafuse_jax.errors import UserError
 from adafuse_jax.model.cache import KVCache
+from adafuse_jax.model.layers import attention_fn
 from adafuse_jax.model.llama import LinearFn, LlamaModel
 from adafuse_jax.paths import merged as merged_path
 from adafuse_jax.paths import registry
@@ -106,12 +107,15 @@ class Generator:
     release_weights: with "packed", delete the model's linear weights and the pool's experts
       while packing: one copy of them in device memory at any time; `model` and `adapters`
       cannot run afterwards.
+    attention: how decode steps run attention (`adafuse_jax.model.layers.ATTENTION`): "xla"
+      (XLA's fusions, the default) or "pallas" (the Pallas decode-attention kernel for one
+      token per row; prompts keep XLA's).
   """
 
   def __init__(self, model: LlamaModel, *, adapters: MixtureOfLoRA | None = None,
                path: str | PathName = registry.DEFAULT_PATH, backend: str = "auto",
                sere: SereSettings | None = None, release_weights: bool = False,
-               mesh: "jax.sharding.Mesh | None" = None):
+               mesh: "jax.sharding.Mesh | None" = None, attention: str = "xla"):
     if adapters is not None and adapters.cfg.route_context:
       raise UserError("these adapters route on the running context (route_context), which"
                       " decoding does not carry from step to step yet; evaluate them with"
@@ -132,6 +136,11 @@ class Generator:
       model, adapters = self.path.fold_once(model, adapters)
     self.backend = backend
     self.sere = sere
+    self.attention = attention
+    self.attend_fn = attention_fn(attention)
+    if attention != "xla" and mesh is not None and mesh.size > 1:
+      raise UserError(f"attention {attention!r} runs a Pallas kernel, which the tensor-parallel"
+                      " step cannot split yet; decode on several devices with attention 'xla'")
     # Decode steps switch experts into the weights (a pre-gated pool on path "merged").
     self.merges_per_token = self.path.merges and adapters is not None
     self.cfg = model.cfg
@@ -206,7 +215,7 @@ class Generator:
       runtime = self.path.runtime(adapters, derived, sere=self.sere, backend=self.backend,
                                   mesh=self.mesh)
       linear = runtime
-    logits, cache = model(tokens, cache, linear=linear, last=last)
+    logits, cache = model(tokens, cache, linear=linear, last=last, attend_fn=self.attend_fn)
     routing = None
     if runtime is not None and runtime.first_route is not None:
       b, t = tokens.shape
@@ -236,12 +245,14 @@ class Generator:
     model = nnx.merge(self.graphdef, params)
 
     def merged(cache):
-      return model(tokens, cache, linear=merged_path.merged_linear(merged_weights))
+      return model(tokens, cache, linear=merged_path.merged_linear(merged_weights),
+                   attend_fn=self.attend_fn)
 
     def unmerged(cache):
       adapters = nnx.merge(self.adapters_graphdef, adapter_params)
       return model(tokens, cache, linear=self.path.runtime(adapters, backend=self.backend,
-                                                           mesh=self.mesh))
+                                                           mesh=self.mesh),
+                   attend_fn=self.attend_fn)
 
     if tokens.shape[0] == 1:  # one sequence always agrees with itself
       logits, cache = merged(cache)

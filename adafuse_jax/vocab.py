@@ -91,13 +91,16 @@ def legacy_path(implementation: str | None, merge: bool) -> tuple[PathName | Non
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One configuration of the bench: a mode on a path, optionally with SERE re-routing or a
-  named kernel backend. `name` and `parse_variant` are inverse."""
+  """One configuration of the bench: a mode on a path, optionally with SERE re-routing, a
+  named kernel backend or the Pallas decode-attention kernel
+  (`MODE[-PATH][@BACKEND][+sere][+pallas-attention]`). `name` and `parse_variant` are
+  inverse."""
 
   mode: Mode
   path: PathName = PathName.XLA
   sere: bool = False
   backend: str = "auto"
+  attention: str = "xla"  # "pallas": the decode-attention kernel (`+pallas-attention`)
 
   @property
   def name(self) -> str:
@@ -105,7 +108,8 @@ class Variant:
         f"{self.mode.value}-{self.path.value}")
     if self.backend != "auto":
       text += f"@{self.backend}"
-    return text + ("+sere" if self.sere else "")
+    text += "+sere" if self.sere else ""
+    return text + (f"+{self.attention}-attention" if self.attention != "xla" else "")
 
 
 # Bench names of earlier versions, accepted with a note of the new name.
@@ -126,8 +130,14 @@ def parse_variant(text: str) -> tuple[Variant, str | None]:
                     f" {text.replace('-fused-dense', '-gathered')!r}")
   if text in _LEGACY_VARIANTS:
     text = _LEGACY_VARIANTS[text]
-  sere = text.endswith("+sere")
-  text = text.removesuffix("+sere")
+  text, *flags = text.split("+")
+  known = ("sere", "pallas-attention")
+  for flag in flags:
+    if flag not in known:
+      raise UserError(f"bench mode {original!r}: unknown suffix '+{flag}'; choose from"
+                      f" {', '.join('+' + k for k in known)}")
+  sere = "sere" in flags
+  attention = "pallas" if "pallas-attention" in flags else "xla"
   text, _, backend = text.partition("@")
   mode_text, _, path_text = text.partition("-")
   mode = parse_mode(mode_text, flag="bench mode")
@@ -137,5 +147,5 @@ def parse_variant(text: str) -> tuple[Variant, str | None]:
   else:
     path = parse_path(path_text, flag=f"path of bench mode {original!r}") if path_text else (
         PathName.XLA)
-  variant = Variant(mode, path, sere, parse_backend(backend) if backend else "auto")
+  variant = Variant(mode, path, sere, parse_backend(backend) if backend else "auto", attention)
   return variant, (f"bench mode {original!r} is now spelled {variant.name!r}" if legacy else None)

@@ -165,3 +165,18 @@ def test_ratio_interval_is_paired_by_round():
   assert spread["low"] == pytest.approx(np.exp(logs.mean() - half))
   assert spread["high"] == pytest.approx(np.exp(logs.mean() + half))
   assert "low" not in ratio_interval([1.0], [1.0])  # one round: no interval
+
+
+def test_bench_row_names_parse_with_the_attention_suffix():
+  from adafuse_jax.errors import UserError
+  from adafuse_jax.vocab import Mode, PathName, Variant, parse_variant
+
+  variant, note = parse_variant("pregated-packed+sere+pallas-attention")
+  assert note is None
+  assert variant == Variant(Mode.PREGATED, PathName.PACKED, True, "auto", "pallas")
+  assert variant.name == "pregated-packed+sere+pallas-attention"
+  assert parse_variant("backbone-packed+pallas-attention")[0].attention == "pallas"
+  assert parse_variant("backbone")[0].attention == "xla"
+  with pytest.raises(UserError, match=r"unknown suffix '\+flash'; choose from \+sere, "
+                                      r"\+pallas-attention"):
+    parse_variant("backbone+flash")

@@ -138,3 +138,27 @@ def test_row_layout_generator_equals_stored_layout(mode, monkeypatch):
   assert generate(rows, prompts, max_new_tokens=8).tokens == want
   if mode == "pregated":  # merged steps switch from the pool's own A
     assert Generator(model, adapters=adapters, path="merged", backend="xla").derived is None
+
+
+def test_pallas_attention_generator_writes_the_same_tokens(tiny_gen):
+  """Decode steps on the Pallas decode-attention kernel (the Pallas interpreter here) write the
+  same greedy tokens as XLA's attention, ragged prompts (left padding) and a pre-gated pool on
+  path packed included; an unknown attention is a named error."""
+  from adafuse_jax.adapters.mixture import MixtureOfLoRA
+  from adafuse_jax.config import AdapterConfig
+
+  prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+  model = LlamaModel(tiny_config(), seed=11)
+  kernel = Generator(model, attention="pallas")
+  assert kernel.attention == "pallas"
+  assert (generate(kernel, prompts, max_new_tokens=6).tokens
+          == generate(tiny_gen, prompts, max_new_tokens=6).tokens)
+  adapters = MixtureOfLoRA(model.cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4,
+                                                    router_init_std=0.5), seed=3, random_b=True)
+  want = generate(Generator(model, adapters=adapters, path="packed"), prompts,
+                  max_new_tokens=6).tokens
+  got = generate(Generator(model, adapters=adapters, path="packed", attention="pallas"),
+                 prompts, max_new_tokens=6).tokens
+  assert got == want
+  with pytest.raises(UserError, match="unknown attention 'flash'; choose one of xla, pallas"):
+    Generator(model, attention="flash")

@@ -31,9 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="auto: bfloat16 on a GPU, float32 on the CPU")
   p.add_argument("--modes", default=",".join(v.name for v in DEFAULT_VARIANTS),
-                 help="comma-separated rows, each MODE[-PATH][@BACKEND][+sere]: a mode"
-                      " (backbone, lora, layerwise, pregated) on a path (xla when omitted; packed,"
-                      " gathered, merged, auto), optionally a kernel backend and SERE re-routing")
+                 help="comma-separated rows, each MODE[-PATH][@BACKEND][+sere][+pallas-attention]:"
+                      " a mode (backbone, lora, layerwise, pregated) on a path (xla when omitted;"
+                      " packed, gathered, merged, auto), optionally a kernel backend, SERE"
+                      " re-routing and the Pallas decode-attention kernel")
   p.add_argument("--layouts", default="auto",
                  help="weight layouts for the backbone, comma-separated (stacked,list); auto ="
                       " the backend's default only")
@@ -191,7 +192,8 @@ def run(args: argparse.Namespace) -> dict:
                        warmup=args.warmup, steps=args.steps,
                        prefill_lengths=prefill_lengths if variant.name in prefill_modes else (),
                        seed=args.seed, path=path, backend=backend, sere=sere,
-                       release_weights=release, keep=keep, mesh=mesh)
+                       release_weights=release, keep=keep, mesh=mesh,
+                       attention=variant.attention)
       merge = r.pop("merges_per_token")
       if sere is not None:
         r["sere"] = {"rho": sere.rho, "primary_k": sere.primary_k}

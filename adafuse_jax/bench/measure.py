@@ -116,7 +116,8 @@ def calibrated_sere(model: LlamaModel, adapters: MixtureOfLoRA, *, primary_k: in
 def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,
                warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int,
                path: PathName = PathName.XLA, backend: str = "auto", sere=None,
-               release_weights: bool = False, keep: bool = False, mesh=None) -> dict:
+               release_weights: bool = False, keep: bool = False, mesh=None,
+               attention: str = "xla") -> dict:
   """Decode step and prefill timings of one model (+ adapters) configuration.
 
   Decode steps are timed synced (one step, then wait: latency) and pipelined (steps dispatched
@@ -132,9 +133,10 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   `keep`: the result's "round" entry is a function that times one more round of this row
   (pipelined and synced ms/step), keeping its Generator alive: rows interleaved over rounds.
   `mesh`: a tensor-parallel mesh the step runs on (`adafuse_jax.parallel`).
+  `attention`: how decode steps run attention (`Generator`'s `attention`).
   """
   gen = Generator(model, adapters=adapters, path=path, backend=backend, sere=sere,
-                  release_weights=release_weights, mesh=mesh)
+                  release_weights=release_weights, mesh=mesh, attention=attention)
   merge = gen.merges_per_token
   sampling = SamplingConfig()
   t0 = time.perf_counter()

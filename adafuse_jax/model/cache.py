@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from adafuse_jax.config import ModelConfig
-from adafuse_jax.model.layers import attention
+from adafuse_jax.model.layers import AttentionFn, attention
 
 
 def _zeros(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> tuple[jax.Array, ...]:
@@ -54,13 +54,14 @@ class _Buffers:
     return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, k_buf: jax.Array, v_buf: jax.Array,
-             mask) -> tuple[jax.Array, jax.Array, jax.Array]:
+             mask, attend_fn: AttentionFn = attention) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One layer: writes the new k, v [B, T, Hkv, hd] into its buffers [B, S, Hkv, hd] and
-    attends q [B, T, Hq, hd] to what this view reads under `mask` (from `visible`).
+    attends q [B, T, Hq, hd] to what this view reads under `mask` (from `visible`), with
+    `attend_fn` (`model.layers.ATTENTION`).
 
     Returns (attention output [B, T, Hq, hd], k buffer, v buffer)."""
     k_buf, v_buf = self.write(k_buf, k), self.write(v_buf, v)
-    return attention(q, self.readable(k_buf), self.readable(v_buf), mask), k_buf, v_buf
+    return attend_fn(q, self.readable(k_buf), self.readable(v_buf), mask), k_buf, v_buf
 
 
 @flax.struct.dataclass
@@ -216,9 +217,9 @@ class PackedPrompts(_Buffers):
   def write(self, buf: jax.Array, new: jax.Array) -> jax.Array:
     return buf.at[self.rows, self.pos].set(new[0].astype(buf.dtype), mode="drop")
 
-  def attend(self, q, k, v, k_buf, v_buf, mask):
+  def attend(self, q, k, v, k_buf, v_buf, mask, attend_fn: AttentionFn = attention):
     k_buf, v_buf = self.write(k_buf, k), self.write(v_buf, v)
-    return attention(q, *self.own(k, v, k_buf), mask), k_buf, v_buf
+    return attend_fn(q, *self.own(k, v, k_buf), mask), k_buf, v_buf
 
   @staticmethod
   def own(k: jax.Array, v: jax.Array, buf: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -268,7 +269,7 @@ class DecodeWithPrompts:
   def visible(self, t: int):
     return self.decode.visible(1), self.prompts.visible(t - self.rows)
 
-  def attend(self, q, k, v, k_buf, v_buf, mask):
+  def attend(self, q, k, v, k_buf, v_buf, mask, attend_fn: AttentionFn = attention):
     b = self.rows
     as_rows = lambda x: x[0, :b][:, None]  # noqa: E731  [1, b, ...] -> [b, 1, ...]
     # Every write before any read: a read between two writes of one buffer makes XLA copy the
@@ -277,9 +278,9 @@ class DecodeWithPrompts:
     for view, new_k, new_v in ((self.decode, as_rows(k), as_rows(v)),
                                (self.prompts, k[:, b:], v[:, b:])):
       k_buf, v_buf = view.write(k_buf, new_k), view.write(v_buf, new_v)
-    out_d = attention(as_rows(q), self.decode.readable(k_buf), self.decode.readable(v_buf),
+    out_d = attend_fn(as_rows(q), self.decode.readable(k_buf), self.decode.readable(v_buf),
                       mask[0])
-    out_p = attention(q[:, b:], *self.prompts.own(k[:, b:], v[:, b:], k_buf), mask[1])
+    out_p = attend_fn(q[:, b:], *self.prompts.own(k[:, b:], v[:, b:], k_buf), mask[1])
     # Without the barrier XLA on the GPU fused the decode rows' attention-times-values into
     # the concatenation, an element-wise loop that ran 273 µs a layer against ~15 µs as its
     # own reduction (the H200 profile in docs/benchmarks/h200/serve-steps/kernels.md).

@@ -8,12 +8,14 @@ batch-1 decode on the GPU: docs/architecture.md, "Measured design facts").
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adafuse_jax.config import ModelConfig
+from adafuse_jax.errors import UserError
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -100,6 +102,34 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, t, hq, hd).astype(q.dtype)
+
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`attention`, with one query token per row run by the Pallas decode-attention kernel
+  (`pallas_kernels.decode_attention`: one launch per layer, split over the cache, only the
+  blocks before the last visible slot read; the Pallas interpreter on the CPU). Several tokens
+  per row (prompts) run `attention`. Same shapes and dtypes as `attention`."""
+  if q.shape[1] != 1:
+    return attention(q, k, v, mask)
+  from pallas_kernels.decode_attention import triton as decode_kernel
+  out = decode_kernel.decode_attention(q[:, 0], k, v, mask[:, 0],
+                                       interpret=jax.default_backend() == "cpu")
+  return out[:, None]
+
+
+# How a decode step's attention runs: "xla" (the einsums above, fused by XLA: the default) or
+# "pallas" (`kernel_attention`; opt-in until it is measured faster on the GPU).
+ATTENTION = {"xla": attention, "pallas": kernel_attention}
+
+
+def attention_fn(name: str) -> AttentionFn:
+  """The attention function of a name in `ATTENTION`; a UserError naming the choices else."""
+  if name not in ATTENTION:
+    raise UserError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION)}")
+  return ATTENTION[name]
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:

@@ -30,7 +30,8 @@ from flax import nnx
 
 from adafuse_jax.config import LINEAR_NAMES, ModelConfig
 from adafuse_jax.model.cache import KVCache, SlotCache
-from adafuse_jax.model.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
+from adafuse_jax.model.layers import (AttentionFn, apply_rope, attention, rms_norm, rope_inv_freq,
+                                     swiglu)
 
 LinearFn = Callable[[str, int, jax.Array, jax.Array], jax.Array]
 LAYOUTS = ("stacked", "list")
@@ -116,7 +117,8 @@ class LlamaModel(nnx.Module):
 
   def __call__(self, tokens: jax.Array, cache: KVCache | SlotCache, *,
                linear: LinearFn = plain_linear, all_logits: bool = False,
-               last: jax.Array | None = None) -> tuple[jax.Array, KVCache | SlotCache]:
+               last: jax.Array | None = None, attend_fn: AttentionFn = attention
+               ) -> tuple[jax.Array, KVCache | SlotCache]:
     """Runs T new tokens per row through the decoder, writing them into the cache.
 
     `cache` may also be a `PackedPrompts` view (several whole prompts in one row) or a
@@ -132,6 +134,7 @@ class LlamaModel(nnx.Module):
       last: [B] int32, the position of each row whose logits to return ([B, V]; right-padded
         prompt chunks), instead of the last; or [B, R]: R positions per row ([B, R, V]; the
         prompts of a packed pass).
+      attend_fn: how each layer's attention runs (`layers.ATTENTION`: XLA's fusions by default).
     Returns:
       (logits in f32, updated cache).
     """
@@ -151,7 +154,7 @@ class LlamaModel(nnx.Module):
       v = linear("v", l, x, self.v.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
       q = apply_rope(q, positions, inv_freq, rope_scale)
       k = apply_rope(k, positions, inv_freq, rope_scale)
-      att, new_k[l], new_v[l] = cache.attend(q, k, v, new_k[l], new_v[l], mask)
+      att, new_k[l], new_v[l] = cache.attend(q, k, v, new_k[l], new_v[l], mask, attend_fn)
       att = att.reshape(b, t, cfg.q_dim)
       h = h + linear("o", l, att, self.o.get_value())
       x = rms_norm(h, self.ffn_norm[l], cfg.rms_eps)
