@@ -24,8 +24,7 @@ import numpy as np
 
 from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS
-from adafuse_jax.model.layers import attention
-from pallas_kernels.decode_attention.triton import decode_attention as pallas_decode_attention
+from adafuse_jax.model.layers import attention, kernel_attention
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from kernel_breakdown import kernel_table  # noqa: E402
@@ -67,17 +66,8 @@ def attention_slots_first(q, k, v, mask):
   return out.reshape(b, t, hq, hd).astype(q.dtype)
 
 
-def attention_pallas(q, k, v, mask):
-  """One query token: the Pallas decode-attention kernel (`pallas_kernels.decode_attention`,
-  Triton lowering; the interpreter on the CPU)."""
-  if q.shape[1] != 1:
-    return attention(q, k, v, mask)
-  out = pallas_decode_attention(q[:, 0], k, v, mask[:, 0], interpret=jax.default_backend() == "cpu")
-  return out[:, None]
-
-
 VARIANTS = {"library": attention, "mulsum": attention_mulsum, "repeat-kv": attention_repeat_kv,
-            "slots-first": attention_slots_first, "pallas": attention_pallas}
+            "slots-first": attention_slots_first, "pallas": kernel_attention}
 
 
 def main() -> None:

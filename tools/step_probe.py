@@ -30,9 +30,8 @@ from adafuse_jax.config import PRESETS, AdapterConfig
 from adafuse_jax.generation import Generator
 from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.model.llama import LlamaModel
-from adafuse_jax.model.layers import attention
+from adafuse_jax.model.layers import ATTENTION
 from adafuse_jax.vocab import parse_variant
-from pallas_kernels.decode_attention.triton import decode_attention
 
 GPU_OPTIONS = {
     "defaults": {},
@@ -61,15 +60,6 @@ def argmax_top_k_gates(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]
     tops.append(jnp.take_along_axis(x, e[:, None], axis=-1)[:, 0])
     x = jnp.where(jax.nn.one_hot(e, x.shape[-1], dtype=bool), -jnp.inf, x)
   return jnp.stack(experts, -1).astype(jnp.int32), jax.nn.softmax(jnp.stack(tops, -1), axis=-1)
-
-
-def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """`model.layers.attention` with one query token per row run by the Pallas kernel
-  (`pallas_kernels.decode_attention`; the interpreter on the CPU)."""
-  if q.shape[1] != 1:
-    return attention(q, k, v, mask)
-  return decode_attention(q[:, 0], k, v, mask[:, 0],
-                          interpret=jax.default_backend() == "cpu")[:, None]
 
 
 def main() -> None:
@@ -113,11 +103,10 @@ def main() -> None:
   #   host for the whole step in the pre-gated program (probe/README.md)?
   # - each layer's one-token attention in the Pallas decode-attention kernel (split over the
   #   cache, only the filled blocks read) instead of XLA's fusions.
-  from adafuse_jax.model import cache as model_cache
   from adafuse_jax.paths import base as paths_base
   for name, module, attr, swap in [
       ("defaults, argmax top-k", paths_base, "top_k_gates", argmax_top_k_gates),
-      ("defaults, pallas attention", model_cache, "attention", kernel_attention)]:
+      ("defaults, pallas attention", gen, "attend_fn", ATTENTION["pallas"])]:
     original = getattr(module, attr)
     setattr(module, attr, swap)
     try:
