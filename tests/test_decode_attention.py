@@ -106,3 +106,15 @@ def test_entry_point_picks_xla_off_the_gpu_and_names_bad_input():
                      interpret=INTERPRET)
   with pytest.raises(ValueError, match=r"mask has shape \(2, 19\)"):
     decode_attention(q, k, v, mask[:, 1:], interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(32, 32), (32, 8)])
+def test_lowers_to_triton_for_cuda_on_any_machine(heads, kv_heads):
+  """The kernel's Triton lowering (every op it uses) is built on the CPU too: a 7B layer's
+  shapes, Llama's groups of one and Mistral's of four, bf16."""
+  q = jax.ShapeDtypeStruct((2, heads, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 512, kv_heads, 128), jnp.bfloat16)
+  mask = jax.ShapeDtypeStruct((2, 512), jnp.bool_)
+  fn = jax.jit(lambda q, k, v, m: decode_attention(q, k, v, m, interpret=False))
+  text = fn.trace(q, kv, kv, mask).lower(lowering_platforms=("cuda",)).as_text()
+  assert "triton" in text and "decode_attention" in text
