@@ -54,11 +54,11 @@ def split_plan(batch: int, kv_heads: int, slots: int, tiles: Tiles) -> tuple[int
 
 
 def _kernel(end_ref, q_ref, k_ref, v_ref, valid_ref, acc_ref, m_ref, l_ref, *, block_s: int,
-            blocks_per_split: int, block_g: int, block_d: int):
+            blocks_per_split: int, block_g: int, block_d: int, scale: float):
   b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   slots, head_dim = k_ref.shape[1], k_ref.shape[3]
   d_mask = jnp.arange(block_d) < head_dim
-  q = plgpu.load(q_ref.at[b, h, pl.ds(0, block_g), pl.ds(0, block_d)])  # scaled, zero-padded
+  q = plgpu.load(q_ref.at[b, h, pl.ds(0, block_g), pl.ds(0, block_d)])  # zero-padded
   first = sp * blocks_per_split
   # Blocks past the last visible slot are neither read nor computed: a runtime loop length.
   count = jnp.clip(pl.cdiv(end_ref[0], block_s) - first, 0, blocks_per_split)
@@ -73,7 +73,8 @@ def _kernel(end_ref, q_ref, k_ref, v_ref, valid_ref, acc_ref, m_ref, l_ref, *, b
     kv_mask = (valid & in_range)[:, None] & d_mask[None, :]
     k = plgpu.load(k_ref.at[b, pl.ds(start, block_s), h, pl.ds(0, block_d)], mask=kv_mask,
                    other=0.0)
-    s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32)  # [G, block_s]
+    # Scaled in f32 after the product, as the model's attention does (not folded into a bf16 q).
+    s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [G, block_s]
     s = jnp.where(valid[None, :], s, NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp(m - m_new)
@@ -129,9 +130,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
   groups = hq // hkv
   block_g, block_d = dot_block(groups), dot_block(head_dim)
   splits, per_split = split_plan(b, hkv, slots, tiles)
-  # The scale folded into q, which is padded to whole tiles (zeros: their rows are dropped).
-  qg = (q.astype(jnp.float32) / math.sqrt(head_dim)).astype(k.dtype).reshape(b, hkv, groups,
-                                                                            head_dim)
+  # q padded to whole tiles (zeros: their rows are dropped), in the cache's dtype for the dots.
+  qg = q.astype(k.dtype).reshape(b, hkv, groups, head_dim)
   qg = jnp.pad(qg, ((0, 0), (0, 0), (0, block_g - groups), (0, block_d - head_dim)))
   end = jnp.max(jnp.where(mask, jnp.arange(1, slots + 1), 0)).reshape(1).astype(jnp.int32)
   shapes = (jax.ShapeDtypeStruct((b, hkv, splits, block_g, block_d), jnp.float32),
@@ -147,7 +147,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     aliases = {len(operands) + i: i for i in range(3)}
     operands = operands + tuple(partials)
   kernel = functools.partial(_kernel, block_s=tiles.block_s, blocks_per_split=per_split,
-                             block_g=block_g, block_d=block_d)
+                             block_g=block_g, block_d=block_d, scale=1.0 / math.sqrt(head_dim))
   if partials is not None:
     inner = kernel
     kernel = lambda *refs: inner(*refs[:5], *refs[-3:])  # noqa: E731  (aliased inputs unread)
