@@ -13,7 +13,7 @@ Backends (names used by every op's `backend=` argument):
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,16 +70,28 @@ def dot_block(n: int) -> int:
   return max(16, pl.next_power_of_2(n))
 
 
+def with_output_buffers(operands: tuple, outs: Sequence[jax.Array] | None,
+                        shapes: Sequence[jax.ShapeDtypeStruct], name: str = "out"
+                        ) -> tuple[tuple, dict[int, int]]:
+  """(operands, input_output_aliases) of a pallas_call whose outputs (`shapes`) are written into
+  the preallocated `outs` when they are given (appended as the last operands, each aliased to
+  its output, so a caller can fill buffers of its own: tests poison them); checks that each
+  fits, naming it `name` (`name[i]` among several)."""
+  if outs is None:
+    return operands, {}
+  for i, (buf, want) in enumerate(zip(outs, shapes)):
+    if buf.shape != tuple(want.shape) or buf.dtype != want.dtype:
+      label = name if len(shapes) == 1 else f"{name}[{i}]"
+      raise ValueError(f"{label} must be {tuple(want.shape)} {jnp.dtype(want.dtype)}, got"
+                       f" {buf.shape} {buf.dtype}")
+  return operands + tuple(outs), {len(operands) + i: i for i in range(len(outs))}
+
+
 def with_output_buffer(operands: tuple, out: jax.Array | None, shape: tuple[int, ...],
                        dtype) -> tuple[tuple, dict[int, int]]:
-  """(operands, input_output_aliases) of a pallas_call whose single output of `shape`/`dtype` is
-  written into `out` when one is given (appended as the last operand and aliased to output 0,
-  so a caller can fill one preallocated buffer); checks that `out` fits."""
-  if out is None:
-    return operands, {}
-  if out.shape != tuple(shape) or out.dtype != dtype:
-    raise ValueError(f"out must be {tuple(shape)} {jnp.dtype(dtype)}, got {out.shape} {out.dtype}")
-  return operands + (out,), {len(operands): 0}
+  """`with_output_buffers` for a pallas_call with a single output of `shape`/`dtype`."""
+  return with_output_buffers(operands, None if out is None else (out,),
+                             (jax.ShapeDtypeStruct(tuple(shape), dtype),))
 
 
 def base_tile(x_ref, w_ref, layer, row0, col0, row_mask, col_mask, *, block_m: int,

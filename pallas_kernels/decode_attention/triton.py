@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import dot_block
+from pallas_kernels.common import dot_block, with_output_buffers
 
 # A finite "minus infinity": masked scores and empty splits stay free of inf - inf = nan.
 NEG = -1e30
@@ -137,15 +137,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
   shapes = (jax.ShapeDtypeStruct((b, hkv, splits, block_g, block_d), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, block_g), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, block_g), jnp.float32))
-  operands = (end, qg, k, v, mask.astype(jnp.int32))
-  aliases = {}
-  if partials is not None:
-    for i, (buf, want) in enumerate(zip(partials, shapes)):
-      if buf.shape != want.shape or buf.dtype != want.dtype:
-        raise ValueError(f"partials[{i}] must be {want.shape} {want.dtype}, got {buf.shape}"
-                         f" {buf.dtype}")
-    aliases = {len(operands) + i: i for i in range(3)}
-    operands = operands + tuple(partials)
+  operands, aliases = with_output_buffers((end, qg, k, v, mask.astype(jnp.int32)), partials,
+                                          shapes, "partials")
   kernel = functools.partial(_kernel, block_s=tiles.block_s, blocks_per_split=per_split,
                              block_g=block_g, block_d=block_d, scale=1.0 / math.sqrt(head_dim))
   if partials is not None:
