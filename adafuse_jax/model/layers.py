@@ -114,9 +114,9 @@ def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
   per row (prompts) run `attention`. Same shapes and dtypes as `attention`."""
   if q.shape[1] != 1:
     return attention(q, k, v, mask)
+  from pallas_kernels.common import interpret
   from pallas_kernels.decode_attention import triton as decode_kernel
-  out = decode_kernel.decode_attention(q[:, 0], k, v, mask[:, 0],
-                                       interpret=jax.default_backend() == "cpu")
+  out = decode_kernel.decode_attention(q[:, 0], k, v, mask[:, 0], interpret=interpret())
   return out[:, None]
 
 
