@@ -80,9 +80,9 @@ def call_bf16_add(self, name, layer, x, weights):
   return y.reshape(*x.shape[:-1], -1)
 
 
-# name -> (expand, PackedRuntime.__call__, B stored untransposed [M, E·r, out]). Measured and
-# dropped (docs/benchmarks/h200/expand/README.md): the add in bf16, a multiply-and-sum on the
-# untransposed B.
+# name -> (expand, PackedRuntime.__call__, B stored untransposed [M, E·r, out]). The first run
+# also measured a multiply-and-sum on the untransposed B, dropped from this list
+# (docs/benchmarks/h200/expand/README.md).
 VARIANTS = {
     "library": (_LIBRARY_EXPAND, _LIBRARY_CALL, False),
     "untransposed": (expand_untransposed, _LIBRARY_CALL, True),
