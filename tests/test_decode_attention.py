@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from pallas_kernels import decode_attention as da
-from pallas_kernels.common import dot_block
 from pallas_kernels.decode_attention.reference import decode_attention_reference
 from pallas_kernels.decode_attention.triton import Tiles, decode_attention, split_plan
 from adafuse_jax.model.layers import attention
@@ -43,7 +42,7 @@ def _poisoned_partials(q, k, tiles):
   b, hq, hd = q.shape
   hkv = k.shape[2]
   splits, _ = split_plan(b, hkv, k.shape[1], tiles)
-  g, d = dot_block(hq // hkv), dot_block(hd)
+  g, d = hq // hkv, hd
   return (jnp.full((b, hkv, splits, g, d), jnp.nan, jnp.float32),
           jnp.full((b, hkv, splits, g), jnp.nan, jnp.float32),
           jnp.full((b, hkv, splits, g), jnp.nan, jnp.float32))

@@ -6,8 +6,9 @@ Llama-2-7B layer at batch 1) and reads every slot of the cache, filled or not. H
 
 - one launch per layer: a grid of (row, KV head, split); each program streams its split's blocks
   of K and V once, with an online softmax (running max m, normaliser l, weighted sum acc), and
-  the query heads that share a KV head (grouped-query attention) ride in one tile, padded to 16
-  rows so the two products run as Triton dots;
+  the query heads that share a KV head (grouped-query attention) ride in one tile, loaded masked
+  into 16 rows so the two products run as Triton dots (no padded copy of q, no slice of the
+  result: only the real rows and columns are stored);
 - only the blocks before the last visible slot are read (`end`, a runtime scalar: the loop's
   length), so a cache filled to half costs half the bytes;
 - the splits' partial results (m, l, acc) are combined by a few XLA element-wise ops after the
@@ -57,8 +58,12 @@ def _kernel(end_ref, q_ref, k_ref, v_ref, valid_ref, acc_ref, m_ref, l_ref, *, b
             blocks_per_split: int, block_g: int, block_d: int, scale: float):
   b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   slots, head_dim = k_ref.shape[1], k_ref.shape[3]
+  groups = q_ref.shape[2]
   d_mask = jnp.arange(block_d) < head_dim
-  q = plgpu.load(q_ref.at[b, h, pl.ds(0, block_g), pl.ds(0, block_d)])  # zero-padded
+  g_mask = jnp.arange(block_g) < groups
+  # Rows and columns past the real ones load as zeros: their scores are 0 and never stored.
+  q = plgpu.load(q_ref.at[b, h, pl.ds(0, block_g), pl.ds(0, block_d)],
+                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
   first = sp * blocks_per_split
   # Blocks past the last visible slot are neither read nor computed: a runtime loop length.
   count = jnp.clip(pl.cdiv(end_ref[0], block_s) - first, 0, blocks_per_split)
@@ -88,9 +93,10 @@ def _kernel(end_ref, q_ref, k_ref, v_ref, valid_ref, acc_ref, m_ref, l_ref, *, b
           jnp.zeros((block_g, block_d), jnp.float32))
   m, l, acc = jax.lax.fori_loop(0, count, body, init)
   # Every program writes its three outputs, also a split with nothing to read (m = NEG, l = 0).
-  plgpu.store(acc_ref.at[b, h, sp, pl.ds(0, block_g), pl.ds(0, block_d)], acc)
-  plgpu.store(m_ref.at[b, h, sp, pl.ds(0, block_g)], m)
-  plgpu.store(l_ref.at[b, h, sp, pl.ds(0, block_g)], l)
+  plgpu.store(acc_ref.at[b, h, sp, pl.ds(0, block_g), pl.ds(0, block_d)], acc,
+              mask=g_mask[:, None] & d_mask[None, :])
+  plgpu.store(m_ref.at[b, h, sp, pl.ds(0, block_g)], m, mask=g_mask)
+  plgpu.store(l_ref.at[b, h, sp, pl.ds(0, block_g)], l, mask=g_mask)
 
 
 def combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
@@ -130,13 +136,11 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
   groups = hq // hkv
   block_g, block_d = dot_block(groups), dot_block(head_dim)
   splits, per_split = split_plan(b, hkv, slots, tiles)
-  # q padded to whole tiles (zeros: their rows are dropped), in the cache's dtype for the dots.
-  qg = q.astype(k.dtype).reshape(b, hkv, groups, head_dim)
-  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, block_g - groups), (0, block_d - head_dim)))
+  qg = q.astype(k.dtype).reshape(b, hkv, groups, head_dim)  # the cache's dtype for the dots
   end = jnp.max(jnp.where(mask, jnp.arange(1, slots + 1), 0)).reshape(1).astype(jnp.int32)
-  shapes = (jax.ShapeDtypeStruct((b, hkv, splits, block_g, block_d), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, splits, block_g), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, splits, block_g), jnp.float32))
+  shapes = (jax.ShapeDtypeStruct((b, hkv, splits, groups, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32))
   operands, aliases = with_output_buffers((end, qg, k, v, mask.astype(jnp.int32)), partials,
                                           shapes, "partials")
   kernel = functools.partial(_kernel, block_s=tiles.block_s, blocks_per_split=per_split,
@@ -154,5 +158,4 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
       interpret=interpret,
       name="decode_attention",
   )(*operands)
-  out = combine(acc, m, l)[:, :, :groups, :head_dim]
-  return out.reshape(b, hq, head_dim).astype(q.dtype)
+  return combine(acc, m, l).reshape(b, hq, head_dim).astype(q.dtype)
