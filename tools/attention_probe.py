@@ -93,10 +93,13 @@ def main() -> None:
     for batch in (int(x) for x in args.batches.split(",")):
       rng = jax.random.key(0)
       kq, kk, kv = jax.random.split(rng, 3)
-      shape = (args.layers, batch, args.cache_len, cfg.kv_heads, cfg.head_dim)
+      shape = (batch, args.cache_len, cfg.kv_heads, cfg.head_dim)
       q = jax.random.normal(kq, (args.layers, batch, 1, cfg.heads, cfg.head_dim), dtype)
-      k = jax.random.normal(kk, shape, dtype)
-      v = jax.random.normal(kv, shape, dtype)
+      # One buffer per layer, as the model's caches hold them: a slice of one stacked array
+      # would be copied out before a custom call could read it (the kernel's first run here
+      # timed that copy, 64 of them per step).
+      k = [jax.random.normal(key, shape, dtype) for key in jax.random.split(kk, args.layers)]
+      v = [jax.random.normal(key, shape, dtype) for key in jax.random.split(kv, args.layers)]
       mask = jnp.broadcast_to(jnp.arange(args.cache_len) < args.filled,
                               (batch, 1, args.cache_len))
       # Every layer's attention in one program, as a decode step runs them (unrolled).
