@@ -23,8 +23,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for part in $parts; do
   case $part in
     tests)
-      timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_bgmv.py \
-        tests/test_sgmv.py tests/test_sgmm.py tests/test_sgmm_mosaic.py tests/test_decode_attention.py -k "not default_model" \
+      timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py \
+        tests/test_bgmv.py tests/test_sgmv.py tests/test_sgmm.py tests/test_sgmm_mosaic.py -k "not default_model" \
         2>&1 | tee "$out/tests.log" | tail -5 ;;
     layers)
       timeout "${LAYERS_S:-150}" python3 tools/layer_loop_bench.py --out "$out/layer-loop" ;;
@@ -136,6 +136,7 @@ for part in $parts; do
       # batch (attention.jsonl; kernel tables in attention.log).
       timeout "${ATTENTION_S:-240}" python3 tools/attention_probe.py \
         --presets "${PRESETS:-llama2-7b,mistral-7b}" --batches "${BATCHES:-1,32}" \
+        ${VARIANTS:+--variants "$VARIANTS"} \
         2>"$out/attention.log" | tee "$out/attention.jsonl" | cut -c1-160 ;;
     switch)
       # The SGMM switch kernel alone on the 7B shapes (Triton lowering at its default tiles,
