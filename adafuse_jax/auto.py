@@ -123,7 +123,8 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
                 cache_len: int = 256, switch_rate: float | None = None,
                 agree_rate: float | None = None, steps: int = 8, sere=None, seed: int = 0,
                 log: Callable[[str], None] | None = None,
-                mesh: "jax.sharding.Mesh | None" = None) -> tuple[PathChoice, Generator]:
+                mesh: "jax.sharding.Mesh | None" = None,
+                attention: str = "auto") -> tuple[PathChoice, Generator]:
   """Measures every candidate path and returns (choice, the winner's Generator).
 
   Args:
@@ -137,6 +138,7 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
     log: optional callable(str) for progress lines.
     mesh: a tensor-parallel mesh (`adafuse_jax.parallel.make_mesh`): every candidate is built
       and measured split across it, its extra memory counted per device.
+    attention: the decode steps' attention (`Generator`'s), the same for every candidate.
   """
   if steps * 3 + 2 >= cache_len:
     raise UserError(f"cache_len={cache_len} is too short to time {steps} steps x 3")
@@ -157,7 +159,7 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
     if log:
       log(f"auto: measuring {cand.name} ...")
     gen = Generator(model, adapters=adapters, path=cand.path, backend=cand.backend,
-                    sere=None if cand.merges else sere, mesh=mesh)
+                    sere=None if cand.merges else sere, mesh=mesh, attention=attention)
     measured = _measure(gen, cand, batch, cache_len, steps, seed)
     expected[cand.name] = registry.expected_ms(measured, switch_rate=rate, batch=batch,
                                                agree_rate=agree_rate)

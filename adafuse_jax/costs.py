@@ -20,16 +20,17 @@ def expert_bytes(cfg: ModelConfig, dtype, rank: int, modules: tuple[str, ...]) -
 
 
 def decode_bytes(cfg: ModelConfig, dtype, cache_len: int, batch: int,
-                 adapter: AdapterConfig | None) -> int:
+                 adapter: AdapterConfig | None, experts: float | None = None) -> int:
   """Bytes one decode step must read: linear weights, head, one embedding row per token, the
-  KV cache, and the experts actually used (k per adapted module, or all E once the batch
-  touches them)."""
+  KV cache, and the experts: `experts` of them where given (what one path reads: all E for
+  one that computes the whole pool, the step's distinct experts for one that gathers), else
+  the most a step can use (k per token, at most E)."""
   item = jnp.dtype(dtype).itemsize
   total = cfg.linear_bytes(item) + cfg.hidden * cfg.vocab_size * item
   total += 2 * cfg.layers * batch * cache_len * cfg.kv_dim * item
   if adapter is not None and adapter.mode != "backbone":
-    used = min(adapter.num_experts, adapter.top_k * batch)
-    total += used * expert_bytes(cfg, dtype, adapter.rank, adapter.modules)
+    used = min(adapter.num_experts, adapter.top_k * batch) if experts is None else experts
+    total += int(used * expert_bytes(cfg, dtype, adapter.rank, adapter.modules))
   return total
 
 

@@ -195,14 +195,16 @@ def run(args: argparse.Namespace) -> dict:
     agree = prompt_agreement_rate(model, adapters, ids)
     log = None if args.json else (lambda m: print(m, file=sys.stderr))
     choice, gen = choose_path(model, adapters, batch=len(ids), cache_len=cache_len,
-                              switch_rate=rate, agree_rate=agree, log=log, mesh=mesh)
+                              switch_rate=rate, agree_rate=agree, log=log, mesh=mesh,
+                              attention=args.attention)
     if not args.json:
       print(f"auto chose {choice.reason}", file=sys.stderr)
   else:
     note = registry.get(path).note(model.layout)
     if note and adapters is not None and not args.json:
       print(f"note: {note}", file=sys.stderr)
-    gen = Generator(model, adapters=adapters, path=path, backend=backend, sere=sere, mesh=mesh)
+    gen = Generator(model, adapters=adapters, path=path, backend=backend, sere=sere, mesh=mesh,
+                    attention=args.attention)
   switch_per_token = gen.merges_per_token
   if stream:
     sys.stdout.write(echo(prompts[0]) if not args.chat else "")
@@ -228,6 +230,7 @@ def run(args: argparse.Namespace) -> dict:
       "distinct_experts_per_step": (round(float(np.mean([len(np.unique(e)) for e, _ in res.routes])), 3)
                                     if res.routes else None),
       "path": (choice.candidate.name if choice else gen.path_name.value),
+      "attention": gen.attention,
       "auto": choice.to_dict() if choice else None,
       "switches": int(gen.switch_state.switches) if switch_per_token else None,
       # Merged batch steps whose rows chose different experts ran unmerged.

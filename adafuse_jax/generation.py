@@ -25,7 +25,7 @@ from adafuse_jax.adapters.sere import SereSettings
 from adafuse_jax.config import LINEAR_NAMES
 from adafuse_jax.errors import UserError
 from adafuse_jax.model.cache import KVCache
-from adafuse_jax.model.layers import attention_fn
+from adafuse_jax.model.layers import attention_fn, resolve_attention
 from adafuse_jax.model.llama import LinearFn, LlamaModel
 from adafuse_jax.paths import merged as merged_path
 from adafuse_jax.paths import registry
@@ -107,15 +107,15 @@ class Generator:
     release_weights: with "packed", delete the model's linear weights and the pool's experts
       while packing: one copy of them in device memory at any time; `model` and `adapters`
       cannot run afterwards.
-    attention: how decode steps run attention (`adafuse_jax.model.layers.ATTENTION`): "xla"
-      (XLA's fusions, the default) or "pallas" (the Pallas decode-attention kernel for one
-      token per row; prompts keep XLA's).
+    attention: how decode steps run attention (`adafuse_jax.model.layers.ATTENTION`): "auto"
+      (the default: "pallas" on one GPU, else "xla"), "xla" (XLA's fusions) or "pallas" (the
+      Pallas decode-attention kernel for one token per row; prompts keep XLA's).
   """
 
   def __init__(self, model: LlamaModel, *, adapters: MixtureOfLoRA | None = None,
                path: str | PathName = registry.DEFAULT_PATH, backend: str = "auto",
                sere: SereSettings | None = None, release_weights: bool = False,
-               mesh: "jax.sharding.Mesh | None" = None, attention: str = "xla"):
+               mesh: "jax.sharding.Mesh | None" = None, attention: str = "auto"):
     if adapters is not None and adapters.cfg.route_context:
       raise UserError("these adapters route on the running context (route_context), which"
                       " decoding does not carry from step to step yet; evaluate them with"
@@ -136,9 +136,10 @@ class Generator:
       model, adapters = self.path.fold_once(model, adapters)
     self.backend = backend
     self.sere = sere
-    self.attention = attention
-    self.attend_fn = attention_fn(attention)
-    if attention != "xla" and mesh is not None and mesh.size > 1:
+    devices = mesh.size if mesh is not None else 1
+    self.attention = resolve_attention(attention, devices=devices)
+    self.attend_fn = attention_fn(self.attention)
+    if self.attention != "xla" and devices > 1:
       raise UserError(f"attention {attention!r} runs a Pallas kernel, which the tensor-parallel"
                       " step cannot split yet; decode on several devices with attention 'xla'")
     # Decode steps switch experts into the weights (a pre-gated pool on path "merged").

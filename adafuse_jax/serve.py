@@ -161,11 +161,12 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
   engines = {}
   if not args.no_backbone:
     name = args.served_model_name or pathlib.Path(loaded.source).stem.split(".")[0]
-    engines[name] = Engine(Generator(loaded.model, mesh=mesh), tok, name=name, **engine_args)
+    engines[name] = Engine(Generator(loaded.model, mesh=mesh, attention=args.attention), tok,
+                           name=name, **engine_args)
   for name, spec in pools:
     pool = resolve_adapters(spec, configs[name], loaded.model.cfg, dtype=dtype)
     gen = Generator(loaded.model, adapters=pool, path=args.path, backend=args.backend,
-                    sere=sere[name], mesh=mesh)
+                    sere=sere[name], mesh=mesh, attention=args.attention)
     engines[name] = Engine(gen, tok, name=name, **engine_args)
   for name, engine in engines.items():
     engine.start(warm_up=args.warm_up)

@@ -92,15 +92,15 @@ def legacy_path(implementation: str | None, merge: bool) -> tuple[PathName | Non
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One configuration of the bench: a mode on a path, optionally with SERE re-routing, a
-  named kernel backend or the Pallas decode-attention kernel
-  (`MODE[-PATH][@BACKEND][+sere][+pallas-attention]`). `name` and `parse_variant` are
-  inverse."""
+  named kernel backend or a forced attention
+  (`MODE[-PATH][@BACKEND][+sere][+pallas-attention|+xla-attention]`; without a suffix the
+  library's default, "auto"). `name` and `parse_variant` are inverse."""
 
   mode: Mode
   path: PathName = PathName.XLA
   sere: bool = False
   backend: str = "auto"
-  attention: str = "xla"  # "pallas": the decode-attention kernel (`+pallas-attention`)
+  attention: str = "auto"  # or forced: "pallas" (`+pallas-attention`), "xla" (`+xla-attention`)
 
   @property
   def name(self) -> str:
@@ -109,7 +109,7 @@ class Variant:
     if self.backend != "auto":
       text += f"@{self.backend}"
     text += "+sere" if self.sere else ""
-    return text + (f"+{self.attention}-attention" if self.attention != "xla" else "")
+    return text + (f"+{self.attention}-attention" if self.attention != "auto" else "")
 
 
 # Bench names of earlier versions, accepted with a note of the new name.
@@ -131,13 +131,16 @@ def parse_variant(text: str) -> tuple[Variant, str | None]:
   if text in _LEGACY_VARIANTS:
     text = _LEGACY_VARIANTS[text]
   text, *flags = text.split("+")
-  known = ("sere", "pallas-attention")
+  known = ("sere", "pallas-attention", "xla-attention")
   for flag in flags:
     if flag not in known:
       raise UserError(f"bench mode {original!r}: unknown suffix '+{flag}'; choose from"
                       f" {', '.join('+' + k for k in known)}")
   sere = "sere" in flags
-  attention = "pallas" if "pallas-attention" in flags else "xla"
+  forced = [f.removesuffix("-attention") for f in flags if f.endswith("-attention")]
+  if len(forced) > 1:
+    raise UserError(f"bench mode {original!r} names two attentions; keep one suffix")
+  attention = forced[0] if forced else "auto"
   text, _, backend = text.partition("@")
   mode_text, _, path_text = text.partition("-")
   mode = parse_mode(mode_text, flag="bench mode")

@@ -176,7 +176,66 @@ def test_bench_row_names_parse_with_the_attention_suffix():
   assert variant == Variant(Mode.PREGATED, PathName.PACKED, True, "auto", "pallas")
   assert variant.name == "pregated-packed+sere+pallas-attention"
   assert parse_variant("backbone-packed+pallas-attention")[0].attention == "pallas"
-  assert parse_variant("backbone")[0].attention == "xla"
+  assert parse_variant("backbone+xla-attention")[0].attention == "xla"
+  assert parse_variant("backbone+xla-attention")[0].name == "backbone+xla-attention"
+  assert parse_variant("backbone")[0].attention == "auto"  # the library's default
   with pytest.raises(UserError, match=r"unknown suffix '\+flash'; choose from \+sere, "
-                                      r"\+pallas-attention"):
+                                      r"\+pallas-attention, \+xla-attention"):
     parse_variant("backbone+flash")
+  with pytest.raises(UserError, match="names two attentions"):
+    parse_variant("backbone+xla-attention+pallas-attention")
+
+
+def _timed_row(mode: str, ms: list[float]) -> dict:
+  return {"mode": mode, "decode": {"median_ms": float(np.median(ms))},
+          "decode_pipelined": {"median_ms": float(np.median(ms))},
+          "rounds_pipelined_ms": ms, "rounds_synced_ms": ms}
+
+
+def test_ratios_pair_each_row_with_the_backbone_of_its_attention():
+  """Without a plain `backbone` row the ratios are to the first backbone row; a row with an
+  attention suffix is paired with the backbone row of the same suffix."""
+  from adafuse_jax.bench.derive import add_ratios
+
+  rows = [_timed_row("backbone-packed", [4.6, 4.7, 4.6]),
+          _timed_row("backbone-packed+pallas-attention", [4.1, 4.2, 4.1]),
+          _timed_row("pregated-packed", [5.06, 5.17, 5.06]),
+          _timed_row("pregated-packed+pallas-attention", [4.51, 4.62, 4.51]),
+          _timed_row("pytorch-peer", [5.0, 5.0, 5.0])]
+  bases = add_ratios(rows)
+  assert bases["pregated-packed"] == bases["pytorch-peer"] == "backbone-packed"
+  assert bases["pregated-packed+pallas-attention"] == "backbone-packed+pallas-attention"
+  by = {r["mode"]: r for r in rows}
+  assert by["pregated-packed"]["pipelined_ratio_interval"]["median"] == pytest.approx(1.1)
+  assert by["pregated-packed+pallas-attention"]["pipelined_ratio_interval"]["median"] == (
+      pytest.approx(1.1))
+  # With a plain backbone row, rows without a suffix compare against it.
+  plain = [_timed_row("backbone-packed", [4.0] * 3), _timed_row("backbone", [5.0] * 3),
+           _timed_row("pregated-packed", [6.0] * 3)]
+  assert add_ratios(plain)["pregated-packed"] == "backbone"
+
+
+def test_each_path_floor_counts_the_experts_that_path_reads():
+  """Packed computes the whole pool (all E experts' bytes), gathered reads the step's distinct
+  experts; the op's floor counts min(E, k x batch)."""
+  from adafuse_jax import costs
+  from adafuse_jax.bench.derive import add_path_floors
+  from adafuse_jax.config import PRESETS, AdapterConfig
+
+  acfg = AdapterConfig(mode="pregated", num_experts=64, rank=64, top_k=4)
+  cfg = PRESETS["llama2-7b"]
+  report = {"preset": "llama2-7b", "dtype": "bfloat16", "adapter": acfg.to_dict(), "batch": 2,
+            "cache_len": 512, "ceiling_tb_s": 4.0, "copy_bandwidth_tb_s": 3.0, "results": [
+                {"mode": "backbone-packed", "floor_ms": 3.0},
+                {"mode": "pregated-packed", "floor_ms": 3.5, "distinct_experts": 7.5},
+                {"mode": "pregated-gathered+sere", "floor_ms": 3.5, "distinct_experts": 5.25},
+                {"mode": "pytorch-peer", "floor_ms": 3.0}]}
+  add_path_floors(report)
+  got = {r["mode"]: r["path_floor_ms"] for r in report["results"]}
+  ms = lambda n: costs.decode_bytes(cfg, "bfloat16", 256, 2, acfg, experts=n) / 4e12 * 1e3  # noqa: E731
+  assert got["pregated-packed"] == pytest.approx(ms(64))
+  assert got["pregated-gathered+sere"] == pytest.approx(ms(5.25))
+  assert got["backbone-packed"] == 3.0 and got["pytorch-peer"] == 3.0
+  # The op's floor: k x batch = 8 experts of 64.
+  assert costs.decode_bytes(cfg, "bfloat16", 256, 2, acfg) == costs.decode_bytes(
+      cfg, "bfloat16", 256, 2, acfg, experts=8)

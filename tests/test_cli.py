@@ -21,6 +21,7 @@ def test_json_chat_answer_and_figures():
   assert "4" in result["completions"][0]
   assert result["prompt_tokens"][0] > 10 and result["decode_ms_per_token"] > 0
   assert result["prefill_ms"] > 0 and result["tokens_per_s"] > 0
+  assert result["attention"] == "xla"  # "auto" on the CPU: the kernel only runs interpreted
 
 
 def test_chat_with_the_shipped_pool_ends_its_turn():
@@ -101,7 +102,7 @@ def test_help_documents_every_option():
   out = run_cli("--help")
   assert out.returncode == 0
   for flag in ("--chat", "--model", "--dtype", "--max-new-tokens", "--temperature", "--top-p",
-               "--seed", "--json", "--compile-cache"):
+               "--seed", "--json", "--compile-cache", "--attention"):
     assert flag in out.stdout
 
 
@@ -143,6 +144,7 @@ def test_lora_merged_once_equals_unmerged(default_model):
      "--sere-primary 3 must be in [1, top-k = 2]"),
     (("--adapters", "random", "--sere-rho", "0.2", "hi"), "has no SERE similarity file"),
     (("--sere-rho", "0.2", "hi"), "needs a pre-gated pool"),
+    (("--attention", "flash", "hi"), "argument --attention: invalid choice: 'flash'"),
     (("--adapters", "default", "--top-k", "3", "--rank", "4", "hi"),
      "--rank 4, --top-k 3 shape random pools, but the pool 'default' fixes its own"),
 ])

@@ -89,6 +89,27 @@ def test_packed_and_mixed_prefill_sample_what_row_prefill_samples(model, path):
   assert got["packed"] == got["rows"] and got["mixed"] == got["rows"]
 
 
+def test_the_decode_attention_kernel_serves_what_xla_attention_serves(model):
+  """The engine's decode steps (its slot cache: rows of their own lengths) and mixed steps
+  (decode tokens beside whole prompts) on the Pallas decode-attention kernel, the Pallas
+  interpreter here, as "auto" runs it on a GPU: the same greedy tokens as on XLA's attention."""
+  cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, top_k=2, router_init_std=0.5)
+  pool = MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True)
+  ps = [p[:12] for p in prompts(4, seed=5)]
+  got = {}
+  for attention in ("xla", "pallas"):
+    gen = Generator(model, adapters=pool, path="packed", attention=attention)
+    with Engine(gen, byte_tokenizer(VOCAB), max_batch=4, max_seq_len=48, chunk=16,
+                mixed_tokens=(16,)) as e:
+      first = e.submit(ps[0], SamplingParams(max_tokens=8, ignore_eos=True))
+      next(iter(first))  # decoding before the others arrive: they ride in mixed steps
+      rest = [e.submit(p, SamplingParams(max_tokens=3 + i, ignore_eos=True))
+              for i, p in enumerate(ps[1:])]
+      got[attention] = [s.result().token_ids for s in [first, *rest]]
+      assert e.stats.mixed_steps > 0
+  assert got["pallas"] == got["xla"]
+
+
 @pytest.mark.parametrize("waited, decoding, free, tokens, limit, wait", [
     ([0], 8, 4, 20, 2, True),  # one prompt of four could still share the pass: wait
     ([1, 0], 8, 4, 40, 2, True),

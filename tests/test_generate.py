@@ -160,5 +160,7 @@ def test_pallas_attention_generator_writes_the_same_tokens(tiny_gen):
   got = generate(Generator(model, adapters=adapters, path="packed", attention="pallas"),
                  prompts, max_new_tokens=6).tokens
   assert got == want
-  with pytest.raises(UserError, match="unknown attention 'flash'; choose one of xla, pallas"):
+  with pytest.raises(UserError, match="unknown attention 'flash'; choose one of auto, xla, pallas"):
     Generator(model, attention="flash")
+  # "auto" takes the kernel on one GPU only: the interpreter on the CPU would be slow.
+  assert tiny_gen.attention == ("pallas" if jax.default_backend() == "gpu" else "xla")

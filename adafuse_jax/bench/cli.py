@@ -31,10 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="auto: bfloat16 on a GPU, float32 on the CPU")
   p.add_argument("--modes", default=",".join(v.name for v in DEFAULT_VARIANTS),
-                 help="comma-separated rows, each MODE[-PATH][@BACKEND][+sere][+pallas-attention]:"
-                      " a mode (backbone, lora, layerwise, pregated) on a path (xla when omitted;"
-                      " packed, gathered, merged, auto), optionally a kernel backend, SERE"
-                      " re-routing and the Pallas decode-attention kernel")
+                 help="comma-separated rows, each MODE[-PATH][@BACKEND][+sere]"
+                      "[+pallas-attention|+xla-attention]: a mode (backbone, lora, layerwise,"
+                      " pregated) on a path (xla when omitted; packed, gathered, merged, auto),"
+                      " optionally a kernel backend, SERE re-routing and a forced attention"
+                      " (default: the library's, the Pallas kernel on one GPU)")
   p.add_argument("--layouts", default="auto",
                  help="weight layouts for the backbone, comma-separated (stacked,list); auto ="
                       " the backend's default only")
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
 
   from adafuse_jax import costs
   from adafuse_jax.auto import choose_path
-  from adafuse_jax.bench import ceiling, torch_peer
+  from adafuse_jax.bench import ceiling, derive, torch_peer
   from adafuse_jax.bench import measure as B
   from adafuse_jax.config import PRESETS, AdapterConfig, ModelConfig
   from adafuse_jax.model.llama import LlamaModel, default_layout
@@ -172,7 +173,8 @@ def run(args: argparse.Namespace) -> dict:
         # the chosen path is built again and measured: that ran out of memory at E=64, r=64).
         auto = choose_path(model, adapters, batch=args.batch, cache_len=args.cache_len,
                            switch_rate=args.switch_rate, seed=args.seed,
-                           log=lambda m: print(f"#   {m}", file=sys.stderr))[0]
+                           log=lambda m: print(f"#   {m}", file=sys.stderr),
+                           attention=variant.attention)[0]
         print(f"#   auto chose {auto.reason}", file=sys.stderr)
         path, backend = auto.candidate.path, auto.candidate.backend
         gc.collect()
@@ -226,8 +228,7 @@ def run(args: argparse.Namespace) -> dict:
       gc.collect()
     del model
     gc.collect()
-  base = next((r for r in rows if r["mode"] == Variant(Mode.BACKBONE).name
-               or r["mode"].startswith(Variant(Mode.BACKBONE).name + "[")), None)
+  base = derive.baseline_row(rows)
   peer_ok, peer_why = torch_peer.available()
   peer_error = None
   if args.torch_peer == "on" and not peer_ok:
@@ -247,21 +248,15 @@ def run(args: argparse.Namespace) -> dict:
     r.pop("round", None)
   if args.profile:
     jax.profiler.stop_trace()
-  for r in rows:
-    r["ratio_to_backbone"] = (r["decode"]["median_ms"] / base["decode"]["median_ms"]) if base else None
-    r["pipelined_ratio_to_backbone"] = (
-        r["decode_pipelined"]["median_ms"] / base["decode_pipelined"]["median_ms"]) if base else None
-    if keep and base is not None:
-      r["pipelined_ratio_interval"] = B.ratio_interval(r["rounds_pipelined_ms"],
-                                                       base["rounds_pipelined_ms"])
-      r["synced_ratio_interval"] = B.ratio_interval(r["rounds_synced_ms"], base["rounds_synced_ms"])
-  return {"environment": env, "preset": args.preset, "dtype": str(dtype),
-          "adapter": adapter_base.to_dict(), "batch": args.batch, "cache_len": args.cache_len,
-          "devices": args.devices, "torch_peer_error": peer_error,
-          "rounds": args.rounds, "ceiling_tb_s": bw / 1e12, "ceiling_method": ceiling_method,
-          "copy_bandwidth_tb_s": elementwise / 1e12,
-          "ceiling_rates_tb_s": {n: r.tb_s for n, r in rates.items()},
-          "peak_memory_bytes": B.peak_memory_bytes(), "results": rows}
+  report = {"environment": env, "baseline": derive.add_ratios(rows), "preset": args.preset,
+            "dtype": str(dtype), "adapter": adapter_base.to_dict(), "batch": args.batch,
+            "cache_len": args.cache_len, "devices": args.devices, "torch_peer_error": peer_error,
+            "rounds": args.rounds, "ceiling_tb_s": bw / 1e12, "ceiling_method": ceiling_method,
+            "copy_bandwidth_tb_s": elementwise / 1e12,
+            "ceiling_rates_tb_s": {n: r.tb_s for n, r in rates.items()},
+            "peak_memory_bytes": B.peak_memory_bytes(), "results": rows}
+  derive.add_path_floors(report)
+  return report
 
 
 def _peer_row(cfg, args, dtype, bw: float, base: dict | None) -> dict:
@@ -318,10 +313,27 @@ def _interval(r: dict, key: str, ratio: float | None) -> str:
   return f"{ratio:.3f}x" if ratio else "-"
 
 
+def _baselines_sentence(bases: dict | str | None) -> str:
+  """Which backbone row each ratio is to, where that is not simply the row `backbone`."""
+  if not isinstance(bases, dict):  # reports before 2026-12-04: the `backbone` row or none
+    return ""
+  names = set(bases.values())
+  if names <= {"backbone"}:
+    return ""
+  if len(names) == 1:
+    return f" Ratios are to the `{names.pop()}` row."
+  return (" Each row's ratios are to the backbone row with the same attention: "
+          + "; ".join(f"`{b}` for " + ", ".join(f"`{m}`" for m, mb in bases.items() if mb == b)
+                      for b in dict.fromkeys(bases.values())) + ".")
+
+
 def markdown(report: dict) -> str:
   ceiling_tb_s = report.get("ceiling_tb_s", report["copy_bandwidth_tb_s"])
   rounds = report.get("rounds", 1)
   devices = report.get("devices", 1)
+  # The own-floor columns only where some path's bytes differ from the step's floor.
+  own = any(abs(r.get("path_floor_ms", r["floor_ms"]) - r["floor_ms"]) > 1e-9
+            for r in report["results"])
   lines = [f"Preset `{report['preset']}`, {report['dtype']}, batch {report['batch']},"
            + (f" {devices} tensor-parallel devices (floors per device)," if devices > 1 else "")
            + f" experts"
@@ -334,12 +346,17 @@ def markdown(report: dict) -> str:
            "Synced: one step, then wait for it (latency). Pipelined: steps dispatched back to back,"
            " as `generate` runs them (the host enqueues a step while the device runs the last)."
            + (f" Every row timed again in {rounds} interleaved rounds; ratios to the backbone are"
-              " paired by round: median [95% t-interval]." if rounds > 1 else ""),
+              " paired by round: median [95% t-interval]." if rounds > 1 else "")
+           + _baselines_sentence(report.get("baseline"))
+           + (" Floor: the bytes a step must read (k experts per token, at most E); own floor:"
+              " the bytes this path reads (all E for packed, the distinct experts for gathered)."
+              if own else ""),
            "",
            "| mode | pipelined ms/token | vs backbone | synced ms/token (median) | p10-p90 |"
-           " vs backbone | floor ms | % of floor (pipelined) | kernels/step | compile s |"
-           " distinct experts/step |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           " vs backbone | floor ms | % of floor (pipelined) |"
+           + (" own floor ms | % of own floor |" if own else "")
+           + " kernels/step | compile s | distinct experts/step |",
+           "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if own else "")]
   for r in report["results"]:
     d, pp = r["decode"], r.get("decode_pipelined")  # runs before 2026-11-23 were synced only
     pms = pp["median_ms"] if pp else float("nan")
@@ -348,7 +365,9 @@ def markdown(report: dict) -> str:
                  f" {d['median_ms']:.3f} | {d['p10_ms']:.3f}-{d['p90_ms']:.3f} |"
                  f" {_interval(r, 'synced_ratio_interval', r['ratio_to_backbone'])} |"
                  f" {r['floor_ms']:.3f} | {100 * r['floor_ms'] / pms:.0f}% |"
-                 f" {r['kernels_per_step']} | {r['compile_s']:.1f} |"
+                 + (f" {r['path_floor_ms']:.3f} | {100 * r['path_floor_ms'] / pms:.0f}% |"
+                    if own else "")
+                 + f" {r['kernels_per_step']} | {r['compile_s']:.1f} |"
                  f" {r['distinct_experts'] if 'distinct_experts' in r else '-'} |")
   for r in report["results"]:
     if r.get("auto"):
@@ -432,8 +451,11 @@ def _rerender(path: str) -> int:
   f = pathlib.Path(path)
   try:
     report = json.loads(f.read_text())
+    from adafuse_jax.bench import derive
+    report["baseline"] = derive.add_ratios(report["results"])  # the rule of today's bench
+    derive.add_path_floors(report)
     table = markdown(report)
-  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+  except (OSError, json.JSONDecodeError, KeyError, TypeError, UserError) as e:
     print(f"error: {path!r} is not a results.json of `python -m adafuse_jax.bench`"
           f" ({type(e).__name__}: {e})", file=sys.stderr)
     return 2

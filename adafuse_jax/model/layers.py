@@ -120,16 +120,28 @@ def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
   return out[:, None]
 
 
-# How a decode step's attention runs: "xla" (the einsums above, fused by XLA: the default) or
-# "pallas" (`kernel_attention`; opt-in until it is measured faster on the GPU).
+# How a decode step's attention runs: "xla" (the einsums above, fused by XLA) or "pallas"
+# (`kernel_attention`). "auto" (`resolve_attention`) takes the kernel on one GPU: on the H200 it
+# made the 7B step 0.90x (batch 1) and 0.79x (batch 32) of XLA's, Mistral's batch 32 0.53x
+# (docs/benchmarks.md, "The decode-attention kernel").
 ATTENTION = {"xla": attention, "pallas": kernel_attention}
+ATTENTION_CHOICES = ("auto", *ATTENTION)
+
+
+def resolve_attention(name: str, *, devices: int = 1) -> str:
+  """The attention a name means here: "auto" is "pallas" on one GPU, else "xla" (the CPU runs
+  the kernel only in the Pallas interpreter; a tensor-parallel step cannot split it yet).
+  A UserError names the choices for an unknown name."""
+  if name not in ATTENTION_CHOICES:
+    raise UserError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+  if name != "auto":
+    return name
+  return "pallas" if jax.default_backend() == "gpu" and devices == 1 else "xla"
 
 
 def attention_fn(name: str) -> AttentionFn:
-  """The attention function of a name in `ATTENTION`; a UserError naming the choices else."""
-  if name not in ATTENTION:
-    raise UserError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION)}")
-  return ATTENTION[name]
+  """The attention function of a name in `ATTENTION` ("auto": `resolve_attention`'s choice)."""
+  return ATTENTION[resolve_attention(name)]
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:

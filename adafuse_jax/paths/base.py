@@ -219,6 +219,12 @@ class DecodePath(abc.ABC):
     `release` (where supported) frees the model's and the pool's weights as it goes."""
     return None
 
+  def experts_read(self, num_experts: int, distinct: float | None) -> float | None:
+    """How many experts' factors one decode step of this path reads, given the pool's size and
+    the step's measured distinct experts (None: not measured); None where it depends on more
+    than these (then a floor counts the most a step can use)."""
+    return None
+
   def extra_bytes(self, model: LlamaModel, adapters: MixtureOfLoRA) -> int:
     """Device bytes `prepare` adds to the model and the pool."""
     return 0

@@ -128,5 +128,8 @@ class GatheredPath(DecodePath):
               " formulation; the gathered kernels apply on a GPU")
     return None
 
+  def experts_read(self, num_experts, distinct):
+    return distinct  # the kernels' loops run over the step's active set only
+
   def runtime(self, adapters, derived=None, *, sere=None, backend="auto", mesh=None):
     return GatheredRuntime(adapters, self.thresholds, sere, backend=backend, mesh=mesh)

@@ -302,6 +302,9 @@ class PackedPath(DecodePath):
   summary = ("every expert's A and the layer-wise routers appended to the backbone's matrices:"
              " one matmul per input group, one small expansion per module")
 
+  def experts_read(self, num_experts, distinct):
+    return num_experts  # every expert's A and B are columns of the step's matmuls
+
   def prepare(self, model, adapters, *, release=False):
     return pack(model, adapters, release=release)
 
