@@ -205,7 +205,11 @@ def test_ratios_pair_each_row_with_the_backbone_of_its_attention():
   bases = add_ratios(rows)
   assert bases["pregated-packed"] == bases["pytorch-peer"] == "backbone-packed"
   assert bases["pregated-packed+pallas-attention"] == "backbone-packed+pallas-attention"
+  # A backbone row itself: against the reference backbone (what its attention saves).
+  assert bases["backbone-packed+pallas-attention"] == "backbone-packed"
   by = {r["mode"]: r for r in rows}
+  assert by["backbone-packed+pallas-attention"]["pipelined_ratio_interval"]["median"] == (
+      pytest.approx(4.1 / 4.6))
   assert by["pregated-packed"]["pipelined_ratio_interval"]["median"] == pytest.approx(1.1)
   assert by["pregated-packed+pallas-attention"]["pipelined_ratio_interval"]["median"] == (
       pytest.approx(1.1))

@@ -322,7 +322,8 @@ def _baselines_sentence(bases: dict | str | None) -> str:
     return ""
   if len(names) == 1:
     return f" Ratios are to the `{names.pop()}` row."
-  return (" Each row's ratios are to the backbone row with the same attention: "
+  return (" Backbone rows' ratios are to the first backbone row, other rows' to the backbone"
+          " row with the same attention: "
           + "; ".join(f"`{b}` for " + ", ".join(f"`{m}`" for m, mb in bases.items() if mb == b)
                       for b in dict.fromkeys(bases.values())) + ".")
 

@@ -13,17 +13,19 @@ def _attention(mode: str) -> str:
   return next((f for f in mode.split("+")[1:] if f.endswith("-attention")), "")
 
 
+def _is_backbone(mode: str) -> bool:
+  """"backbone", "backbone[layout]", "backbone-packed+pallas-attention", ..."""
+  name = Variant(Mode.BACKBONE).name
+  return mode == name or (mode.startswith(name) and mode[len(name)] in "[-+")
+
+
 def baseline_row(rows: list[dict], attention: str | None = None) -> dict | None:
   """The backbone row ratios are to: the plain backbone's when it ran, else the first row of
   the backbone mode (a run of `backbone-packed,...` compares against the fused-weight
   backbone); with `attention` (a suffix such as "pallas-attention", "" for none), only among
   backbone rows with that suffix."""
   name = Variant(Mode.BACKBONE).name
-
-  def is_backbone(mode: str) -> bool:  # "backbone", "backbone[layout]", "backbone-packed+..."
-    return mode == name or (mode.startswith(name) and mode[len(name)] in "[-+")
-
-  backbones = [r for r in rows if is_backbone(r["mode"])
+  backbones = [r for r in rows if _is_backbone(r["mode"])
                and (attention is None or _attention(r["mode"]) == attention)]
   plain = [r for r in backbones if r["mode"].split("+")[0] == name
            or r["mode"].startswith(name + "[")]
@@ -32,14 +34,18 @@ def baseline_row(rows: list[dict], attention: str | None = None) -> dict | None:
 
 def add_ratios(rows: list[dict]) -> dict[str, str]:
   """Each row's ratio to its backbone row, synced and pipelined, with the paired-round interval
-  where the rows were timed in interleaved rounds. A row's backbone has the same attention
-  suffix (`+pallas-attention`, `+xla-attention` or none) where the run has one, else it is
-  `baseline_row(rows)`: the adapters' cost is measured over the backbone they ride on.
-  Returns {row: its backbone}."""
+  where the rows were timed in interleaved rounds. A row with adapters is compared with the
+  backbone row of the same attention suffix (`+pallas-attention`, `+xla-attention` or none)
+  where the run has one: the adapters' cost over the backbone they ride on. Backbone rows, and
+  rows without such a backbone, are compared with `baseline_row(rows)`. Returns {row: the row
+  its ratios are to}."""
   fallback = baseline_row(rows)
   bases = {}
   for r in rows:
-    base = baseline_row(rows, _attention(r["mode"])) or fallback
+    # A backbone row compares with the reference backbone (what its attention changes); other
+    # rows with the backbone of their own attention (what the adapters add on it).
+    base = fallback if _is_backbone(r["mode"]) else (
+        baseline_row(rows, _attention(r["mode"])) or fallback)
     if base is not None:
       bases[r["mode"]] = base["mode"]
     r["ratio_to_backbone"] = (r["decode"]["median_ms"] / base["decode"]["median_ms"]
