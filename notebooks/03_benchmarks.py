@@ -53,12 +53,25 @@ def row_name(mode: str) -> str:
 # ## The floor runs (H200): each row over the backbone, interleaved rounds, 95% intervals
 # `bash tools/gpu_check.sh OUT floor` (each `results.json` holds its bench command): Llama-2-7B
 # and Mistral-7B shapes, 8 experts of rank 16, top-2 on all 7 modules, batch 1 and 32. Bars are
-# the pipelined step's median ratio to the backbone's, paired by round; whiskers the interval.
+# the pipelined step's median ratio to its backbone's, paired by round; whiskers the interval.
+# The ratios are derived again from each run's rounds by today's rule
+# (`adafuse_jax.bench.derive.add_ratios`): a backbone row against the run's first backbone row,
+# a row with adapters against the backbone of its own attention (`+pallas-attention`: the
+# decode-attention kernel; the `*-attention` runs' rows without a suffix ran XLA's attention).
 
 # %%
+from adafuse_jax.bench.derive import add_ratios
+
 floor_runs = sorted(k for k in runs if k.startswith("h200/floor"))
-fig, axes = plt.subplots(1, len(floor_runs), figsize=(3.2 * len(floor_runs), 3.6), sharey=True)
-for ax, key in zip(np.atleast_1d(axes), floor_runs):
+for key in floor_runs:
+  add_ratios(runs[key]["results"])
+cols = 4
+grid_rows = -(-len(floor_runs) // cols)
+fig, axes = plt.subplots(grid_rows, cols, figsize=(3.4 * cols, 4.2 * grid_rows), sharey=True,
+                         squeeze=False)
+for ax in axes.flat[len(floor_runs):]:
+  ax.set_visible(False)
+for ax, key in zip(axes.flat, floor_runs):
   r = runs[key]
   rows = [row for row in r["results"] if "pipelined_ratio_interval" in row]
   mid = np.array([row["pipelined_ratio_interval"]["median"] for row in rows])
@@ -70,8 +83,9 @@ for ax, key in zip(np.atleast_1d(axes), floor_runs):
   ax.set_xticks(range(len(rows)), [row["mode"] for row in rows], rotation=35, ha="right",
                 fontsize=7)
   ax.set_ylim(0.8, max(1.3, float(high.max()) + 0.05))
-  ax.set_title(f"{r['preset']} batch {r['batch']}", fontsize=9)
-np.atleast_1d(axes)[0].set_ylabel("pipelined step / backbone's")
+  ax.set_title(key.removeprefix("h200/"), fontsize=9)
+for ax in axes[:, 0]:
+  ax.set_ylabel("pipelined step / backbone's")
 fig.tight_layout()
 plt.show()
 for key in floor_runs:
@@ -80,7 +94,7 @@ for key in floor_runs:
         f"{r['environment']['date'][:10]}")
   for row in r["results"]:
     ci = row.get("pipelined_ratio_interval", {})
-    print(f"  {row['mode']:<18} {row['decode_pipelined']['median_ms']:7.3f} ms"
+    print(f"  {row['mode']:<34} {row['decode_pipelined']['median_ms']:7.3f} ms"
           f"  {ci.get('median', float('nan')):.3f}x [{ci.get('low', float('nan')):.3f},"
           f" {ci.get('high', float('nan')):.3f}]  {100 * row['floor_ms'] / row['decode_pipelined']['median_ms']:3.0f}% of floor")
 
