@@ -199,6 +199,35 @@ def test_pallas_path_equals_xla_path(model, mode, per_layer_gates, length):
   chex.assert_trees_all_close(got, want, atol=tol, rtol=1e-4 if length == 8 else 1e-3)
 
 
+@pytest.mark.parametrize("mode, per_layer_gates", [("pregated", False), ("pregated", True),
+                                                    ("layerwise", False)])
+def test_gathered_decode_with_xla_base_equals_xla_path(model, mode, per_layer_gates,
+                                                       monkeypatch):
+  """A pool wider than `Thresholds.fused_base_max_width` (forced here) decodes with XLA's base
+  GEMM beside the expansion-only kernel: the same logits as path xla."""
+  import dataclasses
+
+  from pallas_kernels import bgmv
+
+  from adafuse_jax.paths.gathered import GatheredRuntime
+
+  calls = []
+  expand = bgmv.expand
+  monkeypatch.setattr(bgmv, "expand", lambda *a, **k: calls.append(1) or expand(*a, **k))
+
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5,
+                      per_layer_gates=per_layer_gates)
+  adapters = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True)
+  wide = dataclasses.replace(registry.THRESHOLDS, fused_base_max_width=0)
+  assert not wide.fuses_base(4, 4) and registry.THRESHOLDS.fuses_base(4, 4)
+  tokens = jnp.asarray(TOKENS)
+  cache = lambda: KVCache.create(model.cfg, 2, 11, model.dtype)  # noqa: E731
+  want, _ = model(tokens, cache(), all_logits=True, linear=registry.runtime(adapters))
+  got, _ = model(tokens, cache(), all_logits=True, linear=GatheredRuntime(adapters, wide))
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+  assert len(calls) == model.cfg.layers * len(cfg.modules)  # every adapted module took it
+
+
 @pytest.mark.parametrize("layout", ["stacked", "list"])
 @pytest.mark.parametrize("mode, per_layer_gates, modules", [
     ("lora", False, ("q", "v")), ("pregated", False, ("q", "k", "v", "o", "gate", "up", "down")),

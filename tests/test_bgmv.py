@@ -141,3 +141,50 @@ def test_entry_points_equal_the_kernels():
   chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
   with pytest.raises(ValueError, match="unknown backend 'mosaic'"):
     bgmv.shrink(x, a, 1, ids, count, gmat, backend="mosaic")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m, k, n, num_experts, rank, top_k, layers, groups", [
+    (1, 100, 70, 8, 16, 2, 3, 2),     # batch 1, ragged columns
+    (17, 64, 130, 64, 64, 4, 2, 1),   # 64 rank-64 experts, top-4: many active slots, P parts
+    (32, 96, 45, 16, 8, 2, 1, 3),     # rank 8 (padded to 16), a group of three
+])
+def test_expand_alone_beside_a_base_matmul_matches_reference(dtype, m, k, n, num_experts, rank,
+                                                             top_k, layers, groups):
+  """`gathered_expand` (the expansion without the base matmul) plus x @ W equals the reference;
+  its partial sums start as NaN, so every (strip, part) program must write its own."""
+  from pallas_kernels.bgmv.triton import expert_splits, gathered_expand
+
+  x, w, a, b, experts, gates = _problem(m * 3 + n, m, k, n, num_experts, rank, top_k, layers,
+                                        dtype, groups)
+  layer = layers - 1
+  tiles = Tiles(block_n=32, min_programs=12)
+  ids, count, gmat = active_experts(experts, gates, num_experts)
+  h = gathered_shrink(x, a, layer, ids, count, gmat, scale=0.5, tiles=SMALL, interpret=INTERPRET)
+  parts = expert_splits(n, ids.shape[0], tiles)
+  assert parts > 1 or ids.shape[0] == 1 or -(-n // 32) >= 12
+  for g in range(groups):
+    poison = jnp.full((parts, h.shape[2], n), jnp.nan, jnp.float32)
+    delta = gathered_expand(h, b[g], layer, ids, count, group=g, rows=m, partials=poison,
+                            tiles=tiles, interpret=INTERPRET)
+    assert delta.shape == (m, n) and delta.dtype == jnp.float32
+    assert not bool(jnp.isnan(delta).any()), "a partial sum was never written"
+    got = (x @ w[layer]).astype(jnp.float32) + delta
+    want = gathered_reference(x, w, layer, a[g], b[g], experts, gates, 0.5)
+    err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+    assert err < TOL[dtype], (g, err)
+
+
+def test_expand_alone_names_bad_shapes():
+  from pallas_kernels.bgmv.triton import gathered_expand
+
+  x, w, a, b, experts, gates = _problem(1, 4, 64, 40, 8, 16, 2, 1, jnp.float32, 1)
+  ids, count, gmat = active_experts(experts, gates, 8)
+  h = gathered_shrink(x, a, 0, ids, count, gmat, tiles=SMALL, interpret=INTERPRET)
+  with pytest.raises(ValueError, match="rows=40 must be in"):
+    gathered_expand(h, b[0], 0, ids, count, rows=40, interpret=INTERPRET)
+  with pytest.raises(ValueError, match="from gathered_shrink with the same rank"):
+    gathered_expand(h, b[0], 0, ids[:2], count, rows=4, interpret=INTERPRET)
+  with pytest.raises(ValueError, match="partials must be"):
+    gathered_expand(h, b[0], 0, ids, count, rows=4, partials=jnp.zeros((1, 1, 40)),
+                    interpret=INTERPRET)

@@ -2,7 +2,9 @@
 
 Decode steps (at most `Thresholds.decode_max_tokens` tokens) run BGMV (`pallas_kernels.bgmv`):
 one gated shrink launch per group of modules that share an input, reading only the step's active
-experts, then the base matmul with the expansion folded in, one launch per module. Prompts run
+experts, then the base matmul with the expansion folded in, one launch per module; for a wide pool
+(`Thresholds.fuses_base`) XLA's GEMM runs the base and an expansion-only kernel adds the active
+experts' B beside it (a Pallas base GEMM reads the weights slower than XLA's). Prompts run
 the base GEMM in XLA beside SGMV (`pallas_kernels.sgmv`: token-expert pairs grouped by expert)
 when the pool is wide (`Thresholds.use_segmented`), else beside two dense GEMMs, as path "xla"
 does. The kernels need stacked weights (the GPU layout); on the CPU they run in the Pallas
@@ -52,6 +54,7 @@ class GatheredRuntime(XlaRuntime):
     pool = self.adapters.pool
     a_pools = [pool.stacked(m)[0] for m in group]
     b = pool.stacked(name)[1]
+    fused = self.thresholds.fuses_base(self.cfg.num_experts, self.cfg.rank)
 
     def shrink(x, tables, *a_pools):
       return bgmv.shrink(x, list(a_pools), layer, *tables, scale=self.cfg.scale,
@@ -59,8 +62,14 @@ class GatheredRuntime(XlaRuntime):
 
     def expand(x, w, h, b, tables):
       ids, count, _ = tables
-      return bgmv.expand_matmul(x, w, layer, h, b, ids, count, group=group.index(name),
-                                backend=self.backend)
+      if fused:
+        return bgmv.expand_matmul(x, w, layer, h, b, ids, count, group=group.index(name),
+                                  backend=self.backend)
+      # A wide pool: XLA's GEMM for the base (in the weights' dtype: an f32 product would
+      # convert the whole weight first), the expansion of the active experts beside it.
+      delta = bgmv.expand(h, b, layer, ids, count, group=group.index(name), rows=x.shape[0],
+                          backend=self.backend)
+      return ((x @ w[layer]).astype(jnp.float32) + delta).astype(x.dtype)
 
     if self.mesh is None:
       h = cached_on_input(self._shrinks, (layer, group), xf,

@@ -30,7 +30,11 @@ from adafuse_jax.vocab import Mode, PathName, Variant, parse_path
 #   14.2 ms/token, all E densely 17.2, one dynamic slice per expert 37.0 (H100).
 # - segmented_min_share: SGMV reads only the chosen experts but writes and re-reads one row per
 #   (token, choice); the dense GEMMs win while E·r is a small share of the module's input.
-THRESHOLDS = Thresholds(decode_max_tokens=64, gather_max_share=0.25, segmented_min_share=0.25)
+# fused_base_max_width: on the H200 at 64 rank-64 experts (E·r = 4096), batch 32, the gathered
+# kernels with the base folded in ran at 36% of their floor where XLA's GEMMs on path packed ran
+# at 74% (docs/benchmarks.md, "Large pools"): wide pools take XLA's base GEMM.
+THRESHOLDS = Thresholds(decode_max_tokens=64, gather_max_share=0.25, segmented_min_share=0.25,
+                        fused_base_max_width=512)
 
 PATHS: dict[PathName, DecodePath] = {p.name: p for p in (
     XlaPath(THRESHOLDS),

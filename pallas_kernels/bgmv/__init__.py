@@ -4,8 +4,9 @@ the experts the step uses (Punica's and vLLM's name for the batched gather matri
     y = x @ W[l] + scale Σ_j g_j (x @ A[l][:, e_j]) @ B[l][e_j]        x [M <= 64, K]
 
 Entry points (each takes `backend=`): `shrink` (the gated shrink of the active experts of a group
-of modules sharing x, one launch) and `expand_matmul` (the base matmul with the expansion fused
-in, one launch per module); `active_experts` builds the step's active set both read.
+of modules sharing x, one launch), `expand_matmul` (the base matmul with the expansion fused
+in, one launch per module) and `expand` (the expansion alone, for a base matmul run elsewhere);
+`active_experts` builds the step's active set all read.
 Backends, in `auto`'s order: "triton" (`triton.py`; the Pallas interpreter on the CPU).
 The f32 truth is `reference.gathered_reference`.
 """
@@ -21,7 +22,7 @@ from pallas_kernels.bgmv.reference import active_experts, gathered_reference
 from pallas_kernels.bgmv.triton import Tiles
 from pallas_kernels.common import interpret, pick_backend
 
-__all__ = ["Tiles", "active_experts", "expand_matmul", "gathered_reference", "shrink"]
+__all__ = ["Tiles", "active_experts", "expand", "expand_matmul", "gathered_reference", "shrink"]
 
 _BACKENDS = {"triton": lambda: None}
 
@@ -48,3 +49,13 @@ def expand_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h: jax.Arr
   pick_backend("bgmv.expand_matmul", backend, _BACKENDS)
   return triton.gathered_expand_matmul(x, w, layer, h, b, ids, count, group=group, out=out,
                                        tiles=tiles, interpret=interpret())
+
+
+def expand(h: jax.Array, b: jax.Array, layer: jax.Array | int, ids: jax.Array, count: jax.Array,
+           *, group: int = 0, rows: int, tiles: Tiles | None = None,
+           backend: str = "auto") -> jax.Array:
+  """Σ_{u < count} h[group, :, :, u] @ b[layer, ids[u]] alone: b [L, E, r, N], h from `shrink`
+  (`rows` of it are real) -> [rows, N] f32, to add to a base matmul's output."""
+  pick_backend("bgmv.expand", backend, _BACKENDS)
+  return triton.gathered_expand(h, b, layer, ids, count, group=group, rows=rows,
+                                tiles=tiles or triton.EXPAND_TILES, interpret=interpret())

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import base_tile, dot_block, with_output_buffer
+from pallas_kernels.common import base_tile, dot_block, with_output_buffer, with_output_buffers
 
 
 # Shared memory the streamed tiles may take per program: the H100 allows 227 KiB per block;
@@ -286,3 +286,99 @@ def gathered_expand_matmul(x: jax.Array, w: jax.Array, layer: jax.Array | int, h
       interpret=interpret,
       name="gathered_expand_matmul",
   )(*operands)
+
+
+# The expansion-only kernel's defaults: its programs stream only B tiles, so the grid is made
+# about two waves of the H200's 132 SMs (a first guess, not yet swept on the device).
+EXPAND_TILES = Tiles(block_n=64, min_programs=264, num_warps=4, num_stages=3)
+
+
+def expert_splits(n: int, slots: int, tiles: Tiles) -> int:
+  """P, how many programs share one column strip's experts in `gathered_expand`: enough that
+  the grid has about `tiles.min_programs` programs, at most one per slot."""
+  strips = pl.cdiv(n, tiles.block_n)
+  return max(1, min(slots, pl.cdiv(tiles.min_programs, strips)))
+
+
+def _expand_kernel_delta(layer_ref, ids_ref, count_ref, h_ref, b_ref, *out_refs, group: int,
+                         rank: int, splits: int, parts: int, block_m: int, block_n: int,
+                         block_r: int):
+  o_ref = out_refs[-1]
+  n_total = b_ref.shape[-1]
+  j, p = pl.program_id(0), pl.program_id(1)
+  layer = layer_ref[0]
+  cols = j * block_n + jnp.arange(block_n)
+  col_mask = cols < n_total
+  r_mask = jnp.arange(block_r) < rank
+
+  def expert(t, acc):
+    u = p + t * parts  # slots p, p + P, p + 2P, ...: the active ones spread over the P parts
+    e = ids_ref[u]
+    h = plgpu.load(h_ref.at[jnp.int32(group), pl.ds(0, splits), pl.ds(0, block_m),
+                            pl.ds(u * block_r, block_r)]).astype(jnp.float32)
+    h = jnp.sum(h, axis=0) if splits > 1 else h.reshape(block_m, block_r)
+    b = plgpu.load(b_ref.at[layer, e, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
+                   mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+    return acc + plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
+
+  # A loop of runtime length over this part's active slots: inactive experts cost nothing.
+  mine = jnp.maximum(count_ref[0] - p + parts - 1, 0) // parts
+  acc = jax.lax.fori_loop(0, mine, expert, jnp.zeros((block_m, block_n), jnp.float32))
+  plgpu.store(o_ref.at[p, pl.ds(0, block_m), pl.ds(j * block_n, block_n)], acc,
+              mask=col_mask[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("group", "rows", "tiles", "interpret"))
+def gathered_expand(h: jax.Array, b: jax.Array, layer: jax.Array | int, ids: jax.Array,
+                    count: jax.Array, *, group: int = 0, rows: int,
+                    partials: jax.Array | None = None, tiles: Tiles = EXPAND_TILES,
+                    interpret: bool = False) -> jax.Array:
+  """The expansion alone, Σ_{u < count} h[group, :, :, u] @ b[layer, ids[u]], for a base
+  matmul that runs elsewhere (XLA's GEMM, which reads the weights faster than a Pallas one):
+  one launch per module, reading only the active experts' B.
+
+  Grid: (column strips of `tiles.block_n`, P parts of the active slots); a part sums slots
+  p, p + P, ... into its own f32 partial, and the P partials are added after the kernel (one
+  small XLA fusion, which also takes the add to the base output).
+
+  Args:
+    h: [G, S, M', U·r'] from `gathered_shrink`; `group` picks this module's part.
+    b: [L, E, r, N] the module's expansion factors.
+    layer: which layer (runtime scalar).
+    ids, count: from `active_experts`.
+    rows: M, the step's rows (M <= M').
+    partials: optional [P, M', N] f32 buffer the kernel writes in place (tests poison it).
+  Returns:
+    [M, N] f32.
+  """
+  _, num_experts, rank, n = b.shape
+  u = ids.shape[0]
+  block_r = dot_block(rank)
+  if h.ndim != 4 or h.shape[3] != u * block_r or not 0 <= group < h.shape[0]:
+    raise ValueError(f"h has shape {h.shape}; expected [G > {group}, S, M', {u * block_r}]"
+                     " from gathered_shrink with the same rank and ids")
+  splits, block_m = h.shape[1], h.shape[2]
+  if not 1 <= rows <= block_m:
+    raise ValueError(f"rows={rows} must be in [1, {block_m}] (h's padded rows)")
+  if splits & (splits - 1):
+    raise ValueError(f"h has S={splits} partial sums; a power of two is needed (shrink_splits)")
+  parts = expert_splits(n, u, tiles)
+  kernel = functools.partial(_expand_kernel_delta, group=group, rank=rank, splits=splits,
+                             parts=parts, block_m=block_m, block_n=tiles.block_n,
+                             block_r=block_r)
+  layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+  operands, aliases = with_output_buffers(
+      (layer_arr, ids.astype(jnp.int32), count.astype(jnp.int32), h, b),
+      None if partials is None else (partials,),
+      (jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32),), "partials")
+  out = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32),
+      grid=(pl.cdiv(n, tiles.block_n), parts),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      input_output_aliases=aliases,
+      interpret=interpret,
+      name="gathered_expand",
+  )(*operands)
+  return jnp.sum(out[:, :rows], axis=0)
