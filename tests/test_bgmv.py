@@ -188,3 +188,30 @@ def test_expand_alone_names_bad_shapes():
   with pytest.raises(ValueError, match="partials must be"):
     gathered_expand(h, b[0], 0, ids, count, rows=4, partials=jnp.zeros((1, 1, 40)),
                     interpret=INTERPRET)
+
+
+def test_kernels_lower_to_triton_for_cuda_on_any_machine():
+  """The Triton lowering of the shrink, the fused expand and the expansion alone is built on
+  the CPU too (every op they use): the 7B q/k/v shape at batch 32, 64 rank-64 experts."""
+  from pallas_kernels.bgmv.triton import gathered_expand
+
+  m, k, n, layers, num_experts, rank, slots = 32, 4096, 4096, 2, 64, 64, 64
+  bf16 = jnp.bfloat16
+  x = jax.ShapeDtypeStruct((m, k), bf16)
+  w = jax.ShapeDtypeStruct((layers, k, n), bf16)
+  a = jax.ShapeDtypeStruct((layers, k, num_experts, rank), bf16)
+  b = jax.ShapeDtypeStruct((layers, num_experts, rank, n), bf16)
+  ids = jax.ShapeDtypeStruct((slots,), jnp.int32)
+  count = jax.ShapeDtypeStruct((1,), jnp.int32)
+  gmat = jax.ShapeDtypeStruct((1, m, slots), jnp.float32)
+
+  def step(x, w, a, b, ids, count, gmat):
+    h = gathered_shrink(x, [a], 1, ids, count, gmat)
+    return (gathered_expand_matmul(x, w, 1, h, b, ids, count),
+            gathered_expand(h, b, 1, ids, count, rows=m))
+
+  text = jax.jit(step).trace(x, w, a, b, ids, count, gmat).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 3  # one Triton custom call per kernel
+  for name in ("gathered_shrink", "gathered_expand_matmul", "gathered_expand"):
+    assert f"func.func private @{name}(" in text

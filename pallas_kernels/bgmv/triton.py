@@ -199,6 +199,19 @@ def gathered_shrink(x: jax.Array, a_pools: Sequence[jax.Array], layer: jax.Array
     gmat.astype(jnp.float32), *a_pools)
 
 
+def _slot_product(h_ref, b_ref, ids_ref, layer, j, col_mask, u, *, group: int, rank: int,
+                  splits: int, block_m: int, block_n: int, block_r: int) -> jax.Array:
+  """Inside an expand kernel: slot u's f32 tile (Σ_s h[group, s, :, u]) @ B[layer, ids[u]] over
+  column strip j."""
+  h = plgpu.load(h_ref.at[jnp.int32(group), pl.ds(0, splits), pl.ds(0, block_m),
+                          pl.ds(u * block_r, block_r)]).astype(jnp.float32)
+  h = jnp.sum(h, axis=0) if splits > 1 else h.reshape(block_m, block_r)
+  r_mask = jnp.arange(block_r) < rank
+  b = plgpu.load(b_ref.at[layer, ids_ref[u], pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
+                 mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+  return plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
+
+
 def _expand_kernel(layer_ref, ids_ref, count_ref, x_ref, w_ref, h_ref, b_ref, *out_refs,
                    group: int, rank: int, splits: int, block_m: int, block_n: int,
                    block_k: int, block_r: int):
@@ -213,19 +226,11 @@ def _expand_kernel(layer_ref, ids_ref, count_ref, x_ref, w_ref, h_ref, b_ref, *o
 
   acc = base_tile(x_ref, w_ref, layer, 0, j * block_n, row_mask, col_mask, block_m=block_m,
                   block_n=block_n, block_k=block_k)
-  r_mask = jnp.arange(block_r) < rank
-
-  def expert(u, acc):
-    e = ids_ref[u]
-    h = plgpu.load(h_ref.at[jnp.int32(group), pl.ds(0, splits), pl.ds(0, block_m),
-                            pl.ds(u * block_r, block_r)]).astype(jnp.float32)
-    h = jnp.sum(h, axis=0) if splits > 1 else h.reshape(block_m, block_r)
-    b = plgpu.load(b_ref.at[layer, e, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
-                   mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-    return acc + plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
-
+  expert = functools.partial(_slot_product, h_ref, b_ref, ids_ref, layer, j, col_mask,
+                             group=group, rank=rank, splits=splits, block_m=block_m,
+                             block_n=block_n, block_r=block_r)
   # A loop of runtime length: slots past `count` cost neither time nor bytes.
-  acc = jax.lax.fori_loop(0, count_ref[0], expert, acc)
+  acc = jax.lax.fori_loop(0, count_ref[0], lambda u, acc: acc + expert(u), acc)
   plgpu.store(o_ref.at[pl.ds(0, block_m), pl.ds(j * block_n, block_n)],
               acc.astype(o_ref.dtype), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -309,21 +314,14 @@ def _expand_kernel_delta(layer_ref, ids_ref, count_ref, h_ref, b_ref, *out_refs,
   layer = layer_ref[0]
   cols = j * block_n + jnp.arange(block_n)
   col_mask = cols < n_total
-  r_mask = jnp.arange(block_r) < rank
-
-  def expert(t, acc):
-    u = p + t * parts  # slots p, p + P, p + 2P, ...: the active ones spread over the P parts
-    e = ids_ref[u]
-    h = plgpu.load(h_ref.at[jnp.int32(group), pl.ds(0, splits), pl.ds(0, block_m),
-                            pl.ds(u * block_r, block_r)]).astype(jnp.float32)
-    h = jnp.sum(h, axis=0) if splits > 1 else h.reshape(block_m, block_r)
-    b = plgpu.load(b_ref.at[layer, e, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
-                   mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-    return acc + plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
-
-  # A loop of runtime length over this part's active slots: inactive experts cost nothing.
+  expert = functools.partial(_slot_product, h_ref, b_ref, ids_ref, layer, j, col_mask,
+                             group=group, rank=rank, splits=splits, block_m=block_m,
+                             block_n=block_n, block_r=block_r)
+  # A loop of runtime length over this part's active slots (p, p + P, p + 2P, ...): inactive
+  # experts cost nothing.
   mine = jnp.maximum(count_ref[0] - p + parts - 1, 0) // parts
-  acc = jax.lax.fori_loop(0, mine, expert, jnp.zeros((block_m, block_n), jnp.float32))
+  acc = jax.lax.fori_loop(0, mine, lambda t, acc: acc + expert(p + t * parts),
+                          jnp.zeros((block_m, block_n), jnp.float32))
   plgpu.store(o_ref.at[p, pl.ds(0, block_m), pl.ds(j * block_n, block_n)], acc,
               mask=col_mask[None, :])
 
