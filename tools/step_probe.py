@@ -101,12 +101,12 @@ def main() -> None:
   # The same step with one function of the library swapped at trace time:
   # - the router's top-k as k masked argmaxes (no sort or TopK kernel): is it what holds the
   #   host for the whole step in the pre-gated program (probe/README.md)?
-  # - each layer's one-token attention in the Pallas decode-attention kernel (split over the
-  #   cache, only the filled blocks read) instead of XLA's fusions.
+  # - each layer's one-token attention in XLA's fusions instead of the library's default (the
+  #   Pallas decode-attention kernel on one GPU: split over the cache, only filled blocks read).
   from adafuse_jax.paths import base as paths_base
   for name, module, attr, swap in [
       ("defaults, argmax top-k", paths_base, "top_k_gates", argmax_top_k_gates),
-      ("defaults, pallas attention", gen, "attend_fn", ATTENTION["pallas"])]:
+      ("defaults, xla attention", gen, "attend_fn", ATTENTION["xla"])]:
     original = getattr(module, attr)
     setattr(module, attr, swap)
     try:
