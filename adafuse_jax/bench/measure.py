@@ -154,7 +154,8 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   before = merged_counts() if merge else None
   decode = time_calls(one_step, warmup=warmup, steps=steps)
   result = {"decode": dataclasses.asdict(decode), "compile_s": compile_s,
-            "attention": gen.attention, "kernels_per_step": count_kernels(step), "merges_per_token": merge}
+            "attention": gen.attention, "kernels_per_step": count_kernels(step),
+            "merges_per_token": merge}
   if merge:
     result["switched_share"], result["unmerged_share"] = (
         (merged_counts() - before) / (warmup + steps)).tolist()

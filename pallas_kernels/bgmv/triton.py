@@ -1,7 +1,7 @@
-"""BGMV on the Triton lowering of Pallas: gathered shrink + expand fused into the base matmul.
+"""BGMV on Pallas' Triton lowering: the gathered shrink; the expansion fused into the base or alone.
 
 The op (see `pallas_kernels.bgmv`): a decode step of N tokens with top-k routing touches at most
-`U = min(E, N·k)` distinct experts, and only those are read. Two kernels, with the step's
+`U = min(E, N·k)` distinct experts, and only those are read. Three kernels, with the step's
 *active set* (`reference.active_experts`) as the segment table:
 
 - `gathered_shrink` (one launch per group of modules that read the same input: q/k/v, gate/up):
@@ -13,6 +13,9 @@ The op (see `pallas_kernels.bgmv`): a decode step of N tokens with top-k routing
   `y = x @ W[l] + Σ_{u < count} (Σ_s h[g, s, :, u]) @ B[l, ids[u]]`. Each program streams its
   column strip of `W[l]` once and then only the active experts' B tiles: a dynamic-length loop over
   `count`, so fewer distinct experts (SERE) means fewer bytes.
+- `gathered_expand` (one launch per module, beside a base matmul run elsewhere): the same sum of
+  the active experts' B tiles without the base, its slots split over P parts per column strip
+  (f32 partials added after), for pools so wide that the base GEMM is better left to XLA.
 
 Layouts are the pools': A `[L, in, E, r]`, B `[L, E, r, out]`, W stacked `[L, in, out]`, and the
 layer is a runtime scalar: no slice or gather of the pools is ever materialised. Ranks that are
