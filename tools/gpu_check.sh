@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags step autotune expand attention switch
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags step autotune expand attention switch bgmv-sweep
 #   (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
@@ -143,6 +143,13 @@ for part in $parts; do
       # Mosaic GPU at several, plain XLA), against the memory ceiling of the same run.
       timeout "${SWITCH_S:-240}" python3 tools/sgmm_bench.py --quick --mosaic --out "$out/sgmm" \
         2>&1 | tee "$out/switch.log" | grep -E "ceiling|xla|mosaic|pallas" | head -20 ;;
-    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags, step, autotune, switch)"; exit 2 ;;
+    bgmv-sweep)
+      # The gathered shrink and the expansion-only kernel for wide pools, per 7B group and
+      # module, over a grid of tiles (tools/bgmv_large_sweep.py; QUICK=1: four tile sets each).
+      timeout "${SWEEP_S:-540}" python3 tools/bgmv_large_sweep.py --out "$out/bgmv-sweep" \
+        --experts "${EXPERTS:-64}" --rank "${RANK:-64}" --rows "${ROWS:-32}" \
+        --active "${ACTIVE:-26,56}" ${QUICK:+--quick} 2>"$out/bgmv-sweep.log" \
+        | tee "$out/bgmv-sweep.jsonl" | cut -c1-140 ;;
+    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags, step, autotune, expand, attention, switch, bgmv-sweep)"; exit 2 ;;
   esac
 done

@@ -1,0 +1,118 @@
+"""Tile sweep of the gathered shrink and the expansion-only kernel for wide pools (GPU).
+
+    python tools/bgmv_large_sweep.py --out DIR [--experts 64 --rank 64 --rows 32 --active 26,56]
+
+What a step of path `gathered` runs for a pool wider than `Thresholds.fused_base_max_width`
+(docs/benchmarks.md, "Large pools"): per layer, one `gathered_shrink` per input group (q/k/v,
+o, gate/up, down) and one `gathered_expand` per module, beside XLA's base GEMMs. For each of the
+Llama-2-7B groups and modules and each number of active experts (SERE's ~26 and no SERE's ~56
+of 64 at batch 32, top-4), one jitted function runs the kernel on all `--layers` stacked layers;
+every tile candidate is timed (median of calls) and reported with the bytes it must read (the
+active experts' A or B, plus h) over its time. JSON lines on stdout, a table in DIR/sweep.md.
+`--dims` scales the model's widths down for a CPU smoke run (the Pallas interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+
+from adafuse_jax.timing import time_calls
+from pallas_kernels.bgmv.reference import active_experts
+from pallas_kernels.bgmv.triton import EXPAND_TILES, Tiles, gathered_expand, gathered_shrink
+
+# name -> (input width, output widths of the modules that share it), Llama-2-7B.
+GROUPS = {"q/k/v": (4096, (4096, 4096, 4096)), "o": (4096, (4096,)),
+          "gate/up": (4096, (11008, 11008)), "down": (11008, (4096,))}
+
+
+def candidates(kind: str, full: bool) -> list[Tiles]:
+  """The default tiles first, then a grid (shrink: its K step and split target; expand: its
+  column strip and programs per wave)."""
+  if kind == "shrink":
+    grid = [Tiles(block_k=bk, shrink_k=max(sk, bk), min_programs=mp, num_warps=nw)
+            for bk, sk, mp, nw in itertools.product((64, 128, 256), (256, 512, 1024),
+                                                    (96, 264, 528), (2, 4))]
+    return [Tiles()] + (grid if full else grid[:3])
+  grid = [Tiles(block_n=bn, min_programs=mp, num_warps=nw, num_stages=ns)
+          for bn, mp, nw, ns in itertools.product((32, 64, 128), (132, 264, 528), (2, 4), (2, 3))]
+  return [EXPAND_TILES] + (grid if full else grid[:3])
+
+
+def label(t: Tiles) -> str:
+  return (f"bn={t.block_n} bk={t.block_k} sk={t.shrink_k} programs={t.min_programs}"
+          f" w={t.num_warps} s={t.num_stages}")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--out", required=True)
+  p.add_argument("--experts", type=int, default=64)
+  p.add_argument("--rank", type=int, default=64)
+  p.add_argument("--rows", type=int, default=32)
+  p.add_argument("--active", default="26,56", help="active experts per step, comma-separated")
+  p.add_argument("--layers", type=int, default=32)
+  p.add_argument("--dims", type=float, default=1.0, help="scale the widths (CPU smoke: 0.02)")
+  p.add_argument("--quick", action="store_true", help="the default tiles and three others")
+  p.add_argument("--calls", type=int, default=20)
+  args = p.parse_args()
+  on_cpu = jax.default_backend() == "cpu"
+  dtype = jnp.float32 if on_cpu else jnp.bfloat16
+  item = jnp.dtype(dtype).itemsize
+  L, E, r, m = args.layers, args.experts, args.rank, args.rows
+  scale = lambda d: max(16, int(d * args.dims))  # noqa: E731
+  env = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "experts": E, "rank": r, "rows": m}
+  key = jax.random.key(0)
+  lines = [f"Gathered kernels for {E} experts of rank {r}, {m} rows, {L} layers per call;"
+           f" {env['device']}, jax {env['jax']}, {env['date']}.", "",
+           "| kernel | shape | active | tiles | ms per call | GB read | TB/s |",
+           "|---|---|---|---|---|---|---|"]
+  for group, (d_in, outs) in GROUPS.items():
+    d_in, outs = scale(d_in), tuple(scale(n) for n in outs)
+    a = [(jax.random.normal(key, (L, d_in, E, r), jnp.float32) * 0.02).astype(dtype)
+         for _ in outs]
+    b = (jax.random.normal(key, (L, E, r, outs[0]), jnp.float32) * 0.02).astype(dtype)
+    x = jax.random.normal(key, (m, d_in), dtype)
+    for active in (int(v) for v in args.active.split(",")):
+      experts = (jnp.arange(m * 4).reshape(m, 4) * 7 % active).astype(jnp.int32)
+      ids, count, gmat = active_experts(experts, jnp.full((m, 4), 0.25), E)
+      h = gathered_shrink(x, a, 0, ids, count, gmat, interpret=on_cpu)
+      a_bytes = L * len(outs) * d_in * int(count[0]) * r * item
+      b_bytes = L * int(count[0]) * r * outs[0] * item
+      for kind, tiles_list, nbytes in (("shrink", candidates("shrink", not args.quick), a_bytes),
+                                        ("expand", candidates("expand", not args.quick), b_bytes)):
+        for tiles in tiles_list:
+          if kind == "shrink":
+            fn = jax.jit(lambda x, a, t=tiles: [gathered_shrink(
+                x, a, l, ids, count, gmat, tiles=t, interpret=on_cpu) for l in range(L)])
+            call = lambda fn=fn: fn(x, a)  # noqa: E731
+          else:
+            fn = jax.jit(lambda h, b, t=tiles: [gathered_expand(
+                h, b, l, ids, count, rows=m, tiles=t, interpret=on_cpu) for l in range(L)])
+            call = lambda fn=fn: fn(h, b)  # noqa: E731
+          try:
+            ms = time_calls(call, warmup=2, steps=args.calls).median_ms
+          except Exception as e:  # a tile set that does not compile (shared memory): skip it
+            print(json.dumps({"kernel": kind, "group": group, "tiles": label(tiles),
+                              "error": str(e).splitlines()[0][:200]}), flush=True)
+            continue
+          row = {"kernel": kind, "group": group, "active": int(count[0]), "tiles": label(tiles),
+                 "ms": round(ms, 4), "gb": round(nbytes / 1e9, 4),
+                 "tb_s": round(nbytes / (ms / 1e3) / 1e12, 3), **env}
+          print(json.dumps(row), flush=True)
+          lines.append(f"| {kind} | {group} | {row['active']} | {label(tiles)} | {ms:.3f} |"
+                       f" {row['gb']:.3f} | {row['tb_s']:.2f} |")
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "sweep.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  main()
