@@ -1,7 +1,7 @@
 """Pallas kernels for dynamic LoRA experts, one sub-package per op as the field names them:
 
 - `bgmv`: the decode gather (each row's own experts, reading only those the step uses; the
-  expansion fused into the base matmul);
+  expansion fused into the base matmul, or alone beside one run elsewhere);
 - `sgmv`: the segmented prompt matmul (token-expert pairs grouped by expert);
 - `sgmm`: the fused switch (the chosen experts merged into every adapted weight, one launch);
 - `decode_attention`: one query token per row against its KV cache (flash-decoding: split over

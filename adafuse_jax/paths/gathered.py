@@ -129,7 +129,8 @@ class GatheredRuntime(XlaRuntime):
 class GatheredPath(DecodePath):
   name = PathName.GATHERED
   summary = ("Pallas BGMV for decode steps and SGMV for prompts: only the step's experts are"
-             " read, the expansion fused into the base matmul (GPU; interpreted on the CPU)")
+             " read, the expansion fused into the base matmul (beside XLA's for wide pools;"
+             " GPU; interpreted on the CPU)")
 
   def note(self, layout: str) -> str | None:
     if layout != "stacked":
