@@ -1,12 +1,16 @@
-"""Quality cost of SERE re-routing on the trained SmolLM2 pool, per domain.
+"""Quality cost of SERE re-routing on a trained pool, per domain, swept over rho and S.
 
-    python tools/sere_quality.py [--out docs/sere] [--rhos 1,0.5,0.2,0]
+    python tools/sere_quality.py [--adapters default|POOL_DIR] [--out docs/sere]
+                                 [--rhos 1,0.5,0.2,0] [--primaries 1]
 
 Calibrates the expert similarity (linear CKA of the experts' outputs, `adafuse_jax.adapters.sere`) on
 training text of every domain, stores it with the pool (`sere_similarity.npy`), then measures
-held-out perplexity per domain with batch-level re-routing for each rho: the 16 held-out windows
-of a domain are decoded as one batch, so the tokens at one position form one batch step, and
-S = 1 (each token's first choice is primary). Also reports the distinct experts per step.
+held-out perplexity per domain with batch-level re-routing for each (S, rho): the `--windows`
+held-out windows of a domain are decoded as one batch, so the tokens at one position form one
+batch step; S is how many of each token's choices are primary (kept), rho the similarity a
+secondary choice needs to be re-routed to a primary one (1 = off). Also reports the distinct
+experts per step (what a gathered step reads) and plots them against the perplexity cost
+(`quality.png`): the speed side of the trade, by bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import math
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +40,10 @@ from adafuse_jax.train.loop import eval_windows
 
 def main() -> None:
   p = argparse.ArgumentParser()
+  p.add_argument("--adapters", default="default", help="'default' (the shipped pool) or a pool folder")
   p.add_argument("--out", default="docs/sere")
   p.add_argument("--rhos", default="1,0.5,0.2,0")
+  p.add_argument("--primaries", default="1", help="S values, each at most the pool's top-k")
   p.add_argument("--windows", type=int, default=16)
   p.add_argument("--seq-len", type=int, default=256)
   args = p.parse_args()
@@ -44,20 +51,24 @@ def main() -> None:
   out.mkdir(parents=True, exist_ok=True)
   loaded = load_model(progress=False)
   model = loaded.model
-  cfg, _ = read_adapter_config(DEFAULT_POOL)
-  pool = resolve_adapters("default", cfg, model.cfg)
+  folder = DEFAULT_POOL if args.adapters == "default" else pathlib.Path(args.adapters)
+  cfg, _ = read_adapter_config(folder)
+  pool = resolve_adapters(args.adapters, cfg, model.cfg)
+  primaries = [int(x) for x in args.primaries.split(",")]
+  if any(not 1 <= s <= cfg.top_k for s in primaries):
+    p.error(f"--primaries {args.primaries}: each S must be in [1, top-k = {cfg.top_k}]")
   cache_dir = data.default_cache()
   data.prepare(cache_dir, progress=False)
   train_streams = data.load_streams(cache_dir, "train")
   heldout = data.load_streams(cache_dir, "heldout")
   calib = np.concatenate([eval_windows(s, 2, 128)[:, :-1] for s in train_streams.values()])
   similarity = calibrate(model, pool, jnp.asarray(calib), registry.runtime(pool))
-  save_similarity(DEFAULT_POOL, similarity)
+  save_similarity(folder, similarity)
   sim = jnp.asarray(similarity.mean(0))
 
   rows = []
-  for rho in (float(x) for x in args.rhos.split(",")):
-    sere = SereSettings(sim, 1, rho)
+  for primary, rho in ((s, float(x)) for s in primaries for x in args.rhos.split(",")):
+    sere = SereSettings(sim, primary, rho)
 
     @nnx.jit
     def evaluate(model, adapters, windows):
@@ -70,7 +81,7 @@ def main() -> None:
       hits = jax.nn.one_hot(experts, cfg.num_experts).sum(axis=(0, 2)) > 0  # [T, E]
       return ce, hits.sum(-1).mean()
 
-    row = {"rho": rho, "ppl": {}, "distinct_per_step": {}}
+    row = {"primary_k": primary, "rho": rho, "ppl": {}, "distinct_per_step": {}}
     for domain, stream in heldout.items():
       ce, distinct = evaluate(model, pool, jnp.asarray(eval_windows(stream, args.windows,
                                                                     args.seq_len)))
@@ -80,31 +91,61 @@ def main() -> None:
     row["mean_distinct"] = float(np.mean(list(row["distinct_per_step"].values())))
     rows.append(row)
     print(json.dumps(row), flush=True)
-  report = {"environment": environment(), "pool": str(DEFAULT_POOL.name), "primary_k": 1,
+  report = {"environment": environment(), "pool": str(folder.name), "adapter": cfg.to_dict(),
             "batch": args.windows, "seq_len": args.seq_len, "rows": rows,
             "similarity_mean_offdiag": float((sim.sum() - jnp.trace(sim)) /
                                              (sim.shape[0] * (sim.shape[0] - 1)))}
   (out / "quality.json").write_text(json.dumps(report, indent=2))
   domains = list(rows[0]["ppl"])
-  base = rows[0]
+  # The reference of every row: no re-routing (rho = 1 if it was swept, else the first row).
+  base = next((r for r in rows if r["rho"] >= 1.0), rows[0])
   kind = ("tied: the pool is its own shared expert" if cfg.tied_shared
           else f"shared expert of rank {cfg.shared_rank}" if cfg.shared_rank else "routed only")
-  lines = [f"SERE on the trained SmolLM2 pool (pregated, {kind}, E={cfg.num_experts},"
-           f" r={cfg.rank}, top-{cfg.top_k}),"
-           f" S = 1, batch steps of {args.windows} sequences; {report['environment']['device']},"
-           f" JAX {report['environment']['jax']}, {report['environment']['date']}. Command:"
-           f" `python tools/sere_quality.py`. Mean off-diagonal expert similarity (CKA):"
-           f" {report['similarity_mean_offdiag']:.3f}.", "",
-           "| rho | " + " | ".join(f"{d} ppl" for d in domains)
-           + " | mean ppl | distinct experts / step | vs rho=1 |",
-           "|---|" + "---|" * (len(domains) + 3)]
+  command = " ".join(["python tools/sere_quality.py", *sys.argv[1:]])
+  lines = [f"SERE on the trained pool `{folder.name}` (pregated, {kind}, E={cfg.num_experts},"
+           f" r={cfg.rank}, top-{cfg.top_k}), batch steps of {args.windows} sequences;"
+           f" {report['environment']['device']}, JAX {report['environment']['jax']},"
+           f" {report['environment']['date']}. Command: `{command}`. Mean off-diagonal expert"
+           f" similarity (CKA): {report['similarity_mean_offdiag']:.3f}.", "",
+           "| S | rho | " + " | ".join(f"{d} ppl" for d in domains)
+           + " | mean ppl | distinct experts / step | vs no re-routing |",
+           "|---|---|" + "---|" * (len(domains) + 3)]
   for r in rows:
-    lines.append(f"| {r['rho']:g} | " + " | ".join(f"{r['ppl'][d]:.3f}" for d in domains)
+    lines.append(f"| {r['primary_k']} | {r['rho']:g} | "
+                 + " | ".join(f"{r['ppl'][d]:.3f}" for d in domains)
                  + f" | {r['mean_ppl']:.3f} | {r['mean_distinct']:.2f} |"
                  f" {100 * (r['mean_distinct'] / base['mean_distinct'] - 1):+.0f}% experts,"
                  f" {100 * (r['mean_ppl'] / base['mean_ppl'] - 1):+.2f}% ppl |")
   (out / "quality.md").write_text("\n".join(lines) + "\n")
+  plot(rows, base, out / "quality.png", f"{folder.name}: E={cfg.num_experts}, r={cfg.rank},"
+       f" top-{cfg.top_k}, batch {args.windows}")
   print("\n".join(lines))
+
+
+def plot(rows: list[dict], base: dict, path: pathlib.Path, title: str) -> None:
+  """Distinct experts per step (what a gathered step reads) against the perplexity cost, one
+  line per S, each point labelled with its rho."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(5.2, 3.6))
+  for primary in dict.fromkeys(r["primary_k"] for r in rows):
+    mine = [r for r in rows if r["primary_k"] == primary]
+    x = [r["mean_distinct"] for r in mine]
+    y = [100 * (r["mean_ppl"] / base["mean_ppl"] - 1) for r in mine]
+    ax.plot(x, y, "o-", label=f"S = {primary}")
+    for r, xi, yi in zip(mine, x, y):
+      ax.annotate(f"rho {r['rho']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4),
+                  fontsize=7)
+  ax.axhline(0.5, color="#C44E52", ls="--", lw=1, label="+0.5% perplexity")
+  ax.set_xlabel("distinct experts per batch step (bytes a gathered step reads)")
+  ax.set_ylabel("mean perplexity vs no re-routing (%)")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 if __name__ == "__main__":
