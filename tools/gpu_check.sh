@@ -39,7 +39,9 @@ for part in $parts; do
       export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.6}
       export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
       # MODES_B1 / MODES_B32 pick rows per batch size (MODES both); PEER_SMALL=off / PEER_LARGE=off
-      # leave the PyTorch peer out at batch 8 and below / above it.
+      # leave the PyTorch peer out at batch 8 and below / above it; EXPERTS, RANK, TOP_K shape
+      # the pool (default 8, 16, 2; the folder then ends in -eEXPERTSrRANK-bBATCH; a pool of 64
+      # rank-64 experts wants MEM_FRACTION=0.9 and the peer off: every row's weights stay alive).
       for b in ${BATCHES:-1 32}; do
         modes=${MODES:-${MODES_B1:-backbone,backbone-packed,pregated-packed,pregated-gathered,layerwise-packed}}
         peer=${PEER_SMALL:-auto}
@@ -49,7 +51,8 @@ for part in $parts; do
         fi
         timeout "${FLOOR_S:-280}" python3 -m adafuse_jax.bench --preset "${PRESET:-llama2-7b}" \
           --prefill "" --batch "$b" --steps "${STEPS:-32}" --rounds "${ROUNDS:-5}" \
-          --modes "$modes" --torch-peer "$peer" --out "$out/floor${PRESET:+-$PRESET}-b$b" 2>&1 \
+          ${EXPERTS:+--experts $EXPERTS} ${RANK:+--rank $RANK} ${TOP_K:+--top-k $TOP_K} \
+          --modes "$modes" --torch-peer "$peer" --out "$out/floor${PRESET:+-$PRESET}${EXPERTS:+-e$EXPERTS}${RANK:+r$RANK}-b$b" 2>&1 \
           | tee -a "$out/floor.log" | tail -14
       done ;;
     serve)
