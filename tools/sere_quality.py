@@ -46,7 +46,20 @@ def main() -> None:
   p.add_argument("--primaries", default="1", help="S values, each at most the pool's top-k")
   p.add_argument("--windows", type=int, default=16)
   p.add_argument("--seq-len", type=int, default=256)
+  p.add_argument("--replot", action="store_true",
+                 help="only draw quality.png again from the quality.json in --out")
   args = p.parse_args()
+  if args.replot:
+    report = json.loads((pathlib.Path(args.out) / "quality.json").read_text())
+    rows = report["rows"]
+    for r in rows:  # reports before the S sweep held S = 1 only
+      r.setdefault("primary_k", report.get("primary_k", 1))
+    a = report.get("adapter", {})
+    plot(rows, next((r for r in rows if r["rho"] >= 1.0), rows[0]),
+         pathlib.Path(args.out) / "quality.png",
+         f"{report['pool']}: E={a.get('num_experts')}, r={a.get('rank')}, top-{a.get('top_k')},"
+         f" batch {report['batch']}")
+    return
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   loaded = load_model(progress=False)
@@ -135,9 +148,12 @@ def plot(rows: list[dict], base: dict, path: pathlib.Path, title: str) -> None:
     x = [r["mean_distinct"] for r in mine]
     y = [100 * (r["mean_ppl"] / base["mean_ppl"] - 1) for r in mine]
     ax.plot(x, y, "o-", label=f"S = {primary}")
+    labels: dict[tuple[float, float], list[str]] = {}  # rhos that land on one point share a label
     for r, xi, yi in zip(mine, x, y):
-      ax.annotate(f"rho {r['rho']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4),
-                  fontsize=7)
+      labels.setdefault((round(xi, 3), round(yi, 3)), []).append(f"{r['rho']:g}")
+    for (xi, yi), rhos in labels.items():
+      ax.annotate("rho " + ", ".join(rhos), (xi, yi), textcoords="offset points",
+                  xytext=(4, 4), fontsize=7)
   ax.axhline(0.5, color="#C44E52", ls="--", lw=1, label="+0.5% perplexity")
   ax.set_xlabel("distinct experts per batch step (bytes a gathered step reads)")
   ax.set_ylabel("mean perplexity vs no re-routing (%)")
