@@ -150,7 +150,7 @@ def plot(rows: list[dict], base: dict, path: pathlib.Path, title: str) -> None:
     ax.plot(x, y, "o-", label=f"S = {primary}")
     labels: dict[tuple[float, float], list[str]] = {}  # rhos that land on one point share a label
     for r, xi, yi in zip(mine, x, y):
-      labels.setdefault((round(xi, 3), round(yi, 3)), []).append(f"{r['rho']:g}")
+      labels.setdefault((round(xi, 2), round(yi, 2)), []).append(f"{r['rho']:g}")
     for (xi, yi), rhos in labels.items():
       ax.annotate("rho " + ", ".join(rhos), (xi, yi), textcoords="offset points",
                   xytext=(4, 4), fontsize=7)
