@@ -117,7 +117,7 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
                warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int,
                path: PathName = PathName.XLA, backend: str = "auto", sere=None,
                release_weights: bool = False, keep: bool = False, mesh=None,
-               attention: str = "xla") -> dict:
+               attention: str = "auto") -> dict:
   """Decode step and prefill timings of one model (+ adapters) configuration.
 
   Decode steps are timed synced (one step, then wait: latency) and pipelined (steps dispatched
