@@ -11,8 +11,9 @@ arguments and no work, for the host's cost of a call alone.
 Options tried on a GPU: XLA's defaults; command buffers (CUDA graphs) off; command buffers for
 every kernel kind with no minimum graph size. Beside them the step compiled with the router's
 top-k written as k masked argmaxes (same experts, same order) instead of `lax.top_k`, and with
-each layer's attention in the Pallas decode-attention kernel. On the CPU: XLA's defaults, its XNNPACK graph
-fusion and its oneDNN dots.
+each layer's attention in XLA's fusions instead of the library's default (the Pallas
+decode-attention kernel on one GPU). On the CPU: XLA's defaults, its XNNPACK graph fusion and
+its oneDNN dots.
 """
 
 from __future__ import annotations
