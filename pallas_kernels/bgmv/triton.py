@@ -368,13 +368,13 @@ def gathered_expand(h: jax.Array, b: jax.Array, layer: jax.Array | int, ids: jax
                              parts=parts, block_m=block_m, block_n=tiles.block_n,
                              block_r=block_r)
   layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+  shape = jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32)
   operands, aliases = with_output_buffers(
       (layer_arr, ids.astype(jnp.int32), count.astype(jnp.int32), h, b),
-      None if partials is None else (partials,),
-      (jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32),), "partials")
+      None if partials is None else (partials,), (shape,), "partials")
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32),
+      out_shape=shape,
       grid=(pl.cdiv(n, tiles.block_n), parts),
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
                                            num_stages=tiles.num_stages),
