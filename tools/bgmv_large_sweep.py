@@ -33,15 +33,23 @@ GROUPS = {"q/k/v": (4096, (4096, 4096, 4096)), "o": (4096, (4096,)),
 
 
 def candidates(kind: str, full: bool) -> list[Tiles]:
-  """The default tiles first, then a grid (shrink: its K step and split target; expand: its
-  column strip and programs per wave)."""
+  """The default tiles first, then settings that put more bytes in flight per SM than the
+  defaults (the first H200 sweep had both kernels at 0.2-1.2 TB/s: a few serial loads per
+  program). Shrink: (K step, K per program, target programs, warps, stages); one K step per
+  program (K per program = K step, many programs) against a pipelined loop. Expand: (column
+  strip, target programs, warps, stages); wider strips and more parts, so that each program
+  reads fewer slots."""
   if kind == "shrink":
-    grid = [Tiles(block_k=bk, shrink_k=max(sk, bk), min_programs=mp, num_warps=nw)
-            for bk, sk, mp, nw in itertools.product((64, 128, 256), (256, 512, 1024),
-                                                    (96, 264, 528), (2, 4))]
+    grid = [Tiles(block_k=bk, shrink_k=sk, min_programs=mp, num_warps=nw, num_stages=ns)
+            for bk, sk, mp, nw, ns in ((256, 256, 8192, 4, 1), (256, 256, 8192, 4, 2),
+                                       (512, 512, 8192, 4, 1), (512, 512, 8192, 8, 1),
+                                       (128, 128, 8192, 4, 1), (128, 512, 1024, 4, 4),
+                                       (256, 1024, 512, 4, 4), (64, 256, 264, 2, 3))]
     return [Tiles()] + (grid if full else grid[:3])
   grid = [Tiles(block_n=bn, min_programs=mp, num_warps=nw, num_stages=ns)
-          for bn, mp, nw, ns in itertools.product((32, 64, 128), (132, 264, 528), (2, 4), (2, 3))]
+          for bn, mp, nw, ns in ((64, 1056, 4, 3), (128, 528, 4, 3), (128, 1056, 8, 3),
+                                 (256, 528, 8, 3), (256, 264, 8, 3), (128, 264, 4, 2),
+                                 (32, 528, 2, 3), (32, 132, 2, 3))]
   return [EXPAND_TILES] + (grid if full else grid[:3])
 
 
@@ -61,6 +69,7 @@ def main() -> None:
   p.add_argument("--dims", type=float, default=1.0, help="scale the widths (CPU smoke: 0.02)")
   p.add_argument("--quick", action="store_true", help="the default tiles and three others")
   p.add_argument("--calls", type=int, default=20)
+  p.add_argument("--groups", default=",".join(GROUPS), help="which groups, comma-separated")
   args = p.parse_args()
   on_cpu = jax.default_backend() == "cpu"
   dtype = jnp.float32 if on_cpu else jnp.bfloat16
@@ -74,14 +83,16 @@ def main() -> None:
            f" {env['device']}, jax {env['jax']}, {env['date']}.", "",
            "| kernel | shape | active | tiles | ms per call | GB read | TB/s |",
            "|---|---|---|---|---|---|---|"]
-  for group, (d_in, outs) in GROUPS.items():
+  for group in args.groups.split(","):
+    d_in, outs = GROUPS[group]
     d_in, outs = scale(d_in), tuple(scale(n) for n in outs)
     a = [(jax.random.normal(key, (L, d_in, E, r), jnp.float32) * 0.02).astype(dtype)
          for _ in outs]
     b = (jax.random.normal(key, (L, E, r, outs[0]), jnp.float32) * 0.02).astype(dtype)
     x = jax.random.normal(key, (m, d_in), dtype)
     for active in (int(v) for v in args.active.split(",")):
-      experts = (jnp.arange(m * 4).reshape(m, 4) * 7 % active).astype(jnp.int32)
+      # Row i takes experts 4i .. 4i+3 (mod active): exactly min(active, 4m) distinct ones.
+      experts = (jnp.arange(m * 4).reshape(m, 4) % active).astype(jnp.int32)
       ids, count, gmat = active_experts(experts, jnp.full((m, 4), 0.25), E)
       h = gathered_shrink(x, a, 0, ids, count, gmat, interpret=on_cpu)
       a_bytes = L * len(outs) * d_in * int(count[0]) * r * item

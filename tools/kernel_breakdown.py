@@ -1,6 +1,7 @@
 """Per-kernel time of decode steps, from a JAX profiler trace (GPU).
 
     python tools/kernel_breakdown.py --preset llama2-7b --mode backbone --out DIR
+        [--batch 32 --experts 64 --rank 64 --top-k 4]     (mode `...+sere`: SERE, rho 0)
 
 Runs warm decode steps under `jax.profiler.trace`, reads the Perfetto trace it writes, and prints
 the kernels grouped by name: count per step, total µs per step, share of the step.
@@ -62,21 +63,31 @@ def main() -> None:
   p.add_argument("--tokens", type=int, default=1,
                  help="tokens per step: 1 = decode; more = a prefill of that many tokens")
   p.add_argument("--adapt-modules", default="q,k,v,o,gate,up,down")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--experts", type=int, default=AdapterConfig.num_experts)
+  p.add_argument("--rank", type=int, default=AdapterConfig.rank)
+  p.add_argument("--top-k", type=int, default=AdapterConfig.top_k)
   p.add_argument("--out", required=True)
   args = p.parse_args()
   out = pathlib.Path(args.out)
   model = LlamaModel(PRESETS[args.preset], dtype=jnp.bfloat16)
-  acfg = AdapterConfig(modules=tuple(args.adapt_modules.split(",")))
+  acfg = AdapterConfig(modules=tuple(args.adapt_modules.split(",")), num_experts=args.experts,
+                       rank=args.rank, top_k=args.top_k)
   variant, _ = parse_variant(args.mode)
   adapters = B.build_adapters(model.cfg, variant.mode, acfg, jnp.bfloat16, 0)
-  gen = Generator(model, adapters=adapters, path=variant.path, backend=variant.backend)
+  sere = (B.calibrated_sere(model, adapters, primary_k=1, rho=0.0, seed=0)
+          if variant.sere else None)
+  gen = Generator(model, adapters=adapters, path=variant.path, backend=variant.backend,
+                  sere=sere)
   cache_len = max(args.cache_len, args.tokens)
-  step = gen.compiled(1, args.tokens, cache_len, SamplingConfig())
-  tok = jnp.ones((1, args.tokens), jnp.int32)
+  step = gen.compiled(args.batch, args.tokens, cache_len, SamplingConfig())
+  # Distinct token ids per row, so that the rows route to different experts.
+  tok = (jnp.arange(args.batch * args.tokens, dtype=jnp.int32).reshape(args.batch, args.tokens)
+         * 7919 + 1) % model.cfg.vocab_size
   key = jax.random.key(0)
 
   def run_steps(n: int) -> None:
-    cache = gen.new_cache(1, cache_len)
+    cache = gen.new_cache(args.batch, cache_len)
     for _ in range(n):
       if args.tokens > 1:  # a prefill fills the cache from slot 0 every time
         cache = cache.replace(length=jnp.zeros((), jnp.int32))
@@ -87,10 +98,12 @@ def main() -> None:
   with jax.profiler.trace(str(out / "trace"), create_perfetto_trace=True):
     run_steps(args.steps)
   tag = args.mode if args.tokens == 1 else f"{args.mode}_prefill{args.tokens}"
-  (out / f"hlo_{tag}.txt").write_text(step.as_text())
+  # File names without "+" (the device tool does not send such names back).
+  stem = tag.replace("+", "_")
+  (out / f"hlo_{stem}.txt").write_text(step.as_text())
   text = kernel_table(out / "trace", args.steps, tag)
   print(text)
-  (out / f"kernels_{tag}.md").write_text(text + "\n")
+  (out / f"kernels_{stem}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
