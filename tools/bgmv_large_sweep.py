@@ -8,16 +8,19 @@ o, gate/up, down) and one `gathered_expand` per module, beside XLA's base GEMMs.
 Llama-2-7B groups and modules and each number of active experts (SERE's ~26 and no SERE's ~56
 of 64 at batch 32, top-4), one jitted function runs the kernel on all `--layers` stacked layers;
 every tile candidate is timed (median of calls) and reported with the bytes it must read (the
-active experts' A or B, plus h) over its time. JSON lines on stdout, a table in DIR/sweep.md.
+active experts' A or B) over its time; on the GPU also the kernels' own time per layer from a
+profiler trace (the wall time of a call also holds the host's dispatch of 32 launches and the
+partial sums), and a second formulation of the expansion (`expand-static`) beside the library's.
+JSON lines on stdout, a table in DIR/sweep.md.
 `--dims` scales the model's widths down for a CPU smoke run (the Pallas interpreter).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import pathlib
+import tempfile
 import time
 
 import jax
@@ -29,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from adafuse_jax.timing import time_calls
+from kernel_breakdown import kernel_durations  # tools/ is this script's directory
 from pallas_kernels.bgmv.reference import active_experts
 from pallas_kernels.bgmv.triton import (EXPAND_TILES, Tiles, expert_splits, gathered_expand,
                                         gathered_shrink)
@@ -114,6 +118,22 @@ def expand_static(h, b, layer, ids, count, *, group: int = 0, rows: int,
   return jnp.sum(out[:, :rows], axis=0)
 
 
+def gpu_us(call, layers: int, calls: int = 5) -> tuple[float, float] | None:
+  """(µs per layer in the gathered kernels, µs per layer in everything else) of `calls` calls,
+  from a profiler trace: the kernels' own time, without the host's dispatch that the wall
+  time of a call holds. None on the CPU."""
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(calls):
+        jax.block_until_ready(call())
+    durations = kernel_durations(pathlib.Path(tmp))
+  if not durations:
+    return None
+  ours = sum(sum(d) for name, d in durations.items() if name.startswith("gathered_"))
+  rest = sum(sum(d) for name, d in durations.items() if not name.startswith("gathered_"))
+  return ours / (calls * layers), rest / (calls * layers)
+
+
 def label(t: Tiles) -> str:
   return (f"bn={t.block_n} bk={t.block_k} sk={t.shrink_k} programs={t.min_programs}"
           f" w={t.num_warps} s={t.num_stages}")
@@ -145,8 +165,9 @@ def main() -> None:
   key = jax.random.key(0)
   lines = [f"Gathered kernels for {E} experts of rank {r}, {m} rows, {L} layers per call;"
            f" {env['device']}, jax {env['jax']}, {env['date']}.", "",
-           "| kernel | shape | active | tiles | ms per call | GB read | TB/s |",
-           "|---|---|---|---|---|---|---|"]
+           "| kernel | shape | active | tiles | ms per call | GB read | TB/s | kernel µs per layer"
+           " (GPU) | kernel TB/s | other µs per layer |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for group in args.groups.split(","):
     d_in, outs = GROUPS[group]
     d_in, outs = scale(d_in), tuple(scale(n) for n in outs)
@@ -194,12 +215,17 @@ def main() -> None:
             print(json.dumps({"kernel": kind, "group": group, "tiles": label(tiles),
                               "error": str(e).splitlines()[0][:200]}), flush=True)
             continue
+          gpu = None if on_cpu else gpu_us(call, L)
           row = {"kernel": kind, "group": group, "active": int(count[0]), "tiles": label(tiles),
                  "ms": round(ms, 4), "gb": round(nbytes / 1e9, 4),
                  "tb_s": round(nbytes / (ms / 1e3) / 1e12, 3), **env}
+          if gpu:
+            row.update(kernel_us=round(gpu[0], 2), other_us=round(gpu[1], 2),
+                       kernel_tb_s=round(nbytes / L / (gpu[0] * 1e-6) / 1e12, 3))
           print(json.dumps(row), flush=True)
           lines.append(f"| {kind} | {group} | {row['active']} | {label(tiles)} | {ms:.3f} |"
-                       f" {row['gb']:.3f} | {row['tb_s']:.2f} |")
+                       f" {row['gb']:.3f} | {row['tb_s']:.2f} | {row.get('kernel_us', '-')} |"
+                       f" {row.get('kernel_tb_s', '-')} | {row.get('other_us', '-')} |")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "sweep.md").write_text("\n".join(lines) + "\n")

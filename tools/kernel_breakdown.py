@@ -28,9 +28,9 @@ from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.vocab import parse_variant
 
 
-def kernel_table(trace_dir: pathlib.Path, steps: int, tag: str) -> str:
-  """The GPU kernels of the newest trace under `trace_dir` (written by `jax.profiler.trace`
-  around `steps` steps), grouped by name: count per step, µs per step, share (top 25)."""
+def kernel_durations(trace_dir: pathlib.Path) -> dict[str, list[float]]:
+  """µs of every GPU kernel in the newest trace under `trace_dir` (written by
+  `jax.profiler.trace`), by kernel name (a trailing `_N` dropped); empty on the CPU."""
   trace_file = sorted(glob.glob(str(trace_dir / "**" / "*.json.gz"), recursive=True))[-1]
   events = json.load(gzip.open(trace_file))
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -43,6 +43,13 @@ def kernel_table(trace_dir: pathlib.Path, steps: int, tag: str) -> str:
     if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e:
       name = re.sub(r"_\d+$", "", e["name"].split("(")[0])[:60]
       agg[name].append(float(e["dur"]))
+  return agg
+
+
+def kernel_table(trace_dir: pathlib.Path, steps: int, tag: str) -> str:
+  """The GPU kernels of the newest trace under `trace_dir` (written by `jax.profiler.trace`
+  around `steps` steps), grouped by name: count per step, µs per step, share (top 25)."""
+  agg = kernel_durations(trace_dir)
   total = sum(sum(v) for v in agg.values()) / steps
   if not total:
     return f"mode {tag}: no GPU kernels in the trace (a CPU run)"
