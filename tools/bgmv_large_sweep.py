@@ -151,7 +151,8 @@ def main() -> None:
   p.add_argument("--quick", action="store_true", help="the default tiles and three others")
   p.add_argument("--calls", type=int, default=20)
   p.add_argument("--groups", default=",".join(GROUPS), help="which groups, comma-separated")
-  p.add_argument("--kinds", default="", help="shrink,expand,expand-static (default all)")
+  p.add_argument("--kinds", default="",
+                 help="shrink,expand,expand-static,expand-static-summed (default all)")
   p.add_argument("--check", action="store_true",
                  help="compare expand-static with gathered_expand before timing")
   args = p.parse_args()
@@ -184,7 +185,8 @@ def main() -> None:
       b_bytes = L * int(count[0]) * r * outs[0] * item
       kinds = [("shrink", candidates("shrink", not args.quick), a_bytes),
                ("expand", candidates("expand", not args.quick), b_bytes),
-               ("expand-static", candidates("expand", not args.quick), b_bytes)]
+               ("expand-static", candidates("expand", not args.quick), b_bytes),
+               ("expand-static-summed", candidates("expand", not args.quick), b_bytes)]
       if args.check:  # the probe's formulation against the library's, before timing it
         for tiles in candidates("expand", False):
           want = gathered_expand(h, b, 1, ids, count, rows=m, tiles=tiles, interpret=on_cpu)
@@ -201,9 +203,15 @@ def main() -> None:
             fn = jax.jit(lambda x, a, t=tiles: [gathered_shrink(
                 x, a, l, ids, count, gmat, tiles=t, interpret=on_cpu) for l in range(L)])
             call = lambda fn=fn: fn(x, a)  # noqa: E731
-          elif kind == "expand-static":
-            fn = jax.jit(lambda h, b, t=tiles: [expand_static(
-                h, b, l, ids, count, rows=m, tiles=t, interpret=on_cpu) for l in range(L)])
+          elif kind.startswith("expand-static"):
+            # "-summed": h's S partial sums added once per layer before the kernel (one small
+            # XLA reduction), so that its programs load one h tile per slot. (Here every layer
+            # reads the same h, so XLA may add them once for all layers: a step adds them once
+            # per layer and group, a few µs each.)
+            once = (lambda h: h.sum(axis=1, keepdims=True)) if kind.endswith("summed") else (
+                lambda h: h)
+            fn = jax.jit(lambda h, b, t=tiles, once=once: [expand_static(
+                once(h), b, l, ids, count, rows=m, tiles=t, interpret=on_cpu) for l in range(L)])
             call = lambda fn=fn: fn(h, b)  # noqa: E731
           else:
             fn = jax.jit(lambda h, b, t=tiles: [gathered_expand(
