@@ -10,7 +10,7 @@ of 64 at batch 32, top-4), one jitted function runs the kernel on all `--layers`
 every tile candidate is timed (median of calls) and reported with the bytes it must read (the
 active experts' A or B) over its time; on the GPU also the kernels' own time per layer from a
 profiler trace (the wall time of a call also holds the host's dispatch of 32 launches and the
-partial sums), and a second formulation of the expansion (`expand-static`) beside the library's.
+partial sums), and the expansion's static slot loop (`expand-static`, `Tiles.static_slots`) beside its default.
 JSON lines on stdout, a table in DIR/sweep.md.
 `--dims` scales the model's widths down for a CPU smoke run (the Pallas interpreter).
 """
@@ -18,6 +18,7 @@ JSON lines on stdout, a table in DIR/sweep.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import tempfile
@@ -26,17 +27,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-import functools
-
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
-
 from adafuse_jax.timing import time_calls
 from kernel_breakdown import kernel_durations  # tools/ is this script's directory
 from pallas_kernels.bgmv.reference import active_experts
-from pallas_kernels.bgmv.triton import (EXPAND_TILES, Tiles, expert_splits, gathered_expand,
-                                        gathered_shrink)
-from pallas_kernels.common import dot_block
+from pallas_kernels.bgmv.triton import EXPAND_TILES, Tiles, gathered_expand, gathered_shrink
 
 # name -> (input width, output widths of the modules that share it), Llama-2-7B.
 GROUPS = {"q/k/v": (4096, (4096, 4096, 4096)), "o": (4096, (4096,)),
@@ -64,58 +58,10 @@ def candidates(kind: str, full: bool) -> list[Tiles]:
   return [EXPAND_TILES] + (grid if full else grid[:3])
 
 
-def _expand_static_kernel(layer_ref, ids_ref, count_ref, h_ref, b_ref, o_ref, *, group: int,
-                          rank: int, splits: int, parts: int, trips: int, slots: int,
-                          block_m: int, block_n: int, block_r: int):
-  """`gathered_expand`'s kernel with the slot loop of static length: the ids are loaded once
-  into registers (no global load between a slot and its B tile's address) and slots past
-  `count` are masked loads that read nothing, so that Triton can pipeline the B tiles."""
-  n_total = b_ref.shape[-1]
-  j, p = pl.program_id(0), pl.program_id(1)
-  layer, count = layer_ref[0], count_ref[0]
-  cols = j * block_n + jnp.arange(block_n)
-  col_mask = cols < n_total
-  r_mask = jnp.arange(block_r) < rank
-  lanes = jnp.arange(pl.next_power_of_2(slots))
-  ids = plgpu.load(ids_ref.at[pl.ds(0, lanes.shape[0])], mask=lanes < slots, other=0)
-
-  def body(t, acc):
-    u = p + t * parts
-    active = u < count
-    expert = jnp.sum(jnp.where(lanes == u, ids, 0))
-    h = plgpu.load(h_ref.at[jnp.int32(group), pl.ds(0, splits), pl.ds(0, block_m),
-                            pl.ds(u * block_r, block_r)],
-                   mask=jnp.broadcast_to(active, (splits, block_m, block_r)), other=0.0)
-    h = jnp.sum(h.astype(jnp.float32), axis=0)
-    b = plgpu.load(b_ref.at[layer, expert, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
-                   mask=active & r_mask[:, None] & col_mask[None, :], other=0.0)
-    return acc + plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
-
-  acc = jax.lax.fori_loop(0, trips, body, jnp.zeros((block_m, block_n), jnp.float32))
-  plgpu.store(o_ref.at[p, pl.ds(0, block_m), pl.ds(j * block_n, block_n)], acc,
-              mask=col_mask[None, :])
-
-
-@functools.partial(jax.jit, static_argnames=("group", "rows", "tiles", "interpret"))
-def expand_static(h, b, layer, ids, count, *, group: int = 0, rows: int,
-                  tiles: Tiles = EXPAND_TILES, interpret: bool = False):
-  """The probe's second formulation of `gathered_expand` (same arguments and result)."""
-  _, _, rank, n = b.shape
-  slots = ids.shape[0]
-  splits, block_m = h.shape[1], h.shape[2]
-  parts = expert_splits(n, slots, tiles)
-  kernel = functools.partial(_expand_static_kernel, group=group, rank=rank, splits=splits,
-                             parts=parts, trips=pl.cdiv(slots, parts), slots=slots,
-                             block_m=block_m, block_n=tiles.block_n, block_r=dot_block(rank))
-  out = pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32),
-      grid=(pl.cdiv(n, tiles.block_n), parts),
-      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
-                                           num_stages=tiles.num_stages),
-      interpret=interpret, name="gathered_expand_static",
-  )(jnp.asarray(layer, jnp.int32).reshape(1), ids.astype(jnp.int32), count.astype(jnp.int32),
-    h, b)
-  return jnp.sum(out[:, :rows], axis=0)
+def expand_static(h, b, layer, ids, count, *, rows: int, tiles: Tiles, interpret: bool):
+  """`gathered_expand` with the static slot loop (`Tiles.static_slots`) at these tiles."""
+  return gathered_expand(h, b, layer, ids, count, rows=rows, interpret=interpret,
+                         tiles=dataclasses.replace(tiles, static_slots=True))
 
 
 def gpu_us(call, layers: int, calls: int = 5) -> tuple[float, float] | None:
@@ -187,7 +133,7 @@ def main() -> None:
                ("expand", candidates("expand", not args.quick), b_bytes),
                ("expand-static", candidates("expand", not args.quick), b_bytes),
                ("expand-static-summed", candidates("expand", not args.quick), b_bytes)]
-      if args.check:  # the probe's formulation against the library's, before timing it
+      if args.check:  # the static slot loop against the runtime-length one, before timing it
         for tiles in candidates("expand", False):
           want = gathered_expand(h, b, 1, ids, count, rows=m, tiles=tiles, interpret=on_cpu)
           got = expand_static(h, b, 1, ids, count, rows=m, tiles=tiles, interpret=on_cpu)

@@ -48,7 +48,10 @@ class Tiles:
 
   block_n: output columns per expand program; block_k: the reduction step of both kernels;
   shrink_k: input rows per shrink program (a multiple of block_k); min_programs: the shrink splits
-  the input dimension until it has about this many programs.
+  the input dimension until it has about this many programs; static_slots (`gathered_expand`
+  only): its programs run a loop of static length over their share of the slots, the ids
+  loaded once into registers and the slots past `count` masked (reading nothing), instead of a
+  loop of runtime length that loads each slot's id from memory before its B tile.
   """
 
   block_n: int = 64
@@ -57,6 +60,7 @@ class Tiles:
   min_programs: int = 96
   num_warps: int = 4
   num_stages: int = 3
+  static_slots: bool = False
 
   @classmethod
   def get_default(cls, rows: int, d_in: int, d_out: int, itemsize: int = 2) -> "Tiles":
@@ -202,16 +206,19 @@ def gathered_shrink(x: jax.Array, a_pools: Sequence[jax.Array], layer: jax.Array
     gmat.astype(jnp.float32), *a_pools)
 
 
-def _slot_product(h_ref, b_ref, ids_ref, layer, j, col_mask, u, *, group: int, rank: int,
-                  splits: int, block_m: int, block_n: int, block_r: int) -> jax.Array:
-  """Inside an expand kernel: slot u's f32 tile (Σ_s h[group, s, :, u]) @ B[layer, ids[u]] over
-  column strip j."""
+def _slot_product(h_ref, b_ref, layer, j, col_mask, u, expert, active=None, *, group: int,
+                  rank: int, splits: int, block_m: int, block_n: int, block_r: int) -> jax.Array:
+  """Inside an expand kernel: slot u's f32 tile (Σ_s h[group, s, :, u]) @ B[layer, expert] over
+  column strip j; with `active` (a traced bool) both loads are masked by it, so an inactive
+  slot reads nothing and adds zeros."""
+  h_mask = None if active is None else jnp.broadcast_to(active, (splits, block_m, block_r))
   h = plgpu.load(h_ref.at[jnp.int32(group), pl.ds(0, splits), pl.ds(0, block_m),
-                          pl.ds(u * block_r, block_r)]).astype(jnp.float32)
+                          pl.ds(u * block_r, block_r)], mask=h_mask,
+                 other=None if active is None else 0.0).astype(jnp.float32)
   h = jnp.sum(h, axis=0) if splits > 1 else h.reshape(block_m, block_r)
-  r_mask = jnp.arange(block_r) < rank
-  b = plgpu.load(b_ref.at[layer, ids_ref[u], pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
-                 mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+  b_mask = (jnp.arange(block_r) < rank)[:, None] & col_mask[None, :]
+  b = plgpu.load(b_ref.at[layer, expert, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
+                 mask=b_mask if active is None else b_mask & active, other=0.0)
   return plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
 
 
@@ -229,11 +236,11 @@ def _expand_kernel(layer_ref, ids_ref, count_ref, x_ref, w_ref, h_ref, b_ref, *o
 
   acc = base_tile(x_ref, w_ref, layer, 0, j * block_n, row_mask, col_mask, block_m=block_m,
                   block_n=block_n, block_k=block_k)
-  expert = functools.partial(_slot_product, h_ref, b_ref, ids_ref, layer, j, col_mask,
-                             group=group, rank=rank, splits=splits, block_m=block_m,
-                             block_n=block_n, block_r=block_r)
+  product = functools.partial(_slot_product, h_ref, b_ref, layer, j, col_mask, group=group,
+                              rank=rank, splits=splits, block_m=block_m, block_n=block_n,
+                              block_r=block_r)
   # A loop of runtime length: slots past `count` cost neither time nor bytes.
-  acc = jax.lax.fori_loop(0, count_ref[0], lambda u, acc: acc + expert(u), acc)
+  acc = jax.lax.fori_loop(0, count_ref[0], lambda u, acc: acc + product(u, ids_ref[u]), acc)
   plgpu.store(o_ref.at[pl.ds(0, block_m), pl.ds(j * block_n, block_n)],
               acc.astype(o_ref.dtype), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -310,21 +317,40 @@ def expert_splits(n: int, slots: int, tiles: Tiles) -> int:
 
 def _expand_kernel_delta(layer_ref, ids_ref, count_ref, h_ref, b_ref, *out_refs, group: int,
                          rank: int, splits: int, parts: int, block_m: int, block_n: int,
-                         block_r: int):
+                         block_r: int, static_slots: bool):
   o_ref = out_refs[-1]
   n_total = b_ref.shape[-1]
   j, p = pl.program_id(0), pl.program_id(1)
   layer = layer_ref[0]
   cols = j * block_n + jnp.arange(block_n)
   col_mask = cols < n_total
-  expert = functools.partial(_slot_product, h_ref, b_ref, ids_ref, layer, j, col_mask,
-                             group=group, rank=rank, splits=splits, block_m=block_m,
-                             block_n=block_n, block_r=block_r)
-  # A loop of runtime length over this part's active slots (p, p + P, p + 2P, ...): inactive
-  # experts cost nothing.
-  mine = jnp.maximum(count_ref[0] - p + parts - 1, 0) // parts
-  acc = jax.lax.fori_loop(0, mine, lambda t, acc: acc + expert(p + t * parts),
-                          jnp.zeros((block_m, block_n), jnp.float32))
+  product = functools.partial(_slot_product, h_ref, b_ref, layer, j, col_mask, group=group,
+                              rank=rank, splits=splits, block_m=block_m, block_n=block_n,
+                              block_r=block_r)
+  acc = jnp.zeros((block_m, block_n), jnp.float32)
+  if static_slots:
+    # A loop of static length over p, p + P, ...: no load in it waits on another (the ids sit
+    # in registers and a slot's expert is picked out of them), so Triton can keep several B
+    # tiles in flight; slots past `count` are masked loads, which read nothing.
+    slots = ids_ref.shape[0]
+    lanes = jnp.arange(pl.next_power_of_2(slots))
+    ids = plgpu.load(ids_ref.at[pl.ds(0, lanes.shape[0])], mask=lanes < slots, other=0)
+
+    def body(t, acc):
+      u = p + t * parts
+      expert = jnp.sum(jnp.where(lanes == u, ids, 0))
+      return acc + product(u, expert, u < count_ref[0])
+
+    acc = jax.lax.fori_loop(0, pl.cdiv(slots, parts), body, acc)
+  else:
+    # A loop of runtime length over this part's active slots (p, p + P, p + 2P, ...), each
+    # slot's id loaded before its B tile: inactive experts cost nothing.
+    def body(t, acc):
+      u = p + t * parts
+      return acc + product(u, ids_ref[u])
+
+    mine = jnp.maximum(count_ref[0] - p + parts - 1, 0) // parts
+    acc = jax.lax.fori_loop(0, mine, body, acc)
   plgpu.store(o_ref.at[p, pl.ds(0, block_m), pl.ds(j * block_n, block_n)], acc,
               mask=col_mask[None, :])
 
@@ -340,7 +366,8 @@ def gathered_expand(h: jax.Array, b: jax.Array, layer: jax.Array | int, ids: jax
 
   Grid: (column strips of `tiles.block_n`, P parts of the active slots); a part sums slots
   p, p + P, ... into its own f32 partial, and the P partials are added after the kernel (one
-  small XLA fusion, which also takes the add to the base output).
+  small XLA fusion, which also takes the add to the base output). `tiles.static_slots` picks
+  the form of a part's loop over its slots (see `Tiles`).
 
   Args:
     h: [G, S, M', U·r'] from `gathered_shrink`; `group` picks this module's part.
@@ -366,7 +393,7 @@ def gathered_expand(h: jax.Array, b: jax.Array, layer: jax.Array | int, ids: jax
   parts = expert_splits(n, u, tiles)
   kernel = functools.partial(_expand_kernel_delta, group=group, rank=rank, splits=splits,
                              parts=parts, block_m=block_m, block_n=tiles.block_n,
-                             block_r=block_r)
+                             block_r=block_r, static_slots=tiles.static_slots)
   layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
   shape = jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32)
   operands, aliases = with_output_buffers(
