@@ -148,10 +148,14 @@ for part in $parts; do
         2>&1 | tee "$out/switch.log" | grep -E "ceiling|xla|mosaic|pallas" | head -20 ;;
     bgmv-sweep)
       # The gathered shrink and the expansion-only kernel for wide pools, per 7B group and
-      # module, over a grid of tiles (tools/bgmv_large_sweep.py; QUICK=1: four tile sets each).
+      # module, over a grid of tiles, wall time and the kernels' own GPU time
+      # (tools/bgmv_large_sweep.py; QUICK=1: four tile sets each; KINDS=expand,expand-static...
+      # and SWEEP_GROUPS=q/k/v,... pick rows; the static slot loop is checked against the
+      # default one first).
       timeout "${SWEEP_S:-540}" python3 tools/bgmv_large_sweep.py --out "$out/bgmv-sweep" \
-        --experts "${EXPERTS:-64}" --rank "${RANK:-64}" --rows "${ROWS:-32}" \
-        --active "${ACTIVE:-26,56}" ${QUICK:+--quick} 2>"$out/bgmv-sweep.log" \
+        --experts "${EXPERTS:-64}" --rank "${RANK:-64}" --rows "${ROWS:-32}" --check \
+        --active "${ACTIVE:-26,56}" ${QUICK:+--quick} ${KINDS:+--kinds "$KINDS"} \
+        ${SWEEP_GROUPS:+--groups "$SWEEP_GROUPS"} 2>"$out/bgmv-sweep.log" \
         | tee "$out/bgmv-sweep.jsonl" | cut -c1-140 ;;
     *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags, step, autotune, expand, attention, switch, bgmv-sweep)"; exit 2 ;;
   esac
