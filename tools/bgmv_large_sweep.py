@@ -10,8 +10,12 @@ of 64 at batch 32, top-4), one jitted function runs the kernel on all `--layers`
 every tile candidate is timed (median of calls) and reported with the bytes it must read (the
 active experts' A or B) over its time; on the GPU also the kernels' own time per layer from a
 profiler trace (the wall time of a call also holds the host's dispatch of 32 launches and the
-partial sums), and the expansion's static slot loop (`expand-static`, `Tiles.static_slots`) beside its default.
-JSON lines on stdout, a table in DIR/sweep.md.
+partial sums). Beside the library's two kernels, each checked against them first (`--check`):
+the expansion's static slot loop (`expand-static`, `Tiles.static_slots`; `-summed`: h's
+partial sums added once before it), two layout probes that read each expert's block
+contiguously (`shrink-expert-major`: A as [L, E, K, r]; `expand-bt`: B as [L, E, N, r]), and
+XLA's dense products over all E experts (`*-xla-dense`: what path `packed` reads), the time a
+gathered kernel has to beat. JSON lines on stdout, a table in DIR/sweep.md.
 `--dims` scales the model's widths down for a CPU smoke run (the Pallas interpreter).
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import tempfile
@@ -30,7 +35,12 @@ import jax.numpy as jnp
 from adafuse_jax.timing import time_calls
 from kernel_breakdown import kernel_durations  # tools/ is this script's directory
 from pallas_kernels.bgmv.reference import active_experts
-from pallas_kernels.bgmv.triton import EXPAND_TILES, Tiles, gathered_expand, gathered_shrink
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.bgmv.triton import (EXPAND_TILES, Tiles, expert_splits, gathered_expand,
+                                        gathered_shrink, shrink_splits)
+from pallas_kernels.common import dot_block
 
 # name -> (input width, output widths of the modules that share it), Llama-2-7B.
 GROUPS = {"q/k/v": (4096, (4096, 4096, 4096)), "o": (4096, (4096,)),
@@ -64,8 +74,108 @@ def expand_static(h, b, layer, ids, count, *, rows: int, tiles: Tiles, interpret
                          tiles=dataclasses.replace(tiles, static_slots=True))
 
 
-def gpu_us(call, layers: int, calls: int = 5) -> tuple[float, float] | None:
-  """(µs per layer in the gathered kernels, µs per layer in everything else) of `calls` calls,
+def _shrink_expert_major_kernel(layer_ref, ids_ref, count_ref, x_ref, a_ref, h_ref, *,
+                                rank: int, block_m: int, block_r: int, block_k: int,
+                                k_per_split: int):
+  """`gathered_shrink`'s kernel (one module, no gates) over A stored expert-major,
+  [L, E, K, r]: a K-slice of one expert is one contiguous block, where the pool's [L, K, E, r]
+  interleaves the experts every r values."""
+  u, s = pl.program_id(0), pl.program_id(1)
+  m_total, k_total = x_ref.shape
+  row_mask = jnp.arange(block_m) < m_total
+  r_mask = jnp.arange(block_r) < rank
+  out = h_ref.at[s, pl.ds(0, block_m), pl.ds(u * block_r, block_r)]
+  active = u < count_ref[0]
+  layer, expert, k0 = layer_ref[0], ids_ref[u], s * k_per_split
+
+  def body(t, acc):
+    ks = k0 + t * block_k + jnp.arange(block_k)
+    k_mask = (ks < k_total) & active
+    x = plgpu.load(x_ref.at[pl.ds(0, block_m), pl.ds(k0 + t * block_k, block_k)],
+                   mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    a = plgpu.load(a_ref.at[layer, expert, pl.ds(k0 + t * block_k, block_k), pl.ds(0, block_r)],
+                   mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+    return acc + plgpu.dot(x, a.astype(x.dtype)).astype(jnp.float32)
+
+  acc = jax.lax.fori_loop(0, k_per_split // block_k, body,
+                          jnp.zeros((block_m, block_r), jnp.float32))
+  plgpu.store(out, acc)
+
+
+def shrink_expert_major(x, a_em, layer, ids, count, *, tiles: Tiles, interpret: bool):
+  """x [M, K] @ the active experts of A [L, E, K, r] -> f32 partials [S, M', U·r'] (the probe's
+  layout question: does reading each expert's block contiguously move the shrink's rate?)."""
+  m, k = x.shape
+  rank = a_em.shape[-1]
+  slots = ids.shape[0]
+  block_m, block_r = dot_block(m), dot_block(rank)
+  tiles = tiles.fit_shared_memory(block_m, block_r, x.dtype.itemsize)
+  splits = shrink_splits(k, 1, slots, tiles)
+  k_per_split = pl.cdiv(pl.cdiv(k, splits), tiles.block_k) * tiles.block_k
+  kernel = functools.partial(_shrink_expert_major_kernel, rank=rank, block_m=block_m,
+                             block_r=block_r, block_k=tiles.block_k, k_per_split=k_per_split)
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((splits, block_m, slots * block_r), jnp.float32),
+      grid=(slots, splits),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret, name="gathered_shrink_expert_major",
+  )(jnp.asarray(layer, jnp.int32).reshape(1), ids, count, x, a_em)
+
+
+def _expand_bt_kernel(layer_ref, ids_ref, count_ref, h_ref, bt_ref, o_ref, *, rank: int,
+                      parts: int, block_m: int, block_n: int, block_r: int):
+  """The expansion (static slot loop) over B stored transposed per expert, [L, E, N, r]: a
+  column strip of one expert is one contiguous block of block_n rows of r values."""
+  n_total = bt_ref.shape[2]
+  j, p = pl.program_id(0), pl.program_id(1)
+  layer, count = layer_ref[0], count_ref[0]
+  cols = j * block_n + jnp.arange(block_n)
+  col_mask = cols < n_total
+  r_mask = jnp.arange(block_r) < rank
+  slots = ids_ref.shape[0]
+  lanes = jnp.arange(pl.next_power_of_2(slots))
+  ids = plgpu.load(ids_ref.at[pl.ds(0, lanes.shape[0])], mask=lanes < slots, other=0)
+
+  def body(t, acc):
+    u = p + t * parts
+    active = u < count
+    expert = jnp.sum(jnp.where(lanes == u, ids, 0))
+    h = plgpu.load(h_ref.at[pl.ds(0, block_m), pl.ds(u * block_r, block_r)],
+                   mask=jnp.broadcast_to(active, (block_m, block_r)), other=0.0)
+    bt = plgpu.load(bt_ref.at[layer, expert, pl.ds(j * block_n, block_n), pl.ds(0, block_r)],
+                    mask=active & col_mask[:, None] & r_mask[None, :], other=0.0)
+    return acc + plgpu.dot(h.astype(bt.dtype), bt, trans_b=True).astype(jnp.float32)
+
+  acc = jax.lax.fori_loop(0, pl.cdiv(slots, parts), body,
+                          jnp.zeros((block_m, block_n), jnp.float32))
+  plgpu.store(o_ref.at[p, pl.ds(0, block_m), pl.ds(j * block_n, block_n)], acc,
+              mask=col_mask[None, :])
+
+
+def expand_bt(h1, bt, layer, ids, count, *, rows: int, tiles: Tiles, interpret: bool):
+  """Σ_u h1[:, u] @ B[layer, ids[u]] with B given as bt [L, E, N, r] and h1 [M', U·r'] (the
+  partial sums already added): [rows, N] f32."""
+  _, _, n, rank = bt.shape
+  slots = ids.shape[0]
+  block_m = h1.shape[0]
+  parts = expert_splits(n, slots, tiles)
+  kernel = functools.partial(_expand_bt_kernel, rank=rank, parts=parts, block_m=block_m,
+                             block_n=tiles.block_n, block_r=dot_block(rank))
+  out = pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32),
+      grid=(pl.cdiv(n, tiles.block_n), parts),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret, name="gathered_expand_bt",
+  )(jnp.asarray(layer, jnp.int32).reshape(1), ids, count, h1, bt)
+  return jnp.sum(out[:, :rows], axis=0)
+
+
+def gpu_us(call, layers: int, calls: int = 5, prefix: str = "gathered_"
+           ) -> tuple[float, float] | None:
+  """(µs per layer in the kernels named `prefix`..., µs per layer in everything else; "" counts
+  every kernel as the first: XLA's formulations) of `calls` calls,
   from a profiler trace: the kernels' own time, without the host's dispatch that the wall
   time of a call holds. None on the CPU."""
   with tempfile.TemporaryDirectory() as tmp:
@@ -75,12 +185,14 @@ def gpu_us(call, layers: int, calls: int = 5) -> tuple[float, float] | None:
     durations = kernel_durations(pathlib.Path(tmp))
   if not durations:
     return None
-  ours = sum(sum(d) for name, d in durations.items() if name.startswith("gathered_"))
-  rest = sum(sum(d) for name, d in durations.items() if not name.startswith("gathered_"))
+  ours = sum(sum(d) for name, d in durations.items() if name.startswith(prefix))
+  rest = sum(sum(d) for name, d in durations.items() if not name.startswith(prefix))
   return ours / (calls * layers), rest / (calls * layers)
 
 
-def label(t: Tiles) -> str:
+def label(t: Tiles | None) -> str:
+  if t is None:
+    return "XLA"
   return (f"bn={t.block_n} bk={t.block_k} sk={t.shrink_k} programs={t.min_programs}"
           f" w={t.num_warps} s={t.num_stages}")
 
@@ -98,9 +210,10 @@ def main() -> None:
   p.add_argument("--calls", type=int, default=20)
   p.add_argument("--groups", default=",".join(GROUPS), help="which groups, comma-separated")
   p.add_argument("--kinds", default="",
-                 help="shrink,expand,expand-static,expand-static-summed (default all)")
+                 help="shrink,shrink-expert-major,shrink-xla-dense,expand,expand-static,"
+                      "expand-static-summed,expand-bt,expand-xla-dense (default all)")
   p.add_argument("--check", action="store_true",
-                 help="compare expand-static with gathered_expand before timing")
+                 help="compare every formulation with the library's before timing")
   args = p.parse_args()
   on_cpu = jax.default_backend() == "cpu"
   dtype = jnp.float32 if on_cpu else jnp.bfloat16
@@ -129,23 +242,61 @@ def main() -> None:
       h = gathered_shrink(x, a, 0, ids, count, gmat, interpret=on_cpu)
       a_bytes = L * len(outs) * d_in * int(count[0]) * r * item
       b_bytes = L * int(count[0]) * r * outs[0] * item
-      kinds = [("shrink", candidates("shrink", not args.quick), a_bytes),
-               ("expand", candidates("expand", not args.quick), b_bytes),
-               ("expand-static", candidates("expand", not args.quick), b_bytes),
-               ("expand-static-summed", candidates("expand", not args.quick), b_bytes)]
-      if args.check:  # the static slot loop against the runtime-length one, before timing it
+      # The layout probes read one module's experts; XLA's dense products read all E of them
+      # (what path "packed" does), the baseline a gathered kernel has to beat in time.
+      a_one = L * d_in * int(count[0]) * r * item
+      shrink_tiles, expand_tiles = (candidates(k, not args.quick) for k in ("shrink", "expand"))
+      kinds = [("shrink", shrink_tiles, a_bytes),
+               ("shrink-expert-major", shrink_tiles, a_one),
+               ("shrink-xla-dense", [None], L * len(outs) * d_in * E * r * item),
+               ("expand", expand_tiles, b_bytes),
+               ("expand-static", expand_tiles, b_bytes),
+               ("expand-static-summed", expand_tiles, b_bytes),
+               ("expand-bt", expand_tiles, b_bytes),
+               ("expand-xla-dense", [None], L * E * r * outs[0] * item)]
+      a_em = jnp.moveaxis(a[0], 2, 1)  # [L, E, K, r]
+      bt = jnp.moveaxis(b, 3, 2)       # [L, E, N, r]
+      h1 = h[0].sum(axis=0)            # [M', U·r'], the partial sums added once
+      h_dense = jax.random.normal(key, (m, E * r), dtype)
+      if args.check:  # every other formulation against the library's default, before timing
+        def same(what, got, want, tiles):
+          err = float(jnp.max(jnp.abs(got - want)) / (jnp.max(jnp.abs(want)) + 1e-9))
+          assert err < 1e-2, (what, group, label(tiles), err)
+          print(f"# {what} matches the library ({group}, {label(tiles)}): relative error"
+                f" {err:.1e}, largest |value| {float(jnp.max(jnp.abs(want))):.2e}")
+
         for tiles in candidates("expand", False):
           want = gathered_expand(h, b, 1, ids, count, rows=m, tiles=tiles, interpret=on_cpu)
-          got = expand_static(h, b, 1, ids, count, rows=m, tiles=tiles, interpret=on_cpu)
-          err = float(jnp.max(jnp.abs(got - want)) / (jnp.max(jnp.abs(want)) + 1e-9))
-          assert err < 1e-2, (group, label(tiles), err)
-          print(f"# expand-static matches gathered_expand ({group}, {label(tiles)}): relative"
-                f" error {err:.1e}, largest |value| {float(jnp.max(jnp.abs(want))):.2e}")
+          same("expand-static", expand_static(h, b, 1, ids, count, rows=m, tiles=tiles,
+                                              interpret=on_cpu), want, tiles)
+          same("expand-bt", expand_bt(h1, bt, 1, ids, count, rows=m, tiles=tiles,
+                                      interpret=on_cpu), want, tiles)
+        ungated = jnp.ones_like(gmat)
+        for tiles in candidates("shrink", False):
+          want = gathered_shrink(x, a[:1], 1, ids, count, ungated, tiles=tiles,
+                                 interpret=on_cpu)[0].astype(jnp.float32).sum(0)
+          got = shrink_expert_major(x, a_em, 1, ids, count, tiles=tiles, interpret=on_cpu)
+          same("shrink-expert-major", got.sum(0), want, tiles)
       for kind, tiles_list, nbytes in kinds:
         if args.kinds and kind not in args.kinds.split(","):
           continue
         for tiles in tiles_list:
-          if kind == "shrink":
+          if kind == "shrink-xla-dense":
+            fn = jax.jit(lambda x, a: [[x @ ag[l].reshape(ag.shape[1], -1) for ag in a]
+                                       for l in range(L)])
+            call = lambda fn=fn: fn(x, a)  # noqa: E731
+          elif kind == "expand-xla-dense":
+            fn = jax.jit(lambda hd, b: [hd @ b[l].reshape(-1, b.shape[-1]) for l in range(L)])
+            call = lambda fn=fn: fn(h_dense, b)  # noqa: E731
+          elif kind == "shrink-expert-major":
+            fn = jax.jit(lambda x, a_em, t=tiles: [shrink_expert_major(
+                x, a_em, l, ids, count, tiles=t, interpret=on_cpu) for l in range(L)])
+            call = lambda fn=fn: fn(x, a_em)  # noqa: E731
+          elif kind == "expand-bt":
+            fn = jax.jit(lambda h1, bt, t=tiles: [expand_bt(
+                h1, bt, l, ids, count, rows=m, tiles=t, interpret=on_cpu) for l in range(L)])
+            call = lambda fn=fn: fn(h1, bt)  # noqa: E731
+          elif kind == "shrink":
             fn = jax.jit(lambda x, a, t=tiles: [gathered_shrink(
                 x, a, l, ids, count, gmat, tiles=t, interpret=on_cpu) for l in range(L)])
             call = lambda fn=fn: fn(x, a)  # noqa: E731
@@ -169,7 +320,7 @@ def main() -> None:
             print(json.dumps({"kernel": kind, "group": group, "tiles": label(tiles),
                               "error": str(e).splitlines()[0][:200]}), flush=True)
             continue
-          gpu = None if on_cpu else gpu_us(call, L)
+          gpu = None if on_cpu else gpu_us(call, L, prefix="" if tiles is None else "gathered_")
           row = {"kernel": kind, "group": group, "active": int(count[0]), "tiles": label(tiles),
                  "ms": round(ms, 4), "gb": round(nbytes / 1e9, 4),
                  "tb_s": round(nbytes / (ms / 1e3) / 1e12, 3), **env}
