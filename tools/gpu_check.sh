@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags step autotune expand attention switch bgmv-sweep
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags step autotune expand attention switch bgmv-sweep gathered-probe
 #   (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
@@ -157,6 +157,14 @@ for part in $parts; do
         --active "${ACTIVE:-26,56}" ${QUICK:+--quick} ${KINDS:+--kinds "$KINDS"} \
         ${SWEEP_GROUPS:+--groups "$SWEEP_GROUPS"} 2>"$out/bgmv-sweep.log" \
         | tee "$out/bgmv-sweep.jsonl" | cut -c1-140 ;;
-    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags, step, autotune, expand, attention, switch, bgmv-sweep)"; exit 2 ;;
+    gathered-probe)
+      # The whole pregated-gathered(+sere) step with the expansion kernel's settings varied,
+      # interleaved beside the fused-weight backbone and pregated-packed (tools/gathered_probe.py).
+      export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.9}
+      timeout "${PROBE_S:-420}" python3 tools/gathered_probe.py --experts "${EXPERTS:-64}" \
+        --rank "${RANK:-64}" --top-k "${TOP_K:-4}" --batch "${BATCH:-32}" --rounds "${ROUNDS:-5}" \
+        ${VARIANTS:+--variants "$VARIANTS"} 2>"$out/gathered-probe.log" \
+        | tee "$out/gathered-probe.jsonl" | cut -c1-160 ;;
+    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags, step, autotune, expand, attention, switch, bgmv-sweep, gathered-probe)"; exit 2 ;;
   esac
 done

@@ -1,0 +1,107 @@
+"""The gathered path's decode step with the expansion kernel's settings varied (GPU).
+
+    python tools/gathered_probe.py --experts 64 --rank 64 --top-k 4 --batch 32 --rounds 5
+
+The BGMV sweep (`tools/bgmv_large_sweep.py`) times each kernel alone; this probe asks the
+question that decides a default: the whole `pregated-gathered+sere` step of the Llama-2-7B
+preset with `bgmv.expand` as the library runs it, with its static slot loop
+(`Tiles.static_slots`), and with the static loop over an h whose partial sums were added first
+(`static-summed`; here once per module, a step that adopts it would add them once per group),
+interleaved in rounds beside the fused-weight backbone and `pregated-packed` (the path the
+gathered one has to beat). Each variant is patched in while its step compiles, and only then
+(the compiled step keeps what it traced). Ratios to the backbone are paired by round: median
+[95% t-interval]. JSON lines on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels.bgmv as bgmv
+from adafuse_jax.bench import measure as B
+from adafuse_jax.config import PRESETS, AdapterConfig
+from adafuse_jax.model.llama import LlamaModel
+from adafuse_jax.vocab import Mode, PathName
+from pallas_kernels.bgmv import triton
+
+_LIBRARY_EXPAND = bgmv.expand
+
+
+def _expand_summed(h, b, layer, ids, count, *, group=0, rows, tiles=None, backend="auto"):
+  """`bgmv.expand` over h with its S partial sums added first (S = 1 then)."""
+  h = h.astype(jnp.float32).sum(axis=1, keepdims=True)
+  return _LIBRARY_EXPAND(h, b, layer, ids, count, group=group, rows=rows, tiles=tiles,
+                         backend=backend)
+
+
+VARIANTS = {"library": (False, False), "static": (True, False), "static-summed": (True, True)}
+
+
+@contextlib.contextmanager
+def patched(static_slots: bool, summed: bool):
+  """The expansion's settings for the steps compiled inside."""
+  library_tiles = triton.EXPAND_TILES
+  triton.EXPAND_TILES = dataclasses.replace(library_tiles, static_slots=static_slots)
+  if summed:
+    bgmv.expand = _expand_summed
+  try:
+    yield
+  finally:
+    triton.EXPAND_TILES, bgmv.expand = library_tiles, _LIBRARY_EXPAND
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--preset", default="llama2-7b")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--cache-len", type=int, default=512)
+  p.add_argument("--experts", type=int, default=64)
+  p.add_argument("--rank", type=int, default=64)
+  p.add_argument("--top-k", type=int, default=4)
+  p.add_argument("--steps", type=int, default=16)
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--no-sere", action="store_true", help="the gathered rows without SERE")
+  args = p.parse_args()
+  on_cpu = jax.default_backend() == "cpu"
+  dtype = jnp.float32 if on_cpu else jnp.bfloat16
+  model = LlamaModel(PRESETS[args.preset], dtype=dtype)
+  acfg = AdapterConfig(num_experts=args.experts, rank=args.rank, top_k=args.top_k,
+                       modules=("q", "k", "v", "o", "gate", "up", "down"))
+  adapters = B.build_adapters(model.cfg, Mode.PREGATED, acfg, dtype, 0)
+  sere = None if args.no_sere else B.calibrated_sere(model, adapters, primary_k=1, rho=0.0,
+                                                      seed=0)
+  common = dict(batch=args.batch, cache_len=args.cache_len, warmup=3, steps=args.steps,
+                prefill_lengths=(), seed=0, keep=True)
+  rows = {"backbone-packed": B.bench_mode(model, None, path=PathName.PACKED, **common),
+          "pregated-packed": B.bench_mode(model, adapters, path=PathName.PACKED, **common)}
+  for name in args.variants.split(","):
+    with patched(*VARIANTS[name]):
+      rows[f"gathered-{name}"] = B.bench_mode(model, adapters, path=PathName.GATHERED,
+                                              sere=sere, **common)
+  times = {n: [] for n in rows}
+  for _ in range(args.rounds):
+    for name, r in rows.items():
+      times[name].append(r["round"]()[0])
+  env = {"preset": args.preset, "batch": args.batch, "experts": args.experts,
+         "rank": args.rank, "top_k": args.top_k, "sere": sere is not None,
+         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+  for name, r in rows.items():
+    print(json.dumps({"program": name, "pipelined_ms": round(float(np.median(times[name])), 3),
+                      "vs_backbone": {k: round(v, 4) for k, v in B.ratio_interval(
+                          times[name], times["backbone-packed"]).items()},
+                      "distinct_experts": r.get("distinct_experts"),
+                      "kernels_per_step": r.get("kernels_per_step"), **env}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
