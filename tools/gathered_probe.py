@@ -7,6 +7,8 @@ question that decides a default: the whole `pregated-gathered+sere` step of the 
 preset with `bgmv.expand` as the library runs it, with its static slot loop
 (`Tiles.static_slots`), and with the static loop over an h whose partial sums were added first
 (`static-summed`; here once per module, a step that adopts it would add them once per group),
+and, for narrow pools whose base GEMM the library fuses into the expansion, with XLA's base GEMM
+and the expansion alone (`xla-base`, `xla-base-static`),
 interleaved in rounds beside the fused-weight backbone and `pregated-packed` (the path the
 gathered one has to beat). Each variant is patched in while its step compiles, and only then
 (the compiled step keeps what it traced). Ratios to the backbone are paired by round: median
@@ -29,6 +31,7 @@ import pallas_kernels.bgmv as bgmv
 from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS, AdapterConfig
 from adafuse_jax.model.llama import LlamaModel
+from adafuse_jax.paths import registry
 from adafuse_jax.vocab import Mode, PathName
 from pallas_kernels.bgmv import triton
 
@@ -42,20 +45,30 @@ def _expand_summed(h, b, layer, ids, count, *, group=0, rows, tiles=None, backen
                          backend=backend)
 
 
-VARIANTS = {"library": (False, False), "static": (True, False), "static-summed": (True, True)}
+# name -> (static slot loop, h summed first, XLA's base GEMM whatever the pool's width).
+VARIANTS = {"library": (False, False, False), "static": (True, False, False),
+            "static-summed": (True, True, False), "xla-base": (False, False, True),
+            "xla-base-static": (True, False, True)}
 
 
 @contextlib.contextmanager
-def patched(static_slots: bool, summed: bool):
-  """The expansion's settings for the steps compiled inside."""
+def patched(static_slots: bool, summed: bool, xla_base: bool):
+  """The expansion's settings for the steps compiled inside. `xla_base` moves
+  `Thresholds.fused_base_max_width` to 0, so that a narrow pool (E·r <= 512, whose base GEMM
+  the library fuses into the Pallas expansion) runs XLA's base GEMM and `bgmv.expand` too."""
   library_tiles = triton.EXPAND_TILES
+  gathered = registry.PATHS[PathName.GATHERED]
+  library_thresholds = gathered.thresholds
   triton.EXPAND_TILES = dataclasses.replace(library_tiles, static_slots=static_slots)
   if summed:
     bgmv.expand = _expand_summed
+  if xla_base:
+    gathered.thresholds = dataclasses.replace(library_thresholds, fused_base_max_width=0)
   try:
     yield
   finally:
     triton.EXPAND_TILES, bgmv.expand = library_tiles, _LIBRARY_EXPAND
+    gathered.thresholds = library_thresholds
 
 
 def main() -> None:
