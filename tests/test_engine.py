@@ -101,12 +101,16 @@ def test_the_decode_attention_kernel_serves_what_xla_attention_serves(model):
     gen = Generator(model, adapters=pool, path="packed", attention=attention)
     with Engine(gen, byte_tokenizer(VOCAB), max_batch=4, max_seq_len=48, chunk=16,
                 mixed_tokens=(16,)) as e:
-      first = e.submit(ps[0], SamplingParams(max_tokens=8, ignore_eos=True))
-      next(iter(first))  # decoding before the others arrive: they ride in mixed steps
+      # Decoding before the others arrive, so that they ride in mixed steps; long enough that
+      # it is still decoding when they do, however busy the machine (with 8 tokens a loaded
+      # machine once let it finish first: every prompt then took a prefill pass).
+      first = e.submit(ps[0], SamplingParams(max_tokens=24, ignore_eos=True))
+      head = next(iter(first))
       rest = [e.submit(p, SamplingParams(max_tokens=3 + i, ignore_eos=True))
               for i, p in enumerate(ps[1:])]
       got[attention] = [s.result().token_ids for s in [first, *rest]]
-      assert e.stats.mixed_steps > 0
+      assert not head.finished
+      assert e.stats.mixed_steps > 0, e.stats
   assert got["pallas"] == got["xla"]
 
 
