@@ -73,8 +73,10 @@ def test_packed_and_mixed_prefill_sample_what_row_prefill_samples(model, path):
   gen = Generator(model, adapters=MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True),
                   path=path)
   ps = [p[:16] for p in prompts(6, seed=2)]
-  params = [SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8 * (i % 2), seed=i)
-            for i in range(6)]
+  # The first two decode 24 tokens, so that they still decode when the rest arrive however
+  # busy the machine.
+  params = [SamplingParams(max_tokens=24 if i < 2 else 6, ignore_eos=True,
+                           temperature=0.8 * (i % 2), seed=i) for i in range(6)]
   got = {}
   for name, packed, mixed in (("rows", [], []), ("packed", None, []), ("mixed", None, [16])):
     with Engine(gen, byte_tokenizer(VOCAB), max_batch=8, max_seq_len=64, chunk=16,
@@ -133,15 +135,20 @@ def test_prompts_that_wait_for_a_shared_pass_decode_as_each_alone(pool_gen):
   """A request that arrives while eight rows decode waits (up to `prefill_wait` steps) for
   others to share its pass, then decodes what it decodes alone."""
   ps = prompts(10, seed=4)
-  want = [generate(pool_gen, [p], max_new_tokens=8).tokens[0] for p in ps]
+  # The eight decode 24 tokens, so that they still decode when the late two arrive however
+  # busy the machine (with 8 a loaded machine once let them finish first: nothing to wait
+  # beside); greedy, so the late two's 8 tokens are the first 8 of their 24.
+  want = [generate(pool_gen, [p], max_new_tokens=24).tokens[0] for p in ps]
+  want = want[:8] + [w[:8] for w in want[8:]]
   for wait in (0, 3):
     with Engine(pool_gen, byte_tokenizer(VOCAB), max_batch=16, max_seq_len=96, chunk=64,
                 prefill_wait=wait) as e:
-      first = [e.submit(p, SamplingParams(max_tokens=8, ignore_eos=True)) for p in ps[:8]]
-      [next(iter(s)) for s in first]  # all eight decoding
+      first = [e.submit(p, SamplingParams(max_tokens=24, ignore_eos=True)) for p in ps[:8]]
+      heads = [next(iter(s)) for s in first]  # all eight decoding
       late = [e.submit(p, SamplingParams(max_tokens=8, ignore_eos=True)) for p in ps[8:]]
       assert [s.result().token_ids for s in first + late] == want
-      assert (e.stats.prefill_waits > 0) == (wait > 0)
+      assert not any(h.finished for h in heads)
+      assert (e.stats.prefill_waits > 0) == (wait > 0), e.stats
 
 
 def test_no_step_copies_a_cache_buffer(pool_gen):
