@@ -11,8 +11,8 @@ every tile candidate is timed (median of calls) and reported with the bytes it m
 active experts' A or B) over its time; on the GPU also the kernels' own time per layer from a
 profiler trace (the wall time of a call also holds the host's dispatch of 32 launches and the
 partial sums). Beside the library's two kernels, each checked against them first (`--check`):
-the expansion's static slot loop (`expand-static`, `Tiles.static_slots`; `-summed`: h's
-partial sums added once before it), two layout probes that read each expert's block
+the expansion's other slot loops (`expand-registers`, `expand-static`: `Tiles.slot_loop`;
+`-summed`: h's partial sums added once before the static one), two layout probes that read each expert's block
 contiguously (`shrink-expert-major`: A as [L, E, K, r]; `expand-bt`: B as [L, E, N, r]), and
 XLA's dense products over all E experts (`*-xla-dense`: what path `packed` reads), the time a
 gathered kernel has to beat. JSON lines on stdout, a table in DIR/sweep.md.
@@ -68,10 +68,11 @@ def candidates(kind: str, full: bool) -> list[Tiles]:
   return [EXPAND_TILES] + (grid if full else grid[:3])
 
 
-def expand_static(h, b, layer, ids, count, *, rows: int, tiles: Tiles, interpret: bool):
-  """`gathered_expand` with the static slot loop (`Tiles.static_slots`) at these tiles."""
+def expand_loop(h, b, layer, ids, count, *, rows: int, tiles: Tiles, interpret: bool,
+                loop: str = "static"):
+  """`gathered_expand` with this slot loop (`Tiles.slot_loop`) at these tiles."""
   return gathered_expand(h, b, layer, ids, count, rows=rows, interpret=interpret,
-                         tiles=dataclasses.replace(tiles, static_slots=True))
+                         tiles=dataclasses.replace(tiles, slot_loop=loop))
 
 
 def _shrink_expert_major_kernel(layer_ref, ids_ref, count_ref, x_ref, a_ref, h_ref, *,
@@ -210,7 +211,8 @@ def main() -> None:
   p.add_argument("--calls", type=int, default=20)
   p.add_argument("--groups", default=",".join(GROUPS), help="which groups, comma-separated")
   p.add_argument("--kinds", default="",
-                 help="shrink,shrink-expert-major,shrink-xla-dense,expand,expand-static,"
+                 help="shrink,shrink-expert-major,shrink-xla-dense,expand,expand-registers,"
+                      "expand-static,"
                       "expand-static-summed,expand-bt,expand-xla-dense (default all)")
   p.add_argument("--check", action="store_true",
                  help="compare every formulation with the library's before timing")
@@ -250,6 +252,7 @@ def main() -> None:
                ("shrink-expert-major", shrink_tiles, a_one),
                ("shrink-xla-dense", [None], L * len(outs) * d_in * E * r * item),
                ("expand", expand_tiles, b_bytes),
+               ("expand-registers", expand_tiles, b_bytes),
                ("expand-static", expand_tiles, b_bytes),
                ("expand-static-summed", expand_tiles, b_bytes),
                ("expand-bt", expand_tiles, b_bytes),
@@ -267,8 +270,9 @@ def main() -> None:
 
         for tiles in candidates("expand", False):
           want = gathered_expand(h, b, 1, ids, count, rows=m, tiles=tiles, interpret=on_cpu)
-          same("expand-static", expand_static(h, b, 1, ids, count, rows=m, tiles=tiles,
-                                              interpret=on_cpu), want, tiles)
+          for loop in ("registers", "static"):
+            same(f"expand-{loop}", expand_loop(h, b, 1, ids, count, rows=m, tiles=tiles,
+                                               interpret=on_cpu, loop=loop), want, tiles)
           same("expand-bt", expand_bt(h1, bt, 1, ids, count, rows=m, tiles=tiles,
                                       interpret=on_cpu), want, tiles)
         ungated = jnp.ones_like(gmat)
@@ -300,15 +304,17 @@ def main() -> None:
             fn = jax.jit(lambda x, a, t=tiles: [gathered_shrink(
                 x, a, l, ids, count, gmat, tiles=t, interpret=on_cpu) for l in range(L)])
             call = lambda fn=fn: fn(x, a)  # noqa: E731
-          elif kind.startswith("expand-static"):
+          elif kind.startswith(("expand-static", "expand-registers")):
             # "-summed": h's S partial sums added once per layer before the kernel (one small
             # XLA reduction), so that its programs load one h tile per slot. (Here every layer
             # reads the same h, so XLA may add them once for all layers: a step adds them once
             # per layer and group, a few µs each.)
             once = (lambda h: h.sum(axis=1, keepdims=True)) if kind.endswith("summed") else (
                 lambda h: h)
-            fn = jax.jit(lambda h, b, t=tiles, once=once: [expand_static(
-                once(h), b, l, ids, count, rows=m, tiles=t, interpret=on_cpu) for l in range(L)])
+            loop = kind.split("-")[1]
+            fn = jax.jit(lambda h, b, t=tiles, once=once, loop=loop: [expand_loop(
+                once(h), b, l, ids, count, rows=m, tiles=t, interpret=on_cpu, loop=loop)
+                for l in range(L)])
             call = lambda fn=fn: fn(h, b)  # noqa: E731
           else:
             fn = jax.jit(lambda h, b, t=tiles: [gathered_expand(

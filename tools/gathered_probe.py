@@ -4,15 +4,15 @@
 
 The BGMV sweep (`tools/bgmv_large_sweep.py`) times each kernel alone; this probe asks the
 question that decides a default: the whole `pregated-gathered+sere` step of the Llama-2-7B
-preset with `bgmv.expand` as the library runs it, with its static slot loop
-(`Tiles.static_slots`), and with the static loop over an h whose partial sums were added first
-(`static-summed`; here once per module, a step that adopts it would add them once per group),
-and, for narrow pools whose base GEMM the library fuses into the expansion, with XLA's base GEMM
-and the expansion alone (`xla-base`, `xla-base-static`),
+preset with `bgmv.expand` as the library runs it (`library`), with each other form of its slot
+loop (`Tiles.slot_loop`: `registers`, `static`), with the static loop over an h whose partial
+sums were added first (`static-summed`; here once per module, a step that adopts it would add
+them once per group), and, for narrow pools whose base GEMM the library fuses into the
+expansion, with XLA's base GEMM and the expansion alone (`xla-base`, `xla-base-static`),
 interleaved in rounds beside the fused-weight backbone and `pregated-packed` (the path the
 gathered one has to beat). Each variant is patched in while its step compiles, and only then
 (the compiled step keeps what it traced). Ratios to the backbone are paired by round: median
-[95% t-interval]. JSON lines on stdout.
+[95% t-interval]. JSON lines on stdout; `--table RUN.jsonl` writes RUN.md beside them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import pathlib
+import sys
 import time
 
 import jax
@@ -45,21 +47,22 @@ def _expand_summed(h, b, layer, ids, count, *, group=0, rows, tiles=None, backen
                          backend=backend)
 
 
-# name -> (static slot loop, h summed first, XLA's base GEMM whatever the pool's width).
-VARIANTS = {"library": (False, False, False), "static": (True, False, False),
-            "static-summed": (True, True, False), "xla-base": (False, False, True),
-            "xla-base-static": (True, False, True)}
+# name -> (the expansion's slot loop, h summed first, XLA's base GEMM whatever the pool's width).
+VARIANTS = {"library": (None, False, False), "registers": ("registers", False, False),
+            "static": ("static", False, False), "static-summed": ("static", True, False),
+            "xla-base": (None, False, True), "xla-base-static": ("static", False, True)}
 
 
 @contextlib.contextmanager
-def patched(static_slots: bool, summed: bool, xla_base: bool):
+def patched(slot_loop: str | None, summed: bool, xla_base: bool):
   """The expansion's settings for the steps compiled inside. `xla_base` moves
   `Thresholds.fused_base_max_width` to 0, so that a narrow pool (E·r <= 512, whose base GEMM
   the library fuses into the Pallas expansion) runs XLA's base GEMM and `bgmv.expand` too."""
   library_tiles = triton.EXPAND_TILES
   gathered = registry.PATHS[PathName.GATHERED]
   library_thresholds = gathered.thresholds
-  triton.EXPAND_TILES = dataclasses.replace(library_tiles, static_slots=static_slots)
+  if slot_loop is not None:
+    triton.EXPAND_TILES = dataclasses.replace(library_tiles, slot_loop=slot_loop)
   if summed:
     bgmv.expand = _expand_summed
   if xla_base:
@@ -71,7 +74,30 @@ def patched(static_slots: bool, summed: bool, xla_base: bool):
     gathered.thresholds = library_thresholds
 
 
+def table(path: pathlib.Path) -> str:
+  """The markdown table of one run's JSON lines (written beside them as .md)."""
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  env = rows[0]
+  lines = [f"`{env['preset']}`, batch {env['batch']}, E={env['experts']} r={env['rank']}"
+           f" top-{env['top_k']}{', SERE (rho 0, S 1) on the gathered rows' if env['sere'] else ''};"
+           f" {env['device']}, JAX {env['jax']}, {env['date']}.", "",
+           "| program | pipelined ms | vs backbone [95%] | distinct experts | kernels / step |",
+           "|---|---|---|---|---|"]
+  for r in rows:
+    v = r["vs_backbone"]
+    interval = f" [{v['low']:.3f}, {v['high']:.3f}]" if "low" in v else ""
+    lines.append(f"| {r['program']} | {r['pipelined_ms']:.3f} | {v['median']:.3f}x{interval}"
+                 f" | {r['distinct_experts'] or '-'} |"
+                 f" {r['kernels_per_step']} |")
+  text = "\n".join(lines) + "\n"
+  path.with_suffix(".md").write_text(text)
+  return text
+
+
 def main() -> None:
+  if sys.argv[1:2] == ["--table"]:
+    print(table(pathlib.Path(sys.argv[2])))
+    return
   p = argparse.ArgumentParser()
   p.add_argument("--preset", default="llama2-7b")
   p.add_argument("--batch", type=int, default=32)
@@ -107,7 +133,8 @@ def main() -> None:
   env = {"preset": args.preset, "batch": args.batch, "experts": args.experts,
          "rank": args.rank, "top_k": args.top_k, "sere": sere is not None,
          "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+         "command": " ".join(["python tools/gathered_probe.py", *sys.argv[1:]])}
   for name, r in rows.items():
     print(json.dumps({"program": name, "pipelined_ms": round(float(np.median(times[name])), 3),
                       "vs_backbone": {k: round(v, 4) for k, v in B.ratio_interval(

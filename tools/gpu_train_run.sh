@@ -16,7 +16,9 @@
 # (`docs/training/gpu-1000-all/`), where one at a time a cold machine spent ~300 s per mode.
 #
 # With FIT=1 it runs `python -m adafuse_jax.train fit` instead (one mode, e.g. FIT=1 bash ... OUT NAME --mode
-# pregated-tied --steps 1000 --seed 5): OUT_DIR/NAME/metrics.jsonl, as far as the time allowed.
+# pregated-tied --steps 1000 --seed 5): OUT_DIR/NAME/metrics.jsonl, as far as the time allowed;
+# SERE_QUALITY="--adapters DIR ..." then runs tools/sere_quality.py on the pool that fit's
+# `--export DIR` saved (OUT_DIR/sere/quality.{json,md,png}).
 #
 #   bash tools/gpu_train_run.sh prepare     # here, once: .m1 .. .m4 and .data, git-excluded
 # then four device calls: carry [.whl, .m1, .data], then [.whl, .m2], [.whl, .m3], then [.whl,
@@ -64,11 +66,18 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site JAX_COMPILATION_CACHE_DIR=/tmp/
   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ "${FIT:-}" = 1 ]; then
-  # One mode's training curve alone (`fit`): its workdir lies in OUT_DIR, so that the log of
-  # every finished step comes back even when the call's time runs out mid-run.
-  timeout "${LIMIT_S:-540}" python3 -m adafuse_jax.train --cache /tmp/data fit --workdir "$out/$name" \
-    --quiet "$@" 2>&1 | tail -25
-  rm -rf "$out/$name/ckpt"
+  # One mode's training curve alone (`fit`), its checkpoints in /tmp/train/NAME: the same
+  # command in the next call (back to back, the machine warm) resumes where a time limit cut it.
+  # The log of every finished step comes back in OUT_DIR/NAME/metrics.jsonl.
+  timeout "${LIMIT_S:-540}" python3 -m adafuse_jax.train --cache /tmp/data fit \
+    --workdir "/tmp/train/$name" --quiet "$@" 2>&1 | tail -25
+  mkdir -p "$out/$name" && cp "/tmp/train/$name/metrics.jsonl" "$out/$name/" 2>/dev/null
+  if [ -n "${SERE_QUALITY:-}" ]; then
+    # SERE's quality sweep on the pool the fit exported (SERE_QUALITY="--adapters DIR --rhos ..."
+    # for tools/sere_quality.py): a large pool is GBs and cannot come back, its table and plot do.
+    ADAFUSE_DATA=/tmp/data timeout "${SERE_S:-300}" python3 tools/sere_quality.py \
+      --out "$out/sere" $SERE_QUALITY 2>&1 | tail -20
+  fi
   exit 0
 fi
 timeout "${LIMIT_S:-540}" python3 -m adafuse_jax.train --cache /tmp/data all --out "/tmp/results/$name" \

@@ -42,16 +42,20 @@ from pallas_kernels.common import base_tile, dot_block, with_output_buffer, with
 SHARED_MEMORY_BUDGET = 200 * 1024
 
 
+SLOT_LOOPS = ("load", "registers", "static")
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiles:
   """Tile sizes (powers of two) and Triton launch settings.
 
   block_n: output columns per expand program; block_k: the reduction step of both kernels;
   shrink_k: input rows per shrink program (a multiple of block_k); min_programs: the shrink splits
-  the input dimension until it has about this many programs; static_slots (`gathered_expand`
-  only): its programs run a loop of static length over their share of the slots, the ids
-  loaded once into registers and the slots past `count` masked (reading nothing), instead of a
-  loop of runtime length that loads each slot's id from memory before its B tile.
+  the input dimension until it has about this many programs; slot_loop (`gathered_expand`
+  only), how a program walks its share of the slots: "load" a loop of runtime length over the
+  active slots that loads each slot's id from memory before its B tile; "registers" the same
+  loop with the ids loaded once into registers (no load in it waits on another); "static" a loop
+  of static length over every slot, the ids in registers and the slots past `count` masked.
   """
 
   block_n: int = 64
@@ -60,7 +64,11 @@ class Tiles:
   min_programs: int = 96
   num_warps: int = 4
   num_stages: int = 3
-  static_slots: bool = False
+  slot_loop: str = "load"
+
+  def __post_init__(self):
+    if self.slot_loop not in SLOT_LOOPS:
+      raise ValueError(f"slot_loop={self.slot_loop!r}; expected one of {SLOT_LOOPS}")
 
   @classmethod
   def get_default(cls, rows: int, d_in: int, d_out: int, itemsize: int = 2) -> "Tiles":
@@ -317,7 +325,7 @@ def expert_splits(n: int, slots: int, tiles: Tiles) -> int:
 
 def _expand_kernel_delta(layer_ref, ids_ref, count_ref, h_ref, b_ref, *out_refs, group: int,
                          rank: int, splits: int, parts: int, block_m: int, block_n: int,
-                         block_r: int, static_slots: bool):
+                         block_r: int, slot_loop: str):
   o_ref = out_refs[-1]
   n_total = b_ref.shape[-1]
   j, p = pl.program_id(0), pl.program_id(1)
@@ -328,29 +336,31 @@ def _expand_kernel_delta(layer_ref, ids_ref, count_ref, h_ref, b_ref, *out_refs,
                               rank=rank, splits=splits, block_m=block_m, block_n=block_n,
                               block_r=block_r)
   acc = jnp.zeros((block_m, block_n), jnp.float32)
-  if static_slots:
-    # A loop of static length over p, p + P, ...: no load in it waits on another (the ids sit
-    # in registers and a slot's expert is picked out of them), so Triton can keep several B
-    # tiles in flight; slots past `count` are masked loads, which read nothing.
-    slots = ids_ref.shape[0]
-    lanes = jnp.arange(pl.next_power_of_2(slots))
-    ids = plgpu.load(ids_ref.at[pl.ds(0, lanes.shape[0])], mask=lanes < slots, other=0)
-
-    def body(t, acc):
-      u = p + t * parts
-      expert = jnp.sum(jnp.where(lanes == u, ids, 0))
-      return acc + product(u, expert, u < count_ref[0])
-
-    acc = jax.lax.fori_loop(0, pl.cdiv(slots, parts), body, acc)
-  else:
-    # A loop of runtime length over this part's active slots (p, p + P, p + 2P, ...), each
-    # slot's id loaded before its B tile: inactive experts cost nothing.
+  # This part's slots are p, p + P, p + 2P, ...; `mine` of them are active.
+  mine = jnp.maximum(count_ref[0] - p + parts - 1, 0) // parts
+  if slot_loop == "load":
+    # Each slot's id loaded before its B tile: inactive experts cost nothing.
     def body(t, acc):
       u = p + t * parts
       return acc + product(u, ids_ref[u])
 
-    mine = jnp.maximum(count_ref[0] - p + parts - 1, 0) // parts
-    acc = jax.lax.fori_loop(0, mine, body, acc)
+    trips = mine
+  else:
+    # The ids sit in registers and a slot's expert is picked out of them: no load in the loop
+    # waits on another, so Triton can keep several B tiles in flight. "static": a loop of
+    # static length over every slot, those past `count` masked loads (which read nothing).
+    slots = ids_ref.shape[0]
+    lanes = jnp.arange(pl.next_power_of_2(slots))
+    ids = plgpu.load(ids_ref.at[pl.ds(0, lanes.shape[0])], mask=lanes < slots, other=0)
+    static = slot_loop == "static"
+
+    def body(t, acc):
+      u = p + t * parts
+      expert = jnp.sum(jnp.where(lanes == u, ids, 0))
+      return acc + product(u, expert, u < count_ref[0] if static else None)
+
+    trips = pl.cdiv(slots, parts) if static else mine
+  acc = jax.lax.fori_loop(0, trips, body, acc)
   plgpu.store(o_ref.at[p, pl.ds(0, block_m), pl.ds(j * block_n, block_n)], acc,
               mask=col_mask[None, :])
 
@@ -366,7 +376,7 @@ def gathered_expand(h: jax.Array, b: jax.Array, layer: jax.Array | int, ids: jax
 
   Grid: (column strips of `tiles.block_n`, P parts of the active slots); a part sums slots
   p, p + P, ... into its own f32 partial, and the P partials are added after the kernel (one
-  small XLA fusion, which also takes the add to the base output). `tiles.static_slots` picks
+  small XLA fusion, which also takes the add to the base output). `tiles.slot_loop` picks
   the form of a part's loop over its slots (see `Tiles`).
 
   Args:
@@ -393,7 +403,7 @@ def gathered_expand(h: jax.Array, b: jax.Array, layer: jax.Array | int, ids: jax
   parts = expert_splits(n, u, tiles)
   kernel = functools.partial(_expand_kernel_delta, group=group, rank=rank, splits=splits,
                              parts=parts, block_m=block_m, block_n=tiles.block_n,
-                             block_r=block_r, static_slots=tiles.static_slots)
+                             block_r=block_r, slot_loop=tiles.slot_loop)
   layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
   shape = jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32)
   operands, aliases = with_output_buffers(
