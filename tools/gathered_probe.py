@@ -5,7 +5,7 @@
 The BGMV sweep (`tools/bgmv_large_sweep.py`) times each kernel alone; this probe asks the
 question that decides a default: the whole `pregated-gathered+sere` step of the Llama-2-7B
 preset with `bgmv.expand` as the library runs it (`library`), with each other form of its slot
-loop (`Tiles.slot_loop`: `registers`, `static`), with the static loop over an h whose partial
+loop (`Tiles.slot_loop`: `load`, `registers`, `static`), with the static loop over an h whose partial
 sums were added first (`static-summed`; here once per module, a step that adopts it would add
 them once per group), and, for narrow pools whose base GEMM the library fuses into the
 expansion, with XLA's base GEMM and the expansion alone (`xla-base`, `xla-base-static`),
@@ -48,7 +48,8 @@ def _expand_summed(h, b, layer, ids, count, *, group=0, rows, tiles=None, backen
 
 
 # name -> (the expansion's slot loop, h summed first, XLA's base GEMM whatever the pool's width).
-VARIANTS = {"library": (None, False, False), "registers": ("registers", False, False),
+VARIANTS = {"library": (None, False, False), "load": ("load", False, False),
+            "registers": ("registers", False, False),
             "static": ("static", False, False), "static-summed": ("static", True, False),
             "xla-base": (None, False, True), "xla-base-static": ("static", False, True)}
 

@@ -143,17 +143,22 @@ def plot(rows: list[dict], base: dict, path: pathlib.Path, title: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(5.2, 3.6))
-  for primary in dict.fromkeys(r["primary_k"] for r in rows):
+  for line, primary in enumerate(dict.fromkeys(r["primary_k"] for r in rows)):
     mine = [r for r in rows if r["primary_k"] == primary]
     x = [r["mean_distinct"] for r in mine]
     y = [100 * (r["mean_ppl"] / base["mean_ppl"] - 1) for r in mine]
     ax.plot(x, y, "o-", label=f"S = {primary}")
-    labels: dict[tuple[float, float], list[str]] = {}  # rhos that land on one point share a label
+    labels: dict[tuple[float, float], list[str]] = {}  # rhos whose points nearly meet share one
     for r, xi, yi in zip(mine, x, y):
-      labels.setdefault((round(xi, 2), round(yi, 2)), []).append(f"{r['rho']:g}")
+      labels.setdefault((round(xi), round(yi)), []).append(f"{r['rho']:g}")
+    right = (min(r["mean_distinct"] for r in rows) + max(r["mean_distinct"] for r in rows)) / 2
     for (xi, yi), rhos in labels.items():
+      # each S's labels on their own row; those in the right half of the plot to the left of
+      # their point, so that they stay inside it
+      left = xi > right
       ax.annotate("rho " + ", ".join(rhos), (xi, yi), textcoords="offset points",
-                  xytext=(4, 4), fontsize=7)
+                  xytext=(-4 if left else 4, 5 - 12 * line), ha="right" if left else "left",
+                  fontsize=7)
   ax.axhline(0.5, color="#C44E52", ls="--", lw=1, label="+0.5% perplexity")
   ax.set_xlabel("distinct experts per batch step (bytes a gathered step reads)")
   ax.set_ylabel("mean perplexity vs no re-routing (%)")

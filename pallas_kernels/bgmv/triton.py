@@ -53,9 +53,10 @@ class Tiles:
   shrink_k: input rows per shrink program (a multiple of block_k); min_programs: the shrink splits
   the input dimension until it has about this many programs; slot_loop (`gathered_expand`
   only), how a program walks its share of the slots: "load" a loop of runtime length over the
-  active slots that loads each slot's id from memory before its B tile; "registers" the same
-  loop with the ids loaded once into registers (no load in it waits on another); "static" a loop
-  of static length over every slot, the ids in registers and the slots past `count` masked.
+  active slots that loads each slot's id from memory before its B tile; "registers" (default)
+  the same loop with the ids loaded once into registers (no load in it waits on another);
+  "static" a loop of static length over every slot, the ids in registers and the slots past
+  `count` masked.
   """
 
   block_n: int = 64
@@ -64,7 +65,9 @@ class Tiles:
   min_programs: int = 96
   num_warps: int = 4
   num_stages: int = 3
-  slot_loop: str = "load"
+  # "registers": 5% off the whole 64 x rank-64 SERE step against "load", the static loop 31%
+  # slower (tools/gathered_probe.py, docs/benchmarks/h200/gathered-probe/).
+  slot_loop: str = "registers"
 
   def __post_init__(self):
     if self.slot_loop not in SLOT_LOOPS:
