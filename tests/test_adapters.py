@@ -203,8 +203,9 @@ def test_pallas_path_equals_xla_path(model, mode, per_layer_gates, length):
                                                     ("layerwise", False)])
 def test_gathered_decode_with_xla_base_equals_xla_path(model, mode, per_layer_gates,
                                                        monkeypatch):
-  """A pool wider than `Thresholds.fused_base_max_width` (forced here) decodes with XLA's base
-  GEMM beside the expansion-only kernel: the same logits as path xla."""
+  """A pool wider than `Thresholds.fused_base_max_width` (forced here; a batch above
+  `fused_base_max_rows` too) decodes with XLA's base GEMM beside the expansion-only kernel: the
+  same logits as path xla."""
   import dataclasses
 
   from pallas_kernels import bgmv
@@ -219,7 +220,8 @@ def test_gathered_decode_with_xla_base_equals_xla_path(model, mode, per_layer_ga
                       per_layer_gates=per_layer_gates)
   adapters = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True)
   wide = dataclasses.replace(registry.THRESHOLDS, fused_base_max_width=0)
-  assert not wide.fuses_base(4, 4) and registry.THRESHOLDS.fuses_base(4, 4)
+  assert not wide.fuses_base(4, 4, 2) and registry.THRESHOLDS.fuses_base(4, 4, 2)
+  assert not registry.THRESHOLDS.fuses_base(4, 4, 32)  # a batch of 32 takes XLA's base too
   tokens = jnp.asarray(TOKENS)
   cache = lambda: KVCache.create(model.cfg, 2, 11, model.dtype)  # noqa: E731
   want, _ = model(tokens, cache(), all_logits=True, linear=registry.runtime(adapters))

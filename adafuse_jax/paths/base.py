@@ -44,15 +44,17 @@ class Thresholds:
     most this share of the pool, else it runs all E densely.
   segmented_min_share: prompts take the segmented kernels (SGMV) rather than two dense GEMMs once
     the pool's E·r columns exceed this share of the module's input width.
-  fused_base_max_width: the gathered path's decode kernels fold the base matmul into the
-    expansion (one Pallas launch per module) while the pool's E·r columns are at most this;
-    wider pools run XLA's GEMM for the base beside an expansion-only kernel.
+  fused_base_max_width, fused_base_max_rows: the gathered path's decode kernels fold the base
+    matmul into the expansion (one Pallas launch per module) while the pool's E·r columns are at
+    most the width and the step has at most the rows; wider pools and larger batches run XLA's
+    GEMM for the base beside an expansion-only kernel.
   """
 
   decode_max_tokens: int
   gather_max_share: float
   segmented_min_share: float
   fused_base_max_width: int = 512
+  fused_base_max_rows: int = 8
 
   def is_decode(self, num_tokens: int) -> bool:
     return num_tokens <= self.decode_max_tokens
@@ -63,8 +65,9 @@ class Thresholds:
   def use_segmented(self, d_in: int, num_experts: int, rank: int) -> bool:
     return num_experts * rank > self.segmented_min_share * d_in
 
-  def fuses_base(self, num_experts: int, rank: int) -> bool:
-    return num_experts * rank <= self.fused_base_max_width
+  def fuses_base(self, num_experts: int, rank: int, rows: int) -> bool:
+    return (num_experts * rank <= self.fused_base_max_width
+            and rows <= self.fused_base_max_rows)
 
 
 @dataclasses.dataclass

@@ -3,8 +3,9 @@
 Decode steps (at most `Thresholds.decode_max_tokens` tokens) run BGMV (`pallas_kernels.bgmv`):
 one gated shrink launch per group of modules that share an input, reading only the step's active
 experts, then the base matmul with the expansion folded in, one launch per module; for a wide pool
-(`Thresholds.fuses_base`) XLA's GEMM runs the base and an expansion-only kernel adds the active
-experts' B beside it (a Pallas base GEMM reads the weights slower than XLA's). Prompts run
+or a batch of many rows (`Thresholds.fuses_base`) XLA's GEMM runs the base and an expansion-only
+kernel adds the active experts' B beside it (there a Pallas base GEMM reads the weights slower
+than XLA's). Prompts run
 the base GEMM in XLA beside SGMV (`pallas_kernels.sgmv`: token-expert pairs grouped by expert)
 when the pool is wide (`Thresholds.use_segmented`), else beside two dense GEMMs, as path "xla"
 does. The kernels need stacked weights (the GPU layout); on the CPU they run in the Pallas
@@ -54,7 +55,7 @@ class GatheredRuntime(XlaRuntime):
     pool = self.adapters.pool
     a_pools = [pool.stacked(m)[0] for m in group]
     b = pool.stacked(name)[1]
-    fused = self.thresholds.fuses_base(self.cfg.num_experts, self.cfg.rank)
+    fused = self.thresholds.fuses_base(self.cfg.num_experts, self.cfg.rank, xf.shape[0])
 
     def shrink(x, tables, *a_pools):
       return bgmv.shrink(x, list(a_pools), layer, *tables, scale=self.cfg.scale,
