@@ -81,7 +81,8 @@ def table(path: pathlib.Path) -> str:
   env = rows[0]
   lines = [f"`{env['preset']}`, batch {env['batch']}, E={env['experts']} r={env['rank']}"
            f" top-{env['top_k']}{', SERE (rho 0, S 1) on the gathered rows' if env['sere'] else ''};"
-           f" {env['device']}, JAX {env['jax']}, {env['date']}.", "",
+           f" {env['device']}, JAX {env['jax']}, {env['date']}."
+           + (f" Command: `{env['command']}`." if "command" in env else ""), "",
            "| program | pipelined ms | vs backbone [95%] | distinct experts | kernels / step |",
            "|---|---|---|---|---|"]
   for r in rows:
