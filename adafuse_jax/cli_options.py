@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 
@@ -146,14 +147,48 @@ PREFILL_WAIT_HELP = ("most decode steps a new prompt's prefill pass waits, while
                      " prompt waits")
 
 
+def _rho(text: str) -> float | str:
+  if text == "auto":
+    return text
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a number in [0, 1] nor 'auto'") from None
+
+
 def add_sere_options(a: argparse._ArgumentGroup) -> None:
-  a.add_argument("--sere-rho", type=float, default=None,
+  a.add_argument("--sere-rho", type=_rho, default=None, metavar="RHO|auto",
                  help="SERE: move a batch step's secondary expert choices to the most similar"
                       " primary expert when their similarity is at least RHO (0 moves every one,"
                       " 1 none); needs a pre-gated pool saved with its similarity"
-                      " (sere_similarity.npy); default off")
+                      " (sere_similarity.npy); 'auto': the setting (rho and S) the pool's"
+                      " measured sweep recommends (sere_quality.json, from `python -m"
+                      " adafuse_jax.train sere-calibrate --sweep`); default off")
   a.add_argument("--sere-primary", type=int, default=1,
-                 help="SERE: choices per token kept as they are (the primary experts)")
+                 help="SERE: choices per token kept as they are (the primary experts; with"
+                      " --sere-rho auto the sweep's)")
+
+
+def _recommended(spec: str | None, cfg) -> tuple[float | None, int]:
+  """(rho, S) that the pool's SERE sweep recommends, (None, 1) where it found none that reads
+  fewer experts within its perplexity budget (SERE stays off, and says so)."""
+  if cfg is None or cfg.mode != "pregated" or spec is None or spec.startswith("random"):
+    raise UserError("--sere-rho auto reads the SERE sweep saved beside a pre-gated pool"
+                    " (--adapters default or a saved pool's folder)")
+  from adafuse_jax.adapters.io import pool_folder
+  from adafuse_jax.adapters.sere import QUALITY_FILE, load_recommendation
+
+  found = load_recommendation(pool_folder(spec))
+  if found is None:
+    raise UserError(f"the pool {spec!r} has no {QUALITY_FILE} to pick --sere-rho auto from;"
+                    f" measure it with `python -m adafuse_jax.train sere-calibrate --adapters"
+                    f" {spec} --sweep`, or give --sere-rho a number")
+  best, budget = found
+  if best is None:
+    print(f"note: SERE off: the sweep of the pool {spec!r} found no setting that reads fewer"
+          f" experts within +{budget:g}% perplexity", file=sys.stderr)
+    return None, 1
+  return float(best["rho"]), int(best["primary_k"])
 
 
 def sere_settings(args: argparse.Namespace, spec: str | None, cfg):
@@ -167,6 +202,10 @@ def sere_settings(args: argparse.Namespace, spec: str | None, cfg):
   from adafuse_jax.adapters.sere import SIMILARITY_FILE, SereSettings, load_similarity
 
   rho, primary = args.sere_rho, args.sere_primary
+  if rho == "auto":
+    rho, primary = _recommended(spec, cfg)
+    if rho is None:
+      return None
   if not (math.isfinite(rho) and 0.0 <= rho <= 1.0):
     raise UserError(f"--sere-rho {rho} must be in [0, 1] (0 re-routes every secondary choice,"
                     " 1 none)")
@@ -181,9 +220,8 @@ def sere_settings(args: argparse.Namespace, spec: str | None, cfg):
   folder = pool_folder(spec)
   similarity = load_similarity(folder)
   if similarity is None:
-    raise UserError(f"the pool {spec!r} has no {SIMILARITY_FILE}; compute it with"
-                    " adafuse_jax.adapters.sere.calibrate and save_similarity (see"
-                    " tools/sere_quality.py), or drop --sere-rho")
+    raise UserError(f"the pool {spec!r} has no {SIMILARITY_FILE}; compute it with `python -m"
+                    f" adafuse_jax.train sere-calibrate --adapters {spec}`, or drop --sere-rho")
   if similarity.ndim != 3 or similarity.shape[1:] != (cfg.num_experts, cfg.num_experts) or \
      not np.isfinite(similarity).all():
     raise UserError(f"{str(folder / SIMILARITY_FILE)!r} holds {similarity.shape}, not finite"

@@ -144,6 +144,9 @@ def test_lora_merged_once_equals_unmerged(default_model):
      "--sere-primary 3 must be in [1, top-k = 2]"),
     (("--adapters", "random", "--sere-rho", "0.2", "hi"), "has no SERE similarity file"),
     (("--sere-rho", "0.2", "hi"), "needs a pre-gated pool"),
+    (("--adapters", "default", "--sere-rho", "high", "hi"),
+     "--sere-rho: 'high' is neither a number in [0, 1] nor 'auto'"),
+    (("--adapters", "random", "--sere-rho", "auto", "hi"), "reads the SERE sweep saved beside"),
     (("--attention", "flash", "hi"), "argument --attention: invalid choice: 'flash'"),
     (("--adapters", "default", "--top-k", "3", "--rank", "4", "hi"),
      "--rank 4, --top-k 3 shape random pools, but the pool 'default' fixes its own"),
@@ -235,6 +238,22 @@ def test_a_prompts_file_that_is_not_utf8_is_one_error_line(tmp_path):
   assert out.returncode == 2 and "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines() == [
       f"error: --prompts-file {str(path)!r} is not UTF-8 text (byte 9); save it as UTF-8"]
+
+
+def test_sere_rho_auto_takes_the_setting_the_shipped_pools_sweep_recommends():
+  from adafuse_jax.adapters.io import DEFAULT_POOL
+  from adafuse_jax.adapters.sere import load_recommendation
+
+  best, budget = load_recommendation(DEFAULT_POOL)
+  out = run_cli("--adapters", "default", "--sere-rho", "auto", "--json", "--max-new-tokens", "4",
+                "--prompt", "def fibonacci(n):", "--prompt", "The capital of France is")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout)
+  if best is None:  # the sweep found nothing to save within its budget: SERE off, said so
+    assert result.get("sere") is None and f"within +{budget:g}% perplexity" in out.stderr
+  else:
+    assert result["sere"] == {"rho": best["rho"], "primary": best["primary_k"]}
+    assert best["ppl_cost_pct"] <= budget
 
 
 def test_sere_runs_from_the_command_line_with_the_pools_similarity():

@@ -83,27 +83,63 @@ def test_calibration_covers_only_the_layers_that_carry_experts():
   assert sim.shape == (cfg.layers - 1, 4, 4) and np.isfinite(sim).all()
 
 
+def _row(primary, rho, ppl, distinct):
+  return {"primary_k": primary, "rho": rho, "mean_ppl": ppl, "mean_distinct": distinct}
+
+
+def test_the_recommended_setting_reads_fewest_experts_within_the_perplexity_budget():
+  from adafuse_jax.train.sere_sweep import recommend
+
+  rows = [_row(1, 1.0, 10.0, 30.0), _row(1, 0.5, 10.04, 29.0), _row(1, 0.2, 10.2, 20.0),
+          _row(2, 0.5, 10.01, 29.5), _row(2, 0.0, 10.049, 25.0)]
+  best = recommend(rows, 0.5)
+  assert (best["primary_k"], best["rho"], best["mean_distinct"]) == (2, 0.0, 25.0)
+  assert best["ppl_cost_pct"] == pytest.approx(0.49)
+  assert recommend(rows, 2.5)["rho"] == 0.2           # a larger budget buys more
+  assert recommend(rows, 0.0) is None                  # nothing saves experts for free
+  assert recommend([_row(1, 1.0, 10.0, 8.0), _row(1, 0.0, 9.9, 8.0)], 0.5) is None  # no saving
+
+
 def test_sere_calibrate_saves_the_similarity_that_decode_then_reads(tmp_path, capsys):
   """`train sere-calibrate` on a copy of the shipped pool, calibrated on the user's own text:
-  the [L, E, E] file lands beside the pool and `decode --sere-rho` runs with it; the shipped
-  pool itself and a pool of another mode are refused by name."""
+  the [L, E, E] file lands beside the pool and `decode --sere-rho` runs with it; `--sweep` saves
+  the quality sweep whose recommendation `--sere-rho auto` takes (before it, a named error); bad
+  sweep values and the shipped pool itself are refused by name."""
   import json
   import shutil
 
   from adafuse_jax import decode
   from adafuse_jax.adapters.io import DEFAULT_POOL
-  from adafuse_jax.adapters.sere import SIMILARITY_FILE
+  from adafuse_jax.adapters.sere import QUALITY_FILE, SIMILARITY_FILE
   from adafuse_jax.train import cli
 
   pool = tmp_path / "pool"
   shutil.copytree(DEFAULT_POOL, pool)
   (pool / SIMILARITY_FILE).unlink()
+  (pool / QUALITY_FILE).unlink(missing_ok=True)
   text = (pathlib.Path(__file__).parent / "data" / "GPL-3.txt").read_text()
   (tmp_path / "mine.jsonl").write_text(json.dumps({"text": text}) + "\n")
-  assert cli.main(["sere-calibrate", "--adapters", str(pool), "--data",
-                   str(tmp_path / "mine.jsonl"), "--windows", "2", "--seq-len", "64",
-                   "--quiet"]) == 0
+  assert decode.main(["--adapters", str(pool), "--sere-rho", "auto", "--prompt", "Hi"]) == 2
+  assert f"has no {QUALITY_FILE} to pick --sere-rho auto from" in capsys.readouterr().err
+  mine = ["--adapters", str(pool), "--data", str(tmp_path / "mine.jsonl"), "--windows", "2",
+          "--seq-len", "64", "--quiet"]
+  assert cli.main(["sere-calibrate", *mine, "--sweep", "--rhos", "1,2"]) == 2
+  assert "each rho must be in [0, 1]" in capsys.readouterr().err
+  assert cli.main(["sere-calibrate", *mine, "--sweep", "--primaries", "3"]) == 2
+  assert "each S must be in [1, top-k = 2]" in capsys.readouterr().err
+  assert cli.main(["sere-calibrate", *mine, "--sweep", "--rhos", "1,0", "--sweep-windows", "2",
+                   "--sweep-seq-len", "32"]) == 0
   report = json.loads(capsys.readouterr().out)
+  saved = json.loads((pool / QUALITY_FILE).read_text())
+  assert [(r["primary_k"], r["rho"]) for r in saved["rows"]] == [(1, 1.0), (1, 0.0)]
+  assert all(np.isfinite(r["mean_ppl"]) and 1 <= r["mean_distinct"] <= 4 for r in saved["rows"])
+  assert saved["recommended"] == report["sweep"]["recommended"]
+  assert (pool / "sere_quality.md").is_file() and (pool / "sere_quality.png").is_file()
+  assert decode.main(["--adapters", str(pool), "--sere-rho", "auto", "--max-new-tokens", "2",
+                      "--json", "--prompt", "Hello"]) == 0
+  best, streams = saved["recommended"], capsys.readouterr()
+  assert json.loads(streams.out).get("sere") == (
+      None if best is None else {"rho": best["rho"], "primary": best["primary_k"]})
   similarity = np.load(pool / SIMILARITY_FILE)
   assert similarity.shape == (30, 8, 8) == tuple(report["shape"])
   assert np.isfinite(similarity).all()

@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--windows", type=int, default=2,
                  help="calibration windows of --seq-len tokens per domain")
   c.add_argument("--seq-len", type=int, default=128)
+  c.add_argument("--sweep", action="store_true",
+                 help="then measure held-out perplexity and distinct experts per batch step for"
+                      " each (--sere-primary S, --sere-rho) of --primaries x --rhos, save the"
+                      " report beside the pool (sere_quality.json/.md/.png) and the setting"
+                      " `--sere-rho auto` uses: the fewest experts within --max-ppl-cost")
+  c.add_argument("--rhos", default="1,0.5,0.2,0.1,0", help="with --sweep: rho values")
+  c.add_argument("--primaries", default=None,
+                 help="with --sweep: S values (default 1 .. top-k - 1)")
+  c.add_argument("--max-ppl-cost", type=float, default=0.5, metavar="PCT",
+                 help="with --sweep: the mean perplexity `--sere-rho auto` may add, in percent")
+  c.add_argument("--sweep-windows", type=int, default=16,
+                 help="with --sweep: held-out windows per domain, decoded as one batch")
+  c.add_argument("--sweep-seq-len", type=int, default=256)
   c.add_argument("--quiet", action="store_true")
   m = sub.add_parser("chat-mix",
                      help="the backbone's own chats plus the domains' text, as JSONL for fit"
@@ -235,8 +248,9 @@ def sere_calibrate(args) -> dict:
   cfg, _ = read_adapter_config(folder)  # a named error for a folder that is not a pool
   if cfg.mode != "pregated":
     raise UserError(f"SERE re-routes pre-gated choices; {str(folder)!r} is a {cfg.mode!r} pool")
+  plan = _sweep_plan(args, cfg) if args.sweep else None
   writable_folder(str(folder), "--adapters")
-  loaded, streams, _ = _setup(args, None if args.data else _prepared_cache(args))
+  loaded, streams, heldout = _setup(args, None if args.data else _prepared_cache(args))
   pool = load_adapters(folder, loaded.model.cfg, dtype=loaded.model.dtype)
   windows = [eval_windows(s, args.windows, args.seq_len)[:, :-1] for s in streams.values()]
   similarity = calibrate(loaded.model, pool, jnp.asarray(np.concatenate(windows)),
@@ -244,11 +258,70 @@ def sere_calibrate(args) -> dict:
   save_similarity(folder, similarity)
   mean = similarity.mean(0)
   off = mean[~np.eye(mean.shape[0], dtype=bool)]
-  return {"saved": str(folder / SIMILARITY_FILE), "shape": list(similarity.shape),
-          "windows": int(sum(len(w) for w in windows)), "seq_len": args.seq_len,
-          "domains": sorted(streams),
-          "off_diagonal_similarity": {"min": float(off.min()), "mean": float(off.mean()),
-                                      "max": float(off.max())}}
+  out = {"saved": str(folder / SIMILARITY_FILE), "shape": list(similarity.shape),
+         "windows": int(sum(len(w) for w in windows)), "seq_len": args.seq_len,
+         "domains": sorted(streams),
+         "off_diagonal_similarity": {"min": float(off.min()), "mean": float(off.mean()),
+                                     "max": float(off.max())}}
+  if plan is not None:
+    report = sere_quality_report(loaded.model, pool, folder, similarity, heldout, *plan,
+                                 windows=args.sweep_windows, seq_len=args.sweep_seq_len,
+                                 max_ppl_cost=args.max_ppl_cost, quiet=args.quiet)
+    from adafuse_jax.train import sere_sweep
+    sere_sweep.write(report, folder)
+    out["sweep"] = {"saved": str(folder / sere_sweep.QUALITY_FILE),
+                    "recommended": report["recommended"]}
+  return out
+
+
+def _sweep_plan(args, cfg) -> tuple[list[int], list[float]]:
+  """(S values, rho values) of `sere-calibrate --sweep`, checked before any model loads."""
+  import math
+
+  try:
+    rhos = [float(v) for v in args.rhos.split(",")]
+    primaries = ([int(v) for v in args.primaries.split(",")] if args.primaries
+                 else list(range(1, cfg.top_k)))
+  except ValueError:
+    raise UserError(f"--rhos {args.rhos!r} and --primaries {args.primaries!r} must be"
+                    " comma-separated numbers (e.g. --rhos 1,0.5,0 --primaries 1,2)") from None
+  if not rhos or any(not (math.isfinite(r) and 0.0 <= r <= 1.0) for r in rhos):
+    raise UserError(f"--rhos {args.rhos}: each rho must be in [0, 1]")
+  if not primaries or any(not 1 <= p <= cfg.top_k for p in primaries):
+    raise UserError(f"--primaries {args.primaries}: each S must be in [1, top-k = {cfg.top_k}]"
+                    " (the pool's top-k)")
+  if not (math.isfinite(args.max_ppl_cost) and args.max_ppl_cost >= 0):
+    raise UserError(f"--max-ppl-cost {args.max_ppl_cost} must be a percentage >= 0")
+  if args.sweep_windows < 1 or args.sweep_seq_len < 2:
+    raise UserError(f"--sweep-windows {args.sweep_windows} and --sweep-seq-len"
+                    f" {args.sweep_seq_len} must be at least 1 and 2")
+  return primaries, rhos
+
+
+def sere_quality_report(model, pool, folder: pathlib.Path, similarity, heldout: dict,
+                        primaries: list[int], rhos: list[float], *, windows: int, seq_len: int,
+                        max_ppl_cost: float, quiet: bool = False) -> dict:
+  """SERE's sweep on the pool's held-out text (`adafuse_jax.train.sere_sweep`), as the report
+  saved beside the pool: rows, the recommended setting, the environment and command."""
+  import jax.numpy as jnp
+  from tqdm.auto import tqdm
+
+  from adafuse_jax.bench.measure import environment
+  from adafuse_jax.train import sere_sweep
+
+  sim = jnp.asarray(similarity.mean(0))
+  bar = tqdm(total=len(primaries) * len(rhos), desc="SERE sweep", unit="setting",
+             disable=quiet)
+  rows = sere_sweep.sweep(model, pool, sim, heldout, primaries, rhos, windows=windows,
+                          seq_len=seq_len, report=lambda row: bar.update())
+  bar.close()
+  n = sim.shape[0]
+  return {"environment": environment(), "pool": folder.name, "adapter": pool.cfg.to_dict(),
+          "batch": windows, "seq_len": seq_len, "rows": rows,
+          "similarity_mean_offdiag": float((sim.sum() - jnp.trace(sim)) / (n * (n - 1))),
+          "max_ppl_cost_pct": max_ppl_cost,
+          "recommended": sere_sweep.recommend(rows, max_ppl_cost),
+          "command": " ".join(["python -m adafuse_jax.train", *sys.argv[1:]])}
 
 
 def run_all(args) -> dict:

@@ -26,6 +26,9 @@ import numpy as np
 from adafuse_jax.model.cache import KVCache
 
 SIMILARITY_FILE = "sere_similarity.npy"
+# The measured quality sweep of a pool (`adafuse_jax.train.sere_sweep`), with the setting that
+# `--sere-rho auto` uses.
+QUALITY_FILE = "sere_quality.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,19 @@ def save_similarity(path: str | pathlib.Path, similarity: np.ndarray) -> None:
 def load_similarity(path: str | pathlib.Path) -> np.ndarray | None:
   f = pathlib.Path(path) / SIMILARITY_FILE
   return np.load(f) if f.exists() else None
+
+
+def load_recommendation(path: str | pathlib.Path) -> tuple[dict | None, float] | None:
+  """(the setting {"primary_k", "rho", ...} the pool's quality sweep recommends, or None for
+  off; the perplexity budget in percent it was chosen for), or None where the pool has no
+  QUALITY_FILE."""
+  f = pathlib.Path(path) / QUALITY_FILE
+  if not f.is_file():
+    return None
+  import json
+
+  report = json.loads(f.read_text())
+  return report.get("recommended"), float(report.get("max_ppl_cost_pct", 0.5))
 
 
 def reroute(experts: jax.Array, similarity: jax.Array, primary_k: int, rho: float) -> jax.Array:
