@@ -36,7 +36,8 @@ from adafuse_jax.vocab import Mode, PathName, Variant, parse_path
 # fused_base_max_rows: a narrow pool (8 experts, E·r = 128 and 512) at batch 1 runs its whole
 # step (SERE on) faster with the base folded in (1.286x and 1.356x the backbone, against 1.368x and
 # 1.483x with XLA's base), at batch 32 slower (E·r = 512: 1.723x against 1.629x;
-# docs/benchmarks/h200/gathered-probe/). Batches between were not measured: 8 splits them.
+# docs/benchmarks/h200/gathered-probe/). Batches between were not measured: 8 splits them; nor
+# was E·r = 128 at batch 32 (the base weights' bytes, the same at any narrow width, decide it).
 THRESHOLDS = Thresholds(decode_max_tokens=64, gather_max_share=0.25, segmented_min_share=0.25,
                         fused_base_max_width=512, fused_base_max_rows=8)
 
