@@ -11,6 +11,10 @@
 # `serve`: the OpenAI server under load beside the static-batch and sequential decoders
 # (load/{results.json,results.md,load.png}, load.log); COMPILE_CACHE=DIR loads and fills JAX's
 # compilation cache there, SAVE_CACHE=1 sends it back as jcc.tgz.* (at most 3 pieces fit $OUT).
+# `gathered-probe`: the whole gathered SERE step with the expansion's settings varied
+# (gathered-probe.jsonl; EXPERTS, RANK, TOP_K, BATCH, ROUNDS, VARIANTS=library,load,registers,
+# static,static-summed,xla-base,xla-base-static; `python tools/gathered_probe.py --table FILE`
+# renders it).
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 parts=${*:-tests layers bench}
