@@ -12,10 +12,10 @@ active experts' A or B) over its time; on the GPU also the kernels' own time per
 profiler trace (the wall time of a call also holds the host's dispatch of 32 launches and the
 partial sums). Beside the library's two kernels, each checked against them first (`--check`):
 the expansion's other slot loops (`expand-registers`, `expand-static`: `Tiles.slot_loop`;
-`-summed`: h's partial sums added once before the static one), two layout probes that read each expert's block
-contiguously (`shrink-expert-major`: A as [L, E, K, r]; `expand-bt`: B as [L, E, N, r]), and
-XLA's dense products over all E experts (`*-xla-dense`: what path `packed` reads), the time a
-gathered kernel has to beat. JSON lines on stdout, a table in DIR/sweep.md.
+`-summed`: h's partial sums added once before the static one), two layout probes that read each
+expert's block contiguously (`shrink-expert-major`: A as [L, E, K, r]; `expand-bt`: B as
+[L, E, N, r]), and XLA's dense products over all E experts (`*-xla-dense`: what path `packed`
+reads), the time a gathered kernel has to beat. JSON lines on stdout, a table in DIR/sweep.md.
 `--dims` scales the model's widths down for a CPU smoke run (the Pallas interpreter).
 """
 

@@ -4,9 +4,9 @@
 
 The BGMV sweep (`tools/bgmv_large_sweep.py`) times each kernel alone; this probe asks the
 question that decides a default: the whole `pregated-gathered+sere` step of the Llama-2-7B
-preset with `bgmv.expand` as the library runs it (`library`), with each other form of its slot
-loop (`Tiles.slot_loop`: `load`, `registers`, `static`), with the static loop over an h whose partial
-sums were added first (`static-summed`; here once per module, a step that adopts it would add
+preset with `bgmv.expand` as the library runs it (`library`), with each form of its slot loop
+(`Tiles.slot_loop`: `load`, `registers`, `static`), with the static loop over an h whose
+partial sums were added first (`static-summed`; here once per module, a step that adopts it would add
 them once per group), and, for narrow pools whose base GEMM the library fuses into the
 expansion, with XLA's base GEMM and the expansion alone (`xla-base`, `xla-base-static`),
 interleaved in rounds beside the fused-weight backbone and `pregated-packed` (the path the

@@ -24,14 +24,14 @@ import argparse
 import json
 import pathlib
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 
 from adafuse_jax.adapters.io import DEFAULT_POOL, read_adapter_config, resolve_adapters
 from adafuse_jax.adapters.sere import calibrate, load_similarity, save_similarity
 from adafuse_jax.paths import registry
-from adafuse_jax.train import cli, data, sere_sweep
+from adafuse_jax.errors import UserError
+from adafuse_jax.train import data, sere_sweep
 from adafuse_jax.train.loop import eval_windows
 from adafuse_jax.weights import load_model
 
@@ -71,10 +71,8 @@ def main() -> None:
   cfg, _ = read_adapter_config(folder)
   pool = resolve_adapters(args.adapters, cfg, model.cfg)
   try:
-    primaries, rhos = cli._sweep_plan(SimpleNamespace(
-        rhos=args.rhos, primaries=args.primaries, max_ppl_cost=args.max_ppl_cost,
-        sweep_windows=args.windows, sweep_seq_len=args.seq_len), cfg)
-  except cli.UserError as e:
+    primaries, rhos = sere_sweep.plan(args.rhos, args.primaries, cfg.top_k, args.max_ppl_cost)
+  except UserError as e:
     p.error(str(e))
   cache_dir = data.default_cache()
   data.prepare(cache_dir, progress=False)
@@ -85,9 +83,9 @@ def main() -> None:
     calib = np.concatenate([eval_windows(s, 2, 128)[:, :-1] for s in train_streams.values()])
     similarity = calibrate(model, pool, jnp.asarray(calib), registry.runtime(pool))
     save_similarity(folder, similarity)
-  report = cli.sere_quality_report(model, pool, folder, similarity, heldout, primaries, rhos,
-                                   windows=args.windows, seq_len=args.seq_len,
-                                   max_ppl_cost=args.max_ppl_cost)
+  report = sere_sweep.report(model, pool, folder.name, similarity, heldout, primaries, rhos,
+                             windows=args.windows, seq_len=args.seq_len,
+                             max_ppl_cost=args.max_ppl_cost)
   report["command"] = " ".join(["python tools/sere_quality.py", *sys.argv[1:]])
   sere_sweep.write(report, out, stem="quality")
   sere_sweep.write(report, folder, figures=False)  # what --sere-rho auto reads

@@ -236,6 +236,7 @@ def sere_calibrate(args) -> dict:
   from adafuse_jax.adapters.io import DEFAULT_POOL, load_adapters, read_adapter_config
   from adafuse_jax.adapters.sere import SIMILARITY_FILE, calibrate, save_similarity
   from adafuse_jax.paths import registry
+  from adafuse_jax.train import sere_sweep
   from adafuse_jax.train.loop import eval_windows
 
   folder = pathlib.Path(args.adapters)
@@ -248,7 +249,12 @@ def sere_calibrate(args) -> dict:
   cfg, _ = read_adapter_config(folder)  # a named error for a folder that is not a pool
   if cfg.mode != "pregated":
     raise UserError(f"SERE re-routes pre-gated choices; {str(folder)!r} is a {cfg.mode!r} pool")
-  plan = _sweep_plan(args, cfg) if args.sweep else None
+  plan = None
+  if args.sweep:
+    plan = sere_sweep.plan(args.rhos, args.primaries, cfg.top_k, args.max_ppl_cost)
+    if args.sweep_windows < 1 or args.sweep_seq_len < 2:
+      raise UserError(f"--sweep-windows {args.sweep_windows} and --sweep-seq-len"
+                      f" {args.sweep_seq_len} must be at least 1 and 2")
   writable_folder(str(folder), "--adapters")
   loaded, streams, heldout = _setup(args, None if args.data else _prepared_cache(args))
   pool = load_adapters(folder, loaded.model.cfg, dtype=loaded.model.dtype)
@@ -264,64 +270,13 @@ def sere_calibrate(args) -> dict:
          "off_diagonal_similarity": {"min": float(off.min()), "mean": float(off.mean()),
                                      "max": float(off.max())}}
   if plan is not None:
-    report = sere_quality_report(loaded.model, pool, folder, similarity, heldout, *plan,
-                                 windows=args.sweep_windows, seq_len=args.sweep_seq_len,
-                                 max_ppl_cost=args.max_ppl_cost, quiet=args.quiet)
-    from adafuse_jax.train import sere_sweep
+    report = sere_sweep.report(loaded.model, pool, folder.name, similarity, heldout, *plan,
+                               windows=args.sweep_windows, seq_len=args.sweep_seq_len,
+                               max_ppl_cost=args.max_ppl_cost, progress=not args.quiet)
     sere_sweep.write(report, folder)
     out["sweep"] = {"saved": str(folder / sere_sweep.QUALITY_FILE),
                     "recommended": report["recommended"]}
   return out
-
-
-def _sweep_plan(args, cfg) -> tuple[list[int], list[float]]:
-  """(S values, rho values) of `sere-calibrate --sweep`, checked before any model loads."""
-  import math
-
-  try:
-    rhos = [float(v) for v in args.rhos.split(",")]
-    primaries = ([int(v) for v in args.primaries.split(",")] if args.primaries
-                 else list(range(1, cfg.top_k)))
-  except ValueError:
-    raise UserError(f"--rhos {args.rhos!r} and --primaries {args.primaries!r} must be"
-                    " comma-separated numbers (e.g. --rhos 1,0.5,0 --primaries 1,2)") from None
-  if not rhos or any(not (math.isfinite(r) and 0.0 <= r <= 1.0) for r in rhos):
-    raise UserError(f"--rhos {args.rhos}: each rho must be in [0, 1]")
-  if not primaries or any(not 1 <= p <= cfg.top_k for p in primaries):
-    raise UserError(f"--primaries {args.primaries}: each S must be in [1, top-k = {cfg.top_k}]"
-                    " (the pool's top-k)")
-  if not (math.isfinite(args.max_ppl_cost) and args.max_ppl_cost >= 0):
-    raise UserError(f"--max-ppl-cost {args.max_ppl_cost} must be a percentage >= 0")
-  if args.sweep_windows < 1 or args.sweep_seq_len < 2:
-    raise UserError(f"--sweep-windows {args.sweep_windows} and --sweep-seq-len"
-                    f" {args.sweep_seq_len} must be at least 1 and 2")
-  return primaries, rhos
-
-
-def sere_quality_report(model, pool, folder: pathlib.Path, similarity, heldout: dict,
-                        primaries: list[int], rhos: list[float], *, windows: int, seq_len: int,
-                        max_ppl_cost: float, quiet: bool = False) -> dict:
-  """SERE's sweep on the pool's held-out text (`adafuse_jax.train.sere_sweep`), as the report
-  saved beside the pool: rows, the recommended setting, the environment and command."""
-  import jax.numpy as jnp
-  from tqdm.auto import tqdm
-
-  from adafuse_jax.bench.measure import environment
-  from adafuse_jax.train import sere_sweep
-
-  sim = jnp.asarray(similarity.mean(0))
-  bar = tqdm(total=len(primaries) * len(rhos), desc="SERE sweep", unit="setting",
-             disable=quiet)
-  rows = sere_sweep.sweep(model, pool, sim, heldout, primaries, rhos, windows=windows,
-                          seq_len=seq_len, report=lambda row: bar.update())
-  bar.close()
-  n = sim.shape[0]
-  return {"environment": environment(), "pool": folder.name, "adapter": pool.cfg.to_dict(),
-          "batch": windows, "seq_len": seq_len, "rows": rows,
-          "similarity_mean_offdiag": float((sim.sum() - jnp.trace(sim)) / (n * (n - 1))),
-          "max_ppl_cost_pct": max_ppl_cost,
-          "recommended": sere_sweep.recommend(rows, max_ppl_cost),
-          "command": " ".join(["python -m adafuse_jax.train", *sys.argv[1:]])}
 
 
 def run_all(args) -> dict:

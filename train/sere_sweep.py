@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import sys
 from typing import Callable
 
 import jax
@@ -27,12 +28,14 @@ from flax import nnx
 
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.adapters.sere import QUALITY_FILE, SereSettings
+from adafuse_jax.errors import UserError
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.paths import registry
 from adafuse_jax.train.loop import eval_windows
 
-__all__ = ["QUALITY_FILE", "sweep", "baseline", "recommend", "markdown", "plot", "write"]
+__all__ = ["QUALITY_FILE", "plan", "sweep", "report", "baseline", "recommend", "markdown", "plot",
+           "write"]
 
 
 def sweep(model: LlamaModel, pool: MixtureOfLoRA, similarity: jax.Array,
@@ -75,6 +78,50 @@ def sweep(model: LlamaModel, pool: MixtureOfLoRA, similarity: jax.Array,
       if report is not None:
         report(row)
   return rows
+
+
+def plan(rhos: str, primaries: str | None, top_k: int,
+         max_ppl_cost: float) -> tuple[list[int], list[float]]:
+  """(S values, rho values) of a sweep from their comma-separated spellings (S by default
+  1 .. top-k - 1), every setting checked before any model loads (a named UserError)."""
+  try:
+    rho_values = [float(v) for v in rhos.split(",")]
+    s_values = ([int(v) for v in primaries.split(",")] if primaries
+                else list(range(1, top_k)))
+  except ValueError:
+    raise UserError(f"--rhos {rhos!r} and --primaries {primaries!r} must be comma-separated"
+                    " numbers (e.g. --rhos 1,0.5,0 --primaries 1,2)") from None
+  if not rho_values or any(not (math.isfinite(r) and 0.0 <= r <= 1.0) for r in rho_values):
+    raise UserError(f"--rhos {rhos}: each rho must be in [0, 1]")
+  if not s_values or any(not 1 <= p <= top_k for p in s_values):
+    raise UserError(f"--primaries {primaries}: each S must be in [1, top-k = {top_k}]"
+                    " (the pool's top-k)")
+  if not (math.isfinite(max_ppl_cost) and max_ppl_cost >= 0):
+    raise UserError(f"--max-ppl-cost {max_ppl_cost} must be a percentage >= 0")
+  return s_values, rho_values
+
+
+def report(model: LlamaModel, pool: MixtureOfLoRA, pool_name: str, similarity: np.ndarray,
+           heldout: dict[str, np.ndarray], primaries: list[int], rhos: list[float], *,
+           windows: int, seq_len: int, max_ppl_cost: float, progress: bool = True) -> dict:
+  """The sweep (`sweep`) as the report saved beside a pool: its rows, the recommended setting
+  (`recommend`), the environment and the command. similarity: [L, E, E] as calibrated."""
+  from tqdm.auto import tqdm
+
+  from adafuse_jax.bench.measure import environment
+
+  sim = jnp.asarray(similarity.mean(0))  # a pre-gated choice serves every layer
+  bar = tqdm(total=len(primaries) * len(rhos), desc="SERE sweep", unit="setting",
+             disable=not progress)
+  rows = sweep(model, pool, sim, heldout, primaries, rhos, windows=windows, seq_len=seq_len,
+               report=lambda row: bar.update())
+  bar.close()
+  n = sim.shape[0]
+  return {"environment": environment(), "pool": pool_name, "adapter": pool.cfg.to_dict(),
+          "batch": windows, "seq_len": seq_len, "rows": rows,
+          "similarity_mean_offdiag": float((sim.sum() - jnp.trace(sim)) / (n * (n - 1))),
+          "max_ppl_cost_pct": max_ppl_cost, "recommended": recommend(rows, max_ppl_cost),
+          "command": " ".join(["python -m adafuse_jax.train", *sys.argv[1:]])}
 
 
 def baseline(rows: list[dict]) -> dict:
