@@ -173,6 +173,70 @@ def expand_bt(h1, bt, layer, ids, count, *, rows: int, tiles: Tiles, interpret: 
   return jnp.sum(out[:, :rows], axis=0)
 
 
+def _expand_unrolled_kernel(layer_ref, ids_ref, count_ref, h_ref, b_ref, o_ref, *, rank: int,
+                            parts: int, unroll: int, transposed: bool, block_m: int,
+                            block_n: int, block_r: int):
+  """The expansion over h1 (partial sums added) with a loop of runtime length whose every trip
+  takes `unroll` of the part's slots at once: their B tiles are loaded before any is used, so
+  `unroll` loads are in flight without relying on Triton's pipelining of the loop. B as
+  [L, E, r, N] or, `transposed`, [L, E, N, r] (a strip of one expert contiguous)."""
+  n_total = b_ref.shape[2] if transposed else b_ref.shape[3]
+  j, p = pl.program_id(0), pl.program_id(1)
+  layer, count = layer_ref[0], count_ref[0]
+  cols = j * block_n + jnp.arange(block_n)
+  col_mask = cols < n_total
+  r_mask = jnp.arange(block_r) < rank
+  slots = ids_ref.shape[0]
+  lanes = jnp.arange(pl.next_power_of_2(slots))
+  ids = plgpu.load(ids_ref.at[pl.ds(0, lanes.shape[0])], mask=lanes < slots, other=0)
+  mine = jnp.maximum(count - p + parts - 1, 0) // parts
+
+  def body(t, acc):
+    tiles = []
+    for i in range(unroll):  # every load first, then the products
+      u = p + (t * unroll + i) * parts
+      active = u < count
+      expert = jnp.sum(jnp.where(lanes == u, ids, 0))
+      h = plgpu.load(h_ref.at[pl.ds(0, block_m), pl.ds(u * block_r, block_r)],
+                     mask=jnp.broadcast_to(active, (block_m, block_r)), other=0.0)
+      if transposed:
+        b = plgpu.load(b_ref.at[layer, expert, pl.ds(j * block_n, block_n), pl.ds(0, block_r)],
+                       mask=active & col_mask[:, None] & r_mask[None, :], other=0.0)
+      else:
+        b = plgpu.load(b_ref.at[layer, expert, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
+                       mask=active & r_mask[:, None] & col_mask[None, :], other=0.0)
+      tiles.append((h, b))
+    for h, b in tiles:
+      acc = acc + plgpu.dot(h.astype(b.dtype), b, trans_b=transposed).astype(jnp.float32)
+    return acc
+
+  acc = jax.lax.fori_loop(0, pl.cdiv(mine, unroll), body,
+                          jnp.zeros((block_m, block_n), jnp.float32))
+  plgpu.store(o_ref.at[p, pl.ds(0, block_m), pl.ds(j * block_n, block_n)], acc,
+              mask=col_mask[None, :])
+
+
+def expand_unrolled(h1, b, layer, ids, count, *, rows: int, tiles: Tiles, interpret: bool,
+                    unroll: int, transposed: bool = False):
+  """Σ_u h1[:, u] @ B[layer, ids[u]] with `unroll` slots per loop trip; b [L, E, r, N] or
+  (`transposed`) [L, E, N, r]; h1 [M', U·r'] -> [rows, N] f32."""
+  n, rank = (b.shape[2], b.shape[3]) if transposed else (b.shape[3], b.shape[2])
+  slots = ids.shape[0]
+  block_m = h1.shape[0]
+  parts = expert_splits(n, slots, tiles)
+  kernel = functools.partial(_expand_unrolled_kernel, rank=rank, parts=parts, unroll=unroll,
+                             transposed=transposed, block_m=block_m, block_n=tiles.block_n,
+                             block_r=dot_block(rank))
+  out = pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32),
+      grid=(pl.cdiv(n, tiles.block_n), parts),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret, name="gathered_expand_unrolled",
+  )(jnp.asarray(layer, jnp.int32).reshape(1), ids, count, h1, b)
+  return jnp.sum(out[:, :rows], axis=0)
+
+
 def gpu_us(call, layers: int, calls: int = 5, prefix: str = "gathered_"
            ) -> tuple[float, float] | None:
   """(µs per layer in the kernels named `prefix`..., µs per layer in everything else; "" counts
@@ -213,7 +277,8 @@ def main() -> None:
   p.add_argument("--kinds", default="",
                  help="shrink,shrink-expert-major,shrink-xla-dense,expand,expand-registers,"
                       "expand-static,"
-                      "expand-static-summed,expand-bt,expand-xla-dense (default all)")
+                      "expand-static-summed,expand-bt,expand-unroll2,expand-unroll4,expand-bt-unroll2,"
+                      "expand-xla-dense (default all)")
   p.add_argument("--check", action="store_true",
                  help="compare every formulation with the library's before timing")
   args = p.parse_args()
@@ -256,6 +321,9 @@ def main() -> None:
                ("expand-static", expand_tiles, b_bytes),
                ("expand-static-summed", expand_tiles, b_bytes),
                ("expand-bt", expand_tiles, b_bytes),
+               ("expand-unroll2", expand_tiles, b_bytes),
+               ("expand-unroll4", expand_tiles, b_bytes),
+               ("expand-bt-unroll2", expand_tiles, b_bytes),
                ("expand-xla-dense", [None], L * E * r * outs[0] * item)]
       a_em = jnp.moveaxis(a[0], 2, 1)  # [L, E, K, r]
       bt = jnp.moveaxis(b, 3, 2)       # [L, E, N, r]
@@ -275,6 +343,10 @@ def main() -> None:
                                                interpret=on_cpu, loop=loop), want, tiles)
           same("expand-bt", expand_bt(h1, bt, 1, ids, count, rows=m, tiles=tiles,
                                       interpret=on_cpu), want, tiles)
+          for unroll, transposed in ((2, False), (4, False), (2, True)):
+            same(f"expand-{'bt-' if transposed else ''}unroll{unroll}", expand_unrolled(
+                h1, bt if transposed else b, 1, ids, count, rows=m, tiles=tiles,
+                interpret=on_cpu, unroll=unroll, transposed=transposed), want, tiles)
         ungated = jnp.ones_like(gmat)
         for tiles in candidates("shrink", False):
           want = gathered_shrink(x, a[:1], 1, ids, count, ungated, tiles=tiles,
@@ -300,6 +372,12 @@ def main() -> None:
             fn = jax.jit(lambda h1, bt, t=tiles: [expand_bt(
                 h1, bt, l, ids, count, rows=m, tiles=t, interpret=on_cpu) for l in range(L)])
             call = lambda fn=fn: fn(h1, bt)  # noqa: E731
+          elif "unroll" in kind:
+            transposed, unroll = "-bt-" in kind, int(kind[-1])
+            fn = jax.jit(lambda h1, b, t=tiles, u=unroll, tr=transposed: [expand_unrolled(
+                h1, b, l, ids, count, rows=m, tiles=t, interpret=on_cpu, unroll=u,
+                transposed=tr) for l in range(L)])
+            call = lambda fn=fn, bb=(bt if transposed else b): fn(h1, bb)  # noqa: E731
           elif kind == "shrink":
             fn = jax.jit(lambda x, a, t=tiles: [gathered_shrink(
                 x, a, l, ids, count, gmat, tiles=t, interpret=on_cpu) for l in range(L)])
