@@ -143,7 +143,9 @@ def test_entry_points_equal_the_kernels():
     bgmv.shrink(x, a, 1, ids, count, gmat, backend="mosaic")
 
 
-@pytest.mark.parametrize("slot_loop", ["load", "registers", "static"])
+@pytest.mark.parametrize("slot_loop, slot_unroll", [
+    ("load", 1), ("registers", 1), ("static", 1),
+    ("registers", 2), ("registers", 3), ("static", 2), ("load", 2)])  # 3: a ragged last trip
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("m, k, n, num_experts, rank, top_k, layers, groups", [
     (1, 100, 70, 8, 16, 2, 3, 2),     # batch 1, ragged columns
@@ -152,16 +154,17 @@ def test_entry_points_equal_the_kernels():
 ])
 def test_expand_alone_beside_a_base_matmul_matches_reference(dtype, m, k, n, num_experts, rank,
                                                              top_k, layers, groups,
-                                                             slot_loop):
+                                                             slot_loop, slot_unroll):
   """`gathered_expand` (the expansion without the base matmul) plus x @ W equals the reference,
-  in every form of its slot loop (the static one masks the slots past `count`); its partial
+  in every form of its slot loop and with several slots per trip (the static loop and the last
+  trip of an unrolled one mask the slots past `count`); its partial
   sums start as NaN, so every (strip, part) program must write its own."""
   from pallas_kernels.bgmv.triton import expert_splits, gathered_expand
 
   x, w, a, b, experts, gates = _problem(m * 3 + n, m, k, n, num_experts, rank, top_k, layers,
                                         dtype, groups)
   layer = layers - 1
-  tiles = Tiles(block_n=32, min_programs=12, slot_loop=slot_loop)
+  tiles = Tiles(block_n=32, min_programs=12, slot_loop=slot_loop, slot_unroll=slot_unroll)
   ids, count, gmat = active_experts(experts, gates, num_experts)
   h = gathered_shrink(x, a, layer, ids, count, gmat, scale=0.5, tiles=SMALL, interpret=INTERPRET)
   parts = expert_splits(n, ids.shape[0], tiles)
@@ -193,11 +196,13 @@ def test_expand_alone_names_bad_shapes():
                     interpret=INTERPRET)
   with pytest.raises(ValueError, match="slot_loop='dynamic'; expected one of"):
     Tiles(slot_loop="dynamic")
+  with pytest.raises(ValueError, match="slot_unroll=0; expected 1 to 8"):
+    Tiles(slot_unroll=0)
 
 
 def test_kernels_lower_to_triton_for_cuda_on_any_machine():
   """The Triton lowering of the shrink, the fused expand and the expansion alone (every form of
-  its slot loop) is built on the CPU too (every op they use): the 7B q/k/v shape at batch 32,
+  its slot loop, and two slots per trip) is built on the CPU too (every op they use): the 7B q/k/v shape at batch 32,
   64 rank-64 experts."""
   from pallas_kernels.bgmv.triton import gathered_expand
 
@@ -215,11 +220,12 @@ def test_kernels_lower_to_triton_for_cuda_on_any_machine():
     h = gathered_shrink(x, [a], 1, ids, count, gmat)
     return (gathered_expand_matmul(x, w, 1, h, b, ids, count),
             gathered_expand(h, b, 1, ids, count, rows=m),
-            *[gathered_expand(h, b, 1, ids, count, rows=m, tiles=Tiles(slot_loop=loop))
-              for loop in ("load", "static")])
+            *[gathered_expand(h, b, 1, ids, count, rows=m,
+                              tiles=Tiles(slot_loop=loop, slot_unroll=unroll))
+              for loop, unroll in (("load", 1), ("static", 1), ("registers", 2))])
 
   text = jax.jit(step).trace(x, w, a, b, ids, count, gmat).lower(
       lowering_platforms=("cuda",)).as_text()
-  assert text.count("xla.gpu.triton") == 5  # one Triton custom call per kernel (three expands)
+  assert text.count("xla.gpu.triton") == 6  # one Triton custom call per kernel (four expands)
   for name in ("gathered_shrink", "gathered_expand_matmul", "gathered_expand"):
     assert f"func.func private @{name}(" in text

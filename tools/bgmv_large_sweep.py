@@ -69,10 +69,10 @@ def candidates(kind: str, full: bool) -> list[Tiles]:
 
 
 def expand_loop(h, b, layer, ids, count, *, rows: int, tiles: Tiles, interpret: bool,
-                loop: str = "static"):
-  """`gathered_expand` with this slot loop (`Tiles.slot_loop`) at these tiles."""
+                loop: str = "static", unroll: int = 1):
+  """`gathered_expand` with this slot loop (`Tiles.slot_loop`, `slot_unroll`) at these tiles."""
   return gathered_expand(h, b, layer, ids, count, rows=rows, interpret=interpret,
-                         tiles=dataclasses.replace(tiles, slot_loop=loop))
+                         tiles=dataclasses.replace(tiles, slot_loop=loop, slot_unroll=unroll))
 
 
 def _shrink_expert_major_kernel(layer_ref, ids_ref, count_ref, x_ref, a_ref, h_ref, *,
@@ -277,7 +277,7 @@ def main() -> None:
   p.add_argument("--kinds", default="",
                  help="shrink,shrink-expert-major,shrink-xla-dense,expand,expand-registers,"
                       "expand-static,"
-                      "expand-static-summed,expand-bt,expand-unroll2,expand-unroll4,expand-bt-unroll2,"
+                      "expand-registers-unroll2,expand-static-summed,expand-bt,expand-unroll2,expand-unroll4,expand-bt-unroll2,"
                       "expand-xla-dense (default all)")
   p.add_argument("--check", action="store_true",
                  help="compare every formulation with the library's before timing")
@@ -318,6 +318,7 @@ def main() -> None:
                ("shrink-xla-dense", [None], L * len(outs) * d_in * E * r * item),
                ("expand", expand_tiles, b_bytes),
                ("expand-registers", expand_tiles, b_bytes),
+               ("expand-registers-unroll2", expand_tiles, b_bytes),
                ("expand-static", expand_tiles, b_bytes),
                ("expand-static-summed", expand_tiles, b_bytes),
                ("expand-bt", expand_tiles, b_bytes),
@@ -372,6 +373,11 @@ def main() -> None:
             fn = jax.jit(lambda h1, bt, t=tiles: [expand_bt(
                 h1, bt, l, ids, count, rows=m, tiles=t, interpret=on_cpu) for l in range(L)])
             call = lambda fn=fn: fn(h1, bt)  # noqa: E731
+          elif kind == "expand-registers-unroll2":  # the library's kernel, 2 slots per trip
+            fn = jax.jit(lambda h, b, t=tiles: [expand_loop(
+                h, b, l, ids, count, rows=m, tiles=t, interpret=on_cpu, loop="registers",
+                unroll=2) for l in range(L)])
+            call = lambda fn=fn: fn(h, b)  # noqa: E731
           elif "unroll" in kind:
             transposed, unroll = "-bt-" in kind, int(kind[-1])
             fn = jax.jit(lambda h1, b, t=tiles, u=unroll, tr=transposed: [expand_unrolled(

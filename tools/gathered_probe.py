@@ -5,7 +5,8 @@
 The BGMV sweep (`tools/bgmv_large_sweep.py`) times each kernel alone; this probe asks the
 question that decides a default: the whole `pregated-gathered+sere` step of the Llama-2-7B
 preset with `bgmv.expand` as the library runs it (`library`), with each form of its slot loop
-(`Tiles.slot_loop`: `load`, `registers`, `static`), with the static loop over an h whose
+(`Tiles.slot_loop`: `load`, `registers`, `static`; `registers-unroll2/3` take 2 or 3 slots per
+trip, `Tiles.slot_unroll`), with the static loop over an h whose
 partial sums were added first (`static-summed`; here once per module, a step that adopts it would add
 them once per group), and, for narrow pools whose base GEMM the library fuses into the
 expansion, with XLA's base GEMM and the expansion alone (`xla-base`, `xla-base-static`),
@@ -47,16 +48,19 @@ def _expand_summed(h, b, layer, ids, count, *, group=0, rows, tiles=None, backen
                          backend=backend)
 
 
-# name -> (the expansion's slot loop, h summed first, XLA's base GEMM whatever the pool's width).
-VARIANTS = {"library": (None, False, False), "load": ("load", False, False),
-            "registers": ("registers", False, False),
-            "static": ("static", False, False), "static-summed": ("static", True, False),
-            "xla-base": (None, False, True), "xla-base-static": ("static", False, True)}
+# name -> (the expansion's slot loop, h summed first, XLA's base GEMM whatever the pool's width,
+# slots per trip of the loop).
+VARIANTS = {"library": (None, False, False, None), "load": ("load", False, False, 1),
+            "registers": ("registers", False, False, 1),
+            "registers-unroll2": ("registers", False, False, 2),
+            "registers-unroll3": ("registers", False, False, 3),
+            "static": ("static", False, False, 1), "static-summed": ("static", True, False, 1),
+            "xla-base": (None, False, True, None), "xla-base-static": ("static", False, True, 1)}
 
 
 @contextlib.contextmanager
-def patched(slot_loop: str | None, summed: bool, xla_base: bool):
-  """The expansion's settings for the steps compiled inside. `xla_base` moves
+def patched(slot_loop: str | None, summed: bool, xla_base: bool, unroll: int | None = None):
+  """The expansion's settings for the steps compiled inside (None: the library's). `xla_base` moves
   `Thresholds.fused_base_max_width` to 0, so that a narrow pool (E·r <= 512, whose base GEMM
   the library fuses into the Pallas expansion) runs XLA's base GEMM and `bgmv.expand` too."""
   library_tiles = triton.EXPAND_TILES
@@ -64,6 +68,8 @@ def patched(slot_loop: str | None, summed: bool, xla_base: bool):
   library_thresholds = gathered.thresholds
   if slot_loop is not None:
     triton.EXPAND_TILES = dataclasses.replace(library_tiles, slot_loop=slot_loop)
+  if unroll is not None:
+    triton.EXPAND_TILES = dataclasses.replace(triton.EXPAND_TILES, slot_unroll=unroll)
   if summed:
     bgmv.expand = _expand_summed
   if xla_base:

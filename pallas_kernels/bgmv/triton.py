@@ -56,7 +56,9 @@ class Tiles:
   active slots that loads each slot's id from memory before its B tile; "registers" (default)
   the same loop with the ids loaded once into registers (no load in it waits on another);
   "static" a loop of static length over every slot, the ids in registers and the slots past
-  `count` masked.
+  `count` masked. slot_unroll (`gathered_expand` only): slots a trip of that loop takes, their
+  tiles all loaded before the first product, so that this many B tiles are in flight whatever
+  Triton's pipelining of the loop does (the last trip's extra slots masked).
   """
 
   block_n: int = 64
@@ -68,10 +70,13 @@ class Tiles:
   # "registers": 5% off the whole 64 x rank-64 SERE step against "load", the static loop 31%
   # slower (tools/gathered_probe.py, docs/benchmarks/h200/gathered-probe/).
   slot_loop: str = "registers"
+  slot_unroll: int = 1
 
   def __post_init__(self):
     if self.slot_loop not in SLOT_LOOPS:
       raise ValueError(f"slot_loop={self.slot_loop!r}; expected one of {SLOT_LOOPS}")
+    if not 1 <= self.slot_unroll <= 8:
+      raise ValueError(f"slot_unroll={self.slot_unroll}; expected 1 to 8 slots per trip")
 
   @classmethod
   def get_default(cls, rows: int, d_in: int, d_out: int, itemsize: int = 2) -> "Tiles":
@@ -217,11 +222,12 @@ def gathered_shrink(x: jax.Array, a_pools: Sequence[jax.Array], layer: jax.Array
     gmat.astype(jnp.float32), *a_pools)
 
 
-def _slot_product(h_ref, b_ref, layer, j, col_mask, u, expert, active=None, *, group: int,
-                  rank: int, splits: int, block_m: int, block_n: int, block_r: int) -> jax.Array:
-  """Inside an expand kernel: slot u's f32 tile (Σ_s h[group, s, :, u]) @ B[layer, expert] over
-  column strip j; with `active` (a traced bool) both loads are masked by it, so an inactive
-  slot reads nothing and adds zeros."""
+def _slot_tiles(h_ref, b_ref, layer, j, col_mask, u, expert, active=None, *, group: int,
+                rank: int, splits: int, block_m: int, block_n: int, block_r: int
+                ) -> tuple[jax.Array, jax.Array]:
+  """Inside an expand kernel: slot u's f32 h tile Σ_s h[group, s, :, u] [block_m, block_r] and
+  its expert's B tile over column strip j [block_r, block_n]; with `active` (a traced bool)
+  both loads are masked by it, so an inactive slot reads nothing and gives zeros."""
   h_mask = None if active is None else jnp.broadcast_to(active, (splits, block_m, block_r))
   h = plgpu.load(h_ref.at[jnp.int32(group), pl.ds(0, splits), pl.ds(0, block_m),
                           pl.ds(u * block_r, block_r)], mask=h_mask,
@@ -230,7 +236,17 @@ def _slot_product(h_ref, b_ref, layer, j, col_mask, u, expert, active=None, *, g
   b_mask = (jnp.arange(block_r) < rank)[:, None] & col_mask[None, :]
   b = plgpu.load(b_ref.at[layer, expert, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
                  mask=b_mask if active is None else b_mask & active, other=0.0)
+  return h, b
+
+
+def _tile_product(h: jax.Array, b: jax.Array) -> jax.Array:
   return plgpu.dot(h.astype(b.dtype), b).astype(jnp.float32)
+
+
+def _slot_product(*args, **kwargs) -> jax.Array:
+  """Slot u's f32 product (Σ_s h[group, s, :, u]) @ B[layer, expert] over column strip j
+  (arguments as `_slot_tiles`)."""
+  return _tile_product(*_slot_tiles(*args, **kwargs))
 
 
 def _expand_kernel(layer_ref, ids_ref, count_ref, x_ref, w_ref, h_ref, b_ref, *out_refs,
@@ -328,41 +344,48 @@ def expert_splits(n: int, slots: int, tiles: Tiles) -> int:
 
 def _expand_kernel_delta(layer_ref, ids_ref, count_ref, h_ref, b_ref, *out_refs, group: int,
                          rank: int, splits: int, parts: int, block_m: int, block_n: int,
-                         block_r: int, slot_loop: str):
+                         block_r: int, slot_loop: str, unroll: int):
   o_ref = out_refs[-1]
   n_total = b_ref.shape[-1]
   j, p = pl.program_id(0), pl.program_id(1)
   layer = layer_ref[0]
   cols = j * block_n + jnp.arange(block_n)
   col_mask = cols < n_total
-  product = functools.partial(_slot_product, h_ref, b_ref, layer, j, col_mask, group=group,
-                              rank=rank, splits=splits, block_m=block_m, block_n=block_n,
-                              block_r=block_r)
+  tiles = functools.partial(_slot_tiles, h_ref, b_ref, layer, j, col_mask, group=group,
+                            rank=rank, splits=splits, block_m=block_m, block_n=block_n,
+                            block_r=block_r)
   acc = jnp.zeros((block_m, block_n), jnp.float32)
+  count = count_ref[0]
   # This part's slots are p, p + P, p + 2P, ...; `mine` of them are active.
-  mine = jnp.maximum(count_ref[0] - p + parts - 1, 0) // parts
-  if slot_loop == "load":
-    # Each slot's id loaded before its B tile: inactive experts cost nothing.
-    def body(t, acc):
-      u = p + t * parts
-      return acc + product(u, ids_ref[u])
-
-    trips = mine
-  else:
+  mine = jnp.maximum(count - p + parts - 1, 0) // parts
+  if slot_loop != "load":
     # The ids sit in registers and a slot's expert is picked out of them: no load in the loop
-    # waits on another, so Triton can keep several B tiles in flight. "static": a loop of
-    # static length over every slot, those past `count` masked loads (which read nothing).
+    # waits on another, so Triton can keep several B tiles in flight.
     slots = ids_ref.shape[0]
     lanes = jnp.arange(pl.next_power_of_2(slots))
     ids = plgpu.load(ids_ref.at[pl.ds(0, lanes.shape[0])], mask=lanes < slots, other=0)
-    static = slot_loop == "static"
 
-    def body(t, acc):
-      u = p + t * parts
-      expert = jnp.sum(jnp.where(lanes == u, ids, 0))
-      return acc + product(u, expert, u < count_ref[0] if static else None)
+  def expert_of(u):
+    if slot_loop == "load":  # each slot's id loaded before its B tile
+      return ids_ref[jnp.minimum(u, ids_ref.shape[0] - 1)]
+    return jnp.sum(jnp.where(lanes == u, ids, 0))
 
-    trips = pl.cdiv(slots, parts) if static else mine
+  # "static": a loop of static length over every slot, those past `count` masked loads (which
+  # read nothing); else a loop of runtime length over this part's active slots, whose last trip
+  # masks the slots past them when a trip takes several.
+  static = slot_loop == "static"
+  masked = static or unroll > 1
+
+  def body(t, acc):
+    loaded = []
+    for i in range(unroll):  # every tile of the trip loaded before the first product
+      u = p + (t * unroll + i) * parts
+      loaded.append(tiles(u, expert_of(u), (u < count) if masked else None))
+    for h, b in loaded:
+      acc = acc + _tile_product(h, b)
+    return acc
+
+  trips = pl.cdiv(pl.cdiv(ids_ref.shape[0], parts) if static else mine, unroll)
   acc = jax.lax.fori_loop(0, trips, body, acc)
   plgpu.store(o_ref.at[p, pl.ds(0, block_m), pl.ds(j * block_n, block_n)], acc,
               mask=col_mask[None, :])
@@ -406,7 +429,8 @@ def gathered_expand(h: jax.Array, b: jax.Array, layer: jax.Array | int, ids: jax
   parts = expert_splits(n, u, tiles)
   kernel = functools.partial(_expand_kernel_delta, group=group, rank=rank, splits=splits,
                              parts=parts, block_m=block_m, block_n=tiles.block_n,
-                             block_r=block_r, slot_loop=tiles.slot_loop)
+                             block_r=block_r, slot_loop=tiles.slot_loop,
+                             unroll=tiles.slot_unroll)
   layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
   shape = jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32)
   operands, aliases = with_output_buffers(
