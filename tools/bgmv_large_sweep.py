@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from adafuse_jax.timing import time_calls
-from kernel_breakdown import kernel_durations  # tools/ is this script's directory
+import gathered_probe  # tools/ is this script's directory
+from kernel_breakdown import kernel_durations
 from pallas_kernels.bgmv.reference import active_experts
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -277,7 +278,7 @@ def main() -> None:
   p.add_argument("--kinds", default="",
                  help="shrink,shrink-expert-major,shrink-xla-dense,expand,expand-registers,"
                       "expand-static,"
-                      "expand-registers-unroll2,expand-static-summed,expand-bt,expand-unroll2,expand-unroll4,expand-bt-unroll2,"
+                      "expand-registers-unroll2,expand-h3d,expand-h3d-unroll2,expand-static-summed,expand-bt,expand-unroll2,expand-unroll4,expand-bt-unroll2,"
                       "expand-xla-dense (default all)")
   p.add_argument("--check", action="store_true",
                  help="compare every formulation with the library's before timing")
@@ -319,6 +320,8 @@ def main() -> None:
                ("expand", expand_tiles, b_bytes),
                ("expand-registers", expand_tiles, b_bytes),
                ("expand-registers-unroll2", expand_tiles, b_bytes),
+               ("expand-h3d", expand_tiles, b_bytes),
+               ("expand-h3d-unroll2", expand_tiles, b_bytes),
                ("expand-static", expand_tiles, b_bytes),
                ("expand-static-summed", expand_tiles, b_bytes),
                ("expand-bt", expand_tiles, b_bytes),
@@ -373,10 +376,17 @@ def main() -> None:
             fn = jax.jit(lambda h1, bt, t=tiles: [expand_bt(
                 h1, bt, l, ids, count, rows=m, tiles=t, interpret=on_cpu) for l in range(L)])
             call = lambda fn=fn: fn(h1, bt)  # noqa: E731
-          elif kind == "expand-registers-unroll2":  # the library's kernel, 2 slots per trip
-            fn = jax.jit(lambda h, b, t=tiles: [expand_loop(
-                h, b, l, ids, count, rows=m, tiles=t, interpret=on_cpu, loop="registers",
-                unroll=2) for l in range(L)])
+          elif kind in ("expand-registers-unroll2", "expand-h3d", "expand-h3d-unroll2"):
+            # The library's kernel with 2 slots per trip; "h3d": with h loaded as before, one
+            # 3-D tile of its partial sums (gathered_probe.slot_tiles_3d), traced inside.
+            unroll = 2 if kind.endswith("unroll2") else 1
+
+            def run(h, b, t=tiles, unroll=unroll, h3d="h3d" in kind):
+              with gathered_probe.patched(None, False, False, h_3d=h3d):
+                return [expand_loop(h, b, l, ids, count, rows=m, tiles=t, interpret=on_cpu,
+                                    loop="registers", unroll=unroll) for l in range(L)]
+
+            fn = jax.jit(run)
             call = lambda fn=fn: fn(h, b)  # noqa: E731
           elif "unroll" in kind:
             transposed, unroll = "-bt-" in kind, int(kind[-1])

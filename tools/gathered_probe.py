@@ -6,7 +6,8 @@ The BGMV sweep (`tools/bgmv_large_sweep.py`) times each kernel alone; this probe
 question that decides a default: the whole `pregated-gathered+sere` step of the Llama-2-7B
 preset with `bgmv.expand` as the library runs it (`library`), with each form of its slot loop
 (`Tiles.slot_loop`: `load`, `registers`, `static`; `registers-unroll2/3` take 2 or 3 slots per
-trip, `Tiles.slot_unroll`), with the static loop over an h whose
+trip, `Tiles.slot_unroll`; `h-3d` loads h as the kernel did before, one 3-D tile of all partial
+sums reshaped or summed), with the static loop over an h whose
 partial sums were added first (`static-summed`; here once per module, a step that adopts it would add
 them once per group), and, for narrow pools whose base GEMM the library fuses into the
 expansion, with XLA's base GEMM and the expansion alone (`xla-base`, `xla-base-static`),
@@ -31,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels.bgmv as bgmv
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS, AdapterConfig
 from adafuse_jax.model.llama import LlamaModel
@@ -48,6 +51,24 @@ def _expand_summed(h, b, layer, ids, count, *, group=0, rows, tiles=None, backen
                          backend=backend)
 
 
+_LIBRARY_SLOT_TILES = triton._slot_tiles
+
+
+def slot_tiles_3d(h_ref, b_ref, layer, j, col_mask, u, expert, active=None, *, group, rank,
+                  splits, block_m, block_n, block_r):
+  """`triton._slot_tiles` as it loaded h before: one 3-D load of every partial sum [S, M', r'],
+  upcast to f32, then summed over S (S > 1) or reshaped to 2-D (S = 1)."""
+  h_mask = None if active is None else jnp.broadcast_to(active, (splits, block_m, block_r))
+  h = plgpu.load(h_ref.at[jnp.int32(group), pl.ds(0, splits), pl.ds(0, block_m),
+                          pl.ds(u * block_r, block_r)], mask=h_mask,
+                 other=None if active is None else 0.0).astype(jnp.float32)
+  h = jnp.sum(h, axis=0) if splits > 1 else h.reshape(block_m, block_r)
+  b_mask = (jnp.arange(block_r) < rank)[:, None] & col_mask[None, :]
+  b = plgpu.load(b_ref.at[layer, expert, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
+                 mask=b_mask if active is None else b_mask & active, other=0.0)
+  return h, b
+
+
 # name -> (the expansion's slot loop, h summed first, XLA's base GEMM whatever the pool's width,
 # slots per trip of the loop).
 VARIANTS = {"library": (None, False, False, None), "load": ("load", False, False, 1),
@@ -55,11 +76,13 @@ VARIANTS = {"library": (None, False, False, None), "load": ("load", False, False
             "registers-unroll2": ("registers", False, False, 2),
             "registers-unroll3": ("registers", False, False, 3),
             "static": ("static", False, False, 1), "static-summed": ("static", True, False, 1),
-            "xla-base": (None, False, True, None), "xla-base-static": ("static", False, True, 1)}
+            "xla-base": (None, False, True, None), "xla-base-static": ("static", False, True, 1),
+            "h-3d": (None, False, False, None), "h-3d-unroll2": (None, False, False, 2)}
 
 
 @contextlib.contextmanager
-def patched(slot_loop: str | None, summed: bool, xla_base: bool, unroll: int | None = None):
+def patched(slot_loop: str | None, summed: bool, xla_base: bool, unroll: int | None = None,
+            h_3d: bool = False):
   """The expansion's settings for the steps compiled inside (None: the library's). `xla_base` moves
   `Thresholds.fused_base_max_width` to 0, so that a narrow pool (E·r <= 512, whose base GEMM
   the library fuses into the Pallas expansion) runs XLA's base GEMM and `bgmv.expand` too."""
@@ -70,6 +93,8 @@ def patched(slot_loop: str | None, summed: bool, xla_base: bool, unroll: int | N
     triton.EXPAND_TILES = dataclasses.replace(library_tiles, slot_loop=slot_loop)
   if unroll is not None:
     triton.EXPAND_TILES = dataclasses.replace(triton.EXPAND_TILES, slot_unroll=unroll)
+  if h_3d:
+    triton._slot_tiles = slot_tiles_3d
   if summed:
     bgmv.expand = _expand_summed
   if xla_base:
@@ -78,6 +103,7 @@ def patched(slot_loop: str | None, summed: bool, xla_base: bool, unroll: int | N
     yield
   finally:
     triton.EXPAND_TILES, bgmv.expand = library_tiles, _LIBRARY_EXPAND
+    triton._slot_tiles = _LIBRARY_SLOT_TILES
     gathered.thresholds = library_thresholds
 
 
@@ -131,7 +157,7 @@ def main() -> None:
   rows = {"backbone-packed": B.bench_mode(model, None, path=PathName.PACKED, **common),
           "pregated-packed": B.bench_mode(model, adapters, path=PathName.PACKED, **common)}
   for name in args.variants.split(","):
-    with patched(*VARIANTS[name]):
+    with patched(*VARIANTS[name], h_3d=name.startswith("h-3d")):
       rows[f"gathered-{name}"] = B.bench_mode(model, adapters, path=PathName.GATHERED,
                                               sere=sere, **common)
   times = {n: [] for n in rows}
