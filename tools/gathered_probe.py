@@ -95,6 +95,10 @@ def patched(slot_loop: str | None, summed: bool, xla_base: bool, unroll: int | N
     triton.EXPAND_TILES = dataclasses.replace(triton.EXPAND_TILES, slot_unroll=unroll)
   if h_3d:
     triton._slot_tiles = slot_tiles_3d
+  # The kernels' jitted entry points cache what they traced by their arguments alone: a
+  # variant that patches a kernel's body (not its Tiles) must trace them again.
+  for kernel in (triton.gathered_expand, triton.gathered_expand_matmul):
+    kernel.clear_cache()
   if summed:
     bgmv.expand = _expand_summed
   if xla_base:
@@ -104,6 +108,8 @@ def patched(slot_loop: str | None, summed: bool, xla_base: bool, unroll: int | N
   finally:
     triton.EXPAND_TILES, bgmv.expand = library_tiles, _LIBRARY_EXPAND
     triton._slot_tiles = _LIBRARY_SLOT_TILES
+    for kernel in (triton.gathered_expand, triton.gathered_expand_matmul):
+      kernel.clear_cache()
     gathered.thresholds = library_thresholds
 
 

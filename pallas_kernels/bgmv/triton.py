@@ -229,14 +229,21 @@ def _slot_tiles(h_ref, b_ref, layer, j, col_mask, u, expert, active=None, *, gro
   its expert's B tile over column strip j [block_r, block_n] (h in h's dtype when it holds one
   partial sum); with `active` (a traced bool)
   both loads are masked by it, so an inactive slot reads nothing and gives zeros."""
-  # Each partial sum loaded as its own 2-D tile and added in f32 (one partial stays in h's
-  # dtype), not one 3-D load reshaped or summed over its first axis (`h-3d` in
-  # tools/gathered_probe.py).
-  h_mask = None if active is None else jnp.broadcast_to(active, (block_m, block_r))
-  parts = [plgpu.load(h_ref.at[jnp.int32(group), jnp.int32(s), pl.ds(0, block_m),
-                               pl.ds(u * block_r, block_r)], mask=h_mask,
-                      other=None if active is None else 0.0) for s in range(splits)]
-  h = parts[0] if splits == 1 else sum(x.astype(jnp.float32) for x in parts)
+  if splits == 1:
+    # One partial sum: a 2-D load in h's dtype, straight into the dot. Loaded as a 3-D
+    # [1, M', r'] tile, upcast and reshaped, it made the whole 64-expert SERE step 14% slower
+    # (`h-3d` in tools/gathered_probe.py).
+    h = plgpu.load(h_ref.at[jnp.int32(group), jnp.int32(0), pl.ds(0, block_m),
+                            pl.ds(u * block_r, block_r)],
+                   mask=None if active is None else jnp.broadcast_to(active, (block_m, block_r)),
+                   other=None if active is None else 0.0)
+  else:
+    # Several f32 partial sums: one 3-D load summed over S (loading each partial as its own
+    # 2-D tile was slower for the o and down modules, tools/bgmv_large_sweep.py).
+    h_mask = None if active is None else jnp.broadcast_to(active, (splits, block_m, block_r))
+    h = jnp.sum(plgpu.load(h_ref.at[jnp.int32(group), pl.ds(0, splits), pl.ds(0, block_m),
+                                    pl.ds(u * block_r, block_r)], mask=h_mask,
+                           other=None if active is None else 0.0).astype(jnp.float32), axis=0)
   b_mask = (jnp.arange(block_r) < rank)[:, None] & col_mask[None, :]
   b = plgpu.load(b_ref.at[layer, expert, pl.ds(0, block_r), pl.ds(j * block_n, block_n)],
                  mask=b_mask if active is None else b_mask & active, other=0.0)
