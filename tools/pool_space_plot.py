@@ -1,7 +1,7 @@
 """One picture of the decode paths across pool shapes, from stored bench results.
 
     python tools/pool_space_plot.py --out docs/benchmarks/h200/pool-space.png \
-        docs/benchmarks/h200/e64r64-top4-b32 docs/benchmarks/h200/e64r64-top4-b32-xla-base \
+        docs/benchmarks/h200/e64r64-top4-b32 \
         docs/benchmarks/h200/e128r16-top2-b32 docs/benchmarks/h200/e8r64-top2-b32
 
 Reads each folder's `results.json` (written by `python -m adafuse_jax.bench`), keys every
