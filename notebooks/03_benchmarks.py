@@ -160,6 +160,34 @@ for key in sorted(k for k in runs if k.startswith("h100/e64r64/")):
         f" {sere['distinct_experts']:.1f} with SERE ({100 * cut:.0f}% fewer), {100 * speed:+.0f}% tokens/s")
 
 # %% [markdown]
+# ## Large pools across the space (H200, batch 32): which path wins where
+# `bash tools/gpu_check.sh OUT floor` with `EXPERTS`, `RANK`, `TOP_K` (each `results.json` holds its
+# command): 64 x rank 64 top-4, 128 x rank 16 and 8 x rank 64 top-2. Each row over the fused-weight
+# backbone of its own run (median and 95% interval of the ratio paired by round) and the share of its
+# own floor (the bytes that path reads over the run's measured ceiling); the plot is
+# `tools/pool_space_plot.py` over the same files.
+
+# %%
+from IPython.display import Image, display
+
+from adafuse_jax.bench import derive
+
+for key in ("h200/e64r64-top4-b32", "h200/e128r16-top2-b32", "h200/e8r64-top2-b32"):
+  r = runs[key]
+  derive.add_ratios(r["results"])
+  derive.add_path_floors(r)
+  a = r["adapter"]
+  print(f"{a['num_experts']} x rank {a['rank']}, top-{a['top_k']}, batch {r['batch']}"
+        f" ({r['environment']['device']}, {r['environment']['date'][:10]})")
+  for row in r["results"]:
+    ratio = row["pipelined_ratio_interval"]
+    experts = row.get("distinct_experts")
+    print(f"  {row_name(row['mode']):24s} {row['decode_pipelined']['median_ms']:7.3f} ms"
+          f"  {ratio['median']:.3f}x [{ratio['low']:.3f}, {ratio['high']:.3f}]"
+          + (f"  {experts:5.1f} experts" if experts else ""))
+display(Image(filename=str(BENCH / "h200" / "pool-space.png")))
+
+# %% [markdown]
 # ## What the bytes allow: the throughput ceiling by batch size
 # `tools/throughput_ceiling.py`: the share of the backbone's tokens/s a pool can keep when every
 # distinct expert a step touches costs its bytes, with and without SERE, and the measured points.
