@@ -276,7 +276,7 @@ def main() -> None:
   p.add_argument("--calls", type=int, default=20)
   p.add_argument("--groups", default=",".join(GROUPS), help="which groups, comma-separated")
   p.add_argument("--kinds", default="",
-                 help="shrink,shrink-expert-major,shrink-xla-dense,expand,expand-registers,"
+                 help="shrink,shrink-splits,shrink-expert-major,shrink-xla-dense,expand,expand-registers,"
                       "expand-static,"
                       "expand-registers-unroll2,expand-h3d,expand-h3d-unroll2,expand-static-summed,expand-bt,expand-unroll2,expand-unroll4,expand-bt-unroll2,"
                       "expand-xla-dense (default all)")
@@ -314,7 +314,11 @@ def main() -> None:
       # (what path "packed" does), the baseline a gathered kernel has to beat in time.
       a_one = L * d_in * int(count[0]) * r * item
       shrink_tiles, expand_tiles = (candidates(k, not args.quick) for k in ("shrink", "expand"))
+      # The library's shrink with more programs per (module, slot): S partial sums over K
+      # (`shrink_splits` counts every slot, active or not, so the default leaves SMs idle).
+      split_tiles = [Tiles(min_programs=mp) for mp in (96, 192, 384, 768, 1536)]
       kinds = [("shrink", shrink_tiles, a_bytes),
+               ("shrink-splits", split_tiles, a_bytes),
                ("shrink-expert-major", shrink_tiles, a_one),
                ("shrink-xla-dense", [None], L * len(outs) * d_in * E * r * item),
                ("expand", expand_tiles, b_bytes),
@@ -394,7 +398,7 @@ def main() -> None:
                 h1, b, l, ids, count, rows=m, tiles=t, interpret=on_cpu, unroll=u,
                 transposed=tr) for l in range(L)])
             call = lambda fn=fn, bb=(bt if transposed else b): fn(h1, bb)  # noqa: E731
-          elif kind == "shrink":
+          elif kind in ("shrink", "shrink-splits"):
             fn = jax.jit(lambda x, a, t=tiles: [gathered_shrink(
                 x, a, l, ids, count, gmat, tiles=t, interpret=on_cpu) for l in range(L)])
             call = lambda fn=fn: fn(x, a)  # noqa: E731
@@ -424,6 +428,8 @@ def main() -> None:
           row = {"kernel": kind, "group": group, "active": int(count[0]), "tiles": label(tiles),
                  "ms": round(ms, 4), "gb": round(nbytes / 1e9, 4),
                  "tb_s": round(nbytes / (ms / 1e3) / 1e12, 3), **env}
+          if kind in ("shrink", "shrink-splits"):
+            row["splits"] = shrink_splits(d_in, len(outs), int(ids.shape[0]), tiles)
           if gpu:
             row.update(kernel_us=round(gpu[0], 2), other_us=round(gpu[1], 2),
                        kernel_tb_s=round(nbytes / L / (gpu[0] * 1e-6) / 1e12, 3))
