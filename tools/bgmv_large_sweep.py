@@ -125,61 +125,13 @@ def shrink_expert_major(x, a_em, layer, ids, count, *, tiles: Tiles, interpret: 
   )(jnp.asarray(layer, jnp.int32).reshape(1), ids, count, x, a_em)
 
 
-def _expand_bt_kernel(layer_ref, ids_ref, count_ref, h_ref, bt_ref, o_ref, *, rank: int,
-                      parts: int, block_m: int, block_n: int, block_r: int):
-  """The expansion (static slot loop) over B stored transposed per expert, [L, E, N, r]: a
-  column strip of one expert is one contiguous block of block_n rows of r values."""
-  n_total = bt_ref.shape[2]
-  j, p = pl.program_id(0), pl.program_id(1)
-  layer, count = layer_ref[0], count_ref[0]
-  cols = j * block_n + jnp.arange(block_n)
-  col_mask = cols < n_total
-  r_mask = jnp.arange(block_r) < rank
-  slots = ids_ref.shape[0]
-  lanes = jnp.arange(pl.next_power_of_2(slots))
-  ids = plgpu.load(ids_ref.at[pl.ds(0, lanes.shape[0])], mask=lanes < slots, other=0)
-
-  def body(t, acc):
-    u = p + t * parts
-    active = u < count
-    expert = jnp.sum(jnp.where(lanes == u, ids, 0))
-    h = plgpu.load(h_ref.at[pl.ds(0, block_m), pl.ds(u * block_r, block_r)],
-                   mask=jnp.broadcast_to(active, (block_m, block_r)), other=0.0)
-    bt = plgpu.load(bt_ref.at[layer, expert, pl.ds(j * block_n, block_n), pl.ds(0, block_r)],
-                    mask=active & col_mask[:, None] & r_mask[None, :], other=0.0)
-    return acc + plgpu.dot(h.astype(bt.dtype), bt, trans_b=True).astype(jnp.float32)
-
-  acc = jax.lax.fori_loop(0, pl.cdiv(slots, parts), body,
-                          jnp.zeros((block_m, block_n), jnp.float32))
-  plgpu.store(o_ref.at[p, pl.ds(0, block_m), pl.ds(j * block_n, block_n)], acc,
-              mask=col_mask[None, :])
-
-
-def expand_bt(h1, bt, layer, ids, count, *, rows: int, tiles: Tiles, interpret: bool):
-  """Σ_u h1[:, u] @ B[layer, ids[u]] with B given as bt [L, E, N, r] and h1 [M', U·r'] (the
-  partial sums already added): [rows, N] f32."""
-  _, _, n, rank = bt.shape
-  slots = ids.shape[0]
-  block_m = h1.shape[0]
-  parts = expert_splits(n, slots, tiles)
-  kernel = functools.partial(_expand_bt_kernel, rank=rank, parts=parts, block_m=block_m,
-                             block_n=tiles.block_n, block_r=dot_block(rank))
-  out = pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32),
-      grid=(pl.cdiv(n, tiles.block_n), parts),
-      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
-                                           num_stages=tiles.num_stages),
-      interpret=interpret, name="gathered_expand_bt",
-  )(jnp.asarray(layer, jnp.int32).reshape(1), ids, count, h1, bt)
-  return jnp.sum(out[:, :rows], axis=0)
-
-
 def _expand_unrolled_kernel(layer_ref, ids_ref, count_ref, h_ref, b_ref, o_ref, *, rank: int,
-                            parts: int, unroll: int, transposed: bool, block_m: int,
-                            block_n: int, block_r: int):
-  """The expansion over h1 (partial sums added) with a loop of runtime length whose every trip
-  takes `unroll` of the part's slots at once: their B tiles are loaded before any is used, so
-  `unroll` loads are in flight without relying on Triton's pipelining of the loop. B as
+                            parts: int, unroll: int, transposed: bool, static: bool,
+                            block_m: int, block_n: int, block_r: int):
+  """The expansion over h1 (partial sums added) with a loop whose every trip takes `unroll` of
+  the part's slots at once: their B tiles are loaded before any is used, so `unroll` loads are
+  in flight without relying on Triton's pipelining of the loop. The loop runs over the part's
+  active slots, or (`static`) over all its slots with those past `count` masked. B as
   [L, E, r, N] or, `transposed`, [L, E, N, r] (a strip of one expert contiguous)."""
   n_total = b_ref.shape[2] if transposed else b_ref.shape[3]
   j, p = pl.program_id(0), pl.program_id(1)
@@ -211,14 +163,14 @@ def _expand_unrolled_kernel(layer_ref, ids_ref, count_ref, h_ref, b_ref, o_ref, 
       acc = acc + plgpu.dot(h.astype(b.dtype), b, trans_b=transposed).astype(jnp.float32)
     return acc
 
-  acc = jax.lax.fori_loop(0, pl.cdiv(mine, unroll), body,
-                          jnp.zeros((block_m, block_n), jnp.float32))
+  trips = pl.cdiv(pl.cdiv(slots, parts) if static else mine, unroll)
+  acc = jax.lax.fori_loop(0, trips, body, jnp.zeros((block_m, block_n), jnp.float32))
   plgpu.store(o_ref.at[p, pl.ds(0, block_m), pl.ds(j * block_n, block_n)], acc,
               mask=col_mask[None, :])
 
 
 def expand_unrolled(h1, b, layer, ids, count, *, rows: int, tiles: Tiles, interpret: bool,
-                    unroll: int, transposed: bool = False):
+                    unroll: int, transposed: bool = False, static: bool = False):
   """Σ_u h1[:, u] @ B[layer, ids[u]] with `unroll` slots per loop trip; b [L, E, r, N] or
   (`transposed`) [L, E, N, r]; h1 [M', U·r'] -> [rows, N] f32."""
   n, rank = (b.shape[2], b.shape[3]) if transposed else (b.shape[3], b.shape[2])
@@ -226,16 +178,25 @@ def expand_unrolled(h1, b, layer, ids, count, *, rows: int, tiles: Tiles, interp
   block_m = h1.shape[0]
   parts = expert_splits(n, slots, tiles)
   kernel = functools.partial(_expand_unrolled_kernel, rank=rank, parts=parts, unroll=unroll,
-                             transposed=transposed, block_m=block_m, block_n=tiles.block_n,
-                             block_r=dot_block(rank))
+                             transposed=transposed, static=static, block_m=block_m,
+                             block_n=tiles.block_n, block_r=dot_block(rank))
   out = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((parts, block_m, n), jnp.float32),
       grid=(pl.cdiv(n, tiles.block_n), parts),
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
                                            num_stages=tiles.num_stages),
-      interpret=interpret, name="gathered_expand_unrolled",
+      interpret=interpret, name="gathered_expand_bt" if transposed and unroll == 1
+      else "gathered_expand_unrolled",
   )(jnp.asarray(layer, jnp.int32).reshape(1), ids, count, h1, b)
   return jnp.sum(out[:, :rows], axis=0)
+
+
+def expand_bt(h1, bt, layer, ids, count, *, rows: int, tiles: Tiles, interpret: bool):
+  """The expansion (static slot loop) over B stored transposed per expert, bt [L, E, N, r]: a
+  column strip of one expert is one contiguous block of block_n rows of r values; h1 [M', U·r']
+  (the partial sums already added) -> [rows, N] f32."""
+  return expand_unrolled(h1, bt, layer, ids, count, rows=rows, tiles=tiles, interpret=interpret,
+                         unroll=1, transposed=True, static=True)
 
 
 def gpu_us(call, layers: int, calls: int = 5, prefix: str = "gathered_"
