@@ -7,7 +7,9 @@ question that decides a default: the whole `pregated-gathered+sere` step of the 
 preset with `bgmv.expand` as the library runs it (`library`), with each form of its slot loop
 (`Tiles.slot_loop`: `load`, `registers`, `static`; `registers-unroll2/3` take 2 or 3 slots per
 trip, `Tiles.slot_unroll`; `h-3d` loads h as the kernel did before, one 3-D tile of all partial
-sums reshaped or summed), with the static loop over an h whose
+sums reshaped or summed; `one-partial`, `split4-one-partial`, `split8-one-partial`: the shrink's
+K split for the library's, 768 or 1536 programs, its partial sums added into one bf16 partial
+by XLA before the expansion), with the static loop over an h whose
 partial sums were added first (`static-summed`; here once per module, a step that adopts it would add
 them once per group), and, for narrow pools whose base GEMM the library fuses into the
 expansion, with XLA's base GEMM and the expansion alone (`xla-base`, `xla-base-static`),
@@ -52,6 +54,21 @@ def _expand_summed(h, b, layer, ids, count, *, group=0, rows, tiles=None, backen
 
 
 _LIBRARY_SLOT_TILES = triton._slot_tiles
+_LIBRARY_SHRINK = bgmv.shrink
+
+
+def shrink_one_partial(min_programs: int | None):
+  """`bgmv.shrink` whose input dimension is split for `min_programs` (None: the library's
+  tiles), its S partial sums then added in f32 and cast to x's dtype by XLA (one small fusion
+  per group and layer): the expansion then always takes its one-partial, 2-D load of h."""
+  def shrink(x, a_pools, layer, ids, count, gmat, *, scale=1.0, tiles=triton.Tiles(),
+             backend="auto"):
+    if min_programs is not None:
+      tiles = dataclasses.replace(tiles, min_programs=min_programs)
+    h = _LIBRARY_SHRINK(x, a_pools, layer, ids, count, gmat, scale=scale, tiles=tiles,
+                        backend=backend)
+    return h if h.shape[1] == 1 else h.astype(jnp.float32).sum(1, keepdims=True).astype(x.dtype)
+  return shrink
 
 
 def slot_tiles_3d(h_ref, b_ref, layer, j, col_mask, u, expert, active=None, *, group, rank,
@@ -78,11 +95,13 @@ VARIANTS = {"library": (None, False, False, None), "load": ("load", False, False
             "static": ("static", False, False, 1), "static-summed": ("static", True, False, 1),
             "xla-base": (None, False, True, None), "xla-base-static": ("static", False, True, 1),
             "h-3d": (None, False, False, None), "h-3d-unroll2": (None, False, False, 2)}
+# name -> the shrink's min_programs, its partial sums added into one before the expansion.
+SHRINK_VARIANTS = {"one-partial": None, "split4-one-partial": 768, "split8-one-partial": 1536}
 
 
 @contextlib.contextmanager
-def patched(slot_loop: str | None, summed: bool, xla_base: bool, unroll: int | None = None,
-            h_3d: bool = False):
+def patched(slot_loop: str | None = None, summed: bool = False, xla_base: bool = False,
+            unroll: int | None = None, h_3d: bool = False, shrink=None):
   """The expansion's settings for the steps compiled inside (None: the library's). `xla_base` moves
   `Thresholds.fused_base_max_width` to 0, so that a narrow pool (E·r <= 512, whose base GEMM
   the library fuses into the Pallas expansion) runs XLA's base GEMM and `bgmv.expand` too."""
@@ -95,6 +114,8 @@ def patched(slot_loop: str | None, summed: bool, xla_base: bool, unroll: int | N
     triton.EXPAND_TILES = dataclasses.replace(triton.EXPAND_TILES, slot_unroll=unroll)
   if h_3d:
     triton._slot_tiles = slot_tiles_3d
+  if shrink is not None:
+    bgmv.shrink = shrink
   # The kernels' jitted entry points cache what they traced by their arguments alone: a
   # variant that patches a kernel's body (not its Tiles) must trace them again.
   for kernel in (triton.gathered_expand, triton.gathered_expand_matmul):
@@ -106,7 +127,7 @@ def patched(slot_loop: str | None, summed: bool, xla_base: bool, unroll: int | N
   try:
     yield
   finally:
-    triton.EXPAND_TILES, bgmv.expand = library_tiles, _LIBRARY_EXPAND
+    triton.EXPAND_TILES, bgmv.expand, bgmv.shrink = library_tiles, _LIBRARY_EXPAND, _LIBRARY_SHRINK
     triton._slot_tiles = _LIBRARY_SLOT_TILES
     for kernel in (triton.gathered_expand, triton.gathered_expand_matmul):
       kernel.clear_cache()
@@ -163,7 +184,11 @@ def main() -> None:
   rows = {"backbone-packed": B.bench_mode(model, None, path=PathName.PACKED, **common),
           "pregated-packed": B.bench_mode(model, adapters, path=PathName.PACKED, **common)}
   for name in args.variants.split(","):
-    with patched(*VARIANTS[name], h_3d=name.startswith("h-3d")):
+    settings = (dict(shrink=shrink_one_partial(SHRINK_VARIANTS[name]))
+                if name in SHRINK_VARIANTS else
+                dict(zip(("slot_loop", "summed", "xla_base", "unroll"), VARIANTS[name]),
+                     h_3d=name.startswith("h-3d")))
+    with patched(**settings):
       rows[f"gathered-{name}"] = B.bench_mode(model, adapters, path=PathName.GATHERED,
                                               sere=sere, **common)
   times = {n: [] for n in rows}
