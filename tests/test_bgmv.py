@@ -151,6 +151,7 @@ def test_entry_points_equal_the_kernels():
     (1, 100, 70, 8, 16, 2, 3, 2),     # batch 1, ragged columns
     (17, 64, 130, 64, 64, 4, 2, 1),   # 64 rank-64 experts, top-4: many active slots, P parts
     (32, 96, 45, 16, 8, 2, 1, 3),     # rank 8 (padded to 16), a group of three
+    (2, 300, 70, 8, 16, 2, 2, 1),     # K split in two: h holds two f32 partial sums
 ])
 def test_expand_alone_beside_a_base_matmul_matches_reference(dtype, m, k, n, num_experts, rank,
                                                              top_k, layers, groups,

@@ -68,7 +68,8 @@ class Tiles:
   num_warps: int = 4
   num_stages: int = 3
   # "registers": 5% off the whole 64 x rank-64 SERE step against "load", the static loop 31%
-  # slower (tools/gathered_probe.py, docs/benchmarks/h200/gathered-probe/).
+  # slower; 2 or 3 slots per trip 4% and 8% slower than 1 (tools/gathered_probe.py,
+  # docs/benchmarks/h200/gathered-probe/).
   slot_loop: str = "registers"
   slot_unroll: int = 1
 
@@ -225,21 +226,21 @@ def gathered_shrink(x: jax.Array, a_pools: Sequence[jax.Array], layer: jax.Array
 def _slot_tiles(h_ref, b_ref, layer, j, col_mask, u, expert, active=None, *, group: int,
                 rank: int, splits: int, block_m: int, block_n: int, block_r: int
                 ) -> tuple[jax.Array, jax.Array]:
-  """Inside an expand kernel: slot u's h tile Σ_s h[group, s, :, u] [block_m, block_r] and
-  its expert's B tile over column strip j [block_r, block_n] (h in h's dtype when it holds one
-  partial sum); with `active` (a traced bool)
-  both loads are masked by it, so an inactive slot reads nothing and gives zeros."""
+  """Inside an expand kernel: slot u's h tile Σ_s h[group, s, :, u] [block_m, block_r] (in h's
+  dtype when h holds one partial sum, else f32) and its expert's B tile over column strip j
+  [block_r, block_n]; with `active` (a traced bool) both loads are masked by it, so an
+  inactive slot reads nothing and gives zeros."""
   if splits == 1:
     # One partial sum: a 2-D load in h's dtype, straight into the dot. Loaded as a 3-D
-    # [1, M', r'] tile, upcast and reshaped, it made the whole 64-expert SERE step 14% slower
-    # (`h-3d` in tools/gathered_probe.py).
+    # [1, M', r'] tile, upcast and reshaped, the whole 64-expert SERE step took 1.17x as long
+    # (12.04 against 10.30 ms, `h-3d` in tools/gathered_probe.py, H200).
     h = plgpu.load(h_ref.at[jnp.int32(group), jnp.int32(0), pl.ds(0, block_m),
                             pl.ds(u * block_r, block_r)],
                    mask=None if active is None else jnp.broadcast_to(active, (block_m, block_r)),
                    other=None if active is None else 0.0)
   else:
-    # Several f32 partial sums: one 3-D load summed over S (loading each partial as its own
-    # 2-D tile was slower for the o and down modules, tools/bgmv_large_sweep.py).
+    # Several f32 partial sums: one 3-D load summed over S (each partial loaded as its own 2-D
+    # tile took 10.3 against 8.8 µs per o-shaped module, two runs of tools/bgmv_large_sweep.py).
     h_mask = None if active is None else jnp.broadcast_to(active, (splits, block_m, block_r))
     h = jnp.sum(plgpu.load(h_ref.at[jnp.int32(group), pl.ds(0, splits), pl.ds(0, block_m),
                                     pl.ds(u * block_r, block_r)], mask=h_mask,
