@@ -134,7 +134,10 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
     agree_rate: batch > 1: expected share of steps at which every row chooses the same experts
       (`prompt_agreement_rate`); None or 0: no merged candidate for a batch.
     steps: pipelined decode steps per timing (3 repeats, median).
-    sere: SERE settings for unmerged batch steps.
+    sere: SERE settings, or None. With SERE the merged candidate is left out (a merged step
+      switches one shared choice into the weights, which SERE cannot re-route) and every other
+      candidate is measured re-routing, so that a path reading only the step's experts is
+      credited with what SERE saves it.
     log: optional callable(str) for progress lines.
     mesh: a tensor-parallel mesh (`adafuse_jax.parallel.make_mesh`): every candidate is built
       and measured split across it, its extra memory counted per device.
@@ -147,6 +150,9 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
   cands = registry.candidates(adapters.cfg, layout=model.layout, batch=batch,
                               agree_rate=agree_rate)
   skipped = {}
+  if sere is not None:
+    skipped.update({c.name: "SERE re-routes unmerged steps only" for c in cands if c.merges})
+    cands = [c for c in cands if not c.merges]
   for cand in cands:
     free = free_device_bytes()
     need = registry.PATHS[cand.path].extra_bytes(model, adapters) // (mesh.size if mesh else 1)
@@ -159,7 +165,7 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
     if log:
       log(f"auto: measuring {cand.name} ...")
     gen = Generator(model, adapters=adapters, path=cand.path, backend=cand.backend,
-                    sere=None if cand.merges else sere, mesh=mesh, attention=attention)
+                    sere=sere, mesh=mesh, attention=attention)
     measured = _measure(gen, cand, batch, cache_len, steps, seed)
     expected[cand.name] = registry.expected_ms(measured, switch_rate=rate, batch=batch,
                                                agree_rate=agree_rate)

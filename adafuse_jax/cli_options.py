@@ -191,6 +191,21 @@ def _recommended(spec: str | None, cfg) -> tuple[float | None, int]:
   return float(best["rho"]), int(best["primary_k"])
 
 
+def sere_path_note(path: str, cfg, sere) -> str | None:
+  """The note to print when SERE is on but `path` reads every expert at every step, whatever
+  the routing (SERE then changes the tokens and saves no bytes); None otherwise."""
+  if sere is None or cfg is None:
+    return None
+  from adafuse_jax.paths import registry
+
+  decode_path = registry.get(path)
+  if decode_path.experts_read(cfg.num_experts, 1.0) != cfg.num_experts:
+    return None
+  return (f"path {decode_path.name.value!r} reads all {cfg.num_experts} experts at every step:"
+          " SERE re-routes the choices but saves no bytes there; path 'gathered' (GPU) reads"
+          " only the experts a step uses (`decode --path auto` measures which is faster)")
+
+
 def sere_settings(args: argparse.Namespace, spec: str | None, cfg):
   """SereSettings from --sere-rho/--sere-primary for the pool `spec` (None when off); checks the
   values and that the pool carries its similarity, before any model loads."""

@@ -16,7 +16,8 @@ from typing import Sequence
 
 from adafuse_jax import compile_cache
 from adafuse_jax.cli_options import (add_model_options, add_pool_options, add_sere_options,
-                                     adapter_config, resolve_dtype, sere_settings)
+                                     adapter_config, resolve_dtype, sere_path_note,
+                                     sere_settings)
 from adafuse_jax.errors import UserError
 from adafuse_jax.vocab import PATHS, legacy_path
 
@@ -147,8 +148,6 @@ def run(args: argparse.Namespace) -> dict:
   check_adapter_spec(args.adapters, adapter_cfg)
   sere = sere_settings(args, args.adapters,
                        adapter_cfg if adapter_cfg.mode != "backbone" else None)
-  if sere is not None and auto:
-    raise UserError("--path auto measures the paths without SERE: pick a path with --sere-rho")
   mesh = None
   if args.devices != 1:
     from adafuse_jax.parallel import make_mesh
@@ -195,14 +194,16 @@ def run(args: argparse.Namespace) -> dict:
     agree = prompt_agreement_rate(model, adapters, ids)
     log = None if args.json else (lambda m: print(m, file=sys.stderr))
     choice, gen = choose_path(model, adapters, batch=len(ids), cache_len=cache_len,
-                              switch_rate=rate, agree_rate=agree, log=log, mesh=mesh,
+                              switch_rate=rate, agree_rate=agree, sere=sere, log=log, mesh=mesh,
                               attention=args.attention)
     if not args.json:
       print(f"auto chose {choice.reason}", file=sys.stderr)
   else:
-    note = registry.get(path).note(model.layout)
-    if note and adapters is not None and not args.json:
-      print(f"note: {note}", file=sys.stderr)
+    notes = [registry.get(path).note(model.layout) if adapters is not None else None,
+             sere_path_note(path, adapter_cfg, sere)]
+    for note in notes:
+      if note and not args.json:
+        print(f"note: {note}", file=sys.stderr)
     gen = Generator(model, adapters=adapters, path=path, backend=backend, sere=sere, mesh=mesh,
                     attention=args.attention)
   switch_per_token = gen.merges_per_token

@@ -20,7 +20,7 @@ from adafuse_jax import compile_cache
 from adafuse_jax.cli_options import (MIXED_HELP, PACKED_HELP, PREFILL_WAIT_HELP,
                                      add_model_options, add_pool_options, add_sere_options,
                                      adapter_config, packed_sizes, positive_ints, resolve_dtype,
-                                     sere_settings)
+                                     sere_path_note, sere_settings)
 from adafuse_jax.errors import UserError
 
 SERVE_PATHS = ("packed", "xla", "gathered", "merged")
@@ -134,6 +134,9 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
     check_adapter_spec(spec, cfg)
     configs[name] = cfg
     sere[name] = sere_settings(args, spec, cfg)
+    note = sere_path_note(args.path, cfg, sere[name])
+    if note:
+      log(f"note: {name}: {note}")
   dtype = jnp.dtype(resolve_dtype(args.dtype))
   loaded = load_model(args.model, dtype=dtype, progress=not args.quiet)
   tok = loaded.tokenizer

@@ -44,6 +44,9 @@ def test_candidates_follow_mode_batch_and_backend(model):
       model, _adapters(model), 4, agree_rate=0.0)]
   assert candidates(model, _adapters(model), 4, agree_rate=0.5)[-1].name == "pregated-merged"
   assert names(_adapters(model, mode="layerwise"), 1) == ["layerwise-xla", "layerwise-packed"]
+  # A shared expert (the shipped pool's tied one) is folded into the backbone by the Generator
+  # each candidate runs in, so it blocks no path.
+  assert names(_adapters(model, tied_shared=True), 1) == names(_adapters(model), 1)
 
 
 def test_prompt_switch_rate(model):

@@ -265,3 +265,34 @@ def test_sere_runs_from_the_command_line_with_the_pools_similarity():
   # Two rows of top-2 choices: at most 4 experts a step, and rho 0 keeps only the primaries.
   assert 1 <= result["distinct_experts_per_step"] <= 2
   assert all(n > 0 for n in result["generated_tokens"])
+
+
+def test_sere_with_path_auto_measures_the_unmerged_paths_re_routing():
+  """`--path auto` with SERE: the merged switch is left out (it cannot re-route), the other
+  candidates are measured with SERE on, and the run reads what SERE leaves."""
+  out = run_cli("--adapters", "default", "--sere-rho", "0", "--path", "auto", "--json",
+                "--max-new-tokens", "3", "--prompt", "def fibonacci(n):")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout)
+  auto = result["auto"]
+  assert set(auto["expected_ms"]) == {"pregated-xla", "pregated-packed"}  # the CPU's candidates
+  assert "SERE re-routes unmerged steps only" in auto["details"]["pregated-merged"]["skipped"]
+  assert "pregated-merged (SERE re-routes unmerged steps only)" in auto["reason"]
+  assert result["path"] == min(auto["expected_ms"], key=auto["expected_ms"].get)
+  assert result["sere"] == {"rho": 0.0, "primary": 1}
+  assert result["distinct_experts_per_step"] == 1  # one row, rho 0: its primary alone
+
+
+def test_sere_on_a_path_that_reads_every_expert_gets_a_note():
+  import jax.numpy as jnp
+
+  from adafuse_jax.adapters.sere import SereSettings
+  from adafuse_jax.cli_options import sere_path_note
+  from adafuse_jax.config import AdapterConfig
+
+  cfg = AdapterConfig(mode="pregated", num_experts=8, rank=16, top_k=2)
+  sere = SereSettings(similarity=jnp.eye(8), primary_k=1, rho=0.0)
+  note = sere_path_note("packed", cfg, sere)
+  assert "path 'packed' reads all 8 experts at every step" in note and "'gathered'" in note
+  assert sere_path_note("gathered", cfg, sere) is None  # reads the step's experts only
+  assert sere_path_note("packed", cfg, None) is None

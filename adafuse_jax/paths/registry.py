@@ -71,12 +71,20 @@ def check(path: str | PathName, adapter_cfg: AdapterConfig | None, *,
   weight layout; `UserError` naming the fix otherwise. `shared_folded`: check the adapters as a
   Generator runs them, their shared expert folded into the backbone first."""
   decode_path = get(path)
-  if shared_folded and adapter_cfg is not None and adapter_cfg.has_shared:
-    adapter_cfg = adapter_cfg.replace(shared_rank=0, tied_shared=False)
+  if shared_folded and adapter_cfg is not None:
+    adapter_cfg = as_generator_runs(adapter_cfg)
   reason = decode_path.blocker(adapter_cfg, layout)
   if reason is not None:
     raise UserError(f"path {decode_path.name.value!r}: {reason}")
   return decode_path
+
+
+def as_generator_runs(adapter_cfg: AdapterConfig) -> AdapterConfig:
+  """The adapters' configuration as a Generator's decode path sees it: a shared expert (tied or
+  not) is folded into the backbone first, so only the routed experts remain."""
+  if adapter_cfg.has_shared:
+    return adapter_cfg.replace(shared_rank=0, tied_shared=False)
+  return adapter_cfg
 
 
 def runtime(adapters: MixtureOfLoRA, path: str | PathName = PathName.XLA, *,
@@ -106,6 +114,8 @@ def candidates(adapter_cfg: AdapterConfig, *, layout: str, batch: int,
   gets the merged candidate only when its rows are expected to agree on their experts at some
   steps (`agree_rate` > 0): otherwise every merged step would run unmerged, as the other
   candidates do, plus a copy of the weights."""
+  # The candidates run in Generators, which fold a shared expert into the backbone first.
+  adapter_cfg = as_generator_runs(adapter_cfg)
   mode = Mode(adapter_cfg.mode)
   names = [PathName.XLA, PathName.PACKED]
   if jax.default_backend() != "cpu" and layout == "stacked":
