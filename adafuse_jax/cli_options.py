@@ -214,7 +214,8 @@ def sere_settings(args: argparse.Namespace, spec: str | None, cfg):
   if args.sere_rho is None:
     return None
   from adafuse_jax.adapters.io import pool_folder
-  from adafuse_jax.adapters.sere import SIMILARITY_FILE, SereSettings, load_similarity
+  from adafuse_jax.adapters.sere import (SIMILARITY_FILE, SereSettings, load_similarity,
+                                         pregated_similarity)
 
   rho, primary = args.sere_rho, args.sere_primary
   if rho == "auto":
@@ -242,7 +243,4 @@ def sere_settings(args: argparse.Namespace, spec: str | None, cfg):
     raise UserError(f"{str(folder / SIMILARITY_FILE)!r} holds {similarity.shape}, not finite"
                     f" [layers, {cfg.num_experts}, {cfg.num_experts}] similarities; compute it"
                     " again")
-  import jax.numpy as jnp
-
-  # A pre-gated choice serves every layer: re-route on the mean similarity over layers.
-  return SereSettings(similarity=jnp.asarray(similarity.mean(0)), primary_k=primary, rho=rho)
+  return SereSettings(similarity=pregated_similarity(similarity), primary_k=primary, rho=rho)

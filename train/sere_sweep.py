@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
-from adafuse_jax.adapters.sere import QUALITY_FILE, SereSettings
+from adafuse_jax.adapters.sere import QUALITY_FILE, SereSettings, pregated_similarity
 from adafuse_jax.errors import UserError
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.llama import LlamaModel
@@ -110,7 +110,7 @@ def report(model: LlamaModel, pool: MixtureOfLoRA, pool_name: str, similarity: n
 
   from adafuse_jax.bench.measure import environment
 
-  sim = jnp.asarray(similarity.mean(0))  # a pre-gated choice serves every layer
+  sim = pregated_similarity(similarity)
   bar = tqdm(total=len(primaries) * len(rhos), desc="SERE sweep", unit="setting",
              disable=not progress)
   rows = sweep(model, pool, sim, heldout, primaries, rhos, windows=windows, seq_len=seq_len,

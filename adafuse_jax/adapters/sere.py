@@ -88,6 +88,12 @@ def calibrate(model, adapters, tokens: jax.Array, runtime) -> np.ndarray:
   return expert_similarity(adapters, seen)
 
 
+def pregated_similarity(similarity: np.ndarray | jax.Array) -> jax.Array:
+  """[L, E, E] per-layer similarities as calibrated -> [E, E]: a pre-gated choice serves every
+  layer, so SERE re-routes it on the mean similarity over layers."""
+  return jnp.asarray(similarity).mean(0)
+
+
 def save_similarity(path: str | pathlib.Path, similarity: np.ndarray) -> None:
   np.save(pathlib.Path(path) / SIMILARITY_FILE, np.asarray(similarity, np.float32))
 

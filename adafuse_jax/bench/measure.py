@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
-from adafuse_jax.adapters.sere import SereSettings, calibrate
+from adafuse_jax.adapters.sere import SereSettings, calibrate, pregated_similarity
 from adafuse_jax.config import AdapterConfig, ModelConfig
 from adafuse_jax.generation import Generator
 from adafuse_jax.model.llama import LlamaModel
@@ -110,7 +110,7 @@ def calibrated_sere(model: LlamaModel, adapters: MixtureOfLoRA, *, primary_k: in
   ids = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, (1, tokens))
   similarity = calibrate(model, adapters, jnp.asarray(ids, jnp.int32),
                          registry.runtime(adapters))
-  return SereSettings(similarity=jnp.asarray(similarity.mean(0)), primary_k=primary_k, rho=rho)
+  return SereSettings(similarity=pregated_similarity(similarity), primary_k=primary_k, rho=rho)
 
 
 def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,
