@@ -25,14 +25,10 @@ import json
 import pathlib
 import sys
 
-import numpy as np
-
 from adafuse_jax.adapters.io import DEFAULT_POOL, read_adapter_config, resolve_adapters
-from adafuse_jax.adapters.sere import calibrate, load_similarity, save_similarity
-from adafuse_jax.paths import registry
+from adafuse_jax.adapters.sere import load_similarity, save_similarity
 from adafuse_jax.errors import UserError
 from adafuse_jax.train import data, sere_sweep
-from adafuse_jax.train.loop import eval_windows
 from adafuse_jax.weights import load_model
 
 
@@ -63,8 +59,6 @@ def main() -> None:
                                                           report["max_ppl_cost_pct"]))
     sere_sweep.write(report, out, stem="quality")
     return
-  import jax.numpy as jnp
-
   loaded = load_model(progress=False)
   model = loaded.model
   folder = DEFAULT_POOL if args.adapters == "default" else pathlib.Path(args.adapters)
@@ -80,8 +74,7 @@ def main() -> None:
   heldout = data.load_streams(cache_dir, "heldout")
   similarity = None if args.recalibrate else load_similarity(folder)
   if similarity is None:
-    calib = np.concatenate([eval_windows(s, 2, 128)[:, :-1] for s in train_streams.values()])
-    similarity = calibrate(model, pool, jnp.asarray(calib), registry.runtime(pool))
+    similarity, _ = sere_sweep.calibrate_on(model, pool, train_streams, windows=2, seq_len=128)
     save_similarity(folder, similarity)
   report = sere_sweep.report(model, pool, folder.name, similarity, heldout, primaries, rhos,
                              windows=args.windows, seq_len=args.seq_len,

@@ -230,14 +230,11 @@ def chat_mix(args) -> dict:
 def sere_calibrate(args) -> dict:
   """`train sere-calibrate`: the pool's [L, E, E] expert similarity on calibration windows,
   saved as sere_similarity.npy in the pool's folder."""
-  import jax.numpy as jnp
   import numpy as np
 
   from adafuse_jax.adapters.io import DEFAULT_POOL, load_adapters, read_adapter_config
-  from adafuse_jax.adapters.sere import SIMILARITY_FILE, calibrate, save_similarity
-  from adafuse_jax.paths import registry
+  from adafuse_jax.adapters.sere import SIMILARITY_FILE, save_similarity
   from adafuse_jax.train import sere_sweep
-  from adafuse_jax.train.loop import eval_windows
 
   folder = pathlib.Path(args.adapters)
   if args.windows < 1 or args.seq_len < 2:
@@ -258,14 +255,13 @@ def sere_calibrate(args) -> dict:
   writable_folder(str(folder), "--adapters")
   loaded, streams, heldout = _setup(args, None if args.data else _prepared_cache(args))
   pool = load_adapters(folder, loaded.model.cfg, dtype=loaded.model.dtype)
-  windows = [eval_windows(s, args.windows, args.seq_len)[:, :-1] for s in streams.values()]
-  similarity = calibrate(loaded.model, pool, jnp.asarray(np.concatenate(windows)),
-                         registry.runtime(pool))
+  similarity, count = sere_sweep.calibrate_on(loaded.model, pool, streams, windows=args.windows,
+                                              seq_len=args.seq_len)
   save_similarity(folder, similarity)
   mean = similarity.mean(0)
   off = mean[~np.eye(mean.shape[0], dtype=bool)]
   out = {"saved": str(folder / SIMILARITY_FILE), "shape": list(similarity.shape),
-         "windows": int(sum(len(w) for w in windows)), "seq_len": args.seq_len,
+         "windows": count, "seq_len": args.seq_len,
          "domains": sorted(streams),
          "off_diagonal_similarity": {"min": float(off.min()), "mean": float(off.mean()),
                                      "max": float(off.max())}}

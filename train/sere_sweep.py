@@ -27,15 +27,23 @@ import optax
 from flax import nnx
 
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
-from adafuse_jax.adapters.sere import QUALITY_FILE, SereSettings, pregated_similarity
+from adafuse_jax.adapters.sere import QUALITY_FILE, SereSettings, calibrate, pregated_similarity
 from adafuse_jax.errors import UserError
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.paths import registry
 from adafuse_jax.train.loop import eval_windows
 
-__all__ = ["QUALITY_FILE", "plan", "sweep", "report", "baseline", "recommend", "markdown", "plot",
-           "write"]
+__all__ = ["QUALITY_FILE", "calibrate_on", "plan", "sweep", "report", "baseline", "recommend",
+           "markdown", "plot", "write"]
+
+
+def calibrate_on(model: LlamaModel, pool: MixtureOfLoRA, streams: dict[str, np.ndarray], *,
+                 windows: int, seq_len: int) -> tuple[np.ndarray, int]:
+  """(the pool's [L, E, E] expert similarity, `adafuse_jax.adapters.sere.calibrate`, on up to
+  `windows` windows of `seq_len` tokens of every stream; how many windows that was)."""
+  batch = np.concatenate([eval_windows(s, windows, seq_len)[:, :-1] for s in streams.values()])
+  return calibrate(model, pool, jnp.asarray(batch), registry.runtime(pool)), len(batch)
 
 
 def sweep(model: LlamaModel, pool: MixtureOfLoRA, similarity: jax.Array,
