@@ -220,14 +220,35 @@ def test_gathered_decode_with_xla_base_equals_xla_path(model, mode, per_layer_ga
                       per_layer_gates=per_layer_gates)
   adapters = MixtureOfLoRA(model.cfg, cfg, seed=8, random_b=True)
   wide = dataclasses.replace(registry.THRESHOLDS, fused_base_max_width=0)
-  assert not wide.fuses_base(4, 4, 2) and registry.THRESHOLDS.fuses_base(4, 4, 2)
-  assert not registry.THRESHOLDS.fuses_base(4, 4, 32)  # a batch of 32 takes XLA's base too
+  assert not wide.fuses_base(4, 4, 1) and registry.THRESHOLDS.fuses_base(4, 4, 1)
+  assert not registry.THRESHOLDS.fuses_base(4, 4, 2)  # two rows take XLA's base too
   tokens = jnp.asarray(TOKENS)
   cache = lambda: KVCache.create(model.cfg, 2, 11, model.dtype)  # noqa: E731
   want, _ = model(tokens, cache(), all_logits=True, linear=registry.runtime(adapters))
   got, _ = model(tokens, cache(), all_logits=True, linear=GatheredRuntime(adapters, wide))
   chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
   assert len(calls) == model.cfg.layers * len(cfg.modules)  # every adapted module took it
+
+
+@pytest.mark.parametrize("mode", ["pregated", "layerwise"])
+def test_gathered_one_row_step_folds_the_base_into_the_expansion(model, mode, monkeypatch):
+  """A one-row decode step of a narrow pool (`Thresholds.fuses_base`) runs the base matmul inside
+  the Pallas expansion (`bgmv.expand_matmul`), every adapted module, with path xla's logits."""
+  from pallas_kernels import bgmv
+
+  calls = []
+  expand_matmul = bgmv.expand_matmul
+  monkeypatch.setattr(bgmv, "expand_matmul",
+                      lambda *a, **k: calls.append(1) or expand_matmul(*a, **k))
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, router_init_std=0.5)
+  adapters = MixtureOfLoRA(model.cfg, cfg, seed=9, random_b=True)
+  assert registry.THRESHOLDS.fuses_base(4, 4, 1)
+  tokens = jnp.asarray(TOKENS[:1, :1])
+  cache = lambda: KVCache.create(model.cfg, 1, 4, model.dtype)  # noqa: E731
+  want, _ = model(tokens, cache(), all_logits=True, linear=registry.runtime(adapters))
+  got, _ = model(tokens, cache(), all_logits=True, linear=registry.runtime(adapters, "gathered"))
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+  assert len(calls) == model.cfg.layers * len(cfg.modules)
 
 
 @pytest.mark.parametrize("layout", ["stacked", "list"])

@@ -12,7 +12,9 @@ K split for the library's, 768 or 1536 programs, its partial sums added into one
 by XLA before the expansion), with the static loop over an h whose
 partial sums were added first (`static-summed`; here once per module, a step that adopts it would add
 them once per group), and, for narrow pools whose base GEMM the library fuses into the
-expansion, with XLA's base GEMM and the expansion alone (`xla-base`, `xla-base-static`),
+expansion, with XLA's base GEMM and the expansion alone (`xla-base`, `xla-base-static`) or, at
+batches above `Thresholds.fused_base_max_rows`, with the base GEMM fused all the same
+(`fused-base`),
 interleaved in rounds beside the fused-weight backbone and `pregated-packed` (the path the
 gathered one has to beat). Each variant is patched in while its step compiles, and only then
 (the compiled step keeps what it traced). Ratios to the backbone are paired by round: median
@@ -101,10 +103,12 @@ SHRINK_VARIANTS = {"one-partial": None, "split4-one-partial": 768, "split8-one-p
 
 @contextlib.contextmanager
 def patched(slot_loop: str | None = None, summed: bool = False, xla_base: bool = False,
-            unroll: int | None = None, h_3d: bool = False, shrink=None):
+            unroll: int | None = None, h_3d: bool = False, shrink=None, fused_base: bool = False):
   """The expansion's settings for the steps compiled inside (None: the library's). `xla_base` moves
   `Thresholds.fused_base_max_width` to 0, so that a narrow pool (E·r <= 512, whose base GEMM
-  the library fuses into the Pallas expansion) runs XLA's base GEMM and `bgmv.expand` too."""
+  the library fuses into the Pallas expansion) runs XLA's base GEMM and `bgmv.expand` too;
+  `fused_base` lifts `Thresholds.fused_base_max_rows`, so that a narrow pool fuses its base GEMM
+  into the expansion at any batch."""
   library_tiles = triton.EXPAND_TILES
   gathered = registry.PATHS[PathName.GATHERED]
   library_thresholds = gathered.thresholds
@@ -124,6 +128,8 @@ def patched(slot_loop: str | None = None, summed: bool = False, xla_base: bool =
     bgmv.expand = _expand_summed
   if xla_base:
     gathered.thresholds = dataclasses.replace(library_thresholds, fused_base_max_width=0)
+  if fused_base:
+    gathered.thresholds = dataclasses.replace(library_thresholds, fused_base_max_rows=1 << 30)
   try:
     yield
   finally:
@@ -184,10 +190,13 @@ def main() -> None:
   rows = {"backbone-packed": B.bench_mode(model, None, path=PathName.PACKED, **common),
           "pregated-packed": B.bench_mode(model, adapters, path=PathName.PACKED, **common)}
   for name in args.variants.split(","):
-    settings = (dict(shrink=shrink_one_partial(SHRINK_VARIANTS[name]))
-                if name in SHRINK_VARIANTS else
-                dict(zip(("slot_loop", "summed", "xla_base", "unroll"), VARIANTS[name]),
-                     h_3d=name.startswith("h-3d")))
+    if name in SHRINK_VARIANTS:
+      settings = dict(shrink=shrink_one_partial(SHRINK_VARIANTS[name]))
+    elif name == "fused-base":
+      settings = dict(fused_base=True)
+    else:
+      settings = dict(zip(("slot_loop", "summed", "xla_base", "unroll"), VARIANTS[name]),
+                      h_3d=name.startswith("h-3d"))
     with patched(**settings):
       rows[f"gathered-{name}"] = B.bench_mode(model, adapters, path=PathName.GATHERED,
                                               sere=sere, **common)

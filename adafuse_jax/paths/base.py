@@ -54,7 +54,7 @@ class Thresholds:
   gather_max_share: float
   segmented_min_share: float
   fused_base_max_width: int = 512
-  fused_base_max_rows: int = 8
+  fused_base_max_rows: int = 1
 
   def is_decode(self, num_tokens: int) -> bool:
     return num_tokens <= self.decode_max_tokens

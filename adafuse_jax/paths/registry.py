@@ -35,11 +35,11 @@ from adafuse_jax.vocab import Mode, PathName, Variant, parse_path
 # at 74% (docs/benchmarks.md, "Large pools"): wide pools take XLA's base GEMM.
 # fused_base_max_rows: a narrow pool (8 experts, E·r = 128 and 512) at batch 1 runs its whole
 # step (SERE on) faster with the base folded in (1.286x and 1.356x the backbone, against 1.368x and
-# 1.483x with XLA's base), at batch 32 slower (E·r = 512: 1.723x against 1.629x;
-# docs/benchmarks/h200/gathered-probe/). Batches between were not measured: 8 splits them; nor
-# was E·r = 128 at batch 32 (the base weights' bytes, the same at any narrow width, decide it).
+# 1.483x with XLA's base); from 2 rows on slower (E·r = 128 at batch 2, 4, 8, 16: 1.427x, 1.499x,
+# 1.504x, 1.539x fused against 1.373x, 1.408x, 1.449x, 1.398x; E·r = 512 at batch 32: 1.723x
+# against 1.629x; docs/benchmarks/h200/gathered-probe/e8r*-top2-b*.md): one row.
 THRESHOLDS = Thresholds(decode_max_tokens=64, gather_max_share=0.25, segmented_min_share=0.25,
-                        fused_base_max_width=512, fused_base_max_rows=8)
+                        fused_base_max_width=512, fused_base_max_rows=1)
 
 PATHS: dict[PathName, DecodePath] = {p.name: p for p in (
     XlaPath(THRESHOLDS),
