@@ -12,7 +12,7 @@
 # (load/{results.json,results.md,load.png}, load.log); COMPILE_CACHE=DIR loads and fills JAX's
 # compilation cache there, SAVE_CACHE=1 sends it back as jcc.tgz.* (at most 3 pieces fit $OUT).
 # `gathered-probe`: the whole gathered SERE step with the expansion's settings varied
-# (gathered-probe.jsonl; EXPERTS, RANK, TOP_K, BATCH, ROUNDS, VARIANTS=library,load,registers,
+# (gathered-probe.jsonl; EXPERTS, RANK, TOP_K, BATCH, ROUNDS, VARIANTS=library,fused-base,load,registers,
 # static,static-summed,xla-base,xla-base-static; `python tools/gathered_probe.py --table FILE`
 # renders it).
 set -uo pipefail
@@ -91,9 +91,10 @@ for part in $parts; do
           --out /tmp/kb >>"$out/probe.log" 2>&1 && cat /tmp/kb/kernels_"$mode".md >>"$out/kernels.md"
       done ;;
     gemv)
-      # XLA's dot against a Pallas split-K GEMV on the 7B module shapes (tools/gemv_sweep.py).
-      timeout "${GEMV_S:-300}" python3 tools/gemv_sweep.py --out "$out" 2>>"$out/gemv.log" \
-        | tee "$out/gemv.jsonl" | grep '"xla"' ;;
+      # XLA's dot against Pallas GEMVs (Triton split-K, Mosaic GPU swap-AB; KINDS) on the 7B
+      # module shapes (tools/gemv_sweep.py).
+      timeout "${GEMV_S:-480}" python3 tools/gemv_sweep.py --out "$out" --kinds "${KINDS:-triton,mosaic}" \
+        2>>"$out/gemv.log" | tee "$out/gemv.jsonl" | grep -v error | cut -c1-110 ;;
     flags)
       # One decode row under several XLA flag sets (a process each: flags are per process):
       # XLA's Triton GEMMs, cuBLAS, and command buffers (CUDA graphs) for every kernel kind.
