@@ -82,11 +82,38 @@ def test_merged_batch_table_times_identical_rows(tmp_path):
     (("--preset", "tiny", "--sere-rho", "1.5"), "--sere-rho"),
     (("--preset", "tiny", "--switch-rate", "-0.1"), "--switch-rate"),
     (("--preset", "tiny", "--out", "pyproject.toml"), "is a file; name a folder"),
+    (("--preset", "tiny", "--adapters", "default"), "was made for another model than preset"),
+    (("--preset", "smollm2-135m", "--adapters", "default", "--modes", "backbone,layerwise"),
+     "rows of mode layerwise need --adapters random"),
+    (("--preset", "tiny", "--adapters", "no/such/pool"), "does not exist"),
 ])
 def test_bad_arguments_are_rejected(args, message):
   out = run_bench(*args)
   assert out.returncode == 2
   assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_saved_pool_is_benchmarked_as_saved(tmp_path):
+  """`--adapters FOLDER` times the saved pool itself (its shape replaces --experts and --rank),
+  and the table says which pool it was."""
+  from adafuse_jax.adapters.io import save_adapters
+  from adafuse_jax.adapters.mixture import MixtureOfLoRA
+  from adafuse_jax.bench.cli import TINY
+  from adafuse_jax.config import AdapterConfig, ModelConfig
+
+  pool = MixtureOfLoRA(ModelConfig(**TINY), AdapterConfig(num_experts=3, rank=2, top_k=1,
+                                                          modules=("q", "v")), seed=5)
+  save_adapters(tmp_path / "pool", pool)
+  out = run_bench("--preset", "tiny", "--steps", "2", "--warmup", "1", "--prefill", "",
+                  "--rounds", "1", "--modes", "backbone,pregated-packed", "--adapters",
+                  str(tmp_path / "pool"), "--out", str(tmp_path / "run"))
+  assert out.returncode == 0, out.stderr
+  report = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert report["adapters"] == str(tmp_path / "pool")
+  assert (report["adapter"]["num_experts"], report["adapter"]["rank"],
+          report["adapter"]["top_k"], report["adapter"]["modules"]) == (3, 2, 1, ["q", "v"])
+  assert f"pool `{tmp_path / 'pool'}`" in out.stdout
+  assert [r["mode"] for r in report["results"]] == ["backbone", "pregated-packed"]
 
 
 def test_earlier_mode_names_run_under_their_new_names(tmp_path):

@@ -225,14 +225,18 @@ def load_pool(spec: str, model_cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float
   written by `save_adapters` or training, PEFT LoRA folders ("DIR" or "DIR1,DIR2,..."), or
   "random[:SEED]" (a seeded random pre-gated pool,
   for tests and benchmarks). Its mode is the saved one (pre-gated for "random")."""
+  return resolve_adapters(spec, pool_config(spec), model_cfg, dtype=dtype, seed=seed)
+
+
+def pool_config(spec: str) -> AdapterConfig:
+  """The AdapterConfig a pool spec of `load_pool` loads as, read from its files alone (the
+  library's default shape for "random[:SEED]"): raises ModelFileError when there is no pool."""
   if spec == "random" or spec.startswith("random:"):
-    cfg = AdapterConfig()
-  elif peft.is_peft_spec(spec):
-    cfg = peft.spec_config(spec)
-  else:
-    path = pool_folder(spec)
-    if not path.exists():
-      raise ModelFileError(f"adapter pool {spec!r} does not exist; pass 'default', a folder"
-                           " written by save_adapters or training, or 'random'")
-    cfg, _ = read_adapter_config(path)
-  return resolve_adapters(spec, cfg, model_cfg, dtype=dtype, seed=seed)
+    return AdapterConfig()
+  if peft.is_peft_spec(spec):
+    return peft.spec_config(spec)
+  path = pool_folder(spec)
+  if not path.exists():
+    raise ModelFileError(f"adapter pool {spec!r} does not exist; pass 'default', a folder"
+                         " written by save_adapters or training, or 'random'")
+  return read_adapter_config(path)[0]

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--layouts", default="auto",
                  help="weight layouts for the backbone, comma-separated (stacked,list); auto ="
                       " the backend's default only")
+  p.add_argument("--adapters", default="random",
+                 help="the pool of every adapter row: random (seeded, non-zero B, of the shape"
+                      " --experts/--rank/--top-k/--adapt-modules give), default (the trained pool"
+                      " shipped for smollm2-135m), a folder written by training or PEFT LoRA"
+                      " folders; a saved pool's own shape replaces those four flags")
   p.add_argument("--experts", type=int, default=8)
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--top-k", type=int, default=2)
@@ -80,6 +85,32 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def saved_pool_config(spec: str, preset: str, variants) -> "AdapterConfig":
+  """The config of the saved pool `spec` (`--adapters`), checked before anything is measured:
+  made for the preset's model shape, and of the mode of every adapter row. Raises UserError /
+  ModelFileError naming the mismatch."""
+  from adafuse_jax.adapters.io import model_fingerprint, pool_config, pool_folder, read_adapter_config
+  from adafuse_jax.adapters import peft
+  from adafuse_jax.config import PRESETS, ModelConfig
+  from adafuse_jax.vocab import Mode
+
+  cfg = pool_config(spec)
+  if not peft.is_peft_spec(spec):
+    saved = read_adapter_config(pool_folder(spec))[1]
+    model_cfg = ModelConfig(**TINY) if preset == "tiny" else PRESETS[preset]
+    diffs = [f"{k} {saved.get(k)} vs {v}" for k, v in model_fingerprint(model_cfg).items()
+             if saved.get(k) != v]
+    if diffs:
+      raise UserError(f"--adapters {spec!r} was made for another model than preset {preset!r} ("
+                      + "; ".join(diffs) + "); pass the preset it was trained on"
+                      " (smollm2-135m for 'default') or --adapters random")
+  wrong = sorted({str(v.mode) for v in variants if v.mode not in (Mode.BACKBONE, cfg.mode)})
+  if wrong:
+    raise UserError(f"--adapters {spec!r} is a {cfg.mode} pool; rows of mode {', '.join(wrong)}"
+                    f" need --adapters random (or keep to backbone and {cfg.mode} rows)")
+  return cfg
+
+
 def run(args: argparse.Namespace) -> dict:
   import jax
   import jax.numpy as jnp
@@ -92,6 +123,7 @@ def run(args: argparse.Namespace) -> dict:
   from adafuse_jax.model.llama import LlamaModel, default_layout
   from adafuse_jax.paths import registry
   from adafuse_jax.vocab import Mode, Variant, parse_variant
+  from adafuse_jax.adapters.io import load_pool
   from adafuse_jax.weights import load_model
 
   variants = []
@@ -126,6 +158,9 @@ def run(args: argparse.Namespace) -> dict:
   modules = tuple(m.strip() for m in args.adapt_modules.split(",") if m.strip())
   adapter_base = AdapterConfig(mode="pregated", modules=modules, num_experts=args.experts,
                                rank=args.rank, top_k=args.top_k)  # validates E >= k etc.
+  saved_pool = args.adapters != "random" and not args.adapters.startswith("random:")
+  if saved_pool:
+    adapter_base = saved_pool_config(args.adapters, args.preset, variants)
   dtype = jnp.dtype(args.dtype if args.dtype != "auto" else
                     ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
   layouts = ([default_layout()] if args.layouts == "auto" else
@@ -164,7 +199,12 @@ def run(args: argparse.Namespace) -> dict:
     for variant in (variants if layout == layouts[0] else [Variant(Mode.BACKBONE)]):
       if model is None:  # consumed by a packed path
         model = make_model(layout)
-      adapters = B.build_adapters(cfg, variant.mode, adapter_base, dtype, args.seed)
+      if saved_pool and variant.mode != Mode.BACKBONE:
+        adapters = load_pool(args.adapters, cfg, dtype=dtype)
+      else:
+        seed = int(args.adapters.split(":", 1)[1]) if args.adapters.startswith("random:") else (
+            args.seed)
+        adapters = B.build_adapters(cfg, variant.mode, adapter_base, dtype, seed)
       label = variant.name if len(layouts) == 1 else f"{variant.name}[{layout}]"
       print(f"# measuring {label} ...", file=sys.stderr)
       path, backend, auto = variant.path, variant.backend, None
@@ -249,7 +289,7 @@ def run(args: argparse.Namespace) -> dict:
   if args.profile:
     jax.profiler.stop_trace()
   report = {"environment": env, "baseline": derive.add_ratios(rows), "preset": args.preset,
-            "dtype": str(dtype), "adapter": adapter_base.to_dict(), "batch": args.batch,
+            "dtype": str(dtype), "adapter": adapter_base.to_dict(), "adapters": args.adapters, "batch": args.batch,
             "cache_len": args.cache_len, "devices": args.devices, "torch_peer_error": peer_error,
             "rounds": args.rounds, "ceiling_tb_s": bw / 1e12, "ceiling_method": ceiling_method,
             "copy_bandwidth_tb_s": elementwise / 1e12,
@@ -337,6 +377,8 @@ def markdown(report: dict) -> str:
             for r in report["results"])
   lines = [f"Preset `{report['preset']}`, {report['dtype']}, batch {report['batch']},"
            + (f" {devices} tensor-parallel devices (floors per device)," if devices > 1 else "")
+           + (f" pool `{report['adapters']}`,"
+              if not str(report.get("adapters", "random")).startswith("random") else "")
            + f" experts"
            f" {report['adapter']['num_experts']}, rank {report['adapter']['rank']}, top-"
            f"{report['adapter']['top_k']}, modules {','.join(report['adapter']['modules'])};"
