@@ -2,9 +2,13 @@
 
     python tools/kernel_breakdown.py --preset llama2-7b --mode backbone --out DIR
         [--batch 32 --experts 64 --rank 64 --top-k 4]     (mode `...+sere`: SERE, rho 0)
+    python tools/kernel_breakdown.py --preset smollm2-135m --adapters default \
+        --mode pregated-packed --out DIR                   (CPU: the real model and pool, fp32)
 
 Runs warm decode steps under `jax.profiler.trace`, reads the Perfetto trace it writes, and prints
-the kernels grouped by name: count per step, total µs per step, share of the step.
+the kernels grouped by name: count per step, total µs per step, share of the step. On the CPU
+the "kernels" are XLA:CPU's thunks: the trace's events named after an instruction of the step's
+compiled program.
 """
 
 from __future__ import annotations
@@ -25,12 +29,17 @@ from adafuse_jax.config import PRESETS, AdapterConfig
 from adafuse_jax.generation import Generator
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.sampling import SamplingConfig
-from adafuse_jax.vocab import parse_variant
+from adafuse_jax.adapters.io import load_pool
+from adafuse_jax.vocab import Mode, parse_variant
+from adafuse_jax.weights import load_model
 
 
-def kernel_durations(trace_dir: pathlib.Path) -> dict[str, list[float]]:
+def kernel_durations(trace_dir: pathlib.Path, names: set[str] | None = None
+                     ) -> dict[str, list[float]]:
   """µs of every GPU kernel in the newest trace under `trace_dir` (written by
-  `jax.profiler.trace`), by kernel name (a trailing `_N` dropped); empty on the CPU."""
+  `jax.profiler.trace`), by kernel name (a trailing `_N` dropped); empty on the CPU unless
+  `names`, the instruction names of the program that ran: then every event so named, on any
+  thread (XLA:CPU's thunks), by name with its `.N` dropped."""
   trace_file = sorted(glob.glob(str(trace_dir / "**" / "*.json.gz"), recursive=True))[-1]
   events = json.load(gzip.open(trace_file))
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -40,20 +49,33 @@ def kernel_durations(trace_dir: pathlib.Path) -> dict[str, list[float]]:
   gpu_pids = {pid for pid, name in pids.items() if "gpu" in name.lower() or "/device" in name.lower()}
   agg: dict[str, list[float]] = collections.defaultdict(list)
   for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e:
+    if e.get("ph") != "X" or "dur" not in e:
+      continue
+    if names is not None:
+      if e["name"] in names:
+        agg[re.sub(r"\.\d+$", "", e["name"])[:60]].append(float(e["dur"]))
+    elif e.get("pid") in gpu_pids:
       name = re.sub(r"_\d+$", "", e["name"].split("(")[0])[:60]
       agg[name].append(float(e["dur"]))
   return agg
 
 
-def kernel_table(trace_dir: pathlib.Path, steps: int, tag: str) -> str:
+def instruction_names(hlo_text: str) -> set[str]:
+  """The names of the instructions of a compiled program's ENTRY computation."""
+  entry = hlo_text[hlo_text.index("\nENTRY"):]
+  return set(re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = ", entry, flags=re.M))
+
+
+def kernel_table(trace_dir: pathlib.Path, steps: int, tag: str,
+                 names: set[str] | None = None) -> str:
   """The GPU kernels of the newest trace under `trace_dir` (written by `jax.profiler.trace`
-  around `steps` steps), grouped by name: count per step, µs per step, share (top 25)."""
-  agg = kernel_durations(trace_dir)
+  around `steps` steps), grouped by name: count per step, µs per step, share (top 25); with
+  `names` (CPU) the thunks of those instructions."""
+  agg = kernel_durations(trace_dir, names)
   total = sum(sum(v) for v in agg.values()) / steps
   if not total:
     return f"mode {tag}: no GPU kernels in the trace (a CPU run)"
-  lines = [f"mode {tag}: {sum(len(v) for v in agg.values()) / steps:.0f} GPU events/step,"
+  lines = [f"mode {tag}: {sum(len(v) for v in agg.values()) / steps:.0f} kernel events/step,"
            f" {total:.0f} µs busy/step", "| kernel | per step | µs/step | share |", "|---|---|---|---|"]
   for name, durs in sorted(agg.items(), key=lambda kv: -sum(kv[1]))[:25]:
     lines.append(f"| {name} | {len(durs) / steps:.0f} | {sum(durs) / steps:.0f} |"
@@ -74,14 +96,24 @@ def main() -> None:
   p.add_argument("--experts", type=int, default=AdapterConfig.num_experts)
   p.add_argument("--rank", type=int, default=AdapterConfig.rank)
   p.add_argument("--top-k", type=int, default=AdapterConfig.top_k)
+  p.add_argument("--adapters", default="random",
+                 help="random (of the shape above) or a saved pool ('default': the shipped one)")
   p.add_argument("--out", required=True)
   args = p.parse_args()
   out = pathlib.Path(args.out)
-  model = LlamaModel(PRESETS[args.preset], dtype=jnp.bfloat16)
+  cpu = jax.default_backend() == "cpu"
+  dtype = jnp.float32 if cpu else jnp.bfloat16
+  if args.preset == "smollm2-135m":  # the real embedded model
+    model = load_model("default", dtype=dtype, progress=False).model
+  else:
+    model = LlamaModel(PRESETS[args.preset], dtype=dtype)
   acfg = AdapterConfig(modules=tuple(args.adapt_modules.split(",")), num_experts=args.experts,
                        rank=args.rank, top_k=args.top_k)
   variant, _ = parse_variant(args.mode)
-  adapters = B.build_adapters(model.cfg, variant.mode, acfg, jnp.bfloat16, 0)
+  if args.adapters == "random" or variant.mode == Mode.BACKBONE:
+    adapters = B.build_adapters(model.cfg, variant.mode, acfg, dtype, 0)
+  else:
+    adapters = load_pool(args.adapters, model.cfg, dtype=dtype)
   sere = (B.calibrated_sere(model, adapters, primary_k=1, rho=0.0, seed=0)
           if variant.sere else None)
   gen = Generator(model, adapters=adapters, path=variant.path, backend=variant.backend,
@@ -110,7 +142,8 @@ def main() -> None:
   # File names without "+" (the device tool does not send such names back).
   stem = tag.replace("+", "_")
   (out / f"hlo_{stem}.txt").write_text(step.as_text())
-  text = kernel_table(out / "trace", args.steps, tag)
+  text = kernel_table(out / "trace", args.steps, tag,
+                      instruction_names(step.as_text()) if cpu else None)
   print(text)
   (out / f"kernels_{stem}.md").write_text(text + "\n")
 
