@@ -25,10 +25,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                       " Pallas kernels per shard; every path); on a CPU simulate them with"
                       " XLA_FLAGS=--xla_force_host_platform_device_count=N")
   p.add_argument("--compile-cache", default="auto", metavar="auto|off|DIR", help=COMPILE_CACHE_HELP)
-  p.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto",
+  p.add_argument("--attention", choices=("auto", "xla", "windowed", "pallas"), default="auto",
                  help="decode steps' attention: pallas (the decode-attention kernel: reads only"
-                      " the filled part of the cache), xla (XLA's fusions); auto = pallas on one"
-                      " GPU, else xla")
+                      " the filled part of the cache), xla (XLA's fusions over the whole cache),"
+                      " windowed (XLA's fusions over the cache's written part, in eighths);"
+                      " auto = pallas on one GPU, else xla")
 
 
 POOL_DEFAULTS = {"experts": 8, "rank": 16, "top_k": 2, "adapt_modules": "q,k,v,o,gate,up,down",

@@ -93,14 +93,14 @@ def legacy_path(implementation: str | None, merge: bool) -> tuple[PathName | Non
 class Variant:
   """One configuration of the bench: a mode on a path, optionally with SERE re-routing, a
   named kernel backend or a forced attention
-  (`MODE[-PATH][@BACKEND][+sere][+pallas-attention|+xla-attention]`; without a suffix the
-  library's default, "auto"). `name` and `parse_variant` are inverse."""
+  (`MODE[-PATH][@BACKEND][+sere][+NAME-attention]`, NAME pallas, xla or windowed; without a
+  suffix the library's default, "auto"). `name` and `parse_variant` are inverse."""
 
   mode: Mode
   path: PathName = PathName.XLA
   sere: bool = False
   backend: str = "auto"
-  attention: str = "auto"  # or forced: "pallas" (`+pallas-attention`), "xla" (`+xla-attention`)
+  attention: str = "auto"  # or forced: "pallas", "xla", "windowed" (`+NAME-attention`)
 
   @property
   def name(self) -> str:
@@ -131,7 +131,7 @@ def parse_variant(text: str) -> tuple[Variant, str | None]:
   if text in _LEGACY_VARIANTS:
     text = _LEGACY_VARIANTS[text]
   text, *flags = text.split("+")
-  known = ("sere", "pallas-attention", "xla-attention")
+  known = ("sere", "pallas-attention", "xla-attention", "windowed-attention")
   for flag in flags:
     if flag not in known:
       raise UserError(f"bench mode {original!r}: unknown suffix '+{flag}'; choose from"

@@ -15,7 +15,7 @@ import pytest
 from pallas_kernels import decode_attention as da
 from pallas_kernels.decode_attention.reference import decode_attention_reference
 from pallas_kernels.decode_attention.triton import Tiles, decode_attention, split_plan
-from adafuse_jax.model.layers import attention
+from adafuse_jax.model.layers import attention, window_widths, windowed_attention
 
 INTERPRET = jax.default_backend() != "gpu"
 SMALL = Tiles(block_s=16, target_programs=24)
@@ -87,6 +87,40 @@ def test_model_attention_equals_the_kernel_for_one_token():
   k, v = jnp.nan_to_num(k), jnp.nan_to_num(v)
   want = attention(q[:, None], k, v, mask[:, None])[:, 0]
   got = decode_attention(q, k, v, mask, tiles=SMALL, interpret=INTERPRET)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_window_widths_are_eighths_of_at_least_64_slots():
+  assert window_widths(512) == (64, 128, 192, 256, 320, 384, 448, 512)
+  assert window_widths(150) == (64, 128, 150)
+  assert window_widths(1000) == (125, 250, 375, 500, 625, 750, 875, 1000)
+  assert window_widths(40) == (40,)
+
+
+@pytest.mark.parametrize("slots, tokens, pads, ends", [
+    (150, 1, [0, 7], [40, 10]),   # every row inside the first window (64 of 150)
+    (150, 1, [0, 3], [70, 149]),  # the longest row decides: the whole buffer
+    (300, 3, [2], [130]),         # three queries (a prompt's tail), a window in the middle
+    (40, 1, [0], [40]),           # at most 64 slots: one window, plain attention
+])
+def test_windowed_attention_reads_only_the_written_part(slots, tokens, pads, ends):
+  """`windowed_attention` equals `attention`, and never reads past its window: every slot
+  after the window the mask needs holds NaN, which would reach the result if it were read."""
+  kq, kk, kv = jax.random.split(jax.random.key(slots + tokens), 3)
+  batch, kv_heads, groups, head_dim = len(pads), 2, 3, 16
+  q = jax.random.normal(kq, (batch, tokens, kv_heads * groups, head_dim))
+  k = jax.random.normal(kk, (batch, slots, kv_heads, head_dim))
+  v = jax.random.normal(kv, (batch, slots, kv_heads, head_dim))
+  s = np.arange(slots)
+  mask = jnp.asarray(np.broadcast_to(((s >= np.asarray(pads)[:, None])
+                                      & (s < np.asarray(ends)[:, None]))[:, None],
+                                     (batch, tokens, slots)))
+  want = attention(q, k, v, mask)
+  width = min(w for w in window_widths(slots) if w >= max(ends))
+  outside = (s >= width)[None, :, None, None]
+  got = jax.jit(windowed_attention)(q, jnp.where(outside, jnp.nan, k),
+                                    jnp.where(outside, jnp.nan, v), mask)
+  assert not bool(jnp.isnan(got).any()), "a slot past the window was read"
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 

@@ -140,6 +140,20 @@ def test_row_layout_generator_equals_stored_layout(mode, monkeypatch):
     assert Generator(model, adapters=adapters, path="merged", backend="xla").derived is None
 
 
+def test_windowed_attention_generator_writes_the_same_tokens(tiny_gen):
+  """Decode steps that attend over the cache's written part only (`windowed_attention`, here a
+  128-slot cache whose steps cross from the 64-slot window to the whole) write the same greedy
+  tokens as XLA's attention over the whole cache, ragged prompts included."""
+  prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+  model = LlamaModel(tiny_config(), seed=11)
+  windowed = Generator(model, attention="windowed")
+  assert windowed.attention == "windowed"
+  got = generate(windowed, prompts, max_new_tokens=70)
+  assert got.tokens == generate(Generator(model, attention="xla"), prompts,
+                                max_new_tokens=70).tokens
+  assert max(len(t) for t in got.tokens) > 64 - 16  # the steps left the first window
+
+
 def test_pallas_attention_generator_writes_the_same_tokens(tiny_gen):
   """Decode steps on the Pallas decode-attention kernel (the Pallas interpreter here) write the
   same greedy tokens as XLA's attention, ragged prompts (left padding) and a pre-gated pool on
@@ -160,7 +174,8 @@ def test_pallas_attention_generator_writes_the_same_tokens(tiny_gen):
   got = generate(Generator(model, adapters=adapters, path="packed", attention="pallas"),
                  prompts, max_new_tokens=6).tokens
   assert got == want
-  with pytest.raises(UserError, match="unknown attention 'flash'; choose one of auto, xla, pallas"):
+  with pytest.raises(UserError, match="unknown attention 'flash'; choose one of auto, xla,"
+                     " windowed, pallas"):
     Generator(model, attention="flash")
   # "auto" takes the kernel on one GPU only: the interpreter on the CPU would be slow.
   assert tiny_gen.attention == ("pallas" if jax.default_backend() == "gpu" else "xla")

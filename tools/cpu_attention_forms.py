@@ -10,7 +10,9 @@ Forms:
 - `heads-major`: the cache held `[B, Hkv, S, hd]`, so the products need no transpose;
 - `flat`: the cache read as `[B, S, Hkv*hd]` against a block-diagonal query, one plain product
   each way (Hkv times the multiply-adds, no batch dimensions);
-- `reduce`: multiply and sum (no dot), which XLA fuses into loops.
+- `reduce`: multiply and sum (no dot), which XLA fuses into loops;
+- `windowed`: `model.layers.windowed_attention`, the library's einsums over the narrowest
+  eighth of the buffer that holds the written slots (`--position`: the slot written).
 Interleaved rounds of 20 calls each; JSON lines: ms per call (all layers), the median over rounds,
 and the bytes the compiled program's `copy` instructions move per call.
 """
@@ -27,7 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from adafuse_jax.model.layers import attention
+from adafuse_jax.model.layers import attention, windowed_attention
 
 HQ, HKV, HD = 9, 3, 64
 
@@ -64,8 +66,8 @@ def reduce(q, k, v, mask):
 
 
 # name -> (attention, the buffers' slot axis)
-FORMS = {"library": (attention, 1), "heads-major": (heads_major, 2), "flat": (flat, 1),
-         "reduce": (reduce, 1)}
+FORMS = {"library": (attention, 1), "windowed": (windowed_attention, 1),
+         "heads-major": (heads_major, 2), "flat": (flat, 1), "reduce": (reduce, 1)}
 
 
 def step_fn(form: str, slots: int):
@@ -93,33 +95,38 @@ def main() -> None:
   p.add_argument("--layers", type=int, default=30)
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--calls", type=int, default=20)
+  p.add_argument("--position", type=int, default=None, help="the slot written (default: half)")
+  p.add_argument("--forms", default=",".join(FORMS))
   args = p.parse_args()
   key = jax.random.key(0)
   q = jax.random.normal(key, (1, 1, HQ, HD))
   k = jax.random.normal(jax.random.key(1), (1, args.slots, HKV, HD))
   v = jax.random.normal(jax.random.key(2), (1, args.slots, HKV, HD))
-  mask = (jnp.arange(args.slots) <= args.slots // 2)[None, None, :]
+  pos = args.slots // 2 if args.position is None else args.position
+  forms = args.forms.split(",")
+  mask = (jnp.arange(args.slots) <= pos)[None, None, :]
   want = attention(q, k, v, mask)
   state, steps, copies = {}, {}, {}
-  for form, (attend, slot_axis) in FORMS.items():
+  for form in forms:
+    attend, slot_axis = FORMS[form]
     kk, vv = (k, v) if slot_axis == 1 else (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
     err = float(jnp.abs(attend(q, kk, vv, mask) - want).max())
     assert err < 1e-4, f"{form}: max abs error {err}"
     steps[form] = step_fn(form, args.slots)
     bufs = ([kk + 0 for _ in range(args.layers)], [vv + 0 for _ in range(args.layers)])
-    text = steps[form].lower(q, *bufs, args.slots // 2).compile().as_text()
+    text = steps[form].lower(q, *bufs, pos).compile().as_text()
     copies[form] = sum(4 * math.prod(int(d) for d in dims.split(",") if d)
                        for dims in re.findall(r"= f32\[([\d,]*)\]\S* copy\(", text))
     state[form] = bufs
-  times: dict[str, list[float]] = {f: [] for f in FORMS}
+  times: dict[str, list[float]] = {f: [] for f in forms}
   for _ in range(args.rounds + 1):  # the first round warms up
-    for form in FORMS:
+    for form in forms:
       ks, vs = state[form]
-      out, ks, vs = steps[form](q, ks, vs, args.slots // 2)
+      out, ks, vs = steps[form](q, ks, vs, pos)
       jax.block_until_ready(out)
       t = time.perf_counter()
       for _ in range(args.calls):
-        out, ks, vs = steps[form](q, ks, vs, args.slots // 2)
+        out, ks, vs = steps[form](q, ks, vs, pos)
       jax.block_until_ready(out)
       times[form].append((time.perf_counter() - t) / args.calls * 1e3)
       state[form] = (ks, vs)
@@ -127,7 +134,7 @@ def main() -> None:
     rounds = sorted(ts[1:])
     print(json.dumps({"form": form, "ms_per_call": round(rounds[len(rounds) // 2], 3),
                       "rounds_ms": [round(t, 3) for t in ts[1:]], "copied_bytes": copies[form],
-                      "slots": args.slots, "layers": args.layers, "device": jax.devices()[0].device_kind,
+                      "slots": args.slots, "position": pos, "layers": args.layers, "device": jax.devices()[0].device_kind,
                       "jax": jax.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
 
 

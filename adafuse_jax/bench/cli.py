@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="auto: bfloat16 on a GPU, float32 on the CPU")
   p.add_argument("--modes", default=",".join(v.name for v in DEFAULT_VARIANTS),
                  help="comma-separated rows, each MODE[-PATH][@BACKEND][+sere]"
-                      "[+pallas-attention|+xla-attention]: a mode (backbone, lora, layerwise,"
+                      "[+pallas-attention|+xla-attention|+windowed-attention]: a mode (backbone,"
+                      " lora, layerwise,"
                       " pregated) on a path (xla when omitted; packed, gathered, merged, auto),"
                       " optionally a kernel backend, SERE re-routing and a forced attention"
                       " (default: the library's, the Pallas kernel on one GPU)")

@@ -120,11 +120,39 @@ def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
   return out[:, None]
 
 
-# How a decode step's attention runs: "xla" (the einsums above, fused by XLA) or "pallas"
+WINDOW_MIN_SLOTS = 64  # narrower windows save less than the branch costs
+WINDOWS = 8  # window widths per buffer: a step reads at most 1/8 of the buffer it need not
+
+
+def window_widths(slots: int) -> tuple[int, ...]:
+  """The widths `windowed_attention` picks from for a buffer of `slots`: multiples of
+  max(64, slots / 8) up to `slots` (just `slots` for a buffer of at most 64)."""
+  step = max(WINDOW_MIN_SLOTS, -(-slots // WINDOWS))
+  return tuple(range(step, slots, step)) + (slots,)
+
+
+def windowed_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`attention` over the first W slots of the buffers only, W the narrowest of `window_widths`
+  that holds every slot the mask lets a query read (one `lax.switch` between the widths, each a
+  static slice): a step early in a long buffer reads only its written part. Same shapes, dtypes
+  and result as `attention`; a mask that shows no slot at all takes the narrowest window."""
+  widths = window_widths(k.shape[1])
+  if len(widths) == 1:
+    return attention(q, k, v, mask)
+  slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+  needed = jnp.max(jnp.where(jnp.any(mask, axis=(0, 1)), slots + 1, 0))
+  branch = jnp.searchsorted(jnp.asarray(widths, jnp.int32), needed)
+  return jax.lax.switch(branch, [
+      lambda q, k, v, mask, w=w: attention(q, k[:, :w], v[:, :w], mask[..., :w])
+      for w in widths], q, k, v, mask)
+
+
+# How a decode step's attention runs: "xla" (the einsums above, fused by XLA), "windowed"
+# (`windowed_attention`: the einsums over the buffers' written part) or "pallas"
 # (`kernel_attention`). "auto" (`resolve_attention`) takes the kernel on one GPU: on the H200 it
 # made the 7B step 0.90x (batch 1) and 0.79x (batch 32) of XLA's, Mistral's batch 32 0.53x
 # (docs/benchmarks.md, "The decode-attention kernel").
-ATTENTION = {"xla": attention, "pallas": kernel_attention}
+ATTENTION = {"xla": attention, "windowed": windowed_attention, "pallas": kernel_attention}
 ATTENTION_CHOICES = ("auto", *ATTENTION)
 
 
