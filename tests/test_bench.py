@@ -86,6 +86,7 @@ def test_merged_batch_table_times_identical_rows(tmp_path):
     (("--preset", "smollm2-135m", "--adapters", "default", "--modes", "backbone,layerwise"),
      "rows of mode layerwise need --adapters random"),
     (("--preset", "tiny", "--adapters", "no/such/pool"), "does not exist"),
+    (("--preset", "tiny", "--adapters", "random:x"), "the seed after 'random:' must be an"),
 ])
 def test_bad_arguments_are_rejected(args, message):
   out = run_bench(*args)

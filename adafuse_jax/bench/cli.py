@@ -90,8 +90,9 @@ def saved_pool_config(spec: str, preset: str, variants) -> "AdapterConfig":
   """The config of the saved pool `spec` (`--adapters`), checked before anything is measured:
   made for the preset's model shape, and of the mode of every adapter row. Raises UserError /
   ModelFileError naming the mismatch."""
-  from adafuse_jax.adapters.io import model_fingerprint, pool_config, pool_folder, read_adapter_config
   from adafuse_jax.adapters import peft
+  from adafuse_jax.adapters.io import (model_fingerprint, pool_config, pool_folder,
+                                       read_adapter_config)
   from adafuse_jax.config import PRESETS, ModelConfig
   from adafuse_jax.vocab import Mode
 
@@ -160,6 +161,13 @@ def run(args: argparse.Namespace) -> dict:
   adapter_base = AdapterConfig(mode="pregated", modules=modules, num_experts=args.experts,
                                rank=args.rank, top_k=args.top_k)  # validates E >= k etc.
   saved_pool = args.adapters != "random" and not args.adapters.startswith("random:")
+  pool_seed = args.seed
+  if args.adapters.startswith("random:"):
+    try:
+      pool_seed = int(args.adapters.split(":", 1)[1])
+    except ValueError:
+      raise UserError(f"--adapters {args.adapters!r}: the seed after 'random:' must be an"
+                      " integer") from None
   if saved_pool:
     adapter_base = saved_pool_config(args.adapters, args.preset, variants)
   dtype = jnp.dtype(args.dtype if args.dtype != "auto" else
@@ -203,9 +211,7 @@ def run(args: argparse.Namespace) -> dict:
       if saved_pool and variant.mode != Mode.BACKBONE:
         adapters = load_pool(args.adapters, cfg, dtype=dtype)
       else:
-        seed = int(args.adapters.split(":", 1)[1]) if args.adapters.startswith("random:") else (
-            args.seed)
-        adapters = B.build_adapters(cfg, variant.mode, adapter_base, dtype, seed)
+        adapters = B.build_adapters(cfg, variant.mode, adapter_base, dtype, pool_seed)
       label = variant.name if len(layouts) == 1 else f"{variant.name}[{layout}]"
       print(f"# measuring {label} ...", file=sys.stderr)
       path, backend, auto = variant.path, variant.backend, None
