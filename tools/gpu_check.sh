@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv flags step autotune expand attention switch bgmv-sweep gathered-probe
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv norm-fold flags step autotune expand attention switch bgmv-sweep gathered-probe
 #   (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
@@ -95,6 +95,11 @@ for part in $parts; do
       # module shapes (tools/gemv_sweep.py).
       timeout "${GEMV_S:-480}" python3 tools/gemv_sweep.py --out "$out" --kinds "${KINDS:-triton,mosaic}" \
         2>>"$out/gemv.log" | tee "$out/gemv.jsonl" | grep -v error | cut -c1-110 ;;
+    norm-fold)
+      # RMSNorm folded into the next matmul (its scale applied to the output) against the
+      # library's norm-then-matmul, 7B q/k/v and gate/up shapes (tools/norm_fold_probe.py).
+      timeout "${NORM_FOLD_S:-300}" python3 tools/norm_fold_probe.py 2>"$out/norm-fold.log" \
+        | tee "$out/norm-fold.jsonl" | cut -c1-140 ;;
     flags)
       # One decode row under several XLA flag sets (a process each: flags are per process):
       # XLA's Triton GEMMs, cuBLAS, and command buffers (CUDA graphs) for every kernel kind.
@@ -170,6 +175,6 @@ for part in $parts; do
         --rank "${RANK:-64}" --top-k "${TOP_K:-4}" --batch "${BATCH:-32}" --rounds "${ROUNDS:-5}" \
         ${VARIANTS:+--variants "$VARIANTS"} 2>"$out/gathered-probe.log" \
         | tee "$out/gathered-probe.jsonl" | cut -c1-160 ;;
-    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, flags, step, autotune, expand, attention, switch, bgmv-sweep, gathered-probe)"; exit 2 ;;
+    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, norm-fold, flags, step, autotune, expand, attention, switch, bgmv-sweep, gathered-probe)"; exit 2 ;;
   esac
 done
