@@ -12,8 +12,8 @@ Options tried on a GPU: XLA's defaults; command buffers (CUDA graphs) off; comma
 every kernel kind with no minimum graph size. Beside them the step compiled with the router's
 top-k written as k masked argmaxes (same experts, same order) instead of `lax.top_k`, and with
 each layer's attention in XLA's fusions instead of the library's default (the Pallas
-decode-attention kernel on one GPU). On the CPU: XLA's defaults, its XNNPACK graph fusion and
-its oneDNN dots.
+decode-attention kernel on one GPU). On the CPU: XLA's defaults, its XNNPACK graph fusion, its
+oneDNN dots and its YNNPACK fusions off.
 """
 
 from __future__ import annotations
@@ -42,11 +42,13 @@ GPU_OPTIONS = {
                                          "DYNAMIC_SLICE_FUSION",
         "xla_gpu_graph_min_graph_size": "1"},
 }
-# XLA:CPU's library paths for dots and element-wise work (both off by default in this XLA).
+# XLA:CPU's library paths for dots and element-wise work (XNNPACK graph fusion and oneDNN off by
+# default in this XLA; its YNNPACK fusions on: an empty list turns them off).
 CPU_OPTIONS = {
     "defaults": {},
     "xnn-graph-greedy": {"xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_GREEDY"},
     "onednn": {"xla_cpu_use_onednn": True},
+    "ynn-off": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
 
 
