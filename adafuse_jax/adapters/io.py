@@ -78,6 +78,13 @@ def read_adapter_config(path: str | pathlib.Path) -> tuple[AdapterConfig, dict]:
     raise ModelFileError(f"{str(path / CONFIG_FILE)!r} is corrupt ({e})") from None
 
 
+def model_mismatch(saved_shapes: dict, model_cfg: ModelConfig) -> list[str]:
+  """How a checkpoint's recorded model shape (`read_adapter_config`'s second value) differs from
+  `model_cfg`: one "field: checkpoint X vs model Y" per field; empty when it was made for it."""
+  return [f"{k}: checkpoint {saved_shapes.get(k)} vs model {v}"
+          for k, v in model_fingerprint(model_cfg).items() if saved_shapes.get(k) != v]
+
+
 def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
                   dtype: jnp.dtype = jnp.float32, mesh=None) -> MixtureOfLoRA:
   """Restores adapters saved by `save_adapters` for a model of config `model_cfg`; with a
@@ -85,9 +92,7 @@ def load_adapters(path: str | pathlib.Path, model_cfg: ModelConfig, *,
   adapt, whatever device count saved them."""
   path = pathlib.Path(path).absolute()
   cfg, shapes = read_adapter_config(path)
-  want = model_fingerprint(model_cfg)
-  diffs = [f"{k}: checkpoint {shapes.get(k)} vs model {v}" for k, v in want.items()
-           if shapes.get(k) != v]
+  diffs = model_mismatch(shapes, model_cfg)
   if diffs:
     raise UserError(f"adapter checkpoint {str(path)!r} was made for another model ("
                     + "; ".join(diffs) + "); load it with the model it was trained on")
@@ -159,6 +164,20 @@ def pool_folder(spec: str) -> pathlib.Path:
   return DEFAULT_POOL if spec == "default" else pathlib.Path(spec)
 
 
+def random_seed(spec: str, default: int) -> int | None:
+  """The seed of a "random" or "random:SEED" pool spec (`default` for plain "random"); None for
+  any other spec. A seed that is not an integer is a UserError."""
+  if spec == "random":
+    return default
+  if not spec.startswith("random:"):
+    return None
+  try:
+    return int(spec.split(":", 1)[1])
+  except ValueError:
+    raise UserError(f"--adapters {spec!r}: the seed after 'random:' must be an integer"
+                    ) from None
+
+
 def check_adapter_spec(spec: str | None, cfg: AdapterConfig) -> None:
   """The checks of `resolve_adapters` that need no model (run before loading one): raises
   UserError / ModelFileError naming what is wrong and the fix."""
@@ -178,13 +197,7 @@ def check_adapter_spec(spec: str | None, cfg: AdapterConfig) -> None:
     for folder in peft.spec_folders(spec):
       peft.peek(folder)  # each is a readable PEFT LoRA folder
     return
-  if spec == "random" or spec.startswith("random:"):
-    if ":" in spec:
-      try:
-        int(spec.split(":", 1)[1])
-      except ValueError:
-        raise UserError(f"--adapters {spec!r}: the seed after 'random:' must be an integer"
-                        ) from None
+  if random_seed(spec, 0) is not None:
     return
   path = pool_folder(spec)
   if spec == "default" and not (path / CONFIG_FILE).is_file():
@@ -212,9 +225,8 @@ def resolve_adapters(spec: str | None, cfg: AdapterConfig, model_cfg: ModelConfi
     return None
   if peft.is_peft_spec(spec):
     return peft.load_peft_pool(spec, model_cfg, cfg, dtype=dtype, seed=seed)
-  if spec == "random" or spec.startswith("random:"):
-    seed = int(spec.split(":", 1)[1]) if ":" in spec else seed
-    return MixtureOfLoRA(model_cfg, cfg, seed=seed, dtype=dtype, random_b=True)
+  if (pool_seed := random_seed(spec, seed)) is not None:
+    return MixtureOfLoRA(model_cfg, cfg, seed=pool_seed, dtype=dtype, random_b=True)
   path = pool_folder(spec)
   return load_adapters(path, model_cfg, dtype=dtype)
 
@@ -231,7 +243,7 @@ def load_pool(spec: str, model_cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float
 def pool_config(spec: str) -> AdapterConfig:
   """The AdapterConfig a pool spec of `load_pool` loads as, read from its files alone (the
   library's default shape for "random[:SEED]"): raises ModelFileError when there is no pool."""
-  if spec == "random" or spec.startswith("random:"):
+  if random_seed(spec, 0) is not None:
     return AdapterConfig()
   if peft.is_peft_spec(spec):
     return peft.spec_config(spec)

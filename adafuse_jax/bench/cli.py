@@ -91,17 +91,14 @@ def saved_pool_config(spec: str, preset: str, variants) -> "AdapterConfig":
   made for the preset's model shape, and of the mode of every adapter row. Raises UserError /
   ModelFileError naming the mismatch."""
   from adafuse_jax.adapters import peft
-  from adafuse_jax.adapters.io import (model_fingerprint, pool_config, pool_folder,
-                                       read_adapter_config)
+  from adafuse_jax.adapters.io import model_mismatch, pool_config, pool_folder, read_adapter_config
   from adafuse_jax.config import PRESETS, ModelConfig
   from adafuse_jax.vocab import Mode
 
   cfg = pool_config(spec)
   if not peft.is_peft_spec(spec):
-    saved = read_adapter_config(pool_folder(spec))[1]
     model_cfg = ModelConfig(**TINY) if preset == "tiny" else PRESETS[preset]
-    diffs = [f"{k} {saved.get(k)} vs {v}" for k, v in model_fingerprint(model_cfg).items()
-             if saved.get(k) != v]
+    diffs = model_mismatch(read_adapter_config(pool_folder(spec))[1], model_cfg)
     if diffs:
       raise UserError(f"--adapters {spec!r} was made for another model than preset {preset!r} ("
                       + "; ".join(diffs) + "); pass the preset it was trained on"
@@ -124,8 +121,8 @@ def run(args: argparse.Namespace) -> dict:
   from adafuse_jax.config import PRESETS, AdapterConfig, ModelConfig
   from adafuse_jax.model.llama import LlamaModel, default_layout
   from adafuse_jax.paths import registry
+  from adafuse_jax.adapters.io import load_pool, random_seed
   from adafuse_jax.vocab import Mode, Variant, parse_variant
-  from adafuse_jax.adapters.io import load_pool
   from adafuse_jax.weights import load_model
 
   variants = []
@@ -160,14 +157,8 @@ def run(args: argparse.Namespace) -> dict:
   modules = tuple(m.strip() for m in args.adapt_modules.split(",") if m.strip())
   adapter_base = AdapterConfig(mode="pregated", modules=modules, num_experts=args.experts,
                                rank=args.rank, top_k=args.top_k)  # validates E >= k etc.
-  saved_pool = args.adapters != "random" and not args.adapters.startswith("random:")
-  pool_seed = args.seed
-  if args.adapters.startswith("random:"):
-    try:
-      pool_seed = int(args.adapters.split(":", 1)[1])
-    except ValueError:
-      raise UserError(f"--adapters {args.adapters!r}: the seed after 'random:' must be an"
-                      " integer") from None
+  pool_seed = random_seed(args.adapters, args.seed)
+  saved_pool = pool_seed is None
   if saved_pool:
     adapter_base = saved_pool_config(args.adapters, args.preset, variants)
   dtype = jnp.dtype(args.dtype if args.dtype != "auto" else
@@ -296,7 +287,8 @@ def run(args: argparse.Namespace) -> dict:
   if args.profile:
     jax.profiler.stop_trace()
   report = {"environment": env, "baseline": derive.add_ratios(rows), "preset": args.preset,
-            "dtype": str(dtype), "adapter": adapter_base.to_dict(), "adapters": args.adapters, "batch": args.batch,
+            "dtype": str(dtype), "adapter": adapter_base.to_dict(), "adapters": args.adapters,
+            "batch": args.batch,
             "cache_len": args.cache_len, "devices": args.devices, "torch_peer_error": peer_error,
             "rounds": args.rounds, "ceiling_tb_s": bw / 1e12, "ceiling_method": ceiling_method,
             "copy_bandwidth_tb_s": elementwise / 1e12,
