@@ -134,7 +134,8 @@ def main() -> None:
     rounds = sorted(ts[1:])
     print(json.dumps({"form": form, "ms_per_call": round(rounds[len(rounds) // 2], 3),
                       "rounds_ms": [round(t, 3) for t in ts[1:]], "copied_bytes": copies[form],
-                      "slots": args.slots, "position": pos, "layers": args.layers, "device": jax.devices()[0].device_kind,
+                      "slots": args.slots, "position": pos, "layers": args.layers,
+                      "device": jax.devices()[0].device_kind,
                       "jax": jax.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
 
 
