@@ -9,7 +9,7 @@ import numpy as np
 
 from adafuse_jax.compile_cache import HELP as COMPILE_CACHE_HELP
 from adafuse_jax.errors import UserError
-from adafuse_jax.vocab import MODES
+from adafuse_jax.vocab import ATTENTIONS, MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -25,9 +25,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                       " Pallas kernels per shard; every path); on a CPU simulate them with"
                       " XLA_FLAGS=--xla_force_host_platform_device_count=N")
   p.add_argument("--compile-cache", default="auto", metavar="auto|off|DIR", help=COMPILE_CACHE_HELP)
-  p.add_argument("--attention", choices=("auto", "xla", "windowed", "pallas"), default="auto",
-                 help="decode steps' attention: pallas (the decode-attention kernel: reads only"
-                      " the filled part of the cache), xla (XLA's fusions over the whole cache),"
+  p.add_argument("--attention", choices=("auto", *ATTENTIONS), default="auto",
+                 help="decode steps' attention: pallas (the decode-attention kernel, which also"
+                      " rotates the token and writes it into the cache, and reads only the"
+                      " filled part of the cache), pallas-xla-write (the same kernel after XLA's"
+                      " rotary and cache write), xla (XLA's fusions over the whole cache),"
                       " windowed (XLA's fusions over the cache's written part, in eighths);"
                       " auto = pallas on one GPU, else xla")
 

@@ -43,6 +43,9 @@ class PathName(enum.StrEnum):
 
 MODES: tuple[str, ...] = tuple(Mode)
 PATHS: tuple[str, ...] = tuple(PathName)
+# How a decode step's attention may run (`adafuse_jax.model.layers.ATTENTION`, which says what
+# each is); "auto" takes the library's choice for the devices.
+ATTENTIONS: tuple[str, ...] = ("xla", "windowed", "pallas", "pallas-xla-write")
 
 # Spellings of earlier versions: the old name -> (path, kernel backend).
 _LEGACY_PATHS = {"pallas": (PathName.GATHERED, "auto"), "fused": (PathName.GATHERED, "auto")}
@@ -93,14 +96,14 @@ def legacy_path(implementation: str | None, merge: bool) -> tuple[PathName | Non
 class Variant:
   """One configuration of the bench: a mode on a path, optionally with SERE re-routing, a
   named kernel backend or a forced attention
-  (`MODE[-PATH][@BACKEND][+sere][+NAME-attention]`, NAME pallas, xla or windowed; without a
+  (`MODE[-PATH][@BACKEND][+sere][+NAME-attention]`, NAME one of `ATTENTIONS`; without a
   suffix the library's default, "auto"). `name` and `parse_variant` are inverse."""
 
   mode: Mode
   path: PathName = PathName.XLA
   sere: bool = False
   backend: str = "auto"
-  attention: str = "auto"  # or forced: "pallas", "xla", "windowed" (`+NAME-attention`)
+  attention: str = "auto"  # or forced: one of ATTENTIONS (`+NAME-attention`)
 
   @property
   def name(self) -> str:
@@ -131,7 +134,7 @@ def parse_variant(text: str) -> tuple[Variant, str | None]:
   if text in _LEGACY_VARIANTS:
     text = _LEGACY_VARIANTS[text]
   text, *flags = text.split("+")
-  known = ("sere", "pallas-attention", "xla-attention", "windowed-attention")
+  known = ("sere", *(f"{name}-attention" for name in ATTENTIONS))
   for flag in flags:
     if flag not in known:
       raise UserError(f"bench mode {original!r}: unknown suffix '+{flag}'; choose from"

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from pallas_kernels import decode_attention as da
-from pallas_kernels.decode_attention.reference import decode_attention_reference
-from pallas_kernels.decode_attention.triton import Tiles, decode_attention, split_plan
+from pallas_kernels.decode_attention.reference import (decode_attention_append_reference,
+                                                     decode_attention_reference)
+from pallas_kernels.decode_attention.triton import (Tiles, decode_attention,
+                                                  decode_attention_append, split_plan)
 from adafuse_jax.model.layers import attention, window_widths, windowed_attention
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -151,3 +153,83 @@ def test_lowers_to_triton_for_cuda_on_any_machine(heads, kv_heads):
   fn = jax.jit(lambda q, k, v, m: decode_attention(q, k, v, m, interpret=False))
   text = fn.trace(q, kv, kv, mask).lower(lowering_platforms=("cuda",)).as_text()
   assert "triton" in text and "decode_attention" in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("batch, rows, slots, width, kv_heads, groups, head_dim, pads, writes", [
+    (1, 1, 37, 37, 2, 1, 24, [0], [20]),                # batch 1, groups of one, hd/2 = 12
+    (3, 4, 50, 50, 2, 4, 32, [0, 5, 11], [49, 33, 20]),  # Mistral-like groups, an extra row
+    (2, 2, 70, 48, 1, 3, 16, [0, 0], [9, 41]),          # reads only the first 48 slots
+    (2, 2, 16, 16, 4, 2, 64, [0, 3], [0, 16]),          # first slot; a slot past the buffer
+])
+def test_append_rotates_writes_and_attends(dtype, batch, rows, slots, width, kv_heads, groups,
+                                           head_dim, pads, writes):
+  """The appending kernel against its f32 reference: the new key and value land in their slot
+  (and nowhere else), the output matches, and no slot a row may not read, nor the slot being
+  written (stale NaN there), reaches the result."""
+  ks = jax.random.split(jax.random.key(batch * slots + groups), 7)
+  hq = kv_heads * groups
+  q = jax.random.normal(ks[0], (batch, hq, head_dim), dtype)
+  k_new = jax.random.normal(ks[1], (batch, kv_heads, head_dim), dtype)
+  v_new = jax.random.normal(ks[2], (batch, kv_heads, head_dim), dtype)
+  k_buf = jax.random.normal(ks[3], (rows, slots, kv_heads, head_dim), dtype)
+  v_buf = jax.random.normal(ks[4], (rows, slots, kv_heads, head_dim), dtype)
+  angles = jax.random.uniform(ks[5], (batch, head_dim // 2), jnp.float32, 0, 6.3)
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  slot = jnp.asarray(writes, jnp.int32)
+  s = np.arange(width)[None]
+  mask = jnp.asarray((s >= np.asarray(pads)[:, None]) & (s <= np.asarray(writes)[:, None]))
+  readable = np.zeros((rows, slots), bool)
+  readable[:batch, :width] = np.asarray(mask)
+  stale = ~readable | (np.arange(slots)[None] == np.pad(np.asarray(writes), (0, rows - batch),
+                                                        constant_values=-1)[:, None])
+  poison = jnp.asarray(stale)[:, :, None, None]
+  k_buf, v_buf = jnp.where(poison, jnp.nan, k_buf), jnp.where(poison, jnp.nan, v_buf)
+  want, _, _ = decode_attention_append_reference(q, k_new, v_new, jnp.nan_to_num(k_buf),
+                                                 jnp.nan_to_num(v_buf), slot, mask, cos, sin)
+  _, want_k, want_v = decode_attention_append_reference(q, k_new, v_new, k_buf, v_buf, slot, mask,
+                                                        cos, sin)
+  splits, _ = split_plan(batch, kv_heads, width, SMALL)
+  partials = (jnp.full((batch, kv_heads, splits, groups, head_dim), jnp.nan, jnp.float32),
+              jnp.full((batch, kv_heads, splits, groups), jnp.nan, jnp.float32),
+              jnp.full((batch, kv_heads, splits, groups), jnp.nan, jnp.float32))
+  got, got_k, got_v = decode_attention_append(q, k_new, v_new, k_buf, v_buf, slot, mask, cos, sin,
+                                              tiles=SMALL, interpret=INTERPRET, partials=partials)
+  assert got.dtype == q.dtype and got.shape == q.shape
+  assert not bool(jnp.isnan(got).any()), "NaN: a partial never written or a stale slot read"
+  err = float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
+  assert err < TOL[dtype], err
+  # The buffers: the new slot as the reference writes it (rounding of the rotation aside), every
+  # other slot untouched (NaN compares equal to NaN here).
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for g, w in ((got_k, want_k), (got_v, want_v)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               atol=tol, rtol=tol, equal_nan=True)
+
+
+def test_append_names_bad_shapes():
+  q = jnp.zeros((2, 4, 16))
+  kv = jnp.zeros((2, 2, 16))
+  buf = jnp.zeros((2, 20, 2, 16))
+  slot, mask, cs = jnp.zeros((2,), jnp.int32), jnp.ones((2, 20), bool), jnp.zeros((2, 8))
+  with pytest.raises(ValueError, match=r"expected q \[B, Hq, hd\], k_new"):
+    decode_attention_append(q, kv[:, :1], kv, buf, buf, slot, mask, cs, cs, interpret=INTERPRET)
+  with pytest.raises(ValueError, match=r"mask \(2, 21\)"):
+    decode_attention_append(q, kv, kv, buf, buf, slot, jnp.ones((2, 21), bool), cs, cs,
+                            interpret=INTERPRET)
+  with pytest.raises(ValueError, match=r"cos \(2, 7\)"):
+    decode_attention_append(q, kv, kv, buf, buf, slot, mask, cs[:, 1:], cs, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(32, 32), (32, 8)])
+def test_append_lowers_to_triton_for_cuda_on_any_machine(heads, kv_heads):
+  q = jax.ShapeDtypeStruct((2, heads, 128), jnp.bfloat16)
+  new = jax.ShapeDtypeStruct((2, kv_heads, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 512, kv_heads, 128), jnp.bfloat16)
+  slot = jax.ShapeDtypeStruct((2,), jnp.int32)
+  mask = jax.ShapeDtypeStruct((2, 512), jnp.bool_)
+  cs = jax.ShapeDtypeStruct((2, 64), jnp.float32)
+  fn = jax.jit(lambda *a: decode_attention_append(*a, interpret=False))
+  text = fn.trace(q, new, new, kv, kv, slot, mask, cs, cs).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "triton" in text and "decode_attention_append" in text

@@ -155,18 +155,21 @@ def test_windowed_attention_generator_writes_the_same_tokens(tiny_gen):
 
 
 def test_pallas_attention_generator_writes_the_same_tokens(tiny_gen):
-  """Decode steps on the Pallas decode-attention kernel (the Pallas interpreter here) write the
-  same greedy tokens as XLA's attention, ragged prompts (left padding) and a pre-gated pool on
-  path packed included; an unknown attention is a named error."""
+  """Decode steps on the Pallas decode-attention kernel (the Pallas interpreter here), the
+  kernel that rotates and writes the token itself ("pallas") and the one after XLA's rotary and
+  cache write ("pallas-xla-write"), write the same greedy tokens as XLA's attention, ragged
+  prompts (left padding) and a pre-gated pool on path packed included; an unknown attention is a
+  named error."""
   from adafuse_jax.adapters.mixture import MixtureOfLoRA
   from adafuse_jax.config import AdapterConfig
 
   prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
   model = LlamaModel(tiny_config(), seed=11)
-  kernel = Generator(model, attention="pallas")
-  assert kernel.attention == "pallas"
-  assert (generate(kernel, prompts, max_new_tokens=6).tokens
-          == generate(tiny_gen, prompts, max_new_tokens=6).tokens)
+  for name in ("pallas", "pallas-xla-write"):
+    kernel = Generator(model, attention=name)
+    assert kernel.attention == name
+    assert (generate(kernel, prompts, max_new_tokens=6).tokens
+            == generate(tiny_gen, prompts, max_new_tokens=6).tokens)
   adapters = MixtureOfLoRA(model.cfg, AdapterConfig(mode="pregated", num_experts=4, rank=4,
                                                     router_init_std=0.5), seed=3, random_b=True)
   want = generate(Generator(model, adapters=adapters, path="packed"), prompts,
@@ -175,7 +178,7 @@ def test_pallas_attention_generator_writes_the_same_tokens(tiny_gen):
                  prompts, max_new_tokens=6).tokens
   assert got == want
   with pytest.raises(UserError, match="unknown attention 'flash'; choose one of auto, xla,"
-                     " windowed, pallas"):
+                     " windowed, pallas, pallas-xla-write"):
     Generator(model, attention="flash")
   # "auto" takes the kernel on one GPU only: the interpreter on the CPU would be slow.
   assert tiny_gen.attention == ("pallas" if jax.default_backend() == "gpu" else "xla")

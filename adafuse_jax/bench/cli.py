@@ -15,6 +15,7 @@ from typing import Sequence
 
 from adafuse_jax.cli_options import positive_ints
 from adafuse_jax.errors import UserError
+from adafuse_jax.vocab import ATTENTIONS
 
 TINY = dict(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128,
             max_context=1024, name="tiny")
@@ -32,11 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="auto: bfloat16 on a GPU, float32 on the CPU")
   p.add_argument("--modes", default=",".join(v.name for v in DEFAULT_VARIANTS),
                  help="comma-separated rows, each MODE[-PATH][@BACKEND][+sere]"
-                      "[+pallas-attention|+xla-attention|+windowed-attention]: a mode (backbone,"
+                      "[+NAME-attention]: a mode (backbone,"
                       " lora, layerwise,"
                       " pregated) on a path (xla when omitted; packed, gathered, merged, auto),"
                       " optionally a kernel backend, SERE re-routing and a forced attention"
-                      " (default: the library's, the Pallas kernel on one GPU)")
+                      f" (NAME: {', '.join(ATTENTIONS)}; default: the library's, the Pallas"
+                      " kernel on one GPU)")
   p.add_argument("--layouts", default="auto",
                  help="weight layouts for the backbone, comma-separated (stacked,list); auto ="
                       " the backend's default only")

@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from adafuse_jax.config import ModelConfig
-from adafuse_jax.model.layers import AttentionFn, attention
+from adafuse_jax.model.layers import AttentionFn, appending, attention, rotate
+
+Rope = tuple[jax.Array, jax.Array]  # (cos, sin) [B, T, hd/2]: `layers.rope_tables`
 
 
 def _zeros(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> tuple[jax.Array, ...]:
@@ -53,13 +55,25 @@ class _Buffers:
   def nbytes(self) -> int:
     return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
 
+  def write_slots(self, t: int) -> jax.Array | None:
+    """[B] int32, the slot each row's one new token goes to, for a kernel that writes it
+    itself; None where this view does not write that way (several tokens per row)."""
+    return None
+
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, k_buf: jax.Array, v_buf: jax.Array,
-             mask, attend_fn: AttentionFn = attention) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One layer: writes the new k, v [B, T, Hkv, hd] into its buffers [B, S, Hkv, hd] and
-    attends q [B, T, Hq, hd] to what this view reads under `mask` (from `visible`), with
-    `attend_fn` (`model.layers.ATTENTION`).
+             mask, attend_fn: AttentionFn = attention, rope: Rope | None = None
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One layer: rotates q [B, T, Hq, hd] and the new k [B, T, Hkv, hd] by `rope`, writes k and
+    v into its buffers [B, S, Hkv, hd] and attends q to what this view reads under `mask` (from
+    `visible`), with `attend_fn` (`model.layers.ATTENTION`). A decode step whose `attend_fn`
+    has an appending form (`layers.appending`) runs all of it in that one kernel.
 
     Returns (attention output [B, T, Hq, hd], k buffer, v buffer)."""
+    fused, slots = appending(attend_fn), self.write_slots(q.shape[1])
+    if fused is not None and slots is not None and rope is not None:
+      return fused(q, k, v, k_buf, v_buf, slots, mask, *rope)
+    if rope is not None:
+      q, k = rotate(q, *rope), rotate(k, *rope)
     k_buf, v_buf = self.write(k_buf, k), self.write(v_buf, v)
     return attend_fn(q, self.readable(k_buf), self.readable(v_buf), mask), k_buf, v_buf
 
@@ -97,6 +111,9 @@ class KVCache(_Buffers):
     slots = self.length + jnp.arange(t, dtype=jnp.int32)
     kv = jnp.arange(self.max_len, dtype=jnp.int32)
     return (kv[None, None, :] <= slots[None, :, None]) & (kv[None, None, :] >= self.pad[:, None, None])
+
+  def write_slots(self, t: int) -> jax.Array | None:
+    return jnp.broadcast_to(self.length, (self.batch,)) if t == 1 else None
 
   def write(self, buf: jax.Array, new: jax.Array) -> jax.Array:
     """Stores new [B, T, Hkv, hd] at the next slots of one layer's buffer [B, S, Hkv, hd]."""
@@ -152,6 +169,9 @@ class SlotCache(_Buffers):
 
   def readable(self, buf: jax.Array) -> jax.Array:
     return buf[:self.rows_used, :self.span]
+
+  def write_slots(self, t: int) -> jax.Array | None:
+    return self._lengths() if t == 1 else None
 
   def write(self, buf: jax.Array, new: jax.Array) -> jax.Array:
     n, t = new.shape[:2]
@@ -217,7 +237,10 @@ class PackedPrompts(_Buffers):
   def write(self, buf: jax.Array, new: jax.Array) -> jax.Array:
     return buf.at[self.rows, self.pos].set(new[0].astype(buf.dtype), mode="drop")
 
-  def attend(self, q, k, v, k_buf, v_buf, mask, attend_fn: AttentionFn = attention):
+  def attend(self, q, k, v, k_buf, v_buf, mask, attend_fn: AttentionFn = attention,
+             rope: Rope | None = None):
+    if rope is not None:
+      q, k = rotate(q, *rope), rotate(k, *rope)
     k_buf, v_buf = self.write(k_buf, k), self.write(v_buf, v)
     return attend_fn(q, *self.own(k, v, k_buf), mask), k_buf, v_buf
 
@@ -269,7 +292,10 @@ class DecodeWithPrompts:
   def visible(self, t: int):
     return self.decode.visible(1), self.prompts.visible(t - self.rows)
 
-  def attend(self, q, k, v, k_buf, v_buf, mask, attend_fn: AttentionFn = attention):
+  def attend(self, q, k, v, k_buf, v_buf, mask, attend_fn: AttentionFn = attention,
+             rope: Rope | None = None):
+    if rope is not None:
+      q, k = rotate(q, *rope), rotate(k, *rope)
     b = self.rows
     as_rows = lambda x: x[0, :b][:, None]  # noqa: E731  [1, b, ...] -> [b, 1, ...]
     # Every write before any read: a read between two writes of one buffer makes XLA copy the

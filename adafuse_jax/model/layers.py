@@ -16,6 +16,7 @@ import numpy as np
 
 from adafuse_jax.config import ModelConfig
 from adafuse_jax.errors import UserError
+from adafuse_jax.vocab import ATTENTIONS
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -64,6 +65,28 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   raise ValueError(f"unsupported rope scaling kind {s.kind!r}")
 
 
+def rope_tables(positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0
+                ) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin), each [B, T, hd/2] f32: the rotary tables at positions [B, T] (`scale`, yarn's
+  attention factor, multiplies both). A step computes them once for all its layers."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  if scale != 1.0:
+    cos, sin = cos * scale, sin * scale
+  return cos, sin
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates x [B, T, H, hd] by the tables cos, sin [B, T, hd/2] (`rope_tables`) in the
+  `rotate_half` (Hugging Face) layout: pairs (i, i + hd/2). Computed in f32, returned in x's
+  dtype."""
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0
                ) -> jax.Array:
   """Rotates x [B, T, H, hd] by positions [B, T] in the `rotate_half` (Hugging Face) layout.
@@ -72,15 +95,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: f
   loader undoes that permutation so one RoPE serves every format. `scale` multiplies cos and
   sin (yarn's attention factor).
   """
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  if scale != 1.0:
-    cos, sin = cos * scale, sin * scale
-  x32 = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  return rotate(x, *rope_tables(positions, inv_freq, scale))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -120,6 +135,47 @@ def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
   return out[:, None]
 
 
+def appending_kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_buf: jax.Array,
+                               v_buf: jax.Array, slot: jax.Array, mask: jax.Array,
+                               cos: jax.Array, sin: jax.Array
+                               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One decode token per row through the Pallas kernel that also rotates it and writes it
+  into the cache (`decode_attention.triton.decode_attention_append`).
+
+  Args:
+    q: [B, 1, Hq, hd], k, v: [B, 1, Hkv, hd], q and k before the rotary embedding.
+    k_buf, v_buf: [Bc, S, Hkv, hd] a layer's buffers (Bc >= B), written in place.
+    slot: [B] int32, where each row's new key and value go (past S: dropped).
+    mask: [B, 1, W] bool, the slots (W <= S) the token may read once written.
+    cos, sin: [B, 1, hd/2] (`rope_tables`).
+  Returns:
+    (attention output [B, 1, Hq, hd], k_buf, v_buf).
+  """
+  from pallas_kernels.common import interpret
+  from pallas_kernels.decode_attention import triton as decode_kernel
+  out, k_buf, v_buf = decode_kernel.decode_attention_append(
+      q[:, 0], k[:, 0], v[:, 0], k_buf, v_buf, slot, mask[:, 0], cos[:, 0], sin[:, 0],
+      interpret=interpret())
+  return out[:, None], k_buf, v_buf
+
+
+def fused_kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+                           ) -> jax.Array:
+  """`kernel_attention`; where a cache view can hand it the write slots, a decode step instead
+  runs `appending_kernel_attention` (rotary embedding, cache write and attention in one kernel:
+  the view looks up `appending`)."""
+  return kernel_attention(q, k, v, mask)
+
+
+fused_kernel_attention.appending = appending_kernel_attention
+
+
+def appending(attend_fn: "AttentionFn"):
+  """The rotate-write-attend form of an attention function (`appending_kernel_attention`'s
+  signature), or None when it has none."""
+  return getattr(attend_fn, "appending", None)
+
+
 WINDOW_MIN_SLOTS = 64  # narrower windows save less than the branch costs
 WINDOWS = 8  # window widths per buffer: a step reads at most 1/8 of the buffer it need not
 
@@ -148,17 +204,21 @@ def windowed_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
 
 
 # How a decode step's attention runs: "xla" (the einsums above, fused by XLA), "windowed"
-# (`windowed_attention`: the einsums over the buffers' written part) or "pallas"
-# (`kernel_attention`). "auto" (`resolve_attention`) takes the kernel on one GPU: on the H200 it
-# made the 7B step 0.90x (batch 1) and 0.79x (batch 32) of XLA's, Mistral's batch 32 0.53x
-# (docs/benchmarks.md, "The decode-attention kernel").
-ATTENTION = {"xla": attention, "windowed": windowed_attention, "pallas": kernel_attention}
+# (`windowed_attention`: the einsums over the buffers' written part), "pallas" (the Pallas
+# kernel that also rotates the token and writes it into the cache: `fused_kernel_attention`) or
+# "pallas-xla-write" (the kernel reading a cache that XLA's fusions rotated and wrote:
+# `kernel_attention`). "auto" (`resolve_attention`) takes "pallas" on one GPU: on the H200 the
+# kernel made the 7B step 0.90x (batch 1) and 0.79x (batch 32) of XLA's, Mistral's batch 32
+# 0.53x (docs/benchmarks.md, "The decode-attention kernel").
+ATTENTION = {"xla": attention, "windowed": windowed_attention, "pallas": fused_kernel_attention,
+             "pallas-xla-write": kernel_attention}
 ATTENTION_CHOICES = ("auto", *ATTENTION)
+assert tuple(ATTENTION) == ATTENTIONS, "the attention names of vocab.ATTENTIONS"
 
 
 def resolve_attention(name: str, *, devices: int = 1) -> str:
   """The attention a name means here: "auto" is "pallas" on one GPU, else "xla" (the CPU runs
-  the kernel only in the Pallas interpreter; a tensor-parallel step cannot split it yet).
+  the kernels only in the Pallas interpreter; a tensor-parallel step cannot split them yet).
   A UserError names the choices for an unknown name."""
   if name not in ATTENTION_CHOICES:
     raise UserError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION_CHOICES)}")

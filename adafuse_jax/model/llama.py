@@ -30,7 +30,7 @@ from flax import nnx
 
 from adafuse_jax.config import LINEAR_NAMES, ModelConfig
 from adafuse_jax.model.cache import KVCache, SlotCache
-from adafuse_jax.model.layers import (AttentionFn, apply_rope, attention, rms_norm, rope_inv_freq,
+from adafuse_jax.model.layers import (AttentionFn, attention, rms_norm, rope_inv_freq, rope_tables,
                                      swiglu)
 
 LinearFn = Callable[[str, int, jax.Array, jax.Array], jax.Array]
@@ -142,8 +142,8 @@ class LlamaModel(nnx.Module):
     b, t = tokens.shape
     positions = cache.positions(t)  # [B, T]
     mask = cache.visible(t)  # [B, T, S]
-    inv_freq = self.inv_freq[...]
     rope_scale = cfg.rope_scaling.attention_factor if cfg.rope_scaling else 1.0
+    rope = rope_tables(positions, self.inv_freq[...], rope_scale)  # once for every layer
 
     h = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
     new_k, new_v = list(cache.k), list(cache.v)
@@ -152,9 +152,7 @@ class LlamaModel(nnx.Module):
       q = linear("q", l, x, self.q.get_value()).reshape(b, t, cfg.heads, cfg.head_dim)
       k = linear("k", l, x, self.k.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
       v = linear("v", l, x, self.v.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
-      q = apply_rope(q, positions, inv_freq, rope_scale)
-      k = apply_rope(k, positions, inv_freq, rope_scale)
-      att, new_k[l], new_v[l] = cache.attend(q, k, v, new_k[l], new_v[l], mask, attend_fn)
+      att, new_k[l], new_v[l] = cache.attend(q, k, v, new_k[l], new_v[l], mask, attend_fn, rope)
       att = att.reshape(b, t, cfg.q_dim)
       h = h + linear("o", l, att, self.o.get_value())
       x = rms_norm(h, self.ffn_norm[l], cfg.rms_eps)

@@ -25,3 +25,28 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
   out = jnp.einsum("bkgs,bskd->bkgd", probs, v.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
   return out.reshape(b, hq, hd)
+
+
+def rotate_half_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """The rotary embedding in f32: x [B, H, hd], cos and sin [B, hd / 2], pairs (i, i + hd/2)."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  c, s = cos[:, None, :], sin[:, None, :]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def decode_attention_append_reference(q, k_new, v_new, k_buf, v_buf, slot, mask, cos, sin):
+  """The f32 truth of `decode_attention_append`: q [B, Hq, hd] and k_new [B, Hkv, hd] rotated,
+  the new key and value written at `slot` [B] of each row's buffers [Bc, S, Hkv, hd] (rounded to
+  the buffers' dtype, as they hold them; a slot past S dropped), attention over the first W
+  slots under mask [B, W].
+
+  Returns (out [B, Hq, hd] f32, k_buf, v_buf)."""
+  b = q.shape[0]
+  rows = jnp.arange(b)
+  k_buf = k_buf.at[rows, slot].set(rotate_half_reference(k_new, cos, sin).astype(k_buf.dtype),
+                                   mode="drop")
+  v_buf = v_buf.at[rows, slot].set(v_new.astype(v_buf.dtype), mode="drop")
+  w = mask.shape[1]
+  out = decode_attention_reference(rotate_half_reference(q, cos, sin), k_buf[:b, :w],
+                                   v_buf[:b, :w], mask)
+  return out, k_buf, v_buf

@@ -159,3 +159,183 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
       name="decode_attention",
   )(*operands)
   return combine(acc, m, l).reshape(b, hq, head_dim).astype(q.dtype)
+
+
+# Rotate, append and attend: the decode step's rotary embedding and cache write in the kernel.
+
+
+# The two halves' indices as int32 scalars (the Pallas interpreter takes no Python int there).
+_HALF = (lambda: jnp.int32(0), lambda: jnp.int32(1))
+
+
+def _rotated_halves(x_ref, idx, cos, sin, half: int, block_h: int, lead_mask):
+  """The rotary embedding (`rotate_half` layout: pairs (i, i + hd/2)) of x_ref[idx...] in f32,
+  as its two halves [..., block_h]: (x1 cos - x2 sin, x2 cos + x1 sin). x_ref holds the halves
+  on an axis of their own ([..., 2, hd/2]), so each load starts at column 0."""
+  h_mask = jnp.arange(block_h) < half
+  mask = h_mask if lead_mask is None else lead_mask[:, None] & h_mask[None, :]
+  first, second = _HALF
+  x1 = plgpu.load(x_ref.at[(*idx, first(), pl.ds(0, block_h))], mask=mask, other=0.0).astype(
+      jnp.float32)
+  x2 = plgpu.load(x_ref.at[(*idx, second(), pl.ds(0, block_h))], mask=mask, other=0.0).astype(
+      jnp.float32)
+  return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+def _append_kernel(end_ref, slot_ref, q_ref, k_new_ref, v_new_ref, cos_ref, sin_ref, k_ref, v_ref,
+                   valid_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref, *, block_s: int,
+                   blocks_per_split: int, block_g: int, block_h: int, block_d: int,
+                   scale: float):
+  b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  # The key side (q, k_new, the K buffer) holds each head's two rotary halves on an axis of
+  # its own: [..., 2, hd/2].
+  slots, head_dim = valid_ref.shape[1], v_ref.shape[3]
+  buf_slots = k_ref.shape[1]
+  half = head_dim // 2
+  groups = q_ref.shape[2]
+  d_mask = jnp.arange(block_d) < head_dim
+  h_mask = jnp.arange(block_h) < half
+  g_mask = jnp.arange(block_g) < groups
+  dtype = k_ref.dtype
+  cos = plgpu.load(cos_ref.at[b, pl.ds(0, block_h)], mask=h_mask, other=0.0)
+  sin = plgpu.load(sin_ref.at[b, pl.ds(0, block_h)], mask=h_mask, other=0.0)
+  # The query rotated in f32 and rounded to the cache's dtype, as the model's rotary and the
+  # plain kernel's cast do; its two halves meet the keys' two halves in two dots.
+  q1, q2 = _rotated_halves(q_ref, (b, h, pl.ds(0, block_g)), cos, sin, half, block_h, g_mask)
+  q1, q2 = q1.astype(dtype), q2.astype(dtype)
+  # The new key, rotated and rounded as the cache will hold it, and the new value.
+  k1, k2 = _rotated_halves(k_new_ref, (b, h), cos, sin, half, block_h, None)
+  k1, k2 = k1.astype(dtype), k2.astype(dtype)
+  v_new = plgpu.load(v_new_ref.at[b, h, pl.ds(0, block_d)], mask=d_mask, other=0.0).astype(dtype)
+  slot = slot_ref[b]
+  # Split 0 writes the new slot (a slot past the buffer is dropped); no program reads that slot
+  # back from memory (the loop masks it out, split 0 adds the new token from registers), so the
+  # write races with no read.
+  writes = (sp == 0) & (slot < buf_slots)
+  at = jnp.minimum(slot, buf_slots - 1)
+  plgpu.store(k_out_ref.at[b, at, h, _HALF[0](), pl.ds(0, block_h)], k1, mask=h_mask & writes)
+  plgpu.store(k_out_ref.at[b, at, h, _HALF[1](), pl.ds(0, block_h)], k2, mask=h_mask & writes)
+  plgpu.store(v_out_ref.at[b, at, h, pl.ds(0, block_d)], v_new, mask=d_mask & writes)
+
+  first = sp * blocks_per_split
+  count = jnp.clip(pl.cdiv(end_ref[0], block_s) - first, 0, blocks_per_split)
+
+  def body(i, carry):
+    m, l, acc = carry
+    start = (first + i) * block_s
+    idx = start + jnp.arange(block_s)
+    in_range = idx < slots
+    valid = plgpu.load(valid_ref.at[b, pl.ds(start, block_s)], mask=in_range, other=0) != 0
+    valid = valid & in_range & (idx != slot)
+    k_mask = valid[:, None] & h_mask[None, :]
+    ka = plgpu.load(k_ref.at[b, pl.ds(start, block_s), h, _HALF[0](), pl.ds(0, block_h)], mask=k_mask,
+                    other=0.0)
+    kb = plgpu.load(k_ref.at[b, pl.ds(start, block_s), h, _HALF[1](), pl.ds(0, block_h)], mask=k_mask,
+                    other=0.0)
+    s = (plgpu.dot(q1, ka, trans_b=True).astype(jnp.float32)
+         + plgpu.dot(q2, kb, trans_b=True).astype(jnp.float32)) * scale  # [G, block_s]
+    s = jnp.where(valid[None, :], s, NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+    v = plgpu.load(v_ref.at[b, pl.ds(start, block_s), h, pl.ds(0, block_d)],
+                   mask=valid[:, None] & d_mask[None, :], other=0.0)
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
+    return m_new, l * alpha + jnp.sum(p, axis=1), acc
+
+  init = (jnp.full((block_g,), NEG, jnp.float32), jnp.zeros((block_g,), jnp.float32),
+          jnp.zeros((block_g, block_d), jnp.float32))
+  m, l, acc = jax.lax.fori_loop(0, count, body, init)
+  # The new token, where the row may read its slot: in split 0's partial softmax.
+  seen = plgpu.load(valid_ref.at[b, jnp.minimum(slot, slots - 1)]) != 0
+  adds = (sp == 0) & (slot < slots) & seen
+  s_new = (jnp.sum(q1.astype(jnp.float32) * k1.astype(jnp.float32)[None, :], axis=1)
+           + jnp.sum(q2.astype(jnp.float32) * k2.astype(jnp.float32)[None, :], axis=1)) * scale
+  m_new = jnp.maximum(m, s_new)
+  alpha, p_new = jnp.exp(m - m_new), jnp.exp(s_new - m_new)
+  m = jnp.where(adds, m_new, m)
+  l = jnp.where(adds, l * alpha + p_new, l)
+  acc = jnp.where(adds, acc * alpha[:, None]
+                  + p_new[:, None] * v_new.astype(jnp.float32)[None, :], acc)
+  plgpu.store(acc_ref.at[b, h, sp, pl.ds(0, block_g), pl.ds(0, block_d)], acc,
+              mask=g_mask[:, None] & d_mask[None, :])
+  plgpu.store(m_ref.at[b, h, sp, pl.ds(0, block_g)], m, mask=g_mask)
+  plgpu.store(l_ref.at[b, h, sp, pl.ds(0, block_g)], l, mask=g_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_buf: jax.Array,
+                            v_buf: jax.Array, slot: jax.Array, mask: jax.Array, cos: jax.Array,
+                            sin: jax.Array, *, tiles: Tiles = Tiles(), interpret: bool = False,
+                            partials: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One decode token per row: rotates its query and key, writes its key and value into the
+  cache and attends to the cache, in one kernel launch plus the splits' combine (where the model
+  otherwise runs the rotary embedding, two cache writes and the attention as five kernels).
+
+  Args:
+    q: [B, Hq, hd] queries before the rotary embedding.
+    k_new, v_new: [B, Hkv, hd] the new key (before the rotary embedding) and value.
+    k_buf, v_buf: [Bc, S, Hkv, hd] the cache's buffers (Bc >= B; rows past B are not touched),
+      written in place (aliased to the outputs: in place when the caller's step donates them).
+    slot: [B] int32, the slot of row b that takes the new key and value (one past the buffer:
+      dropped).
+    mask: [B, W] bool, W <= S: True where the row may read slot s once the new token is written
+      (slots past W are not read).
+    cos, sin: [B, hd / 2] f32, the rotary tables at each row's position (`rotate_half` layout,
+      any attention factor included).
+    partials: optional preallocated (acc, m, l) buffers of the kernel's partial outputs.
+  Returns:
+    (out [B, Hq, hd] in q's dtype, k_buf, v_buf with the new slot written).
+  """
+  b, hq, head_dim = q.shape
+  bc, buf_slots, hkv, head_dim_k = k_buf.shape
+  if (k_buf.shape != v_buf.shape or bc < b or head_dim_k != head_dim
+      or k_new.shape != (b, hkv, head_dim) or v_new.shape != k_new.shape):
+    raise ValueError(f"q {q.shape}, k_new {k_new.shape}, v_new {v_new.shape}, k_buf {k_buf.shape},"
+                     f" v_buf {v_buf.shape}: expected q [B, Hq, hd], k_new and v_new [B, Hkv, hd]"
+                     " and buffers [Bc >= B, S, Hkv, hd] of one shape")
+  if hq % hkv or head_dim % 2:
+    raise ValueError(f"{hq} query heads must be a multiple of {hkv} KV heads and head_dim"
+                     f" {head_dim} even")
+  if mask.shape[0] != b or mask.shape[1] > buf_slots or slot.shape != (b,):
+    raise ValueError(f"mask {mask.shape} and slot {slot.shape}: expected [{b}, W <= {buf_slots}]"
+                     f" and [{b}]")
+  if cos.shape != (b, head_dim // 2) or sin.shape != cos.shape:
+    raise ValueError(f"cos {cos.shape}, sin {sin.shape}: expected [{b}, {head_dim // 2}]")
+  slots = mask.shape[1]
+  groups = hq // hkv
+  splits, per_split = split_plan(b, hkv, slots, tiles)
+  end = jnp.max(jnp.where(mask, jnp.arange(1, slots + 1), 0)).reshape(1).astype(jnp.int32)
+  half = head_dim // 2
+  halves = (bc, buf_slots, hkv, 2, half)  # a bitcast: the rotary halves on an axis of their own
+  shapes = (jax.ShapeDtypeStruct((b, hkv, splits, groups, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32),
+            jax.ShapeDtypeStruct(halves, k_buf.dtype),
+            jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype))
+  operands = (end, slot.astype(jnp.int32), q.reshape(b, hkv, groups, 2, half),
+              k_new.reshape(b, hkv, 2, half), v_new, cos.astype(jnp.float32),
+              sin.astype(jnp.float32), k_buf.reshape(halves), v_buf, mask.astype(jnp.int32))
+  aliases = {7: 3, 8: 4}
+  kernel = functools.partial(_append_kernel, block_s=tiles.block_s, blocks_per_split=per_split,
+                             block_g=dot_block(groups), block_h=dot_block(head_dim // 2),
+                             block_d=dot_block(head_dim), scale=1.0 / math.sqrt(head_dim))
+  if partials is not None:
+    _, aliases = with_output_buffers(operands, partials, shapes[:3], "partials")
+    aliases = {**aliases, 7: 3, 8: 4}
+    operands = operands + tuple(partials)
+    inner = kernel
+    kernel = lambda *refs: inner(*refs[:10], *refs[-5:])  # noqa: E731  (aliased inputs unread)
+  acc, m, l, k_buf, v_buf = pl.pallas_call(
+      kernel,
+      out_shape=shapes,
+      grid=(b, hkv, splits),
+      input_output_aliases=aliases,
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret,
+      name="decode_attention_append",
+  )(*operands)
+  return (combine(acc, m, l).reshape(b, hq, head_dim).astype(q.dtype),
+          k_buf.reshape(bc, buf_slots, hkv, head_dim), v_buf)
