@@ -185,15 +185,15 @@ def test_append_rotates_writes_and_attends(dtype, batch, rows, slots, width, kv_
                                                         constant_values=-1)[:, None])
   poison = jnp.asarray(stale)[:, :, None, None]
   k_buf, v_buf = jnp.where(poison, jnp.nan, k_buf), jnp.where(poison, jnp.nan, v_buf)
-  want, _, _ = decode_attention_append_reference(q, k_new, v_new, jnp.nan_to_num(k_buf),
+  qkv = jnp.concatenate([x.reshape(batch, -1) for x in (q, k_new, v_new)], axis=1)
+  want, _, _ = decode_attention_append_reference(qkv, jnp.nan_to_num(k_buf),
                                                  jnp.nan_to_num(v_buf), slot, mask, cos, sin)
-  _, want_k, want_v = decode_attention_append_reference(q, k_new, v_new, k_buf, v_buf, slot, mask,
-                                                        cos, sin)
+  _, want_k, want_v = decode_attention_append_reference(qkv, k_buf, v_buf, slot, mask, cos, sin)
   splits, _ = split_plan(batch, kv_heads, width, SMALL)
   partials = (jnp.full((batch, kv_heads, splits, groups, head_dim), jnp.nan, jnp.float32),
               jnp.full((batch, kv_heads, splits, groups), jnp.nan, jnp.float32),
               jnp.full((batch, kv_heads, splits, groups), jnp.nan, jnp.float32))
-  got, got_k, got_v = decode_attention_append(q, k_new, v_new, k_buf, v_buf, slot, mask, cos, sin,
+  got, got_k, got_v = decode_attention_append(qkv, k_buf, v_buf, slot, mask, cos, sin,
                                               tiles=SMALL, interpret=INTERPRET, partials=partials)
   assert got.dtype == q.dtype and got.shape == q.shape
   assert not bool(jnp.isnan(got).any()), "NaN: a partial never written or a stale slot read"
@@ -208,28 +208,26 @@ def test_append_rotates_writes_and_attends(dtype, batch, rows, slots, width, kv_
 
 
 def test_append_names_bad_shapes():
-  q = jnp.zeros((2, 4, 16))
-  kv = jnp.zeros((2, 2, 16))
+  qkv = jnp.zeros((2, 8 * 16))  # 4 query heads, 2 KV heads of 16
   buf = jnp.zeros((2, 20, 2, 16))
   slot, mask, cs = jnp.zeros((2,), jnp.int32), jnp.ones((2, 20), bool), jnp.zeros((2, 8))
-  with pytest.raises(ValueError, match=r"expected q \[B, Hq, hd\], k_new"):
-    decode_attention_append(q, kv[:, :1], kv, buf, buf, slot, mask, cs, cs, interpret=INTERPRET)
+  with pytest.raises(ValueError, match=r"expected qkv \[B, \(Hq \+ 2 Hkv\) \* hd\]"):
+    decode_attention_append(qkv[:, :-8], buf, buf, slot, mask, cs, cs, interpret=INTERPRET)
   with pytest.raises(ValueError, match=r"mask \(2, 21\)"):
-    decode_attention_append(q, kv, kv, buf, buf, slot, jnp.ones((2, 21), bool), cs, cs,
+    decode_attention_append(qkv, buf, buf, slot, jnp.ones((2, 21), bool), cs, cs,
                             interpret=INTERPRET)
   with pytest.raises(ValueError, match=r"cos \(2, 7\)"):
-    decode_attention_append(q, kv, kv, buf, buf, slot, mask, cs[:, 1:], cs, interpret=INTERPRET)
+    decode_attention_append(qkv, buf, buf, slot, mask, cs[:, 1:], cs, interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(32, 32), (32, 8)])
 def test_append_lowers_to_triton_for_cuda_on_any_machine(heads, kv_heads):
-  q = jax.ShapeDtypeStruct((2, heads, 128), jnp.bfloat16)
-  new = jax.ShapeDtypeStruct((2, kv_heads, 128), jnp.bfloat16)
+  qkv = jax.ShapeDtypeStruct((2, (heads + 2 * kv_heads) * 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 512, kv_heads, 128), jnp.bfloat16)
   slot = jax.ShapeDtypeStruct((2,), jnp.int32)
   mask = jax.ShapeDtypeStruct((2, 512), jnp.bool_)
   cs = jax.ShapeDtypeStruct((2, 64), jnp.float32)
   fn = jax.jit(lambda *a: decode_attention_append(*a, interpret=False))
-  text = fn.trace(q, new, new, kv, kv, slot, mask, cs, cs).lower(
+  text = fn.trace(qkv, kv, kv, slot, mask, cs, cs).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "triton" in text and "decode_attention_append" in text

@@ -153,10 +153,13 @@ def appending_kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_buf: 
   """
   from pallas_kernels.common import interpret
   from pallas_kernels.decode_attention import triton as decode_kernel
+  b = q.shape[0]
+  # Side by side again: where q, k and v are slices of one fused matmul's output XLA folds this
+  # back into that output (a slice passed to the kernel on its own is a copy).
+  qkv = jnp.concatenate([x.reshape(b, -1) for x in (q, k, v)], axis=1)
   out, k_buf, v_buf = decode_kernel.decode_attention_append(
-      q[:, 0], k[:, 0], v[:, 0], k_buf, v_buf, slot, mask[:, 0], cos[:, 0], sin[:, 0],
-      interpret=interpret())
-  return out[:, None], k_buf, v_buf
+      qkv, k_buf, v_buf, slot, mask[:, 0], cos[:, 0], sin[:, 0], interpret=interpret())
+  return out.reshape(q.shape), k_buf, v_buf
 
 
 def fused_kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array

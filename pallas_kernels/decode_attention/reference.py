@@ -34,14 +34,18 @@ def rotate_half_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.A
   return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-def decode_attention_append_reference(q, k_new, v_new, k_buf, v_buf, slot, mask, cos, sin):
-  """The f32 truth of `decode_attention_append`: q [B, Hq, hd] and k_new [B, Hkv, hd] rotated,
-  the new key and value written at `slot` [B] of each row's buffers [Bc, S, Hkv, hd] (rounded to
-  the buffers' dtype, as they hold them; a slot past S dropped), attention over the first W
-  slots under mask [B, W].
+def decode_attention_append_reference(qkv, k_buf, v_buf, slot, mask, cos, sin):
+  """The f32 truth of `decode_attention_append`: qkv [B, (Hq + 2 Hkv) * hd] split into q, k, v;
+  q and k rotated, the new key and value written at `slot` [B] of each row's buffers
+  [Bc, S, Hkv, hd] (rounded to the buffers' dtype, as they hold them; a slot past S dropped),
+  attention over the first W slots under mask [B, W].
 
   Returns (out [B, Hq, hd] f32, k_buf, v_buf)."""
-  b = q.shape[0]
+  b = qkv.shape[0]
+  hkv, hd = k_buf.shape[2], k_buf.shape[3]
+  heads = qkv.reshape(b, -1, hd)
+  hq = heads.shape[1] - 2 * hkv
+  q, k_new, v_new = heads[:, :hq], heads[:, hq:hq + hkv], heads[:, hq + hkv:]
   rows = jnp.arange(b)
   k_buf = k_buf.at[rows, slot].set(rotate_half_reference(k_new, cos, sin).astype(k_buf.dtype),
                                    mode="drop")

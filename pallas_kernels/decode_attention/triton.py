@@ -182,31 +182,35 @@ def _rotated_halves(x_ref, idx, cos, sin, half: int, block_h: int, lead_mask):
   return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
-def _append_kernel(end_ref, slot_ref, q_ref, k_new_ref, v_new_ref, cos_ref, sin_ref, k_ref, v_ref,
-                   valid_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref, *, block_s: int,
-                   blocks_per_split: int, block_g: int, block_h: int, block_d: int,
+def _append_kernel(end_ref, slot_ref, halves_ref, heads_ref, cos_ref, sin_ref, k_ref, v_ref,
+                   valid_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref, *, groups: int,
+                   block_s: int, blocks_per_split: int, block_g: int, block_h: int, block_d: int,
                    scale: float):
   b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  # The key side (q, k_new, the K buffer) holds each head's two rotary halves on an axis of
-  # its own: [..., 2, hd/2].
+  # The token's projections arrive as one row of heads (q's Hq, then k's Hkv, then v's Hkv):
+  # `heads_ref` [B, heads, hd] and, for the rotary halves, `halves_ref` [B, heads, 2, hd/2] (the
+  # same array). The K buffer holds its halves the same way: [Bc, S, Hkv, 2, hd/2].
   slots, head_dim = valid_ref.shape[1], v_ref.shape[3]
-  buf_slots = k_ref.shape[1]
+  buf_slots, kv_heads = k_ref.shape[1], k_ref.shape[2]
+  q_heads = kv_heads * groups
   half = head_dim // 2
-  groups = q_ref.shape[2]
   d_mask = jnp.arange(block_d) < head_dim
   h_mask = jnp.arange(block_h) < half
   g_mask = jnp.arange(block_g) < groups
   dtype = k_ref.dtype
   cos = plgpu.load(cos_ref.at[b, pl.ds(0, block_h)], mask=h_mask, other=0.0)
   sin = plgpu.load(sin_ref.at[b, pl.ds(0, block_h)], mask=h_mask, other=0.0)
-  # The query rotated in f32 and rounded to the cache's dtype, as the model's rotary and the
-  # plain kernel's cast do; its two halves meet the keys' two halves in two dots.
-  q1, q2 = _rotated_halves(q_ref, (b, h, pl.ds(0, block_g)), cos, sin, half, block_h, g_mask)
+  # The query heads of KV head h, rotated in f32 and rounded to the cache's dtype, as the
+  # model's rotary and the plain kernel's cast do; its two halves meet the keys' two halves in
+  # two dots.
+  q1, q2 = _rotated_halves(halves_ref, (b, pl.ds(h * groups, block_g)), cos, sin, half, block_h,
+                           g_mask)
   q1, q2 = q1.astype(dtype), q2.astype(dtype)
   # The new key, rotated and rounded as the cache will hold it, and the new value.
-  k1, k2 = _rotated_halves(k_new_ref, (b, h), cos, sin, half, block_h, None)
+  k1, k2 = _rotated_halves(halves_ref, (b, q_heads + h), cos, sin, half, block_h, None)
   k1, k2 = k1.astype(dtype), k2.astype(dtype)
-  v_new = plgpu.load(v_new_ref.at[b, h, pl.ds(0, block_d)], mask=d_mask, other=0.0).astype(dtype)
+  v_new = plgpu.load(heads_ref.at[b, q_heads + kv_heads + h, pl.ds(0, block_d)], mask=d_mask,
+                     other=0.0).astype(dtype)
   slot = slot_ref[b]
   # Split 0 writes the new slot (a slot past the buffer is dropped); no program reads that slot
   # back from memory (the loop masks it out, split 0 adds the new token from registers), so the
@@ -264,9 +268,9 @@ def _append_kernel(end_ref, slot_ref, q_ref, k_new_ref, v_new_ref, cos_ref, sin_
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
-def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_buf: jax.Array,
-                            v_buf: jax.Array, slot: jax.Array, mask: jax.Array, cos: jax.Array,
-                            sin: jax.Array, *, tiles: Tiles = Tiles(), interpret: bool = False,
+def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, slot: jax.Array,
+                            mask: jax.Array, cos: jax.Array, sin: jax.Array, *,
+                            tiles: Tiles = Tiles(), interpret: bool = False,
                             partials: tuple[jax.Array, jax.Array, jax.Array] | None = None
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One decode token per row: rotates its query and key, writes its key and value into the
@@ -274,8 +278,9 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_
   otherwise runs the rotary embedding, two cache writes and the attention as five kernels).
 
   Args:
-    q: [B, Hq, hd] queries before the rotary embedding.
-    k_new, v_new: [B, Hkv, hd] the new key (before the rotary embedding) and value.
+    qkv: [B, (Hq + 2 Hkv) * hd] the token's query, key and value projections side by side (the
+      fused q/k/v matmul's output: taking it whole spares XLA a copy per slice), q and k before
+      the rotary embedding.
     k_buf, v_buf: [Bc, S, Hkv, hd] the cache's buffers (Bc >= B; rows past B are not touched),
       written in place (aliased to the outputs: in place when the caller's step donates them).
     slot: [B] int32, the slot of row b that takes the new key and value (one past the buffer:
@@ -286,18 +291,19 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_
       any attention factor included).
     partials: optional preallocated (acc, m, l) buffers of the kernel's partial outputs.
   Returns:
-    (out [B, Hq, hd] in q's dtype, k_buf, v_buf with the new slot written).
+    (out [B, Hq, hd] in qkv's dtype, k_buf, v_buf with the new slot written).
   """
-  b, hq, head_dim = q.shape
-  bc, buf_slots, hkv, head_dim_k = k_buf.shape
-  if (k_buf.shape != v_buf.shape or bc < b or head_dim_k != head_dim
-      or k_new.shape != (b, hkv, head_dim) or v_new.shape != k_new.shape):
-    raise ValueError(f"q {q.shape}, k_new {k_new.shape}, v_new {v_new.shape}, k_buf {k_buf.shape},"
-                     f" v_buf {v_buf.shape}: expected q [B, Hq, hd], k_new and v_new [B, Hkv, hd]"
-                     " and buffers [Bc >= B, S, Hkv, hd] of one shape")
-  if hq % hkv or head_dim % 2:
-    raise ValueError(f"{hq} query heads must be a multiple of {hkv} KV heads and head_dim"
-                     f" {head_dim} even")
+  bc, buf_slots, hkv, head_dim = k_buf.shape
+  b, width = qkv.shape
+  heads = width // head_dim if head_dim else 0
+  hq = heads - 2 * hkv
+  if (k_buf.shape != v_buf.shape or bc < b or width != heads * head_dim or hq < hkv
+      or hq % hkv):
+    raise ValueError(f"qkv {qkv.shape}, k_buf {k_buf.shape}, v_buf {v_buf.shape}: expected qkv"
+                     " [B, (Hq + 2 Hkv) * hd], Hq a multiple of Hkv, and buffers"
+                     " [Bc >= B, S, Hkv, hd] of one shape")
+  if head_dim % 2:
+    raise ValueError(f"head_dim {head_dim} must be even (the rotary embedding pairs halves)")
   if mask.shape[0] != b or mask.shape[1] > buf_slots or slot.shape != (b,):
     raise ValueError(f"mask {mask.shape} and slot {slot.shape}: expected [{b}, W <= {buf_slots}]"
                      f" and [{b}]")
@@ -314,19 +320,20 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_
             jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32),
             jax.ShapeDtypeStruct(halves, k_buf.dtype),
             jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype))
-  operands = (end, slot.astype(jnp.int32), q.reshape(b, hkv, groups, 2, half),
-              k_new.reshape(b, hkv, 2, half), v_new, cos.astype(jnp.float32),
-              sin.astype(jnp.float32), k_buf.reshape(halves), v_buf, mask.astype(jnp.int32))
-  aliases = {7: 3, 8: 4}
-  kernel = functools.partial(_append_kernel, block_s=tiles.block_s, blocks_per_split=per_split,
-                             block_g=dot_block(groups), block_h=dot_block(head_dim // 2),
-                             block_d=dot_block(head_dim), scale=1.0 / math.sqrt(head_dim))
+  operands = (end, slot.astype(jnp.int32), qkv.reshape(b, heads, 2, half),
+              qkv.reshape(b, heads, head_dim), cos.astype(jnp.float32), sin.astype(jnp.float32),
+              k_buf.reshape(halves), v_buf, mask.astype(jnp.int32))
+  aliases = {6: 3, 7: 4}
+  kernel = functools.partial(_append_kernel, groups=groups, block_s=tiles.block_s,
+                             blocks_per_split=per_split, block_g=dot_block(groups),
+                             block_h=dot_block(half), block_d=dot_block(head_dim),
+                             scale=1.0 / math.sqrt(head_dim))
   if partials is not None:
     _, aliases = with_output_buffers(operands, partials, shapes[:3], "partials")
-    aliases = {**aliases, 7: 3, 8: 4}
+    aliases = {**aliases, 6: 3, 7: 4}
     operands = operands + tuple(partials)
     inner = kernel
-    kernel = lambda *refs: inner(*refs[:10], *refs[-5:])  # noqa: E731  (aliased inputs unread)
+    kernel = lambda *refs: inner(*refs[:9], *refs[-5:])  # noqa: E731  (aliased inputs unread)
   acc, m, l, k_buf, v_buf = pl.pallas_call(
       kernel,
       out_shape=shapes,
@@ -337,5 +344,5 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_
       interpret=interpret,
       name="decode_attention_append",
   )(*operands)
-  return (combine(acc, m, l).reshape(b, hq, head_dim).astype(q.dtype),
+  return (combine(acc, m, l).reshape(b, hq, head_dim).astype(qkv.dtype),
           k_buf.reshape(bc, buf_slots, hkv, head_dim), v_buf)
