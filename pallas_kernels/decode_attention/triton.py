@@ -164,51 +164,42 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
 # Rotate, append and attend: the decode step's rotary embedding and cache write in the kernel.
 
 
-# The two halves' indices as int32 scalars (the Pallas interpreter takes no Python int there).
-_HALF = (lambda: jnp.int32(0), lambda: jnp.int32(1))
+def _rotated(heads_ref, b, rows, cols, partner, sign, cos, sin, mask):
+  """Rows `rows` of heads_ref[b] ([heads, hd]) under the rotary embedding (`rotate_half`
+  layout, pairs (i, i + hd/2)), in f32: x · cos + sign · x[partner] · sin, the partner columns
+  read by a second (gather) load so the result is one full-width tile."""
+  x = plgpu.load(heads_ref.at[b, rows, cols], mask=mask, other=0.0).astype(jnp.float32)
+  xp = plgpu.load(heads_ref.at[b, rows, partner], mask=mask, other=0.0).astype(jnp.float32)
+  return x * cos + sign * xp * sin
 
 
-def _rotated_halves(x_ref, idx, cos, sin, half: int, block_h: int, lead_mask):
-  """The rotary embedding (`rotate_half` layout: pairs (i, i + hd/2)) of x_ref[idx...] in f32,
-  as its two halves [..., block_h]: (x1 cos - x2 sin, x2 cos + x1 sin). x_ref holds the halves
-  on an axis of their own ([..., 2, hd/2]), so each load starts at column 0."""
-  h_mask = jnp.arange(block_h) < half
-  mask = h_mask if lead_mask is None else lead_mask[:, None] & h_mask[None, :]
-  first, second = _HALF
-  x1 = plgpu.load(x_ref.at[(*idx, first(), pl.ds(0, block_h))], mask=mask, other=0.0).astype(
-      jnp.float32)
-  x2 = plgpu.load(x_ref.at[(*idx, second(), pl.ds(0, block_h))], mask=mask, other=0.0).astype(
-      jnp.float32)
-  return x1 * cos - x2 * sin, x2 * cos + x1 * sin
-
-
-def _append_kernel(end_ref, slot_ref, halves_ref, heads_ref, cos_ref, sin_ref, k_ref, v_ref,
-                   valid_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref, *, groups: int,
-                   block_s: int, blocks_per_split: int, block_g: int, block_h: int, block_d: int,
-                   scale: float):
+def _append_kernel(end_ref, slot_ref, heads_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref,
+                   acc_ref, m_ref, l_ref, k_out_ref, v_out_ref, *, groups: int, block_s: int,
+                   blocks_per_split: int, block_g: int, block_d: int, scale: float):
   b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  # The token's projections arrive as one row of heads (q's Hq, then k's Hkv, then v's Hkv):
-  # `heads_ref` [B, heads, hd] and, for the rotary halves, `halves_ref` [B, heads, 2, hd/2] (the
-  # same array). The K buffer holds its halves the same way: [Bc, S, Hkv, 2, hd/2].
-  slots, head_dim = valid_ref.shape[1], v_ref.shape[3]
+  # The token's projections arrive as one row of heads, heads_ref [B, Hq + 2 Hkv, hd]: q's Hq
+  # (KV head h's queries are rows h·G ... h·G + G - 1), then k's Hkv, then v's Hkv.
+  slots, head_dim = valid_ref.shape[1], k_ref.shape[3]
   buf_slots, kv_heads = k_ref.shape[1], k_ref.shape[2]
   q_heads = kv_heads * groups
   half = head_dim // 2
-  d_mask = jnp.arange(block_d) < head_dim
-  h_mask = jnp.arange(block_h) < half
+  cols = jnp.arange(block_d)
+  d_mask = cols < head_dim
   g_mask = jnp.arange(block_g) < groups
   dtype = k_ref.dtype
-  cos = plgpu.load(cos_ref.at[b, pl.ds(0, block_h)], mask=h_mask, other=0.0)
-  sin = plgpu.load(sin_ref.at[b, pl.ds(0, block_h)], mask=h_mask, other=0.0)
+  # Column j's rotary partner and sign: -x[j + hd/2] below the middle, +x[j - hd/2] above.
+  partner = jnp.where(cols < half, cols + half, cols - half) % head_dim
+  sign = jnp.where(cols < half, -1.0, 1.0)
+  freq = cols % half
+  cos = plgpu.load(cos_ref.at[b, freq], mask=d_mask, other=0.0)
+  sin = plgpu.load(sin_ref.at[b, freq], mask=d_mask, other=0.0)
   # The query heads of KV head h, rotated in f32 and rounded to the cache's dtype, as the
-  # model's rotary and the plain kernel's cast do; its two halves meet the keys' two halves in
-  # two dots.
-  q1, q2 = _rotated_halves(halves_ref, (b, pl.ds(h * groups, block_g)), cos, sin, half, block_h,
-                           g_mask)
-  q1, q2 = q1.astype(dtype), q2.astype(dtype)
+  # model's rotary and the plain kernel's cast do.
+  rows = h * groups + jnp.arange(block_g)
+  q = _rotated(heads_ref, b, rows[:, None], cols[None, :], partner[None, :], sign, cos, sin,
+               g_mask[:, None] & d_mask[None, :]).astype(dtype)
   # The new key, rotated and rounded as the cache will hold it, and the new value.
-  k1, k2 = _rotated_halves(halves_ref, (b, q_heads + h), cos, sin, half, block_h, None)
-  k1, k2 = k1.astype(dtype), k2.astype(dtype)
+  k_new = _rotated(heads_ref, b, q_heads + h, cols, partner, sign, cos, sin, d_mask).astype(dtype)
   v_new = plgpu.load(heads_ref.at[b, q_heads + kv_heads + h, pl.ds(0, block_d)], mask=d_mask,
                      other=0.0).astype(dtype)
   slot = slot_ref[b]
@@ -217,8 +208,7 @@ def _append_kernel(end_ref, slot_ref, halves_ref, heads_ref, cos_ref, sin_ref, k
   # write races with no read.
   writes = (sp == 0) & (slot < buf_slots)
   at = jnp.minimum(slot, buf_slots - 1)
-  plgpu.store(k_out_ref.at[b, at, h, _HALF[0](), pl.ds(0, block_h)], k1, mask=h_mask & writes)
-  plgpu.store(k_out_ref.at[b, at, h, _HALF[1](), pl.ds(0, block_h)], k2, mask=h_mask & writes)
+  plgpu.store(k_out_ref.at[b, at, h, pl.ds(0, block_d)], k_new, mask=d_mask & writes)
   plgpu.store(v_out_ref.at[b, at, h, pl.ds(0, block_d)], v_new, mask=d_mask & writes)
 
   first = sp * blocks_per_split
@@ -231,13 +221,9 @@ def _append_kernel(end_ref, slot_ref, halves_ref, heads_ref, cos_ref, sin_ref, k
     in_range = idx < slots
     valid = plgpu.load(valid_ref.at[b, pl.ds(start, block_s)], mask=in_range, other=0) != 0
     valid = valid & in_range & (idx != slot)
-    k_mask = valid[:, None] & h_mask[None, :]
-    ka = plgpu.load(k_ref.at[b, pl.ds(start, block_s), h, _HALF[0](), pl.ds(0, block_h)], mask=k_mask,
-                    other=0.0)
-    kb = plgpu.load(k_ref.at[b, pl.ds(start, block_s), h, _HALF[1](), pl.ds(0, block_h)], mask=k_mask,
-                    other=0.0)
-    s = (plgpu.dot(q1, ka, trans_b=True).astype(jnp.float32)
-         + plgpu.dot(q2, kb, trans_b=True).astype(jnp.float32)) * scale  # [G, block_s]
+    k = plgpu.load(k_ref.at[b, pl.ds(start, block_s), h, pl.ds(0, block_d)],
+                   mask=valid[:, None] & d_mask[None, :], other=0.0)
+    s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [G, block_s]
     s = jnp.where(valid[None, :], s, NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp(m - m_new)
@@ -253,8 +239,7 @@ def _append_kernel(end_ref, slot_ref, halves_ref, heads_ref, cos_ref, sin_ref, k
   # The new token, where the row may read its slot: in split 0's partial softmax.
   seen = plgpu.load(valid_ref.at[b, jnp.minimum(slot, slots - 1)]) != 0
   adds = (sp == 0) & (slot < slots) & seen
-  s_new = (jnp.sum(q1.astype(jnp.float32) * k1.astype(jnp.float32)[None, :], axis=1)
-           + jnp.sum(q2.astype(jnp.float32) * k2.astype(jnp.float32)[None, :], axis=1)) * scale
+  s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1) * scale
   m_new = jnp.maximum(m, s_new)
   alpha, p_new = jnp.exp(m - m_new), jnp.exp(s_new - m_new)
   m = jnp.where(adds, m_new, m)
@@ -313,27 +298,24 @@ def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, 
   groups = hq // hkv
   splits, per_split = split_plan(b, hkv, slots, tiles)
   end = jnp.max(jnp.where(mask, jnp.arange(1, slots + 1), 0)).reshape(1).astype(jnp.int32)
-  half = head_dim // 2
-  halves = (bc, buf_slots, hkv, 2, half)  # a bitcast: the rotary halves on an axis of their own
   shapes = (jax.ShapeDtypeStruct((b, hkv, splits, groups, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32),
-            jax.ShapeDtypeStruct(halves, k_buf.dtype),
+            jax.ShapeDtypeStruct(k_buf.shape, k_buf.dtype),
             jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype))
-  operands = (end, slot.astype(jnp.int32), qkv.reshape(b, heads, 2, half),
-              qkv.reshape(b, heads, head_dim), cos.astype(jnp.float32), sin.astype(jnp.float32),
-              k_buf.reshape(halves), v_buf, mask.astype(jnp.int32))
-  aliases = {6: 3, 7: 4}
+  operands = (end, slot.astype(jnp.int32), qkv.reshape(b, heads, head_dim),
+              cos.astype(jnp.float32), sin.astype(jnp.float32), k_buf, v_buf,
+              mask.astype(jnp.int32))
+  aliases = {5: 3, 6: 4}
   kernel = functools.partial(_append_kernel, groups=groups, block_s=tiles.block_s,
                              blocks_per_split=per_split, block_g=dot_block(groups),
-                             block_h=dot_block(half), block_d=dot_block(head_dim),
-                             scale=1.0 / math.sqrt(head_dim))
+                             block_d=dot_block(head_dim), scale=1.0 / math.sqrt(head_dim))
   if partials is not None:
     _, aliases = with_output_buffers(operands, partials, shapes[:3], "partials")
-    aliases = {**aliases, 6: 3, 7: 4}
+    aliases = {**aliases, 5: 3, 6: 4}
     operands = operands + tuple(partials)
     inner = kernel
-    kernel = lambda *refs: inner(*refs[:9], *refs[-5:])  # noqa: E731  (aliased inputs unread)
+    kernel = lambda *refs: inner(*refs[:8], *refs[-5:])  # noqa: E731  (aliased inputs unread)
   acc, m, l, k_buf, v_buf = pl.pallas_call(
       kernel,
       out_shape=shapes,
@@ -344,5 +326,4 @@ def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, 
       interpret=interpret,
       name="decode_attention_append",
   )(*operands)
-  return (combine(acc, m, l).reshape(b, hq, head_dim).astype(qkv.dtype),
-          k_buf.reshape(bc, buf_slots, hkv, head_dim), v_buf)
+  return combine(acc, m, l).reshape(b, hq, head_dim).astype(qkv.dtype), k_buf, v_buf
