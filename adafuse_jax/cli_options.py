@@ -26,10 +26,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                       " XLA_FLAGS=--xla_force_host_platform_device_count=N")
   p.add_argument("--compile-cache", default="auto", metavar="auto|off|DIR", help=COMPILE_CACHE_HELP)
   p.add_argument("--attention", choices=("auto", *ATTENTIONS), default="auto",
-                 help="decode steps' attention: pallas (the decode-attention kernel, which also"
-                      " rotates the token and writes it into the cache, and reads only the"
-                      " filled part of the cache), pallas-xla-write (the same kernel after XLA's"
-                      " rotary and cache write), xla (XLA's fusions over the whole cache),"
+                 help="decode steps' attention: pallas (the decode-attention kernel: reads only"
+                      " the filled part of the cache), pallas-append (a kernel that also rotates"
+                      " the token and writes it into the cache), xla (XLA's fusions over the"
+                      " whole cache),"
                       " windowed (XLA's fusions over the cache's written part, in eighths);"
                       " auto = pallas on one GPU, else xla")
 

@@ -45,7 +45,7 @@ MODES: tuple[str, ...] = tuple(Mode)
 PATHS: tuple[str, ...] = tuple(PathName)
 # How a decode step's attention may run (`adafuse_jax.model.layers.ATTENTION`, which says what
 # each is); "auto" takes the library's choice for the devices.
-ATTENTIONS: tuple[str, ...] = ("xla", "windowed", "pallas", "pallas-xla-write")
+ATTENTIONS: tuple[str, ...] = ("xla", "windowed", "pallas", "pallas-append")
 
 # Spellings of earlier versions: the old name -> (path, kernel backend).
 _LEGACY_PATHS = {"pallas": (PathName.GATHERED, "auto"), "fused": (PathName.GATHERED, "auto")}

@@ -208,12 +208,12 @@ def test_bench_row_names_parse_with_the_attention_suffix():
   assert parse_variant("backbone+xla-attention")[0].name == "backbone+xla-attention"
   assert parse_variant("backbone")[0].attention == "auto"  # the library's default
   assert parse_variant("pregated-packed+windowed-attention")[0].attention == "windowed"
-  forced = parse_variant("backbone-packed+pallas-xla-write-attention")[0]
-  assert forced.attention == "pallas-xla-write"
-  assert forced.name == "backbone-packed+pallas-xla-write-attention"
+  forced = parse_variant("backbone-packed+pallas-append-attention")[0]
+  assert forced.attention == "pallas-append"
+  assert forced.name == "backbone-packed+pallas-append-attention"
   with pytest.raises(UserError, match=r"unknown suffix '\+flash'; choose from \+sere, "
                                       r"\+xla-attention, \+windowed-attention, "
-                                      r"\+pallas-attention, \+pallas-xla-write-attention"):
+                                      r"\+pallas-attention, \+pallas-append-attention"):
     parse_variant("backbone+flash")
   with pytest.raises(UserError, match="names two attentions"):
     parse_variant("backbone+xla-attention+pallas-attention")

@@ -92,14 +92,16 @@ def test_packed_and_mixed_prefill_sample_what_row_prefill_samples(model, path):
 
 
 def test_the_decode_attention_kernel_serves_what_xla_attention_serves(model):
-  """The engine's decode steps (its slot cache: rows of their own lengths) and mixed steps
-  (decode tokens beside whole prompts) on the Pallas decode-attention kernel, the Pallas
-  interpreter here, as "auto" runs it on a GPU: the same greedy tokens as on XLA's attention."""
+  """The engine's decode steps (its slot cache: rows of their own lengths, a step over its first
+  rows and slots only) and mixed steps (decode tokens beside whole prompts) on the Pallas
+  decode-attention kernels, the Pallas interpreter here, as "auto" runs "pallas" on a GPU, and
+  the kernel that writes the tokens into the cache itself ("pallas-append"): the same greedy
+  tokens as on XLA's attention."""
   cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, top_k=2, router_init_std=0.5)
   pool = MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True)
   ps = [p[:12] for p in prompts(4, seed=5)]
   got = {}
-  for attention in ("xla", "pallas"):
+  for attention in ("xla", "pallas", "pallas-append"):
     gen = Generator(model, adapters=pool, path="packed", attention=attention)
     with Engine(gen, byte_tokenizer(VOCAB), max_batch=4, max_seq_len=48, chunk=16,
                 mixed_tokens=(16,)) as e:
@@ -113,7 +115,7 @@ def test_the_decode_attention_kernel_serves_what_xla_attention_serves(model):
       got[attention] = [s.result().token_ids for s in [first, *rest]]
       assert not head.finished
       assert e.stats.mixed_steps > 0, e.stats
-  assert got["pallas"] == got["xla"]
+  assert got["pallas"] == got["xla"] and got["pallas-append"] == got["xla"]
 
 
 @pytest.mark.parametrize("waited, decoding, free, tokens, limit, wait", [

@@ -155,9 +155,9 @@ def test_windowed_attention_generator_writes_the_same_tokens(tiny_gen):
 
 
 def test_pallas_attention_generator_writes_the_same_tokens(tiny_gen):
-  """Decode steps on the Pallas decode-attention kernel (the Pallas interpreter here), the
-  kernel that rotates and writes the token itself ("pallas") and the one after XLA's rotary and
-  cache write ("pallas-xla-write"), write the same greedy tokens as XLA's attention, ragged
+  """Decode steps on the Pallas decode-attention kernel (the Pallas interpreter here), the one
+  after XLA's rotary and cache write ("pallas") and the one that rotates and writes the token
+  itself ("pallas-append"), write the same greedy tokens as XLA's attention, ragged
   prompts (left padding) and a pre-gated pool on path packed included; an unknown attention is a
   named error."""
   from adafuse_jax.adapters.mixture import MixtureOfLoRA
@@ -165,7 +165,7 @@ def test_pallas_attention_generator_writes_the_same_tokens(tiny_gen):
 
   prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
   model = LlamaModel(tiny_config(), seed=11)
-  for name in ("pallas", "pallas-xla-write"):
+  for name in ("pallas", "pallas-append"):
     kernel = Generator(model, attention=name)
     assert kernel.attention == name
     assert (generate(kernel, prompts, max_new_tokens=6).tokens
@@ -178,7 +178,7 @@ def test_pallas_attention_generator_writes_the_same_tokens(tiny_gen):
                  prompts, max_new_tokens=6).tokens
   assert got == want
   with pytest.raises(UserError, match="unknown attention 'flash'; choose one of auto, xla,"
-                     " windowed, pallas, pallas-xla-write"):
+                     " windowed, pallas, pallas-append"):
     Generator(model, attention="flash")
   # "auto" takes the kernel on one GPU only: the interpreter on the CPU would be slow.
   assert tiny_gen.attention == ("pallas" if jax.default_backend() == "gpu" else "xla")

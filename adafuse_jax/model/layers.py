@@ -208,13 +208,14 @@ def windowed_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
 
 # How a decode step's attention runs: "xla" (the einsums above, fused by XLA), "windowed"
 # (`windowed_attention`: the einsums over the buffers' written part), "pallas" (the Pallas
-# kernel that also rotates the token and writes it into the cache: `fused_kernel_attention`) or
-# "pallas-xla-write" (the kernel reading a cache that XLA's fusions rotated and wrote:
-# `kernel_attention`). "auto" (`resolve_attention`) takes "pallas" on one GPU: on the H200 the
-# kernel made the 7B step 0.90x (batch 1) and 0.79x (batch 32) of XLA's, Mistral's batch 32
-# 0.53x (docs/benchmarks.md, "The decode-attention kernel").
-ATTENTION = {"xla": attention, "windowed": windowed_attention, "pallas": fused_kernel_attention,
-             "pallas-xla-write": kernel_attention}
+# kernel reading the cache that XLA's fusions rotated and wrote: `kernel_attention`) or
+# "pallas-append" (the Pallas kernel that also rotates the token and writes it into the cache:
+# `fused_kernel_attention`). "auto" (`resolve_attention`) takes "pallas" on one GPU: on the H200
+# it made the 7B step 0.90x (batch 1) and 0.79x (batch 32) of XLA's, Mistral's batch 32 0.53x
+# (docs/benchmarks.md, "The decode-attention kernel"). "pallas-append" stays opt-in until its
+# current form is measured (docs/benchmarks.md, "Rotary and cache write in the kernel").
+ATTENTION = {"xla": attention, "windowed": windowed_attention, "pallas": kernel_attention,
+             "pallas-append": fused_kernel_attention}
 ATTENTION_CHOICES = ("auto", *ATTENTION)
 assert tuple(ATTENTION) == ATTENTIONS, "the attention names of vocab.ATTENTIONS"
 
