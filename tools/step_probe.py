@@ -14,10 +14,10 @@ fixed address ("stable buffers"): XLA records a command buffer again whenever an
 commands use moved since the last call (`CommandBufferThunk::ShouldUpdateCommandBuffer`), and the
 library's step gets new output buffers every call; here the sampled token (fed back as the next
 input) and the key are donated and written back in place, the logits not returned, so the
-cache, the token and the key keep their addresses from call to call. Beside them the step compiled with the router's
-top-k written as k masked argmaxes (same experts, same order) instead of `lax.top_k`, and with
-each layer's attention in XLA's fusions instead of the library's default (the Pallas
-decode-attention kernel on one GPU). On the CPU: XLA's defaults, its XNNPACK graph fusion, its
+cache, the token and the key keep their addresses from call to call. Beside them the step
+compiled with the router's top-k written as k masked argmaxes (same experts, same order) instead
+of `lax.top_k`, and with each layer's attention in XLA's fusions instead of the library's
+default (the Pallas decode-attention kernel on one GPU). On the CPU: XLA's defaults, its XNNPACK graph fusion, its
 oneDNN dots and its YNNPACK fusions off.
 """
 
