@@ -54,28 +54,27 @@ def split_plan(batch: int, kv_heads: int, slots: int, tiles: Tiles) -> tuple[int
   return pl.cdiv(blocks, per_split), per_split
 
 
-def _kernel(end_ref, q_ref, k_ref, v_ref, valid_ref, acc_ref, m_ref, l_ref, *, block_s: int,
-            blocks_per_split: int, block_g: int, block_d: int, scale: float):
-  b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  slots, head_dim = k_ref.shape[1], k_ref.shape[3]
-  groups = q_ref.shape[2]
+def _split_softmax(q, k_ref, v_ref, valid_ref, b, h, first, count, *, block_s: int,
+                   block_d: int, scale: float, skip=None):
+  """One program's online softmax over its split: `count` blocks of `block_s` slots from block
+  `first` of row b, KV head h, for the query tile q [block_g, block_d] (the cache's dtype).
+  Slots the row may not read (`valid_ref` [B, W]), past W, or equal to `skip` (a runtime slot,
+  when given) are neither read nor counted. Returns (m [block_g], l [block_g],
+  acc [block_g, block_d]), f32: the running max, normaliser and weighted sum of values."""
+  slots, head_dim = valid_ref.shape[1], k_ref.shape[3]
   d_mask = jnp.arange(block_d) < head_dim
-  g_mask = jnp.arange(block_g) < groups
-  # Rows and columns past the real ones load as zeros: their scores are 0 and never stored.
-  q = plgpu.load(q_ref.at[b, h, pl.ds(0, block_g), pl.ds(0, block_d)],
-                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-  first = sp * blocks_per_split
-  # Blocks past the last visible slot are neither read nor computed: a runtime loop length.
-  count = jnp.clip(pl.cdiv(end_ref[0], block_s) - first, 0, blocks_per_split)
+  block_g = q.shape[0]
 
   def body(i, carry):
     m, l, acc = carry
     start = (first + i) * block_s
-    in_range = start + jnp.arange(block_s) < slots
+    idx = start + jnp.arange(block_s)
+    in_range = idx < slots
     valid = plgpu.load(valid_ref.at[b, pl.ds(start, block_s)], mask=in_range, other=0) != 0
+    valid = valid & in_range if skip is None else valid & in_range & (idx != skip)
     # Invisible slots load as zeros: whatever they hold (another row's padding, stale
     # entries) never reaches a product, not even as 0 · nan.
-    kv_mask = (valid & in_range)[:, None] & d_mask[None, :]
+    kv_mask = valid[:, None] & d_mask[None, :]
     k = plgpu.load(k_ref.at[b, pl.ds(start, block_s), h, pl.ds(0, block_d)], mask=kv_mask,
                    other=0.0)
     # Scaled in f32 after the product, as the model's attention does (not folded into a bf16 q).
@@ -91,12 +90,34 @@ def _kernel(end_ref, q_ref, k_ref, v_ref, valid_ref, acc_ref, m_ref, l_ref, *, b
 
   init = (jnp.full((block_g,), NEG, jnp.float32), jnp.zeros((block_g,), jnp.float32),
           jnp.zeros((block_g, block_d), jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, count, body, init)
-  # Every program writes its three outputs, also a split with nothing to read (m = NEG, l = 0).
-  plgpu.store(acc_ref.at[b, h, sp, pl.ds(0, block_g), pl.ds(0, block_d)], acc,
+  return jax.lax.fori_loop(0, count, body, init)
+
+
+def _store_partials(acc_ref, m_ref, l_ref, b, h, sp, m, l, acc, g_mask, d_mask):
+  """Every program writes its three outputs, also a split with nothing to read (m = NEG,
+  l = 0)."""
+  plgpu.store(acc_ref.at[b, h, sp, pl.ds(0, acc.shape[0]), pl.ds(0, acc.shape[1])], acc,
               mask=g_mask[:, None] & d_mask[None, :])
-  plgpu.store(m_ref.at[b, h, sp, pl.ds(0, block_g)], m, mask=g_mask)
-  plgpu.store(l_ref.at[b, h, sp, pl.ds(0, block_g)], l, mask=g_mask)
+  plgpu.store(m_ref.at[b, h, sp, pl.ds(0, m.shape[0])], m, mask=g_mask)
+  plgpu.store(l_ref.at[b, h, sp, pl.ds(0, l.shape[0])], l, mask=g_mask)
+
+
+def _kernel(end_ref, q_ref, k_ref, v_ref, valid_ref, acc_ref, m_ref, l_ref, *, block_s: int,
+            blocks_per_split: int, block_g: int, block_d: int, scale: float):
+  b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  head_dim = k_ref.shape[3]
+  groups = q_ref.shape[2]
+  d_mask = jnp.arange(block_d) < head_dim
+  g_mask = jnp.arange(block_g) < groups
+  # Rows and columns past the real ones load as zeros: their scores are 0 and never stored.
+  q = plgpu.load(q_ref.at[b, h, pl.ds(0, block_g), pl.ds(0, block_d)],
+                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+  first = sp * blocks_per_split
+  # Blocks past the last visible slot are neither read nor computed: a runtime loop length.
+  count = jnp.clip(pl.cdiv(end_ref[0], block_s) - first, 0, blocks_per_split)
+  m, l, acc = _split_softmax(q, k_ref, v_ref, valid_ref, b, h, first, count, block_s=block_s,
+                             block_d=block_d, scale=scale)
+  _store_partials(acc_ref, m_ref, l_ref, b, h, sp, m, l, acc, g_mask, d_mask)
 
 
 def combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
@@ -213,29 +234,8 @@ def _append_kernel(end_ref, slot_ref, heads_ref, cos_ref, sin_ref, k_ref, v_ref,
 
   first = sp * blocks_per_split
   count = jnp.clip(pl.cdiv(end_ref[0], block_s) - first, 0, blocks_per_split)
-
-  def body(i, carry):
-    m, l, acc = carry
-    start = (first + i) * block_s
-    idx = start + jnp.arange(block_s)
-    in_range = idx < slots
-    valid = plgpu.load(valid_ref.at[b, pl.ds(start, block_s)], mask=in_range, other=0) != 0
-    valid = valid & in_range & (idx != slot)
-    k = plgpu.load(k_ref.at[b, pl.ds(start, block_s), h, pl.ds(0, block_d)],
-                   mask=valid[:, None] & d_mask[None, :], other=0.0)
-    s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [G, block_s]
-    s = jnp.where(valid[None, :], s, NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
-    v = plgpu.load(v_ref.at[b, pl.ds(start, block_s), h, pl.ds(0, block_d)],
-                   mask=valid[:, None] & d_mask[None, :], other=0.0)
-    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
-    return m_new, l * alpha + jnp.sum(p, axis=1), acc
-
-  init = (jnp.full((block_g,), NEG, jnp.float32), jnp.zeros((block_g,), jnp.float32),
-          jnp.zeros((block_g, block_d), jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, count, body, init)
+  m, l, acc = _split_softmax(q, k_ref, v_ref, valid_ref, b, h, first, count, block_s=block_s,
+                             block_d=block_d, scale=scale, skip=slot)
   # The new token, where the row may read its slot: in split 0's partial softmax.
   seen = plgpu.load(valid_ref.at[b, jnp.minimum(slot, slots - 1)]) != 0
   adds = (sp == 0) & (slot < slots) & seen
@@ -246,10 +246,7 @@ def _append_kernel(end_ref, slot_ref, heads_ref, cos_ref, sin_ref, k_ref, v_ref,
   l = jnp.where(adds, l * alpha + p_new, l)
   acc = jnp.where(adds, acc * alpha[:, None]
                   + p_new[:, None] * v_new.astype(jnp.float32)[None, :], acc)
-  plgpu.store(acc_ref.at[b, h, sp, pl.ds(0, block_g), pl.ds(0, block_d)], acc,
-              mask=g_mask[:, None] & d_mask[None, :])
-  plgpu.store(m_ref.at[b, h, sp, pl.ds(0, block_g)], m, mask=g_mask)
-  plgpu.store(l_ref.at[b, h, sp, pl.ds(0, block_g)], l, mask=g_mask)
+  _store_partials(acc_ref, m_ref, l_ref, b, h, sp, m, l, acc, g_mask, d_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
