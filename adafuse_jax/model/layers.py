@@ -78,24 +78,14 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0
 
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """Rotates x [B, T, H, hd] by the tables cos, sin [B, T, hd/2] (`rope_tables`) in the
-  `rotate_half` (Hugging Face) layout: pairs (i, i + hd/2). Computed in f32, returned in x's
-  dtype."""
+  `rotate_half` (Hugging Face) layout: pairs (i, i + hd/2). GGUF files store Q/K rows permuted
+  for interleaved pairs; the GGUF loader undoes that permutation so one rotary serves every
+  format. Computed in f32, returned in x's dtype."""
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0
-               ) -> jax.Array:
-  """Rotates x [B, T, H, hd] by positions [B, T] in the `rotate_half` (Hugging Face) layout.
-
-  Pairs are (i, i + hd/2). GGUF files store Q/K rows permuted for interleaved pairs; the GGUF
-  loader undoes that permutation so one RoPE serves every format. `scale` multiplies cos and
-  sin (yarn's attention factor).
-  """
-  return rotate(x, *rope_tables(positions, inv_freq, scale))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
