@@ -129,6 +129,33 @@ def combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
   return jnp.sum(w[..., None] * acc, axis=-3) / jnp.maximum(den, 1e-30)[..., None]
 
 
+def _partial_shapes(b: int, hkv: int, splits: int, groups: int, head_dim: int) -> tuple:
+  """The kernels' partial outputs (acc, m, l): f32 [B, Hkv, splits, G, hd], [..., G], [..., G]."""
+  return (jax.ShapeDtypeStruct((b, hkv, splits, groups, head_dim), jnp.float32),
+          jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32),
+          jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32))
+
+
+def _visible_end(mask: jax.Array) -> jax.Array:
+  """[1] int32: one past the last slot any row may read (the kernels' loop bound)."""
+  slots = mask.shape[1]
+  return jnp.max(jnp.where(mask, jnp.arange(1, slots + 1), 0)).reshape(1).astype(jnp.int32)
+
+
+def _launch(kernel, shapes, operands, aliases, grid, tiles: Tiles, interpret: bool, name: str):
+  """One launch of a decode-attention kernel over grid (row, KV head, split)."""
+  return pl.pallas_call(
+      kernel,
+      out_shape=shapes,
+      grid=grid,
+      input_output_aliases=aliases,
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret,
+      name=name,
+  )(*operands)
+
+
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                      tiles: Tiles = Tiles(), interpret: bool = False,
@@ -158,27 +185,16 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
   block_g, block_d = dot_block(groups), dot_block(head_dim)
   splits, per_split = split_plan(b, hkv, slots, tiles)
   qg = q.astype(k.dtype).reshape(b, hkv, groups, head_dim)  # the cache's dtype for the dots
-  end = jnp.max(jnp.where(mask, jnp.arange(1, slots + 1), 0)).reshape(1).astype(jnp.int32)
-  shapes = (jax.ShapeDtypeStruct((b, hkv, splits, groups, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32))
-  operands, aliases = with_output_buffers((end, qg, k, v, mask.astype(jnp.int32)), partials,
-                                          shapes, "partials")
+  shapes = _partial_shapes(b, hkv, splits, groups, head_dim)
+  operands, aliases = with_output_buffers((_visible_end(mask), qg, k, v, mask.astype(jnp.int32)),
+                                          partials, shapes, "partials")
   kernel = functools.partial(_kernel, block_s=tiles.block_s, blocks_per_split=per_split,
                              block_g=block_g, block_d=block_d, scale=1.0 / math.sqrt(head_dim))
   if partials is not None:
     inner = kernel
     kernel = lambda *refs: inner(*refs[:5], *refs[-3:])  # noqa: E731  (aliased inputs unread)
-  acc, m, l = pl.pallas_call(
-      kernel,
-      out_shape=shapes,
-      grid=(b, hkv, splits),
-      input_output_aliases=aliases,
-      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
-                                           num_stages=tiles.num_stages),
-      interpret=interpret,
-      name="decode_attention",
-  )(*operands)
+  acc, m, l = _launch(kernel, shapes, operands, aliases, (b, hkv, splits), tiles, interpret,
+                      "decode_attention")
   return combine(acc, m, l).reshape(b, hq, head_dim).astype(q.dtype)
 
 
@@ -291,16 +307,12 @@ def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, 
                      f" and [{b}]")
   if cos.shape != (b, head_dim // 2) or sin.shape != cos.shape:
     raise ValueError(f"cos {cos.shape}, sin {sin.shape}: expected [{b}, {head_dim // 2}]")
-  slots = mask.shape[1]
   groups = hq // hkv
-  splits, per_split = split_plan(b, hkv, slots, tiles)
-  end = jnp.max(jnp.where(mask, jnp.arange(1, slots + 1), 0)).reshape(1).astype(jnp.int32)
-  shapes = (jax.ShapeDtypeStruct((b, hkv, splits, groups, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, splits, groups), jnp.float32),
+  splits, per_split = split_plan(b, hkv, mask.shape[1], tiles)
+  shapes = (*_partial_shapes(b, hkv, splits, groups, head_dim),
             jax.ShapeDtypeStruct(k_buf.shape, k_buf.dtype),
             jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype))
-  operands = (end, slot.astype(jnp.int32), qkv.reshape(b, heads, head_dim),
+  operands = (_visible_end(mask), slot.astype(jnp.int32), qkv.reshape(b, heads, head_dim),
               cos.astype(jnp.float32), sin.astype(jnp.float32), k_buf, v_buf,
               mask.astype(jnp.int32))
   aliases = {5: 3, 6: 4}
@@ -313,14 +325,6 @@ def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, 
     operands = operands + tuple(partials)
     inner = kernel
     kernel = lambda *refs: inner(*refs[:8], *refs[-5:])  # noqa: E731  (aliased inputs unread)
-  acc, m, l, k_buf, v_buf = pl.pallas_call(
-      kernel,
-      out_shape=shapes,
-      grid=(b, hkv, splits),
-      input_output_aliases=aliases,
-      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
-                                           num_stages=tiles.num_stages),
-      interpret=interpret,
-      name="decode_attention_append",
-  )(*operands)
+  acc, m, l, k_buf, v_buf = _launch(kernel, shapes, operands, aliases, (b, hkv, splits), tiles,
+                                    interpret, "decode_attention_append")
   return combine(acc, m, l).reshape(b, hq, head_dim).astype(qkv.dtype), k_buf, v_buf
