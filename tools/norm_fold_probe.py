@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from adafuse_jax.bench.measure import count_kernels
+from adafuse_jax.bench.measure import count_kernels, ratio_interval
 from adafuse_jax.model.layers import rms_norm
 from adafuse_jax.timing import time_pipelined
 
@@ -92,10 +92,12 @@ def main() -> None:
           times[f].append(time_pipelined(lambda: fn(x, gammas, w), warmup=2, steps=args.steps,
                                          repeats=1).median_ms * 1e3 / LAYERS)
       for f, ts in times.items():
-        ratio = sorted(t / b for t, b in zip(ts, times["library"]))[len(ts) // 2]
+        ratio = ratio_interval(ts, times["library"])
         print(json.dumps({"shape": name, "batch": batch, "form": f, "shrink": args.shrink,
                           "us_per_layer": round(sorted(ts)[len(ts) // 2], 2),
-                          "median_ratio_to_library": round(ratio, 4),
+                          "median_ratio_to_library": round(ratio["median"], 4),
+                          "ratio_95": [round(ratio.get("low", ratio["median"]), 4),
+                                       round(ratio.get("high", ratio["median"]), 4)],
                           "kernels_per_call": kernels[f], "rounds": len(ts),
                           "max_rel_err": round(err, 6), "device": jax.devices()[0].device_kind,
                           "jax": jax.__version__,
