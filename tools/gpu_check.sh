@@ -116,9 +116,11 @@ for part in $parts; do
         "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION --xla_gpu_graph_min_graph_size=1")}" ;;
     step)
       # Pipelined, synced and host-dispatch time of one decode step per XLA compiler option set
-      # (tools/step_probe.py), interleaved in one process.
+      # (tools/step_probe.py; STEP_OPTIONS=defaults compiles only XLA's defaults beside the
+      # swapped, no-work and stable-buffer programs), interleaved in one process.
       for mode in ${STEP_MODES:-backbone-packed pregated-packed}; do
-        timeout "${STEP_S:-200}" python3 tools/step_probe.py --mode "$mode" 2>>"$out/step.log" \
+        timeout "${STEP_S:-200}" python3 tools/step_probe.py --mode "$mode" \
+          ${STEP_OPTIONS:+--options "$STEP_OPTIONS"} 2>>"$out/step.log" \
           | tee -a "$out/step.jsonl"
       done
       # The host's cost of one call by its number of arrays (a 7B packed step takes ~206).

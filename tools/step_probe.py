@@ -16,8 +16,9 @@ library's step gets new output buffers every call; here the sampled token (fed b
 input) and the key are donated and written back in place, the logits not returned, so the
 cache, the token and the key keep their addresses from call to call. Beside them the step
 compiled with the router's top-k written as k masked argmaxes (same experts, same order) instead
-of `lax.top_k`, and with each layer's attention in XLA's fusions instead of the library's
-default (the Pallas decode-attention kernel on one GPU). On the CPU: XLA's defaults, its XNNPACK graph fusion, its
+of `lax.top_k`, with each layer's attention in XLA's fusions instead of the library's
+default (the Pallas decode-attention kernel on one GPU), and with each RMSNorm as one Pallas
+kernel (`pallas_kernels.rms_norm`) instead of XLA's reduction and multiply. On the CPU: XLA's defaults, its XNNPACK graph fusion, its
 oneDNN dots and its YNNPACK fusions off.
 """
 
@@ -70,6 +71,15 @@ def argmax_top_k_gates(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]
   return jnp.stack(experts, -1).astype(jnp.int32), jax.nn.softmax(jnp.stack(tops, -1), axis=-1)
 
 
+def pallas_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """`model.layers.rms_norm` [..., D] through the one-launch Pallas kernel
+  (`pallas_kernels.rms_norm`; the Pallas interpreter on the CPU)."""
+  from pallas_kernels.common import interpret
+  from pallas_kernels.rms_norm import triton as norm_kernel
+  rows = norm_kernel.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps, interpret=interpret())
+  return rows.reshape(x.shape)
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--preset", default="llama2-7b")
@@ -80,9 +90,14 @@ def main() -> None:
   p.add_argument("--experts", type=int, default=8)
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--adapt-modules", default="q,k,v,o,gate,up,down")
+  p.add_argument("--options", default=None,
+                 help="comma-separated compiler option sets to compile (default: all of this"
+                      " backend's; the swapped, no-work and stable-buffer programs always run)")
   args = p.parse_args()
   on_cpu = jax.default_backend() == "cpu"
   options = CPU_OPTIONS if on_cpu else GPU_OPTIONS
+  if args.options:
+    options = {name: options[name] for name in args.options.split(",")}
   dtype = jnp.float32 if on_cpu else jnp.bfloat16
   model = LlamaModel(PRESETS[args.preset], dtype=dtype)
   variant, _ = parse_variant(args.mode)
@@ -111,10 +126,12 @@ def main() -> None:
   #   host for the whole step in the pre-gated program (probe/README.md)?
   # - each layer's one-token attention in XLA's fusions instead of the library's default (the
   #   Pallas decode-attention kernel on one GPU: split over the cache, only filled blocks read).
+  from adafuse_jax.model import llama
   from adafuse_jax.paths import base as paths_base
   for name, module, attr, swap in [
       ("defaults, argmax top-k", paths_base, "top_k_gates", argmax_top_k_gates),
-      ("defaults, xla attention", gen, "attend_fn", ATTENTION["xla"])]:
+      ("defaults, xla attention", gen, "attend_fn", ATTENTION["xla"]),
+      ("defaults, pallas rms_norm", llama, "rms_norm", pallas_rms_norm)]:
     original = getattr(module, attr)
     setattr(module, attr, swap)
     try:
