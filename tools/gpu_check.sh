@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for part in $parts; do
   case $part in
     tests)
-      timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py \
+      timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py tests/test_rms_norm.py \
         tests/test_bgmv.py tests/test_sgmv.py tests/test_sgmm.py tests/test_sgmm_mosaic.py -k "not default_model" \
         2>&1 | tee "$out/tests.log" | tail -5 ;;
     layers)
