@@ -31,7 +31,6 @@ from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.adapters.io import load_pool
 from adafuse_jax.vocab import Mode, parse_variant
-from adafuse_jax.weights import load_model
 
 
 def kernel_durations(trace_dir: pathlib.Path, names: set[str] | None = None
@@ -104,6 +103,7 @@ def main() -> None:
   cpu = jax.default_backend() == "cpu"
   dtype = jnp.float32 if cpu else jnp.bfloat16
   if args.preset == "smollm2-135m":  # the real embedded model
+    from adafuse_jax.weights import load_model  # its GGUF reader needs `gguf`: only here
     model = load_model("default", dtype=dtype, progress=False).model
   else:
     model = LlamaModel(PRESETS[args.preset], dtype=dtype)
