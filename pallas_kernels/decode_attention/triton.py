@@ -16,6 +16,11 @@ Llama-2-7B layer at batch 1) and reads every slot of the cache, filled or not. H
 
 Layouts are the model's: q [B, Hq, hd], K and V [B, S, Hkv, hd] (the cache's own buffers, read in
 place), the mask [B, S]. Edges (S, hd, groups not powers of two) are masked.
+
+`decode_attention_append` is the same attention with the step's work before it folded in: it
+takes the token's q, k and v before the rotary embedding (one row of heads, as the fused q/k/v
+matmul leaves them), rotates q and k, writes k and v into the cache in place (split 0 of each
+row and KV head) and attends, the new token added from registers rather than read back.
 """
 
 from __future__ import annotations
