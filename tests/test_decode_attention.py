@@ -207,6 +207,31 @@ def test_append_rotates_writes_and_attends(dtype, batch, rows, slots, width, kv_
                                atol=tol, rtol=tol, equal_nan=True)
 
 
+def test_append_entry_point_picks_xla_off_the_gpu():
+  """The entry point's XLA formulation (what "auto" runs off the GPU) writes the same buffers
+  and attends as the reference does."""
+  ks = jax.random.split(jax.random.key(9), 4)
+  qkv = jax.random.normal(ks[0], (2, 8 * 16))  # 4 query heads, 2 KV heads of 16
+  k_buf = jax.random.normal(ks[1], (2, 20, 2, 16))
+  v_buf = jax.random.normal(ks[2], (2, 20, 2, 16))
+  angles = jax.random.uniform(ks[3], (2, 8), jnp.float32, 0, 6.3)
+  slot = jnp.asarray([5, 19], jnp.int32)
+  mask = jnp.arange(20)[None, :] <= slot[:, None]
+  want = decode_attention_append_reference(qkv, k_buf, v_buf, slot, mask, jnp.cos(angles),
+                                           jnp.sin(angles))
+  backend = "xla" if jax.default_backend() != "gpu" else "auto"
+  got = da.decode_attention_append(qkv, k_buf, v_buf, slot, mask, jnp.cos(angles),
+                                   jnp.sin(angles), backend=backend)
+  err = float(jnp.abs(got[0] - want[0]).max() / jnp.abs(want[0]).max())
+  assert err < TOL[jnp.float32], err
+  for g, w in zip(got[1:], want[1:]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=1e-6)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="'triton' cannot run this call: .*CUDA GPU"):
+      da.decode_attention_append(qkv, k_buf, v_buf, slot, mask, angles, angles,
+                                 backend="triton")
+
+
 def test_append_names_bad_shapes():
   qkv = jnp.zeros((2, 8 * 16))  # 4 query heads, 2 KV heads of 16
   buf = jnp.zeros((2, 20, 2, 16))

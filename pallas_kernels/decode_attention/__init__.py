@@ -3,11 +3,13 @@ layer of a decode step's attention: scores, softmax, weighted sum of values).
 
     out[b, h] = softmax_s(q[b, h] · K[b, s, h // G] / sqrt(hd) | mask[b, s]) @ V[b, s, h // G]
 
-Entry point: `decode_attention(q, k, v, mask, backend=)`. Backends, in `auto`'s order:
-"triton" (`triton.py`: one launch per layer, split over the cache, reading only the blocks
-before the last visible slot; GPU; tests run it in the Pallas interpreter on the CPU), "xla"
-(`xla_attention`: the model's own einsum formulation, what XLA fuses by itself). The f32 truth
-is `reference.decode_attention_reference`.
+Entry points: `decode_attention(q, k, v, mask, backend=)`, and
+`decode_attention_append(qkv, k_buf, v_buf, slot, mask, cos, sin, backend=)`, which also rotates
+the token's q and k and writes k and v into the cache. Backends, in `auto`'s order: "triton"
+(`triton.py`: one launch per layer, split over the cache, reading only the blocks before the
+last visible slot; GPU; tests run it in the Pallas interpreter on the CPU), "xla" (the model's
+own formulation, what XLA fuses by itself). The f32 truths are
+`reference.decode_attention_reference` and `reference.decode_attention_append_reference`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import gpu_only, pick_backend
 from pallas_kernels.decode_attention import triton
-from pallas_kernels.decode_attention.reference import decode_attention_reference
+from pallas_kernels.decode_attention.reference import (decode_attention_append_reference,
+                                                     decode_attention_reference,
+                                                     rotate_half_reference)
 from pallas_kernels.decode_attention.triton import Tiles
 
-__all__ = ["Tiles", "decode_attention", "decode_attention_reference", "xla_attention"]
+__all__ = ["Tiles", "decode_attention", "decode_attention_append",
+           "decode_attention_append_reference", "decode_attention_reference", "xla_attention"]
 
 _BACKENDS = {"triton": lambda: gpu_only("the Triton lowering"), "xla": lambda: None}
 
@@ -47,3 +52,25 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
   if pick_backend("decode_attention", backend, _BACKENDS) == "xla":
     return xla_attention(q, k, v, mask)
   return triton.decode_attention(q, k, v, mask, tiles=tiles)
+
+
+def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, slot: jax.Array,
+                            mask: jax.Array, cos: jax.Array, sin: jax.Array, *,
+                            tiles: Tiles = Tiles(), backend: str = "auto"
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """qkv [B, (Hq + 2 Hkv) * hd] (q and k before the rotary embedding), the cache's buffers
+  k_buf, v_buf [Bc, S, Hkv, hd], slot [B], mask [B, W], cos, sin [B, hd/2] -> (out [B, Hq, hd]
+  in qkv's dtype, k_buf, v_buf with each row's new key and value at its slot; see
+  `triton.decode_attention_append`)."""
+  if pick_backend("decode_attention_append", backend, _BACKENDS) == "triton":
+    return triton.decode_attention_append(qkv, k_buf, v_buf, slot, mask, cos, sin, tiles=tiles)
+  b, (hkv, hd) = qkv.shape[0], k_buf.shape[2:]
+  heads = qkv.reshape(b, -1, hd)
+  hq = heads.shape[1] - 2 * hkv
+  rows = jnp.arange(b)
+  k_new = rotate_half_reference(heads[:, hq:hq + hkv], cos, sin)
+  k_buf = k_buf.at[rows, slot].set(k_new.astype(k_buf.dtype), mode="drop")
+  v_buf = v_buf.at[rows, slot].set(heads[:, hq + hkv:].astype(v_buf.dtype), mode="drop")
+  q = rotate_half_reference(heads[:, :hq], cos, sin).astype(qkv.dtype)
+  w = mask.shape[1]
+  return xla_attention(q, k_buf[:b, :w], v_buf[:b, :w], mask), k_buf, v_buf
