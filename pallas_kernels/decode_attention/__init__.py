@@ -22,8 +22,7 @@ import jax.numpy as jnp
 from pallas_kernels.common import gpu_only, pick_backend
 from pallas_kernels.decode_attention import triton
 from pallas_kernels.decode_attention.reference import (decode_attention_append_reference,
-                                                     decode_attention_reference,
-                                                     rotate_half_reference)
+                                                     decode_attention_reference, rotate_and_write)
 from pallas_kernels.decode_attention.triton import Tiles
 
 __all__ = ["Tiles", "decode_attention", "decode_attention_append",
@@ -64,13 +63,7 @@ def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, 
   `triton.decode_attention_append`)."""
   if pick_backend("decode_attention_append", backend, _BACKENDS) == "triton":
     return triton.decode_attention_append(qkv, k_buf, v_buf, slot, mask, cos, sin, tiles=tiles)
-  b, (hkv, hd) = qkv.shape[0], k_buf.shape[2:]
-  heads = qkv.reshape(b, -1, hd)
-  hq = heads.shape[1] - 2 * hkv
-  rows = jnp.arange(b)
-  k_new = rotate_half_reference(heads[:, hq:hq + hkv], cos, sin)
-  k_buf = k_buf.at[rows, slot].set(k_new.astype(k_buf.dtype), mode="drop")
-  v_buf = v_buf.at[rows, slot].set(heads[:, hq + hkv:].astype(v_buf.dtype), mode="drop")
-  q = rotate_half_reference(heads[:, :hq], cos, sin).astype(qkv.dtype)
-  w = mask.shape[1]
-  return xla_attention(q, k_buf[:b, :w], v_buf[:b, :w], mask), k_buf, v_buf
+  q, k_buf, v_buf = rotate_and_write(qkv, k_buf, v_buf, slot, cos, sin)
+  b, w = mask.shape
+  return (xla_attention(q.astype(qkv.dtype), k_buf[:b, :w], v_buf[:b, :w], mask), k_buf,
+          v_buf)

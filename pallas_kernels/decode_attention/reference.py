@@ -34,13 +34,11 @@ def rotate_half_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.A
   return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-def decode_attention_append_reference(qkv, k_buf, v_buf, slot, mask, cos, sin):
-  """The f32 truth of `decode_attention_append`: qkv [B, (Hq + 2 Hkv) * hd] split into q, k, v;
-  q and k rotated, the new key and value written at `slot` [B] of each row's buffers
-  [Bc, S, Hkv, hd] (rounded to the buffers' dtype, as they hold them; a slot past S dropped),
-  attention over the first W slots under mask [B, W].
-
-  Returns (out [B, Hq, hd] f32, k_buf, v_buf)."""
+def rotate_and_write(qkv, k_buf, v_buf, slot, cos, sin):
+  """What the appending kernel does before it attends: qkv [B, (Hq + 2 Hkv) * hd] split into
+  q, k, v; q and k rotated (f32); the new key and value written at `slot` [B] of each row's
+  buffers [Bc, S, Hkv, hd] (rounded to the buffers' dtype, as they hold them; a slot past S
+  dropped). Returns (rotated q [B, Hq, hd] f32, k_buf, v_buf)."""
   b = qkv.shape[0]
   hkv, hd = k_buf.shape[2], k_buf.shape[3]
   heads = qkv.reshape(b, -1, hd)
@@ -50,7 +48,14 @@ def decode_attention_append_reference(qkv, k_buf, v_buf, slot, mask, cos, sin):
   k_buf = k_buf.at[rows, slot].set(rotate_half_reference(k_new, cos, sin).astype(k_buf.dtype),
                                    mode="drop")
   v_buf = v_buf.at[rows, slot].set(v_new.astype(v_buf.dtype), mode="drop")
-  w = mask.shape[1]
-  out = decode_attention_reference(rotate_half_reference(q, cos, sin), k_buf[:b, :w],
-                                   v_buf[:b, :w], mask)
-  return out, k_buf, v_buf
+  return rotate_half_reference(q, cos, sin), k_buf, v_buf
+
+
+def decode_attention_append_reference(qkv, k_buf, v_buf, slot, mask, cos, sin):
+  """The f32 truth of `decode_attention_append`: `rotate_and_write`, then attention over the
+  first W slots of each row under mask [B, W].
+
+  Returns (out [B, Hq, hd] f32, k_buf, v_buf)."""
+  q, k_buf, v_buf = rotate_and_write(qkv, k_buf, v_buf, slot, cos, sin)
+  b, w = mask.shape
+  return decode_attention_reference(q, k_buf[:b, :w], v_buf[:b, :w], mask), k_buf, v_buf
