@@ -18,8 +18,8 @@ cache, the token and the key keep their addresses from call to call. Beside them
 compiled with the router's top-k written as k masked argmaxes (same experts, same order) instead
 of `lax.top_k`, with each layer's attention in XLA's fusions instead of the library's
 default (the Pallas decode-attention kernel on one GPU), and with each RMSNorm as one Pallas
-kernel (`pallas_kernels.rms_norm`) instead of XLA's reduction and multiply. On the CPU: XLA's defaults, its XNNPACK graph fusion, its
-oneDNN dots and its YNNPACK fusions off.
+kernel (`pallas_kernels.rms_norm`) instead of XLA's reduction and multiply. On the CPU: XLA's
+defaults, its XNNPACK graph fusion, its oneDNN dots and its YNNPACK fusions off.
 """
 
 from __future__ import annotations
@@ -97,6 +97,9 @@ def main() -> None:
   on_cpu = jax.default_backend() == "cpu"
   options = CPU_OPTIONS if on_cpu else GPU_OPTIONS
   if args.options:
+    unknown = sorted(set(args.options.split(",")) - set(options))
+    if unknown:
+      p.error(f"--options: unknown {', '.join(unknown)}; this backend has {', '.join(options)}")
     options = {name: options[name] for name in args.options.split(",")}
   dtype = jnp.float32 if on_cpu else jnp.bfloat16
   model = LlamaModel(PRESETS[args.preset], dtype=dtype)
