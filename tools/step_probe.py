@@ -14,8 +14,10 @@ fixed address ("stable buffers"): XLA records a command buffer again whenever an
 commands use moved since the last call (`CommandBufferThunk::ShouldUpdateCommandBuffer`), and the
 library's step gets new output buffers every call; here the sampled token (fed back as the next
 input) and the key are donated and written back in place, the logits not returned, so the
-cache, the token and the key keep their addresses from call to call. Beside them the step
-compiled with the router's top-k written as k masked argmaxes (same experts, same order) instead
+cache, the token and the key keep their addresses from call to call; once more with the token
+also handed out as a fresh array, which a loop reading tokens on the host needs. And XLA's
+defaults fed back as the bench feeds them (each call's token the last call's output). Beside
+them the step compiled with the router's top-k written as k masked argmaxes (same experts, same order) instead
 of `lax.top_k`, with each layer's attention in XLA's fusions instead of the library's
 default (the Pallas decode-attention kernel on one GPU), and with each RMSNorm as one Pallas
 kernel (`pallas_kernels.rms_norm`) instead of XLA's reduction and multiply. On the CPU: XLA's
@@ -173,8 +175,38 @@ def main() -> None:
     state["stable"] = (tok, k)
     return tok
 
+  # The same with the sampled token also handed out as a fresh array (what a loop that reads
+  # each token on the host while the next step runs must have: a donated array cannot be read).
+  def stable_out_forward(params, ap, derived, tok, c, k, s):
+    nxt, c, k = stable_forward(params, ap, derived, tok, c, k, s)
+    return nxt, c, k, nxt[:, 0]
+
+  stable_out = jax.jit(stable_out_forward, static_argnums=(6,), donate_argnums=(3, 4, 5)).lower(
+      gen.params, gen.adapter_params, gen.derived, tokens, cache, key, sampling).compile()
+
+  def stable_out_step(fn) -> jax.Array:
+    tok, k = state["stable"]
+    tok, state["cache"], k, out = fn(gen.params, gen.adapter_params, gen.derived, tok,
+                                     state["cache"], k)
+    state["stable"] = (tok, k)
+    return out
+
+  # And XLA's defaults fed back as the bench and `generate` feed them: each step's token input
+  # is the last step's output (a new array every call), reshaped by a second dispatch.
+  state["fed"] = tokens
+
+  def fed_step(fn) -> jax.Array:
+    nxt, _, state["cache"], _ = fn(gen.params, gen.adapter_params, gen.derived, state["fed"],
+                                   state["cache"], key)
+    state["fed"] = nxt[:, None]
+    return nxt
+
   steps["stable buffers"] = stable
-  runner = {name: (stable_step if name == "stable buffers" else step) for name in steps}
+  steps["stable buffers, token out"] = stable_out
+  steps["defaults, token fed back"] = next(iter(steps.values()))  # the first option set's
+  special = {"stable buffers": stable_step, "stable buffers, token out": stable_out_step,
+             "defaults, token fed back": fed_step}
+  runner = {name: special.get(name, step) for name in steps}
 
   def reset() -> None:
     state["cache"] = state["cache"].replace(length=jnp.asarray(args.cache_len // 2, jnp.int32))
