@@ -31,7 +31,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                       " the token and writes it into the cache), xla (XLA's fusions over the"
                       " whole cache),"
                       " windowed (XLA's fusions over the cache's written part, in eighths);"
-                      " auto = pallas on one GPU, else xla")
+                      " auto = pallas-append on one GPU, else xla")
 
 
 POOL_DEFAULTS = {"experts": 8, "rank": 16, "top_k": 2, "adapt_modules": "q,k,v,o,gate,up,down",

@@ -108,8 +108,10 @@ class Generator:
       while packing: one copy of them in device memory at any time; `model` and `adapters`
       cannot run afterwards.
     attention: how decode steps run attention (`adafuse_jax.model.layers.ATTENTION`): "auto"
-      (the default: "pallas" on one GPU, else "xla"), "xla" (XLA's fusions) or "pallas" (the
-      Pallas decode-attention kernel for one token per row; prompts keep XLA's).
+      (the default: "pallas-append" on one GPU, else "xla"), "xla" (XLA's fusions), "windowed"
+      (XLA's fusions over the cache's written part), "pallas" (the Pallas decode-attention
+      kernel for one token per row; prompts keep XLA's) or "pallas-append" (that kernel also
+      rotating the token and writing it into the cache).
   """
 
   def __init__(self, model: LlamaModel, *, adapters: MixtureOfLoRA | None = None,

@@ -200,10 +200,11 @@ def windowed_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
 # (`windowed_attention`: the einsums over the buffers' written part), "pallas" (the Pallas
 # kernel reading the cache that XLA's fusions rotated and wrote: `kernel_attention`) or
 # "pallas-append" (the Pallas kernel that also rotates the token and writes it into the cache:
-# `fused_kernel_attention`). "auto" (`resolve_attention`) takes "pallas" on one GPU: on the H200
-# it made the 7B step 0.90x (batch 1) and 0.79x (batch 32) of XLA's, Mistral's batch 32 0.53x
-# (docs/benchmarks.md, "The decode-attention kernel"). "pallas-append" stays opt-in until its
-# current form is measured (docs/benchmarks.md, "Rotary and cache write in the kernel").
+# `fused_kernel_attention`). "auto" (`resolve_attention`) takes "pallas-append" on one GPU: on
+# the H200 the plain kernel made the 7B step 0.90x (batch 1) and 0.79x (batch 32) of XLA's,
+# Mistral's batch 32 0.53x (docs/benchmarks.md, "The decode-attention kernel"), and the
+# appending one 0.977x of the plain one's at batch 1, even at batch 32 (docs/benchmarks.md,
+# "Rotary and cache write in the kernel").
 ATTENTION = {"xla": attention, "windowed": windowed_attention, "pallas": kernel_attention,
              "pallas-append": fused_kernel_attention}
 ATTENTION_CHOICES = ("auto", *ATTENTION)
@@ -211,14 +212,14 @@ assert tuple(ATTENTION) == ATTENTIONS, "the attention names of vocab.ATTENTIONS"
 
 
 def resolve_attention(name: str, *, devices: int = 1) -> str:
-  """The attention a name means here: "auto" is "pallas" on one GPU, else "xla" (the CPU runs
+  """The attention a name means here: "auto" is "pallas-append" on one GPU, else "xla" (the CPU runs
   the kernels only in the Pallas interpreter; a tensor-parallel step cannot split them yet).
   A UserError names the choices for an unknown name."""
   if name not in ATTENTION_CHOICES:
     raise UserError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
   if name != "auto":
     return name
-  return "pallas" if jax.default_backend() == "gpu" and devices == 1 else "xla"
+  return "pallas-append" if jax.default_backend() == "gpu" and devices == 1 else "xla"
 
 
 def attention_fn(name: str) -> AttentionFn:
