@@ -34,7 +34,6 @@ from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.paths import merged as merged_path
 from adafuse_jax.paths import registry
 from adafuse_jax.paths.registry import Candidate
-from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.timing import decode_stepper, time_pipelined
 from adafuse_jax.vocab import Mode
 
@@ -100,8 +99,7 @@ def free_device_bytes() -> int | None:
 
 def _time_step(gen: Generator, batch: int, cache_len: int, steps: int, feed_back: bool,
                seed: int, same_token: bool = False) -> float:
-  step = gen.compiled(batch, 1, cache_len, SamplingConfig())
-  one_step, _ = decode_stepper(gen, step, batch, cache_len, seed, same_token=same_token)
+  one_step, _ = decode_stepper(gen, batch, cache_len, seed, same_token=same_token)
   return time_pipelined(lambda: one_step(feed_back), warmup=2, steps=steps, repeats=3).median_ms
 
 

@@ -30,6 +30,7 @@ from adafuse_jax.model.llama import LinearFn, LlamaModel
 from adafuse_jax.paths import merged as merged_path
 from adafuse_jax.paths import registry
 from adafuse_jax.sampling import SamplingConfig, sample
+from adafuse_jax.stepper import DecodeState, Decoder, step_key
 from adafuse_jax.vocab import PathName
 
 MIN_BUCKET = 16
@@ -294,6 +295,52 @@ class Generator:
                                        cache, key, sampling).compile()
     return self._compiled[sig]
 
+  def keeps_state(self) -> bool:
+    """Whether decode steps run in `compiled_decode`'s form, their state donated and written
+    back in place (`adafuse_jax.stepper`); a merging or tensor-parallel generator keeps the
+    plain form of `compiled`."""
+    return not self.merges_per_token and not self.sharded
+
+  def _decode(self, params, adapter_params, derived, state: DecodeState,
+              sampling: SamplingConfig) -> DecodeState:
+    nxt, _, cache, routing = self._forward(params, adapter_params, derived, state.tokens,
+                                           state.cache, step_key(state.key, state.step), sampling)
+    return DecodeState(tokens=nxt[:, None].astype(jnp.int32), cache=cache, key=state.key,
+                       step=state.step + 1, routing=routing)
+
+  def compiled_decode(self, batch: int, cache_len: int, sampling: SamplingConfig) -> Callable:
+    """AOT-compiled `(params, adapter_params, derived, state: DecodeState) -> DecodeState`, one
+    decode step whose state is donated and aliased to its output (every buffer keeps its
+    address from call to call; see `adafuse_jax.stepper`). Only where `keeps_state()`."""
+    sig = ("decode", batch, cache_len, sampling)
+    if sig not in self._compiled:
+      cache = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, cache_len, self.dtype))
+      tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+      key = jax.eval_shape(lambda: jax.random.key(0))
+      state = DecodeState(tokens=tokens, cache=cache, key=key,
+                          step=jax.ShapeDtypeStruct((), jnp.int32),
+                          routing=self.routing_shapes(batch, cache_len))
+      # keep_unused: the last step's routing is not read, only overwritten; pruned, its
+      # buffers could not take the new routing in place.
+      fn = jax.jit(self._decode, static_argnums=(4,), donate_argnums=(3,), keep_unused=True)
+      self._compiled[sig] = fn.lower(self.params, self.adapter_params, self.derived, state,
+                                     sampling).compile()
+    return self._compiled[sig]
+
+  def routing_shapes(self, batch: int, cache_len: int):
+    """The shapes of a decode step's routing: (experts [B, k], gates), or None without a router."""
+    cache = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, cache_len, self.dtype))
+    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    return jax.eval_shape(lambda c: self.apply(self.params, self.adapter_params, self.derived,
+                                               tokens, c)[2], cache)
+
+  def decode_step(self, batch: int, cache_len: int, sampling: SamplingConfig) -> Callable:
+    """The compiled decode step a `Decoder` of this generator runs: `compiled_decode`'s where
+    `keeps_state()`, else `compiled`'s one-token step."""
+    if self.keeps_state():
+      return self.compiled_decode(batch, cache_len, sampling)
+    return self.compiled(batch, 1, cache_len, sampling)
+
   def merges(self, length: int) -> bool:
     """Whether steps of this many tokens run merged (decode steps of a merging generator)."""
     return self.merges_per_token and length == 1
@@ -386,7 +433,7 @@ def generate(gen: Generator, prompts: Sequence[Sequence[int]], *, max_new_tokens
 
   t0 = time.perf_counter()
   prefill_fn = gen.compiled(batch, length, cache_len, sampling)
-  step_fn = gen.compiled(batch, 1, cache_len, sampling)
+  gen.decode_step(batch, cache_len, sampling)
   compile_s = time.perf_counter() - t0
 
   base_key = jax.random.key(seed)
@@ -394,10 +441,11 @@ def generate(gen: Generator, prompts: Sequence[Sequence[int]], *, max_new_tokens
   jax.block_until_ready(cache)
   t0 = time.perf_counter()
   nxt, _, cache, routing = gen.run(prefill_fn, jnp.asarray(tokens), cache,
-                                   jax.random.fold_in(base_key, 0))
+                                   step_key(base_key, 0))
   jax.block_until_ready(nxt)
   routes: list[tuple[np.ndarray, np.ndarray]] = []
   prefill_ms = (time.perf_counter() - t0) * 1e3
+  decoder = Decoder(gen, nxt, cache, base_key, sampling, routing=routing)
 
   out: list[list[int]] = [[] for _ in prompts]
   reasons = ["length"] * batch
@@ -410,8 +458,7 @@ def generate(gen: Generator, prompts: Sequence[Sequence[int]], *, max_new_tokens
       # Dispatch the next step before reading this token on the host: the step consumes the
       # token on the device, so the host enqueues step t+1 while the device still runs step t
       # (launch overhead hidden behind GPU work). A row that stops here costs one spare step.
-      nxt, _, cache, routing = gen.run(step_fn, current[:, None], cache,
-                                       jax.random.fold_in(base_key, step + 1))
+      nxt, routing = decoder.step()
     nxt_host = np.asarray(current)
     now = time.perf_counter()
     if t_last is not None:

@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adafuse_jax.sampling import SamplingConfig
+from adafuse_jax.stepper import Decoder
+
 
 @dataclasses.dataclass
 class Timing:
@@ -61,26 +64,22 @@ def time_pipelined(fn: Callable[[], object], *, warmup: int, steps: int, repeats
   return Timing.of(per_call)
 
 
-def decode_stepper(gen, step, batch: int, cache_len: int, seed: int, start: int = 0,
-                   same_token: bool = False) -> tuple[Callable[..., jax.Array], dict]:
-  """`one_step(feed_back=True)` runs one compiled decode step on a fresh cache whose first
-  `start` slots count as filled, from a random token (the same one in every row with
-  `same_token`: the rows then stay identical, so a merged batch agrees at every step), feeding
-  the sampled tokens back unless told not to; returns it with its mutable state {"cache", "tok",
-  "routing"} (the last step's (experts, gates), or None without a router)."""
+def decode_stepper(gen, batch: int, cache_len: int, seed: int, start: int = 0,
+                   same_token: bool = False) -> tuple[Callable[..., jax.Array], Decoder]:
+  """`one_step(feed_back=True)` runs one decode step of `gen` (a `Decoder`, as `generate` runs
+  them) on a fresh cache whose first `start` slots count as filled, from a random token (the
+  same one in every row with `same_token`: the rows then stay identical, so a merged batch
+  agrees at every step), feeding the sampled tokens back unless told not to (a merging
+  generator only); returns it with the Decoder (its `cache` can be reset; its `routing` is the
+  last step's (experts, gates), or None without a router)."""
   rng = np.random.default_rng(seed)
-  first = rng.integers(0, gen.cfg.vocab_size, (1 if same_token else batch, 1))
-  state = {"cache": gen.new_cache(batch, cache_len),
-           "tok": jnp.asarray(np.broadcast_to(first, (batch, 1)), jnp.int32)}
-  state["cache"] = state["cache"].replace(length=jnp.asarray(start, jnp.int32))
-  key = jax.random.key(seed)
+  first = rng.integers(0, gen.cfg.vocab_size, (1 if same_token else batch,))
+  cache = gen.new_cache(batch, cache_len)
+  cache = cache.replace(length=jnp.asarray(start, jnp.int32))
+  decoder = Decoder(gen, jnp.asarray(np.broadcast_to(first, (batch,)), jnp.int32), cache,
+                    jax.random.key(seed), SamplingConfig())
 
   def one_step(feed_back: bool = True) -> jax.Array:
-    nxt, _, state["cache"], state["routing"] = gen.run(step, state["tok"], state["cache"], key)
-    if feed_back:
-      state["tok"] = nxt[:, None]
-    return nxt
+    return decoder.step(feed_back)[0]
 
-  return one_step, state
-
-
+  return one_step, decoder

@@ -140,11 +140,11 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   merge = gen.merges_per_token
   sampling = SamplingConfig()
   t0 = time.perf_counter()
-  step = gen.compiled(batch, 1, cache_len, sampling)
+  step = gen.decode_step(batch, cache_len, sampling)
   compile_s = time.perf_counter() - t0
   rng = np.random.default_rng(seed)
   # Start half-way into the cache, as after a prompt: attention reads a realistic prefix.
-  one_step, state = decode_stepper(gen, step, batch, cache_len, seed, start=cache_len // 2)
+  one_step, decoder = decode_stepper(gen, batch, cache_len, seed, start=cache_len // 2)
   key = jax.random.key(seed)
 
   def merged_counts() -> np.ndarray:
@@ -162,7 +162,7 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
   if merge and batch > 1:
     # Rows that stay identical agree at every step: the merged pass with a switch per step
     # (random weights change the experts nearly every step), the batch's best case.
-    agreed_step, _ = decode_stepper(gen, step, batch, cache_len, seed + 1, start=cache_len // 2,
+    agreed_step, _ = decode_stepper(gen, batch, cache_len, seed + 1, start=cache_len // 2,
                                     same_token=True)
     before = merged_counts()
     agreed = time_calls(agreed_step, warmup=warmup, steps=steps)
@@ -180,16 +180,16 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
     counts = []
     for _ in range(8):
       one_step()
-      counts.append(len(np.unique(np.asarray(state["routing"][0]))))
+      counts.append(len(np.unique(np.asarray(decoder.routing[0]))))
     result["distinct_experts"] = float(np.mean(counts))
-  state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
+  decoder.cache = decoder.cache.replace(length=jnp.asarray(cache_len // 2, jnp.int32))
   result["decode_pipelined"] = dataclasses.asdict(
       time_pipelined(one_step, warmup=1, steps=min(steps, cache_len // 8), repeats=4))
   if merge and batch == 1:
     # (At batch > 1, random rows disagree and a fixed token would time one more unmerged step:
     # the merged table reads `decode_agreed_unchanged` there.)
     before = merged_counts()
-    state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
+    decoder.cache = decoder.cache.replace(length=jnp.asarray(cache_len // 2, jnp.int32))
     unchanged = time_calls(lambda: one_step(feed_back=False), warmup=warmup, steps=steps)
     result["decode_unchanged"] = dataclasses.asdict(unchanged)
     # The first of these steps may switch (to the fixed token's experts); the rest must not.
@@ -209,9 +209,9 @@ def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int,
 
     def one_round() -> tuple[float, float]:
       """(pipelined, synced) median ms/step of one round, from half-way into the cache."""
-      state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
+      decoder.cache = decoder.cache.replace(length=jnp.asarray(cache_len // 2, jnp.int32))
       pipelined = time_pipelined(one_step, warmup=1, steps=round_steps, repeats=1).median_ms
-      state["cache"] = state["cache"].replace(length=jnp.asarray(cache_len // 2, jnp.int32))
+      decoder.cache = decoder.cache.replace(length=jnp.asarray(cache_len // 2, jnp.int32))
       synced = time_calls(one_step, warmup=1, steps=round_steps).median_ms
       return pipelined, synced
 

@@ -1,0 +1,116 @@
+"""Decode steps of one batch, dispatched one after another with their state at fixed addresses.
+
+Why: XLA runs a GPU step as a recorded command buffer (a CUDA graph) and records it again
+whenever an allocation its commands use has moved since the last call. A step that returns its
+token, key and cache as fresh arrays moves them every call. Measured on the H200 (7B preset,
+batch 1, `tools/step_probe.py`, `docs/benchmarks/h200/probe/`): the host's call took 1.02 ms
+that way and 0.72 ms with every input donated and written back in place, one step then a wait
+4.95 ms against 4.58; one fresh output, even a [B] token, takes the whole gain back.
+
+So a `Decoder` keeps the step's whole state (`DecodeState`) donated and aliased from call to
+call, and hands the host each step's token (and routing) through a second, tiny program that
+copies them out (its outputs are fresh; the big step's are not). Merging generators (two
+programs per step) and tensor-parallel ones keep the plain form, same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from adafuse_jax.model.cache import KVCache
+
+Routing = tuple[jax.Array, jax.Array] | None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  """What a decode step reads and writes back in place.
+
+  Attributes:
+    tokens: [B, 1] int32, the last sampled token of each row (the step's input).
+    cache: the rows' KV cache.
+    key: the generation's base PRNG key; step n samples with `fold_in(key, n)`.
+    step: [] int32, the number of the next step (the prefill was step 0).
+    routing: (experts [B, k], gates) of the last token, or None without a router.
+  """
+
+  tokens: jax.Array
+  cache: KVCache
+  key: jax.Array
+  step: jax.Array
+  routing: tuple[jax.Array, jax.Array] | None
+
+
+def step_key(key: jax.Array, step: jax.Array) -> jax.Array:
+  """The sampling key of decode step `step` (the same in both forms of the loop)."""
+  return jax.random.fold_in(key, step)
+
+
+def _read(state: DecodeState) -> tuple[jax.Array, Routing]:
+  return state.tokens[:, 0], state.routing
+
+
+_read_out = jax.jit(_read)
+
+
+class Decoder:
+  """Decode steps of one batch, each dispatched without waiting for the last.
+
+  Args:
+    gen: the `Generator` whose steps run.
+    tokens: [B] int32, the tokens the first step reads (the prefill's samples).
+    cache: the rows' KV cache, donated to the steps (tokens, key and routing are copied).
+    key: the base PRNG key; step n samples with `step_key(key, n)`.
+    sampling: the `SamplingConfig` the steps were compiled for.
+    routing: the prefill's (experts [B, k], gates), or None (without a router, or before any
+      step has routed).
+    first_step: the number of the first step (1: the prefill sampled with step 0's key).
+  """
+
+  def __init__(self, gen, tokens: jax.Array, cache: KVCache, key: jax.Array, sampling, *,
+               routing: Routing = None, first_step: int = 1):
+    self.gen = gen
+    self.routing: Routing = None  # the last step's, as `step` returned it
+    self.stable = gen.keeps_state()
+    self._fn: Callable = gen.decode_step(tokens.shape[0], cache.max_len, sampling)
+    self._step = first_step
+    if routing is None and self.stable:  # the step overwrites it in place: any values do
+      routing = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             gen.routing_shapes(tokens.shape[0], cache.max_len))
+    # The steps donate their state: copies of what the caller may still read (the cache is
+    # the caller's to give).
+    self.state = DecodeState(tokens=jnp.asarray(tokens, jnp.int32)[:, None], cache=cache,
+                             key=jnp.copy(key), step=jnp.asarray(first_step, jnp.int32),
+                             routing=jax.tree.map(jnp.copy, routing))
+
+  @property
+  def cache(self) -> KVCache:
+    return self.state.cache
+
+  @cache.setter
+  def cache(self, cache: KVCache) -> None:
+    self.state = dataclasses.replace(self.state, cache=cache)
+
+  def step(self, feed_back: bool = True) -> tuple[jax.Array, Routing]:
+    """Dispatches one step; returns its tokens [B] and routing as fresh arrays (readable on
+    the host while later steps run). `feed_back=False` (plain form only) keeps the input
+    token: nothing the step samples reaches the next one."""
+    if self.stable:
+      if not feed_back:
+        raise ValueError("a stable Decoder always feeds its samples back")
+      self.state = self._fn(self.gen.params, self.gen.adapter_params, self.gen.derived,
+                            self.state)
+      nxt, self.routing = _read_out(self.state)
+      return nxt, self.routing
+    s = self.state
+    nxt, _, cache, self.routing = self.gen.run(self._fn, s.tokens, s.cache,
+                                               step_key(s.key, self._step))
+    self._step += 1
+    self.state = dataclasses.replace(
+        s, tokens=nxt[:, None] if feed_back else s.tokens, cache=cache, routing=self.routing)
+    return nxt, self.routing
