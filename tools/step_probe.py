@@ -38,6 +38,7 @@ from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS, AdapterConfig
 from adafuse_jax.generation import Generator
 from adafuse_jax.sampling import SamplingConfig
+from adafuse_jax.stepper import Decoder
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.model.layers import ATTENTION
 from adafuse_jax.vocab import parse_variant
@@ -82,6 +83,10 @@ def pallas_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return rows.reshape(x.shape)
 
 
+SWAPS = {"defaults, argmax top-k": "argmax-top-k", "defaults, xla attention": "xla-attention",
+         "defaults, pallas rms_norm": "pallas-rms-norm"}
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--preset", default="llama2-7b")
@@ -95,6 +100,8 @@ def main() -> None:
   p.add_argument("--options", default=None,
                  help="comma-separated compiler option sets to compile (default: all of this"
                       " backend's; the swapped, no-work and stable-buffer programs always run)")
+  p.add_argument("--swaps", default=",".join(SWAPS.values()),
+                 help="comma-separated functions to swap, a program each (default: all)")
   args = p.parse_args()
   on_cpu = jax.default_backend() == "cpu"
   options = CPU_OPTIONS if on_cpu else GPU_OPTIONS
@@ -133,10 +140,13 @@ def main() -> None:
   #   Pallas decode-attention kernel on one GPU: split over the cache, only filled blocks read).
   from adafuse_jax.model import llama
   from adafuse_jax.paths import base as paths_base
+  original_top_k = paths_base.top_k_gates
   for name, module, attr, swap in [
       ("defaults, argmax top-k", paths_base, "top_k_gates", argmax_top_k_gates),
       ("defaults, xla attention", gen, "attend_fn", ATTENTION["xla"]),
       ("defaults, pallas rms_norm", llama, "rms_norm", pallas_rms_norm)]:
+    if SWAPS[name] not in args.swaps.split(","):
+      continue
     original = getattr(module, attr)
     setattr(module, attr, swap)
     try:
@@ -201,15 +211,40 @@ def main() -> None:
     state["fed"] = nxt[:, None]
     return nxt
 
+  # The library's decode loop (`adafuse_jax.stepper.Decoder`: the state donated and aliased,
+  # token and routing handed out by a second program), and the same with the argmax top-k.
+  decoders = {}
+  for name, swap in [("library decoder", None),
+                     ("library decoder, argmax top-k", argmax_top_k_gates)]:
+    if swap is not None and "argmax-top-k" not in args.swaps.split(","):
+      continue
+    decoder = Decoder(gen, jnp.ones((1,), jnp.int32), gen.new_cache(1, args.cache_len),
+                      jax.random.key(1), sampling)
+    if swap is not None:
+      paths_base.top_k_gates = swap
+      try:
+        decoder._fn = jax.jit(gen._decode, static_argnums=(4,), donate_argnums=(3,),
+                              keep_unused=True).lower(gen.params, gen.adapter_params,
+                                                      gen.derived, decoder.state,
+                                                      sampling).compile()
+      finally:
+        paths_base.top_k_gates = original_top_k
+    decoders[name] = decoder
+    steps[name] = decoder._fn
+
   steps["stable buffers"] = stable
   steps["stable buffers, token out"] = stable_out
   steps["defaults, token fed back"] = next(iter(steps.values()))  # the first option set's
   special = {"stable buffers": stable_step, "stable buffers, token out": stable_out_step,
              "defaults, token fed back": fed_step}
+  special.update({name: (lambda fn, d=d: d.step()[0]) for name, d in decoders.items()})
   runner = {name: special.get(name, step) for name in steps}
 
   def reset() -> None:
-    state["cache"] = state["cache"].replace(length=jnp.asarray(args.cache_len // 2, jnp.int32))
+    half = jnp.asarray(args.cache_len // 2, jnp.int32)
+    state["cache"] = state["cache"].replace(length=half)
+    for d in decoders.values():
+      d.cache = d.cache.replace(length=half)
 
   times = {n: {"pipelined": [], "synced": [], "dispatch": []} for n in steps}
   for name, fn in steps.items():  # warm every program
