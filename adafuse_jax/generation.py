@@ -172,7 +172,6 @@ class Generator:
     if mesh is not None and mesh.size > 1:
       self._shard(mesh)
     self._compiled: dict[tuple, Callable] = {}
-    self._routes: bool | None = None  # whether decode steps route (`keeps_state`)
 
   def _shard(self, mesh) -> None:
     """Places parameters, adapters and the derived copy on a tensor-parallel mesh
@@ -298,36 +297,32 @@ class Generator:
 
   def keeps_state(self) -> bool:
     """Whether decode steps run in `compiled_decode`'s form, their state donated and written
-    back in place (`adafuse_jax.stepper`). A merging or tensor-parallel generator keeps the
-    plain form of `compiled`, and so does one with a router: on the H200 the routed 7B step in
-    that form took 7.24 ms synced against 5.42 in the plain form (`tools/step_probe.py`,
-    docs/benchmarks/h200/probe/), where the backbone's went from 4.95 to 4.58."""
-    if self.merges_per_token or self.sharded:
-      return False
-    if self._routes is None:
-      self._routes = self.routing_shapes(1, CACHE_ROUND) is not None
-    return not self._routes
+    back in place (`adafuse_jax.stepper`); a merging or tensor-parallel generator keeps the
+    plain form of `compiled`."""
+    return not self.merges_per_token and not self.sharded
 
   def _decode(self, params, adapter_params, derived, state: DecodeState,
               sampling: SamplingConfig) -> DecodeState:
-    nxt, _, cache, _ = self._forward(params, adapter_params, derived, state.tokens,
-                                     state.cache, step_key(state.key, state.step), sampling)
+    nxt, _, cache, routing = self._forward(params, adapter_params, derived, state.tokens,
+                                           state.cache, step_key(state.key, state.step), sampling)
     return DecodeState(tokens=nxt[:, None].astype(jnp.int32), cache=cache, key=state.key,
-                       step=state.step + 1)
+                       step=state.step + 1, routing=routing)
 
   def compiled_decode(self, batch: int, cache_len: int, sampling: SamplingConfig) -> Callable:
     """AOT-compiled `(params, adapter_params, derived, state: DecodeState) -> DecodeState`, one
     decode step whose state is donated and aliased to its output (every buffer keeps its
-    address from call to call; see `adafuse_jax.stepper`). Only where `keeps_state()` (no
-    router: the state holds no routing)."""
+    address from call to call; see `adafuse_jax.stepper`). Only where `keeps_state()`."""
     sig = ("decode", batch, cache_len, sampling)
     if sig not in self._compiled:
       cache = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, cache_len, self.dtype))
       tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
       key = jax.eval_shape(lambda: jax.random.key(0))
       state = DecodeState(tokens=tokens, cache=cache, key=key,
-                          step=jax.ShapeDtypeStruct((), jnp.int32))
-      fn = jax.jit(self._decode, static_argnums=(4,), donate_argnums=(3,))
+                          step=jax.ShapeDtypeStruct((), jnp.int32),
+                          routing=self.routing_shapes(batch, cache_len))
+      # keep_unused: the last step's routing is not read, only overwritten; pruned, its
+      # buffers could not take the new routing in place.
+      fn = jax.jit(self._decode, static_argnums=(4,), donate_argnums=(3,), keep_unused=True)
       self._compiled[sig] = fn.lower(self.params, self.adapter_params, self.derived, state,
                                      sampling).compile()
     return self._compiled[sig]

@@ -8,11 +8,14 @@ that way and 0.72 ms with every input donated and written back in place, one ste
 4.95 ms against 4.58; one fresh output, even a [B] token, takes the whole gain back.
 
 So a `Decoder` keeps the step's whole state (`DecodeState`) donated and aliased from call to
-call, and hands the host each step's tokens through a second, tiny program that copies them
-out (its output is fresh; the big step's are not). Merging generators (two programs per step),
-tensor-parallel ones and those with a router keep the plain form (the step fed its own output,
-fresh outputs), same tokens: the routed step measured slower in place (7.24 ms synced against
-5.42 plain, its host call 3.4 ms; not yet understood: `Generator.keeps_state`).
+call, and hands the host each step's token (and routing) through a second, tiny program that
+copies them out (its outputs are fresh; the big step's are not). Merging generators (two
+programs per step) and tensor-parallel ones keep the plain form, same tokens.
+
+A step with a router gains nothing from it yet: the pre-gated 7B step took 7.24 ms synced
+either way, in place or fed back in the plain form (its host call ~3.4 ms whatever the buffers;
+the same step called again on one fixed token array, with nothing dispatched between calls,
+5.42): what holds the routed step on the host is still open.
 """
 
 from __future__ import annotations
@@ -38,15 +41,14 @@ class DecodeState:
     cache: the rows' KV cache.
     key: the generation's base PRNG key; step n samples with `fold_in(key, n)`.
     step: [] int32, the number of the next step (the prefill was step 0).
-    routing: the plain form's last (experts [B, k], gates), or None; the in-place form has none
-      (a generator with a router keeps the plain form: `Generator.keeps_state`).
+    routing: (experts [B, k], gates) of the last token, or None without a router.
   """
 
   tokens: jax.Array
   cache: KVCache
   key: jax.Array
   step: jax.Array
-  routing: Routing = None
+  routing: tuple[jax.Array, jax.Array] | None
 
 
 def step_key(key: jax.Array, step: jax.Array) -> jax.Array:
@@ -54,9 +56,11 @@ def step_key(key: jax.Array, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(key, step)
 
 
-@jax.jit
-def _read_tokens(tokens: jax.Array) -> jax.Array:
-  return tokens[:, 0]
+def _read(state: DecodeState) -> tuple[jax.Array, Routing]:
+  return state.tokens[:, 0], state.routing
+
+
+_read_out = jax.jit(_read)
 
 
 class Decoder:
@@ -65,11 +69,11 @@ class Decoder:
   Args:
     gen: the `Generator` whose steps run.
     tokens: [B] int32, the tokens the first step reads (the prefill's samples).
-    cache: the rows' KV cache, donated to the steps (tokens and key are copied).
+    cache: the rows' KV cache, donated to the steps (tokens, key and routing are copied).
     key: the base PRNG key; step n samples with `step_key(key, n)`.
     sampling: the `SamplingConfig` the steps were compiled for.
     routing: the prefill's (experts [B, k], gates), or None (without a router, or before any
-      step has routed); the in-place form has none.
+      step has routed).
     first_step: the number of the first step (1: the prefill sampled with step 0's key).
   """
 
@@ -80,11 +84,14 @@ class Decoder:
     self.stable = gen.keeps_state()
     self._fn: Callable = gen.decode_step(tokens.shape[0], cache.max_len, sampling)
     self._step = first_step
-    # The in-place steps donate their state: copies of what the caller may still read (the
-    # cache is the caller's to give).
+    if routing is None and self.stable:  # the step overwrites it in place: any values do
+      routing = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             gen.routing_shapes(tokens.shape[0], cache.max_len))
+    # The steps donate their state: copies of what the caller may still read (the cache is
+    # the caller's to give).
     self.state = DecodeState(tokens=jnp.asarray(tokens, jnp.int32)[:, None], cache=cache,
                              key=jnp.copy(key), step=jnp.asarray(first_step, jnp.int32),
-                             routing=None if self.stable else routing)
+                             routing=jax.tree.map(jnp.copy, routing))
 
   @property
   def cache(self) -> KVCache:
@@ -103,7 +110,8 @@ class Decoder:
         raise ValueError("a stable Decoder always feeds its samples back")
       self.state = self._fn(self.gen.params, self.gen.adapter_params, self.gen.derived,
                             self.state)
-      return _read_tokens(self.state.tokens), None
+      nxt, self.routing = _read_out(self.state)
+      return nxt, self.routing
     s = self.state
     nxt, _, cache, self.routing = self.gen.run(self._fn, s.tokens, s.cache,
                                                step_key(s.key, self._step))

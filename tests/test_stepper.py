@@ -27,6 +27,16 @@ def lora_gen() -> Generator:
                    path="packed")
 
 
+@pytest.fixture(scope="module")
+def pregated_gen() -> Generator:
+  """A pre-gated pool on the packed path: a router, so each step's routing is in the state."""
+  model = LlamaModel(tiny_config(), seed=11)
+  cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, top_k=2, router_init_std=0.5,
+                      modules=("q", "v", "down"))
+  return Generator(model, adapters=MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True),
+                   path="packed")
+
+
 def start(gen: Generator, sampling: SamplingConfig):
   """A prefill of two rows: (its tokens [B], cache, routing)."""
   prompts = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]], jnp.int32)
@@ -55,12 +65,15 @@ def test_in_place_steps_equal_plain_steps(lora_gen, sampling):
     assert routing is None
 
 
-def test_state_keeps_its_addresses_and_handed_out_tokens_stay_readable(lora_gen):
-  """After the first step every buffer of the state stays where it is (what spares XLA a new
-  command buffer per step on a GPU), and the tokens handed out survive the later steps."""
-  nxt, cache, _ = start(lora_gen, SamplingConfig())
+@pytest.mark.parametrize("which", ["lora_gen", "pregated_gen"])
+def test_state_keeps_its_addresses_and_handed_out_tokens_stay_readable(which, request):
+  """After the first step every buffer of the state (the routing's too) stays where it is
+  (what spares XLA a new command buffer per step on a GPU), and the tokens handed out survive
+  the later steps."""
+  gen = request.getfixturevalue(which)
+  nxt, cache, routing = start(gen, SamplingConfig())
   key = jax.random.key(7)
-  decoder = Decoder(lora_gen, nxt, cache, key, SamplingConfig())
+  decoder = Decoder(gen, nxt, cache, key, SamplingConfig(), routing=routing)
 
   def addresses() -> list[int]:
     leaves = jax.tree.leaves(decoder.state)
@@ -78,20 +91,28 @@ def test_state_keeps_its_addresses_and_handed_out_tokens_stay_readable(lora_gen)
   assert not nxt.is_deleted() and not key.is_deleted()
 
 
-def test_a_routed_generator_keeps_the_plain_form_and_hands_out_its_routing():
-  """With a router each step's routing comes back beside its tokens, readable later."""
-  model = LlamaModel(tiny_config(), seed=11)
-  cfg = AdapterConfig(mode="pregated", num_experts=4, rank=4, top_k=2, router_init_std=0.5,
-                      modules=("q", "v", "down"))
-  gen = Generator(model, adapters=MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True),
-                  path="packed")
-  assert not gen.keeps_state()
-  nxt, cache, routing = start(gen, SamplingConfig())
-  decoder = Decoder(gen, nxt, cache, jax.random.key(7), SamplingConfig(), routing=routing)
-  handed = [decoder.step() for _ in range(STEPS)]
-  assert decoder.routing is handed[-1][1]
-  experts = np.stack([np.asarray(r[0]) for _, r in handed])
-  assert experts.shape == (STEPS, BATCH, 2) and experts.min() >= 0 and experts.max() < 4
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=1.3)],
+                         ids=["greedy", "sampled"])
+def test_routed_steps_in_place_equal_plain_steps_and_hand_out_their_routing(pregated_gen,
+                                                                             sampling):
+  """With a router, the routing of each step comes back beside its tokens (copied out of the
+  donated state, so readable after later steps), as the plain step routes."""
+  gen = pregated_gen
+  assert gen.keeps_state()
+  nxt, cache, routing = start(gen, sampling)
+  decoder = Decoder(gen, nxt, cache, jax.random.key(7), sampling, routing=routing)
+  np.asarray(routing[0])  # the caller's routing was copied, not donated
+  got = [decoder.step() for _ in range(STEPS)]
+  assert decoder.routing is got[-1][1]
+
+  nxt, cache, _ = start(gen, sampling)
+  plain = gen.compiled(BATCH, 1, CACHE, sampling)
+  for n, (tokens, (experts, gates)) in enumerate(got, start=1):
+    nxt, _, cache, (want_experts, want_gates) = gen.run(plain, nxt[:, None], cache,
+                                                        step_key(jax.random.key(7), n))
+    np.testing.assert_array_equal(tokens, nxt)
+    np.testing.assert_array_equal(experts, want_experts)
+    np.testing.assert_allclose(gates, want_gates, rtol=1e-6)
 
 
 def test_merging_generator_keeps_the_plain_form():

@@ -11,17 +11,20 @@ arguments and no work, for the host's cost of a call alone.
 Options tried on a GPU: XLA's defaults; command buffers (CUDA graphs) off; command buffers for
 every kernel kind with no minimum graph size. And the step with every buffer it touches at a
 fixed address ("stable buffers"): XLA records a command buffer again whenever an allocation its
-commands use moved since the last call (`CommandBufferThunk::ShouldUpdateCommandBuffer`), and the
-library's step gets new output buffers every call; here the sampled token (fed back as the next
-input) and the key are donated and written back in place, the logits not returned, so the
-cache, the token and the key keep their addresses from call to call; once more with the token
-also handed out as a fresh array, which a loop reading tokens on the host needs. And XLA's
-defaults fed back as the bench feeds them (each call's token the last call's output). Beside
-them the step compiled with the router's top-k written as k masked argmaxes (same experts, same order) instead
-of `lax.top_k`, with each layer's attention in XLA's fusions instead of the library's
-default (the Pallas decode-attention kernel on one GPU), and with each RMSNorm as one Pallas
-kernel (`pallas_kernels.rms_norm`) instead of XLA's reduction and multiply. On the CPU: XLA's
-defaults, its XNNPACK graph fusion, its oneDNN dots and its YNNPACK fusions off.
+commands use moved since the last call (`CommandBufferThunk::ShouldUpdateCommandBuffer`); here
+the sampled token (fed back as the next input) and the key are donated and written back in
+place, the logits not returned, so the cache, the token and the key keep their addresses from
+call to call; once more with the token also handed out as a fresh array, which a loop reading
+tokens on the host needs. XLA's defaults fed back as the bench fed them before the library's
+`Decoder` (each call's token the last call's output, reshaped by a second dispatch). The
+library's `Decoder` (`adafuse_jax.stepper`: the state donated and aliased, the token and
+routing handed out by a second program), with XLA's top-k and with the argmax one below.
+Beside them the step compiled with the router's top-k written as k masked argmaxes (same
+experts, same order) instead of `lax.top_k`, with each layer's attention in XLA's fusions
+instead of the library's default (the Pallas decode-attention kernel on one GPU), and with
+each RMSNorm as one Pallas kernel (`pallas_kernels.rms_norm`) instead of XLA's reduction and
+multiply (`--swaps` picks which of these three compile). On the CPU: XLA's defaults, its
+XNNPACK graph fusion, its oneDNN dots and its YNNPACK fusions off.
 """
 
 from __future__ import annotations
