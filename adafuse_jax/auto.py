@@ -34,7 +34,8 @@ from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.paths import merged as merged_path
 from adafuse_jax.paths import registry
 from adafuse_jax.paths.registry import Candidate
-from adafuse_jax.timing import decode_stepper, time_pipelined
+from adafuse_jax.stepper import decode_stepper
+from adafuse_jax.timing import time_pipelined
 from adafuse_jax.vocab import Mode
 
 

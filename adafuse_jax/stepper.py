@@ -25,8 +25,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adafuse_jax.model.cache import KVCache
+from adafuse_jax.sampling import SamplingConfig
 
 Routing = tuple[jax.Array, jax.Array] | None
 
@@ -119,3 +121,24 @@ class Decoder:
     self.state = dataclasses.replace(
         s, tokens=nxt[:, None] if feed_back else s.tokens, cache=cache, routing=self.routing)
     return nxt, self.routing
+
+
+def decode_stepper(gen, batch: int, cache_len: int, seed: int, start: int = 0,
+                   same_token: bool = False) -> tuple[Callable[..., jax.Array], Decoder]:
+  """`one_step(feed_back=True)` runs one decode step of `gen` (a `Decoder`, as `generate` runs
+  them) on a fresh cache whose first `start` slots count as filled, from a random token (the
+  same one in every row with `same_token`: the rows then stay identical, so a merged batch
+  agrees at every step), feeding the sampled tokens back unless told not to (a merging
+  generator only); returns it with the Decoder (its `cache` can be reset; its `routing` is the
+  last step's (experts, gates), or None without a router)."""
+  rng = np.random.default_rng(seed)
+  first = rng.integers(0, gen.cfg.vocab_size, (1 if same_token else batch,))
+  cache = gen.new_cache(batch, cache_len)
+  cache = cache.replace(length=jnp.asarray(start, jnp.int32))
+  decoder = Decoder(gen, jnp.asarray(np.broadcast_to(first, (batch,)), jnp.int32), cache,
+                    jax.random.key(seed), SamplingConfig())
+
+  def one_step(feed_back: bool = True) -> jax.Array:
+    return decoder.step(feed_back)[0]
+
+  return one_step, decoder

@@ -28,7 +28,8 @@ from adafuse_jax.generation import Generator
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.paths import registry
 from adafuse_jax.sampling import SamplingConfig
-from adafuse_jax.timing import Timing, decode_stepper, time_calls, time_pipelined
+from adafuse_jax.stepper import decode_stepper
+from adafuse_jax.timing import Timing, time_calls, time_pipelined
 from adafuse_jax.vocab import Mode, PathName, Variant
 
 # The bench's default rows, in display order, built from the vocabulary: every mode on every
