@@ -30,7 +30,7 @@ from adafuse_jax.model.llama import LinearFn, LlamaModel
 from adafuse_jax.paths import merged as merged_path
 from adafuse_jax.paths import registry
 from adafuse_jax.sampling import SamplingConfig, sample
-from adafuse_jax.stepper import DecodeState, Decoder, step_key
+from adafuse_jax.stepper import HAND_OUTS, DecodeState, Decoder, step_key
 from adafuse_jax.vocab import PathName
 
 MIN_BUCKET = 16
@@ -302,29 +302,38 @@ class Generator:
     return not self.merges_per_token and not self.sharded
 
   def _decode(self, params, adapter_params, derived, state: DecodeState,
-              sampling: SamplingConfig) -> DecodeState:
+              sampling: SamplingConfig, hand_out: str):
     nxt, _, cache, routing = self._forward(params, adapter_params, derived, state.tokens,
                                            state.cache, step_key(state.key, state.step), sampling)
-    return DecodeState(tokens=nxt[:, None].astype(jnp.int32), cache=cache, key=state.key,
-                       step=state.step + 1, routing=routing)
+    kept = routing if hand_out == "program" else None
+    new = DecodeState(tokens=nxt[:, None].astype(jnp.int32), cache=cache, key=state.key,
+                      step=state.step + 1, routing=kept)
+    return new if hand_out == "program" else (new, nxt, routing)
 
-  def compiled_decode(self, batch: int, cache_len: int, sampling: SamplingConfig) -> Callable:
+  def compiled_decode(self, batch: int, cache_len: int, sampling: SamplingConfig,
+                      hand_out: str = "program") -> Callable:
     """AOT-compiled `(params, adapter_params, derived, state: DecodeState) -> DecodeState`, one
     decode step whose state is donated and aliased to its output (every buffer keeps its
-    address from call to call; see `adafuse_jax.stepper`). Only where `keeps_state()`."""
-    sig = ("decode", batch, cache_len, sampling)
+    address from call to call; see `adafuse_jax.stepper`). Only where `keeps_state()`.
+
+    `hand_out` (`stepper.HAND_OUTS`): "program", the state holds the step's routing too and the
+    host reads tokens and routing through a second program; "outputs", the step also returns
+    its tokens [B] and routing as fresh arrays, `(state, tokens, routing)`."""
+    if hand_out not in HAND_OUTS:
+      raise ValueError(f"hand_out {hand_out!r}: one of {', '.join(HAND_OUTS)}")
+    sig = ("decode", batch, cache_len, sampling, hand_out)
     if sig not in self._compiled:
       cache = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, cache_len, self.dtype))
       tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
       key = jax.eval_shape(lambda: jax.random.key(0))
+      routing = self.routing_shapes(batch, cache_len) if hand_out == "program" else None
       state = DecodeState(tokens=tokens, cache=cache, key=key,
-                          step=jax.ShapeDtypeStruct((), jnp.int32),
-                          routing=self.routing_shapes(batch, cache_len))
+                          step=jax.ShapeDtypeStruct((), jnp.int32), routing=routing)
       # keep_unused: the last step's routing is not read, only overwritten; pruned, its
       # buffers could not take the new routing in place.
-      fn = jax.jit(self._decode, static_argnums=(4,), donate_argnums=(3,), keep_unused=True)
+      fn = jax.jit(self._decode, static_argnums=(4, 5), donate_argnums=(3,), keep_unused=True)
       self._compiled[sig] = fn.lower(self.params, self.adapter_params, self.derived, state,
-                                     sampling).compile()
+                                     sampling, hand_out).compile()
     return self._compiled[sig]
 
   def routing_shapes(self, batch: int, cache_len: int):
@@ -334,11 +343,12 @@ class Generator:
     return jax.eval_shape(lambda c: self.apply(self.params, self.adapter_params, self.derived,
                                                tokens, c)[2], cache)
 
-  def decode_step(self, batch: int, cache_len: int, sampling: SamplingConfig) -> Callable:
+  def decode_step(self, batch: int, cache_len: int, sampling: SamplingConfig,
+                  hand_out: str = "program") -> Callable:
     """The compiled decode step a `Decoder` of this generator runs: `compiled_decode`'s where
     `keeps_state()`, else `compiled`'s one-token step."""
     if self.keeps_state():
-      return self.compiled_decode(batch, cache_len, sampling)
+      return self.compiled_decode(batch, cache_len, sampling, hand_out)
     return self.compiled(batch, 1, cache_len, sampling)
 
   def merges(self, length: int) -> bool:

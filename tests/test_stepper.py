@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ from adafuse_jax.config import AdapterConfig
 from adafuse_jax.generation import Generator
 from adafuse_jax.model import LlamaModel
 from adafuse_jax.sampling import SamplingConfig
-from adafuse_jax.stepper import Decoder, step_key
+from adafuse_jax.stepper import HAND_OUTS, Decoder, step_key
 from tests.conftest import tiny_config
 
 BATCH, CACHE, STEPS = 2, 32, 6
@@ -132,3 +133,21 @@ def test_in_place_decoder_refuses_a_fixed_token(lora_gen):
                     jax.random.key(0), SamplingConfig())
   with pytest.raises(ValueError, match="always feeds its samples back"):
     decoder.step(feed_back=False)
+
+
+@pytest.mark.parametrize("which", ["lora_gen", "pregated_gen"])
+def test_steps_handing_out_fresh_outputs_equal_the_read_program(which, request):
+  """hand_out="outputs" (tokens and routing as the step's own fresh outputs) gives what the
+  second program copies out, and keeps the state in place as well."""
+  gen = request.getfixturevalue(which)
+  got = {}
+  for hand_out in HAND_OUTS:
+    nxt, cache, routing = start(gen, SamplingConfig())
+    decoder = Decoder(gen, nxt, cache, jax.random.key(7), SamplingConfig(), routing=routing,
+                      hand_out=hand_out)
+    got[hand_out] = [jax.tree.map(np.asarray, decoder.step()) for _ in range(STEPS)]
+  for (a, ra), (b, rb) in zip(got["program"], got["outputs"]):
+    np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_close(ra, rb)
+  with pytest.raises(ValueError, match="hand_out 'both': one of program, outputs"):
+    gen.compiled_decode(BATCH, CACHE, SamplingConfig(), "both")

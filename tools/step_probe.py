@@ -18,7 +18,8 @@ call to call; once more with the token also handed out as a fresh array, which a
 tokens on the host needs. XLA's defaults fed back as the bench fed them before the library's
 `Decoder` (each call's token the last call's output, reshaped by a second dispatch). The
 library's `Decoder` (`adafuse_jax.stepper`: the state donated and aliased, the token and
-routing handed out by a second program), with XLA's top-k and with the argmax one below.
+routing handed out by a second program), with XLA's top-k and with the argmax one below, and
+handing them out as the step's own fresh outputs (`hand_out="outputs"`).
 Beside them the step compiled with the router's top-k written as k masked argmaxes (same
 experts, same order) instead of `lax.top_k`, with each layer's attention in XLA's fusions
 instead of the library's default (the Pallas decode-attention kernel on one GPU), and with
@@ -217,19 +218,20 @@ def main() -> None:
   # The library's decode loop (`adafuse_jax.stepper.Decoder`: the state donated and aliased,
   # token and routing handed out by a second program), and the same with the argmax top-k.
   decoders = {}
-  for name, swap in [("library decoder", None),
-                     ("library decoder, argmax top-k", argmax_top_k_gates)]:
+  for name, swap, hand_out in [("library decoder", None, "program"),
+                               ("library decoder, outputs", None, "outputs"),
+                               ("library decoder, argmax top-k", argmax_top_k_gates, "program")]:
     if swap is not None and "argmax-top-k" not in args.swaps.split(","):
       continue
     decoder = Decoder(gen, jnp.ones((1,), jnp.int32), gen.new_cache(1, args.cache_len),
-                      jax.random.key(1), sampling)
+                      jax.random.key(1), sampling, hand_out=hand_out)
     if swap is not None:
       paths_base.top_k_gates = swap
       try:
-        decoder._fn = jax.jit(gen._decode, static_argnums=(4,), donate_argnums=(3,),
+        decoder._fn = jax.jit(gen._decode, static_argnums=(4, 5), donate_argnums=(3,),
                               keep_unused=True).lower(gen.params, gen.adapter_params,
                                                       gen.derived, decoder.state,
-                                                      sampling).compile()
+                                                      sampling, hand_out).compile()
       finally:
         paths_base.top_k_gates = original_top_k
     decoders[name] = decoder
