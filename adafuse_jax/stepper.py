@@ -3,7 +3,7 @@
 Why: XLA runs a GPU step as a recorded command buffer (a CUDA graph) and records it again
 whenever an allocation its commands use has moved since the last call. A step that returns its
 token, key and cache as fresh arrays moves them every call. Measured on the H200 (7B preset,
-batch 1, `tools/step_probe.py`, `docs/benchmarks/h200/probe/`): the host's call took 1.02 ms
+batch 1, `tools/step_probe.py`, `docs/benchmarks/h200/decoder/`): the host's call took 1.02 ms
 that way and 0.72 ms with every input donated and written back in place, one step then a wait
 4.95 ms against 4.58; one fresh output, even a [B] token, takes the whole gain back.
 
@@ -24,7 +24,7 @@ in-place step with its token as a fresh output: 5.57 ms synced, the backbone's 4
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ import numpy as np
 
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.sampling import SamplingConfig
+
+if TYPE_CHECKING:  # generation imports this module
+  from adafuse_jax.generation import Generator
 
 Routing = tuple[jax.Array, jax.Array] | None
 # How an in-place step hands its tokens and routing to the host: a second, tiny program that
@@ -86,17 +89,20 @@ class Decoder:
     hand_out: how an in-place step hands out its tokens and routing (`HAND_OUTS`).
   """
 
-  def __init__(self, gen, tokens: jax.Array, cache: KVCache, key: jax.Array, sampling, *,
-               routing: Routing = None, first_step: int = 1, hand_out: str = "program"):
+  def __init__(self, gen: Generator, tokens: jax.Array, cache: KVCache, key: jax.Array,
+               sampling: SamplingConfig, *, routing: Routing = None, first_step: int = 1,
+               hand_out: str = "program"):
+    if hand_out not in HAND_OUTS:
+      raise ValueError(f"hand_out {hand_out!r}: one of {', '.join(HAND_OUTS)}")
     self.gen = gen
     self.routing: Routing = None  # the last step's, as `step` returned it
-    self.stable = gen.keeps_state()
+    self.in_place = gen.keeps_state()
     self.hand_out = hand_out
     self._fn: Callable = gen.decode_step(tokens.shape[0], cache.max_len, sampling, hand_out)
     self._step = first_step
-    if self.stable and hand_out == "outputs":  # the state holds no routing
+    if self.in_place and hand_out == "outputs":  # the state holds no routing
       routing = None
-    elif routing is None and self.stable:  # the step overwrites it in place: any values do
+    elif routing is None and self.in_place:  # the step overwrites it in place: any values do
       routing = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                              gen.routing_shapes(tokens.shape[0], cache.max_len))
     # The steps donate their state: copies of what the caller may still read (the cache is
@@ -117,9 +123,9 @@ class Decoder:
     """Dispatches one step; returns its tokens [B] and routing as fresh arrays (readable on
     the host while later steps run). `feed_back=False` (plain form only) keeps the input
     token: nothing the step samples reaches the next one."""
-    if self.stable:
+    if self.in_place:
       if not feed_back:
-        raise ValueError("a stable Decoder always feeds its samples back")
+        raise ValueError("an in-place Decoder always feeds its samples back")
       out = self._fn(self.gen.params, self.gen.adapter_params, self.gen.derived, self.state)
       if self.hand_out == "outputs":
         self.state, nxt, self.routing = out
