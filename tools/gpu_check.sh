@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv norm-fold flags step autotune expand attention switch bgmv-sweep gathered-probe
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv norm-fold flags step host autotune expand attention switch bgmv-sweep gathered-probe
 #   (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
@@ -114,6 +114,16 @@ for part in $parts; do
           --out "/tmp/flags/$i" 2>&1 | grep -E "^\| (backbone|pregated)" | tee -a "$out/flags.log"
       done <<< "${FLAG_SETS:-$(printf '%s\n' "" "--xla_gpu_enable_triton_gemm=false" \
         "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION --xla_gpu_graph_min_graph_size=1")}" ;;
+    host)
+      # The host threads' time in synced decode steps through the library's Decoder, per mode
+      # and hand-out form (tools/host_trace.py; host_MODE_FORM.md, at most 4 files).
+      for mode in ${HOST_MODES:-backbone-packed pregated-packed}; do
+        for form in ${HAND_OUTS:-program outputs}; do
+          timeout "${HOST_S:-150}" python3 tools/host_trace.py --mode "$mode" --hand-out "$form" \
+            --out /tmp/host 2>>"$out/host.log" | head -12
+          cp /tmp/host/host_*.md "$out/" 2>/dev/null
+        done
+      done ;;
     step)
       # Pipelined, synced and host-dispatch time of one decode step per XLA compiler option set
       # (tools/step_probe.py; STEP_OPTIONS=defaults compiles only XLA's defaults beside the
