@@ -172,6 +172,7 @@ class Generator:
     if mesh is not None and mesh.size > 1:
       self._shard(mesh)
     self._compiled: dict[tuple, Callable] = {}
+    self._routing_shapes: dict[int, object] = {}
 
   def _shard(self, mesh) -> None:
     """Places parameters, adapters and the derived copy on a tensor-parallel mesh
@@ -326,7 +327,7 @@ class Generator:
       cache = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, cache_len, self.dtype))
       tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
       key = jax.eval_shape(lambda: jax.random.key(0))
-      routing = self.routing_shapes(batch, cache_len) if hand_out == "program" else None
+      routing = self.routing_shapes(batch) if hand_out == "program" else None
       state = DecodeState(tokens=tokens, cache=cache, key=key,
                           step=jax.ShapeDtypeStruct((), jnp.int32), routing=routing)
       # keep_unused: the last step's routing is not read, only overwritten; pruned, its
@@ -336,12 +337,16 @@ class Generator:
                                      sampling, hand_out).compile()
     return self._compiled[sig]
 
-  def routing_shapes(self, batch: int, cache_len: int):
-    """The shapes of a decode step's routing: (experts [B, k], gates), or None without a router."""
-    cache = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, cache_len, self.dtype))
-    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    return jax.eval_shape(lambda c: self.apply(self.params, self.adapter_params, self.derived,
-                                               tokens, c)[2], cache)
+  def routing_shapes(self, batch: int):
+    """The shapes of a decode step's routing: (experts [B, k], gates), or None without a router
+    (traced once per batch size: the compiled step and each `Decoder` ask)."""
+    if batch not in self._routing_shapes:
+      cache = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, CACHE_ROUND, self.dtype))
+      tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+      self._routing_shapes[batch] = jax.eval_shape(
+          lambda c: self.apply(self.params, self.adapter_params, self.derived, tokens, c)[2],
+          cache)
+    return self._routing_shapes[batch]
 
   def decode_step(self, batch: int, cache_len: int, sampling: SamplingConfig,
                   hand_out: str = "program") -> Callable:

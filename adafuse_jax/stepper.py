@@ -104,7 +104,7 @@ class Decoder:
       routing = None
     elif routing is None and self.in_place:  # the step overwrites it in place: any values do
       routing = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             gen.routing_shapes(tokens.shape[0], cache.max_len))
+                             gen.routing_shapes(tokens.shape[0]))
     # The steps donate their state: copies of what the caller may still read (the cache is
     # the caller's to give).
     self.state = DecodeState(tokens=jnp.asarray(tokens, jnp.int32)[:, None], cache=cache,
