@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import pathlib
 import time
 
@@ -33,20 +30,15 @@ from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.stepper import HAND_OUTS, Decoder
 from adafuse_jax.vocab import parse_variant
+from kernel_breakdown import read_trace
 
 
 def host_events(trace_dir: pathlib.Path) -> dict[tuple[str, str], list[float]]:
   """µs of every complete event on a host thread of the newest trace under `trace_dir`, by
   (thread name, event name)."""
-  trace_file = sorted(glob.glob(str(trace_dir / "**" / "*.json.gz"), recursive=True))[-1]
-  events = json.load(gzip.open(trace_file))
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  processes = {e["pid"]: e["args"]["name"] for e in events
-                if e.get("ph") == "M" and e.get("name") == "process_name"}
+  events, device = read_trace(trace_dir)
   threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  device = {pid for pid, name in processes.items()
-            if "gpu" in name.lower() or "/device" in name.lower()}
   agg: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
   for e in events:
     if e.get("ph") != "X" or "dur" not in e or e.get("pid") in device:

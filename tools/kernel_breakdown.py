@@ -33,19 +33,26 @@ from adafuse_jax.adapters.io import load_pool
 from adafuse_jax.vocab import Mode, parse_variant
 
 
+def read_trace(trace_dir: pathlib.Path) -> tuple[list[dict], set[int]]:
+  """The events of the newest Perfetto trace under `trace_dir` (written by
+  `jax.profiler.trace`), and the ids of its device processes (GPU streams)."""
+  trace_file = sorted(glob.glob(str(trace_dir / "**" / "*.json.gz"), recursive=True))[-1]
+  events = json.load(gzip.open(trace_file))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  pids = {e["pid"]: e["args"]["name"] for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"}
+  return events, {pid for pid, name in pids.items()
+                  if "gpu" in name.lower() or "/device" in name.lower()}
+
+
 def kernel_durations(trace_dir: pathlib.Path, names: set[str] | None = None
                      ) -> dict[str, list[float]]:
   """µs of every GPU kernel in the newest trace under `trace_dir` (written by
   `jax.profiler.trace`), by kernel name (a trailing `_N` dropped); empty on the CPU unless
   `names`, the instruction names of the program that ran: then every event so named, on any
   thread (XLA:CPU's thunks), by name with its `.N` dropped."""
-  trace_file = sorted(glob.glob(str(trace_dir / "**" / "*.json.gz"), recursive=True))[-1]
-  events = json.load(gzip.open(trace_file))
-  events = events["traceEvents"] if isinstance(events, dict) else events
   # GPU kernels live on the device's stream threads; keep complete events with a duration.
-  pids = {e["pid"]: e["args"]["name"] for e in events
-          if e.get("ph") == "M" and e.get("name") == "process_name"}
-  gpu_pids = {pid for pid, name in pids.items() if "gpu" in name.lower() or "/device" in name.lower()}
+  events, gpu_pids = read_trace(trace_dir)
   agg: dict[str, list[float]] = collections.defaultdict(list)
   for e in events:
     if e.get("ph") != "X" or "dur" not in e:
