@@ -99,6 +99,8 @@ class Decoder:
     self.in_place = gen.keeps_state()
     self.hand_out = hand_out
     self._fn: Callable = gen.decode_step(tokens.shape[0], cache.max_len, sampling, hand_out)
+    # The plain form's step number, counted on the host (on the device it would cost one
+    # more dispatch per step); the in-place form carries its own in the state.
     self._step = first_step
     if self.in_place and hand_out == "outputs":  # the state holds no routing
       routing = None
