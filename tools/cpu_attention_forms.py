@@ -7,6 +7,8 @@ each timed call writes one token's key and value into every layer's buffers (don
 and attends to them, `--layers` layers chained through the query as the model chains them.
 Forms:
 - `library`: `model.layers.attention`, the cache as the model holds it, `[B, S, Hkv, hd]`;
+- `einsum`: the library's form before 2026-12-04 (`einsum_attention`: the same products as
+  einsums whose results put the query heads before the tokens);
 - `heads-major`: the cache held `[B, Hkv, S, hd]`, so the products need no transpose;
 - `flat`: the cache read as `[B, S, Hkv*hd]` against a block-diagonal query, one plain product
   each way (Hkv times the multiply-adds, no batch dimensions);
@@ -14,7 +16,9 @@ Forms:
 - `windowed`: `model.layers.windowed_attention`, the library's einsums over the narrowest
   eighth of the buffer that holds the written slots (`--position`: the slot written).
 Interleaved rounds of 20 calls each; JSON lines: ms per call (all layers), the median over rounds,
-and the bytes the compiled program's `copy` instructions move per call.
+each form's ratio to the first form named (`vs_<form>`: paired by round, median and 95%
+t-interval, as the bench's ratios), and the bytes the compiled program's `copy` instructions
+move per call.
 """
 
 from __future__ import annotations
@@ -29,9 +33,23 @@ import time
 import jax
 import jax.numpy as jnp
 
+from adafuse_jax.bench.measure import ratio_interval
 from adafuse_jax.model.layers import attention, windowed_attention
 
 HQ, HKV, HD = 9, 3, 64
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`model.layers.attention` as it was written before 2026-12-04 (same shapes and result)."""
+  b, t, hq, hd = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, t, hkv, hq // hkv, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / math.sqrt(hd))
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, hq, hd).astype(q.dtype)
 
 
 def heads_major(q, k, v, mask):
@@ -66,7 +84,7 @@ def reduce(q, k, v, mask):
 
 
 # name -> (attention, the buffers' slot axis)
-FORMS = {"library": (attention, 1), "windowed": (windowed_attention, 1),
+FORMS = {"library": (attention, 1), "einsum": (einsum_attention, 1), "windowed": (windowed_attention, 1),
          "heads-major": (heads_major, 2), "flat": (flat, 1), "reduce": (reduce, 1)}
 
 
@@ -130,9 +148,12 @@ def main() -> None:
       jax.block_until_ready(out)
       times[form].append((time.perf_counter() - t) / args.calls * 1e3)
       state[form] = (ks, vs)
+  first = times[forms[0]][1:]
   for form, ts in times.items():
     rounds = sorted(ts[1:])
+    vs_first = {k: round(x, 4) for k, x in ratio_interval(ts[1:], first).items()}
     print(json.dumps({"form": form, "ms_per_call": round(rounds[len(rounds) // 2], 3),
+                      f"vs_{forms[0]}": vs_first,
                       "rounds_ms": [round(t, 3) for t in ts[1:]], "copied_bytes": copies[form],
                       "slots": args.slots, "position": pos, "layers": args.layers,
                       "device": jax.devices()[0].device_kind,

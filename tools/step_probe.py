@@ -24,8 +24,11 @@ Beside them the step compiled with the router's top-k written as k masked argmax
 experts, same order) instead of `lax.top_k`, with each layer's attention in XLA's fusions
 instead of the library's default (the Pallas decode-attention kernel on one GPU), and with
 each RMSNorm as one Pallas kernel (`pallas_kernels.rms_norm`) instead of XLA's reduction and
-multiply (`--swaps` picks which of these three compile). On the CPU: XLA's defaults, its
-XNNPACK graph fusion, its oneDNN dots and its YNNPACK fusions off.
+multiply, and with XLA's attention written as the library wrote it before 2026-12-04
+(`cpu_attention_forms.einsum_attention`; `--swaps` picks which of these four compile). On the
+CPU: XLA's defaults, its XNNPACK graph fusion, its oneDNN dots and its YNNPACK fusions off.
+Each JSON line: a program's medians over the rounds, and its ratio to the first option set's
+program (`vs_first_*`: paired by round, median and 95% t-interval, as the bench's ratios).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from adafuse_jax.stepper import Decoder
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.model.layers import ATTENTION
 from adafuse_jax.vocab import parse_variant
+from cpu_attention_forms import einsum_attention
 
 GPU_OPTIONS = {
     "defaults": {},
@@ -88,7 +92,8 @@ def pallas_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 SWAPS = {"defaults, argmax top-k": "argmax-top-k", "defaults, xla attention": "xla-attention",
-         "defaults, pallas rms_norm": "pallas-rms-norm"}
+         "defaults, pallas rms_norm": "pallas-rms-norm",
+         "defaults, einsum attention": "einsum-attention"}
 
 
 def main() -> None:
@@ -148,7 +153,8 @@ def main() -> None:
   for name, module, attr, swap in [
       ("defaults, argmax top-k", paths_base, "top_k_gates", argmax_top_k_gates),
       ("defaults, xla attention", gen, "attend_fn", ATTENTION["xla"]),
-      ("defaults, pallas rms_norm", llama, "rms_norm", pallas_rms_norm)]:
+      ("defaults, pallas rms_norm", llama, "rms_norm", pallas_rms_norm),
+      ("defaults, einsum attention", gen, "attend_fn", einsum_attention)]:
     if SWAPS[name] not in args.swaps.split(","):
       continue
     original = getattr(module, attr)
@@ -277,10 +283,17 @@ def main() -> None:
         dispatch.append((t1 - t) * 1e3)
       times[name]["synced"].append(float(np.median(synced)))
       times[name]["dispatch"].append(float(np.median(dispatch)))
+  first = next(iter(times.values()))  # the first option set's program: the baseline
   for name, ts in times.items():
-    print(json.dumps({"option": name, "mode": args.mode, "rounds": args.rounds,
-                      **{k: round(float(np.median(v)), 3) for k, v in ts.items()},
-                      "device": jax.devices()[0].device_kind, "jax": jax.__version__}),
+    ratios = {f"vs_first_{k}": {r: round(x, 4)
+                                for r, x in B.ratio_interval(ts[k], first[k]).items()}
+              for k in ("pipelined", "synced")}
+    print(json.dumps({"option": name, "mode": args.mode, "cache_len": args.cache_len,
+                      "rounds": args.rounds,
+                      **{k: round(float(np.median(v)), 3) for k, v in ts.items()}, **ratios,
+                      "rounds_pipelined": [round(x, 3) for x in ts["pipelined"]],
+                      "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                      "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}),
           flush=True)
 
 
