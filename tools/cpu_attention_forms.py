@@ -13,7 +13,7 @@ Forms:
 - `flat`: the cache read as `[B, S, Hkv*hd]` against a block-diagonal query, one plain product
   each way (Hkv times the multiply-adds, no batch dimensions);
 - `reduce`: multiply and sum (no dot), which XLA fuses into loops;
-- `windowed`: `model.layers.windowed_attention`, the library's einsums over the narrowest
+- `windowed`: `model.layers.windowed_attention`, the library's attention over the narrowest
   eighth of the buffer that holds the written slots (`--position`: the slot written).
 Interleaved rounds of 20 calls each; JSON lines: ms per call (all layers), the median over rounds,
 each form's ratio to the first form named (`vs_<form>`: paired by round, median and 95%
@@ -84,8 +84,9 @@ def reduce(q, k, v, mask):
 
 
 # name -> (attention, the buffers' slot axis)
-FORMS = {"library": (attention, 1), "einsum": (einsum_attention, 1), "windowed": (windowed_attention, 1),
-         "heads-major": (heads_major, 2), "flat": (flat, 1), "reduce": (reduce, 1)}
+FORMS = {"library": (attention, 1), "einsum": (einsum_attention, 1),
+         "windowed": (windowed_attention, 1), "heads-major": (heads_major, 2), "flat": (flat, 1),
+         "reduce": (reduce, 1)}
 
 
 def step_fn(form: str, slots: int):
