@@ -24,7 +24,7 @@ in-place step with its token as a fresh output: 5.57 ms synced, the backbone's 4
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,28 @@ import numpy as np
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.sampling import SamplingConfig
 
-if TYPE_CHECKING:  # generation imports this module
-  from adafuse_jax.generation import Generator
-
 Routing = tuple[jax.Array, jax.Array] | None
+
+
+class Stepping(Protocol):
+  """What a `Decoder` asks of the generator whose steps it runs (`generation.Generator`, which
+  imports this module: the loop sits below the generator and names only this)."""
+
+  cfg: Any
+  params: Any
+  adapter_params: Any
+  derived: Any
+
+  def keeps_state(self) -> bool: ...
+
+  def decode_step(self, batch: int, cache_len: int, sampling: SamplingConfig,
+                  hand_out: str = "program") -> Callable: ...
+
+  def routing_shapes(self, batch: int) -> Any: ...
+
+  def run(self, fn: Callable, tokens: jax.Array, cache: KVCache, key: jax.Array) -> tuple: ...
+
+  def new_cache(self, batch: int, cache_len: int) -> KVCache: ...
 # How an in-place step hands its tokens and routing to the host: a second, tiny program that
 # copies them out of the state ("program"), or the step's own fresh outputs ("outputs").
 HAND_OUTS = ("program", "outputs")
@@ -78,7 +96,7 @@ class Decoder:
   """Decode steps of one batch, each dispatched without waiting for the last.
 
   Args:
-    gen: the `Generator` whose steps run.
+    gen: the generator whose steps run (a `generation.Generator`; `Stepping`).
     tokens: [B] int32, the tokens the first step reads (the prefill's samples).
     cache: the rows' KV cache, donated to the steps (tokens, key and routing are copied).
     key: the base PRNG key; step n samples with `step_key(key, n)`.
@@ -89,7 +107,7 @@ class Decoder:
     hand_out: how an in-place step hands out its tokens and routing (`HAND_OUTS`).
   """
 
-  def __init__(self, gen: Generator, tokens: jax.Array, cache: KVCache, key: jax.Array,
+  def __init__(self, gen: Stepping, tokens: jax.Array, cache: KVCache, key: jax.Array,
                sampling: SamplingConfig, *, routing: Routing = None, first_step: int = 1,
                hand_out: str = "program"):
     if hand_out not in HAND_OUTS:
@@ -144,7 +162,7 @@ class Decoder:
     return nxt, self.routing
 
 
-def decode_stepper(gen, batch: int, cache_len: int, seed: int, start: int = 0,
+def decode_stepper(gen: Stepping, batch: int, cache_len: int, seed: int, start: int = 0,
                    same_token: bool = False) -> tuple[Callable[..., jax.Array], Decoder]:
   """`one_step(feed_back=True)` runs one decode step of `gen` (a `Decoder`, as `generate` runs
   them) on a fresh cache whose first `start` slots count as filled, from a random token (the
