@@ -25,7 +25,6 @@ import numpy as np
 
 from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS, AdapterConfig
-from adafuse_jax.generation import Generator
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.stepper import HAND_OUTS, Decoder
@@ -79,8 +78,7 @@ def main() -> None:
                        modules=tuple(args.adapt_modules.split(",")))
   adapters = (B.build_adapters(model.cfg, variant.mode, acfg, dtype, 0)
               if variant.mode is not None else None)
-  gen = Generator(model, adapters=adapters, path=variant.path, backend=variant.backend,
-                  attention=variant.attention)
+  gen = B.variant_generator(model, variant, adapters)
   cache = gen.new_cache(1, args.cache_len)
   cache = cache.replace(length=jnp.asarray(args.cache_len // 2, jnp.int32))
   decoder = Decoder(gen, jnp.ones((1,), jnp.int32), cache, jax.random.key(0), SamplingConfig(),

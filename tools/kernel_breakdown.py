@@ -26,7 +26,6 @@ import jax.numpy as jnp
 
 from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS, AdapterConfig
-from adafuse_jax.generation import Generator
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.adapters.io import load_pool
@@ -121,10 +120,7 @@ def main() -> None:
     adapters = B.build_adapters(model.cfg, variant.mode, acfg, dtype, 0)
   else:
     adapters = load_pool(args.adapters, model.cfg, dtype=dtype)
-  sere = (B.calibrated_sere(model, adapters, primary_k=1, rho=0.0, seed=0)
-          if variant.sere else None)
-  gen = Generator(model, adapters=adapters, path=variant.path, backend=variant.backend,
-                  sere=sere)
+  gen = B.variant_generator(model, variant, adapters)
   cache_len = max(args.cache_len, args.tokens)
   step = gen.compiled(args.batch, args.tokens, cache_len, SamplingConfig())
   # Distinct token ids per row, so that the rows route to different experts.

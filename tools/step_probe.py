@@ -43,7 +43,6 @@ import numpy as np
 
 from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS, AdapterConfig
-from adafuse_jax.generation import Generator
 from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.stepper import Decoder
 from adafuse_jax.model.llama import LlamaModel
@@ -126,7 +125,7 @@ def main() -> None:
                        modules=tuple(args.adapt_modules.split(",")))
   adapters = (B.build_adapters(model.cfg, variant.mode, acfg, dtype, 0)
               if variant.mode is not None else None)
-  gen = Generator(model, adapters=adapters, path=variant.path, backend=variant.backend)
+  gen = B.variant_generator(model, variant, adapters)
   sampling = SamplingConfig()
   cache = gen.new_cache(1, args.cache_len)
   tokens = jnp.ones((1, 1), jnp.int32)

@@ -114,6 +114,17 @@ def calibrated_sere(model: LlamaModel, adapters: MixtureOfLoRA, *, primary_k: in
   return SereSettings(similarity=pregated_similarity(similarity), primary_k=primary_k, rho=rho)
 
 
+def variant_generator(model: LlamaModel, variant: Variant, adapters: MixtureOfLoRA | None, *,
+                      seed: int = 0) -> Generator:
+  """The `Generator` of one bench row (`MODE[-PATH][@BACKEND][+sere][+NAME-attention]`), as the
+  probes in `tools/` build it: the row's path, backend and attention, and for a `+sere` row SERE
+  at primary 1, rho 0 (`calibrated_sere`)."""
+  sere = (calibrated_sere(model, adapters, primary_k=1, rho=0.0, seed=seed)
+          if variant.sere else None)
+  return Generator(model, adapters=adapters, path=variant.path, backend=variant.backend,
+                   sere=sere, attention=variant.attention)
+
+
 def bench_mode(model: LlamaModel, adapters: MixtureOfLoRA | None, *, batch: int, cache_len: int,
                warmup: int, steps: int, prefill_lengths: tuple[int, ...], seed: int,
                path: PathName = PathName.XLA, backend: str = "auto", sere=None,
