@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv norm-fold flags step host autotune expand attention switch bgmv-sweep gathered-probe
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv norm-fold flags step host prefill autotune expand attention switch bgmv-sweep gathered-probe
 #   (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
@@ -130,12 +130,18 @@ for part in $parts; do
       # swapped, no-work and stable-buffer programs), interleaved in one process.
       for mode in ${STEP_MODES:-backbone-packed pregated-packed}; do
         timeout "${STEP_S:-200}" python3 tools/step_probe.py --mode "$mode" \
-          ${STEP_OPTIONS:+--options "$STEP_OPTIONS"} 2>>"$out/step.log" \
+          ${STEP_OPTIONS:+--options "$STEP_OPTIONS"} ${STEP_SWAPS:+--swaps "$STEP_SWAPS"} 2>>"$out/step.log" \
           | tee -a "$out/step.jsonl"
       done
       # The host's cost of one call by its number of arrays (a 7B packed step takes ~206).
       timeout 120 python3 tools/dispatch_probe.py --out "$out/dispatch.jsonl" 2>>"$out/step.log" \
         | cut -c1-60 ;;
+    prefill)
+      # A prompt pass with XLA's attention as the library writes it beside the einsums it
+      # replaced, interleaved in one process (tools/prefill_probe.py; prefill.jsonl).
+      timeout "${PREFILL_S:-300}" python3 tools/prefill_probe.py --mode "${PREFILL_MODE:-backbone-packed}" \
+        --batches "${BATCHES:-1,8}" --length "${LENGTH:-512}" --rounds "${ROUNDS:-5}" \
+        2>"$out/prefill.log" | tee "$out/prefill.jsonl" | cut -c1-200 ;;
     autotune)
       # What a second start of the server saves: compile_probe on empty caches, then again with
       # XLA's per-fusion autotune cache kept on disk (JAX's compilation cache off, so it compiles
@@ -187,6 +193,6 @@ for part in $parts; do
         --rank "${RANK:-64}" --top-k "${TOP_K:-4}" --batch "${BATCH:-32}" --rounds "${ROUNDS:-5}" \
         ${VARIANTS:+--variants "$VARIANTS"} 2>"$out/gathered-probe.log" \
         | tee "$out/gathered-probe.jsonl" | cut -c1-160 ;;
-    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, norm-fold, flags, step, autotune, expand, attention, switch, bgmv-sweep, gathered-probe)"; exit 2 ;;
+    *) echo "unknown part $part (tests, layers, bench, floor, serve, probe, gemv, norm-fold, flags, step, prefill, autotune, expand, attention, switch, bgmv-sweep, gathered-probe)"; exit 2 ;;
   esac
 done
