@@ -17,7 +17,8 @@ from pallas_kernels.decode_attention.reference import (decode_attention_append_r
                                                      decode_attention_reference)
 from pallas_kernels.decode_attention.triton import (Tiles, decode_attention,
                                                   decode_attention_append, split_plan)
-from adafuse_jax.model.layers import attention, window_widths, windowed_attention
+from adafuse_jax.model.layers import (attention, head_order_attention, token_order_attention,
+                                      window_widths, windowed_attention)
 
 INTERPRET = jax.default_backend() != "gpu"
 SMALL = Tiles(block_s=16, target_programs=24)
@@ -92,10 +93,13 @@ def test_model_attention_equals_the_kernel_for_one_token():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("form", [attention, token_order_attention, head_order_attention],
+                         ids=["backend's", "token-order", "head-order"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_model_attention_matches_the_reference_token_by_token(dtype):
+def test_model_attention_matches_the_reference_token_by_token(dtype, form):
   """The model's `attention` over several query tokens (a prompt: each token its own causal
-  mask, rows left-padded) equals the f32 reference run one token at a time."""
+  mask, rows left-padded) equals the f32 reference run one token at a time, in both forms
+  (the CPU's and the GPU's)."""
   batch, tokens, slots, kv_heads, groups, head_dim = 2, 5, 37, 3, 3, 24
   keys = jax.random.split(jax.random.key(11), 3)
   q = jax.random.normal(keys[0], (batch, tokens, kv_heads * groups, head_dim)).astype(dtype)
@@ -105,7 +109,7 @@ def test_model_attention_matches_the_reference_token_by_token(dtype):
   slot = np.arange(slots)
   last = ends[:, None] - tokens + np.arange(tokens)  # token t reads up to slot last[b, t]
   mask = jnp.asarray((slot >= pads[:, None, None]) & (slot <= last[..., None]))
-  got = jax.jit(attention)(q, k, v, mask)
+  got = jax.jit(form)(q, k, v, mask)
   assert got.shape == q.shape and got.dtype == dtype
   want = jnp.stack([decode_attention_reference(q[:, t], k, v, mask[:, t])
                     for t in range(tokens)], axis=1)

@@ -7,8 +7,9 @@ each timed call writes one token's key and value into every layer's buffers (don
 and attends to them, `--layers` layers chained through the query as the model chains them.
 Forms:
 - `library`: `model.layers.attention`, the cache as the model holds it, `[B, S, Hkv, hd]`;
-- `einsum`: the library's form before 2026-12-04 (`einsum_attention`: the same products as
-  einsums whose results put the query heads before the tokens);
+- `einsum`: the library's form before 2026-12-04, still the GPU's (`model.layers.
+  head_order_attention`: the same products as einsums whose results put the query heads before
+  the tokens);
 - `heads-major`: the cache held `[B, Hkv, S, hd]`, so the products need no transpose;
 - `flat`: the cache read as `[B, S, Hkv*hd]` against a block-diagonal query, one plain product
   each way (Hkv times the multiply-adds, no batch dimensions);
@@ -34,22 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from adafuse_jax.bench.measure import ratio_interval
-from adafuse_jax.model.layers import attention, windowed_attention
+from adafuse_jax.model.layers import attention, head_order_attention, windowed_attention
 
 HQ, HKV, HD = 9, 3, 64
-
-
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """`model.layers.attention` as it was written before 2026-12-04 (same shapes and result)."""
-  b, t, hq, hd = q.shape
-  hkv = k.shape[2]
-  q = q.reshape(b, t, hkv, hq // hkv, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (1.0 / math.sqrt(hd))
-  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-  return out.reshape(b, t, hq, hd).astype(q.dtype)
 
 
 def heads_major(q, k, v, mask):
@@ -84,7 +72,7 @@ def reduce(q, k, v, mask):
 
 
 # name -> (attention, the buffers' slot axis)
-FORMS = {"library": (attention, 1), "einsum": (einsum_attention, 1),
+FORMS = {"library": (attention, 1), "einsum": (head_order_attention, 1),
          "windowed": (windowed_attention, 1), "heads-major": (heads_major, 2), "flat": (flat, 1),
          "reduce": (reduce, 1)}
 

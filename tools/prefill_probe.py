@@ -1,8 +1,10 @@
-"""One prompt pass (prefill) with XLA's attention written two ways, timed side by side in one
-process: `library` (`model.layers.attention`, the two `lax.dot_general`s since 2026-12-04) and
-`einsum` (`cpu_attention_forms.einsum_attention`, the einsums it replaced). A prompt pass runs
-XLA's attention on every backend (the decode kernels take one token), so the change reached the
-GPU's prompts too: this says what it did there.
+"""One prompt pass (prefill) with XLA's attention written in each of its forms, timed side by
+side in one process: `library` (`model.layers.attention`: the form this backend takes),
+`token-order` (`token_order_attention`: two `lax.dot_general`s, results [B, Hkv, T, G, ...], the
+CPU's since 2026-12-04) and `einsum` (`head_order_attention`: einsums, results [B, Hkv, G, T,
+...], the GPU's). A prompt pass runs XLA's attention on every backend (the decode kernels take
+one token), so a form chosen for the CPU's decode reaches the GPU's prompts too: this says what
+it does there.
 
     PYTHONPATH=. python tools/prefill_probe.py [--preset llama2-7b --mode backbone-packed \
         --batches 1,8 --length 512 --rounds 5]                      # GPU, bf16
@@ -12,7 +14,7 @@ Each form is one AOT-compiled `Generator._forward` over tokens [B, length] into 
 `--cache-len` slots; forms are timed in interleaved rounds (A B A B ...) of `--calls` calls each.
 JSON lines: ms per pass (median over rounds), tokens/s, each form's ratio to the first form
 (`vs_<first form>`: paired by round, median and 95% t-interval, as the bench's ratios), and the
-largest absolute difference of the two forms' logits.
+largest absolute difference of its logits from the first form's.
 """
 
 from __future__ import annotations
@@ -27,13 +29,12 @@ import numpy as np
 
 from adafuse_jax.bench import measure as B
 from adafuse_jax.config import PRESETS, AdapterConfig
-from adafuse_jax.model.layers import attention
+from adafuse_jax.model.layers import attention, head_order_attention, token_order_attention
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.vocab import parse_variant
-from cpu_attention_forms import einsum_attention
-
-FORMS = {"library": attention, "einsum": einsum_attention}
+FORMS = {"library": attention, "token-order": token_order_attention,
+         "einsum": head_order_attention}
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
   p.add_argument("--cache-len", type=int, default=None, help="default: twice --length")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--calls", type=int, default=5, help="passes per form and round")
-  p.add_argument("--forms", default=",".join(FORMS))
+  p.add_argument("--forms", default="token-order,einsum")
   args = p.parse_args()
   forms = args.forms.split(",")
   unknown = sorted(set(forms) - set(FORMS))

@@ -25,7 +25,8 @@ experts, same order) instead of `lax.top_k`, with each layer's attention in XLA'
 instead of the library's default (the Pallas decode-attention kernel on one GPU), and with
 each RMSNorm as one Pallas kernel (`pallas_kernels.rms_norm`) instead of XLA's reduction and
 multiply, and with XLA's attention written as the library wrote it before 2026-12-04
-(`cpu_attention_forms.einsum_attention`; `--swaps` picks which of these four compile). On the
+(`model.layers.head_order_attention`, still the GPU's) and as the CPU writes it since
+(`token_order_attention`; `--swaps` picks which of these five compile). On the
 CPU: XLA's defaults, its XNNPACK graph fusion, its oneDNN dots and its YNNPACK fusions off.
 Each JSON line: a program's medians over the rounds, and its ratio to the first option set's
 program (`vs_first_*`: paired by round, median and 95% t-interval, as the bench's ratios).
@@ -46,9 +47,8 @@ from adafuse_jax.config import PRESETS, AdapterConfig
 from adafuse_jax.sampling import SamplingConfig
 from adafuse_jax.stepper import Decoder
 from adafuse_jax.model.llama import LlamaModel
-from adafuse_jax.model.layers import ATTENTION
+from adafuse_jax.model.layers import ATTENTION, head_order_attention, token_order_attention
 from adafuse_jax.vocab import parse_variant
-from cpu_attention_forms import einsum_attention
 
 GPU_OPTIONS = {
     "defaults": {},
@@ -92,7 +92,8 @@ def pallas_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 SWAPS = {"defaults, argmax top-k": "argmax-top-k", "defaults, xla attention": "xla-attention",
          "defaults, pallas rms_norm": "pallas-rms-norm",
-         "defaults, einsum attention": "einsum-attention"}
+         "defaults, einsum attention": "einsum-attention",
+         "defaults, token-order attention": "token-order-attention"}
 
 
 def main() -> None:
@@ -153,7 +154,8 @@ def main() -> None:
       ("defaults, argmax top-k", paths_base, "top_k_gates", argmax_top_k_gates),
       ("defaults, xla attention", gen, "attend_fn", ATTENTION["xla"]),
       ("defaults, pallas rms_norm", llama, "rms_norm", pallas_rms_norm),
-      ("defaults, einsum attention", gen, "attend_fn", einsum_attention)]:
+      ("defaults, einsum attention", gen, "attend_fn", head_order_attention),
+      ("defaults, token-order attention", gen, "attend_fn", token_order_attention)]:
     if SWAPS[name] not in args.swaps.split(","):
       continue
     original = getattr(module, attr)

@@ -89,7 +89,9 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Grouped-query attention of queries against a (cached) key/value buffer.
+  """Grouped-query attention of queries against a (cached) key/value buffer, written the way
+  this backend runs fastest (`token_order_attention` on the CPU, `head_order_attention` on
+  a GPU; the same products).
 
   Args:
     q: [B, T, Hq, hd] queries.
@@ -98,14 +100,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   Returns:
     [B, T, Hq, hd] in q's dtype; scores and softmax run in f32.
   """
+  if jax.default_backend() == "cpu":
+    return token_order_attention(q, k, v, mask)
+  return head_order_attention(q, k, v, mask)
+
+
+def token_order_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array) -> jax.Array:
+  """`attention` (same arguments) as two dot_generals batched over (row, KV head), their
+  results in dot_general's own order [B, Hkv, T, G, ...]. Asked for [B, Hkv, G, T, S] (the
+  head order), XLA:CPU also transposes each layer's query and probabilities into copies of their
+  own: the default model's 30 layers of attention took 1.30x [1.22, 1.41] this form's time at
+  128 slots (docs/benchmarks/cpu/attention-dot-general/). On the H200 it is no faster in a
+  decode step and slower in a one-row prompt pass (`head_order_attention`)."""
   b, t, hq, hd = q.shape
   hkv = k.shape[2]
   q = q.reshape(b, t, hkv, hq // hkv, hd)
-  # Both products as dot_generals batched over (row, KV head), results in dot_general's own
-  # order [B, Hkv, T, G, ...]. The einsums this replaced asked for [B, Hkv, G, T, S]; XLA:CPU
-  # then also transposed each layer's query and probabilities into copies of their own, and the
-  # default model's 30 layers of attention took 1.30x [1.22, 1.41] this form's time at 128 slots
-  # (docs/benchmarks/cpu/attention-dot-general/).
   scores = jax.lax.dot_general(q, k, (((4,), (3,)), ((0, 2), (0, 2))),
                                preferred_element_type=jnp.float32)  # [B, Hkv, T, G, S]
   scores = scores * (1.0 / math.sqrt(hd))
@@ -114,6 +124,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   out = jax.lax.dot_general(probs, v, (((4,), (1,)), ((0, 1), (0, 2))),
                             preferred_element_type=jnp.float32)  # [B, Hkv, T, G, hd]
   return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, t, hq, hd).astype(q.dtype)
+
+
+def head_order_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                         mask: jax.Array) -> jax.Array:
+  """`attention` (same arguments) as einsums whose results put the query heads before the
+  tokens, [B, Hkv, G, T, S]: the library's only form before 2026-12-04 and the GPU's. On the
+  H200 a 512-token prompt pass of the 7B preset took 0.951x [0.923, 0.965] the token order's
+  time at one row, 0.999x [0.992, 1.006] at eight (docs/benchmarks/h200/xla-attention-forms/)."""
+  b, t, hq, hd = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, t, hkv, hq // hkv, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / math.sqrt(hd))
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, hq, hd).astype(q.dtype)
 
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -203,7 +230,7 @@ def windowed_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
       for w in widths], q, k, v, mask)
 
 
-# How a decode step's attention runs: "xla" (`attention`: two dot_generals and a softmax, fused
+# How a decode step's attention runs: "xla" (`attention`: two products and a softmax, fused
 # by XLA), "windowed" (`windowed_attention`: the same over the buffers' written part), "pallas"
 # (the Pallas kernel reading the cache that XLA's fusions rotated and wrote: `kernel_attention`) or
 # "pallas-append" (the Pallas kernel that also rotates the token and writes it into the cache:
