@@ -12,13 +12,13 @@ call, and hands the host each step's token (and routing) through a second, tiny 
 copies them out (its outputs are fresh; the big step's are not). Merging generators (two
 programs per step) and tensor-parallel ones keep the plain form, same tokens.
 
-A step with a router gains nothing from it yet: the pre-gated 7B step took 7.24 ms synced
-either way, in place or fed back in the plain form (its host call ~3.4 ms whatever the buffers;
-the same step called again on one fixed token array, with nothing dispatched between calls,
-5.42): anything dispatched right after it waits. `hand_out="outputs"` returns the tokens and
-routing as the step's own fresh outputs instead of through a second program (the probe's
-in-place step with its token as a fresh output: 5.57 ms synced, the backbone's 4.89 against
-4.58 with nothing handed out); the default stays "program" until this form is measured.
+A step with a router is different: it holds the host for the whole step (~3.4 ms on the 7B)
+and anything dispatched right after it waits, the second program too. So a routed step hands
+its tokens and routing out as its own fresh outputs (`hand_out="outputs"`): on the H200 (7B,
+batch 1, `docs/benchmarks/h200/decoder/`, 2026-12-05) the pre-gated step took 5.60 ms synced
+that way against 7.80 through the second program (pipelined 4.32 against 4.31), while the
+backbone's step keeps the second program (4.59 ms synced against 5.03 as outputs). `hand_out="auto"`
+(the default) chooses so: "outputs" when the generator routes, else "program".
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class Stepping(Protocol):
 
   def new_cache(self, batch: int, cache_len: int) -> KVCache: ...
 # How an in-place step hands its tokens and routing to the host: a second, tiny program that
-# copies them out of the state ("program"), or the step's own fresh outputs ("outputs").
+# copies them out of the state ("program"), or the step's own fresh outputs ("outputs");
+# a `Decoder` also takes "auto" (`resolve_hand_out`).
 HAND_OUTS = ("program", "outputs")
 
 
@@ -85,6 +86,17 @@ def step_key(key: jax.Array, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(key, step)
 
 
+def resolve_hand_out(gen: Stepping, batch: int, hand_out: str) -> str:
+  """The `HAND_OUTS` form `hand_out` means for `gen`'s steps of `batch` rows: "auto" is
+  "outputs" for a generator that routes (its step holds the host, see the module's docstring),
+  else "program". A ValueError names the choices for an unknown name."""
+  if hand_out == "auto":
+    return "outputs" if gen.routing_shapes(batch) is not None else "program"
+  if hand_out not in HAND_OUTS:
+    raise ValueError(f"hand_out {hand_out!r}: one of auto, {', '.join(HAND_OUTS)}")
+  return hand_out
+
+
 def _read(state: DecodeState) -> tuple[jax.Array, Routing]:
   return state.tokens[:, 0], state.routing
 
@@ -104,14 +116,14 @@ class Decoder:
     routing: the prefill's (experts [B, k], gates), or None (without a router, or before any
       step has routed).
     first_step: the number of the first step (1: the prefill sampled with step 0's key).
-    hand_out: how an in-place step hands out its tokens and routing (`HAND_OUTS`).
+    hand_out: how an in-place step hands out its tokens and routing (`HAND_OUTS`, or "auto":
+      `resolve_hand_out`).
   """
 
   def __init__(self, gen: Stepping, tokens: jax.Array, cache: KVCache, key: jax.Array,
                sampling: SamplingConfig, *, routing: Routing = None, first_step: int = 1,
-               hand_out: str = "program"):
-    if hand_out not in HAND_OUTS:
-      raise ValueError(f"hand_out {hand_out!r}: one of {', '.join(HAND_OUTS)}")
+               hand_out: str = "auto"):
+    hand_out = resolve_hand_out(gen, tokens.shape[0], hand_out)
     self.gen = gen
     self.routing: Routing = None  # the last step's, as `step` returned it
     self.in_place = gen.keeps_state()

@@ -13,7 +13,7 @@ from adafuse_jax.config import AdapterConfig
 from adafuse_jax.generation import Generator
 from adafuse_jax.model import LlamaModel
 from adafuse_jax.sampling import SamplingConfig
-from adafuse_jax.stepper import HAND_OUTS, Decoder, step_key
+from adafuse_jax.stepper import HAND_OUTS, Decoder, resolve_hand_out, step_key
 from tests.conftest import tiny_config
 
 BATCH, CACHE, STEPS = 2, 32, 6
@@ -96,8 +96,8 @@ def test_state_keeps_its_addresses_and_handed_out_tokens_stay_readable(which, re
                          ids=["greedy", "sampled"])
 def test_routed_steps_in_place_equal_plain_steps_and_hand_out_their_routing(pregated_gen,
                                                                              sampling):
-  """With a router, the routing of each step comes back beside its tokens (copied out of the
-  donated state, so readable after later steps), as the plain step routes."""
+  """With a router, the routing of each step comes back beside its tokens (fresh arrays, so
+  readable after later steps), as the plain step routes."""
   gen = pregated_gen
   assert gen.keeps_state()
   nxt, cache, routing = start(gen, sampling)
@@ -151,3 +151,19 @@ def test_steps_handing_out_fresh_outputs_equal_the_read_program(which, request):
     chex.assert_trees_all_close(ra, rb)
   with pytest.raises(ValueError, match="hand_out 'both': one of program, outputs"):
     gen.compiled_decode(BATCH, CACHE, SamplingConfig(), "both")
+
+
+def test_auto_hand_out_is_outputs_for_a_routed_step_and_the_program_otherwise(lora_gen,
+                                                                              pregated_gen):
+  """A routed step holds the host until it ends, so its tokens come out as its own outputs;
+  a step without a router keeps the second program (stepper's docstring has the H200 times)."""
+  assert resolve_hand_out(pregated_gen, BATCH, "auto") == "outputs"
+  assert resolve_hand_out(lora_gen, BATCH, "auto") == "program"
+  assert resolve_hand_out(pregated_gen, BATCH, "program") == "program"
+  nxt, cache, routing = start(pregated_gen, SamplingConfig())
+  decoder = Decoder(pregated_gen, nxt, cache, jax.random.key(7), SamplingConfig(),
+                    routing=routing)
+  assert decoder.hand_out == "outputs" and decoder.state.routing is None
+  with pytest.raises(ValueError, match="hand_out 'both': one of auto, program, outputs"):
+    Decoder(lora_gen, nxt, lora_gen.new_cache(BATCH, CACHE), jax.random.key(7),
+            SamplingConfig(), hand_out="both")
