@@ -118,9 +118,7 @@ def token_order_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   q = q.reshape(b, t, hkv, hq // hkv, hd)
   scores = jax.lax.dot_general(q, k, (((4,), (3,)), ((0, 2), (0, 2))),
                                preferred_element_type=jnp.float32)  # [B, Hkv, T, G, S]
-  scores = scores * (1.0 / math.sqrt(hd))
-  scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = _masked_softmax(scores, mask[:, None, :, None, :], hd, v.dtype)
   out = jax.lax.dot_general(probs, v, (((4,), (1,)), ((0, 1), (0, 2))),
                             preferred_element_type=jnp.float32)  # [B, Hkv, T, G, hd]
   return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, t, hq, hd).astype(q.dtype)
@@ -136,11 +134,18 @@ def head_order_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   hkv = k.shape[2]
   q = q.reshape(b, t, hkv, hq // hkv, hd)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (1.0 / math.sqrt(hd))
-  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = _masked_softmax(scores, mask[:, None, None, :, :], hd, v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, t, hq, hd).astype(q.dtype)
+
+
+def _masked_softmax(scores: jax.Array, visible: jax.Array, head_dim: int,
+                    dtype: jnp.dtype) -> jax.Array:
+  """Both forms' probabilities: f32 scores [..., S] scaled by 1/sqrt(head_dim), slots where
+  `visible` (broadcast to the scores) is False left out, softmax over S, cast to `dtype`."""
+  scores = scores * (1.0 / math.sqrt(head_dim))
+  scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
