@@ -88,10 +88,12 @@ def step_key(key: jax.Array, step: jax.Array) -> jax.Array:
 
 def resolve_hand_out(gen: Stepping, batch: int, hand_out: str) -> str:
   """The `HAND_OUTS` form `hand_out` means for `gen`'s steps of `batch` rows: "auto" is
-  "outputs" for a generator that routes (its step holds the host, see the module's docstring),
-  else "program". A ValueError names the choices for an unknown name."""
+  "outputs" for an in-place generator that routes (its step holds the host, see the module's
+  docstring), else "program" (a plain-form generator hands nothing out either way, so its
+  routing is not traced). A ValueError names the choices for an unknown name."""
   if hand_out == "auto":
-    return "outputs" if gen.routing_shapes(batch) is not None else "program"
+    routes = gen.keeps_state() and gen.routing_shapes(batch) is not None
+    return "outputs" if routes else "program"
   if hand_out not in HAND_OUTS:
     raise ValueError(f"hand_out {hand_out!r}: one of auto, {', '.join(HAND_OUTS)}")
   return hand_out
