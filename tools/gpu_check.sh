@@ -137,8 +137,9 @@ for part in $parts; do
       timeout 120 python3 tools/dispatch_probe.py --out "$out/dispatch.jsonl" 2>>"$out/step.log" \
         | cut -c1-60 ;;
     prefill)
-      # A prompt pass with XLA's attention as the library writes it beside the einsums it
-      # replaced, interleaved in one process (tools/prefill_probe.py; prefill.jsonl).
+      # A prompt pass with XLA's attention in token order (dot_generals, the CPU's form) beside
+      # the head order (einsums, the GPU's), interleaved in one process (tools/prefill_probe.py;
+      # prefill.jsonl).
       timeout "${PREFILL_S:-300}" python3 tools/prefill_probe.py --mode "${PREFILL_MODE:-backbone-packed}" \
         --batches "${BATCHES:-1,8}" --length "${LENGTH:-512}" --rounds "${ROUNDS:-5}" \
         2>"$out/prefill.log" | tee "$out/prefill.jsonl" | cut -c1-200 ;;
