@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import pathlib
 
 import jax
@@ -10,6 +12,24 @@ import pytest
 from adafuse_jax.config import ModelConfig
 
 DATA = pathlib.Path(__file__).parent / "data"
+
+
+def _cpu_compiles_without_llvm_optimisation() -> None:
+  """On a CPU-only run, compile at LLVM -O0 (this process and every subprocess it starts, which
+  inherit the environment). The suite's time is mostly compiling small programs it runs a few
+  times: on the 2-core CI machine three of its heaviest tests took 0.80x and 0.84x the time in two
+  alternating rounds (`bash tools/test_opt_level_ab.sh`, docs/correctness.md). Tests check
+  behaviour, not speed. Left alone where a GPU plugin is installed, and where XLA_FLAGS already
+  set a level. Runs before any backend exists: XLA reads the flags when the first one starts."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  gpu_plugin = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+  if "xla_backend_optimization_level" in flags or (platforms != "cpu" and gpu_plugin):
+    return
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+
+
+_cpu_compiles_without_llvm_optimisation()
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

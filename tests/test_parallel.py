@@ -20,14 +20,20 @@ from tests.conftest import tiny_config
 WORKER = pathlib.Path(__file__).parent / "parallel_worker.py"
 
 
+def _cpu_devices(devices: int) -> dict:
+  """The environment of a subprocess on `devices` simulated CPU devices, compiling at LLVM -O0
+  (its programs are small and run a few times: compiling is its time, a third less at -O0 for
+  the worker below; 1 and N devices compile alike)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_backend_optimization_level" not in flags:
+    flags += " --xla_backend_optimization_level=0"
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
+
+
 def _worker(part: str) -> dict:
-  # LLVM at -O0: the worker compiles ~100 programs of a tiny model and runs each a few times,
-  # so compiling is its time (a third less at -O0); 1 and N devices compile alike.
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4"
-                       " --xla_backend_optimization_level=0")
   r = subprocess.run([sys.executable, str(WORKER), part], capture_output=True, text=True,
-                     env=env, timeout=900, cwd=WORKER.parent.parent)
+                     env=_cpu_devices(4), timeout=900, cwd=WORKER.parent.parent)
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert out["devices"] == 4
@@ -132,12 +138,10 @@ def test_bad_device_counts_are_named_errors():
 def test_cli_default_model_and_pool_on_three_devices_writes_the_same_text():
   """SmolLM2-135M has 9 heads and 3 KV heads: 3 devices is the split that divides them."""
   def decode(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     r = subprocess.run([sys.executable, "-m", "adafuse_jax.decode", "--devices", str(devices),
                         "--adapters", "default", "--max-new-tokens", "12", "--json",
                         "--prompt", "The capital of France is", "--prompt", "def add(a, b):"],
-                       capture_output=True, text=True, env=env, timeout=600)
+                       capture_output=True, text=True, env=_cpu_devices(devices), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout)
   one, three = decode(1), decode(3)
@@ -148,12 +152,10 @@ def test_cli_default_model_and_pool_on_three_devices_writes_the_same_text():
 def test_bench_runs_rows_on_a_mesh(tmp_path):
   """`python -m adafuse_jax.bench --devices 2`: every row runs split, the floor is per device
   (simulated CPU devices: a check that it runs and records, not a speed figure)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
   r = subprocess.run([sys.executable, "-m", "adafuse_jax.bench", "--preset", "tiny",
                       "--devices", "2", "--modes", "backbone,pregated-packed,pregated-gathered", "--steps", "20",
                       "--rounds", "2", "--prefill", "", "--out", str(tmp_path)],
-                     capture_output=True, text=True, env=env, timeout=600)
+                     capture_output=True, text=True, env=_cpu_devices(2), timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   report = json.loads((tmp_path / "results.json").read_text())
   assert report["devices"] == 2
