@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import tempfile
 
 import jax
 import pytest
@@ -30,6 +31,10 @@ def _cpu_compiles_without_llvm_optimisation() -> None:
 
 
 _cpu_compiles_without_llvm_optimisation()
+
+# The decode CLI and the server keep compiled programs under $XDG_CACHE_HOME by default: the
+# suite's processes write them to a directory of this run, not to the user's home.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="adafuse-tests-cache-")
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

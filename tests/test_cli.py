@@ -87,15 +87,26 @@ def test_a_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
   assert json.loads(second.stdout)["completions"] == json.loads(first.stdout)["completions"]
 
 
-def test_compile_cache_auto_is_off_on_the_cpu_and_off_is_off():
+def test_compile_cache_auto_uses_the_cache_home_and_off_is_off(tmp_path, monkeypatch):
+  """auto: $XDG_CACHE_HOME/adafuse-jax/xla on the CPU too, and no cache (not an error) where that
+  cannot be written; off switches nothing on."""
   import jax
 
   from adafuse_jax import compile_cache
 
-  assert jax.default_backend() == "cpu" and not jax.config.jax_compilation_cache_dir
-  assert compile_cache.from_option("auto") is None
-  assert compile_cache.from_option("off") is None
-  assert not jax.config.jax_compilation_cache_dir  # nothing switched on for the process
+  before = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", None)
+  try:
+    assert compile_cache.from_option("off") is None
+    assert not jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache.from_option("auto") == tmp_path / "adafuse-jax" / "xla"
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "adafuse-jax" / "xla")
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/proc/no-such-dir")
+    assert compile_cache.from_option("auto") is None
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
 
 
 def test_help_documents_every_option():
