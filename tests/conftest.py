@@ -17,11 +17,12 @@ DATA = pathlib.Path(__file__).parent / "data"
 
 def _cpu_compiles_without_llvm_optimisation() -> None:
   """On a CPU-only run, compile at LLVM -O0 (this process and every subprocess it starts, which
-  inherit the environment). The suite's time is mostly compiling small programs it runs a few
-  times: on the 2-core CI machine three of its heaviest tests took 0.80x and 0.84x the time in two
-  alternating rounds (`bash tools/test_opt_level_ab.sh`, docs/correctness.md). Tests check
-  behaviour, not speed. Left alone where a GPU plugin is installed, and where XLA_FLAGS already
-  set a level. Runs before any backend exists: XLA reads the flags when the first one starts."""
+  inherit the environment). Much of the suite's time is compiling small programs it runs a few
+  times: on a 2-core machine three of its heaviest tests took 0.87x-0.96x the time, 0.931x
+  together, over three alternating rounds (`bash tools/test_opt_level_ab.sh 3`,
+  docs/benchmarks/cpu/test-compile-level/). Tests check behaviour, not speed. Left alone where a
+  GPU plugin is installed, and where XLA_FLAGS already set a level. Runs before any backend
+  exists: XLA reads the flags when the first one starts."""
   flags = os.environ.get("XLA_FLAGS", "")
   platforms = os.environ.get("JAX_PLATFORMS", "")
   gpu_plugin = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
