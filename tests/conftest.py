@@ -23,12 +23,17 @@ def _cpu_compiles_without_llvm_optimisation() -> None:
   docs/benchmarks/cpu/test-compile-level/). Tests check behaviour, not speed. Left alone where a
   GPU plugin is installed, and where XLA_FLAGS already set a level. Runs before any backend
   exists: XLA reads the flags when the first one starts."""
-  flags = os.environ.get("XLA_FLAGS", "")
   platforms = os.environ.get("JAX_PLATFORMS", "")
   gpu_plugin = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
-  if "xla_backend_optimization_level" in flags or (platforms != "cpu" and gpu_plugin):
-    return
-  os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+  if platforms == "cpu" or not gpu_plugin:
+    os.environ["XLA_FLAGS"] = llvm_o0(os.environ.get("XLA_FLAGS", ""))
+
+
+def llvm_o0(flags: str) -> str:
+  """XLA_FLAGS `flags` with the LLVM level set to 0, unless they already set a level."""
+  if "xla_backend_optimization_level" in flags:
+    return flags
+  return f"{flags} --xla_backend_optimization_level=0".strip()
 
 
 _cpu_compiles_without_llvm_optimisation()

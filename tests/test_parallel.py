@@ -15,7 +15,7 @@ import pytest
 
 from adafuse_jax.errors import UserError
 from adafuse_jax.parallel import check_divisible, make_mesh
-from tests.conftest import tiny_config
+from tests.conftest import llvm_o0, tiny_config
 
 WORKER = pathlib.Path(__file__).parent / "parallel_worker.py"
 
@@ -24,11 +24,9 @@ def _cpu_devices(devices: int) -> dict:
   """The environment of a subprocess on `devices` simulated CPU devices, compiling at LLVM -O0
   (its programs are small and run a few times: compiling is its time, a third less at -O0 for
   the worker below; 1 and N devices compile alike)."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_backend_optimization_level" not in flags:
-    flags += " --xla_backend_optimization_level=0"
+  flags = llvm_o0(os.environ.get("XLA_FLAGS", ""))
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
+              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}")
 
 
 def _worker(part: str) -> dict:

@@ -3,7 +3,7 @@
 # CLI twice in subprocesses, a bf16 training run) under XLA's default LLVM level (2) and at -O0
 # (what tests/conftest.py sets on a CPU-only run), alternating over ROUNDS rounds, one pytest
 # process each. Prints one line per test and round:  round level seconds test.
-#   bash tools/test_opt_level_ab.sh [ROUNDS]    (default 2; ~4 min a run on a 2-core machine)
+#   bash tools/test_opt_level_ab.sh [ROUNDS]    (default 2; ~4 min a pytest process on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu
