@@ -214,7 +214,7 @@ class Generator:
     """
     model = nnx.merge(self.graphdef, params)
     runtime = None
-    linear: LinearFn = self.path.backbone(derived)
+    linear: LinearFn = self.path.backbone(derived, backend=self.backend, mesh=self.mesh)
     if adapter_params is not None:
       adapters = nnx.merge(self.adapters_graphdef, adapter_params)
       runtime = self.path.runtime(adapters, derived, sere=self.sere, backend=self.backend,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe gemv norm-fold flags step host prefill autotune expand attention switch bgmv-sweep gathered-probe
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe swiglu-down gemv norm-fold flags step host prefill autotune expand attention switch bgmv-sweep gathered-probe
 #   (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
@@ -90,6 +90,18 @@ for part in $parts; do
         timeout 200 python3 tools/kernel_breakdown.py --preset llama2-7b --mode "$mode" \
           --out /tmp/kb >>"$out/probe.log" 2>&1 && cat /tmp/kb/kernels_"$mode".md >>"$out/kernels.md"
       done ;;
+    swiglu-down)
+      # The MLP's tail as one Pallas launch (pallas_kernels/swiglu_down): its tests compiled, the
+      # probe against XLA's kernels (swiglu-down.jsonl), and the 7B step at batch 1 with it
+      # (backend "triton" on the packed path) beside XLA's, interleaved (fused-mlp-b1/).
+      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_swiglu_down.py 2>&1 \
+        | tee "$out/swiglu-down-tests.log" | tail -3
+      (cd tools && timeout "${SWIGLU_S:-200}" python3 swiglu_down_probe.py --rounds "${ROUNDS:-5}" \
+        ${TILES:+--tiles $TILES} 2>>"$out/swiglu-down.log" | tee "$out/swiglu-down.jsonl" | cut -c1-150)
+      timeout "${FLOOR_S:-300}" python3 -m adafuse_jax.bench --preset llama2-7b --prefill "" \
+        --batch "${BATCH:-1}" --steps 32 --rounds "${ROUNDS:-5}" --torch-peer off \
+        --modes "${MODES:-backbone-packed,backbone-packed@triton,pregated-packed,pregated-packed@triton}" \
+        --out "$out/fused-mlp-b${BATCH:-1}" 2>&1 | tee -a "$out/swiglu-down.log" | tail -8 ;;
     gemv)
       # XLA's dot against Pallas GEMVs (Triton split-K, Mosaic GPU swap-AB; KINDS) on the 7B
       # module shapes (tools/gemv_sweep.py).

@@ -15,7 +15,9 @@ Adapters enter through one seam: every linear module is applied by a `LinearFn`
 `(name, layer, x, weights) -> y`, where `weights` is the module's whole weight (stacked or a
 tuple) so that a kernel can read layer `layer` in place. The backbone's is `x @ weights[layer]`;
 an adapter runtime adds expert deltas (unmerged), calls the fused kernel, or leaves it alone
-when the experts were merged into the weights.
+when the experts were merged into the weights. A `LinearFn` may also offer the MLP's tail whole:
+a method `mlp_down(layer, x) -> y or None` (x the normed input of gate/up [..., D], y down's
+output [..., D]) lets a path run gate/up, SwiGLU and down as fewer kernels; None declines.
 """
 
 from __future__ import annotations
@@ -115,6 +117,17 @@ class LlamaModel(nnx.Module):
       return self
     return LlamaModel(self.cfg, weights=self.stacked_weights(), dtype=self.dtype, layout=layout)
 
+  def _mlp_tail(self, linear: LinearFn, layer: int, x: jax.Array) -> jax.Array:
+    """down(silu(gate(x)) · up(x)) [..., D] for the normed x [..., D]: the path's own
+    `mlp_down` when it offers one for this call, else module by module."""
+    fused = getattr(linear, "mlp_down", None)
+    y = fused(layer, x) if fused is not None else None
+    if y is not None:
+      return y
+    act = swiglu(linear("gate", layer, x, self.gate.get_value()),
+                 linear("up", layer, x, self.up.get_value()))
+    return linear("down", layer, act, self.down.get_value())
+
   def __call__(self, tokens: jax.Array, cache: KVCache | SlotCache, *,
                linear: LinearFn = plain_linear, all_logits: bool = False,
                last: jax.Array | None = None, attend_fn: AttentionFn = attention
@@ -156,8 +169,7 @@ class LlamaModel(nnx.Module):
       att = att.reshape(b, t, cfg.q_dim)
       h = h + linear("o", l, att, self.o.get_value())
       x = rms_norm(h, self.ffn_norm[l], cfg.rms_eps)
-      act = swiglu(linear("gate", l, x, self.gate.get_value()), linear("up", l, x, self.up.get_value()))
-      h = h + linear("down", l, act, self.down.get_value())
+      h = h + self._mlp_tail(linear, l, x)
 
     if last is not None:
       h = h[jnp.arange(b), last]

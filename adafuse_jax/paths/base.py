@@ -247,8 +247,10 @@ class DecodePath(abc.ABC):
     `mesh`: the tensor-parallel mesh the arrays lie on (`adafuse_jax.parallel`), for paths
     whose Pallas kernels run per shard; XLA's own matmuls are partitioned without it."""
 
-  def backbone(self, derived: Any = None) -> LinearFn:
-    """The `LinearFn` of a pass without adapters."""
+  def backbone(self, derived: Any = None, *, backend: str = "auto",
+               mesh: "jax.sharding.Mesh | None" = None) -> LinearFn:
+    """The `LinearFn` of a pass without adapters (`backend`, `mesh`: as `runtime`'s)."""
+    del backend, mesh
     return plain_linear
 
   def reads_own_weights(self) -> bool:

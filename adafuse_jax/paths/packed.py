@@ -28,9 +28,13 @@ own matrices are then not read by the compiled steps).
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import swiglu_down as swiglu_down_op
 
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.adapters.routing import dense_gates, top_k_gates
@@ -216,15 +220,61 @@ class GroupCache:
     return jnp.stack([out[:, s.start:s.start + s.width] for s in segs], axis=1)
 
 
+MlpKernel = Callable[..., jax.Array]  # (gu, w, inter, low_rank) -> [N, C] f32
+
+
+def mlp_kernel(backend: str, mesh=None) -> MlpKernel | None:
+  """The kernel a packed step runs its MLP's tail with (SwiGLU, the gate and up experts' delta,
+  down: `pallas_kernels.swiglu_down`), or None for XLA's kernels module by module. Backend
+  "triton" asks for it; "auto" keeps XLA's until the whole step is measured faster
+  (`tools/swiglu_down_probe.py`). Not on a tensor-parallel mesh (the kernel would need each
+  shard's own call)."""
+  if backend == "triton" and mesh is None:
+    return functools.partial(swiglu_down_op.swiglu_down, backend="triton")
+  return None
+
+
+class MlpTail:
+  """The MLP's tail of a packed step in one kernel: the fused gate/up matmul's output (base
+  outputs, then the modules' shrink), its experts' delta and SwiGLU in the prologue of the down
+  matmul ([W_down | A_down]), then down's own expansion. `LlamaModel` calls it through
+  `mlp_down`."""
+
+  def __init__(self, groups: GroupCache, inter: int, kernel: MlpKernel):
+    self.groups = groups
+    self.inter = inter
+    self.kernel = kernel
+
+  def __call__(self, layer: int, x: jax.Array, gate_up: swiglu_down_op.LowRank | None = None,
+               down_delta=None) -> jax.Array:
+    """x [..., D] normed -> down's output [..., D] in x's dtype. gate_up: the gate and up
+    modules' delta; down_delta(h [N, 1, E·r]) -> [N, D] f32: down's, from its shrink."""
+    packed = self.groups.packed
+    gu = self.groups("gate", layer, x)  # [N, 2I (+ shrink)]
+    y = self.kernel(gu, packed.w[("down",)][layer], self.inter, gate_up)  # [N, D (+ E·r)] f32
+    seg = packed.layout.base["down"]
+    out = y[:, seg.start:seg.start + seg.width]
+    if down_delta is not None:
+      s = packed.layout.shrink["down"]
+      out = out + down_delta(y[:, None, s.start:s.start + s.width].astype(x.dtype))
+    return out.astype(x.dtype).reshape(*x.shape[:-1], -1)
+
+
 class PackedBackbone:
   """`LinearFn` of the backbone on packed weights (q/k/v and gate/up one matmul each)."""
 
-  def __init__(self, packed: PackedWeights):
+  def __init__(self, packed: PackedWeights, mlp: MlpKernel | None = None):
     self.groups = GroupCache(packed)
+    self._tail = None if mlp is None else MlpTail(self.groups, packed.layout.base["gate"].width,
+                                                  mlp)
 
   def __call__(self, name: str, layer: int, x: jax.Array, weights) -> jax.Array:
     del weights  # the packed copy is read instead
     return self.groups.base(name, layer, x).reshape(*x.shape[:-1], -1)
+
+  def mlp_down(self, layer: int, x: jax.Array) -> jax.Array | None:
+    """SwiGLU and down in one kernel (`MlpTail`) where the path fuses them, else None."""
+    return None if self._tail is None else self._tail(layer, x)
 
 
 def expand(h: jax.Array, gates: jax.Array, b_t: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -251,13 +301,39 @@ class PackedRuntime(AdapterRuntime):
   outputs, every expert's shrink and the layer-wise routers' logits; then one batched expansion
   per group of modules of equal width. Any number of tokens."""
 
-  def __init__(self, adapters: MixtureOfLoRA, thresholds, sere=None, *, packed: PackedWeights):
+  def __init__(self, adapters: MixtureOfLoRA, thresholds, sere=None, *, packed: PackedWeights,
+               mlp: MlpKernel | None = None):
     if packed is None:
       raise UserError("path 'packed' needs the packed weights (adafuse_jax.paths.packed."
                       "pack(model, adapters)); Generator(path='packed') makes them")
     super().__init__(adapters, thresholds, sere)
     self._groups = GroupCache(packed)
     self._deltas: dict = {}  # (layer, group) -> (input, {module: delta})
+    self._tail = None if mlp is None else MlpTail(self._groups, packed.layout.base["gate"].width,
+                                                  mlp)
+
+  def mlp_down(self, layer: int, x: jax.Array) -> jax.Array | None:
+    """The MLP's tail in one kernel (`MlpTail`) with one decision for every module (pre-gated,
+    plain LoRA) and gate and up adapted alike; None otherwise (module by module)."""
+    mlp = tuple(m for m in ("gate", "up", "down") if self.adapts(m, layer))
+    if (self._tail is None or self.cfg.mode == Mode.LAYERWISE
+        or ("gate" in mlp) != ("up" in mlp)):
+      return None
+    if not mlp:
+      return self._tail(layer, x)
+    xf = x.reshape(-1, x.shape[-1])
+    self._batch_shape = x.shape[:-1]
+    shared = self.route(mlp[0], layer, xf)[2]  # [N, E]
+    gates = expert_columns(shared, self.cfg.rank, self.cfg.scale)[:, None]  # [N, 1, E·r]
+    packed = self._groups.packed
+    gate_up = None
+    if "gate" in mlp:
+      gate_up = swiglu_down_op.LowRank(self._groups.block("shrink", ("gate", "up"), layer, x),
+                                       gates, packed.b[("gate", "up")][layer])
+    down_delta = None
+    if "down" in mlp:
+      down_delta = lambda h: expand(h, gates, packed.b[("down",)][layer], x.dtype)[:, 0]  # noqa: E731
+    return self._tail(layer, x, gate_up, down_delta)
 
   def __call__(self, name: str, layer: int, x: jax.Array, weights) -> jax.Array:
     del weights  # the packed copy is read instead
@@ -316,10 +392,11 @@ class PackedPath(DecodePath):
         i + o for m, (i, o) in model.cfg.linear_shapes().items() if m in cfg.modules)
 
   def runtime(self, adapters, derived=None, *, sere=None, backend="auto", mesh=None):
-    return PackedRuntime(adapters, self.thresholds, sere, packed=derived)
+    return PackedRuntime(adapters, self.thresholds, sere, packed=derived,
+                         mlp=mlp_kernel(backend, mesh))
 
-  def backbone(self, derived=None):
-    return PackedBackbone(derived)
+  def backbone(self, derived=None, *, backend="auto", mesh=None):
+    return PackedBackbone(derived, mlp=mlp_kernel(backend, mesh))
 
   def reads_own_weights(self) -> bool:
     return False

@@ -1,0 +1,128 @@
+"""The MLP's tail of a 7B packed decode step in one Pallas launch (`pallas_kernels.swiglu_down`)
+against XLA's kernels, alone (no rest of the step): which tiles, and how much it saves.
+
+    python tools/swiglu_down_probe.py [--rounds 5] [--batch 1]      # GPU; a JSON line per row
+    python tools/swiglu_down_probe.py --small --tiles k64-n256-p1    # the probe itself, on a CPU
+
+Each timed call runs LAYERS layers over distinct weights (no weight served from L2), as the
+packed step holds them: the fused gate/up output [B, 2I + 2·E·r] (base outputs, then gate's and
+up's shrink), the pre-gated experts' gates [B, 1, E·r], B of gate and up [2, I, E·r] and
+[W_down | A_down] [I, D + E·r], Llama-2-7B shapes, E=8 r=16, bf16. Each layer's result is added
+to a running residual in f32, where XLA folds the kernel's partial sums (and its own split-K's).
+Rows: `xla` (the library's formulation: the expansion, SwiGLU and the GEMM as XLA fuses them),
+`xla-plain` (the backbone's: SwiGLU and the GEMM), and the kernel with and without the experts'
+delta over a set of tiles. Rounds interleave the rows; `vs_xla` is each row's time over the
+matching XLA row's in the same round (median and 95% t-interval, as the bench's ratios);
+`kernel_us` the kernels' own GPU time per layer from a profiler trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adafuse_jax.bench.measure import ratio_interval
+from adafuse_jax.timing import time_pipelined
+from kernel_breakdown import kernel_durations
+from pallas_kernels.swiglu_down import LowRank, Tiles, xla_swiglu_down
+from pallas_kernels.swiglu_down import triton as kernel
+
+LAYERS = 8
+D, I, ER = 4096, 11008, 128
+TILES = {
+    "k128-n256-p2": Tiles(128, 256, 2),
+    "k128-n256-p1": Tiles(128, 256, 1),
+    "k128-n512-p2": Tiles(128, 512, 2, num_warps=8),
+    "k64-n256-p1": Tiles(64, 256, 1),
+    "k64-n512-p1": Tiles(64, 512, 1, num_warps=8),
+    "k256-n128-p4": Tiles(256, 128, 4),
+    "k32-n1024-p1": Tiles(32, 1024, 1, num_warps=8),
+}
+
+
+def layer_inputs(batch: int, seed: int = 0) -> list[dict]:
+  ks = jax.random.split(jax.random.key(seed), 5)
+  bf = jnp.bfloat16
+  gu = jax.random.normal(ks[0], (LAYERS, batch, 2 * I + 2 * ER)).astype(bf)
+  gates = (jax.random.uniform(ks[1], (LAYERS, batch, 1, ER))
+           * (jnp.arange(ER) < 2 * ER // 8)).astype(jnp.float32)  # 2 of 8 experts chosen
+  b_t = (jax.random.normal(ks[2], (LAYERS, 2, I, ER)) / 8).astype(bf)
+  w = (jax.random.normal(ks[3], (LAYERS, I, D + ER)) / 100).astype(bf)
+  return dict(gu=gu, gates=gates, b_t=b_t, w=w)
+
+
+def program(fn, low_rank: bool):
+  @jax.jit
+  def run(gu, gates, b_t, w):
+    h = jnp.zeros((gu.shape[1], D), jnp.float32)
+    for l in range(LAYERS):
+      low = None
+      if low_rank:
+        shrink = gu[l, :, 2 * I:].reshape(-1, 2, ER)
+        low = LowRank(shrink, gates[l], b_t[l])
+      y = fn(gu[l], w[l], I, low)
+      h = h + y[:, :D] + y[:, D:].sum(-1, keepdims=True)  # the shrink columns are read too
+    return h
+  return run
+
+
+def kernel_us(fn, args, calls: int = 5) -> float | None:
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(calls):
+        jax.block_until_ready(fn(*args))
+    durations = kernel_durations(pathlib.Path(tmp))
+  if not durations:
+    return None
+  return round(sum(sum(d) for d in durations.values()) / (calls * LAYERS), 2)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--tiles", default=",".join(TILES))
+  p.add_argument("--small", action="store_true",
+                 help="widths / 32 and 2 rounds: a check of the probe itself (CPU: the interpreter)")
+  args = p.parse_args()
+  global D, I
+  if args.small:
+    D, I, args.rounds = D // 32, I // 32, 2
+  inputs = layer_inputs(args.batch)
+  operands = (inputs["gu"], inputs["gates"], inputs["b_t"], inputs["w"])
+  rows = {"xla": program(xla_swiglu_down, True), "xla-plain": program(xla_swiglu_down, False)}
+  for name in args.tiles.split(","):
+    t = TILES[name]
+    fn = lambda gu, w, inter, low, t=t: kernel.swiglu_down(  # noqa: E731
+        gu, w, inter, low, tiles=t, interpret=jax.default_backend() == "cpu")
+    rows[f"kernel-{name}"] = program(fn, True)
+    rows[f"kernel-plain-{name}"] = program(fn, False)
+  # Each row against the XLA row of its kind, and checked against it.
+  want = {True: np.asarray(rows["xla"](*operands)), False: np.asarray(rows["xla-plain"](*operands))}
+  errors = {}
+  for name, fn in rows.items():
+    got = np.asarray(fn(*operands))
+    ref = want["plain" not in name]
+    errors[name] = float(np.abs(got - ref).max() / np.abs(ref).max())
+  times = {name: [] for name in rows}
+  for _ in range(args.rounds):
+    for name, fn in rows.items():
+      t = time_pipelined(lambda fn=fn: fn(*operands), warmup=1, steps=20, repeats=1)
+      times[name].append(t.median_ms * 1e3 / LAYERS)
+  device = jax.devices()[0].device_kind
+  for name, fn in rows.items():
+    base = times["xla-plain" if "plain" in name else "xla"]
+    print(json.dumps({"row": name, "batch": args.batch, "us_per_layer": round(float(np.median(times[name])), 2),
+                      "vs_xla": ratio_interval(times[name], base),
+                      "kernel_us": kernel_us(fn, operands), "max_rel_err": round(errors[name], 5),
+                      "device": device, "jax": jax.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
