@@ -21,46 +21,54 @@ INTERPRET = jax.default_backend() != "gpu"
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
 
-def _inputs(seed, dtype, n, inter, cols, rank, shrink_cols, gate_rows):
+def _inputs(seed, dtype, n, inter, cols, rank, gate_rows, layers=None):
+  """gu [N, 2I + 2R + 3] (base outputs, gate's and up's shrink, 3 more columns), w [I, C], the
+  low-rank delta (None for rank 0); w and B with a leading layer axis when `layers`."""
   ks = jax.random.split(jax.random.key(seed), 5)
-  gu = (jax.random.normal(ks[0], (n, 2 * inter + shrink_cols)) * 2.0).astype(dtype)
-  w = (jax.random.normal(ks[1], (inter, cols)) / np.sqrt(inter)).astype(dtype)
+  lead = () if layers is None else (layers,)
+  gu = (jax.random.normal(ks[0], (n, 2 * inter + 2 * rank + 3)) * 2.0).astype(dtype)
+  w = (jax.random.normal(ks[1], (*lead, inter, cols)) / np.sqrt(inter)).astype(dtype)
   if not rank:
     return gu, w, None
   # Gates as a pre-gated step leaves them: most experts' columns 0, the chosen ones scaled.
   gates = jax.random.uniform(ks[3], (n, gate_rows, rank)) * (
       jax.random.uniform(ks[4], (n, gate_rows, rank)) < 0.4)
-  low = LowRank(jax.random.normal(ks[2], (n, 2, rank)).astype(dtype), gates,
-                (jax.random.normal(ks[4], (2, inter, rank)) / 4).astype(dtype))
-  return gu, w, low
+  b_t = (jax.random.normal(ks[2], (*lead, 2, inter, rank)) / 4).astype(dtype)
+  return gu, w, LowRank(gates, b_t)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("n, inter, cols, rank, gate_rows, tiles", [
-    (1, 300, 203, 24, 1, Tiles(block_k=64, block_n=64, parts=2)),   # ragged K, C and rank
-    (3, 200, 130, 0, 1, Tiles(block_k=32, block_n=32, parts=3)),    # no experts, parts uneven
-    (2, 96, 77, 16, 2, Tiles(block_k=128, block_n=64, parts=1)),    # one chunk, gates per module
+@pytest.mark.parametrize("n, inter, cols, rank, gate_rows, layer, tiles", [
+    (1, 300, 203, 24, 1, None, Tiles(block_k=64, block_n=64, parts=2)),  # ragged K, C and rank
+    (3, 200, 130, 0, 1, 2, Tiles(block_k=32, block_n=32, parts=3)),      # no experts, stacked
+    (2, 96, 77, 16, 2, 1, Tiles(block_k=128, block_n=64, parts=1)),      # gates per module
 ])
-def test_matches_reference_on_ragged_shapes(dtype, n, inter, cols, rank, gate_rows, tiles):
-  gu, w, low = _inputs(n * inter + cols, dtype, n, inter, cols, rank, 2 * rank + 5, gate_rows)
+def test_matches_reference_on_ragged_shapes(dtype, n, inter, cols, rank, gate_rows, layer,
+                                            tiles):
+  gu, w, low = _inputs(n * inter + cols, dtype, n, inter, cols, rank, gate_rows,
+                       None if layer is None else 3)
   chunks, _ = plan(inter, cols, tiles)
   poisoned = jnp.full((chunks, n, cols), jnp.nan, jnp.float32)
-  parts = swiglu_down_partials(gu, w, inter, low, tiles=tiles, interpret=INTERPRET, out=poisoned)
+  parts = swiglu_down_partials(gu, w, inter, low, layer=layer, tiles=tiles, interpret=INTERPRET,
+                               out=poisoned)
   assert parts.shape == (chunks, n, cols) and parts.dtype == jnp.float32
   assert not bool(jnp.isnan(parts).any()), "a chunk left a column unwritten"
   got = parts.sum(0)
-  want = swiglu_down_reference(gu, w, inter, low)
+  want = swiglu_down_reference(gu, w, inter, low, layer=layer)
   scale = float(jnp.abs(want).max())
   err = float(jnp.abs(got - want).max()) / scale
   assert err < TOL[dtype], err
   # The library's own formulation, which the kernel replaces in the step, is as close.
-  err_xla = float(jnp.abs(xla_swiglu_down(gu, w, inter, low) - want).max()) / scale
+  err_xla = float(jnp.abs(xla_swiglu_down(gu, w, inter, low, layer=layer) - want).max()) / scale
   assert err_xla < TOL[dtype], err_xla
+  if layer is not None:  # the layer read is the one asked for, not another
+    other = swiglu_down_reference(gu, w, inter, low, layer=layer - 1)
+    assert float(jnp.abs(got - other).max()) / scale > 10 * TOL[dtype]
 
 
 def test_expert_delta_changes_the_result():
   """The prologue's expansion is applied: with B zeroed the product is the plain SwiGLU's."""
-  gu, w, low = _inputs(7, jnp.float32, 2, 72, 40, 16, 32, 1)
+  gu, w, low = _inputs(7, jnp.float32, 2, 72, 40, 16, 1)
   tiles = Tiles(block_k=32, block_n=32)
   plain = sd.triton.swiglu_down(gu, w, 72, None, tiles=tiles, interpret=INTERPRET)
   zero_b = low._replace(b_t=jnp.zeros_like(low.b_t))
@@ -72,7 +80,7 @@ def test_expert_delta_changes_the_result():
 
 
 def test_entry_point_picks_xla_off_the_gpu_and_names_bad_input():
-  gu, w, low = _inputs(3, jnp.float32, 2, 40, 24, 8, 16, 1)
+  gu, w, low = _inputs(3, jnp.float32, 2, 40, 24, 8, 1)
   if jax.default_backend() != "gpu":
     np.testing.assert_allclose(np.asarray(sd.swiglu_down(gu, w, 40, low)),
                                np.asarray(xla_swiglu_down(gu, w, 40, low)))
@@ -82,21 +90,25 @@ def test_entry_point_picks_xla_off_the_gpu_and_names_bad_input():
     sd.swiglu_down(gu, w, 40, backend="cuda")
   with pytest.raises(ValueError, match=r"expected gu \[N, >= 2 \* I\] and w \[I, C\]"):
     swiglu_down_partials(gu[:, :70], w, 40, interpret=INTERPRET)
-  with pytest.raises(ValueError, match=r"expected \[2, 2, R\], \[2, 1 or 2, R\]"):
+  with pytest.raises(ValueError, match=r"\(or \[L, I, C\] with a layer\)"):
+    swiglu_down_partials(gu, w, 40, layer=0, interpret=INTERPRET)
+  with pytest.raises(ValueError, match=r"expected gates \[2, 1 or 2, R\]"):
     swiglu_down_partials(gu, w, 40, low._replace(gates=low.gates[:, :, :4]), interpret=INTERPRET)
+  with pytest.raises(ValueError, match="2R shrink columns from column 90"):
+    swiglu_down_partials(gu, w, 40, low, shrink_at=90, interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("rank", [0, 128])
 def test_lowers_to_triton_for_cuda_on_any_machine(rank):
   """The Triton lowering (every op the kernel uses) is built on the CPU too: the 7B MLP's
-  shapes, bf16, with and without the pre-gated experts' delta."""
+  shapes, bf16, stacked over 32 layers, with and without the pre-gated experts' delta."""
   bf = jnp.bfloat16
   gu = jax.ShapeDtypeStruct((1, 2 * 11008 + 2 * rank), bf)
-  w = jax.ShapeDtypeStruct((11008, 4096 + rank), bf)
-  low = None if not rank else LowRank(jax.ShapeDtypeStruct((1, 2, rank), bf),
-                                      jax.ShapeDtypeStruct((1, 1, rank), jnp.float32),
-                                      jax.ShapeDtypeStruct((2, 11008, rank), bf))
-  fn = jax.jit(lambda gu, w, low: swiglu_down_partials(gu, w, 11008, low, interpret=False))
+  w = jax.ShapeDtypeStruct((32, 11008, 4096 + rank), bf)
+  low = None if not rank else LowRank(jax.ShapeDtypeStruct((1, 1, rank), jnp.float32),
+                                      jax.ShapeDtypeStruct((32, 2, 11008, rank), bf))
+  fn = jax.jit(lambda gu, w, low: swiglu_down_partials(gu, w, 11008, low, layer=5,
+                                                       interpret=False))
   text = fn.trace(gu, w, low).lower(lowering_platforms=("cuda",)).as_text()
   assert "triton" in text and "swiglu_down" in text
 
@@ -124,9 +136,10 @@ def test_packed_step_with_the_kernel_equals_xla_module_by_module(mode, modules, 
   packed = pack(model, adapters)
   calls = []
 
-  def kernel(*args):
-    calls.append(args[2])
-    return sd.triton.swiglu_down(*args, tiles=Tiles(block_k=32, block_n=32), interpret=INTERPRET)
+  def kernel(*args, **kwargs):
+    calls.append(kwargs["layer"])
+    return sd.triton.swiglu_down(*args, **kwargs, tiles=Tiles(block_k=32, block_n=32),
+                                 interpret=INTERPRET)
   tokens = jnp.asarray([[5, 17, 3, 88, 42], [1, 2, 3, 4, 5]], jnp.int32)
 
   def logits(linear):
@@ -138,7 +151,7 @@ def test_packed_step_with_the_kernel_equals_xla_module_by_module(mode, modules, 
   plain = PackedRuntime(adapters, thresholds, packed=packed)
   got, want = logits(fused), logits(plain)
   # Every layer's tail ran in the kernel, except where one router per module declines it.
-  assert len(calls) == (0 if mode == "layerwise" else model.cfg.layers)
+  assert calls == ([] if mode == "layerwise" else list(range(model.cfg.layers)))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=2e-4)
   # The same routing decisions, in the same order (one for pre-gated, one per module and layer
   # for layer-wise, none for plain LoRA).

@@ -58,15 +58,14 @@ def layer_inputs(batch: int, seed: int = 0) -> list[dict]:
 
 
 def program(fn, low_rank: bool):
+  """LAYERS layers of one row kind; the weights stay stacked and each call names its layer (the
+  kernel reads it in place, XLA fuses the slice), as the packed step holds them."""
   @jax.jit
   def run(gu, gates, b_t, w):
     h = jnp.zeros((gu.shape[1], D), jnp.float32)
     for l in range(LAYERS):
-      low = None
-      if low_rank:
-        shrink = gu[l, :, 2 * I:].reshape(-1, 2, ER)
-        low = LowRank(shrink, gates[l], b_t[l])
-      y = fn(gu[l], w[l], I, low)
+      low = LowRank(gates[l], b_t) if low_rank else None
+      y = fn(gu[l], w, I, low, layer=l)
       h = h + y[:, :D] + y[:, D:].sum(-1, keepdims=True)  # the shrink columns are read too
     return h
   return run
@@ -99,8 +98,8 @@ def main() -> None:
   rows = {"xla": program(xla_swiglu_down, True), "xla-plain": program(xla_swiglu_down, False)}
   for name in args.tiles.split(","):
     t = TILES[name]
-    fn = lambda gu, w, inter, low, t=t: kernel.swiglu_down(  # noqa: E731
-        gu, w, inter, low, tiles=t, interpret=jax.default_backend() == "cpu")
+    fn = lambda gu, w, inter, low, layer, t=t: kernel.swiglu_down(  # noqa: E731
+        gu, w, inter, low, layer=layer, tiles=t, interpret=jax.default_backend() == "cpu")
     rows[f"kernel-{name}"] = program(fn, True)
     rows[f"kernel-plain-{name}"] = program(fn, False)
   # Each row against the XLA row of its kind, and checked against it.

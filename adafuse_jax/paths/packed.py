@@ -220,7 +220,7 @@ class GroupCache:
     return jnp.stack([out[:, s.start:s.start + s.width] for s in segs], axis=1)
 
 
-MlpKernel = Callable[..., jax.Array]  # (gu, w, inter, low_rank) -> [N, C] f32
+MlpKernel = Callable[..., jax.Array]  # (gu, w, inter, low_rank, layer=) -> [N, C] f32
 
 
 def mlp_kernel(backend: str, mesh=None) -> MlpKernel | None:
@@ -248,10 +248,16 @@ class MlpTail:
   def __call__(self, layer: int, x: jax.Array, gate_up: swiglu_down_op.LowRank | None = None,
                down_delta=None) -> jax.Array:
     """x [..., D] normed -> down's output [..., D] in x's dtype. gate_up: the gate and up
-    modules' delta; down_delta(h [N, 1, E·r]) -> [N, D] f32: down's, from its shrink."""
+    modules' delta (their B stacked over layers as the packed weights are); down_delta(h
+    [N, 1, E·r]) -> [N, D] f32: down's, from its shrink."""
     packed = self.groups.packed
     gu = self.groups("gate", layer, x)  # [N, 2I (+ shrink)]
-    y = self.kernel(gu, packed.w[("down",)][layer], self.inter, gate_up)  # [N, D (+ E·r)] f32
+    w = packed.w[("down",)]
+    # Stacked weights go whole with their layer, which the kernel reads in place: a slice
+    # handed to a custom call is a copy of it (a 90 MB one for the 7B down matrix).
+    stacked = not isinstance(w, tuple)
+    y = self.kernel(gu, w if stacked else w[layer], self.inter, gate_up,
+                    layer=layer if stacked else None)  # [N, D (+ E·r)] f32
     seg = packed.layout.base["down"]
     out = y[:, seg.start:seg.start + seg.width]
     if down_delta is not None:
@@ -328,8 +334,10 @@ class PackedRuntime(AdapterRuntime):
     packed = self._groups.packed
     gate_up = None
     if "gate" in mlp:
-      gate_up = swiglu_down_op.LowRank(self._groups.block("shrink", ("gate", "up"), layer, x),
-                                       gates, packed.b[("gate", "up")][layer])
+      # The shrink columns are read from the gate/up output in place, right after the bases.
+      assert packed.layout.shrink["gate"].start == 2 * self._tail.inter
+      b = packed.b[("gate", "up")]
+      gate_up = swiglu_down_op.LowRank(gates, b if not isinstance(b, tuple) else b[layer])
     down_delta = None
     if "down" in mlp:
       down_delta = lambda h: expand(h, gates, packed.b[("down",)][layer], x.dtype)[:, 0]  # noqa: E731

@@ -3,7 +3,8 @@
     out = silu(gate) · up @ W,   gate, up = gu[:, :I] (+ Δgate), gu[:, I:2I] (+ Δup)
 
 where gu is the fused gate/up matmul's output and Δ the pre-gated experts' expansion
-`(h ⊙ gates) @ B` (optional, `LowRank`). At batch-1 decode XLA runs this as three kernels with
+`(h ⊙ gates) @ B` (optional, `LowRank`; h, the modules' shrink, read from gu's own columns).
+Stacked weights ([L, ...]) are read in place at a `layer`. At batch-1 decode XLA runs this as three kernels with
 experts (the expansion, the multiply, the GEMM) and two without.
 
 Entry point: `swiglu_down(gu, w, inter, low_rank, backend=)`. Backends, in `auto`'s order:
@@ -29,8 +30,11 @@ _BACKENDS = {"triton": lambda: gpu_only("the Triton lowering"), "xla": lambda: N
 
 
 def swiglu_down(gu: jax.Array, w: jax.Array, inter: int, low_rank: LowRank | None = None, *,
-                tiles: Tiles = Tiles(), backend: str = "auto") -> jax.Array:
-  """gu [N, >= 2I], w [I, C] -> [N, C] f32 (see `triton.swiglu_down_partials`)."""
+                shrink_at: int | None = None, layer: int | None = None, tiles: Tiles = Tiles(),
+                backend: str = "auto") -> jax.Array:
+  """gu [N, >= 2I], w [I, C] (or [L, I, C] at `layer`) -> [N, C] f32 (see
+  `triton.swiglu_down_partials`)."""
   if pick_backend("swiglu_down", backend, _BACKENDS) == "xla":
-    return xla_swiglu_down(gu, w, inter, low_rank)
-  return triton.swiglu_down(gu, w, inter, low_rank, tiles=tiles)
+    return xla_swiglu_down(gu, w, inter, low_rank, shrink_at=shrink_at, layer=layer)
+  return triton.swiglu_down(gu, w, inter, low_rank, shrink_at=shrink_at, layer=layer,
+                            tiles=tiles)
