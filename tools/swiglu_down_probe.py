@@ -35,14 +35,14 @@ from pallas_kernels.swiglu_down import triton as kernel
 
 LAYERS = 8
 D, I, ER = 4096, 11008, 128
-TILES = {
-    "k128-n256-p2": Tiles(128, 256, 2),
-    "k128-n256-p1": Tiles(128, 256, 1),
-    "k128-n512-p2": Tiles(128, 512, 2, num_warps=8),
-    "k64-n256-p1": Tiles(64, 256, 1),
-    "k64-n512-p1": Tiles(64, 512, 1, num_warps=8),
-    "k256-n128-p4": Tiles(256, 128, 4),
-    "k32-n1024-p1": Tiles(32, 1024, 1, num_warps=8),
+TILES = {  # programs = ceil(I / block_k) · parts; f32 products per thread = k · n / (32 · warps)
+    "k128-n64-p4": Tiles(128, 64, 4),
+    "k128-n128-p2": Tiles(128, 128, 2),
+    "k128-n128-p4": Tiles(128, 128, 4),
+    "k64-n128-p2": Tiles(64, 128, 2),
+    "k64-n256-p1-w8": Tiles(64, 256, 1, num_warps=8),
+    "k256-n64-p8": Tiles(256, 64, 8),
+    "k32-n256-p1": Tiles(32, 256, 1),
 }
 
 

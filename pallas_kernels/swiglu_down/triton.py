@@ -35,8 +35,8 @@ class Tiles:
   parts: programs per chunk, each over 1/parts of the columns."""
 
   block_k: int = 128
-  block_n: int = 256
-  parts: int = 2
+  block_n: int = 64
+  parts: int = 4
   num_warps: int = 4
   num_stages: int = 3
 
