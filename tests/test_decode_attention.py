@@ -281,3 +281,89 @@ def test_append_lowers_to_triton_for_cuda_on_any_machine(heads, kv_heads):
   text = fn.trace(qkv, kv, kv, slot, mask, cs, cs).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "triton" in text and "decode_attention_append" in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("batch, slots, heads, head_dim, rank, layer, writes", [
+    (1, 40, 3, 16, 24, None, [17]),        # rank not a multiple of the delta's 32-column steps
+    (2, 24, 2, 32, 8, 1, [0, 23]),          # stacked B read at a layer; first and last slot
+])
+def test_append_adds_the_qkv_expert_delta(dtype, batch, slots, heads, head_dim, rank, layer,
+                                          writes):
+  """With `low_rank` the kernel adds each projection's expert delta (read from the shrink
+  columns after the heads) before it rotates, writes and attends: against the f32 reference,
+  the new key and value as the reference writes them, and a delta that matters."""
+  from pallas_kernels.decode_attention.triton import QkvLowRank
+
+  ks = jax.random.split(jax.random.key(slots * rank), 6)
+  proj = 3 * heads * head_dim
+  qkv = jax.random.normal(ks[0], (batch, proj + 3 * rank), dtype)
+  k_buf = jax.random.normal(ks[1], (batch, slots, heads, head_dim), dtype)
+  v_buf = jax.random.normal(ks[2], (batch, slots, heads, head_dim), dtype)
+  angles = jax.random.uniform(ks[3], (batch, head_dim // 2), jnp.float32, 0, 6.3)
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  gates = jax.random.uniform(ks[4], (batch, rank)) * (jax.random.uniform(ks[5], (batch, rank))
+                                                      < 0.5)
+  lead = () if layer is None else (3,)
+  b_t = (jax.random.normal(ks[5], (*lead, proj, rank)) / 3).astype(dtype)
+  low = QkvLowRank(gates, b_t)
+  slot = jnp.asarray(writes, jnp.int32)
+  mask = jnp.arange(slots)[None, :] <= slot[:, None]
+  want, want_k, want_v = decode_attention_append_reference(qkv, k_buf, v_buf, slot, mask, cos,
+                                                           sin, low, layer)
+  plain, _, _ = decode_attention_append_reference(qkv[:, :proj], k_buf, v_buf, slot, mask, cos,
+                                                  sin)
+  splits, _ = split_plan(batch, heads, slots, SMALL)
+  partials = (jnp.full((batch, heads, splits, 1, head_dim), jnp.nan, jnp.float32),
+              jnp.full((batch, heads, splits, 1), jnp.nan, jnp.float32),
+              jnp.full((batch, heads, splits, 1), jnp.nan, jnp.float32))
+  got, got_k, got_v = decode_attention_append(qkv, k_buf, v_buf, slot, mask, cos, sin, low,
+                                              layer=layer, tiles=SMALL, interpret=INTERPRET,
+                                              partials=partials)
+  assert not bool(jnp.isnan(got).any()), "NaN: a partial never written"
+  scale = float(jnp.abs(want).max())
+  err = float(jnp.abs(got.astype(jnp.float32) - want).max()) / scale
+  assert err < TOL[dtype] * 2, err
+  assert float(jnp.abs(plain - want).max()) / scale > 5 * TOL[dtype], "the delta is too small"
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for g, w in ((got_k, want_k), (got_v, want_v)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               atol=tol, rtol=tol)
+  # The entry point's XLA formulation (the library's rounding) agrees too.
+  xla = da.decode_attention_append(qkv, k_buf, v_buf, slot, mask, cos, sin, low, layer=layer,
+                                   backend="xla")
+  assert float(jnp.abs(xla[0].astype(jnp.float32) - want).max()) / scale < TOL[dtype] * 2
+
+
+def test_append_with_delta_names_grouped_heads_and_bad_shapes():
+  from pallas_kernels.decode_attention.triton import QkvLowRank
+
+  qkv = jnp.zeros((2, 8 * 16 + 3 * 4))  # 4 query heads, 2 KV heads of 16; rank 4
+  buf = jnp.zeros((2, 20, 2, 16))
+  slot, mask, cs = jnp.zeros((2,), jnp.int32), jnp.ones((2, 20), bool), jnp.zeros((2, 8))
+  low = QkvLowRank(jnp.zeros((2, 4)), jnp.zeros((128, 4)))
+  with pytest.raises(ValueError, match="expected as many query as KV heads"):
+    decode_attention_append(qkv, buf, buf, slot, mask, cs, cs, low, interpret=INTERPRET)
+  with pytest.raises(ValueError, match=r"gates \[2, R\] and b_t \[96, R\]"):
+    decode_attention_append(jnp.zeros((2, 96 + 12)), jnp.zeros((2, 20, 2, 16)),
+                            jnp.zeros((2, 20, 2, 16)), slot, mask, cs, cs,
+                            QkvLowRank(jnp.zeros((2, 4)), jnp.zeros((95, 4))),
+                            interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_append_with_delta_lowers_to_triton_for_cuda_on_any_machine(stacked):
+  from pallas_kernels.decode_attention.triton import QkvLowRank
+
+  qkv = jax.ShapeDtypeStruct((1, 3 * 32 * 128 + 3 * 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 512, 32, 128), jnp.bfloat16)
+  slot = jax.ShapeDtypeStruct((1,), jnp.int32)
+  mask = jax.ShapeDtypeStruct((1, 512), jnp.bool_)
+  cs = jax.ShapeDtypeStruct((1, 64), jnp.float32)
+  low = QkvLowRank(jax.ShapeDtypeStruct((1, 128), jnp.float32),
+                   jax.ShapeDtypeStruct((32,) * stacked + (3 * 32 * 128, 128), jnp.bfloat16))
+  fn = jax.jit(lambda *a: decode_attention_append(*a, layer=4 if stacked else None,
+                                                  interpret=False))
+  text = fn.trace(qkv, kv, kv, slot, mask, cs, cs, low).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "triton" in text and "decode_attention_append" in text

@@ -51,11 +51,35 @@ def rotate_and_write(qkv, k_buf, v_buf, slot, cos, sin):
   return rotate_half_reference(q, cos, sin), k_buf, v_buf
 
 
-def decode_attention_append_reference(qkv, k_buf, v_buf, slot, mask, cos, sin):
-  """The f32 truth of `decode_attention_append`: `rotate_and_write`, then attention over the
-  first W slots of each row under mask [B, W].
+def with_qkv_delta(qkv, low_rank, layer=None, *, rounded: bool):
+  """qkv [B, P + 3R] (projections, then q's, k's and v's shrink) and a `QkvLowRank` (gates
+  [B, R], b_t [P, R] or [L, P, R] at `layer`) -> the projections with their expert delta [B, P]:
+  in f32 (`rounded=False`, the truth), or as the library computes it (the gated shrink in B's
+  dtype, the products summed in f32, the sum rounded to qkv's dtype)."""
+  gates, b_t = low_rank
+  if layer is not None and b_t.ndim == 3:
+    b_t = b_t[layer]
+  proj, rank = b_t.shape
+  h = qkv[:, proj:proj + 3 * rank].reshape(-1, 3, rank).astype(jnp.float32) * gates[:, None]
+  bt = b_t.reshape(3, proj // 3, rank)
+  if rounded:
+    delta = jnp.einsum("nmr,mor->nmo", h.astype(b_t.dtype), bt,
+                       preferred_element_type=jnp.float32)
+    return (qkv[:, :proj].astype(jnp.float32) + delta.reshape(-1, proj)).astype(qkv.dtype)
+  delta = jnp.einsum("nmr,mor->nmo", h, bt.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+  return qkv[:, :proj].astype(jnp.float32) + delta.reshape(-1, proj)
+
+
+def decode_attention_append_reference(qkv, k_buf, v_buf, slot, mask, cos, sin, low_rank=None,
+                                      layer=None):
+  """The f32 truth of `decode_attention_append`: the expert delta (`with_qkv_delta`, where
+  `low_rank` is given), `rotate_and_write`, then attention over the first W slots of each row
+  under mask [B, W].
 
   Returns (out [B, Hq, hd] f32, k_buf, v_buf)."""
+  if low_rank is not None:
+    qkv = with_qkv_delta(qkv, low_rank, layer, rounded=False)
   q, k_buf, v_buf = rotate_and_write(qkv, k_buf, v_buf, slot, cos, sin)
   b, w = mask.shape
   return decode_attention_reference(q, k_buf[:b, :w], v_buf[:b, :w], mask), k_buf, v_buf

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -215,9 +216,49 @@ def _rotated(heads_ref, b, rows, cols, partner, sign, cos, sin, mask):
   return x * cos + sign * xp * sin
 
 
+@dataclasses.dataclass(frozen=True)
+class _LowRankPlan:
+  """Static facts of the q/k/v expert delta inside the appending kernel (see `QkvLowRank`)."""
+
+  rank: int
+  shrink_at: int
+  layer: int | None
+  block_r: int = 32  # B's columns per step of the delta's loop
+
+
+def _projection(heads_ref, g_ref, bt_ref, b, head, cols, mask, module: int, head_dim: int,
+                plan: _LowRankPlan):
+  """One head row of the token's projection with its expert delta, f32 [len(cols)]: the base
+  output (flat heads_ref [B, W]) at columns `cols` of head `head`, plus
+  Σ_r B^T[head·hd + col, r] · (shrink_module[r] · gate[r]), rounded to the projection's dtype
+  as the library's expansion rounds it (`paths.packed.expand`)."""
+  idx = head * head_dim + cols
+  x = plgpu.load(heads_ref.at[b, idx], mask=mask, other=0.0).astype(jnp.float32)
+  at = () if plan.layer is None else (jnp.int32(plan.layer),)
+
+  def body(c, acc):
+    r = c * plan.block_r + jnp.arange(plan.block_r)
+    r_mask = r < plan.rank
+    h = plgpu.load(heads_ref.at[b, plan.shrink_at + module * plan.rank + r], mask=r_mask,
+                   other=0.0)
+    g = plgpu.load(g_ref.at[b, r], mask=r_mask, other=0.0)
+    hg = (h.astype(jnp.float32) * g).astype(bt_ref.dtype).astype(jnp.float32)
+    w = plgpu.load(bt_ref.at[*at, idx[:, None], r[None, :]], mask=mask[:, None] & r_mask[None, :],
+                   other=0.0)
+    return acc + jnp.sum(w.astype(jnp.float32) * hg[None, :], axis=1)
+
+  delta = jax.lax.fori_loop(0, pl.cdiv(plan.rank, plan.block_r), body,
+                            jnp.zeros(x.shape, jnp.float32))
+  return (x + delta).astype(heads_ref.dtype).astype(jnp.float32)
+
+
 def _append_kernel(end_ref, slot_ref, heads_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref,
-                   acc_ref, m_ref, l_ref, k_out_ref, v_out_ref, *, groups: int, block_s: int,
-                   blocks_per_split: int, block_g: int, block_d: int, scale: float):
+                   *refs, groups: int, block_s: int, blocks_per_split: int, block_g: int,
+                   block_d: int, scale: float, low_rank: _LowRankPlan | None = None):
+  if low_rank is not None:
+    g_ref, bt_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref = refs
+  else:
+    acc_ref, m_ref, l_ref, k_out_ref, v_out_ref = refs
   b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   # The token's projections arrive as one row of heads, heads_ref [B, Hq + 2 Hkv, hd]: q's Hq
   # (KV head h's queries are rows h·G ... h·G + G - 1), then k's Hkv, then v's Hkv.
@@ -235,16 +276,34 @@ def _append_kernel(end_ref, slot_ref, heads_ref, cos_ref, sin_ref, k_ref, v_ref,
   freq = cols % half
   cos = plgpu.load(cos_ref.at[b, freq], mask=d_mask, other=0.0)
   sin = plgpu.load(sin_ref.at[b, freq], mask=d_mask, other=0.0)
-  # The query heads of KV head h, rotated in f32 and rounded to the cache's dtype, as the
-  # model's rotary and the plain kernel's cast do.
-  rows = h * groups + jnp.arange(block_g)
-  q = _rotated(heads_ref, b, rows[:, None], cols[None, :], partner[None, :], sign, cos, sin,
-               g_mask[:, None] & d_mask[None, :]).astype(dtype)
-  # The new key, rotated and rounded as the cache will hold it, and the new value.
-  k_new = _rotated(heads_ref, b, q_heads + h, cols, partner, sign, cos, sin, d_mask).astype(dtype)
-  v_new = plgpu.load(heads_ref.at[b, q_heads + kv_heads + h, pl.ds(0, block_d)], mask=d_mask,
-                     other=0.0).astype(dtype)
   slot = slot_ref[b]
+  if low_rank is None:
+    # The query heads of KV head h, rotated in f32 and rounded to the cache's dtype, as the
+    # model's rotary and the plain kernel's cast do.
+    rows = h * groups + jnp.arange(block_g)
+    q = _rotated(heads_ref, b, rows[:, None], cols[None, :], partner[None, :], sign, cos, sin,
+                 g_mask[:, None] & d_mask[None, :]).astype(dtype)
+    # The new key, rotated and rounded as the cache will hold it, and the new value.
+    k_new = _rotated(heads_ref, b, q_heads + h, cols, partner, sign, cos, sin,
+                     d_mask).astype(dtype)
+    v_new = plgpu.load(heads_ref.at[b, q_heads + kv_heads + h, pl.ds(0, block_d)], mask=d_mask,
+                       other=0.0).astype(dtype)
+  else:
+    # One query head per KV head (no grouping: the entry point checks), its projection and the
+    # partner columns' each with the expert delta; only split 0 needs the new key and value,
+    # the other splits' loads of them are masked off (no memory read).
+    def rotated(head, mask, module):
+      x = _projection(heads_ref, g_ref, bt_ref, b, head, cols, mask, module, head_dim, low_rank)
+      xp = _projection(heads_ref, g_ref, bt_ref, b, head, partner, mask, module, head_dim,
+                       low_rank)
+      return x * cos + sign * xp * sin
+
+    q_row = rotated(h, d_mask, 0).astype(dtype)
+    q = jnp.where((jnp.arange(block_g) == 0)[:, None], q_row[None, :], 0.0).astype(dtype)
+    first_split = d_mask & (sp == 0)
+    k_new = rotated(q_heads + h, first_split, 1).astype(dtype)
+    v_new = _projection(heads_ref, g_ref, bt_ref, b, q_heads + kv_heads + h, cols, first_split,
+                        2, head_dim, low_rank).astype(dtype)
   # Split 0 writes the new slot (a slot past the buffer is dropped); no program reads that slot
   # back from memory (the loop masks it out, split 0 adds the new token from registers), so the
   # write races with no read.
@@ -270,9 +329,26 @@ def _append_kernel(end_ref, slot_ref, heads_ref, cos_ref, sin_ref, k_ref, v_ref,
   _store_partials(acc_ref, m_ref, l_ref, b, h, sp, m, l, acc, g_mask, d_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+class QkvLowRank(NamedTuple):
+  """The q, k and v projections' expert delta, added inside the appending kernel (pre-gated
+  experts or plain LoRA: one gate row for the three modules; no grouped-query heads).
+
+  Their shrink (x @ A of every expert, R columns per module: q's, k's, v's) is read from qkv's
+  own columns right after the base outputs, where the packed path's fused matmul leaves it.
+  gates: [B, R] f32, each shrink column's gate (times the pool's scale; 0 for experts not
+    chosen);
+  b_t: [(Hq + 2 Hkv) · hd, R] B transposed, row j the weights of qkv's column j, or
+    [L, (Hq + 2 Hkv) · hd, R] read at the call's `layer`.
+  """
+
+  gates: jax.Array
+  b_t: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "tiles", "interpret"))
 def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, slot: jax.Array,
-                            mask: jax.Array, cos: jax.Array, sin: jax.Array, *,
+                            mask: jax.Array, cos: jax.Array, sin: jax.Array,
+                            low_rank: QkvLowRank | None = None, *, layer: int | None = None,
                             tiles: Tiles = Tiles(), interpret: bool = False,
                             partials: tuple[jax.Array, jax.Array, jax.Array] | None = None
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -283,7 +359,8 @@ def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, 
   Args:
     qkv: [B, (Hq + 2 Hkv) * hd] the token's query, key and value projections side by side (the
       fused q/k/v matmul's output: taking it whole spares XLA a copy per slice), q and k before
-      the rotary embedding.
+      the rotary embedding; with `low_rank`, [B, (Hq + 2 Hkv) * hd + 3R]: the three modules'
+      shrink after them.
     k_buf, v_buf: [Bc, S, Hkv, hd] the cache's buffers (Bc >= B; rows past B are not touched),
       written in place (aliased to the outputs: in place when the caller's step donates them).
     slot: [B] int32, the slot of row b that takes the new key and value (one past the buffer:
@@ -292,19 +369,24 @@ def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, 
       (slots past W are not read).
     cos, sin: [B, hd / 2] f32, the rotary tables at each row's position (`rotate_half` layout,
       any attention factor included).
+    low_rank: the projections' expert delta (`QkvLowRank`), added before the rotary embedding;
+      Hq must equal Hkv.
+    layer: the layer of a stacked `low_rank.b_t`, read in place (None: b_t is one layer's).
     partials: optional preallocated (acc, m, l) buffers of the kernel's partial outputs.
   Returns:
     (out [B, Hq, hd] in qkv's dtype, k_buf, v_buf with the new slot written).
   """
   bc, buf_slots, hkv, head_dim = k_buf.shape
   b, width = qkv.shape
-  heads = width // head_dim if head_dim else 0
+  rank = 0 if low_rank is None else low_rank.b_t.shape[-1]
+  proj = width - 3 * rank
+  heads = proj // head_dim if head_dim else 0
   hq = heads - 2 * hkv
-  if (k_buf.shape != v_buf.shape or bc < b or width != heads * head_dim or hq < hkv
+  if (k_buf.shape != v_buf.shape or bc < b or proj != heads * head_dim or hq < hkv
       or hq % hkv):
     raise ValueError(f"qkv {qkv.shape}, k_buf {k_buf.shape}, v_buf {v_buf.shape}: expected qkv"
-                     " [B, (Hq + 2 Hkv) * hd], Hq a multiple of Hkv, and buffers"
-                     " [Bc >= B, S, Hkv, hd] of one shape")
+                     " [B, (Hq + 2 Hkv) * hd] (+ 3R shrink columns with low_rank), Hq a multiple"
+                     " of Hkv, and buffers [Bc >= B, S, Hkv, hd] of one shape")
   if head_dim % 2:
     raise ValueError(f"head_dim {head_dim} must be even (the rotary embedding pairs halves)")
   if mask.shape[0] != b or mask.shape[1] > buf_slots or slot.shape != (b,):
@@ -313,23 +395,39 @@ def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, 
   if cos.shape != (b, head_dim // 2) or sin.shape != cos.shape:
     raise ValueError(f"cos {cos.shape}, sin {sin.shape}: expected [{b}, {head_dim // 2}]")
   groups = hq // hkv
+  plan = None
+  if low_rank is not None:
+    gates, b_t = low_rank
+    stacked = layer is not None
+    if (groups != 1 or gates.shape != (b, rank) or b_t.ndim != 2 + stacked
+        or b_t.shape[-2] != proj):
+      raise ValueError(f"low_rank gates {gates.shape}, b_t {b_t.shape} with qkv {qkv.shape},"
+                       f" {hq} query and {hkv} KV heads: expected as many query as KV heads,"
+                       f" gates [{b}, R] and b_t [{proj}, R] (or [L, {proj}, R] with a layer)")
+    plan = _LowRankPlan(rank=rank, shrink_at=proj, layer=layer)
   splits, per_split = split_plan(b, hkv, mask.shape[1], tiles)
   shapes = (*_partial_shapes(b, hkv, splits, groups, head_dim),
             jax.ShapeDtypeStruct(k_buf.shape, k_buf.dtype),
             jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype))
-  operands = (_visible_end(mask), slot.astype(jnp.int32), qkv.reshape(b, heads, head_dim),
+  # With the delta the kernel reads qkv flat (its shrink columns sit past the heads).
+  heads_view = qkv if plan is not None else qkv.reshape(b, heads, head_dim)
+  operands = (_visible_end(mask), slot.astype(jnp.int32), heads_view,
               cos.astype(jnp.float32), sin.astype(jnp.float32), k_buf, v_buf,
               mask.astype(jnp.int32))
+  if plan is not None:
+    operands += (low_rank.gates.astype(jnp.float32), low_rank.b_t)
+  inputs = len(operands)
   aliases = {5: 3, 6: 4}
   kernel = functools.partial(_append_kernel, groups=groups, block_s=tiles.block_s,
                              blocks_per_split=per_split, block_g=dot_block(groups),
-                             block_d=dot_block(head_dim), scale=1.0 / math.sqrt(head_dim))
+                             block_d=dot_block(head_dim), scale=1.0 / math.sqrt(head_dim),
+                             low_rank=plan)
   if partials is not None:
     _, aliases = with_output_buffers(operands, partials, shapes[:3], "partials")
     aliases = {**aliases, 5: 3, 6: 4}
     operands = operands + tuple(partials)
     inner = kernel
-    kernel = lambda *refs: inner(*refs[:8], *refs[-5:])  # noqa: E731  (aliased inputs unread)
+    kernel = lambda *refs: inner(*refs[:inputs], *refs[-5:])  # noqa: E731  (aliased inputs unread)
   acc, m, l, k_buf, v_buf = _launch(kernel, shapes, operands, aliases, (b, hkv, splits), tiles,
                                     interpret, "decode_attention_append")
   return combine(acc, m, l).reshape(b, hq, head_dim).astype(qkv.dtype), k_buf, v_buf
