@@ -367,3 +367,54 @@ def test_append_with_delta_lowers_to_triton_for_cuda_on_any_machine(stacked):
   text = fn.trace(qkv, kv, kv, slot, mask, cs, cs, low).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "triton" in text and "decode_attention_append" in text
+
+
+@pytest.mark.parametrize("mode, per_layer", [("pregated", False), ("pregated", True),
+                                             ("lora", False), ("layerwise", False)])
+def test_packed_decode_with_the_delta_in_the_kernel_equals_xla(mode, per_layer):
+  """The packed path leaving q, k and v's expert delta to the appending kernel gives the decode
+  steps' logits and cache of the path adding it in XLA (both through the kernel, the Pallas
+  interpreter on the CPU); layer-wise routing declines (one router per module)."""
+  from adafuse_jax.adapters.mixture import MixtureOfLoRA
+  from adafuse_jax.config import AdapterConfig
+  from adafuse_jax.model import KVCache, LlamaModel
+  from adafuse_jax.model.layers import ATTENTION
+  from adafuse_jax.paths import registry
+  from adafuse_jax.paths.packed import PackedRuntime, pack
+  from tests.conftest import tiny_config
+
+  model = LlamaModel(tiny_config(kv_heads=6), seed=4, layout="stacked")  # no grouped heads
+  cfg = AdapterConfig(mode=mode, num_experts=4, rank=4, top_k=2, per_layer_gates=per_layer)
+  adapters = MixtureOfLoRA(model.cfg, cfg, seed=3, random_b=True)
+  packed = pack(model, adapters)
+  thresholds = registry.get("packed").thresholds
+  attend = ATTENTION["pallas-append"]
+
+  def decode(in_kernel):
+    cache = KVCache.create(model.cfg, 2, 6, model.dtype)
+    runtime = None
+    out = []
+    for token in ([[5], [9]], [[17], [2]]):  # two decode steps
+      runtime = PackedRuntime(adapters, thresholds, packed=packed, qkv_in_attention=in_kernel)
+      parts = []
+      original = runtime.qkv_parts
+
+      def wrapped(layer, x, original=original, parts=parts):
+        handed = original(layer, x)
+        parts.append(handed is not None)
+        return handed
+
+      runtime.qkv_parts = wrapped
+      logits, cache = model(jnp.asarray(token, jnp.int32), cache, linear=runtime,
+                            attend_fn=attend)
+      out.append((logits, parts))
+    return out, cache
+
+  (got, got_cache), (want, want_cache) = decode(True), decode(False)
+  for (g, handed), (w, declined) in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+    # Asked at every layer of a decode step; the kernel took the delta unless routing per module.
+    assert handed == [mode != "layerwise"] * model.cfg.layers
+    assert declined == [False] * model.cfg.layers
+  for g, w in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from adafuse_jax.config import ModelConfig
-from adafuse_jax.model.layers import AttentionFn, appending, attention, rotate
+from adafuse_jax.model.layers import AttentionFn, QkvDelta, appending, attention, rotate
 
 Rope = tuple[jax.Array, jax.Array]  # (cos, sin) [B, T, hd/2]: `layers.rope_tables`
 
@@ -55,23 +55,32 @@ class _Buffers:
   def nbytes(self) -> int:
     return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
 
+  def appends(self, t: int, attend_fn: AttentionFn) -> bool:
+    """Whether `attend` of t tokens per row runs `attend_fn`'s appending kernel (rotary
+    embedding, cache write and attention in one), which can also add q, k and v's delta."""
+    return appending(attend_fn) is not None and self.write_slots(t) is not None
+
   def write_slots(self, t: int) -> jax.Array | None:
     """[B] int32, the slot each row's one new token goes to, for a kernel that writes it
     itself; None where this view does not write that way (several tokens per row)."""
     return None
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, k_buf: jax.Array, v_buf: jax.Array,
-             mask, attend_fn: AttentionFn = attention, rope: Rope | None = None
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+             mask, attend_fn: AttentionFn = attention, rope: Rope | None = None,
+             delta: QkvDelta | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One layer: rotates q [B, T, Hq, hd] and the new k [B, T, Hkv, hd] by `rope`, writes k and
     v into its buffers [B, S, Hkv, hd] and attends q to what this view reads under `mask` (from
     `visible`), with `attend_fn` (`model.layers.ATTENTION`). A decode step whose `attend_fn`
-    has an appending form (`layers.appending`) runs all of it in that one kernel.
+    has an appending form (`layers.appending`) runs all of it in that one kernel; only such a
+    step takes `delta` (q, k and v's expert delta, which that kernel adds: `appends`).
 
     Returns (attention output [B, T, Hq, hd], k buffer, v buffer)."""
     fused, slots = appending(attend_fn), self.write_slots(q.shape[1])
     if fused is not None and slots is not None and rope is not None:
-      return fused(q, k, v, k_buf, v_buf, slots, mask, *rope)
+      return fused(q, k, v, k_buf, v_buf, slots, mask, *rope, delta)
+    if delta is not None:
+      raise ValueError("a q/k/v delta is added only by an appending kernel's decode step"
+                       " (ask `appends` first)")
     if rope is not None:
       q, k = rotate(q, *rope), rotate(k, *rope)
     k_buf, v_buf = self.write(k_buf, k), self.write(v_buf, v)
@@ -111,6 +120,11 @@ class KVCache(_Buffers):
     slots = self.length + jnp.arange(t, dtype=jnp.int32)
     kv = jnp.arange(self.max_len, dtype=jnp.int32)
     return (kv[None, None, :] <= slots[None, :, None]) & (kv[None, None, :] >= self.pad[:, None, None])
+
+  def appends(self, t: int, attend_fn: AttentionFn) -> bool:
+    """Whether `attend` of t tokens per row runs `attend_fn`'s appending kernel (rotary
+    embedding, cache write and attention in one), which can also add q, k and v's delta."""
+    return appending(attend_fn) is not None and self.write_slots(t) is not None
 
   def write_slots(self, t: int) -> jax.Array | None:
     return jnp.broadcast_to(self.length, (self.batch,)) if t == 1 else None
@@ -169,6 +183,11 @@ class SlotCache(_Buffers):
 
   def readable(self, buf: jax.Array) -> jax.Array:
     return buf[:self.rows_used, :self.span]
+
+  def appends(self, t: int, attend_fn: AttentionFn) -> bool:
+    """Whether `attend` of t tokens per row runs `attend_fn`'s appending kernel (rotary
+    embedding, cache write and attention in one), which can also add q, k and v's delta."""
+    return appending(attend_fn) is not None and self.write_slots(t) is not None
 
   def write_slots(self, t: int) -> jax.Array | None:
     return self._lengths() if t == 1 else None

@@ -7,8 +7,9 @@ batch-1 decode on the GPU: docs/architecture.md, "Measured design facts").
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -164,9 +165,24 @@ def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
   return out[:, None]
 
 
+@dataclasses.dataclass(frozen=True)
+class QkvDelta:
+  """q, k and v handed to the attention before their expert delta, for a kernel that adds it.
+
+  qkv: [B, (Hq + 2 Hkv) · hd + 3R] the fused q/k/v matmul's whole output (base projections,
+    then q's, k's and v's shrink);
+  low_rank: `pallas_kernels.decode_attention.QkvLowRank` (gates, B transposed);
+  layer: the layer of a stacked B, or None.
+  """
+
+  qkv: jax.Array
+  low_rank: Any
+  layer: int | None
+
+
 def appending_kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_buf: jax.Array,
                                v_buf: jax.Array, slot: jax.Array, mask: jax.Array,
-                               cos: jax.Array, sin: jax.Array
+                               cos: jax.Array, sin: jax.Array, delta: QkvDelta | None = None
                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One decode token per row through the Pallas kernel that also rotates it and writes it
   into the cache (`decode_attention.triton.decode_attention_append`).
@@ -177,12 +193,19 @@ def appending_kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_buf: 
     slot: [B] int32, where each row's new key and value go (past S: dropped).
     mask: [B, 1, W] bool, the slots (W <= S) the token may read once written.
     cos, sin: [B, 1, hd/2] (`rope_tables`).
+    delta: q, k and v's expert delta, added by the kernel (q, k, v are then the base
+      projections, which it reads from `delta.qkv`), or None.
   Returns:
     (attention output [B, 1, Hq, hd], k_buf, v_buf).
   """
   from pallas_kernels.common import interpret
   from pallas_kernels.decode_attention import triton as decode_kernel
   b = q.shape[0]
+  if delta is not None:
+    out, k_buf, v_buf = decode_kernel.decode_attention_append(
+        delta.qkv, k_buf, v_buf, slot, mask[:, 0], cos[:, 0], sin[:, 0], delta.low_rank,
+        layer=delta.layer, interpret=interpret())
+    return out.reshape(q.shape), k_buf, v_buf
   # Side by side again: where q, k and v are slices of one fused matmul's output XLA folds this
   # back into that output (a slice passed to the kernel on its own is a copy).
   qkv = jnp.concatenate([x.reshape(b, -1) for x in (q, k, v)], axis=1)

@@ -17,7 +17,10 @@ tuple) so that a kernel can read layer `layer` in place. The backbone's is `x @ 
 an adapter runtime adds expert deltas (unmerged), calls the fused kernel, or leaves it alone
 when the experts were merged into the weights. A `LinearFn` may also offer the MLP's tail whole:
 a method `mlp_down(layer, x) -> y or None` (x the normed input of gate/up [..., D], y down's
-output [..., D]) lets a path run gate/up, SwiGLU and down as fewer kernels; None declines.
+output [..., D]) lets a path run gate/up, SwiGLU and down as fewer kernels; and
+`qkv_parts(layer, x) -> (q, k, v, delta) or None`, asked only where the cache view runs an
+appending attention kernel, hands q, k and v ([B, T, H, hd]) before their expert delta with the
+delta (`layers.QkvDelta`) for that kernel to add. None declines.
 """
 
 from __future__ import annotations
@@ -162,10 +165,20 @@ class LlamaModel(nnx.Module):
     new_k, new_v = list(cache.k), list(cache.v)
     for l in range(cfg.layers):
       x = rms_norm(h, self.attn_norm[l], cfg.rms_eps)
-      q = linear("q", l, x, self.q.get_value()).reshape(b, t, cfg.heads, cfg.head_dim)
-      k = linear("k", l, x, self.k.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
-      v = linear("v", l, x, self.v.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
-      att, new_k[l], new_v[l] = cache.attend(q, k, v, new_k[l], new_v[l], mask, attend_fn, rope)
+      # A path may leave q, k and v's expert delta to an appending attention kernel.
+      parts = getattr(linear, "qkv_parts", None)
+      appends = getattr(cache, "appends", None)
+      parts = parts(l, x) if parts is not None and appends and appends(t, attend_fn) else None
+      if parts is not None:
+        q, k, v, delta = parts
+        att, new_k[l], new_v[l] = cache.attend(q, k, v, new_k[l], new_v[l], mask, attend_fn,
+                                               rope, delta=delta)
+      else:
+        q = linear("q", l, x, self.q.get_value()).reshape(b, t, cfg.heads, cfg.head_dim)
+        k = linear("k", l, x, self.k.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
+        v = linear("v", l, x, self.v.get_value()).reshape(b, t, cfg.kv_heads, cfg.head_dim)
+        att, new_k[l], new_v[l] = cache.attend(q, k, v, new_k[l], new_v[l], mask, attend_fn,
+                                               rope)
       att = att.reshape(b, t, cfg.q_dim)
       h = h + linear("o", l, att, self.o.get_value())
       x = rms_norm(h, self.ffn_norm[l], cfg.rms_eps)

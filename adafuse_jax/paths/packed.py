@@ -308,7 +308,7 @@ class PackedRuntime(AdapterRuntime):
   per group of modules of equal width. Any number of tokens."""
 
   def __init__(self, adapters: MixtureOfLoRA, thresholds, sere=None, *, packed: PackedWeights,
-               mlp: MlpKernel | None = None):
+               mlp: MlpKernel | None = None, qkv_in_attention: bool = False):
     if packed is None:
       raise UserError("path 'packed' needs the packed weights (adafuse_jax.paths.packed."
                       "pack(model, adapters)); Generator(path='packed') makes them")
@@ -317,6 +317,33 @@ class PackedRuntime(AdapterRuntime):
     self._deltas: dict = {}  # (layer, group) -> (input, {module: delta})
     self._tail = None if mlp is None else MlpTail(self._groups, packed.layout.base["gate"].width,
                                                   mlp)
+    self._qkv_in_attention = qkv_in_attention
+
+  def qkv_parts(self, layer: int, x: jax.Array):
+    """q, k, v [B, T, H, hd] before their expert delta, and the delta (`layers.QkvDelta`) for
+    the appending attention kernel to add (`LlamaModel` asks only where one runs): with one
+    decision for every module, q, k and v all adapted and as many query as KV heads (their B
+    then one [L, 3·out, E·r] array, a view of the packed one); None otherwise."""
+    qkv = ("q", "k", "v")
+    packed = self._groups.packed
+    if (not self._qkv_in_attention or self.cfg.mode == Mode.LAYERWISE
+        or not all(self.adapts(m, layer) for m in qkv) or qkv not in packed.b):
+      return None
+    from pallas_kernels.decode_attention import QkvLowRank
+
+    from adafuse_jax.model.layers import QkvDelta
+    xf = x.reshape(-1, x.shape[-1])
+    self._batch_shape = x.shape[:-1]
+    shared = self.route("q", layer, xf)[2]  # [N, E]
+    gates = expert_columns(shared, self.cfg.rank, self.cfg.scale)  # [N, E·r]
+    b = packed.b[qkv]  # [L, 3, out, E·r] or L of [3, out, E·r]
+    if isinstance(b, tuple):
+      b_t, at = b[layer].reshape(-1, b[layer].shape[-1]), None
+    else:
+      b_t, at = b.reshape(b.shape[0], -1, b.shape[-1]), layer
+    outs = [self._groups.base(m, layer, x).reshape(*x.shape[:-1], -1, self.adapters.model_cfg.head_dim)
+            for m in qkv]
+    return (*outs, QkvDelta(self._groups("q", layer, x), QkvLowRank(gates, b_t), at))
 
   def mlp_down(self, layer: int, x: jax.Array) -> jax.Array | None:
     """The MLP's tail in one kernel (`MlpTail`) with one decision for every module (pre-gated,
@@ -401,7 +428,8 @@ class PackedPath(DecodePath):
 
   def runtime(self, adapters, derived=None, *, sere=None, backend="auto", mesh=None):
     return PackedRuntime(adapters, self.thresholds, sere, packed=derived,
-                         mlp=mlp_kernel(backend, mesh))
+                         mlp=mlp_kernel(backend, mesh),
+                         qkv_in_attention=backend == "triton" and mesh is None)
 
   def backbone(self, derived=None, *, backend="auto", mesh=None):
     return PackedBackbone(derived, mlp=mlp_kernel(backend, mesh))
