@@ -91,10 +91,12 @@ for part in $parts; do
           --out /tmp/kb >>"$out/probe.log" 2>&1 && cat /tmp/kb/kernels_"$mode".md >>"$out/kernels.md"
       done ;;
     swiglu-down)
-      # The MLP's tail as one Pallas launch (pallas_kernels/swiglu_down): its tests compiled, the
-      # probe against XLA's kernels (swiglu-down.jsonl), and the 7B step at batch 1 with it
-      # (backend "triton" on the packed path) beside XLA's, interleaved (fused-mlp-b1/).
-      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_swiglu_down.py 2>&1 \
+      # The MLP's tail as one Pallas launch (pallas_kernels/swiglu_down) and q/k/v's expert delta
+      # in the appending attention kernel: their tests compiled, the MLP probe against XLA's
+      # kernels (swiglu-down.jsonl), and the 7B step at batch 1 with both (backend "triton" on
+      # the packed path) beside XLA's, interleaved (fused-mlp-b1/).
+      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_swiglu_down.py \
+        tests/test_decode_attention.py -k "swiglu or delta" 2>&1 \
         | tee "$out/swiglu-down-tests.log" | tail -3
       (cd tools && timeout "${SWIGLU_S:-200}" python3 swiglu_down_probe.py --rounds "${ROUNDS:-5}" \
         ${TILES:+--tiles $TILES} 2>>"$out/swiglu-down.log" | tee "$out/swiglu-down.jsonl" | cut -c1-150)
