@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -221,6 +222,10 @@ class GroupCache:
 
 
 MlpKernel = Callable[..., jax.Array]  # (gu, w, inter, low_rank, layer=) -> [N, C] f32
+# Rows up to which the packed step's own kernels take the MLP's tail and q/k/v's delta: both
+# grids run a program per row, each reading its weights again (from L2 at best), where XLA's
+# GEMMs read them once for every row; they are decode kernels for a few sequences.
+OWN_KERNELS_MAX_ROWS = 4
 
 
 def mlp_kernel(backend: str, mesh=None) -> MlpKernel | None:
@@ -280,7 +285,9 @@ class PackedBackbone:
 
   def mlp_down(self, layer: int, x: jax.Array) -> jax.Array | None:
     """SwiGLU and down in one kernel (`MlpTail`) where the path fuses them, else None."""
-    return None if self._tail is None else self._tail(layer, x)
+    if self._tail is None or math.prod(x.shape[:-1]) > OWN_KERNELS_MAX_ROWS:
+      return None
+    return self._tail(layer, x)
 
 
 def expand(h: jax.Array, gates: jax.Array, b_t: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -327,7 +334,8 @@ class PackedRuntime(AdapterRuntime):
     qkv = ("q", "k", "v")
     packed = self._groups.packed
     if (not self._qkv_in_attention or self.cfg.mode == Mode.LAYERWISE
-        or not all(self.adapts(m, layer) for m in qkv) or qkv not in packed.b):
+        or not all(self.adapts(m, layer) for m in qkv) or qkv not in packed.b
+        or math.prod(x.shape[:-1]) > OWN_KERNELS_MAX_ROWS):
       return None
     from pallas_kernels.decode_attention import QkvLowRank
 
@@ -350,7 +358,7 @@ class PackedRuntime(AdapterRuntime):
     plain LoRA) and gate and up adapted alike; None otherwise (module by module)."""
     mlp = tuple(m for m in ("gate", "up", "down") if self.adapts(m, layer))
     if (self._tail is None or self.cfg.mode == Mode.LAYERWISE
-        or ("gate" in mlp) != ("up" in mlp)):
+        or ("gate" in mlp) != ("up" in mlp) or math.prod(x.shape[:-1]) > OWN_KERNELS_MAX_ROWS):
       return None
     if not mlp:
       return self._tail(layer, x)
