@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +27,10 @@ import numpy as np
 
 from adafuse_jax.bench.measure import ratio_interval
 from adafuse_jax.timing import time_pipelined
-from kernel_breakdown import kernel_durations
+from gemv_sweep import LAYERS, kernel_us
 from pallas_kernels.swiglu_down import LowRank, Tiles, xla_swiglu_down
 from pallas_kernels.swiglu_down import triton as kernel
 
-LAYERS = 8
 D, I, ER = 4096, 11008, 128
 TILES = {  # programs = ceil(I / block_k) · parts; f32 products per thread = k · n / (32 · warps)
     "k128-n64-p4": Tiles(128, 64, 4),
@@ -69,17 +66,6 @@ def program(fn, low_rank: bool):
       h = h + y[:, :D] + y[:, D:].sum(-1, keepdims=True)  # the shrink columns are read too
     return h
   return run
-
-
-def kernel_us(fn, args, calls: int = 5) -> float | None:
-  with tempfile.TemporaryDirectory() as tmp:
-    with jax.profiler.trace(tmp):
-      for _ in range(calls):
-        jax.block_until_ready(fn(*args))
-    durations = kernel_durations(pathlib.Path(tmp))
-  if not durations:
-    return None
-  return round(sum(sum(d) for d in durations.values()) / (calls * LAYERS), 2)
 
 
 def main() -> None:
@@ -119,7 +105,7 @@ def main() -> None:
     base = times["xla-plain" if "plain" in name else "xla"]
     print(json.dumps({"row": name, "batch": args.batch, "us_per_layer": round(float(np.median(times[name])), 2),
                       "vs_xla": ratio_interval(times[name], base),
-                      "kernel_us": kernel_us(fn, operands), "max_rel_err": round(errors[name], 5),
+                      "kernel_us": kernel_us(fn, operands).get("all_kernels_us"), "max_rel_err": round(errors[name], 5),
                       "device": device, "jax": jax.__version__}), flush=True)
 
 
