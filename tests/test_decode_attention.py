@@ -344,6 +344,8 @@ def test_append_with_delta_names_grouped_heads_and_bad_shapes():
   low = QkvLowRank(jnp.zeros((2, 4)), jnp.zeros((128, 4)))
   with pytest.raises(ValueError, match="expected as many query as KV heads"):
     decode_attention_append(qkv, buf, buf, slot, mask, cs, cs, low, interpret=INTERPRET)
+  with pytest.raises(ValueError, match=r"expected \[96, R\] \(q, k and v of as many"):
+    da.decode_attention_append(qkv, buf, buf, slot, mask, cs, cs, low, backend="xla")
   with pytest.raises(ValueError, match=r"gates \[2, R\] and b_t \[96, R\]"):
     decode_attention_append(jnp.zeros((2, 96 + 12)), jnp.zeros((2, 20, 2, 16)),
                             jnp.zeros((2, 20, 2, 16)), slot, mask, cs, cs,

@@ -69,6 +69,10 @@ def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, 
     return triton.decode_attention_append(qkv, k_buf, v_buf, slot, mask, cos, sin, low_rank,
                                           layer=layer, tiles=tiles)
   if low_rank is not None:
+    hkv, hd = k_buf.shape[2], k_buf.shape[3]
+    if low_rank.b_t.shape[-2] != 3 * hkv * hd:
+      raise ValueError(f"low_rank b_t {low_rank.b_t.shape}: expected [{3 * hkv * hd}, R] (q, k"
+                       " and v of as many query as KV heads)")
     qkv = with_qkv_delta(qkv, low_rank, layer, rounded=True)
   q, k_buf, v_buf = rotate_and_write(qkv, k_buf, v_buf, slot, cos, sin)
   b, w = mask.shape
