@@ -98,12 +98,12 @@ for part in $parts; do
       timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_swiglu_down.py \
         tests/test_decode_attention.py -k "swiglu or delta" 2>&1 \
         | tee "$out/swiglu-down-tests.log" | tail -3
-      (cd tools && timeout "${SWIGLU_S:-200}" python3 swiglu_down_probe.py --rounds "${ROUNDS:-5}" \
-        ${TILES:+--tiles $TILES} 2>>"$out/swiglu-down.log" | tee "$out/swiglu-down.jsonl" | cut -c1-150)
       timeout "${FLOOR_S:-300}" python3 -m adafuse_jax.bench --preset llama2-7b --prefill "" \
         --batch "${BATCH:-1}" --steps 32 --rounds "${ROUNDS:-5}" --torch-peer off \
         --modes "${MODES:-backbone-packed,backbone-packed@triton,pregated-packed,pregated-packed@triton}" \
-        --out "$out/fused-mlp-b${BATCH:-1}" 2>&1 | tee -a "$out/swiglu-down.log" | tail -8 ;;
+        --out "$out/fused-mlp-b${BATCH:-1}" 2>&1 | tee -a "$out/swiglu-down.log" | tail -8
+      (cd tools && timeout "${SWIGLU_S:-200}" python3 swiglu_down_probe.py --rounds "${ROUNDS:-5}" \
+        ${TILES:+--tiles $TILES} 2>>"$out/swiglu-down.log" | tee "$out/swiglu-down.jsonl" | cut -c1-150) ;;
     gemv)
       # XLA's dot against Pallas GEMVs (Triton split-K, Mosaic GPU swap-AB; KINDS) on the 7B
       # module shapes (tools/gemv_sweep.py).
