@@ -121,11 +121,6 @@ class KVCache(_Buffers):
     kv = jnp.arange(self.max_len, dtype=jnp.int32)
     return (kv[None, None, :] <= slots[None, :, None]) & (kv[None, None, :] >= self.pad[:, None, None])
 
-  def appends(self, t: int, attend_fn: AttentionFn) -> bool:
-    """Whether `attend` of t tokens per row runs `attend_fn`'s appending kernel (rotary
-    embedding, cache write and attention in one), which can also add q, k and v's delta."""
-    return appending(attend_fn) is not None and self.write_slots(t) is not None
-
   def write_slots(self, t: int) -> jax.Array | None:
     return jnp.broadcast_to(self.length, (self.batch,)) if t == 1 else None
 
@@ -183,11 +178,6 @@ class SlotCache(_Buffers):
 
   def readable(self, buf: jax.Array) -> jax.Array:
     return buf[:self.rows_used, :self.span]
-
-  def appends(self, t: int, attend_fn: AttentionFn) -> bool:
-    """Whether `attend` of t tokens per row runs `attend_fn`'s appending kernel (rotary
-    embedding, cache write and attention in one), which can also add q, k and v's delta."""
-    return appending(attend_fn) is not None and self.write_slots(t) is not None
 
   def write_slots(self, t: int) -> jax.Array | None:
     return self._lengths() if t == 1 else None
