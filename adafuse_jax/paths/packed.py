@@ -349,8 +349,8 @@ class PackedRuntime(AdapterRuntime):
       b_t, at = b[layer].reshape(-1, b[layer].shape[-1]), None
     else:
       b_t, at = b.reshape(b.shape[0], -1, b.shape[-1]), layer
-    outs = [self._groups.base(m, layer, x).reshape(*x.shape[:-1], -1, self.adapters.model_cfg.head_dim)
-            for m in qkv]
+    head_dim = self.adapters.model_cfg.head_dim
+    outs = [self._groups.base(m, layer, x).reshape(*x.shape[:-1], -1, head_dim) for m in qkv]
     return (*outs, QkvDelta(self._groups("q", layer, x), QkvLowRank(gates, b_t), at))
 
   def mlp_down(self, layer: int, x: jax.Array) -> jax.Array | None:
