@@ -228,6 +228,11 @@ MlpKernel = Callable[..., jax.Array]  # (gu, w, inter, low_rank, layer=) -> [N, 
 OWN_KERNELS_MAX_ROWS = 4
 
 
+def few_rows(x: jax.Array) -> bool:
+  """Whether x [..., in] has few enough rows for the packed step's own kernels."""
+  return math.prod(x.shape[:-1]) <= OWN_KERNELS_MAX_ROWS
+
+
 def mlp_kernel(backend: str, mesh=None) -> MlpKernel | None:
   """The kernel a packed step runs its MLP's tail with (SwiGLU, the gate and up experts' delta,
   down: `pallas_kernels.swiglu_down`), or None for XLA's kernels module by module. Backend
@@ -249,6 +254,11 @@ class MlpTail:
     self.groups = groups
     self.inter = inter
     self.kernel = kernel
+
+  @classmethod
+  def of(cls, groups: GroupCache, kernel: MlpKernel | None) -> "MlpTail | None":
+    """The tail on these packed groups with `kernel`, or None without one."""
+    return None if kernel is None else cls(groups, groups.packed.layout.base["gate"].width, kernel)
 
   def __call__(self, layer: int, x: jax.Array, gate_up: swiglu_down_op.LowRank | None = None,
                down_delta=None) -> jax.Array:
@@ -276,8 +286,7 @@ class PackedBackbone:
 
   def __init__(self, packed: PackedWeights, mlp: MlpKernel | None = None):
     self.groups = GroupCache(packed)
-    self._tail = None if mlp is None else MlpTail(self.groups, packed.layout.base["gate"].width,
-                                                  mlp)
+    self._tail = MlpTail.of(self.groups, mlp)
 
   def __call__(self, name: str, layer: int, x: jax.Array, weights) -> jax.Array:
     del weights  # the packed copy is read instead
@@ -285,7 +294,7 @@ class PackedBackbone:
 
   def mlp_down(self, layer: int, x: jax.Array) -> jax.Array | None:
     """SwiGLU and down in one kernel (`MlpTail`) where the path fuses them, else None."""
-    if self._tail is None or math.prod(x.shape[:-1]) > OWN_KERNELS_MAX_ROWS:
+    if self._tail is None or not few_rows(x):
       return None
     return self._tail(layer, x)
 
@@ -322,8 +331,7 @@ class PackedRuntime(AdapterRuntime):
     super().__init__(adapters, thresholds, sere)
     self._groups = GroupCache(packed)
     self._deltas: dict = {}  # (layer, group) -> (input, {module: delta})
-    self._tail = None if mlp is None else MlpTail(self._groups, packed.layout.base["gate"].width,
-                                                  mlp)
+    self._tail = MlpTail.of(self._groups, mlp)
     self._qkv_in_attention = qkv_in_attention
 
   def qkv_parts(self, layer: int, x: jax.Array):
@@ -335,7 +343,7 @@ class PackedRuntime(AdapterRuntime):
     packed = self._groups.packed
     if (not self._qkv_in_attention or self.cfg.mode == Mode.LAYERWISE
         or not all(self.adapts(m, layer) for m in qkv) or qkv not in packed.b
-        or math.prod(x.shape[:-1]) > OWN_KERNELS_MAX_ROWS):
+        or not few_rows(x)):
       return None
     from pallas_kernels.decode_attention import QkvLowRank
 
@@ -358,7 +366,7 @@ class PackedRuntime(AdapterRuntime):
     plain LoRA) and gate and up adapted alike; None otherwise (module by module)."""
     mlp = tuple(m for m in ("gate", "up", "down") if self.adapts(m, layer))
     if (self._tail is None or self.cfg.mode == Mode.LAYERWISE
-        or ("gate" in mlp) != ("up" in mlp) or math.prod(x.shape[:-1]) > OWN_KERNELS_MAX_ROWS):
+        or ("gate" in mlp) != ("up" in mlp) or not few_rows(x)):
       return None
     if not mlp:
       return self._tail(layer, x)
@@ -375,7 +383,8 @@ class PackedRuntime(AdapterRuntime):
       gate_up = swiglu_down_op.LowRank(gates, b if not isinstance(b, tuple) else b[layer])
     down_delta = None
     if "down" in mlp:
-      down_delta = lambda h: expand(h, gates, packed.b[("down",)][layer], x.dtype)[:, 0]  # noqa: E731
+      b_down = packed.b[("down",)][layer]
+      down_delta = lambda h: expand(h, gates, b_down, x.dtype)[:, 0]  # noqa: E731
     return self._tail(layer, x, gate_up, down_delta)
 
   def __call__(self, name: str, layer: int, x: jax.Array, weights) -> jax.Array:

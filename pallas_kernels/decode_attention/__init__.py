@@ -6,10 +6,10 @@ layer of a decode step's attention: scores, softmax, weighted sum of values).
 Entry points: `decode_attention(q, k, v, mask, backend=)`, and
 `decode_attention_append(qkv, k_buf, v_buf, slot, mask, cos, sin, low_rank, backend=)`, which
 also rotates the token's q and k and writes k and v into the cache, and with `low_rank`
-(`QkvLowRank`) first adds the pre-gated experts' delta to q, k and v from their shrink. Backends, in `auto`'s order: "triton"
-(`triton.py`: one launch per layer, split over the cache, reading only the blocks before the
-last visible slot; GPU; tests run it in the Pallas interpreter on the CPU), "xla" (the model's
-own formulation, what XLA fuses by itself). The f32 truths are
+(`QkvLowRank`) first adds the pre-gated experts' delta to q, k and v from their shrink.
+Backends, in `auto`'s order: "triton" (`triton.py`: one launch per layer, split over the cache,
+reading only the blocks before the last visible slot; GPU; tests run it in the Pallas interpreter on
+the CPU), "xla" (the model's own formulation, what XLA fuses by itself). The f32 truths are
 `reference.decode_attention_reference` and `reference.decode_attention_append_reference`.
 """
 
