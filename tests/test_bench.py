@@ -40,6 +40,13 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path):
   auto = by_mode["pregated-auto"]["auto"]
   assert auto["path"] in auto["expected_ms"] and "pregated-auto` chose" in out.stdout
   assert report["environment"]["jax"] and report["copy_bandwidth_tb_s"] > 0
+  # On the CPU the ceiling is sampled before the rows and after each of the 3 rounds; the best
+  # sample divides every floor.
+  samples = report["ceiling_samples_tb_s"]
+  assert len(samples) == 4 and report["ceiling_tb_s"] == max(samples)
+  for r in report["results"]:
+    assert r["floor_ms"] == pytest.approx(r["bytes_per_step"] / (max(samples) * 1e12) * 1e3)
+  assert "the best of 4 samples" in out.stdout
   assert (tmp_path / "decode.png").stat().st_size > 1000
   assert "| backbone |" in out.stdout
   assert by_mode["backbone"]["ratio_to_backbone"] == 1.0  # the plain backbone is the reference
