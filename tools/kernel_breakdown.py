@@ -8,7 +8,7 @@
 Runs warm decode steps under `jax.profiler.trace`, reads the Perfetto trace it writes, and prints
 the kernels grouped by name: count per step, total µs per step, share of the step. On the CPU
 the "kernels" are XLA:CPU's thunks: the trace's events named after an instruction of the step's
-compiled program.
+compiled program; a second table groups its matmuls by output shape (which layer each is).
 """
 
 from __future__ import annotations
@@ -88,6 +88,27 @@ def kernel_table(trace_dir: pathlib.Path, steps: int, tag: str,
   return "\n".join(lines)
 
 
+def dot_table(trace_dir: pathlib.Path, hlo_text: str, steps: int, tag: str) -> str:
+  """CPU: the step's matmul thunks grouped by their output shape and contraction (which linear
+  layer or expansion each is): count per step, µs per step and per call."""
+  shapes = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?(\S+) = (\S+) dot\([^)]*\)(.*)", line)
+    if m:
+      shapes[m.group(1)] = f"{m.group(2).split('{')[0]}{m.group(3)}".strip(" ,")
+  events, _ = read_trace(trace_dir)
+  agg = collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in shapes:
+      agg[shapes[e["name"]]].append(float(e["dur"]))
+  lines = [f"mode {tag}: matmuls by output shape",
+           "| output, contraction | per step | µs/step | µs each |", "|---|---|---|---|"]
+  for shape, durs in sorted(agg.items(), key=lambda kv: -sum(kv[1])):
+    lines.append(f"| `{shape}` | {len(durs) / steps:.0f} | {sum(durs) / steps:.0f} |"
+                 f" {sum(durs) / len(durs):.1f} |")
+  return "\n".join(lines)
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--preset", default="llama2-7b")
@@ -147,6 +168,8 @@ def main() -> None:
   (out / f"hlo_{stem}.txt").write_text(step.as_text())
   text = kernel_table(out / "trace", args.steps, tag,
                       instruction_names(step.as_text()) if cpu else None)
+  if cpu:
+    text += "\n\n" + dot_table(out / "trace", step.as_text(), args.steps, tag)
   print(text)
   (out / f"kernels_{stem}.md").write_text(text + "\n")
 
