@@ -148,8 +148,6 @@ def choose_path(model: LlamaModel, adapters: MixtureOfLoRA, *, batch: int = 1,
   rate = 1.0 if switch_rate is None else float(switch_rate)
   cands = registry.candidates(adapters.cfg, layout=model.layout, batch=batch,
                               agree_rate=agree_rate)
-  if mesh is not None:  # split over a mesh, the packed step runs XLA's kernels whatever its backend
-    cands = [c for c in cands if c.backend != "triton"]
   skipped = {}
   if sere is not None:
     skipped.update({c.name: "SERE re-routes unmerged steps only" for c in cands if c.merges})
