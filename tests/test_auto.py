@@ -49,25 +49,6 @@ def test_candidates_follow_mode_batch_and_backend(model):
   assert names(_adapters(model, tied_shared=True), 1) == names(_adapters(model), 1)
 
 
-def test_a_gpu_measures_the_packed_step_on_our_own_kernels_too(model, monkeypatch):
-  """On a GPU (stacked weights) `auto` also measures the packed step with its MLP tail and q/k/v
-  delta in the Pallas kernels, up to the rows those kernels serve."""
-  from adafuse_jax.paths.packed import OWN_KERNELS_MAX_ROWS
-
-  monkeypatch.setattr(registry.jax, "default_backend", lambda: "gpu")
-  adapters = _adapters(model)
-  by_name = {c.name: c for c in registry.candidates(adapters.cfg, layout="stacked", batch=1)}
-  assert list(by_name) == ["pregated-xla", "pregated-packed", "pregated-packed@triton",
-                           "pregated-gathered", "pregated-merged"]
-  assert by_name["pregated-packed@triton"].backend == "triton"
-  assert "pregated-packed@triton" in [c.name for c in registry.candidates(
-      adapters.cfg, layout="stacked", batch=OWN_KERNELS_MAX_ROWS)]
-  assert "pregated-packed@triton" not in [c.name for c in registry.candidates(
-      adapters.cfg, layout="stacked", batch=OWN_KERNELS_MAX_ROWS + 1)]
-  assert "pregated-packed@triton" not in [c.name for c in registry.candidates(
-      adapters.cfg, layout="list", batch=1)]
-
-
 def test_prompt_switch_rate(model):
   adapters = _adapters(model)
   assert prompt_switch_rate(model, adapters, [5, 5, 5, 5]) == 0.0  # same token, same route

@@ -236,9 +236,9 @@ def few_rows(x: jax.Array) -> bool:
 def mlp_kernel(backend: str, mesh=None) -> MlpKernel | None:
   """The kernel a packed step runs its MLP's tail with (SwiGLU, the gate and up experts' delta,
   down: `pallas_kernels.swiglu_down`), or None for XLA's kernels module by module. Backend
-  "triton" asks for it; "auto" keeps XLA's. Path `auto` measures the step both ways on a GPU
-  (`registry.candidates`) and keeps the faster. Not on a tensor-parallel mesh (the kernel
-  would need each shard's own call)."""
+  "triton" asks for it; "auto" keeps XLA's, which ran the 7B step faster on the H200
+  (docs/benchmarks/h200/own-kernels/). Not on a tensor-parallel mesh (the kernel would need
+  each shard's own call)."""
   if backend == "triton" and mesh is None:
     return functools.partial(swiglu_down_op.swiglu_down, backend="triton")
   return None

@@ -19,7 +19,7 @@ from adafuse_jax.errors import UserError
 from adafuse_jax.paths.base import AdapterRuntime, DecodePath, Thresholds
 from adafuse_jax.paths.gathered import GatheredPath
 from adafuse_jax.paths.merged import MergedPath, merge_blocker
-from adafuse_jax.paths.packed import OWN_KERNELS_MAX_ROWS, PackedPath
+from adafuse_jax.paths.packed import PackedPath
 from adafuse_jax.paths.xla import XlaPath
 from adafuse_jax.vocab import Mode, PathName, Variant, parse_path
 
@@ -117,17 +117,12 @@ def candidates(adapter_cfg: AdapterConfig, *, layout: str, batch: int,
   # The candidates run in Generators, which fold a shared expert into the backbone first.
   adapter_cfg = as_generator_runs(adapter_cfg)
   mode = Mode(adapter_cfg.mode)
-  gpu = jax.default_backend() != "cpu" and layout == "stacked"
-  names = [(PathName.XLA, "auto"), (PathName.PACKED, "auto")]
-  if gpu and batch <= OWN_KERNELS_MAX_ROWS:
-    # The packed step with its MLP tail and q/k/v's expert delta inside our own kernels: which
-    # of it and XLA's kernels is faster depends on the GPU and the shape, so both are measured.
-    names.append((PathName.PACKED, "triton"))
-  if gpu:
-    names.append((PathName.GATHERED, "auto"))
+  names = [PathName.XLA, PathName.PACKED]
+  if jax.default_backend() != "cpu" and layout == "stacked":
+    names.append(PathName.GATHERED)
   if (batch == 1 or (agree_rate or 0.0) > 0) and merge_blocker(adapter_cfg) is None:
-    names.append((PathName.MERGED, "auto"))
-  return [Candidate(Variant(mode, p, backend=b).name, p, b) for p, b in names
+    names.append(PathName.MERGED)
+  return [Candidate(Variant(mode, p).name, p) for p in names
           if PATHS[p].blocker(adapter_cfg, layout) is None]
 
 
