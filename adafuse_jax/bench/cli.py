@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> dict:
   env = B.environment()
   sample_ceiling = None
   if jax.default_backend() == "cpu":  # a multi-threaded GEMV's read rate (see copy_bandwidth)
-    # A shared CPU machine's rate drifts by 2x within minutes: sampled again after every
+    # A shared CPU machine's rate drifts by tens of percent within minutes (11.3-14.0 GB/s in
+    # one run, docs/benchmarks/cpu/ceiling-samples/): sampled again after every
     # interleaved round, the best sample is the ceiling (a floor must not come out above a
     # step that ran faster than one slow sample said the machine could).
     def sample_ceiling() -> float:
