@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call on a machine without network: the kernel tests compiled, the layer-loop facts,
 # and the decode bench of the 7B preset on every path.
-#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe swiglu-down gemv norm-fold flags step host prefill autotune expand attention switch bgmv-sweep gathered-probe
+#   bash tools/gpu_check.sh OUT_DIR [PART...]    PART: tests layers bench floor serve probe swiglu-down append-delta gemv norm-fold flags step host prefill autotune expand attention switch bgmv-sweep gathered-probe
 #   (default: tests layers bench)
 # Carry `.whl` (the gguf wheel the GPU image lacks: `python3 -m pip download --no-deps -d .whl
 # gguf==0.19.0`); the default model's GGUF does not travel, so its tests are left out here.
@@ -104,6 +104,11 @@ for part in $parts; do
         --out "$out/fused-mlp-b${BATCH:-1}" 2>&1 | tee -a "$out/swiglu-down.log" | tail -8
       (cd tools && timeout "${SWIGLU_S:-200}" python3 swiglu_down_probe.py --rounds "${ROUNDS:-5}" \
         ${TILES:+--tiles $TILES} 2>>"$out/swiglu-down.log" | tee "$out/swiglu-down.jsonl" | cut -c1-150) ;;
+    append-delta)
+      # The appending attention kernel with q/k/v's expert delta at several widths of its column
+      # block (tools/append_delta_probe.py) against the plain kernel.
+      (cd tools && timeout "${APPEND_DELTA_S:-200}" python3 append_delta_probe.py --rounds "${ROUNDS:-5}" \
+        ${BLOCK_R:+--block-r $BLOCK_R} 2>>"$out/append-delta.log" | tee "$out/append-delta.jsonl" | cut -c1-150) ;;
     gemv)
       # XLA's dot against Pallas GEMVs (Triton split-K, Mosaic GPU swap-AB; KINDS) on the 7B
       # module shapes (tools/gemv_sweep.py).

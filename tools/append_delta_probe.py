@@ -1,0 +1,121 @@
+"""The appending attention kernel with q/k/v's expert delta, at several widths of the delta's
+column block (GPU; `--small` runs the Pallas interpreter on the CPU).
+
+    python tools/append_delta_probe.py [--block-r 32,64,128] [--rounds 5] [--small]
+
+Why: in the 7B pre-gated step the kernel took 18.9 µs a layer with the delta against 4.5 without
+(docs/benchmarks/h200/own-kernels/). Every (head, split) program runs the delta's loop over B's
+columns, `_LowRankPlan.block_r` of them a trip, serially before its attention: with R = 128 and
+32 columns a trip that is 8 trips for q (its columns and their rotary partners) and 12 more for
+k and v in split 0. Wider blocks mean fewer, larger loads. Rows: `plain` (no delta) and
+`delta-bN` per block width; each is `--layers` calls of the kernel on one row at the 7B shape
+(32 heads of 128, R = 8 experts x rank 16, a 512-slot cache with 256 written), timed in
+interleaved rounds, with the kernel's own GPU time per call from a profiler trace; every
+`delta-bN` is checked against `delta-b32` first. JSON lines on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adafuse_jax.bench.measure import ratio_interval
+from adafuse_jax.timing import time_calls
+from kernel_breakdown import kernel_durations  # tools/ is this script's directory
+from pallas_kernels.decode_attention import triton as da_triton
+
+_PLAN = da_triton._LowRankPlan
+
+
+def inputs(heads: int, head_dim: int, rank: int, slots: int, written: int, layers: int) -> dict:
+  ks = jax.random.split(jax.random.key(0), 6)
+  bf = jnp.bfloat16
+  proj = 3 * heads * head_dim
+  return dict(
+      qkv=jax.random.normal(ks[0], (1, proj + 3 * rank)).astype(bf),
+      k_buf=jax.random.normal(ks[1], (1, slots, heads, head_dim)).astype(bf),
+      v_buf=jax.random.normal(ks[2], (1, slots, heads, head_dim)).astype(bf),
+      slot=jnp.asarray([written], jnp.int32),
+      mask=(jnp.arange(slots) <= written)[None],
+      cos=jnp.cos(jnp.arange(head_dim // 2, dtype=jnp.float32))[None],
+      sin=jnp.sin(jnp.arange(head_dim // 2, dtype=jnp.float32))[None],
+      gates=(jax.random.uniform(ks[3], (1, rank)) * (jnp.arange(rank) < rank // 4)),
+      b_t=(jax.random.normal(ks[4], (layers, proj, rank)) / 8).astype(bf))
+
+
+def program(x: dict, layers: int, block_r: int | None):
+  """`layers` calls of the kernel (one per layer of the stacked B), outputs summed; block_r None:
+  no delta."""
+  # The plan is built inside the traced entry point: a fresh trace per width.
+  da_triton._LowRankPlan = functools.partial(_PLAN, block_r=block_r or 32)
+  jax.clear_caches()
+  low = None if block_r is None else da_triton.QkvLowRank(x["gates"], x["b_t"])
+
+  proj = x["b_t"].shape[1]
+
+  @jax.jit
+  def run(qkv, k_buf, v_buf):
+    if low is None:  # the plain kernel takes the projections without the shrink columns
+      qkv = qkv[:, :proj]
+    total = jnp.zeros(qkv.shape[:1] + (1,), jnp.float32)
+    for layer in range(layers):
+      out, k_buf, v_buf = da_triton.decode_attention_append(
+          qkv, k_buf, v_buf, x["slot"], x["mask"], x["cos"], x["sin"], low,
+          layer=None if low is None else layer, interpret=jax.default_backend() == "cpu")
+      total = total + out.astype(jnp.float32).sum(axis=(1, 2))[:, None]
+    return total, k_buf, v_buf
+
+  compiled = run.lower(x["qkv"], x["k_buf"], x["v_buf"]).compile()
+  da_triton._LowRankPlan = _PLAN
+  return compiled
+
+
+def kernel_us(fn, args, calls: int, layers: int) -> float | None:
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(calls):
+        jax.block_until_ready(fn(*args))
+    durations = kernel_durations(pathlib.Path(tmp))
+  hits = [sum(d) for name, d in durations.items() if "decode_attention_append" in name]
+  return round(sum(hits) / (calls * layers), 2) if hits else None
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--block-r", default="32,64,128")
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--layers", type=int, default=8)
+  p.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run)")
+  args = p.parse_args()
+  shape = (dict(heads=2, head_dim=16, rank=16, slots=32, written=9) if args.small else
+           dict(heads=32, head_dim=128, rank=128, slots=512, written=256))
+  layers = 2 if args.small else args.layers
+  x = inputs(**shape, layers=layers)
+  widths = [int(w) for w in args.block_r.split(",")]
+  rows = {"plain": program(x, layers, None)}
+  rows.update({f"delta-b{w}": program(x, layers, w) for w in widths})
+  operands = (x["qkv"], x["k_buf"], x["v_buf"])
+  want = np.asarray(rows[f"delta-b{widths[0]}"](*operands)[0])
+  errors = {name: float(np.max(np.abs(np.asarray(fn(*operands)[0]) - want)) / max(
+      float(np.max(np.abs(want))), 1e-30)) for name, fn in rows.items() if name != "plain"}
+  times = {name: [] for name in rows}
+  for _ in range(args.rounds):
+    for name, fn in rows.items():
+      times[name].append(time_calls(lambda fn=fn: fn(*operands), warmup=2,
+                                    steps=3 if args.small else 50).median_ms * 1e3 / layers)
+  for name, fn in rows.items():
+    print(json.dumps({"row": name, **shape, "us_per_call": round(float(np.median(times[name])), 2),
+                      "vs_plain": ratio_interval(times[name], times["plain"]),
+                      "kernel_us": kernel_us(fn, operands, 3, layers),
+                      "rel_err_vs_first": errors.get(name)}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
