@@ -5,22 +5,19 @@ column block (GPU; `--small` runs the Pallas interpreter on the CPU).
 
 Why: in the 7B pre-gated step the kernel took 18.9 µs a layer with the delta against 4.5 without
 (docs/benchmarks/h200/own-kernels/). Every (head, split) program runs the delta's loop over B's
-columns, `_LowRankPlan.block_r` of them a trip, serially before its attention: with R = 128 and
+columns, `Tiles.delta_block_r` of them a trip, serially before its attention: with R = 128 and
 32 columns a trip that is 8 trips for q (its columns and their rotary partners) and 12 more for
 k and v in split 0. Wider blocks mean fewer, larger loads. Rows: `plain` (no delta) and
 `delta-bN` per block width; each is `--layers` calls of the kernel on one row at the 7B shape
 (32 heads of 128, R = 8 experts x rank 16, a 512-slot cache with 256 written), timed in
-interleaved rounds, with the kernel's own GPU time per call from a profiler trace; every
-`delta-bN` is checked against `delta-b32` first. JSON lines on stdout.
+interleaved rounds, with the kernel's own GPU time per call from a profiler trace (the kernel
+with the most time); every `delta-bN` is checked against the first width's. JSON lines on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +25,8 @@ import numpy as np
 
 from adafuse_jax.bench.measure import ratio_interval
 from adafuse_jax.timing import time_calls
-from kernel_breakdown import kernel_durations  # tools/ is this script's directory
+from gemv_sweep import kernel_us  # tools/ is this script's directory
 from pallas_kernels.decode_attention import triton as da_triton
-
-_PLAN = da_triton._LowRankPlan
 
 
 def inputs(heads: int, head_dim: int, rank: int, slots: int, written: int, layers: int) -> dict:
@@ -53,11 +48,8 @@ def inputs(heads: int, head_dim: int, rank: int, slots: int, written: int, layer
 def program(x: dict, layers: int, block_r: int | None):
   """`layers` calls of the kernel (one per layer of the stacked B), outputs summed; block_r None:
   no delta."""
-  # The plan is built inside the traced entry point: a fresh trace per width.
-  da_triton._LowRankPlan = functools.partial(_PLAN, block_r=block_r or 32)
-  jax.clear_caches()
   low = None if block_r is None else da_triton.QkvLowRank(x["gates"], x["b_t"])
-
+  tiles = da_triton.Tiles() if block_r is None else da_triton.Tiles(delta_block_r=block_r)
   proj = x["b_t"].shape[1]
 
   @jax.jit
@@ -68,23 +60,12 @@ def program(x: dict, layers: int, block_r: int | None):
     for layer in range(layers):
       out, k_buf, v_buf = da_triton.decode_attention_append(
           qkv, k_buf, v_buf, x["slot"], x["mask"], x["cos"], x["sin"], low,
-          layer=None if low is None else layer, interpret=jax.default_backend() == "cpu")
+          layer=None if low is None else layer, tiles=tiles,
+          interpret=jax.default_backend() == "cpu")
       total = total + out.astype(jnp.float32).sum(axis=(1, 2))[:, None]
     return total, k_buf, v_buf
 
-  compiled = run.lower(x["qkv"], x["k_buf"], x["v_buf"]).compile()
-  da_triton._LowRankPlan = _PLAN
-  return compiled
-
-
-def kernel_us(fn, args, calls: int, layers: int) -> float | None:
-  with tempfile.TemporaryDirectory() as tmp:
-    with jax.profiler.trace(tmp):
-      for _ in range(calls):
-        jax.block_until_ready(fn(*args))
-    durations = kernel_durations(pathlib.Path(tmp))
-  hits = [sum(d) for name, d in durations.items() if "decode_attention_append" in name]
-  return round(sum(hits) / (calls * layers), 2) if hits else None
+  return run.lower(x["qkv"], x["k_buf"], x["v_buf"]).compile()
 
 
 def main() -> None:
@@ -113,7 +94,7 @@ def main() -> None:
   for name, fn in rows.items():
     print(json.dumps({"row": name, **shape, "us_per_call": round(float(np.median(times[name])), 2),
                       "vs_plain": ratio_interval(times[name], times["plain"]),
-                      "kernel_us": kernel_us(fn, operands, 3, layers),
+                      "kernel_us": kernel_us(fn, operands, 3, layers).get("kernel_us"),
                       "rel_err_vs_first": errors.get(name)}), flush=True)
 
 

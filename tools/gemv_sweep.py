@@ -128,10 +128,10 @@ def timed(fn, args, rounds_of: int = 20) -> float:
   return per_call.median_ms / 1e3 / LAYERS
 
 
-def kernel_us(fn, args, calls: int = 5) -> dict[str, float]:
-  """The GPU kernels' own time per GEMV (a profiler trace of `calls` calls): `kernel_us`, the
-  kernel with the most time (the matmul), and `all_kernels_us`, every kernel (pads, slices,
-  partial sums too). Empty on the CPU."""
+def kernel_us(fn, args, calls: int = 5, layers: int = LAYERS) -> dict[str, float]:
+  """The GPU kernels' own time per layer of a call running `layers` of them (a profiler trace
+  of `calls` calls): `kernel_us`, the kernel with the most time (the matmul), and
+  `all_kernels_us`, every kernel (pads, slices, partial sums too). Empty on the CPU."""
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp):
       for _ in range(calls):
@@ -139,7 +139,7 @@ def kernel_us(fn, args, calls: int = 5) -> dict[str, float]:
     durations = kernel_durations(pathlib.Path(tmp))
   if not durations:
     return {}
-  per = calls * LAYERS
+  per = calls * layers
   return {"kernel_us": round(max(sum(d) for d in durations.values()) / per, 2),
           "all_kernels_us": round(sum(sum(d) for d in durations.values()) / per, 2)}
 

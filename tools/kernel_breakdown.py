@@ -165,11 +165,11 @@ def main() -> None:
   tag = args.mode if args.tokens == 1 else f"{args.mode}_prefill{args.tokens}"
   # File names without "+" (the device tool does not send such names back).
   stem = tag.replace("+", "_")
-  (out / f"hlo_{stem}.txt").write_text(step.as_text())
-  text = kernel_table(out / "trace", args.steps, tag,
-                      instruction_names(step.as_text()) if cpu else None)
+  hlo = step.as_text()
+  (out / f"hlo_{stem}.txt").write_text(hlo)
+  text = kernel_table(out / "trace", args.steps, tag, instruction_names(hlo) if cpu else None)
   if cpu:
-    text += "\n\n" + dot_table(out / "trace", step.as_text(), args.steps, tag)
+    text += "\n\n" + dot_table(out / "trace", hlo, args.steps, tag)
   print(text)
   (out / f"kernels_{stem}.md").write_text(text + "\n")
 

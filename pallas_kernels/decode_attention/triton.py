@@ -44,12 +44,17 @@ NEG = -1e30
 @dataclasses.dataclass(frozen=True)
 class Tiles:
   """block_s: cache slots per step of a program's loop; target_programs: the splits grow until
-  the grid has about this many programs (two waves of the H100's and H200's 132 SMs)."""
+  the grid has about this many programs (two waves of the H100's and H200's 132 SMs);
+  delta_block_r (`decode_attention_append` with `QkvLowRank`): B's columns per trip of the
+  delta's loop (128 in one trip took 12.3 µs a 7B call against 17.5 at 32 on an H100, both far
+  above the plain kernel's 4.4: docs/benchmarks/h100/append-delta/; 32 until a whole step
+  measures it)."""
 
   block_s: int = 64
   target_programs: int = 264
   num_warps: int = 4
   num_stages: int = 2
+  delta_block_r: int = 32
 
 
 def split_plan(batch: int, kv_heads: int, slots: int, tiles: Tiles) -> tuple[int, int]:
@@ -223,7 +228,7 @@ class _LowRankPlan:
   rank: int
   shrink_at: int
   layer: int | None
-  block_r: int = 32  # B's columns per step of the delta's loop
+  block_r: int  # B's columns per trip of the delta's loop (`Tiles.delta_block_r`)
 
 
 def _projection(heads_ref, g_ref, bt_ref, b, head, cols, mask, module: int, head_dim: int,
@@ -404,7 +409,7 @@ def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, 
       raise ValueError(f"low_rank gates {gates.shape}, b_t {b_t.shape} with qkv {qkv.shape},"
                        f" {hq} query and {hkv} KV heads: expected as many query as KV heads,"
                        f" gates [{b}, R] and b_t [{proj}, R] (or [L, {proj}, R] with a layer)")
-    plan = _LowRankPlan(rank=rank, shrink_at=proj, layer=layer)
+    plan = _LowRankPlan(rank=rank, shrink_at=proj, layer=layer, block_r=tiles.delta_block_r)
   splits, per_split = split_plan(b, hkv, mask.shape[1], tiles)
   shapes = (*_partial_shapes(b, hkv, splits, groups, head_dim),
             jax.ShapeDtypeStruct(k_buf.shape, k_buf.dtype),
