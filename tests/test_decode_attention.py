@@ -7,6 +7,8 @@ start as NaN, and every cache slot a row may not read holds NaN (it must not rea
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -284,12 +286,13 @@ def test_append_lowers_to_triton_for_cuda_on_any_machine(heads, kv_heads):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("batch, slots, heads, head_dim, rank, layer, writes", [
-    (1, 40, 3, 16, 24, None, [17]),        # rank not a multiple of the delta's 32-column steps
-    (2, 24, 2, 32, 8, 1, [0, 23]),          # stacked B read at a layer; first and last slot
+@pytest.mark.parametrize("batch, slots, heads, head_dim, rank, layer, writes, block_r", [
+    (1, 40, 3, 16, 24, None, [17], 128),   # one trip, its columns past R masked
+    (1, 40, 3, 16, 40, None, [17], 16),    # a loop of 3 trips, the last one partial
+    (2, 24, 2, 32, 8, 1, [0, 23], 128),     # stacked B read at a layer; first and last slot
 ])
 def test_append_adds_the_qkv_expert_delta(dtype, batch, slots, heads, head_dim, rank, layer,
-                                          writes):
+                                          writes, block_r):
   """With `low_rank` the kernel adds each projection's expert delta (read from the shrink
   columns after the heads) before it rotates, writes and attends: against the f32 reference,
   the new key and value as the reference writes them, and a delta that matters."""
@@ -317,8 +320,9 @@ def test_append_adds_the_qkv_expert_delta(dtype, batch, slots, heads, head_dim, 
   partials = (jnp.full((batch, heads, splits, 1, head_dim), jnp.nan, jnp.float32),
               jnp.full((batch, heads, splits, 1), jnp.nan, jnp.float32),
               jnp.full((batch, heads, splits, 1), jnp.nan, jnp.float32))
+  tiles = dataclasses.replace(SMALL, delta_block_r=block_r)
   got, got_k, got_v = decode_attention_append(qkv, k_buf, v_buf, slot, mask, cos, sin, low,
-                                              layer=layer, tiles=SMALL, interpret=INTERPRET,
+                                              layer=layer, tiles=tiles, interpret=INTERPRET,
                                               partials=partials)
   assert not bool(jnp.isnan(got).any()), "NaN: a partial never written"
   scale = float(jnp.abs(want).max())
@@ -346,6 +350,11 @@ def test_append_with_delta_names_grouped_heads_and_bad_shapes():
     decode_attention_append(qkv, buf, buf, slot, mask, cs, cs, low, interpret=INTERPRET)
   with pytest.raises(ValueError, match=r"expected \[96, R\] \(q, k and v of as many"):
     da.decode_attention_append(qkv, buf, buf, slot, mask, cs, cs, low, backend="xla")
+  with pytest.raises(ValueError, match="delta_block_r 24: expected a power of two"):
+    decode_attention_append(qkv[:, :6 * 16 + 12], jnp.zeros((2, 20, 2, 16)),
+                            jnp.zeros((2, 20, 2, 16)), slot, mask, cs, cs,
+                            QkvLowRank(jnp.zeros((2, 4)), jnp.zeros((96, 4))),
+                            tiles=Tiles(delta_block_r=24), interpret=INTERPRET)
   with pytest.raises(ValueError, match=r"gates \[2, R\] and b_t \[96, R\]"):
     decode_attention_append(jnp.zeros((2, 96 + 12)), jnp.zeros((2, 20, 2, 16)),
                             jnp.zeros((2, 20, 2, 16)), slot, mask, cs, cs,

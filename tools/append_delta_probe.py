@@ -1,14 +1,16 @@
 """The appending attention kernel with q/k/v's expert delta, at several widths of the delta's
-column block (GPU; `--small` runs the Pallas interpreter on the CPU).
+column block and grid (GPU; `--small` runs the Pallas interpreter on the CPU).
 
-    python tools/append_delta_probe.py [--block-r 32,64,128] [--rounds 5] [--small]
+    python tools/append_delta_probe.py [--variants b32,b64,b128,b128-p64-w8] [--rounds 5] [--small]
 
 Why: in the 7B pre-gated step the kernel took 18.9 µs a layer with the delta against 4.5 without
 (docs/benchmarks/h200/own-kernels/). Every (head, split) program runs the delta's loop over B's
 columns, `Tiles.delta_block_r` of them a trip, serially before its attention: with R = 128 and
 32 columns a trip that is 8 trips for q (its columns and their rotary partners) and 12 more for
-k and v in split 0. Wider blocks mean fewer, larger loads. Rows: `plain` (no delta) and
-`delta-bN` per block width; each is `--layers` calls of the kernel on one row at the 7B shape
+k and v in split 0. Wider blocks mean fewer, larger loads; every program of a head computes
+q's delta again, so fewer splits (`Tiles.target_programs`) mean less of that. Rows: `plain` (no
+delta) and `delta-SPEC` per variant, SPEC `bN[-pP][-wW]`: N columns a trip, a grid of about P
+programs (default 264), W warps (default 4); each is `--layers` calls of the kernel on one row at the 7B shape
 (32 heads of 128, R = 8 experts x rank 16, a 512-slot cache with 256 written), timed in
 interleaved rounds, with the kernel's own GPU time per call from a profiler trace (the kernel
 with the most time); every `delta-bN` is checked against the first width's. JSON lines on stdout.
@@ -45,11 +47,17 @@ def inputs(heads: int, head_dim: int, rank: int, slots: int, written: int, layer
       b_t=(jax.random.normal(ks[4], (layers, proj, rank)) / 8).astype(bf))
 
 
-def program(x: dict, layers: int, block_r: int | None):
-  """`layers` calls of the kernel (one per layer of the stacked B), outputs summed; block_r None:
-  no delta."""
-  low = None if block_r is None else da_triton.QkvLowRank(x["gates"], x["b_t"])
-  tiles = da_triton.Tiles() if block_r is None else da_triton.Tiles(delta_block_r=block_r)
+def parse_variant(spec: str) -> da_triton.Tiles:
+  """`bN[-pP][-wW]` -> the kernel's Tiles: delta_block_r N, target_programs P, num_warps W."""
+  fields = {"b": "delta_block_r", "p": "target_programs", "w": "num_warps"}
+  return da_triton.Tiles(**{fields[part[0]]: int(part[1:]) for part in spec.split("-")})
+
+
+def program(x: dict, layers: int, tiles: da_triton.Tiles | None):
+  """`layers` calls of the kernel (one per layer of the stacked B), outputs summed; tiles None:
+  the plain kernel (no delta) at its default tiles."""
+  low = None if tiles is None else da_triton.QkvLowRank(x["gates"], x["b_t"])
+  tiles = da_triton.Tiles() if tiles is None else tiles
   proj = x["b_t"].shape[1]
 
   @jax.jit
@@ -70,7 +78,8 @@ def program(x: dict, layers: int, block_r: int | None):
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--block-r", default="32,64,128")
+  p.add_argument("--variants", default="b32,b64,b128",
+                 help="comma-separated bN[-pP][-wW]: delta columns a trip, grid programs, warps")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--layers", type=int, default=8)
   p.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run)")
@@ -79,11 +88,11 @@ def main() -> None:
            dict(heads=32, head_dim=128, rank=128, slots=512, written=256))
   layers = 2 if args.small else args.layers
   x = inputs(**shape, layers=layers)
-  widths = [int(w) for w in args.block_r.split(",")]
+  variants = args.variants.split(",")
   rows = {"plain": program(x, layers, None)}
-  rows.update({f"delta-b{w}": program(x, layers, w) for w in widths})
+  rows.update({f"delta-{v}": program(x, layers, parse_variant(v)) for v in variants})
   operands = (x["qkv"], x["k_buf"], x["v_buf"])
-  want = np.asarray(rows[f"delta-b{widths[0]}"](*operands)[0])
+  want = np.asarray(rows[f"delta-{variants[0]}"](*operands)[0])
   errors = {name: float(np.max(np.abs(np.asarray(fn(*operands)[0]) - want)) / max(
       float(np.max(np.abs(want))), 1e-30)) for name, fn in rows.items() if name != "plain"}
   times = {name: [] for name in rows}

@@ -106,9 +106,9 @@ for part in $parts; do
         ${TILES:+--tiles $TILES} 2>>"$out/swiglu-down.log" | tee "$out/swiglu-down.jsonl" | cut -c1-150) ;;
     append-delta)
       # The appending attention kernel with q/k/v's expert delta at several widths of its column
-      # block (tools/append_delta_probe.py) against the plain kernel.
+      # block and grids (tools/append_delta_probe.py; VARIANTS) against the plain kernel.
       (cd tools && timeout "${APPEND_DELTA_S:-200}" python3 append_delta_probe.py --rounds "${ROUNDS:-5}" \
-        ${BLOCK_R:+--block-r $BLOCK_R} 2>>"$out/append-delta.log" | tee "$out/append-delta.jsonl" | cut -c1-150) ;;
+        ${VARIANTS:+--variants $VARIANTS} 2>>"$out/append-delta.log" | tee "$out/append-delta.jsonl" | cut -c1-150) ;;
     gemv)
       # XLA's dot against Pallas GEMVs (Triton split-K, Mosaic GPU swap-AB; KINDS) on the 7B
       # module shapes (tools/gemv_sweep.py).

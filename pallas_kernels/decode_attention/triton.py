@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import dot_block, with_output_buffers
+from pallas_kernels.common import dot_block, vector_tile_dot, with_output_buffers
 
 # A finite "minus infinity": masked scores and empty splits stay free of inf - inf = nan.
 NEG = -1e30
@@ -46,15 +46,15 @@ class Tiles:
   """block_s: cache slots per step of a program's loop; target_programs: the splits grow until
   the grid has about this many programs (two waves of the H100's and H200's 132 SMs);
   delta_block_r (`decode_attention_append` with `QkvLowRank`): B's columns per trip of the
-  delta's loop (128 in one trip took 12.3 µs a 7B call against 17.5 at 32 on an H100, both far
-  above the plain kernel's 4.4: docs/benchmarks/h100/append-delta/; 32 until a whole step
-  measures it)."""
+  delta, a power of two of at least 16 (a pool of R <= delta_block_r runs no loop; one of 32
+  columns a trip took 17.5 µs a 7B call against 12.3 at 128 and 4.4 without the delta on an
+  H100, before the delta ran as dots: docs/benchmarks/h100/append-delta/)."""
 
   block_s: int = 64
   target_programs: int = 264
   num_warps: int = 4
   num_stages: int = 2
-  delta_block_r: int = 32
+  delta_block_r: int = 128
 
 
 def split_plan(batch: int, kv_heads: int, slots: int, tiles: Tiles) -> tuple[int, int]:
@@ -231,30 +231,52 @@ class _LowRankPlan:
   block_r: int  # B's columns per trip of the delta's loop (`Tiles.delta_block_r`)
 
 
-def _projection(heads_ref, g_ref, bt_ref, b, head, cols, mask, module: int, head_dim: int,
-                plan: _LowRankPlan):
-  """One head row of the token's projection with its expert delta, f32 [len(cols)]: the base
-  output (flat heads_ref [B, W]) at columns `cols` of head `head`, plus
-  Σ_r B^T[head·hd + col, r] · (shrink_module[r] · gate[r]), rounded to the projection's dtype
-  as the library's expansion rounds it (`paths.packed.expand`)."""
-  idx = head * head_dim + cols
-  x = plgpu.load(heads_ref.at[b, idx], mask=mask, other=0.0).astype(jnp.float32)
+def _expert_deltas(heads_ref, g_ref, bt_ref, b, rows: tuple, mask, module: int,
+                   plan: _LowRankPlan) -> tuple:
+  """Module `module`'s expert delta at several index vectors of qkv's columns, f32, one per
+  entry of `rows`: Σ_r B^T[row, r] · (shrink_module[r] · gate[r]), the gated shrink rounded to
+  B's dtype as the library's expansion rounds it (`paths.packed.expand`).
+
+  Each B tile ([len(row), block_r], one 2-D load) meets the gated shrink in a tensor-core dot
+  (`common.vector_tile_dot`); with R <= block_r (the default pool: 8 experts of rank 16) there
+  is no loop, so the loads of q's, its rotary partners', k's and v's tiles are not serialised
+  behind each other (a loop of 32 columns a trip, summed in registers, took 17.5 µs a 7B call
+  against 4.4 plain: docs/benchmarks/h100/append-delta/)."""
   at = () if plan.layer is None else (jnp.int32(plan.layer),)
 
-  def body(c, acc):
-    r = c * plan.block_r + jnp.arange(plan.block_r)
+  def trip(r0, accs):
+    r = r0 + jnp.arange(plan.block_r)
     r_mask = r < plan.rank
     h = plgpu.load(heads_ref.at[b, plan.shrink_at + module * plan.rank + r], mask=r_mask,
                    other=0.0)
     g = plgpu.load(g_ref.at[b, r], mask=r_mask, other=0.0)
-    hg = (h.astype(jnp.float32) * g).astype(bt_ref.dtype).astype(jnp.float32)
-    w = plgpu.load(bt_ref.at[*at, idx[:, None], r[None, :]], mask=mask[:, None] & r_mask[None, :],
-                   other=0.0)
-    return acc + jnp.sum(w.astype(jnp.float32) * hg[None, :], axis=1)
+    hg = (h.astype(jnp.float32) * g).astype(bt_ref.dtype)
+    out = []
+    for acc, idx in zip(accs, rows):
+      w = plgpu.load(bt_ref.at[*at, idx[:, None], r[None, :]],
+                     mask=mask[:, None] & r_mask[None, :], other=0.0)
+      out.append(acc + vector_tile_dot(hg, w))
+    return tuple(out)
 
-  delta = jax.lax.fori_loop(0, pl.cdiv(plan.rank, plan.block_r), body,
-                            jnp.zeros(x.shape, jnp.float32))
-  return (x + delta).astype(heads_ref.dtype).astype(jnp.float32)
+  init = tuple(jnp.zeros(idx.shape, jnp.float32) for idx in rows)
+  trips = pl.cdiv(plan.rank, plan.block_r)
+  if trips == 1:
+    return trip(0, init)
+  return jax.lax.fori_loop(0, trips, lambda c, accs: trip(c * plan.block_r, accs), init)
+
+
+def _projections(heads_ref, g_ref, bt_ref, b, head, cols: tuple, mask, module: int,
+                 head_dim: int, plan: _LowRankPlan) -> tuple:
+  """One head row of the token's projection with its expert delta at each column vector of
+  `cols` (the head's columns, their rotary partners), f32, rounded to the projection's dtype
+  as the library's expansion leaves it."""
+  rows = tuple(head * head_dim + c for c in cols)
+  deltas = _expert_deltas(heads_ref, g_ref, bt_ref, b, rows, mask, module, plan)
+  out = []
+  for idx, delta in zip(rows, deltas):
+    x = plgpu.load(heads_ref.at[b, idx], mask=mask, other=0.0).astype(jnp.float32)
+    out.append((x + delta).astype(heads_ref.dtype).astype(jnp.float32))
+  return tuple(out)
 
 
 def _append_kernel(end_ref, slot_ref, heads_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref,
@@ -298,17 +320,17 @@ def _append_kernel(end_ref, slot_ref, heads_ref, cos_ref, sin_ref, k_ref, v_ref,
     # partner columns' each with the expert delta; only split 0 needs the new key and value,
     # the other splits' loads of them are masked off (no memory read).
     def rotated(head, mask, module):
-      x = _projection(heads_ref, g_ref, bt_ref, b, head, cols, mask, module, head_dim, low_rank)
-      xp = _projection(heads_ref, g_ref, bt_ref, b, head, partner, mask, module, head_dim,
-                       low_rank)
+      x, xp = _projections(heads_ref, g_ref, bt_ref, b, head, (cols, partner), mask, module,
+                           head_dim, low_rank)
       return x * cos + sign * xp * sin
 
     q_row = rotated(h, d_mask, 0).astype(dtype)
     q = jnp.where((jnp.arange(block_g) == 0)[:, None], q_row[None, :], 0.0).astype(dtype)
     first_split = d_mask & (sp == 0)
     k_new = rotated(q_heads + h, first_split, 1).astype(dtype)
-    v_new = _projection(heads_ref, g_ref, bt_ref, b, q_heads + kv_heads + h, cols, first_split,
-                        2, head_dim, low_rank).astype(dtype)
+    v_new, = _projections(heads_ref, g_ref, bt_ref, b, q_heads + kv_heads + h, (cols,),
+                          first_split, 2, head_dim, low_rank)
+    v_new = v_new.astype(dtype)
   # Split 0 writes the new slot (a slot past the buffer is dropped); no program reads that slot
   # back from memory (the loop masks it out, split 0 adds the new token from registers), so the
   # write races with no read.
@@ -409,7 +431,11 @@ def decode_attention_append(qkv: jax.Array, k_buf: jax.Array, v_buf: jax.Array, 
       raise ValueError(f"low_rank gates {gates.shape}, b_t {b_t.shape} with qkv {qkv.shape},"
                        f" {hq} query and {hkv} KV heads: expected as many query as KV heads,"
                        f" gates [{b}, R] and b_t [{proj}, R] (or [L, {proj}, R] with a layer)")
-    plan = _LowRankPlan(rank=rank, shrink_at=proj, layer=layer, block_r=tiles.delta_block_r)
+    if tiles.delta_block_r < 16 or tiles.delta_block_r & (tiles.delta_block_r - 1):
+      raise ValueError(f"Tiles.delta_block_r {tiles.delta_block_r}: expected a power of two of"
+                       " at least 16 (the delta's dot)")
+    plan = _LowRankPlan(rank=rank, shrink_at=proj, layer=layer,
+                        block_r=min(tiles.delta_block_r, dot_block(rank)))
   splits, per_split = split_plan(b, hkv, mask.shape[1], tiles)
   shapes = (*_partial_shapes(b, hkv, splits, groups, head_dim),
             jax.ShapeDtypeStruct(k_buf.shape, k_buf.dtype),
