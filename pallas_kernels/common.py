@@ -65,17 +65,6 @@ def gpu_only(name: str) -> str | None:
   return None
 
 
-def vector_tile_dot(v: jax.Array, tile: jax.Array) -> jax.Array:
-  """Σ_r tile[i, r] · v[r] for every row i of a kernel's tile: v [R] and tile [K, R] (R and K
-  powers of two of at least 16) -> [K] f32, as one tensor-core dot, v the first row of a 16-row
-  operand (Triton's smallest dot), where an element-wise product summed over R holds the whole
-  [K, R] product in registers. An f32 tile keeps f32 products (tests); bf16 tiles multiply
-  exactly into f32 sums either way."""
-  lhs = jnp.where((jnp.arange(16) == 0)[:, None], v[None, :], 0).astype(tile.dtype)
-  prod = plgpu.dot(lhs, tile, trans_b=True, allow_tf32=tile.dtype != jnp.float32)
-  return jnp.sum(prod.astype(jnp.float32), axis=0)
-
-
 def dot_block(n: int) -> int:
   """A block dimension covering n: a power of two, at least 16 (Triton's smallest dot)."""
   return max(16, pl.next_power_of_2(n))

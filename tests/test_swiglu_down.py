@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 import pallas_kernels.swiglu_down as sd
-from pallas_kernels.swiglu_down import (LowRank, swiglu_act_reference, swiglu_down_reference,
-                                       xla_swiglu_act, xla_swiglu_down)
-from pallas_kernels.swiglu_down.triton import Tiles, plan, swiglu_act, swiglu_down_partials
+from pallas_kernels.swiglu_down import LowRank, swiglu_down_reference, xla_swiglu_down
+from pallas_kernels.swiglu_down.triton import Tiles, plan, swiglu_down_partials
 
 INTERPRET = jax.default_backend() != "gpu"
 # Max error over the largest output: f32 sums in another order; bf16 rounds the activation.
@@ -67,37 +66,6 @@ def test_matches_reference_on_ragged_shapes(dtype, n, inter, cols, rank, gate_ro
     assert float(jnp.abs(got - other).max()) / scale > 10 * TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("n, inter, rank, gate_rows, layer, block_k", [
-    (1, 300, 24, 1, None, 64),   # ragged I and rank
-    (3, 200, 0, 1, None, 32),    # no experts: SwiGLU alone
-    (2, 96, 40, 2, 1, 128),      # gates per module, stacked B read at a layer, one chunk
-])
-def test_activation_matches_reference_on_ragged_shapes(dtype, n, inter, rank, gate_rows, layer,
-                                                       block_k):
-  """`swiglu_act` (the activation alone, for XLA's down GEMM) against the f32 reference, its
-  output poisoned with NaN first, and the library's XLA formulation as close."""
-  gu, _, low = _inputs(n * inter + rank, dtype, n, inter, 8, rank, gate_rows,
-                       None if layer is None else 3)
-  poisoned = jnp.full((n, inter), jnp.nan, dtype)
-  got = swiglu_act(gu, inter, low, layer=layer, tiles=Tiles(block_k=block_k),
-                   interpret=INTERPRET, out=poisoned)
-  assert got.shape == (n, inter) and got.dtype == dtype
-  assert not bool(jnp.isnan(got).any()), "a chunk left an input unwritten"
-  want = swiglu_act_reference(gu, inter, low, layer=layer)
-  scale = float(jnp.abs(want).max())
-  err = float(jnp.abs(got.astype(jnp.float32) - want).max()) / scale
-  assert err < TOL[dtype], err
-  err_xla = float(jnp.abs(xla_swiglu_act(gu, inter, low, layer=layer).astype(jnp.float32)
-                          - want).max()) / scale
-  assert err_xla < TOL[dtype], err_xla
-  if rank:  # the delta matters at this scale
-    plain = swiglu_act_reference(gu, inter, None)
-    assert float(jnp.abs(plain - want).max()) / scale > 10 * TOL[dtype]
-  with pytest.raises(ValueError, match=r"expected gu \[N, >= 2 \* I\]"):
-    swiglu_act(gu[:, :inter], inter, interpret=INTERPRET)
-
-
 def test_expert_delta_changes_the_result():
   """The prologue's expansion is applied: with B zeroed the product is the plain SwiGLU's."""
   gu, w, low = _inputs(7, jnp.float32, 2, 72, 40, 16, 1)
@@ -143,23 +111,17 @@ def test_lowers_to_triton_for_cuda_on_any_machine(rank):
                                                        interpret=False))
   text = fn.trace(gu, w, low).lower(lowering_platforms=("cuda",)).as_text()
   assert "triton" in text and "swiglu_down" in text
-  act = jax.jit(lambda gu, low: swiglu_act(gu, 11008, low, layer=5, interpret=False))
-  text = act.trace(gu, low).lower(lowering_platforms=("cuda",)).as_text()
-  assert "triton" in text and "swiglu_act" in text
 
 
-@pytest.mark.parametrize("kind", ["fused", "act"])
 @pytest.mark.parametrize("mode, modules, per_layer", [
     ("pregated", "q,k,v,o,gate,up,down", False),  # all 7 modules: gate/up's delta and down's
     ("pregated", "gate,up", True),                # gates per layer, down unadapted
     ("lora", "down", False),                      # down alone: the prologue has no delta
     ("layerwise", "gate,up,down", False),         # one router per module: declines, XLA runs it
 ])
-def test_packed_step_with_the_kernel_equals_xla_module_by_module(kind, mode, modules, per_layer):
-  """The packed path's MLP tail through a kernel of ours (the Pallas interpreter on the CPU):
-  the whole tail (`fused`) or the activation with XLA's down GEMM (`act`, only where gate and up
-  carry a delta), gives the logits of XLA's kernels module by module, and of the backbone when
-  the pool is empty."""
+def test_packed_step_with_the_kernel_equals_xla_module_by_module(mode, modules, per_layer):
+  """The packed path's MLP tail through the kernel (the Pallas interpreter on the CPU) gives the
+  logits of XLA's kernels module by module, and of the backbone when the pool is empty."""
   from adafuse_jax.adapters.mixture import MixtureOfLoRA
   from adafuse_jax.config import AdapterConfig
   from adafuse_jax.model import KVCache, LlamaModel
@@ -176,11 +138,8 @@ def test_packed_step_with_the_kernel_equals_xla_module_by_module(kind, mode, mod
 
   def kernel(*args, **kwargs):
     calls.append(kwargs["layer"])
-    if kind == "act":
-      return sd.triton.swiglu_act(*args, **kwargs, tiles=Tiles(block_k=32), interpret=INTERPRET)
     return sd.triton.swiglu_down(*args, **kwargs, tiles=Tiles(block_k=32, block_n=32),
                                  interpret=INTERPRET)
-  own = dict(act=kernel) if kind == "act" else dict(mlp=kernel)
   tokens = jnp.asarray([[5, 17], [1, 2]], jnp.int32)  # 4 rows: OWN_KERNELS_MAX_ROWS
 
   def logits(linear, tokens=tokens):
@@ -188,13 +147,11 @@ def test_packed_step_with_the_kernel_equals_xla_module_by_module(kind, mode, mod
     return model(tokens, cache, all_logits=True, linear=linear)[0]
 
   thresholds = registry.get("packed").thresholds
-  fused = PackedRuntime(adapters, thresholds, packed=packed, **own)
+  fused = PackedRuntime(adapters, thresholds, packed=packed, mlp=kernel)
   plain = PackedRuntime(adapters, thresholds, packed=packed)
   got, want = logits(fused), logits(plain)
-  # Every layer's tail ran in the kernel, except where one router per module declines it (and,
-  # for the activation kernel, where gate and up have no delta to add).
-  declines = mode == "layerwise" or (kind == "act" and "gate" not in modules)
-  assert calls == ([] if declines else list(range(model.cfg.layers)))
+  # Every layer's tail ran in the kernel, except where one router per module declines it.
+  assert calls == ([] if mode == "layerwise" else list(range(model.cfg.layers)))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=2e-4)
   # The same routing decisions, in the same order (one for pre-gated, one per module and layer
   # for layer-wise, none for plain LoRA).
@@ -203,11 +160,9 @@ def test_packed_step_with_the_kernel_equals_xla_module_by_module(kind, mode, mod
     np.testing.assert_array_equal(np.asarray(a.experts), np.asarray(b.experts))
   # More rows than a decode of a few sequences: XLA's GEMMs (which read each weight once).
   calls.clear()
-  logits(PackedRuntime(adapters, thresholds, packed=packed, **own),
+  logits(PackedRuntime(adapters, thresholds, packed=packed, mlp=kernel),
          jnp.asarray([[5, 17, 3], [1, 2, 3]], jnp.int32))
   assert calls == []
-  if kind == "act":  # the backbone takes no activation kernel
-    return
   backbone = pack(model)
   np.testing.assert_allclose(np.asarray(logits(PackedBackbone(backbone, mlp=kernel))),
                              np.asarray(logits(PackedBackbone(backbone))), atol=2e-4, rtol=2e-4)

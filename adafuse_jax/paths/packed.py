@@ -222,8 +222,7 @@ class GroupCache:
 
 
 MlpKernel = Callable[..., jax.Array]  # (gu, w, inter, low_rank, layer=) -> [N, C] f32
-ActKernel = Callable[..., jax.Array]  # (gu, inter, low_rank, layer=) -> [N, I]
-# Rows up to which the packed step's own kernels take the MLP's tail and q/k/v's delta: their
+# Rows up to which the packed step's own kernels take the MLP's tail and q/k/v's delta: both
 # grids run a program per row, each reading its weights again (from L2 at best), where XLA's
 # GEMMs read them once for every row; they are decode kernels for a few sequences.
 OWN_KERNELS_MAX_ROWS = 4
@@ -236,45 +235,30 @@ def few_rows(x: jax.Array) -> bool:
 
 def mlp_kernel(backend: str, mesh=None) -> MlpKernel | None:
   """The kernel a packed step runs its MLP's tail with (SwiGLU, the gate and up experts' delta,
-  down: `pallas_kernels.swiglu_down`), or None. Backend "triton" asks for it; "auto" leaves the
-  down matmul to XLA, whose GEMM ran the 7B step faster on the H200
-  (docs/benchmarks/h200/own-kernels/)."""
+  down: `pallas_kernels.swiglu_down`), or None for XLA's kernels module by module. Backend
+  "triton" asks for it; "auto" keeps XLA's, which ran the 7B step faster on the H200
+  (docs/benchmarks/h200/own-kernels/). Not on a tensor-parallel mesh (the kernel would need
+  each shard's own call)."""
   if backend == "triton" and mesh is None:
     return functools.partial(swiglu_down_op.swiglu_down, backend="triton")
   return None
 
 
-def act_kernel(backend: str, mesh=None) -> ActKernel | None:
-  """The kernel a packed step computes SwiGLU's activation with where gate and up carry an
-  expert delta (`pallas_kernels.swiglu_down.swiglu_act`: the delta and the multiply in one
-  launch, XLA's GEMM for down), or None. Backend "auto" on one GPU takes it."""
-  if backend == "auto" and mesh is None and jax.default_backend() == "gpu":
-    return functools.partial(swiglu_down_op.swiglu_act, backend="triton")
-  return None
-
-
 class MlpTail:
-  """The MLP's tail of a packed step through a kernel of ours, from the fused gate/up matmul's
-  output (base outputs, then the modules' shrink): either the whole tail in one kernel (the
-  experts' delta and SwiGLU in the prologue of the down matmul, [W_down | A_down]; `kernel`), or
-  the delta and SwiGLU in one kernel and XLA's GEMM for down (`act`); then down's own expansion.
-  `LlamaModel` calls it through `mlp_down`."""
+  """The MLP's tail of a packed step in one kernel: the fused gate/up matmul's output (base
+  outputs, then the modules' shrink), its experts' delta and SwiGLU in the prologue of the down
+  matmul ([W_down | A_down]), then down's own expansion. `LlamaModel` calls it through
+  `mlp_down`."""
 
-  def __init__(self, groups: GroupCache, inter: int, kernel: MlpKernel | None = None,
-               act: ActKernel | None = None):
+  def __init__(self, groups: GroupCache, inter: int, kernel: MlpKernel):
     self.groups = groups
     self.inter = inter
     self.kernel = kernel
-    self.act = act
 
   @classmethod
-  def of(cls, groups: GroupCache, kernel: MlpKernel | None,
-         act: ActKernel | None = None) -> "MlpTail | None":
-    """The tail on these packed groups with `kernel` (or else `act`), or None without one."""
-    if kernel is None and act is None:
-      return None
-    return cls(groups, groups.packed.layout.base["gate"].width, kernel,
-               None if kernel is not None else act)
+  def of(cls, groups: GroupCache, kernel: MlpKernel | None) -> "MlpTail | None":
+    """The tail on these packed groups with `kernel`, or None without one."""
+    return None if kernel is None else cls(groups, groups.packed.layout.base["gate"].width, kernel)
 
   def __call__(self, layer: int, x: jax.Array, gate_up: swiglu_down_op.LowRank | None = None,
                down_delta=None) -> jax.Array:
@@ -287,12 +271,8 @@ class MlpTail:
     # Stacked weights go whole with their layer, which the kernel reads in place: a slice
     # handed to a custom call is a copy of it (a 90 MB one for the 7B down matrix).
     stacked = not isinstance(w, tuple)
-    at = layer if stacked else None
-    if self.kernel is not None:
-      y = self.kernel(gu, w if stacked else w[layer], self.inter, gate_up,
-                      layer=at)  # [N, D (+ E·r)] f32
-    else:  # XLA's GEMM reads the activation, as the module-by-module step's does
-      y = self.act(gu, self.inter, gate_up, layer=at) @ w[layer]  # [N, D (+ E·r)]
+    y = self.kernel(gu, w if stacked else w[layer], self.inter, gate_up,
+                    layer=layer if stacked else None)  # [N, D (+ E·r)] f32
     seg = packed.layout.base["down"]
     out = y[:, seg.start:seg.start + seg.width]
     if down_delta is not None:
@@ -344,15 +324,14 @@ class PackedRuntime(AdapterRuntime):
   per group of modules of equal width. Any number of tokens."""
 
   def __init__(self, adapters: MixtureOfLoRA, thresholds, sere=None, *, packed: PackedWeights,
-               mlp: MlpKernel | None = None, act: ActKernel | None = None,
-               qkv_in_attention: bool = False):
+               mlp: MlpKernel | None = None, qkv_in_attention: bool = False):
     if packed is None:
       raise UserError("path 'packed' needs the packed weights (adafuse_jax.paths.packed."
                       "pack(model, adapters)); Generator(path='packed') makes them")
     super().__init__(adapters, thresholds, sere)
     self._groups = GroupCache(packed)
     self._deltas: dict = {}  # (layer, group) -> (input, {module: delta})
-    self._tail = MlpTail.of(self._groups, mlp, act)
+    self._tail = MlpTail.of(self._groups, mlp)
     self._qkv_in_attention = qkv_in_attention
 
   def qkv_parts(self, layer: int, x: jax.Array):
@@ -383,13 +362,11 @@ class PackedRuntime(AdapterRuntime):
     return (*outs, QkvDelta(self._groups("q", layer, x), QkvLowRank(gates, b_t), at))
 
   def mlp_down(self, layer: int, x: jax.Array) -> jax.Array | None:
-    """The MLP's tail through a kernel of ours (`MlpTail`) with one decision for every module
-    (pre-gated, plain LoRA) and gate and up adapted alike (the activation kernel: adapted);
-    None otherwise (module by module)."""
+    """The MLP's tail in one kernel (`MlpTail`) with one decision for every module (pre-gated,
+    plain LoRA) and gate and up adapted alike; None otherwise (module by module)."""
     mlp = tuple(m for m in ("gate", "up", "down") if self.adapts(m, layer))
     if (self._tail is None or self.cfg.mode == Mode.LAYERWISE
-        or ("gate" in mlp) != ("up" in mlp) or not few_rows(x)
-        or (self._tail.kernel is None and "gate" not in mlp)):
+        or ("gate" in mlp) != ("up" in mlp) or not few_rows(x)):
       return None
     if not mlp:
       return self._tail(layer, x)
@@ -468,7 +445,7 @@ class PackedPath(DecodePath):
 
   def runtime(self, adapters, derived=None, *, sere=None, backend="auto", mesh=None):
     return PackedRuntime(adapters, self.thresholds, sere, packed=derived,
-                         mlp=mlp_kernel(backend, mesh), act=act_kernel(backend, mesh),
+                         mlp=mlp_kernel(backend, mesh),
                          qkv_in_attention=backend == "triton" and mesh is None)
 
   def backbone(self, derived=None, *, backend="auto", mesh=None):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import dot_block, vector_tile_dot, with_output_buffers
+from pallas_kernels.common import dot_block, with_output_buffers
 
 # A finite "minus infinity": masked scores and empty splits stay free of inf - inf = nan.
 NEG = -1e30
@@ -231,6 +231,16 @@ class _LowRankPlan:
   block_r: int  # B's columns per trip of the delta's loop (`Tiles.delta_block_r`)
 
 
+def _vector_tile_dot(v: jax.Array, tile: jax.Array) -> jax.Array:
+  """Σ_r tile[i, r] · v[r] for every row i: v [R] and tile [K, R] (powers of two of at least 16)
+  -> [K] f32, as one tensor-core dot, v the first row of a 16-row operand (Triton's smallest
+  dot), where an element-wise product summed over R holds the whole [K, R] product in
+  registers. An f32 tile keeps f32 products (tests)."""
+  lhs = jnp.where((jnp.arange(16) == 0)[:, None], v[None, :], 0).astype(tile.dtype)
+  prod = plgpu.dot(lhs, tile, trans_b=True, allow_tf32=tile.dtype != jnp.float32)
+  return jnp.sum(prod.astype(jnp.float32), axis=0)
+
+
 def _expert_deltas(heads_ref, g_ref, bt_ref, b, rows: tuple, mask, module: int,
                    plan: _LowRankPlan) -> tuple:
   """Module `module`'s expert delta at several index vectors of qkv's columns, f32, one per
@@ -238,7 +248,7 @@ def _expert_deltas(heads_ref, g_ref, bt_ref, b, rows: tuple, mask, module: int,
   B's dtype as the library's expansion rounds it (`paths.packed.expand`).
 
   Each B tile ([len(row), block_r], one 2-D load) meets the gated shrink in a tensor-core dot
-  (`common.vector_tile_dot`); with R <= block_r (the default pool: 8 experts of rank 16) there
+  (`_vector_tile_dot`); with R <= block_r (the default pool: 8 experts of rank 16) there
   is no loop, so the loads of q's, its rotary partners', k's and v's tiles are not serialised
   behind each other (a loop of 32 columns a trip, summed in registers, took 17.5 µs a 7B call
   against 4.4 plain: docs/benchmarks/h100/append-delta/)."""
@@ -255,7 +265,7 @@ def _expert_deltas(heads_ref, g_ref, bt_ref, b, rows: tuple, mask, module: int,
     for acc, idx in zip(accs, rows):
       w = plgpu.load(bt_ref.at[*at, idx[:, None], r[None, :]],
                      mask=mask[:, None] & r_mask[None, :], other=0.0)
-      out.append(acc + vector_tile_dot(hg, w))
+      out.append(acc + _vector_tile_dot(hg, w))
     return tuple(out)
 
   init = tuple(jnp.zeros(idx.shape, jnp.float32) for idx in rows)

@@ -7,9 +7,7 @@ where gu is the fused gate/up matmul's output and Δ the pre-gated experts' expa
 Stacked weights ([L, ...]) are read in place at a `layer`. At batch-1 decode XLA runs this as three kernels with
 experts (the expansion, the multiply, the GEMM) and two without.
 
-Entry points: `swiglu_down(gu, w, inter, low_rank, backend=)`, and `swiglu_act(gu, inter,
-low_rank, backend=)`, the activation alone (with the gate and up experts' delta: one launch
-where XLA runs two, its down GEMM left to XLA). Backends, in `auto`'s order:
+Entry point: `swiglu_down(gu, w, inter, low_rank, backend=)`. Backends, in `auto`'s order:
 "triton" (`triton.py`: one launch, split over the down matrix's rows; GPU; tests run it in the
 Pallas interpreter on the CPU), "xla" (`reference.xla_swiglu_down`: the library's formulation).
 The f32 truth is `reference.swiglu_down_reference`. Whether the decode step uses it is the
@@ -22,13 +20,11 @@ import jax
 
 from pallas_kernels.common import gpu_only, pick_backend
 from pallas_kernels.swiglu_down import triton
-from pallas_kernels.swiglu_down.reference import (LowRank, swiglu_act_reference,
-                                                  swiglu_down_reference, xla_swiglu_act,
+from pallas_kernels.swiglu_down.reference import (LowRank, swiglu_down_reference,
                                                   xla_swiglu_down)
-from pallas_kernels.swiglu_down.triton import ACT_TILES, Tiles
+from pallas_kernels.swiglu_down.triton import Tiles
 
-__all__ = ["ACT_TILES", "LowRank", "Tiles", "swiglu_act", "swiglu_act_reference", "swiglu_down",
-           "swiglu_down_reference", "xla_swiglu_act", "xla_swiglu_down"]
+__all__ = ["LowRank", "Tiles", "swiglu_down", "swiglu_down_reference", "xla_swiglu_down"]
 
 _BACKENDS = {"triton": lambda: gpu_only("the Triton lowering"), "xla": lambda: None}
 
@@ -42,12 +38,3 @@ def swiglu_down(gu: jax.Array, w: jax.Array, inter: int, low_rank: LowRank | Non
     return xla_swiglu_down(gu, w, inter, low_rank, shrink_at=shrink_at, layer=layer)
   return triton.swiglu_down(gu, w, inter, low_rank, shrink_at=shrink_at, layer=layer,
                             tiles=tiles)
-
-
-def swiglu_act(gu: jax.Array, inter: int, low_rank: LowRank | None = None, *,
-               shrink_at: int | None = None, layer: int | None = None,
-               tiles: Tiles = ACT_TILES, backend: str = "auto") -> jax.Array:
-  """gu [N, >= 2I] -> silu(gate) · up [N, I] in gu's dtype (see `triton.swiglu_act`)."""
-  if pick_backend("swiglu_act", backend, _BACKENDS) == "xla":
-    return xla_swiglu_act(gu, inter, low_rank, shrink_at=shrink_at, layer=layer)
-  return triton.swiglu_act(gu, inter, low_rank, shrink_at=shrink_at, layer=layer, tiles=tiles)

@@ -3,8 +3,7 @@
     gate, up = gu[:, :I] (+ Δgate), gu[:, I:2I] (+ Δup)
     Δ_m      = (h_m ⊙ gates[:, m]) @ B_m              (the pre-gated experts' expansion; optional;
                                                        h_m, module m's shrink, read from gu)
-    act      = silu(gate) · up                         [N, I]   (`swiglu_act`)
-    out      = act @ W                                 [N, C]   (`swiglu_down`)
+    out      = (silu(gate) · up) @ W                   [N, C]
 """
 
 from __future__ import annotations
@@ -50,22 +49,6 @@ def _halves(gu, inter, low_rank, shrink_at, layer, *, f32: bool):
   hg = (h * gates).astype(b_t.dtype)
   delta = jnp.einsum("nmr,mir->nmi", hg, b_t, preferred_element_type=jnp.float32)
   return [(x.astype(jnp.float32) + delta[:, i]).astype(gu.dtype) for i, x in enumerate(halves)]
-
-
-def swiglu_act_reference(gu: jax.Array, inter: int, low_rank: LowRank | None = None, *,
-                         shrink_at: int | None = None, layer: int | None = None) -> jax.Array:
-  """gu [N, >= 2I] -> silu(gate) · up [N, I], all in f32."""
-  shrink_at = 2 * inter if shrink_at is None else shrink_at
-  gate, up = _halves(gu, inter, low_rank, shrink_at, layer, f32=True)
-  return jax.nn.silu(gate) * up
-
-
-def xla_swiglu_act(gu: jax.Array, inter: int, low_rank: LowRank | None = None, *,
-                   shrink_at: int | None = None, layer: int | None = None) -> jax.Array:
-  """The library's formulation of the activation: [N, I] in gu's dtype."""
-  shrink_at = 2 * inter if shrink_at is None else shrink_at
-  gate, up = _halves(gu, inter, low_rank, shrink_at, layer, f32=False)
-  return (jax.nn.silu(gate) * up).astype(gu.dtype)
 
 
 def swiglu_down_reference(gu: jax.Array, w: jax.Array, inter: int,

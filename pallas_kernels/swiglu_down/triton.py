@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import dot_block, vector_tile_dot, with_output_buffer
+from pallas_kernels.common import with_output_buffer
 from pallas_kernels.swiglu_down.reference import LowRank
 
 
@@ -41,20 +41,23 @@ class Tiles:
   num_stages: int = 3
 
 
-def _activations(gu_ref, g_ref, bt_ref, row, k0, k_mask, *, inter: int, rank: int,
-                 shrink_at: int, block_k: int, block_r: int, shared_gates: bool,
-                 layer: int | None) -> jax.Array:
-  """silu(gate) · up over inputs [k0, k0 + block_k) of row `row`, f32 [block_k]: gate and up
-  from the fused gate/up matmul's output, each with its experts' delta `(h ⊙ gates) @ B^T`
-  where `bt_ref` is given (None: no delta), rounded to gu's dtype as the library's projections
-  are. Inputs past I come out 0."""
+def _kernel(*refs, inter: int, rank: int, shrink_at: int, block_k: int, block_n: int,
+            steps: int, block_r: int, low_rank: bool, shared_gates: bool, layer: int | None):
+  if low_rank:
+    gu_ref, g_ref, bt_ref, w_ref, o_ref = refs
+  else:
+    gu_ref, w_ref, o_ref = refs
+  s, p, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   # Stacked weights are read in place at their layer (a slice handed to a kernel is a copy);
   # indices are traced values: the loads take no Python int beside the program ids.
   at = () if layer is None else (jnp.int32(layer),)
+  cols_total = w_ref.shape[-1]
+  k0 = s * block_k
+  k_mask = k0 + jnp.arange(block_k) < inter
   halves = []
   for module in range(2):  # gate, then up
     x = plgpu.load(gu_ref.at[row, pl.ds(module * inter + k0, block_k)], mask=k_mask, other=0.0)
-    if bt_ref is not None:
+    if low_rank:
       r_mask = jnp.arange(block_r) < rank
       # A traced start: the tile may run past gu's last column (masked), which a static start
       # may not.
@@ -64,32 +67,15 @@ def _activations(gu_ref, g_ref, bt_ref, row, k0, k_mask, *, inter: int, rank: in
                      mask=r_mask, other=0.0)
       # The gated shrink rounded to B's dtype, the products summed in f32: as the library's
       # expansion (`paths.packed.expand`) does.
-      hg = (h.astype(jnp.float32) * g).astype(bt_ref.dtype)
+      hg = (h.astype(jnp.float32) * g).astype(bt_ref.dtype).astype(jnp.float32)
       b = plgpu.load(bt_ref.at[*at, jnp.int32(module), pl.ds(k0, block_k), pl.ds(0, block_r)],
                      mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-      x = (x.astype(jnp.float32) + vector_tile_dot(hg, b)).astype(gu_ref.dtype)
+      delta = jnp.sum(b.astype(jnp.float32) * hg[None, :], axis=1)
+      x = (x.astype(jnp.float32) + delta).astype(gu_ref.dtype)
     halves.append(x.astype(jnp.float32))
   gate, up = halves
-  # Inputs past I load as zeros: silu(0) · 0 = 0.
-  return gate / (1.0 + jnp.exp(-gate)) * up
-
-
-def _kernel(*refs, inter: int, rank: int, shrink_at: int, block_k: int, block_n: int,
-            steps: int, block_r: int, low_rank: bool, shared_gates: bool, layer: int | None):
-  if low_rank:
-    gu_ref, g_ref, bt_ref, w_ref, o_ref = refs
-  else:
-    (gu_ref, w_ref, o_ref), g_ref, bt_ref = refs, None, None
-  s, p, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  at = () if layer is None else (jnp.int32(layer),)
-  cols_total = w_ref.shape[-1]
-  k0 = s * block_k
-  k_mask = k0 + jnp.arange(block_k) < inter
-  act = _activations(gu_ref, g_ref, bt_ref, row, k0, k_mask, inter=inter, rank=rank,
-                     shrink_at=shrink_at, block_k=block_k, block_r=block_r,
-                     shared_gates=shared_gates, layer=layer)
-  # Rows of W past I load as zeros.
-  act = act.astype(w_ref.dtype).astype(jnp.float32)
+  # Rows past I load as zeros: silu(0) · 0 = 0, and their W rows load as zeros too.
+  act = (gate / (1.0 + jnp.exp(-gate)) * up).astype(w_ref.dtype).astype(jnp.float32)
 
   def body(t, carry):
     col0 = (p * steps + t) * block_n
@@ -107,24 +93,6 @@ def plan(inter: int, cols: int, tiles: Tiles) -> tuple[int, int]:
   """(chunks, column steps per program) of a call."""
   steps = pl.cdiv(pl.cdiv(cols, tiles.block_n), tiles.parts)
   return pl.cdiv(inter, tiles.block_k), steps
-
-
-def _gu_operands(gu: jax.Array, inter: int, low_rank: LowRank | None, shrink_at: int,
-                stacked: bool) -> tuple[tuple, int, bool]:
-  """(operands, R, shared gates) of a kernel reading gu and, with `low_rank`, its delta's
-  gates and B; a ValueError names a shape that does not fit."""
-  n, width = gu.shape
-  if low_rank is None:
-    return (gu,), 0, True
-  gates, b_t = low_rank
-  rank = b_t.shape[-1]
-  if (b_t.ndim != 3 + stacked or b_t.shape[-3:] != (2, inter, rank) or gates.ndim != 3
-      or gates.shape[0] != n or gates.shape[1] not in (1, 2) or gates.shape[2] != rank
-      or shrink_at + 2 * rank > width):
-    raise ValueError(f"low_rank gates {gates.shape}, b_t {b_t.shape}, gu {gu.shape}: expected"
-                     f" gates [{n}, 1 or 2, R], b_t [2, {inter}, R] (or [L, ...] with a layer)"
-                     f" and gu holding 2R shrink columns from column {shrink_at}")
-  return (gu, gates.astype(jnp.float32), b_t), rank, gates.shape[1] == 1
 
 
 @functools.partial(jax.jit, static_argnames=("inter", "shrink_at", "layer", "tiles",
@@ -156,13 +124,25 @@ def swiglu_down_partials(gu: jax.Array, w: jax.Array, inter: int,
                      " [N, >= 2 * I] and w [I, C] (or [L, I, C] with a layer)")
   cols = w.shape[-1]
   shrink_at = 2 * inter if shrink_at is None else shrink_at
-  operands, rank, shared = _gu_operands(gu, inter, low_rank, shrink_at, stacked)
+  operands: tuple = (gu,)
+  rank, shared = 0, True
+  if low_rank is not None:
+    gates, b_t = low_rank
+    rank = b_t.shape[-1]
+    if (b_t.ndim != 3 + stacked or b_t.shape[-3:] != (2, inter, rank) or gates.ndim != 3
+        or gates.shape[0] != n or gates.shape[1] not in (1, 2) or gates.shape[2] != rank
+        or shrink_at + 2 * rank > width):
+      raise ValueError(f"low_rank gates {gates.shape}, b_t {b_t.shape}, gu {gu.shape}: expected"
+                       f" gates [{n}, 1 or 2, R], b_t [2, {inter}, R] (or [L, ...] with a layer)"
+                       f" and gu holding 2R shrink columns from column {shrink_at}")
+    shared = gates.shape[1] == 1
+    operands += (gates.astype(jnp.float32), b_t)
   chunks, steps = plan(inter, cols, tiles)
   shape = (chunks, n, cols)
   operands, aliases = with_output_buffer(operands + (w,), out, shape, jnp.float32)
   kernel = functools.partial(_kernel, inter=inter, rank=rank, shrink_at=shrink_at,
                              block_k=tiles.block_k, block_n=tiles.block_n, steps=steps,
-                             block_r=dot_block(rank),
+                             block_r=max(16, pl.next_power_of_2(max(rank, 1))),
                              low_rank=low_rank is not None, shared_gates=shared, layer=layer)
   if out is not None:
     inner = kernel
@@ -186,63 +166,3 @@ def swiglu_down(gu: jax.Array, w: jax.Array, inter: int, low_rank: LowRank | Non
   (see `swiglu_down_partials`)."""
   return swiglu_down_partials(gu, w, inter, low_rank, shrink_at=shrink_at, layer=layer,
                               tiles=tiles, interpret=interpret).sum(0)
-
-
-# The activation alone: XLA's down GEMM reads the result.
-
-ACT_TILES = Tiles(block_k=64)
-
-
-def _act_kernel(*refs, inter: int, rank: int, shrink_at: int, block_k: int, block_r: int,
-                low_rank: bool, shared_gates: bool, layer: int | None):
-  if low_rank:
-    gu_ref, g_ref, bt_ref, o_ref = refs
-  else:
-    (gu_ref, o_ref), g_ref, bt_ref = refs, None, None
-  s, row = pl.program_id(0), pl.program_id(1)
-  k0 = s * block_k
-  k_mask = k0 + jnp.arange(block_k) < inter
-  act = _activations(gu_ref, g_ref, bt_ref, row, k0, k_mask, inter=inter, rank=rank,
-                     shrink_at=shrink_at, block_k=block_k, block_r=block_r,
-                     shared_gates=shared_gates, layer=layer)
-  plgpu.store(o_ref.at[row, pl.ds(k0, block_k)], act.astype(o_ref.dtype), mask=k_mask)
-
-
-@functools.partial(jax.jit, static_argnames=("inter", "shrink_at", "layer", "tiles",
-                                             "interpret"))
-def swiglu_act(gu: jax.Array, inter: int, low_rank: LowRank | None = None, *,
-               shrink_at: int | None = None, layer: int | None = None,
-               tiles: Tiles = ACT_TILES, interpret: bool = False,
-               out: jax.Array | None = None) -> jax.Array:
-  """`silu(gate) · up` with gate and up (and their expert delta) from `gu`, for XLA's down GEMM
-  to read: where XLA runs the gate/up expansion and SwiGLU's multiply as two kernels, one
-  launch over chunks of `tiles.block_k` inputs per row (the prologue of `swiglu_down_partials`
-  without its matmul).
-
-  Args: gu, inter, low_rank, shrink_at, layer as `swiglu_down_partials`'s (B stacked at `layer`);
-    out: optional preallocated [N, I] output in gu's dtype, written in place (tests poison it).
-  Returns:
-    [N, I] in gu's dtype.
-  """
-  n, width = gu.shape
-  if width < 2 * inter:
-    raise ValueError(f"gu {gu.shape}, inter {inter}: expected gu [N, >= 2 * I]")
-  shrink_at = 2 * inter if shrink_at is None else shrink_at
-  operands, rank, shared = _gu_operands(gu, inter, low_rank, shrink_at, layer is not None)
-  operands, aliases = with_output_buffer(operands, out, (n, inter), gu.dtype)
-  kernel = functools.partial(_act_kernel, inter=inter, rank=rank, shrink_at=shrink_at,
-                             block_k=tiles.block_k, block_r=dot_block(rank),
-                             low_rank=low_rank is not None, shared_gates=shared, layer=layer)
-  if out is not None:
-    inner = kernel
-    kernel = lambda *refs: inner(*refs[:-2], refs[-1])  # noqa: E731  (the aliased input unread)
-  return pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((n, inter), gu.dtype),
-      grid=(pl.cdiv(inter, tiles.block_k), n),
-      input_output_aliases=aliases,
-      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
-                                           num_stages=tiles.num_stages),
-      interpret=interpret,
-      name="swiglu_act",
-  )(*operands)
