@@ -46,9 +46,9 @@ class Tiles:
   """block_s: cache slots per step of a program's loop; target_programs: the splits grow until
   the grid has about this many programs (two waves of the H100's and H200's 132 SMs);
   delta_block_r (`decode_attention_append` with `QkvLowRank`): B's columns per trip of the
-  delta, a power of two of at least 16 (a pool of R <= delta_block_r runs no loop; one of 32
-  columns a trip took 17.5 µs a 7B call against 12.3 at 128 and 4.4 without the delta on an
-  H100, before the delta ran as dots: docs/benchmarks/h100/append-delta/)."""
+  delta, a power of two of at least 16 (a pool of R <= delta_block_r runs no loop: 11.4 µs a 7B
+  call at 128 against 14.7 at 32 and 4.4 without the delta on an H100,
+  docs/benchmarks/h100/append-delta/)."""
 
   block_s: int = 64
   target_programs: int = 264
@@ -250,8 +250,7 @@ def _expert_deltas(heads_ref, g_ref, bt_ref, b, rows: tuple, mask, module: int,
   Each B tile ([len(row), block_r], one 2-D load) meets the gated shrink in a tensor-core dot
   (`_vector_tile_dot`); with R <= block_r (the default pool: 8 experts of rank 16) there
   is no loop, so the loads of q's, its rotary partners', k's and v's tiles are not serialised
-  behind each other (a loop of 32 columns a trip, summed in registers, took 17.5 µs a 7B call
-  against 4.4 plain: docs/benchmarks/h100/append-delta/)."""
+  behind each other."""
   at = () if plan.layer is None else (jnp.int32(plan.layer),)
 
   def trip(r0, accs):
