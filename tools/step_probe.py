@@ -57,6 +57,13 @@ GPU_OPTIONS = {
         "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
                                          "DYNAMIC_SLICE_FUSION",
         "xla_gpu_graph_min_graph_size": "1"},
+    # How XLA orders a command buffer's commands in its CUDA graph: a chain (one node after the
+    # other), the data-flow DAG, or the latency-hiding scheduler's order. The host's
+    # cuGraphLaunch of the 7B step took 837 µs of a synced step's 1.1 ms dispatch (H100,
+    # docs/benchmarks/h100/host-trace/): does the graph's shape set that cost?
+    "cb-serialize": {"xla_gpu_command_buffer_scheduling_mode": "SERIALIZE"},
+    "cb-concurrent": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
+    "cb-lhs": {"xla_gpu_command_buffer_scheduling_mode": "LHS"},
 }
 # XLA:CPU's library paths for dots and element-wise work (XNNPACK graph fusion and oneDNN off by
 # default in this XLA; its YNNPACK fusions on: an empty list turns them off).
@@ -225,20 +232,25 @@ def main() -> None:
   # The library's decode loop (`adafuse_jax.stepper.Decoder`: the state donated and aliased,
   # token and routing handed out by a second program), and the same with the argmax top-k.
   decoders = {}
-  for name, swap, hand_out in [("library decoder", None, "program"),
-                               ("library decoder, outputs", None, "outputs"),
-                               ("library decoder, argmax top-k", argmax_top_k_gates, "program")]:
+  # The library's decoder compiled under each non-default option set asked for (GPU), too.
+  option_rows = [(f"library decoder, {name}", None, "program", opts)
+                 for name, opts in options.items() if opts and not on_cpu]
+  for name, swap, hand_out, opts in [("library decoder", None, "program", None),
+                                     ("library decoder, outputs", None, "outputs", None),
+                                     ("library decoder, argmax top-k", argmax_top_k_gates,
+                                      "program", None), *option_rows]:
     if swap is not None and "argmax-top-k" not in args.swaps.split(","):
       continue
     decoder = Decoder(gen, jnp.ones((1,), jnp.int32), gen.new_cache(1, args.cache_len),
                       jax.random.key(1), sampling, hand_out=hand_out)
-    if swap is not None:
-      paths_base.top_k_gates = swap
+    if swap is not None or opts is not None:
+      paths_base.top_k_gates = swap or original_top_k
       try:
         decoder._fn = jax.jit(gen._decode, static_argnums=(4, 5), donate_argnums=(3,),
                               keep_unused=True).lower(gen.params, gen.adapter_params,
                                                       gen.derived, decoder.state,
-                                                      sampling, hand_out).compile()
+                                                      sampling, hand_out).compile(
+                                                          compiler_options=opts)
       finally:
         paths_base.top_k_gates = original_top_k
     decoders[name] = decoder
