@@ -4,16 +4,16 @@ column block and grid (GPU; `--small` runs the Pallas interpreter on the CPU).
     python tools/append_delta_probe.py [--variants b32,b64,b128,b128-p64-w8] [--rounds 5] [--small]
 
 Why: in the 7B pre-gated step the kernel took 18.9 µs a layer with the delta against 4.5 without
-(docs/benchmarks/h200/own-kernels/). Every (head, split) program runs the delta's loop over B's
-columns, `Tiles.delta_block_r` of them a trip, serially before its attention: with R = 128 and
-32 columns a trip that is 8 trips for q (its columns and their rotary partners) and 12 more for
-k and v in split 0. Wider blocks mean fewer, larger loads; every program of a head computes
-q's delta again, so fewer splits (`Tiles.target_programs`) mean less of that. Rows: `plain` (no
+(docs/benchmarks/h200/own-kernels/). Every (head, split) program computes its head's delta
+before its attention, `Tiles.delta_block_r` of B's columns a trip (one trip, no loop, where R
+fits the block): q's (its columns and their rotary partners) in every split, k's and v's in
+split 0. Fewer splits (`Tiles.target_programs`) mean fewer repeated q deltas. Rows: `plain` (no
 delta) and `delta-SPEC` per variant, SPEC `bN[-pP][-wW]`: N columns a trip, a grid of about P
-programs (default 264), W warps (default 4); each is `--layers` calls of the kernel on one row at the 7B shape
-(32 heads of 128, R = 8 experts x rank 16, a 512-slot cache with 256 written), timed in
-interleaved rounds, with the kernel's own GPU time per call from a profiler trace (the kernel
-with the most time); every `delta-bN` is checked against the first width's. JSON lines on stdout.
+programs (default 264), W warps (default 4); each is `--layers` calls of the kernel on one row
+at the 7B shape (32 heads of 128, R = 8 experts x rank 16, a 512-slot cache with 256 written),
+timed in interleaved rounds, with the kernel's own GPU time per call from a profiler trace (the
+kernel with the most time); every variant's output is checked against the first one's. JSON
+lines on stdout (docs/benchmarks/h100/append-delta/).
 """
 
 from __future__ import annotations
