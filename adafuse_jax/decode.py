@@ -18,7 +18,7 @@ from adafuse_jax import compile_cache
 from adafuse_jax.cli_options import (add_model_options, add_pool_options, add_sere_options,
                                      adapter_config, resolve_dtype, sere_path_note,
                                      sere_settings)
-from adafuse_jax.errors import UserError
+from adafuse_jax.errors import UserError, as_user_error
 from adafuse_jax.vocab import PATHS, legacy_path
 
 
@@ -241,6 +241,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 ECHO_CHARS = 400
+# What a decode that ran out of device memory can ask for less of.
+MEMORY_ADVICE = ("decode fewer or shorter prompts at once, a smaller --max-new-tokens, a smaller"
+                 " pool (--experts, --rank) or --dtype bfloat16; on a GPU JAX takes 75% of its"
+                 " memory unless XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.9) allows more")
 
 
 def echo(prompt: str) -> str:
@@ -257,12 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   try:
     result = run(args)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
   except KeyboardInterrupt:
     print("\ninterrupted", file=sys.stderr)
     return 130
+  except Exception as e:
+    error = as_user_error(e, MEMORY_ADVICE)
+    if error is None:
+      raise
+    print(f"error: {error}", file=sys.stderr)
+    return 2
   if args.json:
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0

@@ -2,7 +2,8 @@
 
 The CLI prints `UserError`s as one line and exits with code 2; the library raises them so a
 notebook or a server can catch them. They subclass ValueError so plain `except ValueError`
-code keeps working.
+code keeps working. The command lines print XLA's out-of-memory error the same way
+(`as_user_error`), with what to ask for less of.
 """
 
 from __future__ import annotations
@@ -14,3 +15,23 @@ class UserError(ValueError):
 
 class ModelFileError(UserError):
   """A model file or folder is missing, truncated, corrupt or of an unsupported architecture."""
+
+
+class DeviceMemoryError(UserError):
+  """The device ran out of memory for what was asked (XLA's RESOURCE_EXHAUSTED): the message
+  says what to ask for less of."""
+
+
+def as_user_error(e: BaseException, memory_advice: str) -> UserError | None:
+  """The error a command line prints as its one `error:` line for `e`: e itself when it is a
+  UserError, a DeviceMemoryError with `memory_advice` when it is XLA's out-of-memory error (on
+  any device), None for anything else (a bug: it should raise with its traceback)."""
+  import jax
+
+  if isinstance(e, UserError):
+    return e
+  text = str(e).strip()
+  if isinstance(e, jax.errors.JaxRuntimeError) and text.startswith("RESOURCE_EXHAUSTED"):
+    first = text.splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")
+    return DeviceMemoryError(f"the device ran out of memory ({first}); {memory_advice}")
+  return None

@@ -21,7 +21,7 @@ from adafuse_jax.cli_options import (MIXED_HELP, PACKED_HELP, PREFILL_WAIT_HELP,
                                      add_model_options, add_pool_options, add_sere_options,
                                      adapter_config, packed_sizes, positive_ints, resolve_dtype,
                                      sere_path_note, sere_settings)
-from adafuse_jax.errors import UserError
+from adafuse_jax.errors import UserError, as_user_error
 
 SERVE_PATHS = ("packed", "xla", "gathered", "merged")
 
@@ -179,6 +179,12 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
 
 
 
+# What a server that ran out of device memory while starting can ask for less of.
+MEMORY_ADVICE = ("lower --max-batch or --max-seq-len, serve a smaller pool or --dtype bfloat16;"
+                 " on a GPU JAX takes 75% of its memory unless XLA_PYTHON_CLIENT_MEM_FRACTION"
+                 " (e.g. 0.9) allows more")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -187,11 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_body_mb <= 0:
       raise UserError(f"--max-body-mb={args.max_body_mb} must be positive")
     engines = build_engines(args, log)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
   except KeyboardInterrupt:
     return 130
+  except Exception as e:
+    error = as_user_error(e, MEMORY_ADVICE)
+    if error is None:
+      raise
+    print(f"error: {error}", file=sys.stderr)
+    return 2
   import uvicorn
 
   from adafuse_jax.serving.api import create_app

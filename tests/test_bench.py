@@ -94,6 +94,10 @@ def test_merged_batch_table_times_identical_rows(tmp_path):
      "rows of mode layerwise need --adapters random"),
     (("--preset", "tiny", "--adapters", "no/such/pool"), "does not exist"),
     (("--preset", "tiny", "--adapters", "random:x"), "the seed after 'random:' must be an"),
+    # A batch whose cache the device cannot hold: XLA's out-of-memory error as one line.
+    (("--preset", "tiny", "--modes", "backbone", "--batch", "20000000", "--cache-len", "1024",
+      "--steps", "1", "--rounds", "1", "--prefill", "", "--torch-peer", "off"),
+     "the device ran out of memory"),
 ])
 def test_bad_arguments_are_rejected(args, message):
   out = run_bench(*args)

@@ -73,6 +73,46 @@ def test_bad_input_is_one_line_error_exit_2(args, message):
   assert len(out.stdout) < 200  # a long prompt is never echoed back
 
 
+@pytest.mark.parametrize("ask", ["batch", "pool"])
+def test_running_out_of_device_memory_is_one_error_line(ask, tmp_path):
+  """A batch whose KV cache, or a random pool whose experts, the device cannot hold: XLA's
+  out-of-memory error (a real one: the allocation fails) as one `error:` line that says what to
+  ask for less of, exit code 2 (the pool's once aborted the process on the CPU)."""
+  if ask == "batch":
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hi\n" * 100_000)
+    args = ("--prompts-file", str(prompts), "--max-new-tokens", "8000")
+  else:
+    args = ("--mode", "pregated", "--adapters", "random", "--experts", "4000000", "--rank",
+            "64", "--max-new-tokens", "2", "hi")
+  out = run_cli(*args, "--quiet")
+  assert out.returncode == 2, (out.stdout[-500:], out.stderr[-2000:])
+  assert "Traceback" not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: the device ran out of memory (") and "--max-new-tokens" in last
+
+
+def test_only_user_errors_and_xla_out_of_memory_become_error_lines():
+  """`errors.as_user_error`: a UserError as itself; XLA's RESOURCE_EXHAUSTED (a real failed
+  allocation) as a DeviceMemoryError naming the request and the advice; anything else None (a
+  bug keeps its traceback)."""
+  import jax
+  import jax.numpy as jnp
+
+  from adafuse_jax.errors import DeviceMemoryError, UserError, as_user_error
+
+  bad = UserError("bad input")
+  assert as_user_error(bad, "advice") is bad
+  with pytest.raises(jax.errors.JaxRuntimeError) as oom:
+    jnp.zeros((2**42,), jnp.float32).block_until_ready()
+  error = as_user_error(oom.value, "ask for less")
+  assert isinstance(error, DeviceMemoryError) and isinstance(error, UserError)
+  assert str(error).startswith("the device ran out of memory (Out of memory allocating")
+  assert str(error).endswith("; ask for less")
+  assert as_user_error(ValueError("a bug"), "advice") is None
+  assert as_user_error(RuntimeError("RESOURCE_EXHAUSTED: not XLA's"), "advice") is None
+
+
 def test_a_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
   """`--compile-cache DIR` keeps the compiled programs (JAX's persistent cache): the second run
   writes nothing new there and decodes the same tokens."""

@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from adafuse_jax.cli_options import positive_ints
-from adafuse_jax.errors import UserError
+from adafuse_jax.errors import UserError, as_user_error
 from adafuse_jax.vocab import ATTENTIONS
 
 TINY = dict(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128,
@@ -547,14 +547,24 @@ def _rerender(path: str) -> int:
   return 0
 
 
+# What a bench that ran out of device memory can ask for less of: every row of an interleaved
+# run stays on the device until the last round (four packed 7B rows did not fit an 80 GB H100).
+MEMORY_ADVICE = ("every row of an interleaved run stays on the device: run fewer --modes per"
+                 " call, a smaller --batch, --cache-len or pool; on a GPU JAX takes 75% of its"
+                 " memory unless XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.9) allows more")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   if args.table:
     return _rerender(args.table)
   try:
     report = run(args)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except Exception as e:
+    error = as_user_error(e, MEMORY_ADVICE)
+    if error is None:
+      raise
+    print(f"error: {error}", file=sys.stderr)
     return 2
   table = markdown(report)
   print(table)

@@ -51,7 +51,9 @@ def per_layer(arr) -> tuple[jax.Array, ...]:
   compiles one XLA program per index (3.3 s of a CLI run on 2 CPU cores, under cProfile)."""
   if isinstance(arr, jax.core.Tracer):  # abstract (eval_shape) or traced: nothing to copy
     return tuple(arr[l] for l in range(arr.shape[0]))
-  host = np.asarray(arr)
+  # Waited for first: an allocation that failed then raises XLA's out-of-memory error here,
+  # where read through the buffer protocol it aborted the process (XLA:CPU, jax 0.10.2).
+  host = np.asarray(jax.block_until_ready(arr))
   return tuple(jnp.asarray(host[l]) for l in range(host.shape[0]))
 
 
