@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Sequence
 
-from adafuse_jax.errors import UserError
+from adafuse_jax.errors import UserError, as_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -630,6 +630,12 @@ def writable_folder(path: str, flag: str) -> pathlib.Path:
   return folder
 
 
+# What a training or evaluation run that ran out of device memory can ask for less of.
+MEMORY_ADVICE = ("a smaller --batch or --seq-len, or a smaller pool (--num-experts, --rank); on"
+                 " a GPU JAX takes 75% of its memory unless XLA_PYTHON_CLIENT_MEM_FRACTION"
+                 " (e.g. 0.9) allows more")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
@@ -670,8 +676,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(json.dumps(chat_mix(args), indent=2))
     else:
       print(markdown(run_all(args)))
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except Exception as e:
+    error = as_user_error(e, MEMORY_ADVICE)
+    if error is None:
+      raise
+    print(f"error: {error}", file=sys.stderr)
     return 2
   return 0
 

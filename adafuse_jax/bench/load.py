@@ -38,7 +38,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from adafuse_jax.cli_options import MIXED_HELP, PACKED_HELP, PREFILL_WAIT_HELP
-from adafuse_jax.errors import UserError
+from adafuse_jax.errors import UserError, as_user_error
 
 
 def workload(tok, count: int, vocab: int, lengths: tuple[int, int], seed: int = 0) -> list[list[int]]:
@@ -253,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+# What a load run that ran out of device memory while starting its server can ask for less of.
+MEMORY_ADVICE = ("fewer concurrent sequences (--concurrency), shorter --max-tokens or"
+                 " --prompt-tokens, or --dtype bfloat16; on a GPU JAX takes 75% of its memory"
+                 " unless XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.9) allows more")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["--client"]:
@@ -293,8 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   try:
     result = run(args, levels, (lo, hi), on_round=write)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except Exception as e:
+    error = as_user_error(e, MEMORY_ADVICE)
+    if error is None:
+      raise
+    print(f"error: {error}", file=sys.stderr)
     return 2
   print(table(result))
   return 0
