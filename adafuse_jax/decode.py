@@ -243,8 +243,7 @@ def run(args: argparse.Namespace) -> dict:
 ECHO_CHARS = 400
 # What a decode that ran out of device memory can ask for less of.
 MEMORY_ADVICE = ("decode fewer or shorter prompts at once, a smaller --max-new-tokens, a smaller"
-                 " pool (--experts, --rank) or --dtype bfloat16; on a GPU JAX takes 75% of its"
-                 " memory unless XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.9) allows more")
+                 " pool (--experts, --rank) or --dtype bfloat16")
 
 
 def echo(prompt: str) -> str:

@@ -22,6 +22,11 @@ class DeviceMemoryError(UserError):
   says what to ask for less of."""
 
 
+# JAX's GPU client takes 75% of the device's memory up front by default.
+GPU_MEMORY_HINT = ("; JAX takes 75% of the GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION"
+                   " (e.g. 0.9) allows more")
+
+
 def as_user_error(e: BaseException, memory_advice: str) -> UserError | None:
   """The error a command line prints as its one `error:` line for `e`: e itself when it is a
   UserError, a DeviceMemoryError with `memory_advice` when it is XLA's out-of-memory error (on
@@ -33,5 +38,6 @@ def as_user_error(e: BaseException, memory_advice: str) -> UserError | None:
   text = str(e).strip()
   if isinstance(e, jax.errors.JaxRuntimeError) and text.startswith("RESOURCE_EXHAUSTED"):
     first = text.splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")
-    return DeviceMemoryError(f"the device ran out of memory ({first}); {memory_advice}")
+    hint = GPU_MEMORY_HINT if jax.default_backend() == "gpu" else ""
+    return DeviceMemoryError(f"the device ran out of memory ({first}); {memory_advice}{hint}")
   return None

@@ -180,9 +180,7 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
 
 
 # What a server that ran out of device memory while starting can ask for less of.
-MEMORY_ADVICE = ("lower --max-batch or --max-seq-len, serve a smaller pool or --dtype bfloat16;"
-                 " on a GPU JAX takes 75% of its memory unless XLA_PYTHON_CLIENT_MEM_FRACTION"
-                 " (e.g. 0.9) allows more")
+MEMORY_ADVICE = "lower --max-batch or --max-seq-len, serve a smaller pool or --dtype bfloat16"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -631,9 +631,7 @@ def writable_folder(path: str, flag: str) -> pathlib.Path:
 
 
 # What a training or evaluation run that ran out of device memory can ask for less of.
-MEMORY_ADVICE = ("a smaller --batch or --seq-len, or a smaller pool (--num-experts, --rank); on"
-                 " a GPU JAX takes 75% of its memory unless XLA_PYTHON_CLIENT_MEM_FRACTION"
-                 " (e.g. 0.9) allows more")
+MEMORY_ADVICE = "a smaller --batch or --seq-len, or a smaller pool (--num-experts, --rank)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

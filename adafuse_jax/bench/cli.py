@@ -550,8 +550,7 @@ def _rerender(path: str) -> int:
 # What a bench that ran out of device memory can ask for less of: every row of an interleaved
 # run stays on the device until the last round (four packed 7B rows did not fit an 80 GB H100).
 MEMORY_ADVICE = ("every row of an interleaved run stays on the device: run fewer --modes per"
-                 " call, a smaller --batch, --cache-len or pool; on a GPU JAX takes 75% of its"
-                 " memory unless XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.9) allows more")
+                 " call, a smaller --batch, --cache-len or pool")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -255,8 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What a load run that ran out of device memory while starting its server can ask for less of.
 MEMORY_ADVICE = ("fewer concurrent sequences (--concurrency), shorter --max-tokens or"
-                 " --prompt-tokens, or --dtype bfloat16; on a GPU JAX takes 75% of its memory"
-                 " unless XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.9) allows more")
+                 " --prompt-tokens, or --dtype bfloat16")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
