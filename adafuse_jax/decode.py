@@ -18,7 +18,7 @@ from adafuse_jax import compile_cache
 from adafuse_jax.cli_options import (add_model_options, add_pool_options, add_sere_options,
                                      adapter_config, resolve_dtype, sere_path_note,
                                      sere_settings)
-from adafuse_jax.errors import UserError, as_user_error
+from adafuse_jax.errors import UserError, cli_error
 from adafuse_jax.vocab import PATHS, legacy_path
 
 
@@ -264,11 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\ninterrupted", file=sys.stderr)
     return 130
   except Exception as e:
-    error = as_user_error(e, MEMORY_ADVICE)
-    if error is None:
-      raise
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+    return cli_error(e, MEMORY_ADVICE)
   if args.json:
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0

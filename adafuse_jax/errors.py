@@ -8,6 +8,8 @@ code keeps working. The command lines print XLA's out-of-memory error the same w
 
 from __future__ import annotations
 
+import sys
+
 
 class UserError(ValueError):
   """Bad input from the user (arguments, files, prompts). The message says the fix."""
@@ -41,3 +43,14 @@ def as_user_error(e: BaseException, memory_advice: str) -> UserError | None:
     hint = GPU_MEMORY_HINT if jax.default_backend() == "gpu" else ""
     return DeviceMemoryError(f"the device ran out of memory ({first}); {memory_advice}{hint}")
   return None
+
+
+def cli_error(e: BaseException, memory_advice: str) -> int:
+  """A command line's `except Exception` in its main: prints `as_user_error(e, memory_advice)`
+  as the one `error:` line on stderr and returns exit code 2; anything else re-raises (a bug
+  keeps its traceback)."""
+  error = as_user_error(e, memory_advice)
+  if error is None:
+    raise e
+  print(f"error: {error}", file=sys.stderr)
+  return 2

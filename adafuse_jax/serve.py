@@ -21,7 +21,7 @@ from adafuse_jax.cli_options import (MIXED_HELP, PACKED_HELP, PREFILL_WAIT_HELP,
                                      add_model_options, add_pool_options, add_sere_options,
                                      adapter_config, packed_sizes, positive_ints, resolve_dtype,
                                      sere_path_note, sere_settings)
-from adafuse_jax.errors import UserError, as_user_error
+from adafuse_jax.errors import UserError, cli_error
 
 SERVE_PATHS = ("packed", "xla", "gathered", "merged")
 
@@ -194,11 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:
     return 130
   except Exception as e:
-    error = as_user_error(e, MEMORY_ADVICE)
-    if error is None:
-      raise
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+    return cli_error(e, MEMORY_ADVICE)
   import uvicorn
 
   from adafuse_jax.serving.api import create_app

@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Sequence
 
-from adafuse_jax.errors import UserError, as_user_error
+from adafuse_jax.errors import UserError, cli_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -675,11 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       print(markdown(run_all(args)))
   except Exception as e:
-    error = as_user_error(e, MEMORY_ADVICE)
-    if error is None:
-      raise
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+    return cli_error(e, MEMORY_ADVICE)
   return 0
 
 

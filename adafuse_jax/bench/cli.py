@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from adafuse_jax.cli_options import positive_ints
-from adafuse_jax.errors import UserError, as_user_error
+from adafuse_jax.errors import UserError, cli_error
 from adafuse_jax.vocab import ATTENTIONS
 
 TINY = dict(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128,
@@ -560,11 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     report = run(args)
   except Exception as e:
-    error = as_user_error(e, MEMORY_ADVICE)
-    if error is None:
-      raise
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+    return cli_error(e, MEMORY_ADVICE)
   table = markdown(report)
   print(table)
   if args.out:

@@ -38,7 +38,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from adafuse_jax.cli_options import MIXED_HELP, PACKED_HELP, PREFILL_WAIT_HELP
-from adafuse_jax.errors import UserError, as_user_error
+from adafuse_jax.errors import UserError, cli_error
 
 
 def workload(tok, count: int, vocab: int, lengths: tuple[int, int], seed: int = 0) -> list[list[int]]:
@@ -299,11 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     result = run(args, levels, (lo, hi), on_round=write)
   except Exception as e:
-    error = as_user_error(e, MEMORY_ADVICE)
-    if error is None:
-      raise
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+    return cli_error(e, MEMORY_ADVICE)
   print(table(result))
   return 0
 
