@@ -177,8 +177,6 @@ def build_engines(args: argparse.Namespace, log=print) -> dict:
   return engines
 
 
-
-
 # What a server that ran out of device memory while starting can ask for less of.
 MEMORY_ADVICE = "lower --max-batch or --max-seq-len, serve a smaller pool or --dtype bfloat16"
 
