@@ -12,8 +12,8 @@ split is worth building without building it: beside the whole model (`whole`) it
 of L/P layers each (`split-P`: the same preset with fewer layers, random weights), each through
 the library's `Decoder` (the fused-weight backbone), one after the other, each fed the token the
 one before sampled. Every part carries its own embedding and head, so the split rows do P - 1
-heads' more work on the GPU (for Llama-2-7B about 70 µs each on an H100): a gain they show is
-the lower bound of what a real split would gain. Rows are timed synced (each step waits for its
+heads' more work on the GPU (for Llama-2-7B 262 MB of head weights each, and one more sampling
+and dispatch): a gain they show is the lower bound of what a real split would gain. Rows are timed synced (each step waits for its
 last token) and pipelined, in interleaved rounds; ratios to `whole` paired by round, median
 [95% t-interval].
 """
