@@ -23,8 +23,32 @@ def pytest_xdist_make_scheduler(config, log):
     return make_scheduler(config, log)
 """
 
+# A busy machine, made certain: the controller reads test_k1's report only after its worker has
+# died in test_k2, and before xdist's reader thread has marked that worker down, so the
+# scheduler's answer to the report (more work: the queue still holds test_after's units) meets
+# a broken pipe.
+CONFTEST_LATE_READER = """
+import time
+from tests.xdist_crash_safe import CrashSafeLoadGroup
+
+class LateReader(CrashSafeLoadGroup):
+    def mark_test_complete(self, node, item_index, duration=0):
+        if not self.registered_collections[node][item_index].startswith("test_suite.py::test_k1"):
+            return super().mark_test_complete(node, item_index, duration)
+        time.sleep(1.0)  # test_k2 kills the worker meanwhile; the reader thread marks it down
+        down, node._down = node._down, False  # as if the reader thread had not got there yet
+        try:
+            super().mark_test_complete(node, item_index, duration)
+        finally:
+            node._down = down
+
+def pytest_xdist_make_scheduler(config, log):
+    return LateReader(config, log)
+"""
+
 # Finished groups before the kill (requeued empty by xdist), a group after it, a crash that is
-# not the last test, and one that is the last test in its group (the replacement's lone unit).
+# not the last test, one that is the last test in its group (the replacement's lone unit), and
+# a worker that died before the controller read its last report.
 SUITES = {
     "kill-between-groups": """
         import os, signal, time
@@ -59,13 +83,26 @@ SUITES = {
         @pytest.mark.xdist_group("h")
         def test_h_last_killed(): time.sleep(1.0); os.kill(os.getpid(), signal.SIGKILL)
     """,
+    "kill-before-report-read": """
+        import os, signal, time
+        import pytest
+
+        @pytest.mark.xdist_group("k")
+        def test_k1(): pass
+        @pytest.mark.xdist_group("k")
+        def test_k2_killed(): os.kill(os.getpid(), signal.SIGKILL)
+        @pytest.mark.parametrize("i", range(8))
+        def test_after(i): time.sleep(0.3)
+    """,
 }
-EXPECTED = {"kill-between-groups": (1, 16), "kill-inside-group": (2, 6)}
+CONFTESTS = {"kill-before-report-read": CONFTEST_LATE_READER}
+EXPECTED = {"kill-between-groups": (1, 16), "kill-inside-group": (2, 6),
+            "kill-before-report-read": (1, 9)}
 
 
 @pytest.mark.parametrize("suite", sorted(SUITES))
 def test_killed_worker_does_not_hang_the_run(tmp_path, suite):
-  (tmp_path / "conftest.py").write_text(CONFTEST)
+  (tmp_path / "conftest.py").write_text(CONFTESTS.get(suite, CONFTEST))
   (tmp_path / "test_suite.py").write_text(textwrap.dedent(SUITES[suite]))
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   try:

@@ -7,11 +7,15 @@ When the kernel's out-of-memory killer (or anything else) ends a pytest-xdist wo
   reports on, so the survivors park waiting for a next test (pytest-xdist issues 1323, 1378);
 - the test the worker died on goes back too, and the replacement runs it again (issue 1371);
 - a replacement worker is given one unit, and a worker runs its last test only once it knows
-  the next one (or is told to shut down), so it waits forever (issue 1327).
+  the next one (or is told to shut down), so it waits forever (issue 1327);
+- on a busy machine the controller can read a worker's last report after the worker died but
+  before xdist's reader thread marked it down; sending it more work then raises OSError
+  (broken pipe) out of the scheduler, an INTERNALERROR that ends the whole run.
 
 `CrashSafeLoadGroup` requeues only unfinished groups, drops the test that crashed (xdist has
 already reported it failed), and gives a new worker two units or the shutdown that follows its
-last. `conftest.py` installs it for `--dist loadgroup`; `tests/test_suite_safety.py` kills a
+last, and leaves a unit it could not send to a dead worker assigned to it: the worker's
+`errordown` event follows, and `remove_node` requeues it. `conftest.py` installs it for `--dist loadgroup`; `tests/test_suite_safety.py` kills a
 worker mid-run and checks that the run ends with every other test run.
 """
 
@@ -39,6 +43,14 @@ class CrashSafeLoadGroup(LoadGroupScheduling):
     for other in self.assigned_work:
       self._reschedule(other)
     return crashed
+
+  def _assign_work_unit(self, node: Any) -> None:
+    try:
+      super()._assign_work_unit(node)
+    except OSError:
+      # The worker died after its last report (xdist's own `shutdown` ignores this error the
+      # same way): the unit stays in its workload, which `remove_node` requeues.
+      pass
 
   def schedule(self) -> None:
     if self.collection is None:
