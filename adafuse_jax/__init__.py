@@ -43,6 +43,7 @@ _EXPORTS = {
     "expert_bytes": "adafuse_jax.costs",
     # errors
     "UserError": "adafuse_jax.errors", "ModelFileError": "adafuse_jax.errors",
+    "DeviceMemoryError": "adafuse_jax.errors",
 }
 
 # public sub-packages: training (`python -m adafuse_jax.train`) and the Pallas kernels by op
@@ -77,7 +78,7 @@ if TYPE_CHECKING:  # what static tools see; at run time names load on first use
   from adafuse_jax.auto import PathChoice, choose_path  # noqa: F401
   from adafuse_jax.config import PRESETS, AdapterConfig, ModelConfig, preset  # noqa: F401
   from adafuse_jax.costs import decode_bytes, expert_bytes, switch_bytes  # noqa: F401
-  from adafuse_jax.errors import ModelFileError, UserError  # noqa: F401
+  from adafuse_jax.errors import DeviceMemoryError, ModelFileError, UserError  # noqa: F401
   from adafuse_jax.generation import GenerationResult, Generator, generate  # noqa: F401
   from adafuse_jax.model.llama import LlamaModel  # noqa: F401
   from adafuse_jax.sampling import SamplingConfig  # noqa: F401

@@ -2,13 +2,16 @@
 
 The CLI prints `UserError`s as one line and exits with code 2; the library raises them so a
 notebook or a server can catch them. They subclass ValueError so plain `except ValueError`
-code keeps working. The command lines print XLA's out-of-memory error the same way
-(`as_user_error`), with what to ask for less of.
+code keeps working. XLA's out-of-memory error becomes a `DeviceMemoryError` that says what to
+ask for less of: the library's calls raise it (`device_memory_errors`, their parameters'
+names), the command lines print it as their one line (`as_user_error`, their flags' names).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 
 class UserError(ValueError):
@@ -35,6 +38,8 @@ def as_user_error(e: BaseException, memory_advice: str) -> UserError | None:
   any device), None for anything else (a bug: it should raise with its traceback)."""
   import jax
 
+  if isinstance(e, DeviceMemoryError) and isinstance(e.__cause__, jax.errors.JaxRuntimeError):
+    e = e.__cause__  # a library call's advice names its parameters: say the command's flags
   if isinstance(e, UserError):
     return e
   text = str(e).strip()
@@ -43,6 +48,21 @@ def as_user_error(e: BaseException, memory_advice: str) -> UserError | None:
     hint = GPU_MEMORY_HINT if jax.default_backend() == "gpu" else ""
     return DeviceMemoryError(f"the device ran out of memory ({first}); {memory_advice}{hint}")
   return None
+
+
+@contextlib.contextmanager
+def device_memory_errors(memory_advice: str) -> Iterator[None]:
+  """Inside, XLA's out-of-memory error raises as a DeviceMemoryError (from it) that ends with
+  `memory_advice`; every other error passes unchanged."""
+  import jax
+
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    error = as_user_error(e, memory_advice)
+    if error is None:
+      raise
+    raise error from e
 
 
 def cli_error(e: BaseException, memory_advice: str) -> int:

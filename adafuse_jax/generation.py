@@ -23,7 +23,7 @@ from adafuse_jax import parallel
 from adafuse_jax.adapters.mixture import MixtureOfLoRA, fold_shared
 from adafuse_jax.adapters.sere import SereSettings
 from adafuse_jax.config import LINEAR_NAMES
-from adafuse_jax.errors import UserError
+from adafuse_jax.errors import UserError, device_memory_errors
 from adafuse_jax.model.cache import KVCache
 from adafuse_jax.model.layers import attention_fn, resolve_attention
 from adafuse_jax.model.llama import LinearFn, LlamaModel
@@ -35,6 +35,8 @@ from adafuse_jax.vocab import PathName
 
 MIN_BUCKET = 16
 CACHE_ROUND = 128
+GENERATE_MEMORY_ADVICE = ("generate for fewer or shorter prompts at once or a smaller"
+                          " max_new_tokens")
 
 
 def prompt_bucket(length: int) -> int:
@@ -436,7 +438,18 @@ def generate(gen: Generator, prompts: Sequence[Sequence[int]], *, max_new_tokens
     stop_ids: ids that end a sequence (EOS); the stop id is not returned.
     pad_id: id used for left padding (never attended to).
     on_token: called as (row, token_id) as soon as a token is known, for streaming.
+  Raises:
+    UserError: no prompt, an empty prompt or one beyond the context, max_new_tokens < 1.
+    DeviceMemoryError: the device cannot hold this batch's cache and steps.
   """
+  with device_memory_errors(GENERATE_MEMORY_ADVICE):
+    return _generate(gen, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                     stop_ids=stop_ids, pad_id=pad_id, on_token=on_token)
+
+
+def _generate(gen: Generator, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+              sampling: SamplingConfig, seed: int, stop_ids: frozenset[int], pad_id: int,
+              on_token: Callable[[int, int], None] | None) -> GenerationResult:
   cfg = gen.cfg
   check_prompts(prompts, cfg.max_context)
   if max_new_tokens < 1:

@@ -111,6 +111,12 @@ def test_only_user_errors_and_xla_out_of_memory_become_error_lines():
   # On a GPU the line also says how much of the GPU JAX takes.
   assert str(error).endswith("; ask for less" if jax.default_backend() == "cpu"
                              else "XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.9) allows more")
+  # A library call's DeviceMemoryError (its parameters' advice) gets the command's advice.
+  try:
+    raise DeviceMemoryError("the device ran out of memory (...); max_new_tokens") from oom.value
+  except DeviceMemoryError as library_error:
+    again = as_user_error(library_error, "ask for less")
+  assert isinstance(again, DeviceMemoryError) and str(again) == str(error)
   assert as_user_error(ValueError("a bug"), "advice") is None
   assert as_user_error(RuntimeError("RESOURCE_EXHAUSTED: not XLA's"), "advice") is None
 

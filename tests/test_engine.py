@@ -9,7 +9,7 @@ import pytest
 
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.config import AdapterConfig
-from adafuse_jax.errors import UserError
+from adafuse_jax.errors import DeviceMemoryError, UserError
 from adafuse_jax.generation import Generator, generate
 from adafuse_jax.model import LlamaModel
 from adafuse_jax.serving import Engine, SamplingParams
@@ -221,6 +221,17 @@ def test_bad_requests_and_configurations_are_named(engine, model):
   steps = engine.steps  # a packed size must be compiled and hold the prompts (checked first)
   with pytest.raises(UserError, match=r"packed size 7 is not a compiled size holding 3 tokens"):
     steps.packed_prefill(None, None, [(0, [5, 6, 7])], [0.0], [1.0], [0], [0], size=7)
+
+
+def test_a_cache_the_device_cannot_hold_raises_device_memory_error():
+  """A real failed allocation (a thousand rows of a million-token cache) when the engine
+  starts: a DeviceMemoryError naming what to ask for less of; no engine thread is left."""
+  big = LlamaModel(tiny_config(vocab_size=VOCAB, max_context=1 << 20), seed=11)
+  engine = Engine(Generator(big), byte_tokenizer(VOCAB), max_batch=1000, max_seq_len=1 << 20,
+                  chunk=16)
+  with pytest.raises(DeviceMemoryError, match="smaller max_batch or max_seq_len"):
+    engine.start()
+  assert engine._thread is None
 
 
 def test_incremental_text_streams_what_is_final_and_stops_before_a_stop_string():

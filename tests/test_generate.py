@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adafuse_jax.errors import UserError
+from adafuse_jax.errors import DeviceMemoryError, UserError
 from adafuse_jax.generation import Generator, generate, prompt_bucket
 from adafuse_jax.model import LlamaModel
 from adafuse_jax.sampling import SamplingConfig, sample
@@ -69,6 +69,17 @@ def test_bad_prompts_are_rejected(tiny_gen):
     generate(tiny_gen, [list(range(3, 90)) * 2], max_new_tokens=4)
   with pytest.raises(UserError, match="max_new_tokens"):
     generate(tiny_gen, [[3]], max_new_tokens=0)
+
+
+def test_a_batch_the_device_cannot_hold_raises_device_memory_error():
+  """A real failed allocation (a thousand rows of a million-token cache): a DeviceMemoryError
+  that names what to ask for less of, raised from XLA's own error."""
+  gen = Generator(LlamaModel(tiny_config(max_context=1 << 20), seed=11))
+  with pytest.raises(DeviceMemoryError) as error:
+    generate(gen, [[1]] * 1000, max_new_tokens=(1 << 20) - 64)
+  message = str(error.value)
+  assert message.startswith("the device ran out of memory (") and "max_new_tokens" in message
+  assert isinstance(error.value.__cause__, jax.errors.JaxRuntimeError)
 
 
 def test_max_new_tokens_is_capped_by_the_context(tiny_gen):

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
 import numpy as np
 
-from adafuse_jax.errors import UserError
+from adafuse_jax.errors import UserError, device_memory_errors
 from adafuse_jax.generation import Generator, round_up
 from adafuse_jax.serving.detok import IncrementalText
 from adafuse_jax.serving.steps import SlotSteps, bucket_for
@@ -44,6 +44,8 @@ from adafuse_jax.weights.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
   import jax
+
+ENGINE_MEMORY_ADVICE = "give the engine a smaller max_batch or max_seq_len, or a smaller pool"
 
 
 def should_wait_for_prompts(waited: Sequence[int], decoding: int, free: int, tokens: int,
@@ -383,12 +385,19 @@ class Engine:
     return self.steps.gen.adapter_params is not None
 
   def start(self, warm_up: bool = False) -> "Engine":
-    """Starts the engine thread (compiling every shape first with `warm_up`)."""
-    if warm_up:
-      self.steps.warm_up()
+    """Starts the engine thread (compiling every shape first with `warm_up`).
+
+    Raises:
+      DeviceMemoryError: the device cannot hold the KV cache of max_batch x max_seq_len tokens
+        (or, warming up, a step's buffers).
+    """
+    with device_memory_errors(ENGINE_MEMORY_ADVICE):
+      if warm_up:
+        self.steps.warm_up()
+      if self._thread is None:
+        self._cache = self.steps.new_cache()
+        self._nxt = self.steps.new_tokens()
     if self._thread is None:
-      self._cache = self.steps.new_cache()
-      self._nxt = self.steps.new_tokens()
       self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
       self._thread.start()
     return self
