@@ -13,7 +13,7 @@ from adafuse_jax.errors import DeviceMemoryError, UserError
 from adafuse_jax.generation import Generator, generate
 from adafuse_jax.model import LlamaModel
 from adafuse_jax.serving import Engine, SamplingParams
-from adafuse_jax.serving.engine import should_wait_for_prompts
+from adafuse_jax.serving.engine import EngineError, should_wait_for_prompts
 from adafuse_jax.serving.detok import IncrementalText
 from adafuse_jax.weights.tokenizer import byte_tokenizer
 from tests.conftest import tiny_config
@@ -232,6 +232,25 @@ def test_a_cache_the_device_cannot_hold_raises_device_memory_error():
   with pytest.raises(DeviceMemoryError, match="smaller max_batch or max_seq_len"):
     engine.start()
   assert engine._thread is None
+
+
+def test_a_pass_the_device_cannot_hold_ends_the_rows_and_the_engine_serves_on():
+  """A real failed allocation mid-serving (a 65 000-token prompt's prefill pass asks for ~400 GB
+  of attention scores): that request, and the one decoding beside it on the cache the failed
+  pass was given, end with the memory error; the cache is made again and the next request
+  decodes what `generate` does."""
+  gen = Generator(LlamaModel(tiny_config(vocab_size=VOCAB, max_context=1 << 17), seed=11))
+  with Engine(gen, byte_tokenizer(VOCAB), max_batch=2, max_seq_len=70_000, chunk=65_536,
+              packed_tokens=()) as engine:
+    beside = engine.submit([5, 6, 7], SamplingParams(max_tokens=60, ignore_eos=True))
+    long = engine.submit([5] * 65_000, SamplingParams(max_tokens=4))
+    for stream in (beside, long):
+      with pytest.raises(EngineError, match=r"^the device ran out of memory \(.*serves on"):
+        stream.result()
+    after = engine.generate([9, 10, 11], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert engine.stats.memory_errors == 1 and engine.stats.requests_finished["error"] == 2
+    assert engine.stats.running == 0 and engine._failure is None
+  assert after.token_ids == generate(gen, [[9, 10, 11]], max_new_tokens=6).tokens[0]
 
 
 def test_incremental_text_streams_what_is_final_and_stops_before_a_stop_string():

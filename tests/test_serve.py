@@ -4,10 +4,12 @@ default model and its shipped pool)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -17,8 +19,11 @@ import uvicorn
 from adafuse_jax import decode
 from adafuse_jax.adapters.io import load_pool
 from adafuse_jax.generation import Generator
+from adafuse_jax.model import LlamaModel
 from adafuse_jax.serving import Engine
 from adafuse_jax.serving.api import create_app
+from adafuse_jax.weights.tokenizer import byte_tokenizer
+from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.xdist_group("server")
 
@@ -28,14 +33,9 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at",
            "The three primary colors are", "SELECT * FROM", "My favourite season is"]
 
 
-@pytest.fixture(scope="module")
-def server(default_model):
-  model, tok = default_model.model, default_model.tokenizer
-  pool = load_pool("default", model.cfg)
-  engines = {"smollm2": Engine(Generator(model), tok, name="smollm2", max_batch=4,
-                               max_seq_len=CONTEXT, chunk=32),
-             "default": Engine(Generator(model, adapters=pool), tok, name="default", max_batch=32,
-                               max_seq_len=CONTEXT, chunk=32)}
+@contextlib.contextmanager
+def serving(engines: dict[str, Engine]) -> Iterator[str]:
+  """The engines started and served over loopback by uvicorn in a thread; yields the URL."""
   for e in engines.values():
     e.start()
   sock = socket.socket()
@@ -47,11 +47,25 @@ def server(default_model):
   thread.start()
   while not srv.started:
     time.sleep(0.05)
-  yield f"http://127.0.0.1:{port}", engines
-  srv.should_exit = True
-  thread.join(timeout=30)
-  for e in engines.values():
-    e.stop()
+  try:
+    yield f"http://127.0.0.1:{port}"
+  finally:
+    srv.should_exit = True
+    thread.join(timeout=30)
+    for e in engines.values():
+      e.stop()
+
+
+@pytest.fixture(scope="module")
+def server(default_model):
+  model, tok = default_model.model, default_model.tokenizer
+  pool = load_pool("default", model.cfg)
+  engines = {"smollm2": Engine(Generator(model), tok, name="smollm2", max_batch=4,
+                               max_seq_len=CONTEXT, chunk=32),
+             "default": Engine(Generator(model, adapters=pool), tok, name="default", max_batch=32,
+                               max_seq_len=CONTEXT, chunk=32)}
+  with serving(engines) as url:
+    yield url, engines
 
 
 def client(url: str) -> openai.OpenAI:
@@ -231,6 +245,27 @@ def test_metrics_report_requests_tokens_and_routing(server):
   answered = [line for line in text.splitlines()
               if line.startswith('adafuse_http_requests_total{path="/v1/completions",status="200"}')]
   assert answered and float(answered[0].split()[-1]) >= 1
+
+
+def test_a_step_out_of_device_memory_is_an_openai_error_and_the_server_keeps_serving():
+  """A real failed allocation mid-serving (a tiny random model whose 65 000-token prompt's
+  prefill pass asks for ~400 GB of attention scores): that request gets an OpenAI-style error
+  that names the memory, /health stays ok, the next request is answered, /metrics counts it."""
+  model = LlamaModel(tiny_config(vocab_size=300, max_context=1 << 17), seed=11)
+  engine = Engine(Generator(model), byte_tokenizer(300), name="tiny", max_batch=2,
+                  max_seq_len=70_000, chunk=65_536, packed_tokens=())
+  with serving({"tiny": engine}) as url:
+    with pytest.raises(openai.InternalServerError) as error:
+      client(url).completions.create(model="tiny", prompt="a" * 65_000, max_tokens=2)
+    assert error.value.status_code == 503
+    assert error.value.body["type"] == "server_error"
+    assert error.value.body["message"].startswith("the device ran out of memory (")
+    assert "the engine serves on" in error.value.body["message"]
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    answer = client(url).completions.create(model="tiny", prompt="hello", max_tokens=3,
+                                            temperature=0)
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 3
+    assert 'adafuse_memory_errors_total{model="tiny"} 1.0' in httpx.get(url + "/metrics").text
 
 
 @pytest.mark.parametrize("args, words", [

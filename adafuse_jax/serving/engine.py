@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
 import numpy as np
 
-from adafuse_jax.errors import UserError, device_memory_errors
+from adafuse_jax.errors import DeviceMemoryError, UserError, as_user_error, device_memory_errors
 from adafuse_jax.generation import Generator, round_up
 from adafuse_jax.serving.detok import IncrementalText
 from adafuse_jax.serving.steps import SlotSteps, bucket_for
@@ -46,6 +46,11 @@ if TYPE_CHECKING:
   import jax
 
 ENGINE_MEMORY_ADVICE = "give the engine a smaller max_batch or max_seq_len, or a smaller pool"
+# A step's own buffers (a long prompt's attention, say) come on top of the cache held from the
+# start: the requests in that step end with this, and the engine serves on.
+STEP_MEMORY_ADVICE = ("the requests in that step were ended and the engine serves on; send a"
+                      " shorter prompt, or give the engine a smaller chunk, max_batch or"
+                      " max_seq_len (the server's --chunk, --max-batch, --max-seq-len)")
 
 
 def should_wait_for_prompts(waited: Sequence[int], decoding: int, free: int, tokens: int,
@@ -282,6 +287,7 @@ class EngineStats:
   mixed_steps: int = 0  # decode steps that also prefilled whole prompts
   row_passes: int = 0  # prefill passes of prompt chunks, one row each
   prefill_waits: int = 0  # decode steps run while new prompts waited for more to share a pass
+  memory_errors: int = 0  # passes or steps the device had no memory for (their rows ended)
   # Prompt tokens the prefill passes and mixed steps computed, padding to their compiled
   # sizes included (against `prompt_tokens`: what padding costs).
   prefill_computed_tokens: int = 0
@@ -476,31 +482,61 @@ class Engine:
 
   def _run(self) -> None:
     pending: list[tuple] = []
-    st = self.stats
     try:
       while not self._stopping.is_set():
-        idle = not (self._waiting or pending or any(self._slots))
-        t0 = time.perf_counter()
-        self._take_inbox(block=idle)
-        t1 = time.perf_counter()
-        if idle:
-          st.idle_s += t1 - t0
-        waited = st.device_wait_s
-        self._drop_cancelled()
-        dispatched: list[tuple] = []
-        self._admit(dispatched)
-        self._dispatch_step(dispatched)
-        self._drain(pending)
-        self._outbox.flush()
-        pending = dispatched
-        st.host_s += time.perf_counter() - (t1 if idle else t0) - (st.device_wait_s - waited)
-        self.stats.running = sum(s is not None for s in self._slots)
-        self.stats.waiting = len(self._waiting)
+        try:
+          pending = self._iteration(pending)
+        except Exception as e:  # noqa: BLE001 - only the device's memory error is survived
+          error = as_user_error(e, STEP_MEMORY_ADVICE)
+          if not isinstance(error, DeviceMemoryError):
+            raise
+          pending = []
+          self._drop_rows_after_memory_error(str(error))
       self._fail_all("abort", None)
     except BaseException as e:  # keep serving the error to every request, never hang them
       self._failure = e
       self._fail_all("error", f"the engine failed: {e!r}")
       raise
+
+  def _iteration(self, pending: list[tuple]) -> list[tuple]:
+    """One pass of the loop: admit, dispatch a step, stream out the last one's tokens.
+    Returns what this pass dispatched (read out by the next)."""
+    st = self.stats
+    idle = not (self._waiting or pending or any(self._slots))
+    t0 = time.perf_counter()
+    self._take_inbox(block=idle)
+    t1 = time.perf_counter()
+    if idle:
+      st.idle_s += t1 - t0
+    waited = st.device_wait_s
+    self._drop_cancelled()
+    dispatched: list[tuple] = []
+    self._admit(dispatched)
+    self._dispatch_step(dispatched)
+    self._drain(pending)
+    self._outbox.flush()
+    st.host_s += time.perf_counter() - (t1 if idle else t0) - (st.device_wait_s - waited)
+    st.running = sum(s is not None for s in self._slots)
+    st.waiting = len(self._waiting)
+    return dispatched
+
+  def _drop_rows_after_memory_error(self, error: str) -> None:
+    """After a pass or step the device had no memory for: every request holding a row ends
+    with `error` (finish_reason "error"), since the KV cache they shared was donated to the
+    step that failed; the cache is made again and requests still queued are served as usual."""
+    self._riding = []
+    holders = [seq for seq in self._slots if seq is not None]
+    for seq in holders:
+      if seq in self._waiting:  # mid-prefill
+        self._waiting.remove(seq)
+      if not seq.finished:
+        self._finish(seq, "error", error=error)
+    self._slots = [None] * self.max_batch
+    self._cache = self._nxt = None  # let the failed step's buffers go before allocating again
+    self._cache = self.steps.new_cache()
+    self._nxt = self.steps.new_tokens()
+    self.stats.memory_errors += 1
+    self._outbox.flush()
 
   def _take_inbox(self, block: bool) -> None:
     try:

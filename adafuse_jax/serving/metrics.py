@@ -39,6 +39,8 @@ class _Collector:
                           " prefill pass", "prefill_waits"),
         "prefill_computed_tokens": ("Prompt tokens the prefill passes computed, padding to their"
                                     " compiled sizes included", "prefill_computed_tokens"),
+        "memory_errors": ("Prefill passes or decode steps the device had no memory for (the"
+                          " requests in them ended with an error)", "memory_errors"),
     }
     gauges = {
         "running_sequences": "Requests holding a batch row",
