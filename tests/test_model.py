@@ -133,3 +133,24 @@ def test_config_validation_errors():
   with pytest.raises(ValueError, match="unknown preset"):
     from adafuse_jax.config import preset
     preset("llama-9000")
+
+
+@pytest.mark.parametrize("rows, n_in, n_out, split", [
+    (1, 576, 640, True), (3, 576, 192, True), (1, 1536, 576, False),  # 3.5 MB: not small
+    (16, 576, 640, False), (1, 575, 64, False)])  # a prompt's rows; an odd contraction
+def test_cpu_matmul_splits_small_products_and_keeps_their_sum(rows, n_in, n_out, split):
+  """`layers.matmul`: on the CPU a few rows against a weight under 2 MB go as two
+  half-contractions batched in one dot (what the compiled program holds says which), the same
+  product as x @ w in f32 (fresh random operands, against float64)."""
+  from adafuse_jax.model import layers
+
+  rng = np.random.default_rng(rows * n_in + n_out)
+  x = jnp.asarray(rng.standard_normal((1, rows, n_in), np.float32))
+  w = jnp.asarray(rng.standard_normal((n_in, n_out), np.float32))
+  got = jax.jit(layers.matmul)(x, w)
+  chex.assert_shape(got, (1, rows, n_out))
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4 * np.sqrt(n_in))
+  hlo = jax.jit(layers.matmul).lower(x, w).as_text()
+  on_cpu = jax.default_backend() == "cpu"
+  assert ("batching_dims" in hlo) == (split and on_cpu)

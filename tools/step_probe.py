@@ -26,7 +26,9 @@ instead of the library's default (the Pallas decode-attention kernel on one GPU)
 each RMSNorm as one Pallas kernel (`pallas_kernels.rms_norm`) instead of XLA's reduction and
 multiply, and with XLA's attention written as the library wrote it before 2026-12-04
 (`model.layers.head_order_attention`, still the GPU's) and as the CPU writes it since
-(`token_order_attention`; `--swaps` picks which of these five compile). On the
+(`token_order_attention`), and with every matmul as one `x @ w` (`plain-matmuls`: the CPU's
+small ones are split in two otherwise, `model.layers.matmul`; `--swaps` picks which of these
+six compile). On the
 CPU: XLA's defaults, its XNNPACK graph fusion, its oneDNN dots and its YNNPACK fusions off.
 Each JSON line: a program's medians over the rounds, and its ratio to the first option set's
 program (`vs_first_*`: paired by round, median and 95% t-interval, as the bench's ratios).
@@ -100,7 +102,8 @@ def pallas_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 SWAPS = {"defaults, argmax top-k": "argmax-top-k", "defaults, xla attention": "xla-attention",
          "defaults, pallas rms_norm": "pallas-rms-norm",
          "defaults, einsum attention": "einsum-attention",
-         "defaults, token-order attention": "token-order-attention"}
+         "defaults, token-order attention": "token-order-attention",
+         "defaults, plain matmuls": "plain-matmuls"}
 
 
 def main() -> None:
@@ -154,6 +157,7 @@ def main() -> None:
   #   host for the whole step in the pre-gated program (probe/README.md)?
   # - each layer's one-token attention in XLA's fusions instead of the library's default (the
   #   Pallas decode-attention kernel on one GPU: split over the cache, only filled blocks read).
+  from adafuse_jax.model import layers as model_layers
   from adafuse_jax.model import llama
   from adafuse_jax.paths import base as paths_base
   original_top_k = paths_base.top_k_gates
@@ -162,7 +166,9 @@ def main() -> None:
       ("defaults, xla attention", gen, "attend_fn", ATTENTION["xla"]),
       ("defaults, pallas rms_norm", llama, "rms_norm", pallas_rms_norm),
       ("defaults, einsum attention", gen, "attend_fn", head_order_attention),
-      ("defaults, token-order attention", gen, "attend_fn", token_order_attention)]:
+      ("defaults, token-order attention", gen, "attend_fn", token_order_attention),
+      # every matmul as one `x @ w` (the CPU's small ones are split in two otherwise)
+      ("defaults, plain matmuls", model_layers, "CPU_SPLIT_BELOW_BYTES", 0)]:
     if SWAPS[name] not in args.swaps.split(","):
       continue
     original = getattr(module, attr)

@@ -20,6 +20,30 @@ from adafuse_jax.errors import UserError
 from adafuse_jax.vocab import ATTENTIONS
 
 
+# XLA:CPU reads a small weight with one core in a product of a few rows: the default model's
+# 1.3-1.5 MB weights at 28 GB/s, its 2.7-7.1 MB ones at 48-53 GB/s with both cores
+# (`tools/cpu_gemv_sizes.py`, docs/benchmarks/cpu/step-profile/). The same product as two
+# half-contractions in one batched dot, then added, takes both cores (576 x 640: 52 -> 30 µs).
+# A module attribute, read at trace time, so a probe can turn it off (0).
+CPU_SPLIT_BELOW_BYTES = 2 << 20
+CPU_SPLIT_MAX_ROWS = 8
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., in] @ w [in, out] -> [..., out] in x's dtype. On the CPU, a few rows against a
+  weight under `CPU_SPLIT_BELOW_BYTES` go as two half-contractions batched in one dot (the same
+  sum, accumulated in f32); anywhere else, `x @ w`."""
+  rows = math.prod(x.shape[:-1])
+  n_in = w.shape[0]
+  if (jax.default_backend() != "cpu" or w.ndim != 2 or rows > CPU_SPLIT_MAX_ROWS or n_in % 2
+      or w.size * w.dtype.itemsize >= CPU_SPLIT_BELOW_BYTES):
+    return x @ w
+  halves = jax.lax.dot_general(
+      x.reshape(rows, 2, n_in // 2), w.reshape(2, n_in // 2, w.shape[1]),
+      (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.float32)  # [2, rows, out]
+  return (halves[0] + halves[1]).astype(x.dtype).reshape(*x.shape[:-1], w.shape[1])
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   """RMSNorm over the last axis, computed in f32. x: [..., D], weight: [D]."""
   x32 = x.astype(jnp.float32)

@@ -35,8 +35,8 @@ from flax import nnx
 
 from adafuse_jax.config import LINEAR_NAMES, ModelConfig
 from adafuse_jax.model.cache import KVCache, SlotCache
-from adafuse_jax.model.layers import (AttentionFn, attention, rms_norm, rope_inv_freq, rope_tables,
-                                     swiglu)
+from adafuse_jax.model.layers import (AttentionFn, attention, matmul, rms_norm, rope_inv_freq,
+                                     rope_tables, swiglu)
 
 LinearFn = Callable[[str, int, jax.Array, jax.Array], jax.Array]
 LAYOUTS = ("stacked", "list")
@@ -60,7 +60,7 @@ def per_layer(arr) -> tuple[jax.Array, ...]:
 def plain_linear(name: str, layer: int, x: jax.Array, weights) -> jax.Array:
   """The backbone's linear: x [..., in] @ weights[layer] [in, out]."""
   del name
-  return x @ weights[layer]
+  return matmul(x, weights[layer])
 
 
 class LlamaModel(nnx.Module):

@@ -25,6 +25,7 @@ from pallas_kernels import bgmv, sgmv
 
 from adafuse_jax import parallel
 from adafuse_jax.adapters.mixture import MixtureOfLoRA
+from adafuse_jax.model.layers import matmul
 from adafuse_jax.paths.base import DecodePath, Thresholds, cached_on_input
 from adafuse_jax.paths.xla import XlaRuntime
 from adafuse_jax.vocab import Mode, PathName
@@ -70,7 +71,7 @@ class GatheredRuntime(XlaRuntime):
       # convert the whole weight first), the expansion of the active experts beside it.
       delta = bgmv.expand(h, b, layer, ids, count, group=group.index(name), rows=x.shape[0],
                           backend=self.backend)
-      return ((x @ w[layer]).astype(jnp.float32) + delta).astype(x.dtype)
+      return (matmul(x, w[layer]).astype(jnp.float32) + delta).astype(x.dtype)
 
     if self.mesh is None:
       h = cached_on_input(self._shrinks, (layer, group), xf,

@@ -41,6 +41,7 @@ from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.adapters.routing import dense_gates, top_k_gates
 from adafuse_jax.config import INPUT_GROUPS, ModelConfig, input_group
 from adafuse_jax.errors import UserError
+from adafuse_jax.model.layers import matmul
 from adafuse_jax.model.llama import LlamaModel, per_layer
 from adafuse_jax.paths.base import AdapterRuntime, DecodePath, Route, cached_on_input
 from adafuse_jax.vocab import Mode, PathName
@@ -201,7 +202,7 @@ class GroupCache:
     # bf16 operands converts the whole weight to f32 first (measured 4x the backbone's step);
     # consumers upcast their slices (an f32 copy of the whole output costs a pass in prefill).
     return cached_on_input(self._out, (layer, group), x,
-                           lambda: x.reshape(-1, x.shape[-1]) @ self.packed.w[group][layer])
+                           lambda: matmul(x.reshape(-1, x.shape[-1]), self.packed.w[group][layer]))
 
   def base(self, name: str, layer: int, x: jax.Array) -> jax.Array:
     """The backbone's output of module `name`: [N, out] in x's dtype."""

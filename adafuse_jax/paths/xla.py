@@ -30,6 +30,7 @@ from adafuse_jax.adapters.mixture import MixtureOfLoRA
 from adafuse_jax.adapters.routing import dense_gates
 from adafuse_jax.adapters.sere import SereSettings
 from adafuse_jax.config import AdapterConfig
+from adafuse_jax.model.layers import matmul
 from adafuse_jax.model.llama import LlamaModel, per_layer
 from adafuse_jax.paths.base import AdapterRuntime, DecodePath, Thresholds
 from adafuse_jax.vocab import Mode, PathName
@@ -74,7 +75,7 @@ class XlaRuntime(AdapterRuntime):
       if dense is None:
         dense = dense_gates(experts, gates, num_experts)
       return dense_bias_output(xf, w, a, b, dense, self.cfg.scale)
-    y = xf @ w
+    y = matmul(xf, w)
     delta = expert_delta(xf, a, b, experts, gates, dense, a_t=a_t, gather=gather)
     return y + (delta * self.cfg.scale).astype(y.dtype)
 
