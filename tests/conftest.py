@@ -39,10 +39,6 @@ def llvm_o0(flags: str) -> str:
 
 _cpu_compiles_without_llvm_optimisation()
 
-# The decode CLI and the server keep compiled programs under $XDG_CACHE_HOME by default: the
-# suite's processes write them to a directory of this run, not to the user's home.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="adafuse-tests-cache-")
-
 
 def _share_compiled_programs_across_the_run() -> str | None:
   """One persistent compilation cache for the whole run: the pytest-xdist workers (which inherit
@@ -65,12 +61,26 @@ def _share_compiled_programs_across_the_run() -> str | None:
   return own
 
 
-_RUN_XLA_CACHE = _share_compiled_programs_across_the_run()
+_run_dirs: list[str] = []  # what this process made for the run, deleted when it ends
+
+
+def pytest_configure(config):
+  """Directories for this run, made in a pytest process only (a tool that imports
+  `tiny_config` leaves none behind), before pytest-xdist starts its workers, which inherit them.
+  The decode CLI and the server keep compiled programs under $XDG_CACHE_HOME by default: the
+  suite's processes write them to a directory of this run, not to the user's home."""
+  cache_home = tempfile.mkdtemp(prefix="adafuse-tests-cache-")
+  os.environ["XDG_CACHE_HOME"] = cache_home
+  _run_dirs.append(cache_home)
+  own = _share_compiled_programs_across_the_run()
+  if own is not None:
+    _run_dirs.append(own)
 
 
 def pytest_unconfigure(config):
-  if _RUN_XLA_CACHE is not None:
-    shutil.rmtree(_RUN_XLA_CACHE, ignore_errors=True)
+  for directory in _run_dirs:
+    shutil.rmtree(directory, ignore_errors=True)
+
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
