@@ -339,7 +339,9 @@ class Engine:
     prefill_wait: the most decode steps a new prompt's prefill pass waits, while rows decode,
       for more prompts to share it (`should_wait_for_prompts`; 0: a pass whenever one waits).
 
-  Use `start()` (or `with Engine(...) as engine`), then `submit(...)`.
+  Use `start()` (or `with Engine(...) as engine`), then `submit(...)`. A pass or step the
+  device has no memory for ends the requests holding a row with that error (`EngineError` from
+  their streams) and the engine serves on; any other error stops it (`EngineError` from then on).
   """
 
   def __init__(self, gen: Generator, tokenizer: Tokenizer, *, max_batch: int = 8,
