@@ -46,7 +46,9 @@ def _share_compiled_programs_across_the_run() -> str | None:
   reuse each other's compiled programs. The suite builds the same small programs many times, in
   separate generators and processes, most in well under JAX's 1 s threshold for keeping one, so
   every program is kept. On 2 cores four of the heaviest test files took 143 and 147 s with it
-  against 166 and 159 s without (alternating runs, cold caches, 2026-12-05). A directory the
+  against 166 and 159 s without (alternating runs, cold caches, 2026-12-05). Processes share
+  it safely: JAX writes an entry in place, and one read half-written fails to decompress, which
+  JAX turns into a warning and a compile (`jax._src.compiler._cache_read`). A directory the
   user set is used as it is; the run's own is deleted when the run ends (`pytest_unconfigure`).
   Returns the run's own directory, None where it uses the user's or a parent run's."""
   own = None
