@@ -112,7 +112,7 @@ class GatheredRuntime(XlaRuntime):
         group, run(xf, table, [a for a, _ in pools], [b for _, b in pools]))))
     # The GEMM keeps the weights' dtype: asking XLA for an f32 product converts the whole
     # weight first.
-    y = (xf @ weights[layer]).astype(jnp.float32) + out[name]
+    y = matmul(xf, weights[layer]).astype(jnp.float32) + out[name]
     return y.astype(xf.dtype)
 
   def _table(self, kernel: str, build, name: str, experts, gates):

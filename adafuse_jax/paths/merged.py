@@ -36,7 +36,7 @@ from adafuse_jax.adapters.mixture import MixtureOfLoRA, merged_model
 from adafuse_jax.adapters.routing import gates_for, top_k_gates
 from adafuse_jax.config import LINEAR_NAMES, AdapterConfig
 from adafuse_jax.errors import UserError
-from adafuse_jax.model.layers import rms_norm
+from adafuse_jax.model.layers import matmul, rms_norm
 from adafuse_jax.model.llama import LlamaModel
 from adafuse_jax.paths.base import DecodePath
 from adafuse_jax.paths.gathered import GatheredRuntime
@@ -199,7 +199,7 @@ def merged_linear(weights: dict):
   """The LinearFn of a merged pass: adapted modules read the merged weights, others the model's."""
 
   def linear(name: str, layer: int, x: jax.Array, w) -> jax.Array:
-    return x @ (weights[name] if name in weights else w)[layer]
+    return matmul(x, (weights[name] if name in weights else w)[layer])
 
   return linear
 
