@@ -15,12 +15,14 @@ When the kernel's out-of-memory killer (or anything else) ends a pytest-xdist wo
 `CrashSafeLoadGroup` requeues only unfinished groups, drops the test that crashed (xdist has
 already reported it failed), and gives a new worker two units or the shutdown that follows its
 last, and leaves a unit it could not send to a dead worker assigned to it: the worker's
-`errordown` event follows, and `remove_node` requeues it. `conftest.py` installs it for `--dist loadgroup`; `tests/test_suite_safety.py` kills a
-worker mid-run and checks that the run ends with every other test run.
+`errordown` event follows, and `remove_node` requeues it. `conftest.py` installs it for `--dist
+loadgroup`; `tests/test_suite_safety.py` kills a worker mid-run and checks that the run ends
+with every other test run.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from xdist.scheduler import LoadGroupScheduling
@@ -45,12 +47,10 @@ class CrashSafeLoadGroup(LoadGroupScheduling):
     return crashed
 
   def _assign_work_unit(self, node: Any) -> None:
-    try:
+    # A broken pipe: the worker died after its last report (xdist's own `shutdown` ignores the
+    # error the same way). The unit stays in its workload, which `remove_node` requeues.
+    with contextlib.suppress(OSError):
       super()._assign_work_unit(node)
-    except OSError:
-      # The worker died after its last report (xdist's own `shutdown` ignores this error the
-      # same way): the unit stays in its workload, which `remove_node` requeues.
-      pass
 
   def schedule(self) -> None:
     if self.collection is None:
